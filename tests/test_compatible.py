@@ -1,0 +1,131 @@
+import pytest
+import timm
+import torch
+from safetensors.torch import save_file
+
+import timm_compat as tc
+
+CIFAR10 = ['airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse', 'ship', 'truck']
+
+BACKBONES = [
+    ('resnet18', 'layer2'),
+    ('resnet50', 'layer2'),
+    ('mobilenetv2_100', 'blocks.4.0'),
+    ('efficientnet_b0', 'blocks.3'),
+    ('convnext_tiny', 'stages.1'),
+    ('regnety_002', 's2'),
+    ('resnet56_cifar', 'layer2'),
+    ('wide_resnet56_cifar', 'layer2'),
+]
+
+
+@pytest.fixture(scope='module')
+def interface():
+    return tc.Interface(width=64, rp=True, dcc_classes=CIFAR10[:5])
+
+
+@pytest.mark.parametrize('backbone,split', BACKBONES, ids=[b for b, _ in BACKBONES])
+def test_make_compatible_width(backbone, split, interface):
+    model = tc.make_compatible(backbone, split=split, interface=interface, num_classes=10)
+    x = torch.randn(2, 3, 64, 64)
+    feats = model.features(x)
+    assert feats.shape[:2] == (2, 64) and feats.dim() == 4
+    assert model(x).shape == (2, 10)
+    assert model.extractor.interface is interface and model.head.interface is interface
+    # The aux heads are shared by reference, not copied.
+    assert model.interface.rp is interface.rp
+
+
+def test_resnet56_extractor_with_mobilenetv2_head(interface):
+    r56 = tc.make_compatible('resnet56_cifar', split='layer2', interface=interface, num_classes=10)
+    mnv2 = tc.make_compatible('mobilenetv2_100', split='blocks.4.0', interface=interface, num_classes=10)
+    mixed = tc.recombine(r56.extractor, mnv2.head)
+    out = mixed(torch.randn(4, 3, 32, 32))
+    out.sum().backward()
+    assert out.shape == (4, 10)
+    assert all(p.grad is not None for p in r56.extractor.parameters())
+    assert all(p.grad is not None for p in mnv2.head.parameters())
+
+
+def test_head_from_other_timm_model(interface):
+    model = tc.make_compatible('resnet56_cifar', split='layer2', interface=interface, num_classes=10,
+                               head='mobilenetv2_100', head_split='blocks.4.0')
+    assert model.head.config['backbone'] == 'mobilenetv2_100'
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_head_custom_module(interface):
+    custom = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(64, 3))
+    model = tc.make_compatible('resnet20_cifar', split='layer2', interface=interface, num_classes=3, head=custom)
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 3)
+
+
+def test_head_with_wrong_input_width_refused(interface):
+    wrong = torch.nn.Sequential(torch.nn.Conv2d(32, 8, 1), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+    with pytest.raises(ValueError, match=r'does not accept interface features of shape \(N, 64, H, W\)'):
+        tc.make_compatible('resnet20_cifar', split='layer2', interface=interface, num_classes=8, head=wrong)
+
+
+def test_adapter_added_only_when_widths_differ():
+    same = tc.Interface(width=32)
+    model = tc.make_compatible('resnet20_cifar', split='layer2', interface=same, num_classes=10)
+    assert isinstance(model.extractor.adapter, torch.nn.Identity)
+    wide = tc.Interface(width=48)
+    model = tc.make_compatible('resnet20_cifar', split='layer2', interface=wide, num_classes=10)
+    assert isinstance(model.extractor.adapter, tc.Adapter) and isinstance(model.head.adapter, tc.Adapter)
+    assert model.extractor.adapter[0].out_channels == 48 and model.head.adapter[0].out_channels == 32
+
+
+def test_iiw_identical_and_seeds_differ(interface):
+    def params(seed):
+        m = tc.make_compatible('resnet20_cifar', split='layer2', interface=interface, num_classes=10, init_seed=seed)
+        return [p.detach().clone() for p in m.extractor.parameters()] + [p.detach().clone() for p in m.head.parameters()]
+    a, b, c = params(7), params(7), params(8)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert not all(torch.equal(x, y) for x, y in zip(a, c))
+    # IIW must not disturb the global RNG stream.
+    torch.manual_seed(1)
+    before = torch.rand(1)
+    torch.manual_seed(1)
+    params(7)
+    assert torch.equal(torch.rand(1), before)
+
+
+def test_pretrained_through_timm_loading(tmp_path, interface):
+    source = timm.create_model('resnet18', num_classes=1000)
+    path = tmp_path / 'resnet18.safetensors'
+    save_file(source.state_dict(), str(path))
+    model = tc.make_compatible('resnet18', split='layer2', interface=interface, num_classes=10, pretrained=True,
+                               pretrained_cfg_overlay=dict(file=str(path)))
+    assert torch.equal(model.extractor.trunk.conv1.weight, source.conv1.weight)
+    assert torch.equal(model.head.tail.get_submodule('layer3.0.conv1').weight, source.layer3[0].conv1.weight)
+    assert 'pretrained_cfg_overlay' not in model.extractor.config['model_args']
+
+
+def test_recombine_refuses_other_interface():
+    a_itf, b_itf = tc.Interface(width=64, rp=True), tc.Interface(width=64, rp=True)
+    a = tc.make_compatible('resnet20_cifar', split='layer2', interface=a_itf, num_classes=10)
+    b = tc.make_compatible('resnet20_cifar', split='layer2', interface=b_itf, num_classes=10)
+    assert a_itf.id != b_itf.id
+    with pytest.raises(ValueError, match=f'interface {a_itf.id}.*interface {b_itf.id}'):
+        tc.recombine(a.extractor, b.head)
+    assert tc.recombine(a.extractor, b.head, force=True)(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+    narrow = tc.make_compatible('resnet20_cifar', split='layer2', interface=tc.Interface(width=16), num_classes=10)
+    with pytest.raises(ValueError, match='width 64.*width 16'):
+        tc.recombine(a.extractor, narrow.head, force=True)
+
+
+@pytest.mark.parametrize('width', [0, -3, 2.5])
+def test_width_below_one(width):
+    with pytest.raises(ValueError, match='width must be a positive integer'):
+        tc.Interface(width=width)
+
+
+def test_vit_refused_with_reason(interface):
+    with pytest.raises(ValueError, match='token features'):
+        tc.make_compatible('vit_tiny_patch16_224', split='blocks.5', interface=interface, num_classes=10)
+
+
+def test_unknown_split_in_make_compatible(interface):
+    with pytest.raises(ValueError, match='Valid split points include: act1, layer1'):
+        tc.make_compatible('resnet56_cifar', split='stage2', interface=interface, num_classes=10)

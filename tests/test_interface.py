@@ -1,0 +1,69 @@
+import pytest
+import torch
+
+import timm_compat as tc
+from timm_compat.batchnorm import batch_statistics
+
+CLASSES = ['airplane', 'bird', 'cat']
+
+
+def test_keyword_form_and_heads():
+    itf = tc.Interface(width=64, rp=True, dcc_classes=CLASSES)
+    feats = torch.randn(4, 64, 8, 8)
+    assert itf.rp(feats).shape == (4, 4)
+    assert itf.dcc(feats).shape == (4, 3)
+    assert tc.Interface(width=64).rp is None and tc.Interface(width=64).dcc is None
+
+
+def test_mobilenetv2_tail_dcc_head():
+    itf = tc.Interface(width=64, dcc_classes=CLASSES,
+                       dcc_head={'type': 'timm', 'backbone': 'mobilenetv2_100', 'split': 'blocks.4.0'})
+    assert isinstance(itf.dcc, tc.Head)
+    assert itf.dcc(torch.randn(2, 64, 8, 8)).shape == (2, 3)
+    assert itf.spec['dcc_head']['backbone'] == 'mobilenetv2_100'
+
+
+def test_id_stable_across_save_load_and_changes_with_weights(tmp_path):
+    itf = tc.Interface(width=32, rp=True, dcc_classes=CLASSES)
+    iid = itf.id
+    assert len(iid) == 12 and itf.id == iid
+    itf.save_pretrained(tmp_path / 'itf')
+    loaded = tc.Interface.from_pretrained(tmp_path / 'itf')
+    assert loaded.id == iid
+    assert loaded.spec == itf.spec
+    with torch.no_grad():
+        itf.rp[-1].bias.add_(1e-3)
+    assert itf.id != iid
+
+
+def test_id_depends_on_spec():
+    torch.manual_seed(0)
+    a = tc.Interface(width=32, dcc_classes=['cat', 'dog'])
+    torch.manual_seed(0)
+    b = tc.Interface(width=32, dcc_classes=['dog', 'cat'])
+    assert a.id != b.id
+
+
+def test_freeze_keeps_interface_bit_identical():
+    itf = tc.Interface(width=16, rp=True).freeze()
+    iid = itf.id
+    itf.train()
+    out = itf.rp(torch.randn(8, 16, 4, 4) * 3 + 1)
+    assert not out.requires_grad
+    assert all(not p.requires_grad for p in itf.parameters())
+    assert itf.id == iid
+    # Frozen heads keep normalising with batch statistics, as in the joint training that produced them.
+    x = torch.randn(8, 16, 4, 4) * 5 + 2
+    with batch_statistics(itf):
+        reference = itf.rp(x)
+    assert torch.equal(itf.rp(x), reference)
+
+
+def test_dcc_needs_classes():
+    with pytest.raises(ValueError, match='DCC head needs common classes'):
+        tc.Interface(width=64, dcc_classes=[])
+
+
+def test_unknown_aux_head_spec():
+    with pytest.raises(ValueError, match='Unknown aux head spec'):
+        tc.Interface(width=64, rp=True, aux_head={'type': 'mlp'})

@@ -1,0 +1,74 @@
+import pytest
+import torch
+
+import timm_compat as tc
+from timm_compat.methods import (
+    common_class_loss, common_class_map, common_classes, rotate_batch, rotation_labels, rotation_loss)
+
+CIFAR10 = ['airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse', 'ship', 'truck']
+STL10 = ['airplane', 'bird', 'car', 'cat', 'deer', 'dog', 'horse', 'monkey', 'ship', 'truck']
+
+
+def test_rotation_batch_layout():
+    x = torch.arange(2 * 3 * 4 * 4, dtype=torch.float32).reshape(2, 3, 4, 4)
+    r = rotate_batch(x)
+    assert r.shape == (8, 3, 4, 4)
+    assert torch.equal(r[:2], x)  # the 0-degree copy comes first and is reused for the task loss
+    assert torch.equal(r[2:4], torch.rot90(x, 1, (2, 3)))
+    assert torch.equal(rotation_labels(2), torch.tensor([0, 0, 1, 1, 2, 2, 3, 3]))
+    perfect = torch.nn.functional.one_hot(rotation_labels(2), 4).float() * 50
+    assert rotation_loss(perfect) < 1e-6
+    with pytest.raises(ValueError, match='square'):
+        rotate_batch(torch.zeros(1, 3, 4, 6))
+
+
+def test_common_classes_by_name_with_synonyms():
+    common = common_classes([CIFAR10, STL10])
+    assert len(common) == 9 and 'automobile' in common and 'frog' not in common and 'monkey' not in common
+    stl_map = common_class_map(STL10, common)
+    assert stl_map[STL10.index('car')] == common.index('automobile')
+    assert stl_map[STL10.index('monkey')] == -1
+
+
+def test_common_class_loss_masks():
+    logits = torch.randn(4, 3, requires_grad=True)
+    targets = torch.tensor([0, -1, 2, -1])
+    loss = common_class_loss(logits, targets)
+    expected = torch.nn.functional.cross_entropy(logits[[0, 2]], targets[[0, 2]])
+    assert torch.allclose(loss, expected)
+    none = common_class_loss(logits, torch.full((4,), -1))
+    assert none.item() == 0 and none.requires_grad
+
+
+def test_one_extractor_pass_for_task_and_rp():
+    itf = tc.Interface(width=32, rp=True, dcc_classes=common_classes([CIFAR10, STL10]))
+    model = tc.make_compatible('resnet20_cifar', split='layer2', interface=itf, num_classes=10, class_names=STL10)
+    calls = []
+    model.extractor.register_forward_hook(lambda m, i, o: calls.append(o.shape[0]))
+    losses = tc.compatibility_loss(model, torch.randn(4, 3, 32, 32), torch.tensor([0, 2, 7, 9]),
+                                   [tc.RotationPrediction(0.5), tc.CommonClassDiscrimination()])
+    assert calls == [16]
+    assert set(losses) == {'task', 'rp', 'dcc', 'loss'}
+    assert torch.allclose(losses['loss'], losses['task'] + losses['rp'] + losses['dcc'])
+
+
+def test_dcc_labels_out_of_range():
+    itf = tc.Interface(width=32, dcc_classes=['cat', 'dog'])
+    model = tc.make_compatible('resnet20_cifar', split='layer2', interface=itf, num_classes=3,
+                               class_names=['cat', 'dog', 'emu'])
+    with pytest.raises(ValueError, match=r'Labels must lie in \[0, 3\)'):
+        tc.compatibility_loss(model, torch.randn(2, 3, 32, 32), torch.tensor([0, 5]), [tc.CommonClassDiscrimination()])
+
+
+def test_dcc_no_overlap():
+    itf = tc.Interface(width=32, dcc_classes=['cat', 'dog'])
+    model = tc.make_compatible('resnet20_cifar', split='layer2', interface=itf, num_classes=2,
+                               class_names=['emu', 'yak'])
+    with pytest.raises(ValueError, match='None of the classes'):
+        tc.compatibility_loss(model, torch.randn(2, 3, 32, 32), torch.tensor([0, 1]), [tc.CommonClassDiscrimination()])
+
+
+def test_rp_without_rp_head():
+    model = tc.make_compatible('resnet20_cifar', split='layer2', interface=tc.Interface(width=32), num_classes=2)
+    with pytest.raises(ValueError, match='RP head'):
+        tc.compatibility_loss(model, torch.randn(2, 3, 32, 32), torch.tensor([0, 1]), [tc.RotationPrediction()])

@@ -1,0 +1,104 @@
+"""BatchNorm at test time.
+
+Compatibility is learnt under batch statistics, and the running statistics aggregated over one network's training
+data do not describe another network's features, so recombined components are evaluated with the statistics of
+each test batch (Gygli et al. 2021, Sec. 4). Three modes:
+
+* ``'batch'``: every BN layer normalises with the current batch's statistics; running statistics stay untouched.
+* ``'running'``: the usual eval mode.
+* AdaBN (Li et al. 2016): :func:`recalibrate_bn` re-estimates the running statistics on a loader, then
+  ``'running'``.
+"""
+from contextlib import contextmanager
+from typing import Iterable, Iterator, Optional
+
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+__all__ = ['BN_MODES', 'set_batch_statistics', 'batch_statistics', 'eval_mode', 'recalibrate_bn']
+
+BN_MODES = ('batch', 'running')
+
+
+def _bn_layers(module: nn.Module) -> Iterator[_BatchNorm]:
+    return (m for m in module.modules() if isinstance(m, _BatchNorm))
+
+
+def set_batch_statistics(module: nn.Module) -> None:
+    """Make every BN layer in ``module`` normalise with batch statistics without updating running ones.
+
+    ``training=True`` with ``track_running_stats=False`` is the one BN state in which PyTorch uses batch statistics
+    and passes no running buffers to ``F.batch_norm``, so the buffers (and ``num_batches_tracked``) never change.
+    """
+    for bn in _bn_layers(module):
+        bn.training = True
+        bn.track_running_stats = False
+
+
+@contextmanager
+def batch_statistics(module: nn.Module) -> Iterator[nn.Module]:
+    """Context in which ``module``'s BN layers use batch statistics; their previous state is restored after."""
+    saved = [(bn, bn.training, bn.track_running_stats) for bn in _bn_layers(module)]
+    set_batch_statistics(module)
+    try:
+        yield module
+    finally:
+        for bn, training, track in saved:
+            bn.training, bn.track_running_stats = training, track
+
+
+@contextmanager
+def eval_mode(module: nn.Module, bn: str = 'batch') -> Iterator[nn.Module]:
+    """Eval mode with the given BN mode (``'batch'`` or ``'running'``); the training flags are restored after."""
+    if bn not in BN_MODES:
+        raise ValueError(f'Unknown BN mode {bn!r}: use one of {BN_MODES} (or recalibrate_bn() then "running").')
+    was_training = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        if bn == 'batch':
+            with batch_statistics(module):
+                yield module
+        else:
+            yield module
+    finally:
+        for m, training in was_training:
+            m.training = training
+
+
+@torch.no_grad()
+def recalibrate_bn(module: nn.Module, images: Iterable[torch.Tensor], num_batches: Optional[int] = None) -> nn.Module:
+    """AdaBN: replace running statistics with the average statistics of ``module`` over ``images``.
+
+    Args:
+        module: Any module taking image batches (a network or an extractor).
+        images: Iterable of input batches (tensors already on the module's device).
+        num_batches: Stop after this many batches.
+
+    Returns:
+        ``module``, with recalibrated running statistics, in the training mode it had before.
+    """
+    layers = list(_bn_layers(module))
+    if not layers:
+        return module
+    saved = [(m, m.training) for m in module.modules()]
+    momenta = [bn.momentum for bn in layers]
+    module.eval()
+    for bn in layers:
+        bn.reset_running_stats()
+        bn.momentum = None  # cumulative moving average: every batch weighs the same
+        bn.train()
+    try:
+        seen = 0
+        for seen, x in enumerate(images, start=1):
+            module(x)
+            if num_batches is not None and seen >= num_batches:
+                break
+        if seen == 0:
+            raise ValueError('recalibrate_bn got no batches: pass a non-empty iterable of image tensors.')
+    finally:
+        for bn, momentum in zip(layers, momenta):
+            bn.momentum = momentum
+        for m, training in saved:
+            m.training = training
+    return module

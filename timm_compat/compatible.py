@@ -1,0 +1,145 @@
+"""Compatible networks: an extractor and a head bound to one interface, and their recombination."""
+from typing import Any, Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+from .components import Extractor, Head, build_backbone_parts, build_head
+from .interface import Interface
+
+__all__ = ['CompatibleModel', 'make_compatible', 'recombine']
+
+
+class CompatibleModel(nn.Module):
+    """An extractor and a head, with the interface they were trained against.
+
+    ``model(x)`` gives logits; ``model.features(x)`` the interface features ``(N, width, H, W)``. The interface
+    is a registered submodule, so models built on one interface share its aux-head parameters.
+    """
+
+    def __init__(self, extractor: Extractor, head: Head, interface: Optional[Interface] = None):
+        super().__init__()
+        self.extractor = extractor
+        self.head = head
+        self.interface = interface
+
+    @property
+    def pretrained_cfg(self):
+        return self.extractor.pretrained_cfg
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.extractor(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.extractor(x))
+
+
+def _check_head_accepts(head: nn.Module, width: int, feature_hw) -> None:
+    probe = torch.zeros(2, width, *feature_hw, device=next(iter(head.parameters()), torch.zeros(())).device)
+    was_training = head.training
+    head.eval()
+    try:
+        with torch.no_grad():
+            head(probe)
+    except RuntimeError as e:
+        raise ValueError(
+            f'The head module does not accept interface features of shape (N, {width}, H, W): {e}. '
+            f'Give a module whose input has {width} channels, or a timm model name.') from e
+    finally:
+        head.train(was_training)
+
+
+def make_compatible(
+        backbone: str,
+        *,
+        split: Union[str, int],
+        interface: Optional[Interface],
+        num_classes: int,
+        head: Union[str, nn.Module] = 'tail',
+        head_split: Union[str, int, None] = None,
+        class_names: Optional[Sequence[str]] = None,
+        pretrained: bool = False,
+        init_seed: Optional[int] = None,
+        width: Optional[int] = None,
+        **model_args: Any,
+) -> CompatibleModel:
+    """Split a timm backbone into an extractor and a head that fit ``interface``.
+
+    Args:
+        backbone: timm model name.
+        split: Module path or ``feature_info`` index after which the extractor ends.
+        interface: The interface to fit; ``None`` for an independent network of width ``width``.
+        num_classes: Classes of the head.
+        head: ``"tail"`` (the rest of ``backbone``), another timm model name (its tail after ``head_split``), or a
+            module taking ``(N, width, H, W)``.
+        head_split: Split point of the head model; defaults to ``split``.
+        class_names: Names of the classes, in label order (DCC maps labels to common classes by name).
+        pretrained: Load timm's pretrained weights (``pretrained_cfg_overlay=dict(file=...)`` for a local file).
+        init_seed: Identical initial weights (IIW): the same backbone and seed give the same initial parameters.
+        width: Feature width when ``interface`` is None.
+        **model_args: Passed to ``timm.create_model``.
+
+    Returns:
+        A :class:`CompatibleModel`.
+    """
+    if interface is None and width is None:
+        raise ValueError('Give an interface, or width=... for an independent network.')
+    width = interface.width if interface is not None else width
+    with torch.random.fork_rng(devices=[], enabled=init_seed is not None):
+        if init_seed is not None:
+            torch.manual_seed(init_seed)
+        trunk, tail, info = build_backbone_parts(
+            backbone, split, num_classes=num_classes, pretrained=pretrained, model_args=model_args)
+        in_chs = info.pop('in_chs')
+        extractor = Extractor(trunk, in_chs, width, config=info)
+        if isinstance(head, nn.Module):
+            head_module = Head(head, width, width, num_classes, class_names)
+        elif head == 'tail':
+            head_module = Head(tail, in_chs, width, num_classes, class_names, config=info)
+        else:
+            head_module = build_head(head, split if head_split is None else head_split, width, num_classes,
+                                     class_names=class_names, pretrained=pretrained)
+    feature_hw = _feature_hw(extractor)
+    _check_head_accepts(head_module, width, feature_hw)
+    for component in (extractor, head_module):
+        component.__dict__['interface'] = interface
+    return CompatibleModel(extractor, head_module, interface)
+
+
+@torch.no_grad()
+def _feature_hw(extractor: Extractor):
+    was_training = extractor.training
+    extractor.eval()
+    try:
+        size = tuple(extractor.pretrained_cfg.get('input_size', (3, 224, 224)))
+        return tuple(extractor(torch.zeros(1, *size)).shape[2:])
+    finally:
+        extractor.train(was_training)
+
+
+def recombine(extractor: Extractor, head: Head, force: bool = False) -> CompatibleModel:
+    """Join an extractor and a head, refusing components of different interfaces.
+
+    Args:
+        extractor: Any extractor.
+        head: Any head.
+        force: Join components whose interface ids differ (e.g. to measure how incompatible they are).
+
+    Returns:
+        A :class:`CompatibleModel` on the extractor's interface when it has one.
+
+    Raises:
+        ValueError: Widths differ (the module could not run), or interface ids differ and ``force`` is False.
+    """
+    if extractor.width != head.width:
+        raise ValueError(
+            f'Cannot recombine: the extractor emits width {extractor.width} (interface '
+            f'{extractor.interface_id}) but the head takes width {head.width} (interface {head.interface_id}). '
+            f'Components must come from one interface.')
+    if extractor.interface_id != head.interface_id and not force:
+        raise ValueError(
+            f'Cannot recombine: the extractor fits interface {extractor.interface_id} and the head fits interface '
+            f'{head.interface_id}. Use components trained against the same interface, fit a stitching layer, '
+            f'or pass force=True to measure the mismatch.')
+    interface = extractor.interface if extractor.interface is head.interface else None
+    return CompatibleModel(extractor, head, interface)

@@ -1,0 +1,168 @@
+"""Extractor and head: the two halves of a timm backbone, fitted to an interface width."""
+from typing import Any, Dict, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from ._hub import Component, ComponentError
+from ._split import create_backbone, output_channels, resolve_split, split_model
+
+__all__ = ['Adapter', 'Extractor', 'Head', 'build_backbone_parts', 'build_extractor', 'build_head']
+
+_CFG_KEYS = ('input_size', 'mean', 'std', 'interpolation', 'crop_pct')
+
+
+class Adapter(nn.Sequential):
+    """1x1 conv + BN mapping ``in_chs`` feature channels to ``out_chs``."""
+
+    def __init__(self, in_chs: int, out_chs: int):
+        super().__init__(nn.Conv2d(in_chs, out_chs, 1, bias=False), nn.BatchNorm2d(out_chs))
+        nn.init.kaiming_normal_(self[0].weight, mode='fan_out', nonlinearity='relu')
+
+
+def _adapter(in_chs: int, out_chs: int) -> nn.Module:
+    return nn.Identity() if in_chs == out_chs else Adapter(in_chs, out_chs)
+
+
+def _check_width(width: int) -> int:
+    if isinstance(width, bool) or not isinstance(width, int) or width < 1:
+        raise ValueError(f'Interface width must be a positive integer, got {width!r}: e.g. width=64.')
+    return width
+
+
+def build_backbone_parts(backbone: str, split, *, num_classes: Optional[int] = None, pretrained: bool = False,
+                         model_args: Optional[Dict[str, Any]] = None) -> Tuple[nn.Module, nn.Module, Dict[str, Any]]:
+    """Create a timm backbone and split it: ``(trunk, tail, info)``.
+
+    ``info`` holds the resolved split, the trunk's output channels, the JSON-able ``model_args`` and the
+    ``pretrained_cfg`` fields a component records.
+    """
+    model_args = dict(model_args or {})
+    kwargs = dict(model_args)
+    if num_classes is not None:
+        kwargs['num_classes'] = num_classes
+    model = create_backbone(backbone, pretrained=pretrained, **kwargs)
+    split = resolve_split(model, split)
+    trunk, tail = split_model(model, split)
+    cfg = model.pretrained_cfg
+    input_size = tuple(cfg.get('input_size', (3, 224, 224)))
+    feat_shape = output_channels(trunk, input_size)
+    if len(feat_shape) != 3:
+        raise ValueError(
+            f'{backbone} split at {split!r} gives features of shape {feat_shape}, not (C, H, W). Interfaces join '
+            f'spatial feature maps with 1x1 convs; token features (vision transformers) are not supported. '
+            f'Use a convolutional backbone, or split_model() directly for token features.')
+    model_args.pop('pretrained_cfg_overlay', None)  # a local path is not part of the architecture
+    info = dict(
+        backbone=backbone, split=split, in_chs=feat_shape[0], model_args=model_args,
+        pretrained_cfg={k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items() if k in _CFG_KEYS},
+        base_model=(f'timm/{cfg.get("architecture", backbone)}.{cfg["tag"]}' if pretrained and cfg.get('tag')
+                    else None),
+    )
+    return trunk, tail, info
+
+
+class Extractor(Component):
+    """Trunk of a backbone plus an adapter to the interface width: images -> ``(N, width, H, W)``.
+
+    Args:
+        trunk: The backbone up to and including the split module.
+        in_chs: Channels the trunk outputs.
+        width: Interface width; a 1x1 conv + BN adapter is added when it differs from ``in_chs``.
+        config: JSON-able description (backbone, split, model_args, ...) that rebuilds this extractor.
+    """
+    role = 'extractor'
+
+    def __init__(self, trunk: nn.Module, in_chs: int, width: int, config: Optional[Dict[str, Any]] = None):
+        super().__init__()
+        self.trunk = trunk
+        self.adapter = _adapter(in_chs, _check_width(width))
+        self.width = width
+        self.config = dict(config or {}, in_chs=in_chs, width=width)
+        self.__dict__['interface'] = None  # a reference, not a submodule: its weights are not the extractor's
+
+    @property
+    def interface_id(self) -> Optional[str]:
+        return self.interface.id if self.interface is not None else self.config.get('interface_id')
+
+    @property
+    def pretrained_cfg(self) -> Dict[str, Any]:
+        return self.config.get('pretrained_cfg', {})
+
+    def component_config(self) -> Dict[str, Any]:
+        if not self.config.get('backbone'):
+            raise ComponentError('This extractor wraps a custom module and cannot be rebuilt from a config; '
+                                 'build it with make_compatible() from a timm backbone to save it.')
+        return {k: v for k, v in self.config.items() if k != 'interface_id'}
+
+    @classmethod
+    def from_config(cls, config: Dict[str, Any]) -> 'Extractor':
+        return build_extractor(config['backbone'], config['split'], config['width'],
+                               model_args=config.get('model_args'), extra_config=config)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.adapter(self.trunk(x))
+
+
+class Head(Component):
+    """An adapter from the interface width plus the tail of a backbone: ``(N, width, H, W)`` -> logits.
+
+    Args:
+        tail: The backbone after the split module (its classifier sized to ``num_classes``), or any module taking
+            ``(N, in_chs, H, W)``.
+        in_chs: Channels the tail expects.
+        width: Interface width; a 1x1 conv + BN adapter is added when it differs from ``in_chs``.
+        num_classes: Classifier outputs.
+        class_names: Names of the classes, in label order (used to map labels onto common classes).
+        config: JSON-able description that rebuilds this head.
+    """
+    role = 'head'
+
+    def __init__(self, tail: nn.Module, in_chs: int, width: int, num_classes: int,
+                 class_names: Optional[Sequence[str]] = None, config: Optional[Dict[str, Any]] = None):
+        super().__init__()
+        self.adapter = _adapter(_check_width(width), in_chs)
+        self.tail = tail
+        self.width = width
+        self.num_classes = num_classes
+        if class_names is not None and len(class_names) != num_classes:
+            raise ValueError(f'{len(class_names)} class names for a {num_classes}-class head: give one per class.')
+        self.class_names = list(class_names) if class_names is not None else None
+        self.config = dict(config or {}, in_chs=in_chs, width=width, num_classes=num_classes,
+                           class_names=self.class_names)
+        self.__dict__['interface'] = None
+
+    interface_id = Extractor.interface_id
+    pretrained_cfg = Extractor.pretrained_cfg
+
+    def component_config(self) -> Dict[str, Any]:
+        if not self.config.get('backbone'):
+            raise ComponentError('This head wraps a custom module and cannot be rebuilt from a config; '
+                                 'build it from a timm backbone name (head="tail" or a model name) to save it.')
+        return {k: v for k, v in self.config.items() if k != 'interface_id'}
+
+    @classmethod
+    def from_config(cls, config: Dict[str, Any]) -> 'Head':
+        return build_head(config['backbone'], config['split'], config['width'], config['num_classes'],
+                          class_names=config.get('class_names'), model_args=config.get('model_args'),
+                          extra_config=config)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.tail(self.adapter(x))
+
+
+def build_extractor(backbone: str, split, width: int, *, pretrained: bool = False,
+                    model_args: Optional[Dict[str, Any]] = None, extra_config: Optional[Dict[str, Any]] = None
+                    ) -> Extractor:
+    """Extractor from a timm backbone name, split point and interface width."""
+    trunk, _, info = build_backbone_parts(backbone, split, pretrained=pretrained, model_args=model_args)
+    return Extractor(trunk, info.pop('in_chs'), width, config=dict(extra_config or {}, **info))
+
+
+def build_head(backbone: str, split, width: int, num_classes: int, *, class_names: Optional[Sequence[str]] = None,
+               pretrained: bool = False, model_args: Optional[Dict[str, Any]] = None,
+               extra_config: Optional[Dict[str, Any]] = None) -> Head:
+    """Head from the tail of a timm backbone, with its classifier sized to ``num_classes``."""
+    _, tail, info = build_backbone_parts(backbone, split, num_classes=num_classes, pretrained=pretrained,
+                                         model_args=model_args)
+    return Head(tail, info.pop('in_chs'), width, num_classes, class_names, config=dict(extra_config or {}, **info))

@@ -1,0 +1,150 @@
+"""The interface: the width and the shared auxiliary heads that make components compatible."""
+import hashlib
+import json
+from typing import Any, Dict, List, Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+from ._hub import Component, ComponentError
+from .batchnorm import set_batch_statistics
+from .components import _check_width, build_head
+
+__all__ = ['Interface', 'build_aux_head', 'DEFAULT_AUX_HEAD']
+
+DEFAULT_AUX_HEAD = {'type': 'conv', 'hidden': 128}
+NUM_ROTATIONS = 4
+
+
+def _normalise_spec(spec: Union[str, Dict[str, Any], None]) -> Dict[str, Any]:
+    if spec is None or spec == 'conv':
+        return dict(DEFAULT_AUX_HEAD)
+    if isinstance(spec, str):  # a timm model name: its tail, split after its second-to-last feature level
+        return {'type': 'timm', 'backbone': spec, 'split': -2, 'model_args': {}}
+    if not isinstance(spec, dict) or spec.get('type') not in ('conv', 'timm'):
+        raise ValueError(f'Unknown aux head spec {spec!r}: use "conv", {{"type": "conv", "hidden": 128}} or '
+                         f'{{"type": "timm", "backbone": "mobilenetv2_100", "split": "blocks.4.0"}}.')
+    if spec['type'] == 'conv':
+        return {**DEFAULT_AUX_HEAD, **spec}
+    if 'backbone' not in spec or 'split' not in spec:
+        raise ValueError(f'A timm aux head needs "backbone" and "split", got {spec!r}.')
+    return {'model_args': {}, **spec}
+
+
+def build_aux_head(spec: Dict[str, Any], width: int, num_outputs: int) -> nn.Module:
+    """Build an aux head from its spec.
+
+    ``{"type": "conv", "hidden": H}``: 3x3 conv + BN + ReLU, global average pool, linear (the default).
+    ``{"type": "timm", "backbone": B, "split": S}``: the tail of timm model ``B`` after ``S`` with a 1x1 conv from
+    ``width`` (the MobileNetV2 DCC head of Gygli et al., Sec. 5.2).
+    """
+    if spec['type'] == 'conv':
+        hidden = spec['hidden']
+        return nn.Sequential(
+            nn.Conv2d(width, hidden, 3, padding=1, bias=False), nn.BatchNorm2d(hidden), nn.ReLU(inplace=True),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(hidden, num_outputs))
+    return build_head(spec['backbone'], spec['split'], width, num_outputs, model_args=spec.get('model_args'))
+
+
+class Interface(Component):
+    """Width plus shared aux heads (RP and/or DCC) that every compatible extractor is trained against.
+
+    All models built on one ``Interface`` object share its aux heads by reference.
+
+    Args:
+        width: Channels of the feature maps that extractors emit and heads take.
+        rp: Add a rotation-prediction head (4 classes: 0, 90, 180, 270 degrees).
+        dcc_classes: Add a head discriminating these common classes (names, in order).
+        aux_head: Architecture of both aux heads: ``"conv"`` (default), a timm model name, or a spec dict
+            (see :func:`build_aux_head`).
+        rp_head: Architecture of the RP head, overriding ``aux_head``.
+        dcc_head: Architecture of the DCC head, overriding ``aux_head``.
+
+    Example:
+        >>> interface = Interface(width=64, rp=True, dcc_classes=['airplane', 'bird', 'cat'])
+        >>> interface.id  # short hash of the spec and the aux weights
+    """
+    role = 'interface'
+
+    def __init__(self, width: int, rp: bool = False, dcc_classes: Optional[Sequence[str]] = None,
+                 aux_head: Union[str, Dict[str, Any]] = 'conv', rp_head: Union[str, Dict[str, Any], None] = None,
+                 dcc_head: Union[str, Dict[str, Any], None] = None):
+        super().__init__()
+        self.width = _check_width(width)
+        if dcc_classes is not None:
+            dcc_classes = list(dcc_classes)
+            if not dcc_classes:
+                raise ValueError('A DCC head needs common classes, got an empty list: name the classes the tasks '
+                                 'share (dcc_classes=[...]) or drop DCC (dcc_classes=None).')
+            if len(set(dcc_classes)) != len(dcc_classes):
+                raise ValueError(f'dcc_classes has duplicates: {dcc_classes}.')
+        self.dcc_classes: Optional[List[str]] = dcc_classes
+        self.head_specs: Dict[str, Dict[str, Any]] = {}
+        self.aux_heads = nn.ModuleDict()
+        if rp:
+            self.head_specs['rp'] = _normalise_spec(rp_head or aux_head)
+            self.aux_heads['rp'] = build_aux_head(self.head_specs['rp'], width, NUM_ROTATIONS)
+        if dcc_classes is not None:
+            self.head_specs['dcc'] = _normalise_spec(dcc_head or aux_head)
+            self.aux_heads['dcc'] = build_aux_head(self.head_specs['dcc'], width, len(dcc_classes))
+        self.frozen = False
+
+    @property
+    def rp(self) -> Optional[nn.Module]:
+        return self.aux_heads['rp'] if 'rp' in self.aux_heads else None
+
+    @property
+    def dcc(self) -> Optional[nn.Module]:
+        return self.aux_heads['dcc'] if 'dcc' in self.aux_heads else None
+
+    @property
+    def spec(self) -> Dict[str, Any]:
+        """What a compatible component must agree on, besides the aux weights."""
+        return {'width': self.width, 'rp': 'rp' in self.aux_heads, 'dcc_classes': self.dcc_classes,
+                'rp_head': self.head_specs.get('rp'), 'dcc_head': self.head_specs.get('dcc')}
+
+    @property
+    def id(self) -> str:
+        """Short stable hash of the spec and every aux-head tensor (weights and BN buffers)."""
+        h = hashlib.sha256(json.dumps(self.spec, sort_keys=True).encode())
+        for name, tensor in sorted(self.aux_heads.state_dict().items()):
+            t = tensor.detach().cpu().contiguous().reshape(-1)
+            h.update(f'{name}:{t.dtype}:{tuple(t.shape)}'.encode())
+            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b'')
+        return h.hexdigest()[:12]
+
+    interface_id = id
+
+    def freeze(self) -> 'Interface':
+        """Fix the aux heads for incremental training: no gradients, no BN running-statistic updates.
+
+        A frozen interface normalises with batch statistics, as during the joint training that produced it, and
+        stays bit-identical however it is used.
+        """
+        self.requires_grad_(False)
+        self.frozen = True
+        self.train(self.training)
+        return self
+
+    def train(self, mode: bool = True) -> 'Interface':
+        super().train(mode and not self.frozen)
+        if self.frozen:
+            set_batch_statistics(self)
+        return self
+
+    def component_config(self) -> Dict[str, Any]:
+        return self.spec
+
+    @classmethod
+    def from_config(cls, config: Dict[str, Any]) -> 'Interface':
+        return cls(width=config['width'], rp=config['rp'], dcc_classes=config.get('dcc_classes'),
+                   rp_head=config.get('rp_head'), dcc_head=config.get('dcc_head'))
+
+    def verify_loaded(self, config: Dict[str, Any], model_id: str) -> None:
+        if self.id != config.get('interface_id'):
+            raise ComponentError(
+                f'{model_id}: the interface weights hash to {self.id}, but config.json says '
+                f'{config.get("interface_id")}. The weights were changed after saving; do not use them.')
+
+    def extra_repr(self) -> str:
+        return f'width={self.width}, rp={self.rp is not None}, dcc_classes={self.dcc_classes}, frozen={self.frozen}'

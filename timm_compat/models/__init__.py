@@ -1,0 +1,1 @@
+from .cifar_resnet import CifarResNet
