@@ -7,3 +7,21 @@ torch.set_num_threads(2)
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # train.py lives at the top level, like an accelerate example
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+@pytest.fixture
+def fresh_accelerate():
+    """Each in-process run builds its own Accelerator; accelerate keeps global state between them."""
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+    yield
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    PartialState._reset_state()

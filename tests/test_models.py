@@ -4,7 +4,7 @@ import torch
 
 import timm_compat  # noqa: F401  (registers the models)
 
-CIFAR_MODELS = ['resnet20_cifar', 'resnet56_cifar', 'wide_resnet56_cifar', 'wrn28_10_cifar']
+CIFAR_MODELS = ['resnet8_cifar', 'resnet20_cifar', 'resnet56_cifar', 'wide_resnet56_cifar', 'wrn28_10_cifar']
 
 
 @pytest.mark.parametrize('name', CIFAR_MODELS)

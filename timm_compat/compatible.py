@@ -13,15 +13,17 @@ __all__ = ['CompatibleModel', 'make_compatible', 'recombine']
 class CompatibleModel(nn.Module):
     """An extractor and a head, with the interface they were trained against.
 
-    ``model(x)`` gives logits; ``model.features(x)`` the interface features ``(N, width, H, W)``. The interface
-    is a registered submodule, so models built on one interface share its aux-head parameters.
+    ``model(x)`` gives logits; ``model.features(x)`` the interface features ``(N, width, H, W)``. The interface is
+    held by reference, not as a submodule: models built on one interface share its aux heads, and a model's
+    ``state_dict`` and ``parameters()`` are its own. Train the aux heads by giving ``interface.parameters()`` to the
+    optimiser too, or through :class:`~timm_compat.training.JointModel`, which registers the interface once.
     """
 
     def __init__(self, extractor: Extractor, head: Head, interface: Optional[Interface] = None):
         super().__init__()
         self.extractor = extractor
         self.head = head
-        self.interface = interface
+        self.__dict__['interface'] = interface
 
     @property
     def pretrained_cfg(self):

@@ -12,7 +12,7 @@ from .components import _check_width, build_head
 
 __all__ = ['Interface', 'build_aux_head', 'DEFAULT_AUX_HEAD']
 
-DEFAULT_AUX_HEAD = {'type': 'conv', 'hidden': 128}
+DEFAULT_AUX_HEAD = {'type': 'conv', 'hidden': None}  # hidden=None: the interface width
 NUM_ROTATIONS = 4
 
 
@@ -34,12 +34,13 @@ def _normalise_spec(spec: Union[str, Dict[str, Any], None]) -> Dict[str, Any]:
 def build_aux_head(spec: Dict[str, Any], width: int, num_outputs: int) -> nn.Module:
     """Build an aux head from its spec.
 
-    ``{"type": "conv", "hidden": H}``: 3x3 conv + BN + ReLU, global average pool, linear (the default).
+    ``{"type": "conv", "hidden": H}``: 3x3 conv + BN + ReLU, global average pool, linear (the default; ``H``
+    defaults to ``width``, which keeps the aux heads cheap next to the extractor).
     ``{"type": "timm", "backbone": B, "split": S}``: the tail of timm model ``B`` after ``S`` with a 1x1 conv from
     ``width`` (the MobileNetV2 DCC head of Gygli et al., Sec. 5.2).
     """
     if spec['type'] == 'conv':
-        hidden = spec['hidden']
+        hidden = spec['hidden'] or width
         return nn.Sequential(
             nn.Conv2d(width, hidden, 3, padding=1, bias=False), nn.BatchNorm2d(hidden), nn.ReLU(inplace=True),
             nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(hidden, num_outputs))

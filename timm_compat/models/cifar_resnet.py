@@ -1,6 +1,6 @@
 """ResNets for 32x32 inputs, registered in timm.
 
-* ``resnet20_cifar``, ``resnet56_cifar``: He et al., *Deep Residual Learning for Image Recognition*, CVPR 2016,
+* ``resnet8_cifar``, ``resnet20_cifar``, ``resnet56_cifar``: He et al., *Deep Residual Learning for Image Recognition*, CVPR 2016,
   Sec. 4.2: a 3x3 stem, three stages of ``n`` basic blocks with 16/32/64 channels, depth ``6n + 2``.
   Shortcuts that change shape use a 1x1 conv + BN projection (option B) rather than zero padding.
 * ``wide_resnet56_cifar``: the same depth-56 network with every stage ``widen_factor`` times wider, the
@@ -253,11 +253,18 @@ def _cfg(**kwargs) -> Dict[str, Any]:
 
 
 default_cfgs = generate_default_cfgs({
+    'resnet8_cifar.untrained': _cfg(),
     'resnet20_cifar.untrained': _cfg(),
     'resnet56_cifar.untrained': _cfg(),
     'wide_resnet56_cifar.untrained': _cfg(),
     'wrn28_10_cifar.untrained': _cfg(),
 })
+
+
+@register_model
+def resnet8_cifar(pretrained: bool = False, **kwargs) -> CifarResNet:
+    """ResNet-8 for CIFAR (He et al. 2016, n=1): 3 stages of 1 basic block; small enough for CPU demos."""
+    return _create('resnet8_cifar', pretrained, **dict(dict(layers=(1, 1, 1)), **kwargs))
 
 
 @register_model

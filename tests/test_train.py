@@ -1,0 +1,171 @@
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+
+import timm_compat as tc
+import train
+from timm_compat.methods import common_classes, methods_for
+from timm_compat.synthetic import SYNTHETIC_CLASSES
+from timm_compat.training import JointModel
+
+from conftest import REPO
+from datasets_util import write_parquet
+
+TINY = str(REPO / 'tests' / 'tiny.yaml')
+pytestmark = pytest.mark.usefixtures('fresh_accelerate')
+
+
+def run(tmp_path, *args, name='run'):
+    return train.main(['-c', TINY, '--output-dir', str(tmp_path / name), *args])
+
+
+def test_one_joint_step_changes_shared_heads_and_every_network():
+    names = {k: SYNTHETIC_CLASSES[k] for k in 'AB'}
+    interface = tc.Interface(width=16, rp=True, dcc_classes=common_classes(names.values()))
+    nets = {k: tc.make_compatible('resnet8_cifar', split='layer2', interface=interface, num_classes=10,
+                                  class_names=v, init_seed=0) for k, v in names.items()}
+    joint = JointModel(nets, interface, methods_for(interface))
+    before = {k: v.detach().clone() for k, v in joint.named_parameters()}
+    # The shared aux heads are one parameter set, not one per network.
+    assert len(before) == len(set(p for p in joint.parameters()))
+    optimizer = torch.optim.SGD(joint.parameters(), lr=0.1)
+    batches = [(torch.randn(8, 3, 32, 32), torch.arange(8)) for _ in nets]
+    joint(batches)['loss'].backward()
+    optimizer.step()
+    changed = {k for k, v in joint.named_parameters() if not torch.equal(v, before[k])}
+    for part in ('networks.A.extractor', 'networks.B.extractor', 'networks.A.head', 'networks.B.head'):
+        assert any(k.startswith(part) for k in changed), part
+    for aux in ('interface.aux_heads.rp', 'interface.aux_heads.dcc'):
+        assert any(k.startswith(aux) for k in changed), aux
+
+
+def test_demo_config_runs_and_writes_everything(tmp_path):
+    summary = run(tmp_path)
+    out = tmp_path / 'run'
+    assert yaml.safe_load((out / 'config.yaml').read_text())['steps'] == 4
+    assert json.loads((out / 'summary.json').read_text())['phases']['main']['networks'] == ['a', 'b']
+    metrics = (out / 'main' / 'metrics.csv').read_text().splitlines()
+    assert metrics[0].startswith('step,lr,time,a/task,a/rp,a/dcc') and len(metrics) == 3
+    main = summary['phases']['main']
+    assert len(main['recombination_matrix']) == 2 and set(main['own_accuracy']) == {'a', 'b'}
+    for part in ('interface', 'a/extractor', 'a/head', 'b/extractor', 'b/head'):
+        assert (out / 'main' / 'components' / part / 'model.safetensors').is_file()
+    extractor = tc.Extractor.from_pretrained(out / 'main' / 'components' / 'a' / 'extractor')
+    assert extractor.interface_id == main['interface_id']
+
+
+def test_incremental_leaves_frozen_interface_bit_identical(tmp_path):
+    first = run(tmp_path, name='first')['phases']['main']
+    interface_dir = tmp_path / 'first' / 'main' / 'components' / 'interface'
+    frozen = tc.Interface.from_pretrained(interface_dir)
+    assert frozen.id == first['interface_id']
+    second = run(tmp_path, '--interface', str(interface_dir), '--set', 'interface.width=null',
+                 '--set', f'networks.0.load={tmp_path / "first" / "main" / "components" / "a"}',
+                 name='second')['phases']['main']
+    # The id hashes every aux-head weight and BN buffer, so equal ids mean a bit-identical interface.
+    assert second['interface_id'] == first['interface_id']
+    assert second['interface_id_per_rank'] == [first['interface_id']]
+    new_extractor = tc.Extractor.from_pretrained(tmp_path / 'second' / 'main' / 'components' / 'b' / 'extractor')
+    assert new_extractor.interface_id == frozen.id
+    assert not (tmp_path / 'second' / 'main' / 'components' / 'a').exists()  # loaded, not retrained
+
+
+def test_resume_continues_from_checkpoint_step(tmp_path, monkeypatch):
+    reference = run(tmp_path, '--set', 'steps=6', name='reference')['phases']['main']
+
+    saved = []
+    real_save = train.save_checkpoint
+
+    def crash_after_step_4(accelerator, root, step, keep):
+        path = real_save(accelerator, root, step, keep)
+        saved.append(step)
+        if step == 4:
+            raise KeyboardInterrupt('simulated crash')
+        return path
+
+    monkeypatch.setattr(train, 'save_checkpoint', crash_after_step_4)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path, '--set', 'steps=6', name='crashed')
+    assert saved == [2, 4]
+    monkeypatch.setattr(train, 'save_checkpoint', real_save)
+    resumed = run(tmp_path, '--set', 'steps=6', '--resume', name='crashed')['phases']['main']
+    steps = [int(line.split(',')[0]) for line in
+             (tmp_path / 'crashed' / 'main' / 'metrics.csv').read_text().splitlines()[1:]]
+    assert steps == [2, 4, 6]  # the resumed run logged step 6 only, after the checkpoint at step 4
+    # Same data order, augmentation and optimiser state: resuming reproduces the uninterrupted run.
+    assert resumed['interface_id'] == reference['interface_id']
+    assert resumed['recombination_matrix'] == reference['recombination_matrix']
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
+    real_forward = JointModel.forward
+    calls = []
+
+    def forward(self, batches):
+        out = real_forward(self, batches)
+        calls.append(1)
+        if len(calls) >= 3:
+            out['loss'] = out['loss'] * float('nan')
+        return out
+
+    monkeypatch.setattr(JointModel, 'forward', forward)
+    with pytest.raises(FloatingPointError, match=r'NaN/inf at step 3.*Last good checkpoint: .*step_00000002'):
+        run(tmp_path, '--set', 'log_every=4')
+    ckpt = tmp_path / 'run' / 'main' / 'checkpoints'
+    assert (ckpt / 'latest').read_text() == 'step_00000002'
+    assert (ckpt / 'step_00000002' / 'model.safetensors').is_file()
+    assert not list(ckpt.glob('step_00000004'))
+
+
+def test_refuses_earlier_run_unless_resume_or_overwrite(tmp_path):
+    (tmp_path / 'run').mkdir()
+    (tmp_path / 'run' / 'notes.txt').write_text('keep me')
+    with pytest.raises(FileExistsError, match='--resume to continue it, --overwrite'):
+        run(tmp_path)
+    assert (tmp_path / 'run' / 'notes.txt').read_text() == 'keep me'
+    with pytest.raises(FileNotFoundError, match='no checkpoint to resume from'):
+        run(tmp_path, '--resume')
+    run(tmp_path, '--overwrite', '--set', 'steps=2')
+    assert not (tmp_path / 'run' / 'notes.txt').exists()
+
+
+def test_dcc_without_common_classes(tmp_path):
+    a = write_parquet(tmp_path / 'a', ['cat', 'dog'])
+    b = write_parquet(tmp_path / 'b', ['emu', 'yak'])
+    with pytest.raises(ValueError, match='DCC needs common classes, but the datasets share none'):
+        run(tmp_path, '--set', f'networks.0.dataset.source={a}', '--set', f'networks.1.dataset.source={b}')
+
+
+def test_missing_columns_through_train(tmp_path):
+    bad = write_parquet(tmp_path / 'bad', ['cat', 'dog'], image_column='picture')
+    with pytest.raises(ValueError, match=r"columns \['picture', 'label'\]"):
+        run(tmp_path, '--set', f'networks.0.dataset.source={bad}')
+
+
+def test_frozen_interface_width_mismatch(tmp_path):
+    tc.Interface(width=16, rp=True).save_pretrained(tmp_path / 'itf')
+    with pytest.raises(ValueError, match='has width 16, but the config asks for width 32'):
+        run(tmp_path, '--interface', str(tmp_path / 'itf'), '--set', 'interface.width=32')
+
+
+def test_unknown_config_key(tmp_path):
+    with pytest.raises(ValueError, match=r"Unknown config key\(s\) \['lr'\].*optim"):
+        run(tmp_path, '--set', 'lr=0.1')
+
+
+def test_two_process_ddp_on_cpu(tmp_path):
+    env = {**os.environ, 'CUDA_VISIBLE_DEVICES': '', 'ACCELERATE_USE_CPU': 'true', 'OMP_NUM_THREADS': '1'}
+    cmd = [sys.executable, '-m', 'accelerate.commands.launch', '--multi_gpu', '--num_processes', '2',
+           '--num_machines', '1', '--mixed_precision', 'no', '--dynamo_backend', 'no',
+           str(REPO / 'train.py'), '-c', TINY, '--output-dir', str(tmp_path / 'ddp'), '--set', 'cpu_threads=1']
+    proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((tmp_path / 'ddp' / 'summary.json').read_text())
+    assert summary['processes'] == 2
+    ids = summary['phases']['main']['interface_id_per_rank']
+    assert len(ids) == 2 and ids[0] == ids[1] == summary['phases']['main']['interface_id']

@@ -1,0 +1,222 @@
+"""Image classification data through Hugging Face ``datasets``, decoded once into ``uint8`` tensors.
+
+Small-image datasets (CIFAR, STL-10 at 32x32) fit in memory: they are decoded once, kept as one ``uint8`` tensor
+(on the accelerator if there is one) and augmented there, so a data loader can never starve the GPU.
+
+Sources:
+
+* a Hub dataset id (``uoft-cs/cifar10``, ``tanganke/stl10``, ``uoft-cs/cifar100``);
+* ``parquet:DIR`` with ``DIR/{split}.parquet`` (or ``{split}-*.parquet``) in the same schema;
+* ``imagefolder:DIR`` with ``DIR/{split}/{class}/*.png``;
+* ``synthetic:A`` / ``synthetic:B``, the built-in two-domain dataset (:mod:`timm_compat.synthetic`).
+"""
+import glob
+import os
+from dataclasses import dataclass
+from typing import Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .synthetic import make_synthetic
+
+__all__ = ['ImageData', 'load_image_data', 'augment', 'normalize', 'EpochSampler', 'iterate_batches', 'KNOWN_SCHEMAS']
+
+# (image column, label column) of the Hub datasets the paper uses.
+KNOWN_SCHEMAS = {
+    'uoft-cs/cifar10': ('img', 'label'),
+    'tanganke/stl10': ('image', 'label'),
+    'uoft-cs/cifar100': ('img', 'fine_label'),
+}
+_IMAGE_COLUMNS = ('img', 'image', 'pixel_values')
+_LABEL_COLUMNS = ('label', 'fine_label', 'labels')
+
+
+@dataclass
+class ImageData:
+    """A split held in memory: ``uint8`` images ``(N, 3, S, S)``, ``int64`` labels and the class names."""
+    images: torch.Tensor
+    labels: torch.Tensor
+    class_names: List[str]
+    name: str = ''
+
+    def __len__(self) -> int:
+        return self.labels.shape[0]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def select_classes(self, classes: Sequence[str]) -> 'ImageData':
+        """Keep only ``classes`` (by name), relabelled in the given order."""
+        missing = [c for c in classes if c not in self.class_names]
+        if missing:
+            raise ValueError(f'{self.name}: classes {missing} are not in the dataset; it has {self.class_names}.')
+        new_label = torch.full((self.num_classes,), -1, dtype=torch.long)
+        for i, c in enumerate(classes):
+            new_label[self.class_names.index(c)] = i
+        mapped = new_label[self.labels]
+        keep = mapped >= 0
+        return ImageData(self.images[keep], mapped[keep], list(classes), self.name)
+
+    def take(self, n: Optional[int]) -> 'ImageData':
+        if n is None or n >= len(self):
+            return self
+        return ImageData(self.images[:n], self.labels[:n], self.class_names, self.name)
+
+    def to(self, device) -> 'ImageData':
+        return ImageData(self.images.to(device), self.labels.to(device), self.class_names, self.name)
+
+
+def _load_hf(source: str, split: str):
+    import datasets
+    if source.startswith('parquet:'):
+        root = source[len('parquet:'):]
+        files = sorted(glob.glob(os.path.join(root, f'{split}.parquet')) +
+                       glob.glob(os.path.join(root, f'{split}-*.parquet')))
+        if not files:
+            raise FileNotFoundError(f'No {split}.parquet or {split}-*.parquet in {root!r}.')
+        return datasets.load_dataset('parquet', data_files={split: files}, split=split)
+    if source.startswith('imagefolder:'):
+        root = source[len('imagefolder:'):]
+        if not os.path.isdir(os.path.join(root, split)):
+            raise FileNotFoundError(f'imagefolder source {root!r} has no {split}/ folder of class folders.')
+        return datasets.load_dataset('imagefolder', data_dir=root, split=split)
+    try:
+        return datasets.load_dataset(source, split=split)
+    except (ConnectionError, OSError, ValueError) as e:
+        raise RuntimeError(
+            f'Could not load Hub dataset {source!r} (split {split!r}): {e}. Without network access, use a local '
+            f'copy: parquet:DIR with {split}.parquet in the same schema.') from e
+
+
+def _columns(ds, source: str, image_column: Optional[str], label_column: Optional[str]) -> Tuple[str, str]:
+    found = list(ds.column_names)
+    known = KNOWN_SCHEMAS.get(source, (None, None))
+    image_column = image_column or known[0] or next((c for c in _IMAGE_COLUMNS if c in found), None)
+    label_column = label_column or known[1] or next((c for c in _LABEL_COLUMNS if c in found), None)
+    for kind, col in (('image', image_column), ('label', label_column)):
+        if col is None or col not in found:
+            raise ValueError(f'{source}: no {kind} column {col!r}; the dataset has columns {found}. '
+                             f'Name the right one with {kind}_column: ...')
+    return image_column, label_column
+
+
+def _decode(ds, image_column: str, size: int) -> torch.Tensor:
+    import datasets
+    if not isinstance(ds.features[image_column], datasets.Image):
+        ds = ds.cast_column(image_column, datasets.Image())
+    out = np.empty((len(ds), size, size, 3), dtype=np.uint8)
+    i = 0
+    for batch in ds.select_columns([image_column]).iter(batch_size=1000):
+        for img in batch[image_column]:
+            img = img.convert('RGB')
+            if img.size != (size, size):
+                img = img.resize((size, size), Image.BILINEAR)  # PIL antialiases when shrinking (STL-10 96 -> 32)
+            out[i] = np.asarray(img)
+            i += 1
+    return torch.from_numpy(out).permute(0, 3, 1, 2).contiguous()
+
+
+def load_image_data(source: str, split: str, *, image_size: int = 32, image_column: Optional[str] = None,
+                    label_column: Optional[str] = None, class_names: Optional[Sequence[str]] = None,
+                    classes: Optional[Sequence[str]] = None, limit: Optional[int] = None,
+                    synthetic_per_class: int = 400, seed: int = 0) -> ImageData:
+    """Load one split into memory.
+
+    Args:
+        source: Hub id, ``parquet:DIR``, ``imagefolder:DIR`` or ``synthetic:A|B``.
+        split: Split name (``train``, ``test``).
+        image_size: Images are resized to ``image_size`` x ``image_size``.
+        image_column: Image column; default from the known schema or the usual names.
+        label_column: Label column; likewise.
+        class_names: Names for the labels when the label column is not a ``ClassLabel``.
+        classes: Keep only these classes, relabelled in this order.
+        limit: Keep only the first ``limit`` examples (before ``classes``).
+        synthetic_per_class: Images per class for ``synthetic:`` sources.
+        seed: Seed of ``synthetic:`` sources.
+
+    Raises:
+        ValueError: Missing columns (naming those found), labels out of range, no class names.
+    """
+    name = f'{source}[{split}]'
+    if source.startswith('synthetic:'):
+        images, labels, names = make_synthetic(source.split(':', 1)[1], split, image_size, synthetic_per_class, seed)
+        data = ImageData(images, labels, names, name).take(limit)
+    else:
+        ds = _load_hf(source, split)
+        image_column, label_column = _columns(ds, source, image_column, label_column)
+        if limit is not None:
+            ds = ds.select(range(min(limit, len(ds))))
+        feature = ds.features[label_column]
+        names = list(class_names) if class_names is not None else getattr(feature, 'names', None)
+        if not names:
+            raise ValueError(f'{name}: label column {label_column!r} is not a ClassLabel, so the class names are '
+                             f'unknown. Give them with class_names: [...].')
+        labels = torch.as_tensor(np.asarray(ds[label_column]), dtype=torch.long)
+        data = ImageData(_decode(ds, image_column, image_size), labels, list(names), name)
+    if len(data) == 0:
+        raise ValueError(f'{name} is empty.')
+    low, high = int(data.labels.min()), int(data.labels.max())
+    if low < 0 or high >= data.num_classes:
+        raise ValueError(f'{name}: labels range over [{low}, {high}] but there are {data.num_classes} classes '
+                         f'{data.class_names}. Fix the labels or the class names.')
+    return data.select_classes(classes) if classes else data
+
+
+def augment(images: torch.Tensor, pad: int = 4, flip: bool = True) -> torch.Tensor:
+    """Standard CIFAR augmentation on a ``uint8`` batch, on its device: zero-pad, random crop, random h-flip."""
+    n, _, h, w = images.shape
+    if pad:
+        padded = torch.nn.functional.pad(images, (pad, pad, pad, pad))
+        dy = torch.randint(0, 2 * pad + 1, (n, 1), device=images.device)
+        dx = torch.randint(0, 2 * pad + 1, (n, 1), device=images.device)
+        rows = (dy + torch.arange(h, device=images.device))[:, None, :, None]
+        cols = (dx + torch.arange(w, device=images.device))[:, None, None, :]
+        batch = torch.arange(n, device=images.device)[:, None, None, None]
+        chans = torch.arange(images.shape[1], device=images.device)[None, :, None, None]
+        images = padded[batch, chans, rows, cols]
+    if flip:
+        mirror = torch.rand(n, 1, 1, 1, device=images.device) < 0.5
+        images = torch.where(mirror, images.flip(-1), images)
+    return images
+
+
+def normalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float],
+              memory_format=torch.contiguous_format) -> torch.Tensor:
+    """``uint8`` -> normalised float."""
+    mean_t = torch.tensor(mean, device=images.device).view(1, -1, 1, 1) * 255
+    std_t = torch.tensor(std, device=images.device).view(1, -1, 1, 1) * 255
+    return ((images.float() - mean_t) / std_t).contiguous(memory_format=memory_format)
+
+
+class EpochSampler:
+    """Index batches for step ``s`` of a run, the same on every resume, sharded over processes.
+
+    Each epoch is a fresh permutation seeded by ``(seed, epoch)``; process ``rank`` takes every
+    ``world_size``-th index, and the last incomplete batch is dropped.
+    """
+
+    def __init__(self, num_examples: int, batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1):
+        self.num_examples, self.batch_size = num_examples, batch_size
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.steps_per_epoch = num_examples // (batch_size * world_size)
+        if self.steps_per_epoch == 0:
+            raise ValueError(f'{num_examples} examples are fewer than one batch of {batch_size} on each of '
+                             f'{world_size} processes: lower the batch size.')
+        self._epoch, self._order = -1, None
+
+    def batch(self, step: int) -> torch.Tensor:
+        epoch, index = divmod(step, self.steps_per_epoch)
+        if epoch != self._epoch:
+            g = torch.Generator().manual_seed(self.seed * 100003 + epoch)
+            self._order = torch.randperm(self.num_examples, generator=g)[self.rank::self.world_size]
+            self._epoch = epoch
+        return self._order[index * self.batch_size:(index + 1) * self.batch_size]
+
+
+def iterate_batches(data: ImageData, batch_size: int) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+    """In-order ``(images, labels)`` batches for evaluation; the last one may be smaller."""
+    for start in range(0, len(data), batch_size):
+        yield data.images[start:start + batch_size], data.labels[start:start + batch_size]
