@@ -77,8 +77,8 @@ def prepare_output_dir(path: Path, resume: bool, overwrite: bool, accelerator: A
 def load_task_data(net, cfg: RunConfig):
     d = net.dataset
     common = dict(image_size=cfg.image_size, image_column=d.image_column, label_column=d.label_column,
-                  class_names=d.class_names, classes=d.classes, seed=cfg.seed)
-    train = load_image_data(d.source, d.train_split, limit=d.train_limit,
+                  class_names=d.class_names, classes=d.classes, shift=d.shift, seed=cfg.seed)
+    train = load_image_data(d.source, d.train_split, limit=d.train_limit, shard=d.train_shard,
                             synthetic_per_class=d.synthetic_per_class, **common)
     test = load_image_data(d.source, d.test_split, limit=d.test_limit,
                            synthetic_per_class=d.synthetic_test_per_class, **common)

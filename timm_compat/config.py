@@ -5,6 +5,7 @@ IIW + RP + DCC, and the same pair trained independently as the baseline.
 """
 import copy
 import dataclasses
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Union
 
@@ -25,6 +26,8 @@ class DatasetConfig:
     classes: Optional[List[str]] = None
     train_limit: Optional[int] = None
     test_limit: Optional[int] = None
+    train_shard: Optional[List[int]] = None  # [index, count]: a disjoint part of the training split
+    shift: Optional[List[str]] = None  # fixed corruptions of this domain, e.g. ["defocus_blur:2"]
     synthetic_per_class: int = 400
     synthetic_test_per_class: int = 100
 
@@ -171,15 +174,36 @@ def _set_dotted(data: Dict[str, Any], dotted: str) -> None:
         node[last] = value
 
 
+def _merge(base: Dict[str, Any], update: Dict[str, Any]) -> Dict[str, Any]:
+    """``update`` over ``base``; mappings merge key by key, anything else (lists too) is replaced."""
+    out = dict(base)
+    for key, value in update.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def _read_yaml(path: Path, seen: Sequence[Path] = ()) -> Dict[str, Any]:
+    """A config file, merged over the file its ``base:`` key names (relative to it), recursively."""
+    path = path.resolve()
+    if path in seen:
+        raise ValueError(f'Config files include each other in a loop: {[str(p) for p in seen]} -> {path}.')
+    with open(path) as f:
+        data = yaml.safe_load(f) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f'{path} must hold a YAML mapping of config keys.')
+    base = data.pop('base', None)
+    return _merge(_read_yaml(path.parent / base, [*seen, path]), data) if base else data
+
+
 def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> RunConfig:
-    """Defaults, then the YAML file at ``path``, then ``key.path=value`` overrides (values parsed as YAML)."""
+    """Defaults, then the YAML file at ``path`` (and its ``base:`` files), then ``key.path=value`` overrides.
+
+    Override values are parsed as YAML: ``interface.rp=false``, ``networks.1.backbone=resnet56_cifar``.
+    """
     data = RunConfig().to_dict()
     if path is not None:
-        with open(path) as f:
-            loaded = yaml.safe_load(f) or {}
-        if not isinstance(loaded, dict):
-            raise ValueError(f'{path} must hold a YAML mapping of config keys.')
-        data.update(loaded)
+        # Top-level keys of a file replace the demo's whole: its networks or interface must not leak in.
+        data.update(_read_yaml(Path(path)))
     for dotted in overrides:
         _set_dotted(data, dotted)
     return _from_dict(RunConfig, data, 'config').validate()

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .shifts import apply_shift
 from .synthetic import make_synthetic
 
 __all__ = ['ImageData', 'load_image_data', 'augment', 'normalize', 'EpochSampler', 'iterate_batches', 'KNOWN_SCHEMAS']
@@ -122,6 +123,7 @@ def _decode(ds, image_column: str, size: int) -> torch.Tensor:
 def load_image_data(source: str, split: str, *, image_size: int = 32, image_column: Optional[str] = None,
                     label_column: Optional[str] = None, class_names: Optional[Sequence[str]] = None,
                     classes: Optional[Sequence[str]] = None, limit: Optional[int] = None,
+                    shard: Optional[Sequence[int]] = None, shift: Optional[Sequence[str]] = None,
                     synthetic_per_class: int = 400, seed: int = 0) -> ImageData:
     """Load one split into memory.
 
@@ -134,6 +136,8 @@ def load_image_data(source: str, split: str, *, image_size: int = 32, image_colu
         class_names: Names for the labels when the label column is not a ``ClassLabel``.
         classes: Keep only these classes, relabelled in this order.
         limit: Keep only the first ``limit`` examples (before ``classes``).
+        shard: ``[index, count]``: keep examples ``index::count`` (disjoint parts of one split).
+        shift: Corruptions applied once at load (see :func:`timm_compat.shifts.apply_shift`).
         synthetic_per_class: Images per class for ``synthetic:`` sources.
         seed: Seed of ``synthetic:`` sources.
 
@@ -156,6 +160,13 @@ def load_image_data(source: str, split: str, *, image_size: int = 32, image_colu
                              f'unknown. Give them with class_names: [...].')
         labels = torch.as_tensor(np.asarray(ds[label_column]), dtype=torch.long)
         data = ImageData(_decode(ds, image_column, image_size), labels, list(names), name)
+    if shard is not None:
+        index, count = shard
+        if not 0 <= index < count:
+            raise ValueError(f'shard {list(shard)} must be [index, count] with 0 <= index < count.')
+        data = ImageData(data.images[index::count], data.labels[index::count], data.class_names, data.name)
+    if shift:
+        data = ImageData(apply_shift(data.images, shift, seed), data.labels, data.class_names, data.name)
     if len(data) == 0:
         raise ValueError(f'{name} is empty.')
     low, high = int(data.labels.min()), int(data.labels.max())

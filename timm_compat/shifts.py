@@ -1,0 +1,104 @@
+"""Fixed, documented domain shifts: CIFAR-10-C corruptions (Hendrycks & Dietterich, ICLR 2019) on ``uint8`` batches.
+
+The offline stand-ins for a second domain (CIFAR-10 vs. STL-10, Sec. 4; CIFAR-10 -> STL-10 adaptation, Sec. 5.1)
+apply these to a CIFAR-10 split. Severity parameters are those of the CIFAR-10-C code for 32x32 images. A shift
+is named ``"corruption:severity"``, e.g. ``"defocus_blur:2"``; noise is drawn from a fixed seed, so a shifted
+split is the same every time.
+"""
+import io
+from typing import Callable, Dict, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+__all__ = ['CORRUPTIONS', 'apply_shift']
+
+
+def _gaussian_noise(x: torch.Tensor, severity: int, g: torch.Generator) -> torch.Tensor:
+    c = [0.04, 0.06, 0.08, 0.09, 0.10][severity - 1]
+    return x + torch.randn(x.shape, generator=g) * c
+
+
+def _shot_noise(x: torch.Tensor, severity: int, g: torch.Generator) -> torch.Tensor:
+    c = [500, 250, 100, 75, 50][severity - 1]
+    return torch.poisson(x * c, generator=g) / c
+
+
+def _disk(radius: float, alias_blur: float) -> torch.Tensor:
+    size = int(np.ceil(radius)) * 2 + 1 if radius > 1 else 3
+    ax = torch.arange(size, dtype=torch.float32) - size // 2
+    yy, xx = torch.meshgrid(ax, ax, indexing='ij')
+    kernel = ((xx ** 2 + yy ** 2) <= radius ** 2).float()
+    kernel = kernel / kernel.sum()
+    # CIFAR-10-C smooths the disk with a Gaussian of sigma alias_blur to avoid aliasing.
+    g = torch.exp(-(ax ** 2) / (2 * alias_blur ** 2))
+    g = (g[:, None] * g[None, :]) / (g.sum() ** 2)
+    return F.conv2d(kernel[None, None], g[None, None], padding=size // 2)[0, 0]
+
+
+def _defocus_blur(x: torch.Tensor, severity: int, g: torch.Generator) -> torch.Tensor:
+    radius, alias = [(0.3, 0.4), (0.4, 0.5), (0.5, 0.6), (1, 0.2), (1.5, 0.1)][severity - 1]
+    k = _disk(radius, alias)
+    weight = k[None, None].repeat(x.shape[1], 1, 1, 1)
+    return F.conv2d(F.pad(x, [k.shape[0] // 2] * 4, mode='reflect'), weight, groups=x.shape[1])
+
+
+def _contrast(x: torch.Tensor, severity: int, g: torch.Generator) -> torch.Tensor:
+    c = [0.75, 0.5, 0.4, 0.3, 0.15][severity - 1]
+    mean = x.mean(dim=(1, 2, 3), keepdim=True)
+    return (x - mean) * c + mean
+
+
+def _pixelate(x: torch.Tensor, severity: int, g: torch.Generator) -> torch.Tensor:
+    c = [0.95, 0.9, 0.85, 0.75, 0.65][severity - 1]
+    h, w = x.shape[-2:]
+    small = F.interpolate(x, size=(int(h * c), int(w * c)), mode='area')
+    return F.interpolate(small, size=(h, w), mode='nearest')
+
+
+def _jpeg_compression(x: torch.Tensor, severity: int, g: torch.Generator) -> torch.Tensor:
+    quality = [80, 65, 58, 50, 40][severity - 1]
+    out = []
+    for img in (x.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy():
+        buffer = io.BytesIO()
+        Image.fromarray(img).save(buffer, 'JPEG', quality=quality)
+        out.append(np.asarray(Image.open(buffer)))
+    return torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2).float() / 255
+
+
+CORRUPTIONS: Dict[str, Callable[[torch.Tensor, int, torch.Generator], torch.Tensor]] = {
+    'gaussian_noise': _gaussian_noise,
+    'shot_noise': _shot_noise,
+    'defocus_blur': _defocus_blur,
+    'contrast': _contrast,
+    'pixelate': _pixelate,
+    'jpeg_compression': _jpeg_compression,
+}
+
+
+def apply_shift(images: torch.Tensor, shift: Sequence[str], seed: int = 0, batch_size: int = 2048) -> torch.Tensor:
+    """Apply corruptions in order to a ``uint8`` batch ``(N, 3, H, W)``; returns ``uint8``.
+
+    Args:
+        images: Images to corrupt (CPU).
+        shift: Corruption names with severities 1-5, e.g. ``["defocus_blur:2", "contrast:2"]``.
+        seed: Seed of the noise corruptions.
+        batch_size: Images processed at once, to bound memory.
+    """
+    steps = []
+    for item in shift:
+        name, _, severity = item.partition(':')
+        if name not in CORRUPTIONS or severity not in ('1', '2', '3', '4', '5'):
+            raise ValueError(f'Unknown shift {item!r}: use "name:severity" with severity 1-5 and name one of '
+                             f'{sorted(CORRUPTIONS)}.')
+        steps.append((CORRUPTIONS[name], int(severity)))
+    g = torch.Generator().manual_seed(seed)
+    out = torch.empty_like(images)
+    for start in range(0, images.shape[0], batch_size):
+        x = images[start:start + batch_size].float() / 255
+        for fn, severity in steps:
+            x = fn(x, severity, g).clamp(0, 1)
+        out[start:start + batch_size] = (x * 255).round().to(torch.uint8)
+    return out
