@@ -30,7 +30,7 @@ import timm_compat
 from timm_compat.config import RunConfig, load_config
 from timm_compat.data import EpochSampler, augment, load_image_data, normalize
 from timm_compat.evaluation import accuracy, format_matrix, recombination_matrix
-from timm_compat.methods import common_classes, methods_for
+from timm_compat.methods import canonical_class_name, common_classes, methods_for
 from timm_compat.training import JointModel, TrainState, latest_checkpoint, make_optimizer, make_scheduler, \
     save_checkpoint
 
@@ -101,7 +101,7 @@ def build_interface(cfg: RunConfig, class_lists):
             raise ValueError(f'DCC needs common classes, but the datasets share none ({class_lists}). Give '
                              f'interface.dcc_classes or set interface.dcc=false.')
     return timm_compat.Interface(width=icfg.width or 64, rp=icfg.rp, dcc_classes=dcc_classes,
-                                 aux_head=icfg.aux_head)
+                                 aux_head=icfg.aux_head, rp_head=icfg.rp_head, dcc_head=icfg.dcc_head)
 
 
 def build_network(net, index: int, cfg: RunConfig, interface, class_names):
@@ -112,13 +112,24 @@ def build_network(net, index: int, cfg: RunConfig, interface, class_names):
             raise ValueError(f'Network {net.name!r} ({net.load}) fits interface {extractor.interface_id}, but this run '
                              f'uses interface {interface.id}.')
         return timm_compat.recombine(extractor, head)
+    head = net.head
+    if head == 'dcc':
+        # The network's own head is the shared DCC head (Sec. 5.2): one classifier for every extractor.
+        canonical = [canonical_class_name(c) for c in class_names]
+        if interface.dcc is None or canonical != [canonical_class_name(c) for c in interface.dcc_classes]:
+            raise ValueError(f'Network {net.name!r} has head: dcc, so its classes {class_names} must be the '
+                             f'interface\'s DCC classes {interface.dcc_classes}, in that order.')
+        head = interface.dcc
     return timm_compat.make_compatible(
-        net.backbone, split=net.split, interface=interface, num_classes=len(class_names), head=net.head,
+        net.backbone, split=net.split, interface=interface, num_classes=len(class_names), head=head,
         head_split=net.head_split, class_names=class_names, pretrained=net.pretrained,
         init_seed=cfg.init_seed if cfg.iiw else cfg.init_seed + 1000 * (index + 1), **net.model_args)
 
 
 def train_phase(cfg: RunConfig, accelerator: Accelerator, out: Path, resume: bool, tag: str) -> dict:
+    if (out / 'summary.json').exists():
+        accelerator.print(f'[{tag}] already finished; summary in {out / "summary.json"}')
+        return json.loads((out / 'summary.json').read_text())
     start = time.time()
     set_seed(cfg.seed)
     with accelerator.main_process_first():
@@ -136,7 +147,9 @@ def train_phase(cfg: RunConfig, accelerator: Accelerator, out: Path, resume: boo
     device = accelerator.device
     train_sets = {name: data[name][0].to(device) for name in trained}
     samplers = {name: EpochSampler(len(train_sets[name]), cfg.batch_size, cfg.seed + i, accelerator.process_index,
-                                   accelerator.num_processes) for i, name in enumerate(trained)}
+                                   accelerator.num_processes, device) for i, name in enumerate(trained)}
+    stats = {name: [torch.tensor(models[name].pretrained_cfg[k], device=device) for k in ('mean', 'std')]
+             for name in trained}
     steps_per_epoch = max(s.steps_per_epoch for s in samplers.values())
     total_steps = cfg.steps or math.ceil(cfg.epochs * steps_per_epoch)
 
@@ -150,9 +163,6 @@ def train_phase(cfg: RunConfig, accelerator: Accelerator, out: Path, resume: boo
     accelerator.register_for_checkpointing(state)
 
     ckpt_root, metrics_file = out / 'checkpoints', out / 'metrics.csv'
-    if (out / 'summary.json').exists():
-        accelerator.print(f'[{tag}] already finished; summary in {out / "summary.json"}')
-        return json.loads((out / 'summary.json').read_text())
     if resume and (last := latest_checkpoint(ckpt_root)) is not None:
         accelerator.load_state(str(last))
         accelerator.print(f'[{tag}] resumed from {last} at step {state.step}')
@@ -162,18 +172,18 @@ def train_phase(cfg: RunConfig, accelerator: Accelerator, out: Path, resume: boo
     accelerator.wait_for_everyone()
 
     loss_sums, logged_steps = None, 0
+    # NaN tracking and the step live on the device: reading them costs a sync, done only at log/checkpoint steps.
     first_bad = torch.tensor(-1, device=device)
+    device_step = torch.tensor(state.step, device=device)
     progress = tqdm(total=total_steps, initial=state.step, desc=tag, disable=not accelerator.is_local_main_process)
     joint.train()
     while state.step < total_steps:
         batches = []
         for name in trained:
-            index = samplers[name].batch(state.step).to(device)
+            index = samplers[name].batch(state.step)
             images = train_sets[name].images[index]
             images = augment(images) if cfg.augment else images
-            cfg_norm = models[name].pretrained_cfg
-            batches.append((normalize(images, cfg_norm['mean'], cfg_norm['std'], memory_format),
-                            train_sets[name].labels[index]))
+            batches.append((normalize(images, *stats[name], memory_format), train_sets[name].labels[index]))
         with accelerator.accumulate(joint):
             losses = joint(batches)
             accelerator.backward(losses['loss'])
@@ -181,12 +191,11 @@ def train_phase(cfg: RunConfig, accelerator: Accelerator, out: Path, resume: boo
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
         state.step += 1
-        # Losses stay on the device until a log step: no host sync per step.
+        device_step += 1
         detached = torch.stack([v.detach().float() for v in losses.values()])
         loss_sums = detached if loss_sums is None else loss_sums + detached
         logged_steps += 1
-        first_bad = torch.where((first_bad < 0) & ~torch.isfinite(detached[-1]),
-                                torch.tensor(state.step, device=device), first_bad)
+        first_bad = torch.where((first_bad < 0) & ~torch.isfinite(detached[-1]), device_step, first_bad)
         progress.update(1)
         log_now = state.step % cfg.log_every == 0 or state.step == total_steps
         ckpt_now = state.step % cfg.checkpoint_every == 0 and state.step < total_steps
@@ -249,7 +258,8 @@ def evaluate_and_save(cfg, models, interface, data, out: Path, tag: str) -> dict
     for n in cfg.networks:
         if not n.load:
             models[n.name].extractor.save_pretrained(components / n.name / 'extractor')
-            models[n.name].head.save_pretrained(components / n.name / 'head')
+            if n.head != 'dcc':  # a shared DCC head is saved with the interface
+                models[n.name].head.save_pretrained(components / n.name / 'head')
     if cfg.push_to_hub:
         push_components(cfg, models, interface, tag)
     return {'phase': tag, 'networks': names, 'own_accuracy': own, 'recombination_matrix': matrix.tolist(),
@@ -265,7 +275,8 @@ def push_components(cfg: RunConfig, models, interface, tag: str) -> None:
     for n in cfg.networks:
         if not n.load:
             models[n.name].extractor.push_to_hub(f'{prefix}-{n.name}-extractor', commit_message=message)
-            models[n.name].head.push_to_hub(f'{prefix}-{n.name}-head', commit_message=message)
+            if n.head != 'dcc':
+                models[n.name].head.push_to_hub(f'{prefix}-{n.name}-head', commit_message=message)
 
 
 def main(argv=None) -> dict:

@@ -9,6 +9,12 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture(autouse=True)
+def _decode_cache(tmp_path_factory, monkeypatch):
+    """Decoded-image caches of tests stay in a temporary folder, never in the user's ~/.cache."""
+    monkeypatch.setenv('TIMM_COMPAT_CACHE', str(tmp_path_factory.mktemp('timm_compat_cache')))
+
+
 import sys
 from pathlib import Path
 

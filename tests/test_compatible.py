@@ -129,3 +129,19 @@ def test_vit_refused_with_reason(interface):
 def test_unknown_split_in_make_compatible(interface):
     with pytest.raises(ValueError, match='Valid split points include: act1, layer1'):
         tc.make_compatible('resnet56_cifar', split='stage2', interface=interface, num_classes=10)
+
+
+def test_extend_classes_keeps_known_rows(tmp_path):
+    itf = tc.Interface(width=16)
+    model = tc.make_compatible('mobilenetv2_100_cifar', split='blocks.4.0', interface=itf, num_classes=2,
+                               class_names=['cat', 'dog'])
+    classifier = model.head.tail.get_submodule('classifier')
+    old_cat = classifier.weight[0].detach().clone()
+    model.head.extend_classes(['dog', 'cat', 'emu'])
+    new = model.head.tail.get_submodule('classifier')
+    assert new.out_features == 3 and torch.equal(new.weight[1], old_cat)
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 3)
+    model.head.save_pretrained(tmp_path / 'head')
+    loaded = tc.Head.from_pretrained(tmp_path / 'head')
+    assert loaded.class_names == ['dog', 'cat', 'emu']
+    assert torch.equal(loaded.tail.get_submodule('classifier').weight, new.weight)

@@ -50,6 +50,10 @@ def test_bad_configs():
         load_config(None, ['networks.1.name=a'])
 
 
+def test_mixed_precision_no_survives_yaml():
+    assert load_config(None, ['mixed_precision=no']).mixed_precision == 'no'
+
+
 def test_loop_in_bases(tmp_path):
     (tmp_path / 'x.yaml').write_text('base: y.yaml\n')
     (tmp_path / 'y.yaml').write_text('base: x.yaml\n')

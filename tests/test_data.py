@@ -87,3 +87,17 @@ def test_epoch_sampler_deterministic_and_sharded():
     assert not torch.equal(s0.batch(0), s0.batch(5))  # a new permutation each epoch
     with pytest.raises(ValueError, match='fewer than one batch'):
         EpochSampler(5, 10)
+
+
+def test_decoded_images_cached(tmp_path, monkeypatch):
+    import timm_compat.data as data_module
+    cache = tmp_path / 'cache'
+    monkeypatch.setenv('TIMM_COMPAT_CACHE', str(cache))
+    source = write_parquet(tmp_path / 'c10', CIFAR10)
+    first = load_image_data(source, 'train')
+    [entry] = cache.glob('decoded-*.safetensors')
+    real_decode, calls = data_module._decode, []
+    monkeypatch.setattr(data_module, '_decode', lambda *a: calls.append(1) or real_decode(*a))
+    assert torch.equal(load_image_data(source, 'train').images, first.images) and calls == []
+    entry.write_bytes(b'garbage')  # a damaged entry is decoded again, not trusted
+    assert torch.equal(load_image_data(source, 'train').images, first.images) and calls == [1]

@@ -9,7 +9,7 @@ from ._split import create_backbone, output_channels, resolve_split, split_model
 
 __all__ = ['Adapter', 'Extractor', 'Head', 'build_backbone_parts', 'build_extractor', 'build_head']
 
-_CFG_KEYS = ('input_size', 'mean', 'std', 'interpolation', 'crop_pct')
+_CFG_KEYS = ('input_size', 'mean', 'std', 'interpolation', 'crop_pct', 'classifier')
 
 
 class Adapter(nn.Sequential):
@@ -146,6 +146,33 @@ class Head(Component):
         return build_head(config['backbone'], config['split'], config['width'], config['num_classes'],
                           class_names=config.get('class_names'), model_args=config.get('model_args'),
                           extra_config=config)
+
+    def extend_classes(self, class_names: Sequence[str]) -> 'Head':
+        """Resize the classifier in place to ``class_names``, keeping the weights of classes it already knows.
+
+        The new classes' rows start from the classifier's own initialisation; used to grow a head to new classes
+        (Gygli et al. 2021, Sec. 5.2) without retraining what it knows.
+        """
+        if self.class_names is None:
+            raise ValueError('extend_classes matches classes by name: this head has no class_names.')
+        path = self.config.get('pretrained_cfg', {}).get('classifier')
+        old = self.tail.get_submodule(path) if path else None
+        if not isinstance(old, nn.Linear):
+            raise ValueError(f'Cannot find this head\'s linear classifier (pretrained_cfg classifier={path!r}).')
+        new = nn.Linear(old.in_features, len(class_names), bias=old.bias is not None,
+                        device=old.weight.device, dtype=old.weight.dtype)
+        with torch.no_grad():
+            for i, name in enumerate(class_names):
+                if name in self.class_names:
+                    j = self.class_names.index(name)
+                    new.weight[i] = old.weight[j]
+                    if old.bias is not None:
+                        new.bias[i] = old.bias[j]
+        parent, _, leaf = path.rpartition('.')
+        setattr(self.tail.get_submodule(parent) if parent else self.tail, leaf, new)
+        self.num_classes, self.class_names = len(class_names), list(class_names)
+        self.config.update(num_classes=self.num_classes, class_names=self.class_names)
+        return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.tail(self.adapter(x))

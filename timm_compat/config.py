@@ -38,7 +38,7 @@ class NetworkConfig:
     name: str = 'a'
     backbone: str = 'resnet8_cifar'
     split: Union[str, int] = 'layer2'
-    head: str = 'tail'
+    head: str = 'tail'  # 'tail', a timm model name (its tail after head_split), or 'dcc': the shared DCC head
     head_split: Union[str, int, None] = None
     model_args: Dict[str, Any] = field(default_factory=dict)
     pretrained: bool = False
@@ -56,6 +56,8 @@ class InterfaceConfig:
     dcc_weight: float = 1.0
     dcc_classes: Optional[List[str]] = None  # default: the classes common to all datasets, by name
     aux_head: Any = 'conv'
+    rp_head: Any = None  # overrides aux_head for the RP head
+    dcc_head: Any = None  # overrides aux_head for the DCC head, e.g. a MobileNetV2 tail (Sec. 5.2)
     load: Optional[str] = None
 
 
@@ -113,6 +115,8 @@ class RunConfig:
                              'or Hub repo (or --interface).')
         if self.baseline not in (None, 'independent'):
             raise ValueError(f'baseline must be "independent" or null, got {self.baseline!r}.')
+        if self.mixed_precision is False:  # YAML 1.1 reads a bare `no` as false
+            self.mixed_precision = 'no'
         if self.mixed_precision not in (None, 'no', 'fp16', 'bf16'):
             raise ValueError(f'mixed_precision must be no, fp16 or bf16, got {self.mixed_precision!r}.')
         names = [n.name for n in self.networks]

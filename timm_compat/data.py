@@ -11,13 +11,18 @@ Sources:
 * ``synthetic:A`` / ``synthetic:B``, the built-in two-domain dataset (:mod:`timm_compat.synthetic`).
 """
 import glob
+import hashlib
 import os
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 from PIL import Image
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 
 from .shifts import apply_shift
 from .synthetic import make_synthetic
@@ -104,6 +109,34 @@ def _columns(ds, source: str, image_column: Optional[str], label_column: Optiona
     return image_column, label_column
 
 
+def _cache_dir() -> Path:
+    return Path(os.environ.get('TIMM_COMPAT_CACHE', Path.home() / '.cache' / 'timm_compat'))
+
+
+def _decode_cached(ds, image_column: str, size: int) -> torch.Tensor:
+    """Decoded images, from a safetensors cache keyed by the dataset's fingerprint when they were decoded before.
+
+    Decoding 50,000 JPEGs takes minutes on two cores; every run and every network of a run reads the same splits.
+    """
+    key = hashlib.sha256(f'{ds._fingerprint}:{image_column}:{size}:{len(ds)}'.encode()).hexdigest()[:24]
+    path = _cache_dir() / f'decoded-{key}.safetensors'
+    if path.is_file():
+        try:
+            return load_file(str(path))['images']
+        except (SafetensorError, OSError, KeyError):  # a damaged cache entry is decoded again, never trusted
+            path.unlink(missing_ok=True)
+    images = _decode(ds, image_column, size)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix='.tmp')
+        os.close(fd)
+        save_file({'images': images}, tmp)
+        os.replace(tmp, path)
+    except OSError:  # a read-only home still trains, just without the cache
+        pass
+    return images
+
+
 def _decode(ds, image_column: str, size: int) -> torch.Tensor:
     import datasets
     if not isinstance(ds.features[image_column], datasets.Image):
@@ -159,7 +192,7 @@ def load_image_data(source: str, split: str, *, image_size: int = 32, image_colu
             raise ValueError(f'{name}: label column {label_column!r} is not a ClassLabel, so the class names are '
                              f'unknown. Give them with class_names: [...].')
         labels = torch.as_tensor(np.asarray(ds[label_column]), dtype=torch.long)
-        data = ImageData(_decode(ds, image_column, image_size), labels, list(names), name)
+        data = ImageData(_decode_cached(ds, image_column, image_size), labels, list(names), name)
     if shard is not None:
         index, count = shard
         if not 0 <= index < count:
@@ -194,12 +227,11 @@ def augment(images: torch.Tensor, pad: int = 4, flip: bool = True) -> torch.Tens
     return images
 
 
-def normalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float],
-              memory_format=torch.contiguous_format) -> torch.Tensor:
-    """``uint8`` -> normalised float."""
-    mean_t = torch.tensor(mean, device=images.device).view(1, -1, 1, 1) * 255
-    std_t = torch.tensor(std, device=images.device).view(1, -1, 1, 1) * 255
-    return ((images.float() - mean_t) / std_t).contiguous(memory_format=memory_format)
+def normalize(images: torch.Tensor, mean, std, memory_format=torch.contiguous_format) -> torch.Tensor:
+    """``uint8`` -> normalised float. ``mean``/``std`` may be device tensors, which keeps the hot loop copy-free."""
+    mean = torch.as_tensor(mean, dtype=torch.float32, device=images.device).view(1, -1, 1, 1)
+    std = torch.as_tensor(std, dtype=torch.float32, device=images.device).view(1, -1, 1, 1)
+    return ((images.float() / 255 - mean) / std).contiguous(memory_format=memory_format)
 
 
 class EpochSampler:
@@ -209,9 +241,10 @@ class EpochSampler:
     ``world_size``-th index, and the last incomplete batch is dropped.
     """
 
-    def __init__(self, num_examples: int, batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1):
+    def __init__(self, num_examples: int, batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1,
+                 device=None):
         self.num_examples, self.batch_size = num_examples, batch_size
-        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.seed, self.rank, self.world_size, self.device = seed, rank, world_size, device
         self.steps_per_epoch = num_examples // (batch_size * world_size)
         if self.steps_per_epoch == 0:
             raise ValueError(f'{num_examples} examples are fewer than one batch of {batch_size} on each of '
@@ -222,7 +255,8 @@ class EpochSampler:
         epoch, index = divmod(step, self.steps_per_epoch)
         if epoch != self._epoch:
             g = torch.Generator().manual_seed(self.seed * 100003 + epoch)
-            self._order = torch.randperm(self.num_examples, generator=g)[self.rank::self.world_size]
+            # Drawn on the CPU for the same order everywhere, moved once per epoch rather than once per batch.
+            self._order = torch.randperm(self.num_examples, generator=g)[self.rank::self.world_size].to(self.device)
             self._epoch = epoch
         return self._order[index * self.batch_size:(index + 1) * self.batch_size]
 

@@ -31,7 +31,8 @@ def _normalise_spec(spec: Union[str, Dict[str, Any], None]) -> Dict[str, Any]:
     return {'model_args': {}, **spec}
 
 
-def build_aux_head(spec: Dict[str, Any], width: int, num_outputs: int) -> nn.Module:
+def build_aux_head(spec: Dict[str, Any], width: int, num_outputs: int,
+                   class_names: Optional[Sequence[str]] = None) -> nn.Module:
     """Build an aux head from its spec.
 
     ``{"type": "conv", "hidden": H}``: 3x3 conv + BN + ReLU, global average pool, linear (the default; ``H``
@@ -44,7 +45,8 @@ def build_aux_head(spec: Dict[str, Any], width: int, num_outputs: int) -> nn.Mod
         return nn.Sequential(
             nn.Conv2d(width, hidden, 3, padding=1, bias=False), nn.BatchNorm2d(hidden), nn.ReLU(inplace=True),
             nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(hidden, num_outputs))
-    return build_head(spec['backbone'], spec['split'], width, num_outputs, model_args=spec.get('model_args'))
+    return build_head(spec['backbone'], spec['split'], width, num_outputs, class_names=class_names,
+                      model_args=spec.get('model_args'))
 
 
 class Interface(Component):
@@ -87,7 +89,7 @@ class Interface(Component):
             self.aux_heads['rp'] = build_aux_head(self.head_specs['rp'], width, NUM_ROTATIONS)
         if dcc_classes is not None:
             self.head_specs['dcc'] = _normalise_spec(dcc_head or aux_head)
-            self.aux_heads['dcc'] = build_aux_head(self.head_specs['dcc'], width, len(dcc_classes))
+            self.aux_heads['dcc'] = build_aux_head(self.head_specs['dcc'], width, len(dcc_classes), dcc_classes)
         self.frozen = False
 
     @property

@@ -1,0 +1,168 @@
+"""Sec. 4 of Gygli et al. 2021: recombination accuracy of each compatibility method, mean +- std over seeds.
+
+    python recipes/sec4_methods.py --setting cifar10_halves --data-dir ../shared/data/cifar10 --budget cpu
+    python recipes/sec4_methods.py --setting cifar10_stl10 --budget paper --seeds 10     # Hub data, a GPU
+
+Each (method, seed) is one ``accelerate launch train.py -c configs/SETTING/METHOD.yaml`` run; incremental is its
+two stages; ``control`` trains both networks on CIFAR-10 halves with IIW+RP (the paper's "both tasks CIFAR-10"
+control). The recipe gathers every run's summary.json into OUTPUT/results.json and a report.md with the table,
+recombination heatmaps and the per-channel feature correlation of Fig. 3.
+"""
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+from common import REPO, hardware, launch
+
+METHODS = ['independent', 'iiw', 'rp', 'dcc', 'iiw_rp_dcc', 'incremental', 'control']
+# Fig. 2 (random initialisation) and the text of Sec. 4: recombination accuracy in %.
+PAPER = {'independent': 10.6, 'iiw': 25.1, 'rp': 50.1, 'dcc': 65.8, 'iiw_rp_dcc': 76.7, 'incremental': 72.7,
+         'upper_bound': 85.6}
+# A budget is a list of config overrides; 'paper' keeps the configs as they are (ResNet-56, 160 epochs).
+BUDGETS = {
+    'cpu': ['networks.0.backbone=resnet20_cifar', 'networks.1.backbone=resnet20_cifar', 'epochs=3',
+            'networks.0.dataset.train_limit=10000', 'networks.1.dataset.train_limit=10000',
+            'networks.0.dataset.test_limit=2000', 'networks.1.dataset.test_limit=2000',
+            'mixed_precision=no', 'channels_last=false', 'optim.warmup_steps=0', 'checkpoint_every=100000'],
+    'paper': [],
+}
+
+
+def control_overrides(setting: str):
+    """Both tasks CIFAR-10: the second network trains on the other half, clean, with all ten classes."""
+    if setting != 'cifar10_halves':
+        raise ValueError('The control needs two halves of one dataset: use --setting cifar10_halves.')
+    return ['networks.1.dataset.classes=null', 'networks.1.dataset.shift=null']
+
+
+def run_method(method: str, seed: int, args, out: Path) -> dict:
+    configs = REPO / 'configs' / args.setting
+    budget = BUDGETS[args.budget] + [f'seed={seed}', f'init_seed={seed}'] + (
+        [f'epochs={args.epochs}'] if args.epochs else [])
+    run_dir = out / f'{method}_seed{seed}'
+    if method == 'incremental':
+        stage1 = out / f'incremental_stage1_seed{seed}'
+        one_net = [o for o in budget if not o.startswith('networks.1.')]
+        launch(configs / 'incremental_stage1.yaml', stage1, one_net, args.data_dir, out / f'{stage1.name}.log')
+        components = stage1 / 'main' / 'components'
+        name = 'a' if args.setting == 'cifar10_halves' else 'cifar10'
+        budget = budget + [f'interface.load={components / "interface"}', f'networks.0.load={components / name}']
+        return launch(configs / 'incremental.yaml', run_dir, budget, args.data_dir, out / f'{run_dir.name}.log')
+    if method == 'control':
+        return launch(configs / 'rp.yaml', run_dir, budget + ['iiw=true'] + control_overrides(args.setting),
+                      args.data_dir, out / f'{run_dir.name}.log')
+    return launch(configs / f'{method}.yaml', run_dir, budget, args.data_dir, out / f'{run_dir.name}.log')
+
+
+def recombination(summary: dict) -> float:
+    """Average of both directions: extractor a + head b on a's test set, and the converse."""
+    m = summary['recombination_matrix']
+    return 100 * (m[0][1] + m[1][0]) / 2
+
+
+def mean_std(values):
+    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--setting', default='cifar10_halves', choices=['cifar10_halves', 'cifar10_stl10', 'parquet'])
+    parser.add_argument('--data-dir', default=None, help='CIFAR-10 Parquet folder (cifar10_halves) or DATA root')
+    parser.add_argument('--budget', default='cpu', choices=sorted(BUDGETS))
+    parser.add_argument('--epochs', type=float, default=None, help='override the budget\'s epochs')
+    parser.add_argument('--seeds', type=int, default=2)
+    parser.add_argument('--methods', nargs='+', default=METHODS, choices=METHODS)
+    parser.add_argument('--output', default='runs/sec4')
+    args = parser.parse_args(argv)
+    out = Path(args.output).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+
+    results = {}
+    for method in args.methods:
+        for seed in range(args.seeds):
+            start = time.time()
+            summary = run_method(method, seed, args, out)
+            results.setdefault(method, []).append(dict(
+                seed=seed, recombination=recombination(summary), own=100 * statistics.mean(
+                    summary['own_accuracy'].values()), matrix=summary['recombination_matrix'],
+                wall_seconds=round(time.time() - start, 1), run=str(out / f'{method}_seed{seed}')))
+            print(f'{method} seed {seed}: recombination {results[method][-1]["recombination"]:.1f} %, '
+                  f'own {results[method][-1]["own"]:.1f} %, {results[method][-1]["wall_seconds"]} s', flush=True)
+    (out / 'results.json').write_text(json.dumps({'args': vars(args), 'results': results}, indent=2))
+    write_report(out, args, results)
+
+
+LABELS = {'independent': 'Independent', 'iiw': 'IIW', 'rp': 'RP', 'dcc': 'DCC', 'iiw_rp_dcc': 'IIW+RP+DCC',
+          'incremental': 'Incremental (IIW+RP+DCC)', 'control': 'Control: both tasks CIFAR-10, IIW+RP'}
+
+
+def _run_networks(run: Path):
+    """The run's two networks (extractor + head, loaded from disk) and its test sets."""
+    import timm_compat
+    from timm_compat.config import load_config
+    from train import load_task_data
+    cfg = load_config(str(run / 'config.yaml'))
+    models, tests = [], []
+    for net in cfg.networks:
+        folder = Path(net.load) if net.load else run / 'main' / 'components' / net.name
+        models.append(timm_compat.recombine(timm_compat.Extractor.from_pretrained(folder / 'extractor'),
+                                            timm_compat.Head.from_pretrained(folder / 'head'), force=True))
+        tests.append(load_task_data(net, cfg)[1])
+    return [n.name for n in cfg.networks], models, tests
+
+
+def write_report(out: Path, args, results) -> None:
+    import torch
+    import timm_compat
+    from timm_compat.data import ImageData
+    from timm_compat.plots import (ReportFigure, ReportTable, plot_correlation_blocks, plot_recombination_matrix,
+                                   write_report as write)
+
+    rows, figures, correlation_rows, blocks = [], [], [], {}
+    for method, runs in results.items():
+        rec, own = mean_std([r['recombination'] for r in runs]), mean_std([r['own'] for r in runs])
+        rows.append([LABELS[method], f'{rec[0]:.1f} ± {rec[1]:.1f}', f'{own[0]:.1f} ± {own[1]:.1f}',
+                     PAPER.get(method, '–'), statistics.mean(r['wall_seconds'] for r in runs)])
+        names, models, tests = _run_networks(Path(runs[0]['run']))
+        path = plot_recombination_matrix(torch.tensor(runs[0]['matrix']), names, out / 'figures' / f'{method}.png',
+                                         title=f'{LABELS[method]} (seed 0)')
+        figures.append(ReportFigure(path, f'{LABELS[method]}, seed 0: recombination accuracy (%)'))
+        # Li et al. 2016 / Fig. 3: both extractors on the images of both test sets.
+        images = ImageData(torch.cat([t.images[:1000] for t in tests]), torch.cat([t.labels[:1000] for t in tests]),
+                           tests[0].class_names)
+        cmp = timm_compat.compare_extractors(models[0].extractor, models[1].extractor, images)
+        correlation_rows.append([LABELS[method], cmp.direct, cmp.permuted, cmp.cka])
+        blocks[f'{LABELS[method]}: ' + ('permuted' if method == 'independent' else 'direct')] = (
+            cmp.correlation, 'permuted' if method == 'independent' else 'direct')
+
+    ordering = ' < '.join(LABELS[m] for m, _ in sorted(
+        ((m, statistics.mean(r['recombination'] for r in runs)) for m, runs in results.items() if m != 'control'),
+        key=lambda item: item[1]))
+    paper_order = ' < '.join(LABELS[m] for m in sorted((m for m in results if m in PAPER), key=PAPER.get))
+    corr_path = plot_correlation_blocks(blocks, out / 'figures' / 'correlation.png', title='Feature cross-correlation')
+    device = hardware()
+    write(out, f'Sec. 4: compatibility methods on {args.setting}', {
+        'Setup': (f'Command: `python recipes/sec4_methods.py {" ".join(sys.argv[1:])}`.  \n'
+                  f'Budget `{args.budget}` (config overrides: `{" ".join(BUDGETS[args.budget]) or "none"}`'
+                  f'{f", epochs={args.epochs}" if args.epochs else ""}), {args.seeds} seed(s), on {device}, torch '
+                  f'{torch.__version__}. Recombination accuracy: mean of both directions (extractor of one network + '
+                  f'head of the other, on the extractor\'s test set), common classes only, BN with batch statistics.'
+                  + (' Data: CIFAR-10 (JPEG copy).' if args.setting == 'cifar10_halves' else '')),
+        'Recombination accuracy (%)': ReportTable(
+            ['method', 'recombination', 'own task', 'paper (Fig. 2)', 's / run'], rows,
+            caption=f'Paper upper bound: {PAPER["upper_bound"]} %. Measured ordering: {ordering}. '
+                    f'Paper ordering: {paper_order}.'),
+        'Recombination matrices': figures,
+        'Feature cross-correlation (Fig. 3)': [
+            ReportTable(['method', 'direct', 'permuted', 'linear CKA'], correlation_rows, digits=2,
+                        caption='Seed 0; 1000 test images of each task. Paper: permuted independent 0.34, '
+                                'RP + random IIW 0.38, DCC 0.19.'),
+            ReportFigure(corr_path, 'Per-channel correlations, sorted (Fig. 3 style).')],
+    })
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,241 @@
+"""Figures of the paper's analyses as PNG files, and a markdown report that embeds them.
+
+Figures are drawn on :class:`matplotlib.figure.Figure` objects rather than through ``pyplot``: saving a PNG then
+uses the Agg renderer directly, needs no display, and leaves the caller's global matplotlib backend alone.
+"""
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping, Optional, Sequence, Tuple, Union
+
+import torch
+from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter
+
+from .analysis import sort_correlation
+
+__all__ = ['plot_recombination_matrix', 'plot_correlation_blocks', 'plot_accuracy_curves', 'ReportTable',
+           'ReportFigure', 'matrix_table', 'write_report']
+
+PathLike = Union[str, os.PathLike]
+
+
+def _save(fig: Figure, path: PathLike) -> Path:
+    path = Path(path)
+    if path.suffix.lower() != '.png':
+        raise ValueError(f'Figures are written as PNG: give a path ending in .png, got {str(path)!r}.')
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120, bbox_inches='tight')
+    return path
+
+
+def plot_recombination_matrix(matrix: torch.Tensor, names: Sequence[str], path: PathLike, title: str = '',
+                              head_names: Optional[Sequence[str]] = None) -> Path:
+    """Heatmap of a recombination matrix, annotated in percent.
+
+    Args:
+        matrix: ``(N, M)`` accuracies in ``[0, 1]``; rows are extractors, columns heads (as returned by
+            :func:`~timm_compat.evaluation.recombination_matrix`).
+        names: Extractor (row) names.
+        path: Output ``.png``.
+        title: Figure title.
+        head_names: Head (column) names; default ``names``.
+
+    Returns:
+        ``path``.
+    """
+    values = 100 * torch.as_tensor(matrix, dtype=torch.float64).cpu()
+    head_names = list(names if head_names is None else head_names)
+    if values.dim() != 2 or values.shape != (len(names), len(head_names)):
+        raise ValueError(f'The matrix has shape {tuple(values.shape)} but there are {len(names)} extractor names '
+                         f'and {len(head_names)} head names.')
+    rows, cols = values.shape
+    fig = Figure(figsize=(1.0 + 1.1 * cols, 0.8 + 0.8 * rows))
+    ax = fig.subplots()
+    image = ax.imshow(values.numpy(), cmap='viridis', vmin=0, vmax=100)
+    for i in range(rows):
+        for j in range(cols):
+            # Dark text on the light (high) end of viridis, light text on the dark end.
+            ax.text(j, i, f'{values[i, j]:.1f}', ha='center', va='center',
+                    color='black' if values[i, j] > 60 else 'white')
+    ax.set_xticks(range(cols), head_names, rotation=30, ha='right')
+    ax.set_yticks(range(rows), names)
+    ax.set_xlabel('head')
+    ax.set_ylabel('extractor')
+    if title:
+        ax.set_title(title)
+    fig.colorbar(image, ax=ax, label='accuracy (%)')
+    return _save(fig, path)
+
+
+def plot_correlation_blocks(blocks: Mapping[str, Tuple[torch.Tensor, str]], path: PathLike,
+                            title: str = '') -> Path:
+    """Per-channel cross-correlation blocks in the style of the paper's Fig. 3, side by side.
+
+    Each block is the channel correlation matrix reordered by :func:`~timm_compat.analysis.sort_correlation`:
+    strongest pairs top-left, titled with the mean correlation of the pairs on its diagonal.
+
+    Args:
+        blocks: Label -> ``(correlation, mode)``, with ``mode`` ``'direct'`` (compatible networks, channel ``i``
+            with channel ``i``) or ``'permuted'`` (after the optimal channel matching, "permuted independent").
+        path: Output ``.png``.
+        title: Figure title.
+
+    Returns:
+        ``path``.
+    """
+    if not blocks:
+        raise ValueError('No correlation blocks to plot: pass {label: (correlation, "direct" | "permuted")}.')
+    fig = Figure(figsize=(2.6 * len(blocks) + 0.8, 3.2))
+    axes = fig.subplots(1, len(blocks), squeeze=False)[0]
+    for ax, (label, (corr, mode)) in zip(axes, blocks.items()):
+        ordered, mean = sort_correlation(corr, mode)
+        image = ax.imshow(ordered.cpu().numpy(), cmap='RdBu_r', vmin=-1, vmax=1, interpolation='nearest')
+        ax.set_title(f'{label}\n{mean:.2f}', fontsize=10)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    axes[0].set_ylabel('channels of A')
+    for ax in axes:
+        ax.set_xlabel('channels of B')
+    fig.colorbar(image, ax=list(axes), label='correlation', shrink=0.8)
+    if title:
+        fig.suptitle(title)
+    return _save(fig, path)
+
+
+def plot_accuracy_curves(curves: Mapping[str, Tuple[Sequence[float], Sequence[float]]], path: PathLike,
+                         title: str = '', annotate_steps: Sequence[float] = (),
+                         xlabel: str = 'fine-tuning steps') -> Path:
+    """Accuracy against fine-tuning steps on a log x axis, like the paper's Fig. 5.
+
+    Step 0 (directly after recombination) has no place on a log axis, so the axis is symmetric-log: linear on
+    ``[0, 1]`` and logarithmic above, with the gap from step 0 to step 1 as wide as the decade from 1 to 10.
+
+    Args:
+        curves: Label -> ``(steps, accuracies)``, accuracies in ``[0, 1]`` (shown in percent).
+        path: Output ``.png``.
+        title: Figure title.
+        annotate_steps: Steps whose accuracies are written next to the points (the paper overlays the values
+            directly after recombination and after one epoch).
+        xlabel: x-axis label.
+
+    Returns:
+        ``path``.
+    """
+    if not curves:
+        raise ValueError('No curves to plot: pass {label: (steps, accuracies)}.')
+    fig = Figure(figsize=(6.0, 4.0))
+    ax = fig.subplots()
+    for label, (steps, accuracies) in curves.items():
+        steps, accuracies = [float(s) for s in steps], [100 * float(a) for a in accuracies]
+        if len(steps) != len(accuracies):
+            raise ValueError(f'Curve {label!r} has {len(steps)} steps but {len(accuracies)} accuracies.')
+        if any(s < 0 for s in steps):
+            raise ValueError(f'Curve {label!r} has negative steps; steps count fine-tuning updates from 0.')
+        line, = ax.plot(steps, accuracies, marker='o', markersize=3, label=label)
+        for step, acc in zip(steps, accuracies):
+            if step in annotate_steps:
+                ax.annotate(f'{acc:.1f}', (step, acc), textcoords='offset points', xytext=(0, 5), ha='center',
+                            fontsize=8, color=line.get_color())
+    ax.set_xscale('symlog', linthresh=1.0, linscale=1.0)
+    ax.set_xlim(left=-0.2)  # keeps the step-0 markers off the frame
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda step, _: f'{step:g}'))
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel('accuracy (%)')
+    ax.grid(True, which='major', alpha=0.3)
+    ax.legend()
+    if title:
+        ax.set_title(title)
+    return _save(fig, path)
+
+
+@dataclass
+class ReportTable:
+    """A markdown table for :func:`write_report`; float cells are printed with ``digits`` decimals."""
+    header: Sequence[str]
+    rows: Sequence[Sequence[object]]
+    caption: str = ''
+    digits: int = 1
+
+
+@dataclass
+class ReportFigure:
+    """An image for :func:`write_report`, linked relative to the report."""
+    path: PathLike
+    caption: str = ''
+
+
+def matrix_table(matrix: torch.Tensor, names: Sequence[str], head_names: Optional[Sequence[str]] = None,
+                 caption: str = '') -> ReportTable:
+    """A recombination matrix (accuracies in ``[0, 1]``) as a :class:`ReportTable` in percent, extractors as rows."""
+    head_names = list(names if head_names is None else head_names)
+    values = torch.as_tensor(matrix, dtype=torch.float64).cpu()
+    if values.shape != (len(names), len(head_names)):
+        raise ValueError(f'The matrix has shape {tuple(values.shape)} but there are {len(names)} extractor names '
+                         f'and {len(head_names)} head names.')
+    rows = [[name, *(100 * values[i]).tolist()] for i, name in enumerate(names)]
+    return ReportTable(['extractor \\ head', *head_names], rows, caption)
+
+
+def _cell(value: object, digits: int) -> str:
+    text = f'{value:.{digits}f}' if isinstance(value, float) else str(value)
+    return text.replace('|', '\\|').replace('\n', ' ')
+
+
+def _table_markdown(table: ReportTable) -> str:
+    width = len(table.header)
+    bad = [i for i, row in enumerate(table.rows) if len(row) != width]
+    if bad:
+        raise ValueError(f'Table rows {bad} do not have {width} cells like the header {list(table.header)}.')
+    lines = ['| ' + ' | '.join(_cell(h, table.digits) for h in table.header) + ' |',
+             '|' + '---|' * width]
+    lines += ['| ' + ' | '.join(_cell(v, table.digits) for v in row) + ' |' for row in table.rows]
+    if table.caption:
+        lines += ['', f'*{table.caption}*']
+    return '\n'.join(lines)
+
+
+def _figure_markdown(figure: ReportFigure, out_dir: Path) -> str:
+    path = Path(figure.path)
+    if not path.is_file():
+        raise FileNotFoundError(f'Figure {str(path)!r} does not exist: save the plot before writing the report.')
+    # Relative links keep the report valid when the output folder is moved or uploaded as a whole.
+    link = Path(os.path.relpath(path.resolve(), out_dir.resolve())).as_posix()
+    text = f'![{figure.caption or path.stem}]({link})'
+    return text + (f'\n\n*{figure.caption}*' if figure.caption else '')
+
+
+ReportItem = Union[str, ReportTable, ReportFigure]
+
+
+def write_report(out_dir: PathLike, title: str,
+                 sections: Mapping[str, Union[ReportItem, Sequence[ReportItem]]]) -> Path:
+    """Write ``out_dir/report.md``: a title, then one ``##`` section per entry of ``sections``.
+
+    Args:
+        out_dir: Folder of the report (created if needed); figures are linked relative to it.
+        title: Report title.
+        sections: Heading -> item or list of items, in order. An item is markdown text (``str``), a
+            :class:`ReportTable` or a :class:`ReportFigure` (an existing image file).
+
+    Returns:
+        The path of ``report.md``.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    parts = [f'# {title}']
+    for heading, items in sections.items():
+        parts.append(f'## {heading}')
+        for item in [items] if isinstance(items, (str, ReportTable, ReportFigure)) else items:
+            if isinstance(item, str):
+                parts.append(item)
+            elif isinstance(item, ReportTable):
+                parts.append(_table_markdown(item))
+            elif isinstance(item, ReportFigure):
+                parts.append(_figure_markdown(item, out_dir))
+            else:
+                raise TypeError(f'Section {heading!r} has an item of type {type(item).__name__}: use markdown '
+                                f'text (str), ReportTable(...) or ReportFigure(path).')
+    path = out_dir / 'report.md'
+    path.write_text('\n\n'.join(parts) + '\n')
+    return path
