@@ -83,6 +83,9 @@ def test_iiw_identical_and_seeds_differ(interface):
     a, b, c = params(7), params(7), params(8)
     assert all(torch.equal(x, y) for x, y in zip(a, b))
     assert not all(torch.equal(x, y) for x, y in zip(a, c))
+    # Tasks with different numbers of classes still start from identical extractors.
+    nine = tc.make_compatible('resnet20_cifar', split='layer2', interface=interface, num_classes=9, init_seed=7)
+    assert all(torch.equal(x, y) for x, y in zip(a, nine.extractor.parameters()))
     # IIW must not disturb the global RNG stream.
     torch.manual_seed(1)
     before = torch.rand(1)
@@ -145,3 +148,12 @@ def test_extend_classes_keeps_known_rows(tmp_path):
     loaded = tc.Head.from_pretrained(tmp_path / 'head')
     assert loaded.class_names == ['dog', 'cat', 'emu']
     assert torch.equal(loaded.tail.get_submodule('classifier').weight, new.weight)
+
+
+def test_saved_config_survives_a_load(tmp_path):
+    itf = tc.Interface(width=16)
+    model = tc.make_compatible('resnet20_cifar', split='layer2', interface=itf, num_classes=10)
+    model.extractor.config['pretrained_cfg']['input_size'] = [3, 40, 40]  # e.g. a user's input-size overlay
+    model.extractor.save_pretrained(tmp_path / 'e')
+    loaded = tc.Extractor.from_pretrained(tmp_path / 'e')
+    assert loaded.pretrained_cfg['input_size'] == [3, 40, 40]

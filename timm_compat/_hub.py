@@ -2,34 +2,38 @@
 
 Every component (extractor, head, interface) is a folder, local or a Hub model repo::
 
-    config.json        role, timm backbone + model_args, split, width, interface id, pretrained_cfg, ...
+    config.json        role, timm backbone + model_args, split, width, interface id, pretrained_cfg, weights_sha256
     model.safetensors  weights; __metadata__ carries role and interface id
     README.md          model card: YAML front matter with compat-interface-<id> / compat-role-<role> tags
 
-:class:`Component` gives each type ``save_pretrained`` / ``from_pretrained`` / ``push_to_hub`` through
-``huggingface_hub.ModelHubMixin``. Loading reads safetensors only, and checks that config, metadata and (for an
-interface) the weights themselves agree on the interface id.
+:class:`Component` gives each type ``save_pretrained`` / ``from_pretrained`` / ``push_to_hub`` in
+``huggingface_hub.ModelHubMixin``'s idiom. Loading reads safetensors only, and checks that config, metadata and the
+weights themselves (their digest and, for an interface, its id) agree.
 """
+import hashlib
 import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 from torch import nn
-from huggingface_hub import ModelCard, ModelCardData, ModelHubMixin, hf_hub_download
+from huggingface_hub import CommitInfo, HfApi, ModelCard, ModelCardData, ModelHubMixin, constants, hf_hub_download
 from huggingface_hub.errors import (
-    EntryNotFoundError, LocalEntryNotFoundError, OfflineModeIsEnabled, RepositoryNotFoundError, RevisionNotFoundError)
+    EntryNotFoundError, HFValidationError, LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError)
+from huggingface_hub.utils import SoftTemporaryDirectory
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-__all__ = ['Component', 'ComponentError', 'CONFIG_NAME', 'WEIGHTS_NAME', 'FORMAT_VERSION']
+__all__ = ['Component', 'ComponentError', 'CONFIG_NAME', 'WEIGHTS_NAME', 'FORMAT_VERSION', 'read_config',
+           'resolve_file']
 
 CONFIG_NAME = 'config.json'
 WEIGHTS_NAME = 'model.safetensors'
+CARD_NAME = 'README.md'
 FORMAT_VERSION = 1
-PICKLE_NAMES = ('pytorch_model.bin', 'model.bin', 'model.pt', 'model.pth', 'model.ckpt')
+PICKLE_SUFFIXES = ('.bin', '.pt', '.pth', '.ckpt', '.pkl', '.pickle')
 PAPER_URL = 'https://arxiv.org/abs/2004.03898'
 
 
@@ -61,13 +65,28 @@ def _atomic_save_safetensors(tensors: Dict[str, torch.Tensor], path: Path, metad
         raise
 
 
-def _resolve_file(model_id: str, filename: str, *, revision: Optional[str], cache_dir, force_download: bool,
-                  local_files_only: bool, token) -> Path:
-    """Path of ``filename`` in a local folder or a Hub repo, with errors that say what went wrong."""
+def _weights_digest(tensors: Dict[str, torch.Tensor]) -> str:
+    """SHA-256 over every tensor's name, dtype, shape and bytes, in name order."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(tensors.items()):
+        t = tensor.detach().cpu().contiguous().reshape(-1)
+        h.update(f'{name}:{t.dtype}:{tuple(t.shape)}'.encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b'')
+    return h.hexdigest()
+
+
+def resolve_file(model_id: str, filename: str, *, revision: Optional[str] = None, cache_dir=None,
+                 force_download: bool = False, local_files_only: bool = False, token=None) -> Path:
+    """Path of ``filename`` in a local folder, or in a Hub repo through ``hf_hub_download`` and its cache.
+
+    Raises:
+        ComponentError: The file is missing, only pickled weights are offered, or the repo cannot be found or
+            reached; the message says which.
+    """
     if os.path.isdir(model_id):
         path = Path(model_id) / filename
         if not path.is_file():
-            pickles = [p for p in PICKLE_NAMES if (Path(model_id) / p).exists()]
+            pickles = sorted(p.name for p in Path(model_id).iterdir() if p.suffix in PICKLE_SUFFIXES)
             if filename == WEIGHTS_NAME and pickles:
                 raise ComponentError(
                     f'{model_id} holds {pickles[0]} but no {WEIGHTS_NAME}. Pickled weights are never loaded; '
@@ -78,17 +97,48 @@ def _resolve_file(model_id: str, filename: str, *, revision: Optional[str], cach
     try:
         return Path(hf_hub_download(model_id, filename, revision=revision, cache_dir=cache_dir,
                                     force_download=force_download, local_files_only=local_files_only, token=token))
+    except HFValidationError as e:
+        raise ComponentError(f'{model_id!r} is neither a local folder nor a Hub repo id (ORG/NAME): '
+                             f'check the path.') from e
     except RepositoryNotFoundError as e:
-        raise ComponentError(f'Hub repo {model_id!r} not found (or private: pass token=...).') from e
+        raise ComponentError(f'Hub repo {model_id!r} not found (and no local folder of that name). If it is private '
+                             f'or gated, log in with `hf auth login` or pass token=...') from e
     except RevisionNotFoundError as e:
         raise ComponentError(f'Hub repo {model_id!r} has no revision {revision!r}.') from e
+    except LocalEntryNotFoundError as e:  # before EntryNotFoundError, its base: a cache miss, not a missing file
+        if constants.is_offline_mode():
+            why = ('HF_HUB_OFFLINE is set, so the Hub was not asked (offline, a repo id that does not exist looks '
+                   'the same). Unset HF_HUB_OFFLINE to download it, or check the repo id')
+        elif local_files_only:
+            why = 'local_files_only=True: pass local_files_only=False to download it'
+        else:
+            why = (f'the Hub ({constants.ENDPOINT}) could not be reached. Check the connection, or set '
+                   f'HF_HUB_OFFLINE=1 to use cached components only')
+        raise ComponentError(f'{filename} of Hub repo {model_id!r} is not in the local cache, and {why}. '
+                             f'(There is no local folder {model_id!r} either.)') from e
     except EntryNotFoundError as e:
-        raise ComponentError(f'Hub repo {model_id!r} has no {filename}: it is not a timm-compat component.') from e
-    except (LocalEntryNotFoundError, OfflineModeIsEnabled) as e:
-        offline = os.environ.get('HF_HUB_OFFLINE', '') not in ('', '0', 'false', 'False')
-        why = ('HF_HUB_OFFLINE is set, and the file is not in the local cache: unset HF_HUB_OFFLINE or '
-               'download it first') if offline else 'the Hub cannot be reached and the file is not cached'
-        raise ComponentError(f'Cannot fetch {filename} of {model_id!r}: {why}. Not a local folder either.') from e
+        raise ComponentError(f'Hub repo {model_id!r} has no {filename}: it is not a timm-compat component '
+                             f'(pickled weights are never loaded).') from e
+
+
+def read_config(model_id: str, **resolve: Any) -> Dict[str, Any]:
+    """The ``config.json`` of a component folder or repo, checked to be one this version can load.
+
+    Args:
+        model_id: Local folder or Hub repo id.
+        **resolve: ``revision``, ``cache_dir``, ``force_download``, ``local_files_only``, ``token``.
+    """
+    path = resolve_file(model_id, CONFIG_NAME, **resolve)
+    try:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ComponentError(f'{path} is not valid JSON ({e}). Save the component again.') from e
+    if not isinstance(config, dict) or 'role' not in config:
+        raise ComponentError(f'{model_id}: {CONFIG_NAME} has no "role": it is not a timm-compat component.')
+    if config.get('format_version', 0) > FORMAT_VERSION:
+        raise ComponentError(f'{model_id} was saved in component format {config["format_version"]}, newer than '
+                             f'this timm-compat reads ({FORMAT_VERSION}): upgrade timm-compat.')
+    return config
 
 
 def _read_safetensors(path: Path) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
@@ -112,9 +162,16 @@ class Component(
     """Base of :class:`Extractor`, :class:`Head` and :class:`Interface`: the folder format and Hub methods.
 
     Subclasses set ``role`` and implement ``component_config()`` (a JSON-able dict that rebuilds the module
-    through ``from_config``) and ``interface_id``.
+    through ``from_config``) and ``interface_id``. Defining one registers its role in ``Component.registry``, which
+    ``timm_compat.load_component`` reads.
     """
     role: str = ''
+    registry: Dict[str, type] = {}
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if cls.role:
+            Component.registry[cls.role] = cls
 
     def component_config(self) -> Dict[str, Any]:
         raise NotImplementedError
@@ -131,20 +188,58 @@ class Component(
         return {'role': self.role, 'format_version': FORMAT_VERSION, **self.component_config(),
                 'interface_id': self.interface_id}
 
-    # ModelHubMixin hooks ------------------------------------------------------------------------------------
-    def _save_pretrained(self, save_directory: Path) -> None:
-        config = self.full_config()
+    def save_pretrained(self, save_directory: Union[str, Path], *, repo_id: Optional[str] = None) -> None:
+        """Write the component folder: ``config.json``, ``model.safetensors`` and ``README.md``.
+
+        Unlike ``ModelHubMixin.save_pretrained``, which deletes ``config.json`` first, each file is replaced
+        atomically, weights before config: a save that fails leaves the folder's previous component loadable.
+
+        Args:
+            save_directory: Folder to write, created if missing.
+            repo_id: The Hub repo the folder is for, named in the model card's usage snippet.
+        """
+        config = self.full_config()  # raises for a component that cannot be rebuilt, before anything is written
+        save_directory = Path(save_directory)
+        save_directory.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        config['weights_sha256'] = _weights_digest(state)
         metadata = {'format': 'pt', 'role': self.role, 'interface_id': str(config['interface_id'])}
-        # Weights first, config last: a folder with a config always has the weights that config describes.
         _atomic_save_safetensors(state, save_directory / WEIGHTS_NAME, metadata)
         _atomic_write_bytes(save_directory / CONFIG_NAME, json.dumps(config, indent=2, sort_keys=True).encode())
-        _atomic_write_bytes(save_directory / 'README.md', str(self.generate_model_card()).encode())
+        _atomic_write_bytes(save_directory / CARD_NAME, str(self.generate_model_card(repo_id)).encode())
 
-    def generate_model_card(self, *args, **kwargs) -> ModelCard:
+    def push_to_hub(self, repo_id: str, *, commit_message: Optional[str] = None, private: Optional[bool] = None,
+                    token: Optional[str] = None, branch: Optional[str] = None,
+                    create_pr: Optional[bool] = None) -> CommitInfo:
+        """Create the Hub model repo ``repo_id`` if needed and upload the component folder in one commit.
+
+        Args:
+            repo_id: ``ORG/NAME`` (or ``NAME`` under your user).
+            commit_message: Defaults to naming the role and interface id.
+            private: Visibility of a newly created repo; ``None`` follows the organisation's default.
+            token: Hub token; defaults to the one saved by ``hf auth login``.
+            branch: Branch to commit to; defaults to ``main``.
+            create_pr: Open a pull request instead of committing to ``branch``.
+
+        Returns:
+            The ``huggingface_hub.CommitInfo`` of the upload.
+        """
+        config = self.full_config()  # fail before creating a repo for a component that cannot be saved
+        api = HfApi(token=token)
+        repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+        with SoftTemporaryDirectory() as tmp:
+            self.save_pretrained(tmp, repo_id=repo_id)
+            return api.upload_folder(
+                repo_id=repo_id, repo_type='model', folder_path=tmp, revision=branch, create_pr=create_pr,
+                commit_message=commit_message or f'Upload timm-compat {self.role} (interface {config["interface_id"]})')
+
+    def generate_model_card(self, repo_id: Optional[str] = None) -> ModelCard:
+        """Model card whose YAML tags make the component findable by interface and role on the Hub."""
         config = self.full_config()
         iid = config['interface_id']
-        tags = ['timm-compat', f'compat-role-{self.role}', 'image-classification']
+        tags = ['timm-compat', f'compat-role-{self.role}']
+        if self.role != 'interface':
+            tags.append('image-classification')
         if iid:
             tags.insert(1, f'compat-interface-{iid}')
         if config.get('backbone'):
@@ -153,47 +248,83 @@ class Component(
             library_name='timm-compat', license='apache-2.0', tags=tags,
             base_model=config.get('base_model') or None,
         )
-        cls_name = type(self).__name__
         body = [
             f'# timm-compat {self.role}',
             '',
-            f'{"An" if self.role[0] in "aeiou" else "A"} **{self.role}** trained to be compatible with interface `{iid}` '
-            f'([Gygli et al., AAAI 2021]({PAPER_URL})): recombine it with any extractor or head of the same '
-            f'interface, with no fine-tuning.',
+            (f'The **interface** `{iid}` of compatible network components ([Gygli et al., AAAI 2021]({PAPER_URL})): '
+             f'the feature width and auxiliary heads that compatible extractors and heads are trained against.'
+             if self.role == 'interface' else
+             f'{"An" if self.role[0] in "aeiou" else "A"} **{self.role}** trained to be compatible with interface '
+             f'`{iid}` ([Gygli et al., AAAI 2021]({PAPER_URL})): recombine it with any extractor or head of the same '
+             f'interface, with no fine-tuning.'),
             '',
             '| field | value |', '|---|---|',
             *[f'| {k} | `{json.dumps(v)}` |' for k, v in sorted(config.items())
               if k in ('backbone', 'split', 'width', 'num_classes', 'interface_id', 'dcc_classes', 'rp')],
+            *([f'| input | `{json.dumps(config["pretrained_cfg"])}` |'] if config.get('pretrained_cfg') else []),
             '',
             '## Usage', '', '```python', 'import timm_compat', '',
-            f'{self.role} = timm_compat.{cls_name}.from_pretrained("REPO_ID")',
-            'model = timm_compat.recombine(extractor, head)  # refuses components of two interfaces',
+            *self._usage(repo_id or 'ORG/NAME', iid),
             '```', '',
-            f'Find components of the same interface: `python -m timm_compat.hub list --interface {iid}`.',
+            f'Find components of the same interface: `python -m timm_compat.hub list --interface {iid}`; check that '
+            f'two fit: `python -m timm_compat.hub check EXTRACTOR HEAD`.',
         ]
         return ModelCard(f'---\n{card_data.to_yaml()}\n---\n\n' + '\n'.join(body) + '\n')
 
+    def _usage(self, repo_id: str, iid: Optional[str]) -> List[str]:
+        if self.role == 'interface':
+            return [f'interface = timm_compat.Interface.from_pretrained("{repo_id}").freeze()',
+                    '# a new network compatible with every component of this interface',
+                    'model = timm_compat.make_compatible("resnet50", split="layer2", interface=interface, '
+                    'num_classes=10)']
+        other = 'head' if self.role == 'extractor' else 'extractor'
+        return [f'{self.role} = timm_compat.load_component("{repo_id}")',
+                f'# any {other} of interface {iid}: python -m timm_compat.hub list --interface {iid} --role {other}',
+                f'{other} = timm_compat.load_component("ORG/{other.upper()}")',
+                'model = timm_compat.recombine(extractor, head)  # refuses components of two interfaces']
+
     @classmethod
-    def _from_pretrained(cls, *, model_id: str, revision: Optional[str], cache_dir, force_download: bool,
-                         local_files_only: bool, token, map_location: Union[str, torch.device] = 'cpu',
-                         **unused) -> 'Component':
+    def from_pretrained(cls, pretrained_model_name_or_path: Union[str, Path], *, revision: Optional[str] = None,
+                        cache_dir: Union[str, Path, None] = None, force_download: bool = False,
+                        local_files_only: bool = False, token: Union[str, bool, None] = None,
+                        map_location: Union[str, torch.device] = 'cpu') -> 'Component':
+        """Load and verify a component from a local folder or a Hub repo (through the Hugging Face cache).
+
+        ``ModelHubMixin.from_pretrained`` is not used: it feeds ``config.json`` to ``__init__`` (our modules are
+        rebuilt by ``from_config``) and lets cache misses escape unexplained.
+
+        Args:
+            pretrained_model_name_or_path: Local folder or Hub repo id.
+            revision: Branch, tag or commit of the Hub repo.
+            cache_dir: Hugging Face cache to use instead of the default.
+            force_download: Download again even if cached.
+            local_files_only: Only use the cache; never ask the Hub.
+            token: Hub token for private or gated repos.
+            map_location: Device to put the weights on.
+
+        Raises:
+            ComponentError: The folder or repo is missing, incomplete, corrupt, of another role, or its config,
+                weights metadata and weights disagree.
+        """
+        model_id = str(pretrained_model_name_or_path)
         resolve = dict(revision=revision, cache_dir=cache_dir, force_download=force_download,
                        local_files_only=local_files_only, token=token)
-        config_path = _resolve_file(model_id, CONFIG_NAME, **resolve)
-        try:
-            config = json.loads(config_path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ComponentError(f'{config_path} is not valid JSON ({e}). Save the component again.') from e
-        if cls.role and config.get('role') != cls.role:
+        config = read_config(model_id, **resolve)
+        if cls.role and config['role'] != cls.role:
             raise ComponentError(
-                f'{model_id} is a {config.get("role")!r} component, not a {cls.role!r}: '
+                f'{model_id} holds a component of role {config["role"]!r}, not {cls.role!r}: '
                 f'use timm_compat.load_component() to load any role.')
-        tensors, metadata = _read_safetensors(_resolve_file(model_id, WEIGHTS_NAME, **resolve))
+        tensors, metadata = _read_safetensors(resolve_file(model_id, WEIGHTS_NAME, **resolve))
         if metadata.get('role') != config['role'] or metadata.get('interface_id') != str(config.get('interface_id')):
             raise ComponentError(
                 f'{model_id}: config.json says role={config["role"]!r}, interface={config.get("interface_id")!r} but '
                 f'the weights say role={metadata.get("role")!r}, interface={metadata.get("interface_id")!r}. '
                 f'The files do not belong together; download or save the component again.')
+        expected = config.pop('weights_sha256', None)
+        if expected != _weights_digest(tensors):
+            raise ComponentError(
+                f'{model_id}: the weights in {WEIGHTS_NAME} do not match the digest in {CONFIG_NAME} (weights_sha256). '
+                f'They were changed or replaced after saving; do not use them. Download or save the component again.')
         module = cls.from_config(config)
         missing, unexpected = module.load_state_dict(tensors, strict=False)
         if missing or unexpected:

@@ -38,10 +38,12 @@ def build_backbone_parts(backbone: str, split, *, num_classes: Optional[int] = N
     ``pretrained_cfg`` fields a component records.
     """
     model_args = dict(model_args or {})
-    kwargs = dict(model_args)
-    if num_classes is not None:
-        kwargs['num_classes'] = num_classes
-    model = create_backbone(backbone, pretrained=pretrained, **kwargs)
+    model = create_backbone(backbone, pretrained=pretrained, **model_args)
+    if num_classes is not None and num_classes != model.num_classes:
+        # Resized after creation and from a forked RNG, so the classifier's size cannot shift the stream that
+        # initialises the trunk and the adapters: with IIW, tasks of 9 and 10 classes get identical extractors.
+        with torch.random.fork_rng(devices=[]):
+            model.reset_classifier(num_classes)
     split = resolve_split(model, split)
     trunk, tail = split_model(model, split)
     cfg = model.pretrained_cfg
@@ -183,7 +185,9 @@ def build_extractor(backbone: str, split, width: int, *, pretrained: bool = Fals
                     ) -> Extractor:
     """Extractor from a timm backbone name, split point and interface width."""
     trunk, _, info = build_backbone_parts(backbone, split, pretrained=pretrained, model_args=model_args)
-    return Extractor(trunk, info.pop('in_chs'), width, config=dict(extra_config or {}, **info))
+    in_chs = info.pop('in_chs')
+    # A saved config wins over what a fresh build reports: it may carry an input-size overlay or a base_model.
+    return Extractor(trunk, in_chs, width, config={**info, **(extra_config or {})})
 
 
 def build_head(backbone: str, split, width: int, num_classes: int, *, class_names: Optional[Sequence[str]] = None,
@@ -192,4 +196,5 @@ def build_head(backbone: str, split, width: int, num_classes: int, *, class_name
     """Head from the tail of a timm backbone, with its classifier sized to ``num_classes``."""
     _, tail, info = build_backbone_parts(backbone, split, num_classes=num_classes, pretrained=pretrained,
                                          model_args=model_args)
-    return Head(tail, info.pop('in_chs'), width, num_classes, class_names, config=dict(extra_config or {}, **info))
+    in_chs = info.pop('in_chs')
+    return Head(tail, in_chs, width, num_classes, class_names, config={**info, **(extra_config or {})})

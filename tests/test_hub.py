@@ -1,0 +1,432 @@
+"""Component folders and the Hub round trip, tested offline through a real Hugging Face cache.
+
+Downloads go through huggingface_hub's own resolution (``hf_hub_download`` reading a cache laid out as it leaves
+downloaded repos); only the upload and search calls, which need a live Hub, are recorded at ``HfApi``.
+"""
+import hashlib
+import http.server
+import json
+import os
+import pickle
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from huggingface_hub import HfApi, ModelCard, ModelInfo, RepoUrl, constants, scan_cache_dir
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+import timm_compat as tc
+from timm_compat._hub import _weights_digest
+from timm_compat.hub import _fit_problems, main
+
+CLASSES = ['cat', 'dog', 'frog', 'ship']
+COMMIT = '0123456789abcdef0123456789abcdef01234567'
+
+
+@pytest.fixture(scope='module')
+def saved(tmp_path_factory):
+    """Folders of two interfaces' components: ``saved[0]['extractor']`` etc., plus the modules that wrote them.
+    Each is a ResNet-8 split after layer2 on an interface of width 16 with rotation prediction."""
+    root = tmp_path_factory.mktemp('components')
+    out = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        interface = tc.Interface(width=16, rp=True)
+        model = tc.make_compatible('resnet8_cifar', split='layer2', interface=interface, num_classes=4,
+                                   class_names=CLASSES).eval()
+        parts = {'interface': interface, 'extractor': model.extractor, 'head': model.head}
+        for role, component in parts.items():
+            component.save_pretrained(root / str(seed) / role)
+        out.append({'modules': parts, **{role: root / str(seed) / role for role in parts}})
+    return out
+
+
+@pytest.fixture
+def folder(saved, tmp_path):
+    """A writable copy of one of the saved component folders."""
+    def copy(role: str, which: int = 0) -> Path:
+        return Path(shutil.copytree(saved[which][role], tmp_path / f'{role}{which}'))
+    return copy
+
+
+def put_in_cache(cache: Path, repo_id: str, folder: Path, files=None) -> None:
+    """Lay ``folder`` out as ``hf_hub_download`` leaves a downloaded repo: content-named blobs, snapshot
+    symlinks to them, and ``refs/main`` naming the commit."""
+    repo = cache / f'models--{repo_id.replace("/", "--")}'
+    for name in files or sorted(p.name for p in folder.iterdir()):
+        data = (folder / name).read_bytes()
+        blob = repo / 'blobs' / hashlib.sha256(data).hexdigest()
+        blob.parent.mkdir(parents=True, exist_ok=True)
+        blob.write_bytes(data)
+        link = repo / 'snapshots' / COMMIT / name
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(os.path.relpath(blob, link.parent))
+    (repo / 'refs').mkdir(exist_ok=True)
+    (repo / 'refs' / 'main').write_text(COMMIT)  # no newline: the library uses the file's text as the commit
+
+
+@pytest.fixture
+def hf_cache(tmp_path, monkeypatch):
+    """An empty HF_HOME in offline mode; huggingface_hub read both at import, so its constants are set too (the
+    environment is for subprocesses)."""
+    home = tmp_path / 'hf'
+    monkeypatch.setenv('HF_HOME', str(home))
+    monkeypatch.setenv('HF_HUB_OFFLINE', '1')
+    monkeypatch.setattr(constants, 'HF_HUB_CACHE', str(home / 'hub'))
+    monkeypatch.setattr(constants, 'HF_HUB_OFFLINE', True)
+    (home / 'hub').mkdir(parents=True)
+    return home / 'hub'
+
+
+@pytest.fixture
+def published(saved, hf_cache):
+    """Both interfaces' components, as if downloaded from the Hub as ``org/i<n>-<role>``."""
+    for n, parts in enumerate(saved):
+        for role in ('interface', 'extractor', 'head'):
+            put_in_cache(hf_cache, f'org/i{n}-{role}', parts[role])
+    return hf_cache
+
+
+def assert_same_outputs(a, b):
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(a(x), b(x))
+
+
+def test_round_trip_is_bit_identical_for_each_role(saved):
+    parts = saved[0]['modules']
+    loaded = {role: tc.load_component(saved[0][role]) for role in parts}
+    assert {role: type(c) for role, c in loaded.items()} == {
+        'interface': tc.Interface, 'extractor': tc.Extractor, 'head': tc.Head}
+    assert_same_outputs(parts['extractor'], loaded['extractor'])
+    features = torch.randn(3, 16, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(parts['head'](features), loaded['head'](features))
+        assert torch.equal(parts['interface'].eval().rp(features), loaded['interface'].rp(features))
+    assert loaded['interface'].id == parts['interface'].id
+    assert loaded['extractor'].interface_id == loaded['head'].interface_id == parts['interface'].id
+    assert loaded['head'].class_names == CLASSES
+    assert_same_outputs(tc.recombine(parts['extractor'], parts['head']),
+                        tc.recombine(loaded['extractor'], loaded['head']))
+
+
+def test_folder_format_config_metadata_and_card(saved):
+    iid = saved[0]['modules']['interface'].id
+    for role in ('interface', 'extractor', 'head'):
+        path = saved[0][role]
+        assert sorted(p.name for p in path.iterdir()) == ['README.md', 'config.json', 'model.safetensors']
+        config = json.loads((path / 'config.json').read_text())
+        assert config['role'] == role and config['interface_id'] == iid and config['width'] == 16
+        with safe_open(str(path / 'model.safetensors'), framework='pt') as f:
+            assert f.metadata()['role'] == role and f.metadata()['interface_id'] == iid
+        card = ModelCard.load(path / 'README.md')
+        assert {'timm-compat', f'compat-interface-{iid}', f'compat-role-{role}'} <= set(card.data.tags)
+        assert card.data.library_name == 'timm-compat' and card.data.license == 'apache-2.0'
+        assert 'timm_compat.' in card.text and '```python' in card.text
+    extractor = json.loads((saved[0]['extractor'] / 'config.json').read_text())
+    assert (extractor['backbone'], extractor['split'], extractor['model_args']) == ('resnet8_cifar', 'layer2', {})
+    assert extractor['pretrained_cfg']['input_size'] == [3, 32, 32] and len(extractor['pretrained_cfg']['mean']) == 3
+    head = json.loads((saved[0]['head'] / 'config.json').read_text())
+    assert head['num_classes'] == 4 and head['class_names'] == CLASSES
+    assert json.loads((saved[0]['interface'] / 'config.json').read_text())['rp'] is True
+
+
+def test_card_names_base_model_and_repo_when_built_from_pretrained_weights(tmp_path):
+    save_file(timm.create_model('resnet8_cifar').state_dict(), tmp_path / 'w.safetensors')
+    model = tc.make_compatible('resnet8_cifar', split='layer2', interface=tc.Interface(width=16), num_classes=4,
+                               pretrained=True, pretrained_cfg_overlay=dict(file=str(tmp_path / 'w.safetensors')))
+    model.extractor.save_pretrained(tmp_path / 'ext', repo_id='org/r8-extractor')
+    card = ModelCard.load(tmp_path / 'ext' / 'README.md')
+    assert card.data.base_model == 'timm/resnet8_cifar.untrained'
+    assert 'timm_compat.load_component("org/r8-extractor")' in card.text
+
+
+def test_load_through_hf_cache_offline(saved, published):
+    extractor = tc.Extractor.from_pretrained('org/i0-extractor')
+    head = tc.load_component('org/i0-head', revision=COMMIT)
+    interface = tc.load_component('org/i0-interface')
+    assert isinstance(head, tc.Head) and interface.id == saved[0]['modules']['interface'].id
+    assert_same_outputs(tc.recombine(saved[0]['modules']['extractor'], saved[0]['modules']['head']),
+                        tc.recombine(extractor, head))
+    # The layout is one huggingface_hub itself recognises as a valid cache.
+    cache = scan_cache_dir(published)
+    assert not cache.warnings and len(cache.repos) == 6
+
+
+def test_downloads_of_two_interfaces_are_refused_and_check_says_why(published, capsys):
+    extractor, head = tc.load_component('org/i0-extractor'), tc.load_component('org/i1-head')
+    with pytest.raises(ValueError, match='Cannot recombine: the extractor fits interface'):
+        tc.recombine(extractor, head)
+    assert main(['check', 'org/i0-extractor', 'org/i1-head']) == 1
+    out = capsys.readouterr().out
+    assert 'They do not fit' in out and extractor.interface_id in out and head.interface_id in out
+    assert main(['check', 'org/i0-extractor', 'org/i0-head']) == 0
+    assert 'They fit' in capsys.readouterr().out
+    assert main(['check', 'org/i0-head', 'org/i0-extractor']) == 1
+    assert 'EXTRACTOR is a head, not an extractor' in capsys.readouterr().out
+    assert main(['check', 'org/i0-extractor', 'org/missing-head']) == 2
+    assert 'org/missing-head' in capsys.readouterr().err
+
+
+def test_check_explains_why_components_do_not_fit(saved, tmp_path, capsys):
+    independent = tc.make_compatible('resnet8_cifar', split='layer2', interface=None, width=16, num_classes=4)
+    independent.extractor.save_pretrained(tmp_path / 'independent-extractor')
+    narrow = tc.make_compatible('resnet8_cifar', split='layer2', interface=tc.Interface(width=8), num_classes=4)
+    narrow.head.save_pretrained(tmp_path / 'narrow-head')
+    assert main(['check', str(tmp_path / 'independent-extractor'), str(saved[0]['head'])]) == 1
+    assert 'the extractor was trained without an interface' in capsys.readouterr().out
+    assert main(['check', str(saved[0]['extractor']), str(tmp_path / 'narrow-head')]) == 1
+    out = capsys.readouterr().out
+    assert 'the head fits interface' in out and 'emits 16 channels but the head takes 8' in out
+
+
+def test_check_runs_the_head_on_the_extractors_features():
+    interface = tc.Interface(width=16)
+    # Features of 1x1 (a 4x4 input) are too small for ConvNeXt's 2x2 downsampling conv.
+    tiny = tc.make_compatible('resnet8_cifar', split='layer3', interface=interface, num_classes=4,
+                              pretrained_cfg_overlay=dict(input_size=(3, 4, 4))).extractor.eval()
+    convnext = tc.make_compatible('resnet8_cifar', split='layer3', interface=interface, num_classes=4,
+                                  head='convnext_atto', head_split='stages.2').head.eval()
+    assert _fit_problems(tiny, convnext) == [
+        "the head fails on the extractor's features of shape (1, 16, 1, 1): Calculated padded input size per channel: "
+        "(1 x 1). Kernel size: (2 x 2). Kernel size can't be greater than actual input size"]
+
+
+def test_push_to_hub_uploads_the_component_folder(saved, monkeypatch, tmp_path):
+    calls = []
+
+    def create_repo(self, repo_id, **kwargs):
+        calls.append(('create_repo', repo_id, kwargs))
+        return RepoUrl(f'{constants.ENDPOINT}/{repo_id}')
+
+    def upload_folder(self, **kwargs):
+        # The folder is a temporary directory: keep what would have been uploaded.
+        kept = shutil.copytree(kwargs['folder_path'], tmp_path / f'upload{len(list(tmp_path.iterdir()))}')
+        calls.append(('upload_folder', kept, kwargs))
+        return 'commit-info'
+
+    monkeypatch.setattr(HfApi, 'create_repo', create_repo)
+    monkeypatch.setattr(HfApi, 'upload_folder', upload_folder)
+    extractor = saved[0]['modules']['extractor']
+    assert extractor.push_to_hub('org/r8-extractor', private=True, commit_message='first run') == 'commit-info'
+    (_, repo_id, create_kwargs), (_, uploaded, upload_kwargs) = calls
+    assert repo_id == 'org/r8-extractor' and create_kwargs == {'private': True, 'exist_ok': True}
+    assert upload_kwargs['repo_id'] == 'org/r8-extractor' and upload_kwargs['repo_type'] == 'model'
+    assert upload_kwargs['commit_message'] == 'first run'
+    assert sorted(p.name for p in Path(uploaded).iterdir()) == ['README.md', 'config.json', 'model.safetensors']
+    card = ModelCard.load(Path(uploaded) / 'README.md')
+    assert f'compat-interface-{extractor.interface_id}' in card.data.tags
+    assert 'load_component("org/r8-extractor")' in card.text
+    assert_same_outputs(extractor, tc.load_component(uploaded))
+
+    calls.clear()
+    saved[0]['modules']['head'].push_to_hub('org/r8-head')
+    assert calls[1][2]['commit_message'] == f'Upload timm-compat head (interface {extractor.interface_id})'
+
+    calls.clear()
+    with pytest.raises(tc.ComponentError, match='cannot be rebuilt from a config'):
+        tc.Head(torch.nn.Identity(), 16, 16, 4).push_to_hub('org/custom-head')  # wraps a custom module
+    assert calls == []  # no empty repo is created for a component that cannot be saved
+
+
+def test_failed_save_leaves_the_previous_component_loadable(folder):
+    path = folder('head')
+    custom = tc.Head(torch.nn.Identity(), 16, 16, 4)
+    with pytest.raises(tc.ComponentError, match='cannot be rebuilt from a config'):
+        custom.save_pretrained(path)
+    assert isinstance(tc.load_component(path), tc.Head)
+
+
+def test_list_components_filters_by_interface_and_role(monkeypatch, capsys):
+    received = []
+
+    def list_models(self, **kwargs):
+        received.append(kwargs)
+        return iter([ModelInfo(id='org/r8-head', lastModified='2025-01-02T03:04:05.000Z',
+                               tags=['timm-compat', 'compat-interface-0123456789ab', 'compat-role-head',
+                                     'timm-backbone-resnet8_cifar'])])
+
+    monkeypatch.setattr(HfApi, 'list_models', list_models)
+    interface = tc.Interface(width=16, rp=True)
+    assert [m.id for m in tc.list_components(interface=interface, role='head')] == ['org/r8-head']
+    assert received[-1]['filter'] == ['timm-compat', f'compat-interface-{interface.id}', 'compat-role-head']
+    list(tc.list_components(author='org', limit=5))
+    assert received[-1] == {'filter': ['timm-compat'], 'author': 'org', 'limit': 5}
+
+    assert main(['list', '--interface', '0123456789ab', '--role', 'head']) == 0
+    assert received[-1]['filter'] == ['timm-compat', 'compat-interface-0123456789ab', 'compat-role-head']
+    header, row = capsys.readouterr().out.splitlines()
+    assert header.split() == ['REPO', 'ROLE', 'INTERFACE', 'BACKBONE', 'UPDATED']
+    assert row.split() == ['org/r8-head', 'head', '0123456789ab', 'resnet8_cifar', '2025-01-02']
+
+    with pytest.raises(ValueError, match='not an interface id'):
+        tc.list_components(interface='org/r8-interface')
+    with pytest.raises(ValueError, match="Unknown role 'heads'"):
+        tc.list_components(role='heads')
+
+
+def test_list_offline_says_so(hf_cache, capsys):
+    assert main(['list']) == 2
+    assert 'HF_HUB_OFFLINE is set' in capsys.readouterr().err
+
+
+def test_cli_show_summarises_card_and_interface(saved, published, capsys):
+    assert main(['show', 'org/i0-head']) == 0
+    out = capsys.readouterr().out
+    iid = saved[0]['modules']['interface'].id
+    for expected in ('role:', 'head', f'interface:   {iid}', 'resnet8_cifar', '4: cat, dog, frog, ship',
+                     'license:', 'apache-2.0', 'compat-role-head', f'list --interface {iid}'):
+        assert expected in out
+    assert main(['show', 'org/i0-interface']) == 0
+    assert 'rp head:' in capsys.readouterr().out
+
+
+def test_cli_runs_as_module_offline(published):
+    env = dict(os.environ, HF_HOME=str(published.parent), HF_HUB_OFFLINE='1')
+    result = subprocess.run([sys.executable, '-m', 'timm_compat.hub', 'check', 'org/i0-extractor', 'org/i0-head'],
+                            capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert 'They fit' in result.stdout
+    assert 'found in sys.modules' not in result.stderr  # the package is not imported twice
+
+
+def _write_pickle_that_leaves_a_trace(path: Path, trace: Path) -> None:
+    class Trap:
+        def __reduce__(self):
+            return os.mkdir, (str(trace),)
+    path.write_bytes(pickle.dumps({'weight': Trap()}))
+
+
+def test_pickled_weights_are_refused_never_unpickled(folder, tmp_path):
+    trace = tmp_path / 'unpickled'
+    path = folder('extractor')
+    (path / 'model.safetensors').unlink()
+    _write_pickle_that_leaves_a_trace(path / 'pytorch_model.bin', trace)
+    with pytest.raises(tc.ComponentError, match='holds pytorch_model.bin but no model.safetensors.*never loaded'):
+        tc.load_component(path)
+    _write_pickle_that_leaves_a_trace(path / 'model.safetensors', trace)  # a pickle under the safetensors name
+    with pytest.raises(tc.ComponentError, match='not a readable safetensors file'):
+        tc.load_component(path)
+    assert not trace.exists()
+
+
+def _edit_json(path: Path, **changes) -> None:
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+
+
+def _resave(path: Path, change_tensors=None, **metadata) -> None:
+    weights = path / 'model.safetensors'
+    with safe_open(str(weights), framework='pt') as f:
+        meta = {**f.metadata(), **metadata}
+    tensors = load_file(weights)
+    if change_tensors:
+        change_tensors(tensors)
+    save_file(tensors, weights, metadata=meta)
+
+
+def _nudge_first(tensors):
+    name = sorted(k for k in tensors if tensors[k].is_floating_point())[0]
+    tensors[name] = tensors[name] + 1e-3
+
+
+def _tamper_interface_and_fix_digest(path: Path) -> None:
+    _resave(path, _nudge_first)
+    _edit_json(path / 'config.json', weights_sha256=_weights_digest(load_file(path / 'model.safetensors')))
+
+
+BAD_FOLDERS = {
+    'no config': ('head', lambda p: (p / 'config.json').unlink(), 'config.json is missing'),
+    'no weights': ('head', lambda p: (p / 'model.safetensors').unlink(), 'model.safetensors is missing'),
+    'config not json': ('head', lambda p: (p / 'config.json').write_text('{"role": '), 'not valid JSON'),
+    'newer format': ('head', lambda p: _edit_json(p / 'config.json', format_version=99), 'upgrade timm-compat'),
+    'unknown role': ('head', lambda p: _edit_json(p / 'config.json', role='mystery'),
+                     "role 'mystery', which no imported module defines"),
+    'truncated weights': ('extractor', lambda p: (p / 'model.safetensors').write_bytes(
+        (p / 'model.safetensors').read_bytes()[:-100]), 'truncated or corrupt'),
+    'corrupt header': ('extractor', lambda p: (p / 'model.safetensors').write_bytes(b'\xff' * 64),
+                       'truncated or corrupt'),
+    'config interface id edited': ('extractor', lambda p: _edit_json(p / 'config.json', interface_id='0' * 12),
+                                   "config.json says .*interface='000000000000' but the weights say"),
+    'metadata interface id edited': ('head', lambda p: _resave(p, interface_id='0' * 12),
+                                     "the weights say role='head', interface='000000000000'"),
+    'extractor weights tampered': ('extractor', lambda p: _resave(p, _nudge_first),
+                                   'do not match the digest.*changed or replaced after saving'),
+    'interface weights tampered, digest forged': ('interface', _tamper_interface_and_fix_digest,
+                                                  'interface weights hash to .* but config.json says'),
+}
+
+
+@pytest.mark.parametrize('role,damage,message', BAD_FOLDERS.values(), ids=list(BAD_FOLDERS))
+def test_bad_folder_raises_clear_error(folder, role, damage, message):
+    path = folder(role)
+    damage(path)
+    with pytest.raises(tc.ComponentError, match=message):
+        tc.load_component(path)
+
+
+def test_wrong_role_and_bad_path(saved):
+    with pytest.raises(tc.ComponentError, match="holds a component of role 'extractor', not 'head'.*load_component"):
+        tc.Head.from_pretrained(saved[0]['extractor'])
+    with pytest.raises(tc.ComponentError, match='neither a local folder nor a Hub repo id'):
+        tc.load_component('runs/typo/extractor')
+
+
+def test_offline_cache_miss_names_the_file_and_hf_hub_offline(saved, hf_cache):
+    with pytest.raises(tc.ComponentError, match=r"config.json of Hub repo 'org/absent' .*HF_HUB_OFFLINE is set"):
+        tc.load_component('org/absent')
+    put_in_cache(hf_cache, 'org/half', saved[0]['head'], files=['config.json'])
+    with pytest.raises(tc.ComponentError, match=r"model.safetensors of Hub repo 'org/half' .*HF_HUB_OFFLINE"):
+        tc.load_component('org/half')
+
+
+@pytest.fixture
+def online(hf_cache, monkeypatch):
+    """Online mode against a chosen endpoint; returns a function that points the library at it."""
+    monkeypatch.setattr(constants, 'HF_HUB_OFFLINE', False)
+    monkeypatch.delenv('HF_HUB_OFFLINE')
+
+    def use(endpoint: str) -> None:
+        monkeypatch.setattr(constants, 'ENDPOINT', endpoint)
+        monkeypatch.setattr(constants, 'HUGGINGFACE_CO_URL_TEMPLATE',
+                            endpoint + '/{repo_id}/resolve/{revision}/{filename}')
+    return use
+
+
+def test_repo_not_found_on_the_hub(online):
+    class RepoNotFound(http.server.BaseHTTPRequestHandler):
+        """Answers as the Hub does for a repo that does not exist (or that the token may not see)."""
+        def do_HEAD(self):
+            self.send_response(404)
+            self.send_header('X-Error-Code', 'RepoNotFound')
+            self.send_header('Content-Length', '0')
+            self.end_headers()
+        do_GET = do_HEAD
+
+    server = http.server.ThreadingHTTPServer(('127.0.0.1', 0), RepoNotFound)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        online(f'http://127.0.0.1:{server.server_port}')
+        with pytest.raises(tc.ComponentError, match="Hub repo 'org/absent' not found.*hf auth login"):
+            tc.load_component('org/absent')
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_hub_unreachable(online, monkeypatch):
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(('127.0.0.1', 0))
+        port = s.getsockname()[1]
+    online(f'http://127.0.0.1:{port}')
+    monkeypatch.setattr(time, 'sleep', lambda seconds: None)  # skip the library's retry back-off
+    with pytest.raises(tc.ComponentError, match=r"not in the local cache, and the Hub .* could not be reached.*"
+                                                r"HF_HUB_OFFLINE=1"):
+        tc.load_component('org/absent')

@@ -1,0 +1,249 @@
+"""Find, inspect and load timm-compat components on the Hugging Face Hub, from Python or the command line.
+
+::
+
+    python -m timm_compat.hub list --interface 3f2a9c0d1b7e   # components of one interface, as a table
+    python -m timm_compat.hub show ORG/NAME                    # card summary and interface of one component
+    python -m timm_compat.hub check ORG/EXTRACTOR ORG/HEAD     # do they fit, and why not
+
+``show`` and ``check`` also take local component folders. Exit status: 0 done (``check``: they fit), 1 they do
+not fit, 2 an error (bad arguments, or a component that cannot be found or loaded).
+
+This is a package with a ``__main__`` rather than a module run with ``-m``, because ``timm_compat`` imports it:
+running an already imported module as ``__main__`` makes Python warn and load it twice.
+"""
+import argparse
+import re
+import sys
+from typing import Iterable, List, Optional, Sequence, Union
+
+import torch
+from huggingface_hub import HfApi, ModelCard, ModelInfo
+from huggingface_hub.errors import OfflineModeIsEnabled
+
+from .._hub import CARD_NAME, Component, ComponentError, read_config, resolve_file
+from ..interface import Interface
+
+__all__ = ['component_tags', 'list_components', 'load_component', 'main']
+
+_INTERFACE_ID = re.compile(r'[0-9a-f]{12}')
+
+
+def load_component(repo_id_or_dir, *, revision: Optional[str] = None, cache_dir=None, force_download: bool = False,
+                   local_files_only: bool = False, token: Union[str, bool, None] = None,
+                   map_location: Union[str, torch.device] = 'cpu') -> Component:
+    """Load any component as the type its ``config.json`` names: :class:`Extractor`, :class:`Head`,
+    :class:`Interface`, or any other registered :class:`Component` role.
+
+    Args:
+        repo_id_or_dir: Hub repo id (``ORG/NAME``) or local component folder.
+        revision: Branch, tag or commit of the Hub repo.
+        cache_dir: Hugging Face cache to use instead of the default.
+        force_download: Download again even if cached.
+        local_files_only: Only use the cache; never ask the Hub.
+        token: Hub token for private or gated repos.
+        map_location: Device to put the weights on.
+
+    Raises:
+        ComponentError: As ``from_pretrained``, or a role this version does not know.
+
+    Example:
+        >>> extractor = timm_compat.load_component('org/cifar-resnet56-extractor')
+        >>> head = timm_compat.load_component('org/stl-mobilenetv2-head')
+        >>> model = timm_compat.recombine(extractor, head)
+    """
+    resolve = dict(revision=revision, cache_dir=cache_dir, force_download=force_download,
+                   local_files_only=local_files_only, token=token)
+    role = read_config(str(repo_id_or_dir), **resolve)['role']
+    if role not in Component.registry:
+        raise ComponentError(f'{repo_id_or_dir} holds a component of role {role!r}, which no imported module defines '
+                             f'(known: {sorted(Component.registry)}): import the module that defines it (e.g. '
+                             f'timm_compat.stitching for "stitch"), or upgrade timm-compat.')
+    return Component.registry[role].from_pretrained(repo_id_or_dir, map_location=map_location, **resolve)
+
+
+def _interface_id(interface: Union[str, Interface]) -> str:
+    iid = interface.id if isinstance(interface, Interface) else interface
+    if not isinstance(iid, str) or not _INTERFACE_ID.fullmatch(iid):
+        raise ValueError(f'{interface!r} is not an interface id: give the 12 hex digits of Interface.id (shown by '
+                         f'`python -m timm_compat.hub show REPO`), or an Interface.')
+    return iid
+
+
+def component_tags(interface: Union[str, Interface, None] = None, role: Optional[str] = None) -> List[str]:
+    """The model-card tags that select components of ``interface`` (an id or an :class:`Interface`) and ``role``."""
+    tags = ['timm-compat']
+    if interface is not None:
+        tags.append(f'compat-interface-{_interface_id(interface)}')
+    if role is not None:
+        if role not in Component.registry:
+            raise ValueError(f'Unknown role {role!r}: use one of {sorted(Component.registry)}.')
+        tags.append(f'compat-role-{role}')
+    return tags
+
+
+def list_components(interface: Union[str, Interface, None] = None, role: Optional[str] = None, *,
+                    author: Optional[str] = None, limit: Optional[int] = None,
+                    token: Union[str, bool, None] = None) -> Iterable[ModelInfo]:
+    """Components on the Hub, found by their model-card tags through ``HfApi.list_models``.
+
+    Args:
+        interface: Interface id or :class:`Interface`; ``None`` for every interface.
+        role: ``"extractor"``, ``"head"`` or ``"interface"``; ``None`` for every role.
+        author: Only repos of this user or organisation.
+        limit: At most this many results.
+        token: Hub token, to include private repos.
+
+    Returns:
+        The ``huggingface_hub.ModelInfo`` of each matching repo, fetched page by page as iterated.
+
+    Example:
+        >>> heads = [m.id for m in timm_compat.list_components(interface=extractor.interface_id, role='head')]
+    """
+    return HfApi(token=token).list_models(filter=component_tags(interface, role), author=author, limit=limit)
+
+
+def _tag(tags: Sequence[str], prefix: str) -> str:
+    return next((t[len(prefix):] for t in tags if t.startswith(prefix)), '-')
+
+
+def _table(rows: List[Sequence[str]]) -> str:
+    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
+    return '\n'.join('  '.join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
+
+
+def _cmd_list(args) -> int:
+    tags = component_tags(args.interface, args.role)
+    try:
+        rows = [(m.id, _tag(m.tags or [], 'compat-role-'), _tag(m.tags or [], 'compat-interface-'),
+                 _tag(m.tags or [], 'timm-backbone-'), m.last_modified.date().isoformat() if m.last_modified else '-')
+                for m in list_components(args.interface, args.role, author=args.author, limit=args.limit)]
+    except OfflineModeIsEnabled as e:
+        raise ComponentError('Listing asks the Hub, but HF_HUB_OFFLINE is set: unset it to search the Hub. '
+                             '(show and check work offline on cached components.)') from e
+    if not rows:
+        print(f'No components on the Hub tagged {tags}.')
+        return 0
+    print(_table([('REPO', 'ROLE', 'INTERFACE', 'BACKBONE', 'UPDATED'), *rows]))
+    return 0
+
+
+def _classes(names: Optional[Sequence[str]], n: Optional[int] = None) -> str:
+    if names is None:
+        return str(n) if n is not None else '-'
+    shown = ', '.join(names[:8])
+    return f'{len(names)}: {shown}' + (', ...' if len(names) > 8 else '')
+
+
+def _cmd_show(args) -> int:
+    config = read_config(args.repo, revision=args.revision)
+    iid = config.get('interface_id')
+    rows = [('repo', args.repo), ('role', config['role']),
+            ('interface', iid or 'none: an independent network, compatible with nothing else')]
+    if config['role'] == 'interface':
+        rows += [('width', config['width']), ('rp head', config.get('rp_head') or 'no'),
+                 ('dcc head', config.get('dcc_head') or 'no'), ('dcc classes', _classes(config.get('dcc_classes')))]
+    elif config['role'] not in ('extractor', 'head'):  # a role defined elsewhere (a stitch): its own fields
+        rows += [(k, v) for k, v in sorted(config.items())
+                 if k not in ('role', 'interface_id', 'format_version', 'weights_sha256')]
+    else:
+        cfg = config.get('pretrained_cfg', {})
+        rows += [('backbone', f'{config["backbone"]} {config.get("model_args") or ""}'.rstrip()),
+                 ('split', config['split']), ('width', config['width'])]
+        if config['role'] == 'extractor':
+            rows.append(('input', f'{cfg.get("input_size")}, mean {cfg.get("mean")}, std {cfg.get("std")}'))
+        else:
+            rows.append(('classes', _classes(config.get('class_names'), config.get('num_classes'))))
+    try:
+        card = ModelCard.load(resolve_file(args.repo, CARD_NAME, revision=args.revision)).data
+        rows += [('license', card.license), ('base model', card.base_model or '-'),
+                 ('tags', ', '.join(card.tags or []))]
+    except ComponentError as e:
+        rows.append(('card', f'missing ({e})'))
+    print(_table([(f'{k}:', v) for k, v in rows]))
+    if iid:
+        print(f'\nComponents of this interface: python -m timm_compat.hub list --interface {iid}')
+    return 0
+
+
+def _a(role: str) -> str:
+    return f'{"an" if role[0] in "aeiou" else "a"} {role}'
+
+
+def _fit_problems(extractor: Component, head: Component) -> List[str]:
+    """Why ``extractor`` and ``head`` cannot be recombined; empty when they fit."""
+    problems = [f'{what} is {_a(c.role)}, not {_a(want)}: give the extractor first, then the head'
+                for what, c, want in (('EXTRACTOR', extractor, 'extractor'), ('HEAD', head, 'head'))
+                if c.role != want]
+    if problems:
+        return problems
+    a, b = extractor.interface_id, head.interface_id
+    if a is None or b is None:
+        problems.append(f'the {"extractor" if a is None else "head"} was trained without an interface (an independent '
+                        f'network); components fit only when trained against one interface')
+    elif a != b:
+        problems.append(f'the extractor fits interface {a} and the head fits interface {b}; components fit only '
+                        f'within one interface. Heads for this extractor: '
+                        f'python -m timm_compat.hub list --interface {a} --role head')
+    if extractor.width != head.width:
+        problems.append(f'the extractor emits {extractor.width} channels but the head takes {head.width}')
+    if problems:
+        return problems
+    size = tuple(extractor.pretrained_cfg.get('input_size', (3, 224, 224)))
+    with torch.no_grad():
+        features = extractor(torch.zeros(1, *size))
+        try:
+            head(features)
+        except RuntimeError as e:
+            problems.append(f'the head fails on the extractor\'s features of shape {tuple(features.shape)}: {e}')
+    return problems
+
+
+def _cmd_check(args) -> int:
+    extractor = load_component(args.extractor, revision=args.extractor_revision)
+    head = load_component(args.head, revision=args.head_revision)
+    for name, c in ((args.extractor, extractor), (args.head, head)):
+        detail = (f', width {c.width}, {c.config["backbone"]} split {c.config["split"]}'
+                  if c.role in ('extractor', 'head') else '')
+        print(f'{c.role:<10} {name}: interface {c.interface_id}{detail}')
+    problems = _fit_problems(extractor, head)
+    if problems:
+        print('They do not fit:\n' + '\n'.join(f'  - {p}' for p in problems))
+        return 1
+    size = 'x'.join(map(str, extractor.pretrained_cfg.get('input_size', (3, 224, 224))))
+    print(f'They fit: timm_compat.recombine(extractor, head) classifies {size} images into {head.num_classes} '
+          f'classes (interface {extractor.interface_id}).')
+    return 0
+
+
+def _interface_arg(value: str) -> str:
+    try:
+        return _interface_id(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from e
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run the ``python -m timm_compat.hub`` command line; returns the exit status."""
+    parser = argparse.ArgumentParser(prog='python -m timm_compat.hub',
+                                     description='Find, inspect and check timm-compat components on the Hub.')
+    sub = parser.add_subparsers(dest='command', required=True)
+    p = sub.add_parser('list', help='components on the Hub, as a table')
+    p.add_argument('--interface', type=_interface_arg, metavar='ID', help='only components of this interface id')
+    p.add_argument('--role', choices=sorted(Component.registry), help='only components of this role')
+    p.add_argument('--author', metavar='ORG', help='only repos of this user or organisation')
+    p.add_argument('--limit', type=int, default=100, help='at most this many (default: %(default)s)')
+    p = sub.add_parser('show', help='card summary and interface of one component (no weights are downloaded)')
+    p.add_argument('repo', metavar='REPO_OR_DIR')
+    p.add_argument('--revision', help='branch, tag or commit')
+    p = sub.add_parser('check', help='whether an extractor and a head fit, and why not')
+    p.add_argument('extractor', metavar='EXTRACTOR', help='repo id or folder')
+    p.add_argument('head', metavar='HEAD', help='repo id or folder')
+    p.add_argument('--extractor-revision', metavar='REV')
+    p.add_argument('--head-revision', metavar='REV')
+    args = parser.parse_args(argv)
+    try:
+        return {'list': _cmd_list, 'show': _cmd_show, 'check': _cmd_check}[args.command](args)
+    except ComponentError as e:
+        print(f'error: {e}', file=sys.stderr)
+        return 2
