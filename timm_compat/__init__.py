@@ -2,14 +2,17 @@
 from . import models  # registers the CIFAR models with timm
 from ._hub import Component, ComponentError
 from ._split import split_model, split_points
+from .adaptation import adapt, average_class_accuracy, evaluate_adaptation
 from .analysis import compare_extractors, direct_correlation, feature_correlation, linear_cka, permuted_correlation
 from .batchnorm import batch_statistics, eval_mode, recalibrate_bn
 from .compatible import CompatibleModel, make_compatible, recombine
 from .components import Adapter, Extractor, Head
+from .evaluation import accuracy, recombination_matrix
 from .hub import list_components, load_component
 from .interface import Interface
-from .evaluation import accuracy, recombination_matrix
 from .methods import CommonClassDiscrimination, RotationPrediction, compatibility_loss
+from .stitching import Stitch, StitchedModel, fit_stitch
+from .transfer import transfer
 
 # Figures and reports live in timm_compat.plots, imported on demand so that `import timm_compat` stays free of
 # matplotlib.

@@ -1,0 +1,283 @@
+"""The applications of Sec. 5: adaptation through RP, transfer with a reused head, and the stitching fallback.
+
+Every model is a ResNet-8 split after layer2 at interface width 16, on a few synthetic images.
+"""
+import pytest
+import torch
+from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+import timm_compat as tc
+from timm_compat.adaptation import adapt, average_class_accuracy, evaluate_adaptation
+from timm_compat.data import ImageData
+from timm_compat.stitching import Stitch, StitchedModel, fit_stitch
+from timm_compat.synthetic import SYNTHETIC_CLASSES, make_synthetic
+from timm_compat.transfer import TransferCurve, TransferResult, transfer
+
+CLASSES = SYNTHETIC_CLASSES['B']
+
+
+def network(interface, seed, width=None):
+    return tc.make_compatible('resnet8_cifar', split='layer2', interface=interface, num_classes=len(CLASSES),
+                              class_names=CLASSES, init_seed=seed, width=width)
+
+
+def task_data(split, per_class):
+    images, labels, names = make_synthetic('B', split, 16, per_class, seed=1)
+    return ImageData(images, labels, names, f'synthetic:B[{split}]')
+
+
+def snapshot(module):
+    """Every parameter and buffer, so that BN running statistics count as changes too."""
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def assert_unchanged(module, before):
+    after = module.state_dict()
+    assert after.keys() == before.keys()
+    changed = [k for k in before if not torch.equal(after[k], before[k])]
+    assert not changed, f'changed: {changed}'
+
+
+@pytest.fixture(scope='module', autouse=True)
+def one_thread():
+    """These tensors are tiny: a second thread only adds synchronisation, which on a loaded machine costs ten
+    times the work itself."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope='module')
+def interface():
+    return tc.Interface(width=16, rp=True)
+
+
+@pytest.fixture(scope='module')
+def target(interface):
+    return network(interface, seed=0)
+
+
+@pytest.fixture(scope='module')
+def source(target):
+    """The source model of the adaptation tests; one network serves both roles."""
+    return target
+
+
+@pytest.fixture(scope='module')
+def sources(interface):
+    return {'s1': network(interface, seed=1).extractor, 's2': network(interface, seed=2).extractor}
+
+
+@pytest.fixture(scope='module')
+def narrow():
+    """An independent extractor (no interface) of another width than the interface's."""
+    return network(None, seed=3, width=8).extractor
+
+
+@pytest.fixture(scope='module')
+def train():
+    return task_data('train', 4)
+
+
+@pytest.fixture(scope='module')
+def test():
+    return task_data('test', 3)
+
+
+@pytest.fixture
+def optimizer_steps():
+    """The ids of the parameters every optimiser step anywhere in the process updates, one set per step."""
+    steps = []
+    handle = register_optimizer_step_pre_hook(
+        lambda opt, args, kwargs: steps.append({id(p) for g in opt.param_groups for p in g['params']}))
+    yield steps
+    handle.remove()
+
+
+# Adaptation (Sec. 5.1)
+
+def test_adapt_updates_only_a_copy_of_the_extractor(interface, source, train, optimizer_steps):
+    before = {name: snapshot(m) for name, m in
+              (('extractor', source.extractor), ('head', source.head), ('interface', interface))}
+    interface_id = interface.id
+    result = adapt(source, train.images, steps=3, batch_size=16, lr=0.05)
+    adapted = result.model
+
+    assert len(optimizer_steps) == 3
+    assert all(ids == {id(p) for p in adapted.extractor.parameters()} for ids in optimizer_steps)
+    assert_unchanged(source.extractor, before['extractor'])  # the caller's source model is left as it was
+    assert_unchanged(source.head, before['head'])
+    assert_unchanged(interface, before['interface'])  # RP weights and BN buffers alike
+    assert interface.id == interface_id
+    assert all(p.grad is None for p in [*interface.parameters(), *source.head.parameters()])
+    assert adapted.head is source.head and adapted.extractor is not source.extractor
+    moved = [k for k, v in adapted.extractor.state_dict().items() if not torch.equal(v, before['extractor'][k])]
+    assert any(k.endswith('weight') for k in moved)
+    # Still compatible: the adapted extractor claims the interface that its head and RP head belong to.
+    assert tc.recombine(adapted.extractor, source.head).interface is interface
+    assert result.history['step'] == [3]
+
+
+def test_adapt_lowers_the_rotation_loss(source, train):
+    history = adapt(source, train.images, steps=16, batch_size=40, lr=0.05, augment=False, log_every=4).history
+    assert history['step'] == [4, 8, 12, 16]
+    assert history['rp_loss'][-1] < history['rp_loss'][0]
+
+
+class LabelsForbidden(ImageData):
+    """Target data whose labels cannot be read without failing the test."""
+
+    @property
+    def labels(self):
+        raise AssertionError('adapt() read the target labels')
+
+
+def test_adapt_never_reads_target_labels(source, train):
+    before = snapshot(source)
+    guarded = object.__new__(LabelsForbidden)
+    guarded.__dict__.update(images=train.images, class_names=train.class_names, name='target')
+    # Refused by type, before anything is copied or trained: the AssertionError above never fires.
+    with pytest.raises(ValueError, match='unsupervised.*Pass data.images'):
+        adapt(source, guarded, steps=1, batch_size=16)
+    assert_unchanged(source, before)
+    # With the images and the RNG state fixed the adaptation is fixed: nothing else about the data enters it.
+    torch.manual_seed(0)
+    first = adapt(source, train.images, steps=2, batch_size=16).model.extractor
+    torch.manual_seed(0)
+    again = adapt(source, train.images.clone(), steps=2, batch_size=16).model.extractor
+    assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), again.state_dict().values()))
+
+
+def test_adapt_refuses_an_interface_without_rp_head(train):
+    no_rp = tc.Interface(width=16, dcc_classes=CLASSES[:3])
+    source = network(no_rp, seed=0)
+    before = snapshot(source)
+    with pytest.raises(ValueError, match='no RP head'):
+        adapt(source, train.images, steps=1, batch_size=16)
+    assert_unchanged(source, before)
+
+
+def test_adapt_components_loaded_from_disk(interface, source, train, test, tmp_path):
+    for name, component in (('interface', interface), ('extractor', source.extractor), ('head', source.head)):
+        component.save_pretrained(tmp_path / name)
+    loaded = tc.recombine(tc.Extractor.from_pretrained(tmp_path / 'extractor'),
+                          tc.Head.from_pretrained(tmp_path / 'head'))
+    with pytest.raises(ValueError, match='carries no interface'):
+        adapt(loaded, train.images, steps=1, batch_size=16)
+    with pytest.raises(ValueError, match='trained against interface'):
+        adapt(loaded, train.images, steps=1, batch_size=16, interface=tc.Interface(width=16, rp=True))
+    result = adapt(loaded, train.images, steps=1, batch_size=16,
+                   interface=tc.Interface.from_pretrained(tmp_path / 'interface'))
+    scores = evaluate_adaptation(loaded, result.model, test)
+    assert set(scores) == {'source', 'source_test_bn', 'adapted', 'adapted_running_bn'}
+    assert scores['source_test_bn'] == average_class_accuracy(loaded, test, bn='batch')
+
+
+def test_average_class_accuracy_weighs_classes_equally(target):
+    model = target
+    images = torch.randint(0, 256, (11, 3, 16, 16), dtype=torch.uint8)
+    cfg = model.pretrained_cfg
+    with torch.no_grad(), tc.eval_mode(model, 'running'):
+        predicted = model(tc.data.normalize(images, cfg['mean'], cfg['std'])).argmax(1)
+    # Ten images predicted right, and one wrong that is the only image of its class: plain accuracy 10/11, but
+    # that class scores 0 and weighs as much as all the others together.
+    labels = predicted.clone()
+    labels[10] = next(c for c in range(len(CLASSES)) if c not in predicted.tolist())
+    data = ImageData(images, labels, CLASSES)
+    expected = torch.stack([(predicted[labels == c] == c).float().mean() for c in labels.unique()]).mean().item()
+    assert expected <= 0.9 < 10 / 11
+    assert average_class_accuracy(model, data, bn='running') == pytest.approx(expected)
+
+
+# Transfer (Sec. 5.3)
+
+def test_transfer_step_zero_does_no_optimizer_step(target, sources, train, test, optimizer_steps):
+    before = {name: snapshot(e) for name, e in sources.items()}
+    head_before = snapshot(target.head)
+
+    result = transfer(target, sources, train, test, steps=(0,), reinit_head=True, batch_size=16)
+    assert optimizer_steps == []
+    assert [(c.source, c.mode, c.compatible) for c in result.curves] == [
+        ('s1', 'recombined', True), ('s1', 'reinit_head', True), ('s2', 'recombined', True),
+        ('s2', 'reinit_head', True)]
+    for name, extractor in sources.items():
+        direct = average_class_accuracy(tc.recombine(extractor, target.head), test)
+        assert result.curve(name).accuracy == [direct]
+
+    finetuned = transfer(target, {'s1': sources['s1']}, train, test, steps=(0, 2), reinit_head=True, batch_size=16)
+    assert len(optimizer_steps) == 2 * 2  # two steps for each of the two curves
+    assert finetuned.curve('s1').accuracy[0] == result.curve('s1').accuracy[0]
+    for name, extractor in sources.items():
+        assert_unchanged(extractor, before[name])
+    assert_unchanged(target.head, head_before)
+
+
+def test_transfer_ranks_sources_by_step_zero_accuracy():
+    curves = [TransferCurve('weak', 'recombined', True, [0, 10], [0.2, 0.9], 1.0),
+              TransferCurve('weak', 'reinit_head', True, [0, 10], [0.95, 0.95], 1.0),
+              TransferCurve('strong', 'recombined', True, [0, 10], [0.6, 0.7], 1.0),
+              TransferCurve('stitched', 'stitched', False, [0, 10], [0.4, 0.8], 1.0)]
+    result = TransferResult(curves)
+    # Re-initialised heads do not rank sources: the ranking is about reusing the target head.
+    assert result.ranking() == [('strong', 0.6), ('stitched', 0.4), ('weak', 0.2)]
+    assert [name for name, _ in result.ranking(step=10)] == ['weak', 'stitched', 'strong']
+    with pytest.raises(ValueError, match='not measured'):
+        result.ranking(step=5)
+
+
+def test_transfer_refuses_another_interface_unless_stitched_or_forced(target, sources, narrow, train, test):
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(1234)  # other weights than the module's interface, whatever ran before
+        other_interface = tc.Interface(width=16, rp=True)
+    assert other_interface.id != target.interface.id
+    other = network(other_interface, seed=1).extractor
+    with pytest.raises(ValueError, match=r"'other'.*on_mismatch=\"stitch\""):
+        transfer(target, {'same': sources['s1'], 'other': other}, train, test, steps=(0,))
+    forced = transfer(target, {'other': other}, train, test, steps=(0,), on_mismatch='force')
+    assert forced.curve('other').compatible is False
+    with pytest.raises(ValueError, match='width'):
+        transfer(target, {'narrow': narrow}, train, test, steps=(0,), on_mismatch='force')
+    stitched = transfer(target, {'narrow': narrow}, train, test, steps=(0,), on_mismatch='stitch', stitch_steps=2,
+                        batch_size=16)
+    assert stitched.curve('narrow', 'stitched').accuracy[0] >= 0
+
+
+def test_transfer_refuses_data_of_another_task(target, sources, train, test):
+    shuffled = train.select_classes(CLASSES[::-1])
+    with pytest.raises(ValueError, match='select_classes'):
+        transfer(target, sources, shuffled, test, steps=(0,))
+
+
+# Stitching
+
+def test_fit_stitch_trains_only_the_stitch(interface, target, sources, narrow, train, optimizer_steps, tmp_path):
+    head, extractor = target.head, narrow
+    before = {'extractor': snapshot(extractor), 'head': snapshot(head)}
+    with pytest.raises(ValueError, match='width'):
+        tc.recombine(extractor, head, force=True)
+
+    model = fit_stitch(extractor, head, train, steps=3, batch_size=16, batchnorm=True)
+    stitch = model.stitch
+    assert len(optimizer_steps) == 3
+    assert all(ids == {id(p) for p in stitch.parameters()} for ids in optimizer_steps)
+    assert_unchanged(extractor, before['extractor'])
+    assert_unchanged(head, before['head'])
+    assert all(p.grad is None for p in [*extractor.parameters(), *head.parameters()])
+    assert (stitch.extractor_interface_id, stitch.interface_id) == (None, interface.id)
+
+    stitch.save_pretrained(tmp_path / 'stitch')
+    assert f'compat-interface-{interface.id}' in (tmp_path / 'stitch' / 'README.md').read_text()
+    loaded = StitchedModel(extractor, Stitch.from_pretrained(tmp_path / 'stitch'), head)
+    x = torch.randn(4, 3, 16, 16)
+    with torch.no_grad(), tc.eval_mode(model, 'batch'), tc.eval_mode(loaded, 'batch'):
+        assert torch.equal(loaded(x), model(x))
+    with pytest.raises(ValueError, match='fit a stitch'):
+        StitchedModel(sources['s1'], Stitch(16, 16, head_interface_id=interface.id), head)
+
+
+def test_unfitted_stitch_is_direct_recombination(interface, target, sources):
+    stitched = StitchedModel(sources['s1'], Stitch(16, 16, False, interface.id, interface.id), target.head)
+    x = torch.randn(4, 3, 16, 16)
+    with torch.no_grad(), tc.eval_mode(stitched, 'batch'):
+        assert torch.allclose(stitched(x), tc.recombine(sources['s1'], target.head)(x), atol=1e-5)

@@ -1,0 +1,198 @@
+"""Unsupervised domain adaptation through the frozen RP head (Gygli et al. 2021, Sec. 5.1).
+
+A source model was trained with rotation prediction (RP) against an interface. To adapt it to a target domain of
+which only images are known, fine-tune its extractor alone to minimise the rotation loss of the *unchanged* RP head
+on the target images, then put the source head back on the adapted extractor. The RP head ties the adapted features
+to the interface the head was trained on, so no target label is needed and the head never changes.
+
+The baselines of the paper's Tab. 2 are the source model as is (running BN statistics) and with test-time BN
+(batch statistics); :func:`evaluate_adaptation` measures all of them on one test set.
+"""
+import copy
+import time
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+import torch
+
+from .batchnorm import eval_mode
+from .compatible import CompatibleModel
+from .data import EpochSampler, ImageData, augment as augment_batch, iterate_batches, normalize
+from .interface import Interface
+from .methods.rotation import rotate_batch, rotation_labels, rotation_loss
+from .training import make_optimizer, make_scheduler
+
+__all__ = ['AdaptationResult', 'adapt', 'average_class_accuracy', 'evaluate_adaptation']
+
+
+@dataclass
+class AdaptationResult:
+    """What :func:`adapt` returns.
+
+    Attributes:
+        model: The adapted extractor (a copy) recombined with the source head (the caller's own, unchanged).
+        history: ``step``, ``rp_loss`` and ``rp_accuracy`` on the target images, averaged over each log interval.
+        seconds: Wall time of the adaptation.
+    """
+    model: CompatibleModel
+    history: Dict[str, List[float]] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+@torch.no_grad()
+def average_class_accuracy(model, data: ImageData, batch_size: int = 250, bn: str = 'batch') -> float:
+    """Mean over the classes present in ``data`` of each class's top-1 accuracy (the metric of Tab. 2 and Fig. 5).
+
+    Args:
+        model: A :class:`~timm_compat.CompatibleModel` (or anything with ``extractor.pretrained_cfg``).
+        data: Labelled test data whose labels index the model's outputs.
+        batch_size: Evaluation batch size (it matters when ``bn='batch'``).
+        bn: ``'batch'`` (test-time BN statistics) or ``'running'``.
+    """
+    device = next(model.parameters()).device
+    cfg = model.extractor.pretrained_cfg
+    num_classes = data.num_classes
+    correct = torch.zeros(num_classes, device=device)
+    total = torch.zeros(num_classes, device=device)
+    with eval_mode(model, bn):
+        for images, labels in iterate_batches(data, batch_size):
+            labels = labels.to(device)
+            predictions = model(normalize(images.to(device), cfg['mean'], cfg['std'])).argmax(1)
+            total += torch.bincount(labels, minlength=num_classes)
+            correct += torch.bincount(labels[predictions == labels], minlength=num_classes)
+    present = total > 0
+    return (correct[present] / total[present]).mean().item()
+
+
+def _check_images(unlabeled_target, batch_size: int) -> torch.Tensor:
+    # isinstance, not hasattr: looking for a labels attribute would read it.
+    if isinstance(unlabeled_target, ImageData):
+        raise ValueError(
+            'adapt() is unsupervised and takes the target images only, but got labelled ImageData '
+            f'({unlabeled_target.name or "unnamed"}). Pass data.images, and keep the labels for evaluation.')
+    if not isinstance(unlabeled_target, torch.Tensor):
+        raise TypeError(f'adapt() takes the target images as a uint8 tensor (N, 3, H, W), got '
+                        f'{type(unlabeled_target).__name__}.')
+    if unlabeled_target.dtype != torch.uint8 or unlabeled_target.dim() != 4:
+        raise ValueError(f'adapt() takes uint8 images (N, 3, H, W) as load_image_data gives them, got '
+                         f'{unlabeled_target.dtype} of shape {tuple(unlabeled_target.shape)}.')
+    if unlabeled_target.shape[-1] != unlabeled_target.shape[-2]:
+        raise ValueError(f'Rotation prediction needs square images, got {tuple(unlabeled_target.shape[-2:])}: '
+                         f'load the target with image_size=... to make them square.')
+    if unlabeled_target.shape[0] < batch_size:
+        raise ValueError(f'{unlabeled_target.shape[0]} target images are fewer than one batch of {batch_size}: '
+                         f'lower batch_size.')
+    return unlabeled_target
+
+
+def _rp_interface(model: CompatibleModel, interface: Optional[Interface]) -> Interface:
+    interface = interface if interface is not None else model.interface
+    if interface is None:
+        raise ValueError(
+            'adapt() minimises the rotation loss through the RP head of the interface the model was trained '
+            'against, but the model carries no interface (components loaded from disk do not). Pass '
+            'interface=Interface.from_pretrained(DIR_OR_REPO).')
+    if model.extractor.interface_id != interface.id:
+        raise ValueError(
+            f'The extractor was trained against interface {model.extractor.interface_id}, not {interface.id}: '
+            f'adapting it through another interface\'s RP head would break its compatibility with the head. '
+            f'Pass the interface it was trained with.')
+    if interface.rp is None:
+        raise ValueError(
+            f'Interface {interface.id} has no RP head, and adapt() adapts through one. Train the source with '
+            f'rotation prediction (Interface(..., rp=True); config interface.rp=true), or fall back to test-time '
+            f'BN: evaluate the source model with bn="batch".')
+    return interface
+
+
+def adapt(model: CompatibleModel, unlabeled_target: torch.Tensor, steps: int = 1000, *,
+          interface: Optional[Interface] = None, batch_size: int = 64, lr: float = 0.01, momentum: float = 0.9,
+          weight_decay: float = 5e-4, augment: bool = True, seed: int = 0, log_every: int = 50
+          ) -> AdaptationResult:
+    """Adapt ``model`` to unlabeled target images by minimising the rotation loss through the frozen RP head.
+
+    Only a copy of the extractor is trained: the caller's model, its head and the interface's RP head stay
+    bit-identical. The RP head normalises with batch statistics and updates none of its buffers, as a frozen
+    interface does during incremental training. The extractor copy trains in train mode, so its BN running
+    statistics move to the rotated target images.
+
+    Args:
+        model: Source model whose extractor was trained against an interface with an RP head.
+        unlabeled_target: Target-domain images, ``uint8`` ``(N, 3, S, S)``. Labelled :class:`ImageData` is refused
+            (without reading its labels): pass ``data.images``.
+        steps: Optimiser steps (the paper: 1000).
+        interface: The interface the model was trained against; default ``model.interface``. Components loaded
+            from disk carry none: pass ``Interface.from_pretrained(...)``.
+        batch_size: Target images per step; the extractor sees each at four rotations.
+        lr: Peak learning rate of SGD with Nesterov momentum and a cosine schedule.
+        momentum: SGD momentum.
+        weight_decay: SGD weight decay.
+        augment: Pad-and-crop and flip the target images, as during training.
+        seed: Seed of the order in which target images are drawn. Augmentation draws from the global RNG
+            (``torch.manual_seed`` for a reproducible run).
+        log_every: Steps per entry of the history.
+
+    Returns:
+        An :class:`AdaptationResult` with the adapted model and the rotation loss and accuracy along the way.
+
+    Raises:
+        ValueError: Labelled target data, images that are not square ``uint8``, a model without an interface or
+            whose interface has no RP head, or an interface the extractor was not trained against.
+    """
+    images = _check_images(unlabeled_target, batch_size)
+    interface = _rp_interface(model, interface)
+    if steps < 1:
+        raise ValueError(f'steps must be at least 1, got {steps}: adaptation with no step is the source model.')
+    start = time.time()
+    device = next(model.parameters()).device
+    if next(interface.rp.parameters()).device != device:
+        raise ValueError(f'The model is on {device} but the interface on {next(interface.rp.parameters()).device}: '
+                         f'move the interface with interface.to({str(device)!r}).')
+    # The memo keeps the interface a shared reference rather than copying it into the new extractor.
+    extractor = copy.deepcopy(model.extractor, memo={id(interface): interface}).train().requires_grad_(True)
+    params = list(extractor.parameters())
+    optimizer = make_optimizer(params, 'sgd', lr, momentum, weight_decay)
+    scheduler = make_scheduler(optimizer, 'cosine', steps)
+    images = images.to(device)
+    sampler = EpochSampler(images.shape[0], batch_size, seed)
+    cfg = extractor.pretrained_cfg
+    history = {'step': [], 'rp_loss': [], 'rp_accuracy': []}
+    sums = torch.zeros(2, device=device)
+    with eval_mode(interface.rp, bn='batch'):
+        for step in range(1, steps + 1):
+            batch = images[sampler.batch(step - 1).to(device)]
+            batch = augment_batch(batch) if augment else batch
+            logits = interface.rp(extractor(rotate_batch(normalize(batch, cfg['mean'], cfg['std']))))
+            loss = rotation_loss(logits)
+            # Gradients of the extractor alone: the RP head's .grad stays untouched even when it requires grad.
+            for p, g in zip(params, torch.autograd.grad(loss, params)):
+                p.grad = g
+            optimizer.step()
+            scheduler.step()
+            hits = (logits.argmax(1) == rotation_labels(batch.shape[0], device)).float().mean()
+            sums += torch.stack([loss.detach(), hits])
+            if step % log_every == 0 or step == steps:
+                interval = (step - 1) % log_every + 1
+                loss_mean, acc_mean = (sums / interval).tolist()
+                history['step'].append(step)
+                history['rp_loss'].append(loss_mean)
+                history['rp_accuracy'].append(acc_mean)
+                sums.zero_()
+    extractor.eval()
+    return AdaptationResult(CompatibleModel(extractor, model.head, interface), history, time.time() - start)
+
+
+def evaluate_adaptation(source: CompatibleModel, adapted: CompatibleModel, target_test: ImageData,
+                        batch_size: int = 250) -> Dict[str, float]:
+    """Average class accuracy on the target test set of the source model, as is and with test-time BN, and of
+    the adapted model (test-time BN, as the source baseline it must beat, and with its adapted running statistics).
+
+    Returns:
+        ``{"source": ..., "source_test_bn": ..., "adapted": ..., "adapted_running_bn": ...}`` in ``[0, 1]``.
+    """
+    return {
+        'source': average_class_accuracy(source, target_test, batch_size, bn='running'),
+        'source_test_bn': average_class_accuracy(source, target_test, batch_size, bn='batch'),
+        'adapted': average_class_accuracy(adapted, target_test, batch_size, bn='batch'),
+        'adapted_running_bn': average_class_accuracy(adapted, target_test, batch_size, bn='running'),
+    }

@@ -1,0 +1,179 @@
+"""Stitching: a learnt 1x1 conv between an extractor and a head that share no interface.
+
+Components trained against one interface recombine directly. For components that do not, the fallback is a
+stitching layer (Lenc & Vedaldi, CVPR 2015; Csiszárik et al., NeurIPS 2021; Bansal et al., NeurIPS 2021): a 1x1
+conv fitted on a small labelled set with both components frozen. Measuring it next to direct recombination shows
+what compatibility training saves: compatible components need no stitch and no labelled data.
+
+A fitted :class:`Stitch` is a component like any other (``save_pretrained`` / ``from_pretrained``, role
+``"stitch"``). It records the interface ids of both sides: other extractors of the first interface and heads of
+the second are compatible with the pair it was fitted on, so it may serve them too.
+"""
+from typing import Any, Dict, Optional
+
+import torch
+import torch.nn.functional as F
+from huggingface_hub import ModelCard
+from torch import nn
+
+from ._hub import PAPER_URL, Component
+from .batchnorm import eval_mode
+from .compatible import CompatibleModel
+from .components import Extractor, Head
+from .data import EpochSampler, ImageData, augment as augment_batch, normalize
+from .training import make_optimizer
+
+__all__ = ['Stitch', 'StitchedModel', 'fit_stitch']
+
+
+class Stitch(Component):
+    """1x1 conv (optionally followed by BN) from an extractor's width to a head's width.
+
+    With equal widths and no BN it starts as the identity, so an unfitted stitch is direct recombination.
+
+    Args:
+        in_width: Channels of the extractor's features.
+        out_width: Channels the head takes.
+        batchnorm: Add BN after the conv (then the conv has no bias, and the identity start is lost).
+        extractor_interface_id: Interface of the extractor side (``None`` for an independent extractor).
+        head_interface_id: Interface of the head side; the stitch emits features of this interface, so it is the
+            stitch's ``interface_id``.
+    """
+    role = 'stitch'
+
+    def __init__(self, in_width: int, out_width: int, batchnorm: bool = False,
+                 extractor_interface_id: Optional[str] = None, head_interface_id: Optional[str] = None):
+        super().__init__()
+        self.in_width, self.out_width, self.batchnorm = in_width, out_width, batchnorm
+        self.extractor_interface_id, self.head_interface_id = extractor_interface_id, head_interface_id
+        self.conv = nn.Conv2d(in_width, out_width, 1, bias=not batchnorm)
+        self.bn = nn.BatchNorm2d(out_width) if batchnorm else nn.Identity()
+        if in_width == out_width:
+            with torch.no_grad():
+                self.conv.weight.copy_(torch.eye(in_width)[:, :, None, None])
+                if self.conv.bias is not None:
+                    self.conv.bias.zero_()
+
+    @property
+    def interface_id(self) -> Optional[str]:
+        return self.head_interface_id
+
+    def component_config(self) -> Dict[str, Any]:
+        return {'in_width': self.in_width, 'out_width': self.out_width, 'batchnorm': self.batchnorm,
+                'extractor_interface_id': self.extractor_interface_id}
+
+    @classmethod
+    def from_config(cls, config: Dict[str, Any]) -> 'Stitch':
+        return cls(config['in_width'], config['out_width'], config['batchnorm'],
+                   config.get('extractor_interface_id'), config.get('interface_id'))
+
+    def generate_model_card(self, repo_id: Optional[str] = None) -> ModelCard:
+        """The base card's metadata, tagged with the extractor side's interface too, and a stitch's own text."""
+        card = super().generate_model_card(repo_id)
+        if self.extractor_interface_id:
+            card.data.tags.append(f'compat-stitch-from-{self.extractor_interface_id}')
+        card.text = '\n'.join([
+            '', '# timm-compat stitch', '',
+            f'A 1x1-conv stitching layer ({self.in_width} -> {self.out_width} channels'
+            f'{", then BN" if self.batchnorm else ""}) from the features of interface `{self.extractor_interface_id}` '
+            f'to the heads of interface `{self.head_interface_id}`, fitted with both components frozen '
+            f'([Gygli et al., AAAI 2021]({PAPER_URL}) make components compatible so that no stitch is needed).',
+            '', '## Usage', '', '```python', 'from timm_compat.stitching import Stitch, StitchedModel', '',
+            f'stitch = Stitch.from_pretrained("{repo_id or "ORG/NAME"}")',
+            f'# an extractor of interface {self.extractor_interface_id}, a head of interface {self.head_interface_id}',
+            'model = StitchedModel(extractor, stitch, head)', '```', ''])
+        return card
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(self.conv(x))
+
+    def extra_repr(self) -> str:
+        return f'{self.extractor_interface_id} -> {self.head_interface_id}'
+
+
+class StitchedModel(CompatibleModel):
+    """``head(stitch(extractor(x)))``: a :class:`CompatibleModel` whose features pass through a stitch.
+
+    Raises:
+        ValueError: The stitch's widths or interface ids do not match the components.
+    """
+
+    def __init__(self, extractor: Extractor, stitch: Stitch, head: Head):
+        if (extractor.width, head.width) != (stitch.in_width, stitch.out_width):
+            raise ValueError(f'The stitch maps width {stitch.in_width} to {stitch.out_width}, but the extractor emits '
+                             f'{extractor.width} and the head takes {head.width}: fit a stitch for these components.')
+        ids = (extractor.interface_id, head.interface_id)
+        if ids != (stitch.extractor_interface_id, stitch.head_interface_id):
+            raise ValueError(f'The stitch joins interface {stitch.extractor_interface_id} to '
+                             f'{stitch.head_interface_id}, but the extractor fits {ids[0]} and the head {ids[1]}: '
+                             f'fit a stitch for these components with fit_stitch().')
+        super().__init__(extractor, head, interface=None)
+        self.stitch = stitch
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.stitch(self.extractor(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+def check_task_data(data: ImageData, head: Head, what: str) -> None:
+    """Refuse labelled data whose classes are not the head's, in the head's order."""
+    if data.num_classes != head.num_classes:
+        raise ValueError(f'{what} has {data.num_classes} classes {data.class_names}, but the head has '
+                         f'{head.num_classes}: pass data of the head\'s task.')
+    if head.class_names is not None and list(data.class_names) != list(head.class_names):
+        raise ValueError(f'{what} lists its classes as {data.class_names}, the head as {head.class_names}: '
+                         f'reorder the data with data.select_classes(head.class_names).')
+
+
+def fit_stitch(extractor: Extractor, head: Head, train_data: ImageData, steps: int = 500, *,
+               batchnorm: bool = False, batch_size: int = 64, optimizer: str = 'adamw', lr: float = 1e-3,
+               weight_decay: float = 0.0, augment: bool = True, seed: int = 0) -> StitchedModel:
+    """Fit a :class:`Stitch` from ``extractor`` to ``head`` on labelled data, with both components frozen.
+
+    The components are run as at evaluation time with test-time BN: no gradient reaches their weights and none of
+    their buffers change, so they stay bit-identical. Only the stitch's parameters are optimised, on the head's
+    task loss.
+
+    Args:
+        extractor: Any extractor.
+        head: Any head; ``train_data`` is its task.
+        train_data: A small labelled set of the head's task, classes in the head's order.
+        steps: Optimiser steps.
+        batchnorm: Give the stitch a BN layer (see :class:`Stitch`).
+        batch_size: Images per step.
+        optimizer: ``"adamw"`` or ``"sgd"`` (with Nesterov momentum 0.9).
+        lr: Learning rate (constant).
+        weight_decay: Weight decay of the stitch.
+        augment: Pad-and-crop and flip the training images.
+        seed: Seed of the order in which images are drawn; augmentation uses the global RNG.
+
+    Returns:
+        The :class:`StitchedModel` of the given components and the fitted stitch (in eval mode).
+    """
+    check_task_data(train_data, head, 'The stitch\'s training data')
+    if steps < 1:
+        raise ValueError(f'steps must be at least 1, got {steps}: an unfitted stitch is direct recombination.')
+    device = next(extractor.parameters()).device
+    stitch = Stitch(extractor.width, head.width, batchnorm, extractor.interface_id, head.interface_id).to(device)
+    model = StitchedModel(extractor, stitch, head)
+    params = list(stitch.parameters())
+    opt = make_optimizer(params, optimizer, lr, 0.9, weight_decay)
+    images, labels = train_data.images.to(device), train_data.labels.to(device)
+    sampler = EpochSampler(len(train_data), batch_size, seed)
+    cfg = extractor.pretrained_cfg
+    stitch.train()
+    with eval_mode(extractor, bn='batch'), eval_mode(head, bn='batch'):
+        for step in range(steps):
+            index = sampler.batch(step).to(device)
+            batch = augment_batch(images[index]) if augment else images[index]
+            with torch.no_grad():
+                features = extractor(normalize(batch, cfg['mean'], cfg['std']))
+            loss = F.cross_entropy(head(stitch(features)), labels[index])
+            # Gradients of the stitch alone: the head's .grad stays untouched even when it requires grad.
+            for p, g in zip(params, torch.autograd.grad(loss, params)):
+                p.grad = g
+            opt.step()
+    stitch.eval()
+    return model
