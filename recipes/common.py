@@ -1,5 +1,6 @@
 """What every recipe shares: running ``accelerate launch train.py`` as a user would, and the hardware line."""
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -31,4 +32,4 @@ def hardware() -> str:
         return f'{torch.cuda.get_device_name(0)}, torch {torch.__version__}'
     model = next((line.split(':', 1)[1].strip() for line in Path('/proc/cpuinfo').read_text().splitlines()
                   if line.startswith('model name')), platform.processor()) if Path('/proc/cpuinfo').exists() else ''
-    return f'CPU {model} ({torch.get_num_threads()} threads), torch {torch.__version__}'
+    return f'CPU {model} ({os.cpu_count()} cores), torch {torch.__version__}'

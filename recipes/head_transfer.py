@@ -37,9 +37,10 @@ BUDGETS = {
 
 def run_overrides(budget: dict, networks) -> list:
     """Config overrides of a run whose networks are ``networks`` (names of NETWORKS, in config order)."""
+    # One thread on CPU: two threads on a shared 2-core machine run several times slower than one.
     overrides = [] if budget['epochs'] is None else [
         f'epochs={budget["epochs"]}', 'mixed_precision=no', 'channels_last=false', 'optim.warmup_steps=0',
-        'checkpoint_every=100000']
+        'checkpoint_every=100000', 'cpu_threads=1']
     overrides.append(f'interface.rp={str(budget["rp"]).lower()}')
     for i, name in enumerate(networks):
         if budget['train_limit']:
@@ -100,6 +101,8 @@ def main(argv=None):
     stage1_time = time.time() - start
 
     device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+    if budget['epochs'] is not None and device.type == 'cpu':
+        torch.set_num_threads(1)
     source = f'parquet:{args.data_dir}'
     train = load_image_data(source, 'train', limit=budget['train_limit'])
     test = load_image_data(source, 'test', limit=budget['test_limit'])

@@ -23,10 +23,11 @@ PAPER = {'independent': 10.6, 'iiw': 25.1, 'rp': 50.1, 'dcc': 65.8, 'iiw_rp_dcc'
          'upper_bound': 85.6}
 # A budget is a list of config overrides; 'paper' keeps the configs as they are (ResNet-56, 160 epochs).
 BUDGETS = {
-    'cpu': ['networks.0.backbone=resnet20_cifar', 'networks.1.backbone=resnet20_cifar', 'epochs=3',
+    'cpu': ['networks.0.backbone=resnet8_cifar', 'networks.1.backbone=resnet8_cifar', 'epochs=3',
             'networks.0.dataset.train_limit=10000', 'networks.1.dataset.train_limit=10000',
             'networks.0.dataset.test_limit=2000', 'networks.1.dataset.test_limit=2000',
-            'mixed_precision=no', 'channels_last=false', 'optim.warmup_steps=0', 'checkpoint_every=100000'],
+            'mixed_precision=no', 'channels_last=false', 'optim.warmup_steps=0', 'checkpoint_every=100000',
+            'cpu_threads=1'],  # two threads on a shared 2-core machine run several times slower than one
     'paper': [],
 }
 
@@ -76,8 +77,12 @@ def main(argv=None):
     parser.add_argument('--seeds', type=int, default=2)
     parser.add_argument('--methods', nargs='+', default=METHODS, choices=METHODS)
     parser.add_argument('--output', default='runs/sec4')
+    parser.add_argument('--report-only', action='store_true', help='rebuild report.md from OUTPUT/results.json')
     args = parser.parse_args(argv)
     out = Path(args.output).resolve()
+    if args.report_only:
+        saved = json.loads((out / 'results.json').read_text())
+        return write_report(out, argparse.Namespace(**saved['args']), saved['results'])
     out.mkdir(parents=True, exist_ok=True)
 
     results = {}
@@ -135,7 +140,7 @@ def write_report(out: Path, args, results) -> None:
                            tests[0].class_names)
         cmp = timm_compat.compare_extractors(models[0].extractor, models[1].extractor, images)
         correlation_rows.append([LABELS[method], cmp.direct, cmp.permuted, cmp.cka])
-        blocks[f'{LABELS[method]}: ' + ('permuted' if method == 'independent' else 'direct')] = (
+        blocks[f'{method}: ' + ('permuted' if method == 'independent' else 'direct')] = (
             cmp.correlation, 'permuted' if method == 'independent' else 'direct')
 
     ordering = ' < '.join(LABELS[m] for m, _ in sorted(
@@ -145,10 +150,12 @@ def write_report(out: Path, args, results) -> None:
     corr_path = plot_correlation_blocks(blocks, out / 'figures' / 'correlation.png', title='Feature cross-correlation')
     device = hardware()
     write(out, f'Sec. 4: compatibility methods on {args.setting}', {
-        'Setup': (f'Command: `python recipes/sec4_methods.py {" ".join(sys.argv[1:])}`.  \n'
+        'Setup': (f'Command: `python recipes/sec4_methods.py --setting {args.setting} --data-dir {args.data_dir} '
+                  f'--budget {args.budget} --seeds {args.seeds}{f" --epochs {args.epochs}" if args.epochs else ""} '
+                  f'--output {args.output}`.  \n'
                   f'Budget `{args.budget}` (config overrides: `{" ".join(BUDGETS[args.budget]) or "none"}`'
-                  f'{f", epochs={args.epochs}" if args.epochs else ""}), {args.seeds} seed(s), on {device}, torch '
-                  f'{torch.__version__}. Recombination accuracy: mean of both directions (extractor of one network + '
+                  f'{f", epochs={args.epochs}" if args.epochs else ""}), {args.seeds} seed(s), on {device}. '
+                  f'Recombination accuracy: mean of both directions (extractor of one network + '
                   f'head of the other, on the extractor\'s test set), common classes only, BN with batch statistics.'
                   + (' Data: CIFAR-10 (JPEG copy).' if args.setting == 'cifar10_halves' else '')),
         'Recombination accuracy (%)': ReportTable(
