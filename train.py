@@ -155,7 +155,11 @@ def train_phase(cfg: RunConfig, accelerator: Accelerator, out: Path, resume: boo
 
     params = [p for p in joint.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, cfg.optim.optimizer, cfg.optim.lr, cfg.optim.momentum, cfg.optim.weight_decay)
-    scheduler = make_scheduler(optimizer, cfg.optim.schedule, total_steps, cfg.optim.warmup_steps)
+    # Counted as accelerate's prepared scheduler steps: once per process for every optimizer step.
+    per_step = accelerator.num_processes
+    scheduler = make_scheduler(optimizer, cfg.optim.schedule,
+                               math.ceil(total_steps / cfg.gradient_accumulation_steps) * per_step,
+                               cfg.optim.warmup_steps * per_step)
     joint, optimizer, scheduler = accelerator.prepare(joint, optimizer, scheduler)
     if cfg.compile:
         joint = torch.compile(joint)

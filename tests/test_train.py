@@ -169,3 +169,15 @@ def test_two_process_ddp_on_cpu(tmp_path):
     assert summary['processes'] == 2
     ids = summary['phases']['main']['interface_id_per_rank']
     assert len(ids) == 2 and ids[0] == ids[1] == summary['phases']['main']['interface_id']
+    # accelerate steps a prepared scheduler once per process: the cosine must still end exactly at the last step.
+    last = (tmp_path / 'ddp' / 'main' / 'metrics.csv').read_text().splitlines()[-1].split(',')
+    assert last[0] == '4' and float(last[1]) == 0.0
+
+
+def test_bf16_and_gradient_accumulation(tmp_path):
+    summary = run(tmp_path, '--set', 'mixed_precision=bf16', '--set', 'gradient_accumulation_steps=2')
+    assert summary['mixed_precision'] == 'bf16'
+    metrics = (tmp_path / 'run' / 'main' / 'metrics.csv').read_text().splitlines()
+    lrs = [float(line.split(',')[1]) for line in metrics[1:]]
+    # The cosine schedule runs over optimiser steps (every second micro-step): half-way, then done.
+    assert lrs == pytest.approx([0.025, 0.0])

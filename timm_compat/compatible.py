@@ -92,7 +92,8 @@ def make_compatible(
             torch.manual_seed(init_seed)
         trunk, tail, info = build_backbone_parts(
             backbone, split, num_classes=num_classes, pretrained=pretrained, model_args=model_args)
-        in_chs = info.pop('in_chs')
+        feature_shape = info.pop('feature_shape')
+        in_chs = feature_shape[0]
         extractor = Extractor(trunk, in_chs, width, config=info)
         if isinstance(head, nn.Module):
             head_module = Head(head, width, width, num_classes, class_names)
@@ -101,22 +102,11 @@ def make_compatible(
         else:
             head_module = build_head(head, split if head_split is None else head_split, width, num_classes,
                                      class_names=class_names, pretrained=pretrained)
-    feature_hw = _feature_hw(extractor)
-    _check_head_accepts(head_module, width, feature_hw)
+    # The adapter is a 1x1 conv: the extractor's features have the trunk's spatial size.
+    _check_head_accepts(head_module, width, feature_shape[1:])
     for component in (extractor, head_module):
         component.__dict__['interface'] = interface
     return CompatibleModel(extractor, head_module, interface)
-
-
-@torch.no_grad()
-def _feature_hw(extractor: Extractor):
-    was_training = extractor.training
-    extractor.eval()
-    try:
-        size = tuple(extractor.pretrained_cfg.get('input_size', (3, 224, 224)))
-        return tuple(extractor(torch.zeros(1, *size)).shape[2:])
-    finally:
-        extractor.train(was_training)
 
 
 def recombine(extractor: Extractor, head: Head, force: bool = False) -> CompatibleModel:

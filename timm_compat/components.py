@@ -34,8 +34,8 @@ def build_backbone_parts(backbone: str, split, *, num_classes: Optional[int] = N
                          model_args: Optional[Dict[str, Any]] = None) -> Tuple[nn.Module, nn.Module, Dict[str, Any]]:
     """Create a timm backbone and split it: ``(trunk, tail, info)``.
 
-    ``info`` holds the resolved split, the trunk's output channels, the JSON-able ``model_args`` and the
-    ``pretrained_cfg`` fields a component records.
+    ``info`` holds the resolved split, the trunk's output ``feature_shape`` ``[C, H, W]`` at the model's input size,
+    the JSON-able ``model_args`` and the ``pretrained_cfg`` fields a component records.
     """
     model_args = dict(model_args or {})
     model = create_backbone(backbone, pretrained=pretrained, **model_args)
@@ -56,7 +56,7 @@ def build_backbone_parts(backbone: str, split, *, num_classes: Optional[int] = N
             f'Use a convolutional backbone, or split_model() directly for token features.')
     model_args.pop('pretrained_cfg_overlay', None)  # a local path is not part of the architecture
     info = dict(
-        backbone=backbone, split=split, in_chs=feat_shape[0], model_args=model_args,
+        backbone=backbone, split=split, feature_shape=list(feat_shape), model_args=model_args,
         pretrained_cfg={k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items() if k in _CFG_KEYS},
         base_model=(f'timm/{cfg.get("architecture", backbone)}.{cfg["tag"]}' if pretrained and cfg.get('tag')
                     else None),
@@ -185,7 +185,7 @@ def build_extractor(backbone: str, split, width: int, *, pretrained: bool = Fals
                     ) -> Extractor:
     """Extractor from a timm backbone name, split point and interface width."""
     trunk, _, info = build_backbone_parts(backbone, split, pretrained=pretrained, model_args=model_args)
-    in_chs = info.pop('in_chs')
+    in_chs = info.pop('feature_shape')[0]
     # A saved config wins over what a fresh build reports: it may carry an input-size overlay or a base_model.
     return Extractor(trunk, in_chs, width, config={**info, **(extra_config or {})})
 
@@ -196,5 +196,5 @@ def build_head(backbone: str, split, width: int, num_classes: int, *, class_name
     """Head from the tail of a timm backbone, with its classifier sized to ``num_classes``."""
     _, tail, info = build_backbone_parts(backbone, split, num_classes=num_classes, pretrained=pretrained,
                                          model_args=model_args)
-    in_chs = info.pop('in_chs')
+    in_chs = info.pop('feature_shape')[0]
     return Head(tail, in_chs, width, num_classes, class_names, config={**info, **(extra_config or {})})
