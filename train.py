@@ -13,6 +13,7 @@ config.yaml, metrics.csv, checkpoints, components and summary.json to the output
 """
 import argparse
 import csv
+import importlib.util
 import json
 import math
 import os
@@ -316,11 +317,7 @@ def main(argv=None) -> dict:
 
 
 def _has_tensorboard() -> bool:
-    try:
-        import tensorboard  # noqa: F401
-        return True
-    except ImportError:
-        return False
+    return importlib.util.find_spec('tensorboard') is not None
 
 
 def _scalars(tree, prefix=''):

@@ -33,6 +33,7 @@ from timm_compat.data import ImageData, normalize
 from timm_compat.evaluation import accuracy, format_matrix, recombination_matrix
 from timm_compat.methods import canonical_class_name, common_classes
 from timm_compat.synthetic import make_synthetic
+from train_step import load_average, oversubscribed  # the sibling benchmark (benchmarks/ is on sys.path)
 
 
 def parse_args(argv=None):
@@ -124,24 +125,6 @@ def time_call(fn: Callable[[], torch.Tensor], device: torch.device) -> Tuple[flo
     start = time.perf_counter()
     out = fn()  # both functions end in a host read (.item() / .cpu()), so the device is drained here
     return time.perf_counter() - start, out
-
-
-def load_average() -> str:
-    try:
-        with open('/proc/loadavg') as f:
-            return f'load average {f.read().split()[0]}'
-    except OSError:
-        return 'load average unknown'
-
-
-def oversubscribed(threads: int, cores: int) -> bool:
-    """Whether other jobs leave fewer free cores than ``threads`` (see benchmarks/train_step.py)."""
-    try:
-        with open('/proc/loadavg') as f:
-            load = float(f.read().split()[0])
-    except OSError:
-        return False
-    return threads > 1 and load + threads > cores + 0.5
 
 
 def main(argv=None) -> Dict[str, float]:

@@ -20,7 +20,6 @@ Writes OUTPUT/report.md, results.json, the RP curve, the adapted extractor and, 
 """
 import argparse
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -35,7 +34,8 @@ from timm_compat.methods import canonical_class_name
 from timm_compat.plots import ReportFigure, ReportTable, plot_accuracy_curves, write_report
 from timm_compat.synthetic import SYNTHETIC_CLASSES
 
-REPO = Path(__file__).resolve().parents[1]
+from common import launch
+
 CIFAR10, STL10 = 'uoft-cs/cifar10', 'tanganke/stl10'
 COMMON_CIFAR = ['airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'horse', 'ship', 'truck']
 COMMON_STL = ['airplane', 'bird', 'car', 'cat', 'deer', 'dog', 'horse', 'ship', 'truck']
@@ -75,16 +75,9 @@ def launch_train(config: dict, out: Path, overrides: dict, threads=None) -> dict
     path = out.with_suffix('.yaml')
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(config, sort_keys=False))
-    cmd = [sys.executable, '-m', 'accelerate.commands.launch', str(REPO / 'train.py'), '-c', str(path),
-           '--output-dir', str(out), '--overwrite']
-    for key, value in overrides.items():
-        cmd += ['--set', f'{key}={json.dumps(value)}']  # JSON is YAML, which is how train.py parses values
-    log = out.with_suffix('.log')
-    print(f'training {out.name}: log in {log}', flush=True)
-    with open(log, 'w') as f:
-        if subprocess.run(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT).returncode != 0:
-            raise RuntimeError(f'{" ".join(cmd)} failed; see {log}')
-    return json.loads((out / 'summary.json').read_text())['phases']['main']
+    print(f'training {out.name}: log in {out.with_suffix(".log")}', flush=True)
+    # JSON is YAML, which is how train.py parses --set values.
+    return launch(path, out, [f'{k}={json.dumps(v)}' for k, v in overrides.items()], None, out.with_suffix('.log'))
 
 
 def aligned(head_classes, data_classes):

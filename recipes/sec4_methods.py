@@ -11,7 +11,6 @@ recombination heatmaps and the per-channel feature correlation of Fig. 3.
 import argparse
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 

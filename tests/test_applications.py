@@ -7,7 +7,8 @@ import torch
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 import timm_compat as tc
-from timm_compat.adaptation import adapt, average_class_accuracy, evaluate_adaptation
+from timm_compat.adaptation import adapt, evaluate_adaptation
+from timm_compat.evaluation import average_class_accuracy
 from timm_compat.data import ImageData
 from timm_compat.stitching import Stitch, StitchedModel, fit_stitch
 from timm_compat.synthetic import SYNTHETIC_CLASSES, make_synthetic

@@ -2,12 +2,12 @@
 from . import models  # registers the CIFAR models with timm
 from ._hub import Component, ComponentError
 from ._split import split_model, split_points
-from .adaptation import adapt, average_class_accuracy, evaluate_adaptation
+from .adaptation import adapt, evaluate_adaptation
 from .analysis import compare_extractors, direct_correlation, feature_correlation, linear_cka, permuted_correlation
 from .batchnorm import batch_statistics, eval_mode, recalibrate_bn
 from .compatible import CompatibleModel, make_compatible, recombine
 from .components import Adapter, Extractor, Head
-from .evaluation import accuracy, recombination_matrix
+from .evaluation import accuracy, average_class_accuracy, recombination_matrix
 from .hub import list_components, load_component
 from .interface import Interface
 from .methods import CommonClassDiscrimination, RotationPrediction, compatibility_loss

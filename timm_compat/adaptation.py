@@ -17,12 +17,13 @@ import torch
 
 from .batchnorm import eval_mode
 from .compatible import CompatibleModel
-from .data import EpochSampler, ImageData, augment as augment_batch, iterate_batches, normalize
+from .data import EpochSampler, ImageData, augment as augment_batch, normalize
+from .evaluation import average_class_accuracy
 from .interface import Interface
 from .methods.rotation import rotate_batch, rotation_labels, rotation_loss
 from .training import make_optimizer, make_scheduler
 
-__all__ = ['AdaptationResult', 'adapt', 'average_class_accuracy', 'evaluate_adaptation']
+__all__ = ['AdaptationResult', 'adapt', 'evaluate_adaptation']
 
 
 @dataclass
@@ -37,31 +38,6 @@ class AdaptationResult:
     model: CompatibleModel
     history: Dict[str, List[float]] = field(default_factory=dict)
     seconds: float = 0.0
-
-
-@torch.no_grad()
-def average_class_accuracy(model, data: ImageData, batch_size: int = 250, bn: str = 'batch') -> float:
-    """Mean over the classes present in ``data`` of each class's top-1 accuracy (the metric of Tab. 2 and Fig. 5).
-
-    Args:
-        model: A :class:`~timm_compat.CompatibleModel` (or anything with ``extractor.pretrained_cfg``).
-        data: Labelled test data whose labels index the model's outputs.
-        batch_size: Evaluation batch size (it matters when ``bn='batch'``).
-        bn: ``'batch'`` (test-time BN statistics) or ``'running'``.
-    """
-    device = next(model.parameters()).device
-    cfg = model.extractor.pretrained_cfg
-    num_classes = data.num_classes
-    correct = torch.zeros(num_classes, device=device)
-    total = torch.zeros(num_classes, device=device)
-    with eval_mode(model, bn):
-        for images, labels in iterate_batches(data, batch_size):
-            labels = labels.to(device)
-            predictions = model(normalize(images.to(device), cfg['mean'], cfg['std'])).argmax(1)
-            total += torch.bincount(labels, minlength=num_classes)
-            correct += torch.bincount(labels[predictions == labels], minlength=num_classes)
-    present = total > 0
-    return (correct[present] / total[present]).mean().item()
 
 
 def _check_images(unlabeled_target, batch_size: int) -> torch.Tensor:

@@ -14,7 +14,7 @@ from .batchnorm import eval_mode
 from .data import ImageData, iterate_batches, normalize
 from .methods.common_classes import canonical_class_name, common_classes
 
-__all__ = ['accuracy', 'recombination_matrix', 'format_matrix']
+__all__ = ['accuracy', 'average_class_accuracy', 'recombination_matrix', 'format_matrix']
 
 
 def _inputs(images: torch.Tensor, model, device) -> torch.Tensor:
@@ -32,6 +32,31 @@ def accuracy(model, data: ImageData, batch_size: int = 256, bn: str = 'batch') -
             logits = model(_inputs(images, model, device))
             correct += (logits.argmax(1) == labels.to(device)).sum()
     return correct.item() / len(data)
+
+
+@torch.no_grad()
+def average_class_accuracy(model, data: ImageData, batch_size: int = 250, bn: str = 'batch') -> float:
+    """Mean over the classes present in ``data`` of each class's top-1 accuracy (the metric of Tab. 2 and Fig. 5).
+
+    Args:
+        model: A :class:`~timm_compat.CompatibleModel` (or anything with ``extractor.pretrained_cfg``).
+        data: Labelled test data whose labels index the model's outputs.
+        batch_size: Evaluation batch size (it matters when ``bn='batch'``).
+        bn: ``'batch'`` (test-time BN statistics) or ``'running'``.
+    """
+    device = next(model.parameters()).device
+    cfg = model.extractor.pretrained_cfg
+    num_classes = data.num_classes
+    correct = torch.zeros(num_classes, device=device)
+    total = torch.zeros(num_classes, device=device)
+    with eval_mode(model, bn):
+        for images, labels in iterate_batches(data, batch_size):
+            labels = labels.to(device)
+            predictions = model(normalize(images.to(device), cfg['mean'], cfg['std'])).argmax(1)
+            total += torch.bincount(labels, minlength=num_classes)
+            correct += torch.bincount(labels[predictions == labels], minlength=num_classes)
+    present = total > 0
+    return (correct[present] / total[present]).mean().item()
 
 
 def _common_subset(data: ImageData, common: Sequence[str]) -> ImageData:

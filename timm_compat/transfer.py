@@ -18,7 +18,7 @@ from typing import Dict, List, Mapping, Sequence, Tuple
 import torch.nn.functional as F
 
 from ._hub import Component, ComponentError
-from .adaptation import average_class_accuracy
+from .evaluation import average_class_accuracy
 from .compatible import CompatibleModel
 from .components import Extractor, Head
 from .data import EpochSampler, ImageData, augment as augment_batch, normalize

@@ -3,8 +3,6 @@
 The extractor sees each image at 0, 90, 180 and 270 degrees in one concatenated batch; the shared RP head predicts
 which rotation was applied. The 0-degree copy comes first and doubles as the task batch.
 """
-from typing import Tuple
-
 import torch
 import torch.nn.functional as F
 
