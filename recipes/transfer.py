@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 import timm_compat as tc
-from timm_compat.adaptation import average_class_accuracy
+from timm_compat.evaluation import average_class_accuracy
 from timm_compat.data import load_image_data
 from timm_compat.plots import ReportFigure, ReportTable, plot_accuracy_curves, write_report
 from timm_compat.stitching import fit_stitch
