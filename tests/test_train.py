@@ -2,6 +2,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -181,3 +182,27 @@ def test_bf16_and_gradient_accumulation(tmp_path):
     lrs = [float(line.split(',')[1]) for line in metrics[1:]]
     # The cosine schedule runs over optimiser steps (every second micro-step): half-way, then done.
     assert lrs == pytest.approx([0.025, 0.0])
+
+
+def test_save_components_and_push_to_hub(tmp_path, monkeypatch):
+    from huggingface_hub import HfApi, constants
+    from huggingface_hub.hf_api import RepoUrl
+    uploads = {}
+
+    def create_repo(self, repo_id, **kwargs):
+        return RepoUrl(f'{constants.ENDPOINT}/{repo_id}')
+
+    def upload_folder(self, **kwargs):  # records what would go up; the folder itself is temporary
+        uploads[kwargs['repo_id']] = (sorted(p.name for p in Path(kwargs['folder_path']).iterdir()),
+                                      kwargs['commit_message'])
+
+    monkeypatch.setattr(HfApi, 'create_repo', create_repo)
+    monkeypatch.setattr(HfApi, 'upload_folder', upload_folder)
+    summary = run(tmp_path, '--save-components', str(tmp_path / 'parts'), '--push-to-hub', 'org/demo')
+    iid = summary['phases']['main']['interface_id']
+    for part in ('interface', 'a/extractor', 'a/head', 'b/extractor', 'b/head'):
+        assert tc.load_component(tmp_path / 'parts' / 'main' / part).interface_id == iid
+    assert sorted(uploads) == ['org/demo-a-extractor', 'org/demo-a-head', 'org/demo-b-extractor',
+                               'org/demo-b-head', 'org/demo-interface']
+    files, message = uploads['org/demo-a-head']
+    assert files == ['README.md', 'config.json', 'model.safetensors'] and iid in message
