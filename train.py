@@ -29,11 +29,11 @@ from tqdm.auto import tqdm
 
 import timm_compat
 from timm_compat.config import RunConfig, load_config
-from timm_compat.data import EpochSampler, augment, load_image_data, normalize
+from timm_compat.data import EpochSampler, load_image_data, training_batch
 from timm_compat.evaluation import accuracy, format_matrix, recombination_matrix
 from timm_compat.methods import canonical_class_name, common_classes, methods_for
-from timm_compat.training import JointModel, TrainState, latest_checkpoint, make_optimizer, make_scheduler, \
-    save_checkpoint
+from timm_compat.training import JointModel, TrainState, keep_freed_memory, latest_checkpoint, make_optimizer, \
+    make_scheduler, save_checkpoint
 
 
 def parse_args(argv=None):
@@ -183,12 +183,8 @@ def train_phase(cfg: RunConfig, accelerator: Accelerator, out: Path, resume: boo
     progress = tqdm(total=total_steps, initial=state.step, desc=tag, disable=not accelerator.is_local_main_process)
     joint.train()
     while state.step < total_steps:
-        batches = []
-        for name in trained:
-            index = samplers[name].batch(state.step)
-            images = train_sets[name].images[index]
-            images = augment(images) if cfg.augment else images
-            batches.append((normalize(images, *stats[name], memory_format), train_sets[name].labels[index]))
+        batches = [training_batch(train_sets[name], samplers[name].batch(state.step), *stats[name], cfg.augment,
+                                  memory_format) for name in trained]
         with accelerator.accumulate(joint):
             losses = joint(batches)
             accelerator.backward(losses['loss'])
@@ -295,6 +291,7 @@ def main(argv=None) -> dict:
         # accelerate launch leaves OMP_NUM_THREADS=1 unless told otherwise; a CPU run should use its cores.
         cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
         torch.set_num_threads(cfg.cpu_threads or max(1, cores // accelerator.num_processes))
+        keep_freed_memory()
     out = Path(cfg.output_dir)
     prepare_output_dir(out, args.resume, args.overwrite, accelerator)
     if accelerator.is_main_process:

@@ -42,7 +42,7 @@ from torch.utils.flop_counter import FlopCounterMode, conv_flop_count
 
 import timm_compat
 from timm_compat.methods import common_classes, compatibility_loss, methods_for, rotate_batch
-from timm_compat.training import JointModel, make_optimizer
+from timm_compat.training import JointModel, keep_freed_memory, make_optimizer
 
 # The split points the README and the paper use.
 BACKBONES: Dict[str, str] = {'resnet56_cifar': 'layer2', 'mobilenetv2_100': 'blocks.4.0', 'resnet18': 'layer2'}
@@ -70,6 +70,8 @@ def parse_args(argv=None):
                         help='torch.compile the prepared model, as train.py does with the config key compile')
     parser.add_argument('--threads', type=int, default=None, help='torch CPU threads (default: the cores we may use)')
     parser.add_argument('--seed', type=int, default=0)
+    parser.add_argument('--default-malloc', action='store_true',
+                        help="on CPU, skip train.py's keep_freed_memory() and use glibc's defaults")
     parser.add_argument('--breakdown', action='store_true',
                         help='also time the parts of one network (extractor on N and 4N, head, aux heads) to see '
                              'where a ratio above the FLOP ideal comes from')
@@ -317,8 +319,8 @@ def oversubscribed(threads: int, cores: int) -> bool:
     return threads > 1 and load + threads > cores + 0.5
 
 
-def main(argv=None) -> List[dict]:
-    args = parse_args(argv)
+def setup(args) -> Tuple[Accelerator, torch.device]:
+    """The Accelerator and device of a benchmark run; on CPU, threads and allocator set as train.py sets them."""
     accelerator = Accelerator(cpu=args.device == 'cpu', mixed_precision='bf16' if args.bf16 else 'no')
     device = accelerator.device
     if args.device == 'cuda' and device.type != 'cuda':
@@ -326,12 +328,20 @@ def main(argv=None) -> List[dict]:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
     if device.type == 'cpu':
         torch.set_num_threads(args.threads or cores)
-    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+        if not args.default_malloc:
+            keep_freed_memory()
     print(hardware(device))
     if device.type == 'cpu' and oversubscribed(torch.get_num_threads(), cores):
         print(f'WARNING: the load average says other jobs may hold the cores that {torch.get_num_threads()} threads '
               f'need; multi-threaded CPU timings can then be set by the scheduler, not the work (check GFLOP/s, or '
               f'use --threads 1).')
+    return accelerator, device
+
+
+def main(argv=None) -> List[dict]:
+    args = parse_args(argv)
+    accelerator, device = setup(args)
+    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
     print(f'batch {args.batch_size} per network x 2 networks, {IMAGE_SIZE}x{IMAGE_SIZE}, width {args.width}, '
           f'mixed_precision={accelerator.mixed_precision}, channels_last={args.channels_last}, '
           f'compile={args.compile}; '

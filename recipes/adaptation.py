@@ -56,7 +56,7 @@ BUDGETS = {
                         'batch_size': 32, 'networks.0.dataset.train_limit': 600,
                         'networks.0.dataset.test_limit': 200, 'networks.0.dataset.synthetic_per_class': 30},
                  adapt_steps=20, adapt_batch=32, train_limit=600, test_limit=300, synthetic_per_class=20),
-    'cpu': dict(train={'networks.0.backbone': 'resnet20_cifar', 'interface.width': 32, 'epochs': 8,
+    'cpu': dict(train={'networks.0.backbone': 'resnet8_cifar', 'interface.width': 32, 'epochs': 8,
                        'batch_size': 128},
                 adapt_steps=1000, adapt_batch=64, train_limit=None, test_limit=None, synthetic_per_class=100),
     'paper': dict(train={'networks.0.backbone': 'wrn28_10_cifar', 'interface.width': 320, 'epochs': 160,

@@ -1,7 +1,8 @@
 """Sec. 5.2 of Gygli et al. 2021: one classification head transferred across extractors of different architectures.
 
     python recipes/head_transfer.py --data-dir ../shared/data/cifar10 --budget cpu
-    python recipes/head_transfer.py --data-dir ../shared/data/cifar10 --budget paper      # on a GPU
+    python recipes/head_transfer.py --data-dir ../shared/data/cifar10 --budget tiny        # smoke test, minutes
+    python recipes/head_transfer.py --data-dir ../shared/data/cifar10 --budget paper --seeds 3  # on a GPU
 
 1. ResNet-56, Wide ResNet-56 and MobileNetV2 extractors (1x1 conv to 64 channels each) are trained jointly with one
    MobileNetV2-tail DCC head on CIFAR-10 classes 0-4 (``configs/head_transfer/stage1.yaml``).
@@ -9,10 +10,12 @@
    (the reference extractor). No extractor changes after stage 1.
 3. The updated head is attached to each extractor and evaluated on the CIFAR-10 test set.
 Upper bounds: each architecture trained normally on the 10 classes, with its own RP head in the paper budget
-(``configs/head_transfer/upper_bound.yaml``). Everything goes to OUTPUT/report.md.
+(``configs/head_transfer/upper_bound.yaml``). Each seed's runs and results.json go to OUTPUT/seed<k>/, the
+table (mean +- std over seeds) to OUTPUT/report.md.
 """
 import argparse
 import json
+import statistics
 import time
 from pathlib import Path
 
@@ -28,6 +31,9 @@ PAPER = {'resnet56': (91.7, 94.6), 'mobilenetv2': (91.6, 93.3)}  # (recombined, 
 REFERENCE = 'wide_resnet56'
 BUDGETS = {
     # Two epochs on 10,000 images, Wide ResNet-56 at widen factor 2 and no RP head: minutes on two CPU cores.
+    # A smoke test of the whole pipeline in a few minutes; its numbers mean nothing.
+    'tiny': dict(epochs=1, head_epochs=1, train_limit=600, test_limit=200, widen_factor=1, rp=False,
+                 upper_bound=['resnet56']),
     'cpu': dict(epochs=2, head_epochs=1, train_limit=10000, test_limit=2000, widen_factor=2, rp=False,
                 upper_bound=['resnet56', 'mobilenetv2']),
     'paper': dict(epochs=None, head_epochs=30, train_limit=None, test_limit=None, widen_factor=None, rp=True,
@@ -35,13 +41,14 @@ BUDGETS = {
 }
 
 
-def run_overrides(budget: dict, networks) -> list:
+def run_overrides(budget: dict, networks, seed: int = 0, epochs=None) -> list:
     """Config overrides of a run whose networks are ``networks`` (names of NETWORKS, in config order)."""
     # One thread on CPU: two threads on a shared 2-core machine run several times slower than one.
     overrides = [] if budget['epochs'] is None else [
         f'epochs={budget["epochs"]}', 'mixed_precision=no', 'channels_last=false', 'optim.warmup_steps=0',
         'checkpoint_every=100000', 'cpu_threads=1']
-    overrides.append(f'interface.rp={str(budget["rp"]).lower()}')
+    overrides += [f'interface.rp={str(budget["rp"]).lower()}', f'seed={seed}', f'init_seed={seed}']
+    overrides += [f'epochs={epochs}'] if epochs else []
     for i, name in enumerate(networks):
         if budget['train_limit']:
             overrides.append(f'networks.{i}.dataset.train_limit={budget["train_limit"]}')
@@ -55,22 +62,22 @@ def run_overrides(budget: dict, networks) -> list:
 def finetune_head(extractor, head, data, epochs: float, batch_size: int, lr: float, device) -> list:
     """Train only ``head`` on ``extractor``'s features; the extractor is frozen, its BN on batch statistics."""
     from timm_compat.batchnorm import eval_mode
-    from timm_compat.data import EpochSampler, augment, normalize
+    from timm_compat.data import EpochSampler, training_batch
     from timm_compat.training import make_optimizer, make_scheduler
-    sampler = EpochSampler(len(data), batch_size)
+    sampler = EpochSampler(len(data), batch_size, device=device)
     steps = int(epochs * sampler.steps_per_epoch)
     optimizer = make_optimizer([p for p in head.parameters()], 'sgd', lr, 0.9, 5e-4)
     scheduler = make_scheduler(optimizer, 'cosine', steps)
-    images, labels = data.images.to(device), data.labels.to(device)
-    cfg, losses = extractor.pretrained_cfg, []
+    data, losses = data.to(device), []
+    stats = [torch.tensor(extractor.pretrained_cfg[k], device=device) for k in ('mean', 'std')]
     head.train()
     with eval_mode(extractor, 'batch'):
         extractor.requires_grad_(False)
         for step in range(steps):
-            index = sampler.batch(step).to(device)
+            images, labels = training_batch(data, sampler.batch(step), *stats)
             with torch.no_grad():
-                features = extractor(normalize(augment(images[index]), cfg['mean'], cfg['std']))
-            loss = F.cross_entropy(head(features), labels[index])
+                features = extractor(images)
+            loss = F.cross_entropy(head(features), labels)
             loss.backward()
             optimizer.step()
             scheduler.step()
@@ -79,30 +86,22 @@ def finetune_head(extractor, head, data, epochs: float, batch_size: int, lr: flo
     return torch.stack(losses).tolist() if losses else []
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--data-dir', required=True, help='CIFAR-10 as Parquet (train.parquet, test.parquet)')
-    parser.add_argument('--budget', default='cpu', choices=sorted(BUDGETS))
-    parser.add_argument('--output', default='runs/head_transfer')
-    args = parser.parse_args(argv)
-    budget, out = BUDGETS[args.budget], Path(args.output).resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    start = time.time()
-
+def run_seed(args, budget: dict, seed: int, out: Path) -> dict:
+    """Stages 1-3 and the upper bounds for one seed; everything goes to ``out``, the numbers to results.json."""
     import timm_compat
     from timm_compat.data import load_image_data
     from timm_compat.evaluation import accuracy
 
-    launch(REPO / 'configs' / 'head_transfer' / 'stage1.yaml', out / 'stage1', run_overrides(budget, NETWORKS),
-           args.data_dir, out / 'stage1.log')
+    start = time.time()
+    launch(REPO / 'configs' / 'head_transfer' / 'stage1.yaml', out / 'stage1',
+           run_overrides(budget, NETWORKS, seed, args.epochs), args.data_dir, out / 'stage1.log')
     components = out / 'stage1' / 'main' / 'components'
     interface = timm_compat.Interface.from_pretrained(components / 'interface')
     extractors = {n: timm_compat.Extractor.from_pretrained(components / n / 'extractor') for n in NETWORKS}
     stage1_time = time.time() - start
 
     device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
-    if budget['epochs'] is not None and device.type == 'cpu':
-        torch.set_num_threads(1)
+    torch.manual_seed(seed)
     source = f'parquet:{args.data_dir}'
     train = load_image_data(source, 'train', limit=budget['train_limit'])
     test = load_image_data(source, 'test', limit=budget['test_limit'])
@@ -118,32 +117,69 @@ def main(argv=None):
         results[name] = {'recombined': 100 * accuracy(model, test, 250, 'batch')}
     for name in budget['upper_bound']:
         backbone, split = NETWORKS[name]
-        # With the budget's RP setting: the paper's upper bounds have an RP head; the CPU budget drops it.
-        # The plain architecture: an interface as wide as the trunk's own output, so no adapter is added.
+        # The plain architecture: an interface as wide as the trunk's own output, so no adapter is added; with the
+        # budget's RP setting (the paper's upper bounds have an RP head, the CPU budget drops it).
         width = {'resnet56': 32, 'mobilenetv2': 96, 'wide_resnet56': 32 * (budget['widen_factor'] or 4)}[name]
-        overrides = run_overrides(budget, [name]) + [f'networks.0.backbone={backbone}', f'networks.0.split={split}',
-                                                     f'interface.width={width}']
+        overrides = run_overrides(budget, [name], seed, args.epochs) + [
+            f'networks.0.backbone={backbone}', f'networks.0.split={split}', f'interface.width={width}']
         summary = launch(REPO / 'configs' / 'head_transfer' / 'upper_bound.yaml', out / f'upper_{name}',
                          overrides, args.data_dir, out / f'upper_{name}.log')
         results[name]['upper_bound'] = 100 * summary['own_accuracy']['net']
-    wall = time.time() - start
-    (out / 'results.json').write_text(json.dumps(
-        {'budget': args.budget, 'results': results, 'head_losses': losses, 'wall_seconds': round(wall, 1),
-         'stage1_seconds': round(stage1_time, 1), 'hardware': hardware()}, indent=2))
-    write_report(out, args, budget, results, wall)
+    record = {'seed': seed, 'results': results, 'head_losses': losses, 'wall_seconds': round(time.time() - start, 1),
+              'stage1_seconds': round(stage1_time, 1), 'hardware': hardware()}
+    (out / 'results.json').write_text(json.dumps(record, indent=2))
+    return record
 
 
-def write_report(out: Path, args, budget, results, wall: float) -> None:
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--data-dir', required=True, help='CIFAR-10 as Parquet (train.parquet, test.parquet)')
+    parser.add_argument('--budget', default='cpu', choices=sorted(BUDGETS))
+    parser.add_argument('--epochs', type=float, default=None, help="override the budget's stage-1/upper-bound epochs")
+    parser.add_argument('--seeds', type=int, default=1, help='seeds 0..N-1, each a full run; mean +- std reported')
+    parser.add_argument('--output', default='runs/head_transfer')
+    parser.add_argument('--report-only', action='store_true', help='rebuild report.md from OUTPUT/seed*/results.json')
+    args = parser.parse_args(argv)
+    budget, out = BUDGETS[args.budget], Path(args.output).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    if budget['epochs'] is not None and not torch.cuda.is_available():
+        torch.set_num_threads(1)  # as the training runs: cpu_threads=1
+    records = []
+    for seed in range(args.seeds):
+        folder = out / f'seed{seed}'
+        if args.report_only:
+            if not (folder / 'results.json').exists():
+                parser.error(f'--report-only: {folder / "results.json"} does not exist; run without it first.')
+            records.append(json.loads((folder / 'results.json').read_text()))
+        else:
+            records.append(run_seed(args, budget, seed, folder))
+    write_report(out, args, budget, records)
+
+
+def mean_std(values) -> str:
+    if not values:
+        return '–'
+    return f'{statistics.mean(values):.1f}' + (f' ± {statistics.stdev(values):.1f}' if len(values) > 1 else '')
+
+
+def write_report(out: Path, args, budget, records) -> None:
     from timm_compat.plots import ReportTable, write_report as write
-    rows = [[name, r['recombined'], r.get('upper_bound', '–'), *PAPER.get(name, ('–', '–'))]
-            for name, r in results.items()]
+    rows = []
+    for name in records[0]['results']:
+        cells = [[r['results'][name][k] for r in records if k in r['results'][name]]
+                 for k in ('recombined', 'upper_bound')]
+        rows.append([name, mean_std(cells[0]), mean_std(cells[1]), *PAPER.get(name, ('–', '–'))])
+    wall = statistics.mean(r['wall_seconds'] for r in records)
+    stage1 = statistics.mean(r['stage1_seconds'] for r in records)
+    epochs = f' --epochs {args.epochs}' if args.epochs else ''
     write(out, 'Sec. 5.2: one head across extractors of different architectures', {
-        'Setup': (f'Command: `python recipes/head_transfer.py --data-dir DATA --budget {args.budget}` on '
-                  f'{hardware()}; {wall / 60:.1f} min end to end. Data: CIFAR-10 (JPEG copy). Budget `{args.budget}`: '
-                  f'stage-1 overrides `{" ".join(run_overrides(budget, NETWORKS)) or "none"}`, head fine-tuned '
-                  f'{budget["head_epochs"]} epochs on {budget["train_limit"] or "all"} training images under the '
+        'Setup': (f'Command: `python recipes/head_transfer.py --data-dir DATA --budget {args.budget}{epochs} '
+                  f'--seeds {args.seeds}` on {records[0]["hardware"]}; {wall / 60:.1f} min per seed end to end '
+                  f'(stage 1: {stage1 / 60:.1f} min). Data: CIFAR-10 (JPEG copy). Budget `{args.budget}`: stage-1 '
+                  f'overrides `{" ".join(run_overrides(budget, NETWORKS, 0, args.epochs))}`, head fine-tuned '
+                  f'{budget["head_epochs"]} epoch(s) on {budget["train_limit"] or "all"} training images under the '
                   f'frozen {REFERENCE}; test on {budget["test_limit"] or "all 10,000"} test images, BN with batch '
-                  f'statistics.'),
+                  f'statistics. {len(records)} seed(s): mean' + (' ± std.' if len(records) > 1 else '.')),
         'CIFAR-10 test accuracy (%)': ReportTable(
             ['extractor', 'with the updated head', 'upper bound (own training)', 'paper: recombined',
              'paper: upper bound'], rows,

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from timm_compat.data import EpochSampler, augment, load_image_data, normalize
+from timm_compat.data import EpochSampler, ImageData, augment, load_image_data, normalize, training_batch
 from timm_compat.synthetic import SYNTHETIC_CLASSES, make_synthetic
 
 from datasets_util import write_imagefolder, write_parquet
@@ -76,6 +76,18 @@ def test_augment_and_normalize():
     assert torch.equal(augment(x, pad=0, flip=False), x)
     z = normalize(x, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
     assert torch.allclose(z, (x.float() / 255 - 0.5) / 0.25, atol=1e-5)
+
+
+def test_training_batch_gathers_augments_normalises():
+    data = ImageData(torch.randint(0, 255, (20, 3, 8, 8), dtype=torch.uint8), torch.arange(20) % 4, list('abcd'))
+    index = torch.tensor([3, 17, 5])
+    mean, std = torch.tensor([0.5, 0.4, 0.3]), torch.tensor([0.2, 0.2, 0.2])
+    images, labels = training_batch(data, index, mean, std, augment_images=False)
+    assert torch.equal(labels, data.labels[index])
+    assert torch.allclose(images, normalize(data.images[index], mean, std))
+    augmented, _ = training_batch(data, index, mean, std, memory_format=torch.channels_last)
+    assert augmented.dtype == torch.float32 and augmented.is_contiguous(memory_format=torch.channels_last)
+    assert not torch.allclose(augmented, images)
 
 
 def test_epoch_sampler_deterministic_and_sharded():

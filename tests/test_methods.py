@@ -22,6 +22,13 @@ def test_rotation_batch_layout():
         rotate_batch(torch.zeros(1, 3, 4, 6))
 
 
+def test_rotation_batch_keeps_channels_last():
+    x = torch.randn(2, 3, 4, 4)
+    r = rotate_batch(x.contiguous(memory_format=torch.channels_last))
+    assert r.is_contiguous(memory_format=torch.channels_last) and not r.is_contiguous()
+    assert torch.equal(r, rotate_batch(x)) and rotate_batch(x).is_contiguous()
+
+
 def test_common_classes_by_name_with_synonyms():
     common = common_classes([CIFAR10, STL10])
     assert len(common) == 9 and 'automobile' in common and 'frog' not in common and 'monkey' not in common

@@ -206,3 +206,33 @@ def test_save_components_and_push_to_hub(tmp_path, monkeypatch):
                                'org/demo-b-head', 'org/demo-interface']
     files, message = uploads['org/demo-a-head']
     assert files == ['README.md', 'config.json', 'model.safetensors'] and iid in message
+
+
+KEPT_AFTER_FREE = """
+import ctypes, os
+from pathlib import Path
+from timm_compat.training import keep_freed_memory
+libc, page = ctypes.CDLL('libc.so.6'), os.sysconf('SC_PAGE_SIZE')
+libc.malloc.restype, libc.malloc.argtypes, libc.free.argtypes = ctypes.c_void_p, [ctypes.c_size_t], [ctypes.c_void_p]
+
+def freed_but_kept(size=64 << 20):
+    before = int(Path('/proc/self/statm').read_text().split()[1])
+    buffer = libc.malloc(size)
+    ctypes.memset(buffer, 1, size)
+    libc.free(buffer)
+    return (int(Path('/proc/self/statm').read_text().split()[1]) - before) * page
+
+default = freed_but_kept()
+print(default, keep_freed_memory(), freed_but_kept())
+"""
+
+
+@pytest.mark.skipif(not Path('/proc/self/statm').exists() or os.confstr('CS_GNU_LIBC_VERSION') is None,
+                    reason='keep_freed_memory tunes glibc; resident memory is read from /proc')
+def test_keep_freed_memory_keeps_large_buffers_in_the_process():
+    # A fresh process: train.main, run in this one by other tests, has already called it.
+    out = subprocess.run([sys.executable, '-c', KEPT_AFTER_FREE], capture_output=True, text=True, check=True,
+                         cwd=REPO).stdout.split()
+    default, applied, kept = int(out[0]), out[1], int(out[2])
+    assert default < 16 << 20  # glibc's default: a freed 64 MiB buffer is unmapped at once
+    assert applied == 'True' and kept > 48 << 20  # now it stays resident for the next step

@@ -14,11 +14,17 @@ NUM_ROTATIONS = 4
 
 
 def rotate_batch(images: torch.Tensor) -> torch.Tensor:
-    """``(N, C, H, W)`` -> ``(4N, C, H, W)``: the batch at 0, 90, 180, 270 degrees, in that order."""
+    """``(N, C, H, W)`` -> ``(4N, C, H, W)``: the batch at 0, 90, 180, 270 degrees, in that order.
+
+    A channels_last batch stays channels_last: ``rot90`` and ``cat`` would otherwise hand the extractor NCHW.
+    """
     if images.shape[-1] != images.shape[-2]:
         raise ValueError(f'Rotation prediction needs square images, got {tuple(images.shape[-2:])}: '
                          f'resize or crop to a square input size.')
-    return torch.cat([torch.rot90(images, k, dims=(-2, -1)) for k in range(NUM_ROTATIONS)])
+    rotated = torch.cat([torch.rot90(images, k, dims=(-2, -1)) for k in range(NUM_ROTATIONS)])
+    if images.dim() == 4 and images.is_contiguous(memory_format=torch.channels_last) and not images.is_contiguous():
+        rotated = rotated.contiguous(memory_format=torch.channels_last)
+    return rotated
 
 
 def rotation_labels(batch_size: int, device=None) -> torch.Tensor:
