@@ -188,6 +188,8 @@ def train_phase(cfg: RunConfig, accelerator: Accelerator, out: Path, resume: boo
         with accelerator.accumulate(joint):
             losses = joint(batches)
             accelerator.backward(losses['loss'])
+            if cfg.optim.clip_grad_norm and accelerator.sync_gradients:
+                accelerator.clip_grad_norm_(params, cfg.optim.clip_grad_norm)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)

@@ -132,8 +132,14 @@ def main(argv=None):
     parser.add_argument('--threads', type=int, default=None, help='CPU threads (1 on a shared machine)')
     parser.add_argument('--seed', type=int, default=0)
     parser.add_argument('--output', default='runs/adaptation')
+    parser.add_argument('--report-only', action='store_true', help='rebuild report.md from OUTPUT/results.json')
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
+    if args.report_only:
+        results = json.loads((Path(args.output) / 'results.json').read_text())
+        report(Path(args.output).resolve(), argparse.Namespace(**results['args']), results, results['adapt_steps'],
+               results['argv'])
+        return
     setting, budget = SETTINGS[args.setting], BUDGETS[args.budget]
     if 'parquet:{data_dir}' in (setting['source']['source'], setting['target']['source']) and not args.data_dir:
         parser.error(f'--setting {args.setting} reads the CIFAR-10 Parquet copy: pass --data-dir.')
@@ -142,6 +148,7 @@ def main(argv=None):
         parser.error('Give all of --interface, --extractor and --head, or none to train the source here.')
     if args.threads:
         torch.set_num_threads(args.threads)
+    out = Path(args.output).resolve()
     out = Path(args.output).resolve()
     out.mkdir(parents=True, exist_ok=True)
     start = time.time()
@@ -164,7 +171,7 @@ def main(argv=None):
                    lr=args.adapt_lr, seed=args.seed, log_every=max(1, steps // 20))
     result.model.extractor.save_pretrained(out / 'adapted' / 'extractor')
     scores = {k: 100 * v for k, v in evaluate_adaptation(source, result.model, target_test).items()}
-    results = {'args': vars(args), 'scores': scores, 'history': result.history,
+    results = {'args': vars(args), 'argv': argv, 'adapt_steps': steps, 'scores': scores, 'history': result.history,
                'adapt_seconds': round(result.seconds, 1), 'wall_seconds': round(time.time() - start, 1),
                'interface_id': interface.id, 'target_test_images': len(target_test)}
     (out / 'results.json').write_text(json.dumps(results, indent=2))
@@ -182,7 +189,7 @@ def report(out: Path, args, results: dict, steps: int, argv) -> None:
     figure = plot_accuracy_curves({'rotation prediction, target train images': (history['step'],
                                                                                 history['rp_accuracy'])},
                                   out / 'rp_accuracy.png', title='Adaptation: RP accuracy on the target',
-                                  xlabel='adaptation steps')
+                                  xlabel='adaptation steps', log_x=False)
     shift = ', '.join(args.shift) if SETTINGS[args.setting].get('shifted') else 'none (a second dataset)'
     setup = (f'Setting `{args.setting}`, budget `{args.budget}`; target corruption: {shift}. Source components: '
              f'`{args.extractor}`, `{args.head}`, interface `{results["interface_id"]}` (frozen). Adaptation: '

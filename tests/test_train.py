@@ -208,6 +208,20 @@ def test_save_components_and_push_to_hub(tmp_path, monkeypatch):
     assert files == ['README.md', 'config.json', 'model.safetensors'] and iid in message
 
 
+def test_clip_grad_norm_bounds_the_update(tmp_path):
+    def weights(name, *overrides):
+        run(tmp_path, '--set', 'steps=1', '--set', 'optim.momentum=0', '--set', 'optim.weight_decay=0',
+            '--set', 'optim.schedule=constant', *overrides, name=name)
+        parts = [tc.Extractor.from_pretrained(tmp_path / name / 'main' / 'components' / 'a' / 'extractor'),
+                 tc.Interface.from_pretrained(tmp_path / name / 'main' / 'components' / 'interface')]
+        return torch.cat([p.detach().flatten() for part in parts for p in part.parameters()])
+
+    start = weights('lr0', '--set', 'optim.lr=0')
+    free = (weights('free', '--set', 'optim.lr=1') - start).norm()
+    clipped = (weights('clip', '--set', 'optim.lr=1', '--set', 'optim.clip_grad_norm=0.001') - start).norm()
+    assert free > 0.1 and 0 < clipped <= 0.001 * 1.01  # one SGD step of lr 1 moves by the clipped norm at most
+
+
 KEPT_AFTER_FREE = """
 import ctypes, os
 from pathlib import Path

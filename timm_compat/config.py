@@ -69,6 +69,7 @@ class OptimConfig:
     weight_decay: float = 5e-4
     schedule: str = 'cosine'
     warmup_steps: int = 0
+    clip_grad_norm: Optional[float] = None  # max global gradient norm (accelerator.clip_grad_norm_); None: off
 
 
 def _demo_networks() -> List[NetworkConfig]:

@@ -105,8 +105,8 @@ def plot_correlation_blocks(blocks: Mapping[str, Tuple[torch.Tensor, str]], path
 
 def plot_accuracy_curves(curves: Mapping[str, Tuple[Sequence[float], Sequence[float]]], path: PathLike,
                          title: str = '', annotate_steps: Sequence[float] = (),
-                         xlabel: str = 'fine-tuning steps') -> Path:
-    """Accuracy against fine-tuning steps on a log x axis, like the paper's Fig. 5.
+                         xlabel: str = 'fine-tuning steps', log_x: bool = True) -> Path:
+    """Accuracy against fine-tuning steps on a log x axis, like the paper's Fig. 5 (or a linear one).
 
     Step 0 (directly after recombination) has no place on a log axis, so the axis is symmetric-log: linear on
     ``[0, 1]`` and logarithmic above, with the gap from step 0 to step 1 as wide as the decade from 1 to 10.
@@ -118,6 +118,7 @@ def plot_accuracy_curves(curves: Mapping[str, Tuple[Sequence[float], Sequence[fl
         annotate_steps: Steps whose accuracies are written next to the points (the paper overlays the values
             directly after recombination and after one epoch).
         xlabel: x-axis label.
+        log_x: The symmetric-log axis above; False for a plain linear axis (a curve sampled at even steps).
 
     Returns:
         ``path``.
@@ -137,9 +138,10 @@ def plot_accuracy_curves(curves: Mapping[str, Tuple[Sequence[float], Sequence[fl
             if step in annotate_steps:
                 ax.annotate(f'{acc:.1f}', (step, acc), textcoords='offset points', xytext=(0, 5), ha='center',
                             fontsize=8, color=line.get_color())
-    ax.set_xscale('symlog', linthresh=1.0, linscale=1.0)
-    ax.set_xlim(left=-0.2)  # keeps the step-0 markers off the frame
-    ax.xaxis.set_major_formatter(FuncFormatter(lambda step, _: f'{step:g}'))
+    if log_x:
+        ax.set_xscale('symlog', linthresh=1.0, linscale=1.0)
+        ax.set_xlim(left=-0.2)  # keeps the step-0 markers off the frame
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda step, _: f'{step:g}'))
     ax.set_xlabel(xlabel)
     ax.set_ylabel('accuracy (%)')
     ax.grid(True, which='major', alpha=0.3)
