@@ -27,8 +27,8 @@ import time
 import torch
 
 from timm_compat.data import EpochSampler, ImageData, training_batch
-from train_step import BACKBONES, CLASS_NAMES, IMAGE_SIZE, build_compat, interleaved, make_step, \
-    setup  # the sibling benchmark (benchmarks/ is on sys.path)
+from common import interleaved, setup  # benchmarks/ is on sys.path
+from train_step import BACKBONES, CLASS_NAMES, IMAGE_SIZE, build_compat, make_step
 
 CIFAR10_TRAIN = 50000
 

@@ -18,13 +18,11 @@ normalises with the statistics of each batch, and both ways see the same batches
 must agree exactly; the script checks this to 1e-6.
 """
 import argparse
-import os
 import statistics
 import time
 from typing import Callable, Dict, List, Sequence, Tuple
 
 import torch
-from accelerate import Accelerator
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -33,7 +31,7 @@ from timm_compat.data import ImageData, normalize
 from timm_compat.evaluation import accuracy, format_matrix, recombination_matrix
 from timm_compat.methods import canonical_class_name, common_classes
 from timm_compat.synthetic import make_synthetic
-from train_step import load_average, oversubscribed  # the sibling benchmark (benchmarks/ is on sys.path)
+from common import load_average, setup  # benchmarks/ is on sys.path
 
 
 def parse_args(argv=None):
@@ -50,6 +48,8 @@ def parse_args(argv=None):
     parser.add_argument('--repeats', type=int, default=3, help='timed (fast, naive) pairs')
     parser.add_argument('--device', default='auto', choices=['auto', 'cpu', 'cuda'])
     parser.add_argument('--threads', type=int, default=None, help='torch CPU threads (default: the cores we may use)')
+    parser.add_argument('--default-malloc', action='store_true',
+                        help="on CPU, skip train.py's keep_freed_memory() and use glibc's defaults")
     return parser.parse_args(argv)
 
 
@@ -129,12 +129,7 @@ def time_call(fn: Callable[[], torch.Tensor], device: torch.device) -> Tuple[flo
 
 def main(argv=None) -> Dict[str, float]:
     args = parse_args(argv)
-    device = Accelerator(cpu=args.device == 'cpu').device
-    if args.device == 'cuda' and device.type != 'cuda':
-        raise SystemExit('--device cuda: no CUDA device is visible.')
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
-    if device.type == 'cpu':
-        torch.set_num_threads(args.threads or cores)
+    _, device = setup(args)
 
     # Test sets of the two synthetic domains in turn, each network with its own seed: 10 classes per network, 9 in
     # common, listed in different orders, so the column mapping by class name matters.
@@ -162,18 +157,6 @@ def main(argv=None) -> Dict[str, float]:
     n = args.networks
     ideal = n * (e_flops + h_flops) / (e_flops + n * h_flops)
 
-    dev = 'cuda: ' + torch.cuda.get_device_name(device) + '; ' if device.type == 'cuda' else ''
-    try:
-        with open('/proc/cpuinfo') as f:
-            cpu = next((line.split(':', 1)[1].strip() for line in f if line.startswith('model name')), 'unknown CPU')
-    except OSError:
-        cpu = 'unknown CPU'
-    print(f'device {device.type}: {dev}{cpu} x {cores} cores, {torch.get_num_threads()} torch threads; '
-          f'torch {torch.__version__}; {load_average()}')
-    if device.type == 'cpu' and oversubscribed(torch.get_num_threads(), cores):
-        print(f'WARNING: the load average says other jobs may hold the cores that {torch.get_num_threads()} threads '
-              f'need; multi-threaded CPU timings can then be set by the scheduler, not the work (compare the '
-              f'throughput with a --threads 1 run).')
     print(f'{n} x {args.backbone} split {args.split}, width {args.width}; {len(common)} common classes; '
           f'{evaluated // n} common-class test images over all rows, {evaluated} image-head evaluations per matrix; '
           f'batch {args.batch_size}, BN={args.bn}')

@@ -28,7 +28,6 @@ count the time this process spends waiting for a core, so its ratio is a cross-c
 thread; with more, a thread spinning at an OpenMP barrier counts as busy).
 """
 import argparse
-import os
 import statistics
 import time
 from typing import Callable, Dict, List, Sequence, Tuple
@@ -42,7 +41,8 @@ from torch.utils.flop_counter import FlopCounterMode, conv_flop_count
 
 import timm_compat
 from timm_compat.methods import common_classes, compatibility_loss, methods_for, rotate_batch
-from timm_compat.training import JointModel, keep_freed_memory, make_optimizer
+from timm_compat.training import JointModel, make_optimizer
+from common import interleaved, load_average, setup  # benchmarks/ is on sys.path
 
 # The split points the README and the paper use.
 BACKBONES: Dict[str, str] = {'resnet56_cifar': 'layer2', 'mobilenetv2_100': 'blocks.4.0', 'resnet18': 'layer2'}
@@ -177,31 +177,6 @@ def make_step(accelerator: Accelerator, model: nn.Module, batches, compile: bool
     return step, flops
 
 
-def interleaved(fns: Dict[str, Callable[[], None]], repeats: int, steps: int, device: torch.device
-                ) -> Tuple[Dict[str, List[float]], Dict[str, List[float]]]:
-    """Per-step (wall, CPU) seconds of each function, ``repeats`` times, the order reversed on every other repeat."""
-    wall, cpu = {k: [] for k in fns}, {k: [] for k in fns}
-    for r in range(repeats):
-        # Alternating the order means no function always runs on a cache warmed (or a core freed) by another.
-        for name in (list(fns) if r % 2 == 0 else list(fns)[::-1]):
-            w, c = time_block(fns[name], steps, device)
-            wall[name].append(w)
-            cpu[name].append(c)
-    return wall, cpu
-
-
-def time_block(step: Callable[[], None], steps: int, device: torch.device) -> Tuple[float, float]:
-    """(wall, process CPU) seconds per step over ``steps`` back-to-back steps; the device queue is drained first."""
-    if device.type == 'cuda':
-        torch.cuda.synchronize(device)
-    wall, cpu = time.perf_counter(), time.process_time()
-    for _ in range(steps):
-        step()
-    if device.type == 'cuda':
-        torch.cuda.synchronize(device)
-    return (time.perf_counter() - wall) / steps, (time.process_time() - cpu) / steps
-
-
 def breakdown(backbone: str, args, batches, accelerator: Accelerator, memory_format) -> None:
     """Time the parts of one network, forward+backward, to split its compat/plain ratio into causes.
 
@@ -280,62 +255,6 @@ def profile_ops(steps: Dict[str, Callable[[], None]], device: torch.device, iter
         p, c = per_op['plain'].get(op, 0.0), per_op['compat'][op]
         ratio = c / p if p else float('inf')
         print(f'  {op[:42]:42s} {p:9.1f} {c:9.1f} {ratio:6.2f} {100 * c / totals["compat"]:15.1f}%')
-
-
-def hardware(device: torch.device) -> str:
-    name = 'unknown CPU'
-    try:
-        with open('/proc/cpuinfo') as f:
-            name = next(line.split(':', 1)[1].strip() for line in f if line.startswith('model name'))
-    except (OSError, StopIteration):
-        pass
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
-    gpu = f'{torch.cuda.get_device_name(device)}; ' if device.type == 'cuda' else ''
-    return (f'device {device.type}: {gpu}{name} x {cores} cores, {torch.get_num_threads()} torch threads; '
-            f'torch {torch.__version__}, timm {timm.__version__}; {load_average()}')
-
-
-def load_average() -> str:
-    """The 1-minute load average: above the core count, other jobs are competing with this one for the CPU."""
-    try:
-        with open('/proc/loadavg') as f:
-            return f'load average {f.read().split()[0]}'
-    except OSError:
-        return 'load average unknown'
-
-
-def oversubscribed(threads: int, cores: int) -> bool:
-    """Whether other jobs leave fewer free cores than ``threads``.
-
-    Every parallel region of an OpenMP op may then wait at its barrier for a descheduled thread, so a step costs
-    about (parallel regions x scheduler time slice) rather than its arithmetic, and the ratio measures op counts,
-    not work. On this project's shared 2-core machine that made steps 10-25x slower than with one thread.
-    """
-    try:
-        with open('/proc/loadavg') as f:
-            load = float(f.read().split()[0])
-    except OSError:
-        return False
-    return threads > 1 and load + threads > cores + 0.5
-
-
-def setup(args) -> Tuple[Accelerator, torch.device]:
-    """The Accelerator and device of a benchmark run; on CPU, threads and allocator set as train.py sets them."""
-    accelerator = Accelerator(cpu=args.device == 'cpu', mixed_precision='bf16' if args.bf16 else 'no')
-    device = accelerator.device
-    if args.device == 'cuda' and device.type != 'cuda':
-        raise SystemExit('--device cuda: no CUDA device is visible.')
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
-    if device.type == 'cpu':
-        torch.set_num_threads(args.threads or cores)
-        if not args.default_malloc:
-            keep_freed_memory()
-    print(hardware(device))
-    if device.type == 'cpu' and oversubscribed(torch.get_num_threads(), cores):
-        print(f'WARNING: the load average says other jobs may hold the cores that {torch.get_num_threads()} threads '
-              f'need; multi-threaded CPU timings can then be set by the scheduler, not the work (check GFLOP/s, or '
-              f'use --threads 1).')
-    return accelerator, device
 
 
 def main(argv=None) -> List[dict]:
