@@ -8,7 +8,7 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 import timm_compat as tc
 from timm_compat.adaptation import adapt, evaluate_adaptation
-from timm_compat.evaluation import average_class_accuracy
+from timm_compat.evaluation import average_class_accuracy, per_class_accuracy
 from timm_compat.data import ImageData
 from timm_compat.stitching import Stitch, StitchedModel, fit_stitch
 from timm_compat.synthetic import SYNTHETIC_CLASSES, make_synthetic
@@ -189,6 +189,11 @@ def test_average_class_accuracy_weighs_classes_equally(target):
     expected = torch.stack([(predicted[labels == c] == c).float().mean() for c in labels.unique()]).mean().item()
     assert expected <= 0.9 < 10 / 11
     assert average_class_accuracy(model, data, bn='running') == pytest.approx(expected)
+    per_class = per_class_accuracy(model, data, bn='running')
+    assert per_class.shape == (len(CLASSES),) and per_class[labels[10]] == 0
+    absent = [c for c in range(len(CLASSES)) if c not in labels.tolist()]
+    assert per_class[absent].isnan().all() and per_class[labels.unique()].eq(torch.tensor(
+        [(predicted[labels == c] == c).float().mean() for c in labels.unique()])).all()
 
 
 # Transfer (Sec. 5.3)

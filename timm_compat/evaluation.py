@@ -14,7 +14,7 @@ from .batchnorm import eval_mode
 from .data import ImageData, iterate_batches, normalize
 from .methods.common_classes import canonical_class_name, common_classes
 
-__all__ = ['accuracy', 'average_class_accuracy', 'recombination_matrix', 'format_matrix']
+__all__ = ['accuracy', 'per_class_accuracy', 'average_class_accuracy', 'recombination_matrix', 'format_matrix']
 
 
 def _inputs(images: torch.Tensor, model, device) -> torch.Tensor:
@@ -35,8 +35,8 @@ def accuracy(model, data: ImageData, batch_size: int = 256, bn: str = 'batch') -
 
 
 @torch.no_grad()
-def average_class_accuracy(model, data: ImageData, batch_size: int = 250, bn: str = 'batch') -> float:
-    """Mean over the classes present in ``data`` of each class's top-1 accuracy (the metric of Tab. 2 and Fig. 5).
+def per_class_accuracy(model, data: ImageData, batch_size: int = 250, bn: str = 'batch') -> torch.Tensor:
+    """Top-1 accuracy of each class of ``data``, a ``(num_classes,)`` CPU tensor; NaN for classes with no images.
 
     Args:
         model: A :class:`~timm_compat.CompatibleModel` (or anything with ``extractor.pretrained_cfg``).
@@ -55,8 +55,16 @@ def average_class_accuracy(model, data: ImageData, batch_size: int = 250, bn: st
             predictions = model(normalize(images.to(device), cfg['mean'], cfg['std'])).argmax(1)
             total += torch.bincount(labels, minlength=num_classes)
             correct += torch.bincount(labels[predictions == labels], minlength=num_classes)
-    present = total > 0
-    return (correct[present] / total[present]).mean().item()
+    return (correct / total).cpu()  # 0 / 0 is NaN: a class without test images
+
+
+def average_class_accuracy(model, data: ImageData, batch_size: int = 250, bn: str = 'batch') -> float:
+    """Mean over the classes present in ``data`` of each class's top-1 accuracy (the metric of Tab. 2 and Fig. 5).
+
+    Arguments as :func:`per_class_accuracy`.
+    """
+    per_class = per_class_accuracy(model, data, batch_size, bn)
+    return per_class[~per_class.isnan()].mean().item()
 
 
 def _common_subset(data: ImageData, common: Sequence[str]) -> ImageData:
