@@ -136,7 +136,10 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
     if args.report_only:
-        results = json.loads((Path(args.output) / 'results.json').read_text())
+        saved = Path(args.output) / 'results.json'
+        if not saved.is_file():
+            parser.error(f'--report-only: {saved} does not exist; run without --report-only first.')
+        results = json.loads(saved.read_text())
         report(Path(args.output).resolve(), argparse.Namespace(**results['args']), results, results['adapt_steps'],
                results['argv'])
         return
@@ -148,7 +151,6 @@ def main(argv=None):
         parser.error('Give all of --interface, --extractor and --head, or none to train the source here.')
     if args.threads:
         torch.set_num_threads(args.threads)
-    out = Path(args.output).resolve()
     out = Path(args.output).resolve()
     out.mkdir(parents=True, exist_ok=True)
     start = time.time()

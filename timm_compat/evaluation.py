@@ -45,14 +45,13 @@ def per_class_accuracy(model, data: ImageData, batch_size: int = 250, bn: str = 
         bn: ``'batch'`` (test-time BN statistics) or ``'running'``.
     """
     device = next(model.parameters()).device
-    cfg = model.extractor.pretrained_cfg
     num_classes = data.num_classes
     correct = torch.zeros(num_classes, device=device)
     total = torch.zeros(num_classes, device=device)
     with eval_mode(model, bn):
         for images, labels in iterate_batches(data, batch_size):
             labels = labels.to(device)
-            predictions = model(normalize(images.to(device), cfg['mean'], cfg['std'])).argmax(1)
+            predictions = model(_inputs(images, model, device)).argmax(1)
             total += torch.bincount(labels, minlength=num_classes)
             correct += torch.bincount(labels[predictions == labels], minlength=num_classes)
     return (correct / total).cpu()  # 0 / 0 is NaN: a class without test images

@@ -37,12 +37,8 @@ def load_component(repo_id_or_dir, *, revision: Optional[str] = None, cache_dir=
 
     Args:
         repo_id_or_dir: Hub repo id (``ORG/NAME``) or local component folder.
-        revision: Branch, tag or commit of the Hub repo.
-        cache_dir: Hugging Face cache to use instead of the default.
-        force_download: Download again even if cached.
-        local_files_only: Only use the cache; never ask the Hub.
-        token: Hub token for private or gated repos.
-        map_location: Device to put the weights on.
+        revision, cache_dir, force_download, local_files_only, token, map_location: As
+            :meth:`Component.from_pretrained <timm_compat.Component.from_pretrained>`.
 
     Raises:
         ComponentError: As ``from_pretrained``, or a role this version does not know.
