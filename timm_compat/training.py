@@ -1,8 +1,5 @@
 """Pieces of a compatibility training run that ``train.py`` and the recipes share."""
 import ctypes
-import os
-import shutil
-from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -10,10 +7,7 @@ from torch import nn
 
 from .methods import CompatibilityMethod, compatibility_loss
 
-__all__ = ['JointModel', 'TrainState', 'save_checkpoint', 'latest_checkpoint', 'make_optimizer', 'make_scheduler',
-           'keep_freed_memory']
-
-LATEST = 'latest'
+__all__ = ['JointModel', 'make_optimizer', 'make_scheduler', 'keep_freed_memory']
 
 
 class JointModel(nn.Module):
@@ -39,60 +33,6 @@ class JointModel(nn.Module):
             total = total + losses['loss']
         out['loss'] = total
         return out
-
-
-class TrainState:
-    """Step counter saved with ``Accelerator.save_state`` through ``register_for_checkpointing``."""
-
-    def __init__(self):
-        self.step = 0
-
-    def state_dict(self) -> Dict[str, int]:
-        return {'step': self.step}
-
-    def load_state_dict(self, state: Dict[str, int]) -> None:
-        self.step = int(state['step'])
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f'.{path.name}.tmp')
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def save_checkpoint(accelerator, root: Path, step: int, keep: int = 2) -> Path:
-    """``accelerator.save_state`` into ``root/step_XXXXXXXX``, atomically.
-
-    The state is written to a hidden temporary folder, renamed into place, and only then does ``root/latest``
-    point at it, so a crash at any moment leaves ``latest`` naming a complete checkpoint. Older checkpoints
-    beyond ``keep`` are removed afterwards.
-    """
-    root = Path(root)
-    final, tmp = root / f'step_{step:08d}', root / f'.tmp-step_{step:08d}'
-    if accelerator.is_main_process:
-        root.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _atomic_write_text(root / LATEST, final.name)
-        for old in sorted(root.glob('step_*'))[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    return final
-
-
-def latest_checkpoint(root: Path) -> Optional[Path]:
-    """The checkpoint that ``root/latest`` names, or None."""
-    pointer = Path(root) / LATEST
-    if not pointer.is_file():
-        return None
-    path = Path(root) / pointer.read_text().strip()
-    return path if path.is_dir() else None
 
 
 def make_optimizer(params: List[nn.Parameter], name: str, lr: float, momentum: float,

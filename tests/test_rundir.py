@@ -1,0 +1,147 @@
+"""The run folder and checkpoint files: locks, markers, resume checks, atomic writes, the train state."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from timm_compat.checkpoint import TrainState, atomic_write_text, latest_checkpoint, load_train_state
+from timm_compat.metrics_log import MetricsLog
+from timm_compat.rundir import RunDir, RunDirError
+
+from conftest import REPO
+
+CONFIG = {'steps': 4, 'optim': {'lr': 0.05}, 'networks': [{'name': 'a', 'backbone': 'resnet8_cifar'}]}
+
+
+def started(path, config=CONFIG):
+    run = RunDir(path).acquire()
+    run.prepare(config, resume=False, overwrite=False, finished=[])
+    run.release()
+    return path
+
+
+def test_lock_refuses_a_second_live_process_and_names_it(tmp_path):
+    holder = subprocess.Popen(
+        [sys.executable, '-c', f'from timm_compat.rundir import RunDir; held = RunDir({str(tmp_path)!r}).acquire(); '
+                               f'print("ready", flush=True); import time; time.sleep(60)'],
+        cwd=REPO, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == 'ready'
+        with pytest.raises(RunDirError, match=rf'in use by a live run \(pid {holder.pid}\)'):
+            RunDir(tmp_path).acquire()
+    finally:
+        holder.kill()
+        holder.wait()
+    RunDir(tmp_path).acquire().release()  # the kernel dropped the dead holder's lock
+
+
+def test_overwrite_deletes_only_a_marked_run(tmp_path):
+    (tmp_path / 'thesis.tex').write_text('years of work')
+    run = RunDir(tmp_path).acquire()
+    with pytest.raises(RunDirError, match='holds no timm-compat run .* never deleted, not even with --overwrite'):
+        run.prepare(CONFIG, resume=False, overwrite=True, finished=[])
+    assert (tmp_path / 'thesis.tex').read_text() == 'years of work'
+    run.release()
+
+
+def test_overwrite_replaces_a_run_and_keeps_the_lock(tmp_path):
+    started(tmp_path)
+    (tmp_path / 'main').mkdir()
+    (tmp_path / 'main' / 'metrics.csv').write_text('step\n1\n')
+    run = RunDir(tmp_path).acquire()
+    with pytest.raises(RunDirError, match='already holds a run'):
+        run.prepare(CONFIG, resume=False, overwrite=False, finished=[])
+    run.prepare(CONFIG, resume=False, overwrite=True, finished=[])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['.lock', 'config.yaml', 'run.json']
+    run.release()
+
+
+def test_resume_refuses_a_changed_config_and_names_the_keys(tmp_path):
+    started(tmp_path)
+    run = RunDir(tmp_path).acquire()
+    changed = {**CONFIG, 'optim': {'lr': 0.1}}
+    with pytest.raises(RunDirError, match=r'optim\.lr: 0\.05 -> 0\.1'):
+        run.prepare(changed, resume=True, overwrite=False, finished=[])
+    relabel = {**CONFIG, 'networks': [{'name': 'a', 'backbone': 'resnet20_cifar'}]}
+    with pytest.raises(RunDirError, match=r"networks\.0\.backbone: 'resnet8_cifar' -> 'resnet20_cifar'"):
+        run.prepare(relabel, resume=True, overwrite=False, finished=['main'])
+    assert yaml.safe_load((tmp_path / 'config.yaml').read_text()) == CONFIG  # nothing was rewritten
+    run.release()
+
+
+def test_resume_may_extend_an_unfinished_run_and_records_it(tmp_path):
+    started(tmp_path)
+    run = RunDir(tmp_path).acquire()
+    with pytest.raises(RunDirError, match=r"changes \['steps'\], but phase\(s\) \['main'\] already finished"):
+        run.prepare({**CONFIG, 'steps': 8}, resume=True, overwrite=False, finished=['main'])
+    run.prepare({**CONFIG, 'steps': 8}, resume=True, overwrite=False, finished=[])
+    run.release()
+    assert yaml.safe_load((tmp_path / 'config.yaml').read_text())['steps'] == 8
+    resumes = json.loads((tmp_path / 'run.json').read_text())['resumes']
+    assert [r['changes'] for r in resumes] == [{'steps': [4, 8]}]
+
+
+def test_resume_needs_a_run(tmp_path):
+    run = RunDir(tmp_path).acquire()
+    with pytest.raises(RunDirError, match='holds no timm-compat run to resume'):
+        run.prepare(CONFIG, resume=True, overwrite=False, finished=[])
+    run.release()
+
+
+@pytest.mark.parametrize('pointer', ['../../elsewhere', '/etc', 'step_1', 'step_00000002/..'])
+def test_latest_must_name_a_checkpoint_of_this_run(tmp_path, pointer):
+    (tmp_path / 'step_00000002').mkdir()
+    (tmp_path / 'latest').write_text(pointer)
+    with pytest.raises(ValueError, match='not a checkpoint folder'):
+        latest_checkpoint(tmp_path)
+
+
+def test_latest_refuses_a_link_out_of_the_run(tmp_path):
+    (tmp_path / 'outside').mkdir()
+    (tmp_path / 'run').mkdir()
+    os.symlink(tmp_path / 'outside', tmp_path / 'run' / 'step_00000002')
+    (tmp_path / 'run' / 'latest').write_text('step_00000002')
+    with pytest.raises(ValueError, match='not a checkpoint folder'):
+        latest_checkpoint(tmp_path / 'run')
+
+
+def test_train_state_is_checked_json(tmp_path):
+    ckpt = tmp_path / 'step_00000004'
+    ckpt.mkdir()
+    (ckpt / 'train_state.json').write_text(json.dumps({'step': 4, 'train_seconds': 2.5}))
+    assert load_train_state(ckpt) == TrainState(step=4, train_seconds=2.5)
+    (ckpt / 'train_state.json').write_text(json.dumps({'step': 6, 'train_seconds': 2.5}))
+    with pytest.raises(ValueError, match='says step 6, but the folder is step_00000004'):
+        load_train_state(ckpt)
+    (ckpt / 'train_state.json').unlink()
+    with pytest.raises(ValueError, match='missing or not a valid train state'):
+        load_train_state(ckpt)
+
+
+def test_atomic_write_keeps_the_old_file_on_failure_and_honours_the_umask(tmp_path):
+    path = tmp_path / 'summary.json'
+    old = os.umask(0o022)
+    try:
+        atomic_write_text(path, '{"ok": 1}')
+    finally:
+        os.umask(old)
+    assert path.stat().st_mode & 0o777 == 0o644
+    with pytest.raises(TypeError):
+        atomic_write_text(path, b'not text')  # fails inside the write, as a full disk would
+    assert path.read_text() == '{"ok": 1}'
+    assert [p.name for p in tmp_path.iterdir()] == ['summary.json']
+
+
+def test_metrics_rewind_drops_rows_after_the_checkpoint(tmp_path):
+    log = MetricsLog(tmp_path / 'metrics.csv')
+    for step in range(1, 6):
+        log.append({'step': step, 'loss': 1.0 / step})
+    log.rewind(4)
+    log.append({'step': 5, 'loss': 0.5})
+    steps = [line.split(',')[0] for line in (tmp_path / 'metrics.csv').read_text().splitlines()]
+    assert steps == ['step', '1', '2', '3', '4', '5']
+    log.rewind(0)
+    assert not (tmp_path / 'metrics.csv').exists()

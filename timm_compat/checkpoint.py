@@ -1,0 +1,130 @@
+"""Checkpoints of a training phase: ``Accelerator.save_state`` plus a JSON train state, written atomically.
+
+A phase's checkpoints live in ``<phase>/checkpoints/step_XXXXXXXX``; ``checkpoints/latest`` names the newest
+complete one. What a resume reads is constrained, because a run folder may come from someone else:
+
+* the train state (step, training seconds, metrics rows) is JSON, never a pickle: Accelerate's
+  ``register_for_checkpointing`` would ``torch.load(..., weights_only=False)`` it;
+* ``latest`` must name a ``step_\\d{8}`` folder directly inside the phase's own ``checkpoints/`` folder;
+* model weights are safetensors (``save_state``'s default); the optimizer, scheduler and RNG files are read by
+  Accelerate with ``torch.load(weights_only=True)``, which builds tensors and plain containers only.
+"""
+import json
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterable, Optional
+
+import torch
+from torch import nn
+
+__all__ = ['TrainState', 'save_checkpoint', 'latest_checkpoint', 'load_train_state', 'check_finite',
+           'atomic_write_text', 'STATE_NAME']
+
+LATEST = 'latest'
+STATE_NAME = 'train_state.json'
+_STEP_DIR = re.compile(r'step_\d{8}')
+
+
+@dataclass
+class TrainState:
+    """What a resumed phase needs besides Accelerate's state: where it was and how long it has trained."""
+    step: int = 0
+    train_seconds: float = 0.0
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` so that readers see the old file or the new one, never a partial one.
+
+    The file gets the mode a plain ``open()`` would give (``mkstemp`` alone makes it 0600, unreadable by a team).
+    """
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
+    try:
+        with os.fdopen(fd, 'w') as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def check_finite(modules: Iterable[nn.Module], what: str) -> None:
+    """Raise ``FloatingPointError`` if any parameter or buffer (BN running statistics too) is NaN or inf.
+
+    The loss alone is not enough: a step whose loss was finite can still leave inf running statistics, and a
+    checkpoint holding them fails as soon as it is resumed.
+    """
+    for module in modules:
+        for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                raise FloatingPointError(f'{what}: {name} holds NaN/inf values.')
+
+
+def save_checkpoint(accelerator, root: Path, state: TrainState, keep: int = 2) -> Path:
+    """``accelerator.save_state`` plus ``train_state.json`` into ``root/step_XXXXXXXX``, atomically.
+
+    The state is written to a hidden temporary folder, renamed into place, and only then does ``root/latest``
+    point at it, so a crash at any moment leaves ``latest`` naming a complete checkpoint. Checkpoints beyond the
+    newest ``keep`` are removed afterwards.
+    """
+    root = Path(root)
+    final, tmp = root / f'step_{state.step:08d}', root / f'.tmp-step_{state.step:08d}'
+    if accelerator.is_main_process:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        atomic_write_text(tmp / STATE_NAME, json.dumps(asdict(state)))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        atomic_write_text(root / LATEST, final.name)
+        for old in sorted(root.glob('step_*'))[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def latest_checkpoint(root: Path) -> Optional[Path]:
+    """The checkpoint that ``root/latest`` names, or None when there is none.
+
+    Raises:
+        ValueError: ``latest`` names anything but a ``step_XXXXXXXX`` folder inside ``root``.
+    """
+    pointer = Path(root) / LATEST
+    if not pointer.is_file():
+        return None
+    name = pointer.read_text().strip()
+    if not _STEP_DIR.fullmatch(name):
+        raise ValueError(f'{pointer} names {name!r}, not a checkpoint folder step_XXXXXXXX of this run. The run '
+                         f'folder was edited; restore {pointer} or start the run again with --overwrite.')
+    path = Path(root) / name
+    if path.is_symlink() or not path.is_dir():
+        raise ValueError(f'{pointer} names {name}, which is not a checkpoint folder in {root}. Restore it, or '
+                         f'start the run again with --overwrite.')
+    return path
+
+
+def load_train_state(checkpoint: Path) -> TrainState:
+    """The JSON train state saved in ``checkpoint``, type-checked."""
+    path = Path(checkpoint) / STATE_NAME
+    try:
+        data = json.loads(path.read_text())
+        state = TrainState(step=int(data['step']), train_seconds=float(data['train_seconds']))
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f'{path} is missing or not a valid train state ({e}). The checkpoint is incomplete or '
+                         f'from an older timm-compat; start the run again with --overwrite.') from e
+    if state.step < 1 or f'step_{state.step:08d}' != Path(checkpoint).name:
+        raise ValueError(f'{path} says step {state.step}, but the folder is {Path(checkpoint).name}.')
+    return state

@@ -1,0 +1,146 @@
+"""The output folder of a training run: marked as a run, locked while one lives, never silently mixed or deleted.
+
+A run folder holds ``run.json`` (the marker, and the record of every resume), ``config.yaml``, one folder per
+phase and ``.lock``. While a run lives it holds an exclusive ``flock`` on ``.lock`` (released by the kernel even
+after ``kill -9``), so a second run on the same folder, whether new, ``--resume`` or ``--overwrite``, refuses and
+names the holder's pid. ``--overwrite`` deletes only a folder that ``run.json`` marks as a timm-compat run.
+"""
+import fcntl
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import yaml
+
+from .checkpoint import atomic_write_text
+from .config import RESUME_MAY_CHANGE, config_changes, resume_conflicts
+
+__all__ = ['RunDir', 'RunDirError', 'MARKER']
+
+MARKER = 'run.json'
+LOCK = '.lock'
+CONFIG = 'config.yaml'
+
+
+class RunDirError(ValueError):
+    """The output folder cannot be used as asked; the message says what to do instead."""
+
+
+class RunDir:
+    """Claim ``path`` for a run: lock it, then check that it may be started, resumed or overwritten.
+
+    Args:
+        path: The run's output folder.
+    """
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self._lock_file = None
+
+    def acquire(self) -> 'RunDir':
+        """Take the folder's lock, creating the folder if needed.
+
+        Raises:
+            RunDirError: Another live process holds the lock.
+        """
+        self.path.mkdir(parents=True, exist_ok=True)
+        f = open(self.path / LOCK, 'a+')
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or 'unknown'
+            f.close()
+            raise RunDirError(f'{self.path} is in use by a live run (pid {holder}). Wait for it to finish, stop it, '
+                              f'or pass --output-dir for a new folder.') from None
+        f.seek(0)
+        f.truncate()
+        f.write(f'{os.getpid()}\n')
+        f.flush()
+        self._lock_file = f
+        return self
+
+    def release(self) -> None:
+        if self._lock_file is not None:
+            self._lock_file.close()  # closing drops the flock
+            self._lock_file = None
+
+    def _entries(self) -> List[Path]:
+        return [p for p in self.path.iterdir() if p.name != LOCK]
+
+    def is_run(self) -> bool:
+        try:
+            return json.loads((self.path / MARKER).read_text()).get('timm_compat_run') == 1
+        except (OSError, ValueError, AttributeError):
+            return False
+
+    def prepare(self, config: Dict[str, Any], resume: bool, overwrite: bool, finished: List[str]) -> None:
+        """Start, resume or overwrite the run in the (locked) folder, then record ``config``.
+
+        Args:
+            config: The run's config as a dict (``RunConfig.to_dict()``).
+            resume: Continue the run in the folder.
+            overwrite: Delete the run in the folder first.
+            finished: Phases whose summary already exists (a resume may not extend them).
+
+        Raises:
+            RunDirError: Before anything is deleted or written, when the request does not fit the folder.
+        """
+        entries = self._entries()
+        if resume:
+            if not self.is_run():
+                raise RunDirError(f'--resume: {self.path} holds no timm-compat run to resume. Drop --resume to start '
+                                  f'one (in an empty folder or with --output-dir).')
+            self._check_resume(config, finished)
+        elif entries:
+            if not self.is_run():
+                raise RunDirError(f'{self.path} is not empty and holds no timm-compat run ({MARKER} is missing), so it '
+                                  f'is never deleted, not even with --overwrite. Pass --output-dir for a new folder.')
+            if not overwrite:
+                raise RunDirError(f'{self.path} already holds a run. Pass --resume to continue it, --overwrite to '
+                                  f'delete it, or --output-dir for a new folder.')
+            for entry in entries:
+                shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+        self._record(config, resume)
+
+    def _check_resume(self, config: Dict[str, Any], finished: List[str]) -> None:
+        try:
+            old = yaml.safe_load((self.path / CONFIG).read_text())
+        except (OSError, yaml.YAMLError) as e:
+            raise RunDirError(f'--resume: cannot read {self.path / CONFIG} ({e}); the run cannot be checked.') from e
+        changes = config_changes(old, config)
+        refused = resume_conflicts(old, config)
+        if refused:
+            lines = '\n'.join(f'  {k}: {_at(old, k)!r} -> {_at(config, k)!r}' for k in refused)
+            raise RunDirError(f'--resume with a config that differs from the run\'s in what was trained:\n{lines}\n'
+                              f'A resume may change only {", ".join(sorted(RESUME_MAY_CHANGE))}. Start a new run '
+                              f'(--output-dir) to change the rest.')
+        extended = [k for k in changes if k in ('steps', 'epochs')]
+        if extended and finished:
+            raise RunDirError(f'--resume changes {extended}, but phase(s) {finished} already finished; a finished '
+                              f'phase is not extended. Start a new run (--output-dir) with the longer budget.')
+
+    def _record(self, config: Dict[str, Any], resume: bool) -> None:
+        marker = self._read_marker() if resume else {'timm_compat_run': 1, 'created': time.time(), 'resumes': []}
+        if resume:
+            old = yaml.safe_load((self.path / CONFIG).read_text())
+            marker['resumes'].append({'time': time.time(),
+                                      'changes': {k: [_at(old, k), _at(config, k)]
+                                                  for k in config_changes(old, config)}})
+        atomic_write_text(self.path / CONFIG, yaml.safe_dump(config, sort_keys=False))
+        atomic_write_text(self.path / MARKER, json.dumps(marker, indent=2))
+
+    def _read_marker(self) -> Dict[str, Any]:
+        return json.loads((self.path / MARKER).read_text())
+
+
+def _at(tree: Any, dotted: str) -> Optional[Any]:
+    for key in dotted.split('.'):
+        try:
+            tree = tree[int(key)] if isinstance(tree, list) else tree[key]
+        except (KeyError, IndexError, ValueError, TypeError):
+            return None
+    return tree
