@@ -1,8 +1,11 @@
+import copy
 from pathlib import Path
 
 import pytest
+import yaml
 
-from timm_compat.config import RunConfig, load_config
+from timm_compat.config import RESUME_MAY_CHANGE, ConfigError, NetworkConfig, RunConfig, config_changes, \
+    load_config, resume_conflicts
 
 CONFIGS = sorted(p for p in (Path(__file__).resolve().parents[1] / 'configs').rglob('*.yaml') if p.stem != 'base')
 
@@ -11,14 +14,17 @@ def test_defaults_are_the_offline_demo():
     cfg = load_config()
     assert [n.dataset.source for n in cfg.networks] == ['synthetic:A', 'synthetic:B']
     assert cfg.iiw and cfg.interface.rp and cfg.interface.dcc and cfg.baseline == 'independent'
+    assert cfg.joint_schedule == 'sum' and cfg.interface.rp_norm == 'shared'
     independent = cfg.independent()
     assert not independent.iiw and not independent.interface.rp and not independent.interface.dcc
+    assert independent.interface.width == cfg.interface.width == 32
 
 
 @pytest.mark.parametrize('path', CONFIGS, ids=[f'{p.parent.name}/{p.stem}' for p in CONFIGS])
 def test_every_shipped_config_resolves(path):
     cfg = load_config(str(path), ['data_dir=/data'])
     assert cfg.output_dir.startswith('runs/') and len(cfg.networks) >= 1
+    assert not any('{data_dir}' in n.dataset.source for n in cfg.networks)
     method = path.stem
     if method in ('independent', 'iiw', 'rp', 'dcc', 'iiw_rp_dcc'):
         assert cfg.iiw == ('iiw' in method)
@@ -38,16 +44,27 @@ def test_base_inheritance_merges_mappings_and_replaces_lists(tmp_path):
 
 
 def test_bad_configs():
-    with pytest.raises(ValueError, match=r"Unknown config key\(s\) \['widht'\] in config.interface"):
+    with pytest.raises(ConfigError, match=r"Unknown config key\(s\) \['widht'\] in interface.*did you mean 'width'"):
         load_config(None, ['interface.widht=3'])
-    with pytest.raises(ValueError, match='must look like key.path=value'):
+    with pytest.raises(ConfigError, match=r"Unknown config key\(s\) \['lr'\] at the top level.*did you mean optim.lr"):
+        load_config(None, ['lr=0.1'])
+    with pytest.raises(ConfigError, match='must look like key.path=value'):
         load_config(None, ['epochs'])
-    with pytest.raises(ValueError, match='interface.load'):
+    with pytest.raises(ConfigError, match='interface.load'):
         load_config(None, ['scheme=incremental'])
-    with pytest.raises(ValueError, match='pass --data-dir'):
+    with pytest.raises(ConfigError, match='pass --data-dir'):
         load_config(None, ['networks.0.dataset.source=parquet:{data_dir}/x'])
-    with pytest.raises(ValueError, match='distinct names'):
+    with pytest.raises(ConfigError, match='distinct names'):
         load_config(None, ['networks.1.name=a'])
+    with pytest.raises(ConfigError, match='interface.dcc is false'):
+        load_config(None, ['networks.0.head=dcc', 'interface.dcc=false'])
+    assert issubclass(ConfigError, ValueError)
+
+
+@pytest.mark.parametrize('override', ['networks.7.name=x', 'networks.x.name=x', 'batch_size.x=3', 'optim.lr=[1'])
+def test_overrides_that_name_no_key(override):
+    with pytest.raises(ConfigError, match=f"Override '{override[:8]}"):
+        load_config(None, [override])
 
 
 def test_mixed_precision_no_survives_yaml():
@@ -57,13 +74,134 @@ def test_mixed_precision_no_survives_yaml():
 def test_loop_in_bases(tmp_path):
     (tmp_path / 'x.yaml').write_text('base: y.yaml\n')
     (tmp_path / 'y.yaml').write_text('base: x.yaml\n')
-    with pytest.raises(ValueError, match='loop'):
+    with pytest.raises(ConfigError, match='loop'):
         load_config(str(tmp_path / 'x.yaml'))
 
 
 def test_round_trip_through_yaml(tmp_path):
-    import yaml
-    cfg = load_config(None, ['epochs=2'])
+    cfg = load_config(None, ['epochs=2', 'networks.0.dataset.train_shard=[0, 2]', 'interface.rp_norm=per_rotation',
+                             'networks.1.model_args={drop_rate: 0.1, layers: [1, 2]}', 'joint_schedule=alternate'])
     (tmp_path / 'c.yaml').write_text(yaml.safe_dump(cfg.to_dict()))
-    assert load_config(str(tmp_path / 'c.yaml')) == cfg
-    assert isinstance(cfg, RunConfig)
+    assert load_config(str(tmp_path / 'c.yaml')) == cfg == copy.deepcopy(cfg)
+    assert isinstance(cfg, RunConfig) and isinstance(cfg.epochs, float)
+
+
+# (override, key named in the error, the bad value as the error shows it)
+BAD = [
+    ('interface.rp="no"', 'interface.rp', "'no'"), ('interface.dcc="false"', 'interface.dcc', "'false'"),
+    ('iiw="False"', 'iiw', "'False'"), ('augment="false"', 'augment', "'false'"),
+    ('networks.0.pretrained="yes"', 'networks.0.pretrained', "'yes'"), ('channels_last=1', 'channels_last', '1'),
+    ('interface.width=0', 'interface.width', '0'), ('interface.width=1.5', 'interface.width', '1.5'),
+    ('steps=-5', 'steps', '-5'), ('steps=0', 'steps', '0'), ('steps="1e3"', 'steps', "'1e3'"),
+    ('epochs=0', 'epochs', '0'), ('epochs=.nan', 'epochs', 'nan'), ('batch_size=0', 'batch_size', '0'),
+    ('batch_size=true', 'batch_size', 'True'), ('eval_batch_size=0', 'eval_batch_size', '0'),
+    ('checkpoint_every=0', 'checkpoint_every', '0'), ('log_every=0', 'log_every', '0'),
+    ('keep_checkpoints=0', 'keep_checkpoints', '0'), ('cpu_threads=0', 'cpu_threads', '0'),
+    ('gradient_accumulation_steps=0', 'gradient_accumulation_steps', '0'),
+    ('optim.lr=0', 'optim.lr', '0'), ('optim.lr=-0.1', 'optim.lr', '-0.1'), ('optim.lr=abc', 'optim.lr', "'abc'"),
+    ('optim.momentum=1', 'optim.momentum', '1'), ('optim.momentum=-0.1', 'optim.momentum', '-0.1'),
+    ('optim.weight_decay=-1e-4', 'optim.weight_decay', "'-1e-4'"),
+    ('optim.warmup_steps=-1', 'optim.warmup_steps', '-1'), ('optim.clip_grad_norm=0', 'optim.clip_grad_norm', '0'),
+    ('optim.clip_grad_norm=.inf', 'optim.clip_grad_norm', 'inf'),
+    ('interface.rp_weight=-1', 'interface.rp_weight', '-1'), ('interface.dcc_weight=-1', 'interface.dcc_weight', '-1'),
+    ('networks.0.dataset.synthetic_per_class=0', 'networks.0.dataset.synthetic_per_class', '0'),
+    ('networks.1.dataset.synthetic_test_per_class=0', 'networks.1.dataset.synthetic_test_per_class', '0'),
+    ('networks.1.dataset.train_limit=0', 'networks.1.dataset.train_limit', '0'),
+    ('networks.1.dataset.test_limit=-3', 'networks.1.dataset.test_limit', '-3'),
+    ('networks.0.dataset.train_shard=[2, 2]', 'networks.0.dataset.train_shard', '[2, 2]'),
+    ('networks.0.dataset.train_shard=[-1, 2]', 'networks.0.dataset.train_shard', '[-1, 2]'),
+    ('networks.0.dataset.train_shard=[0]', 'networks.0.dataset.train_shard', '[0]'),
+    ('image_size=4', 'image_size', '4'), ('eval_bn=running_mean', 'eval_bn', "'running_mean'"),
+    ('optim.optimizer=adam', 'optim.optimizer', "'adam'"), ('optim.schedule=step', 'optim.schedule', "'step'"),
+    ('mixed_precision=fp32', 'mixed_precision', "'fp32'"), ('mixed_precision=yes', 'mixed_precision', 'True'),
+    ('scheme=both', 'scheme', "'both'"), ('baseline=yes', 'baseline', 'True'),
+    ('joint_schedule=round_robin', 'joint_schedule', "'round_robin'"),
+    ('interface.rp_norm=batch', 'interface.rp_norm', "'batch'"),
+    ('seed=-1', 'seed', '-1'), ('seed="0"', 'seed', "'0'"), ('init_seed=1.5', 'init_seed', '1.5'),
+    ('networks.0.name=/tmp/x', 'networks.0.name', "'/tmp/x'"), ('networks.0.name=..', 'networks.0.name', "'..'"),
+    ('networks.0.name=a/b', 'networks.0.name', "'a/b'"), ('networks.0.name=""', 'networks.0.name', "''"),
+    ('networks.0.split=1.5', 'networks.0.split', '1.5'), ('networks.0.head=""', 'networks.0.head', "''"),
+    ('networks.0.model_args=[1]', 'networks.0.model_args', '[1]'),
+    ('networks.0.model_args={a: {b: 1}}', 'networks.0.model_args.a', "{'b': 1}"),
+    ('interface.dcc_head={type: timm}', 'interface.dcc_head', "{'type': 'timm'}"),
+    ('interface.aux_head=3', 'interface.aux_head', '3'), ('networks=[]', 'networks', '[]'),
+    ('optim=null', 'optim', 'None'), ('push_to_hub=/abs', 'push_to_hub', "'/abs'"),
+]
+
+
+@pytest.mark.parametrize('override, key, shown', BAD, ids=[b[0] for b in BAD])
+def test_bad_value_names_key_value_and_a_valid_example(override, key, shown):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [override])
+    message = str(e.value)
+    assert len(message.splitlines()) == 1, message
+    assert message.startswith(f'{key} must be ') and f', got {shown} (' in message, message
+    example = message.split('; write ' if '; write ' in message else '; e.g. ')[1]
+    assert load_config(None, [example]), example  # the suggested value is itself valid
+
+
+def test_boolean_words_suggest_what_they_mean():
+    with pytest.raises(ConfigError, match=r"^interface.rp must be true or false, got 'no' \(a string\); "
+                                          r"write interface.rp=false$"):
+        load_config(None, ['interface.rp="no"'])
+    with pytest.raises(ConfigError, match='write augment=true$'):
+        load_config(None, ['augment="yes"'])
+
+
+def test_every_bad_key_is_listed_one_per_line():
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ['steps=0', 'interface.rp="no"', 'networks.1.dataset.train_limit=0', 'nope=1'])
+    lines = str(e.value).splitlines()
+    assert len(lines) == 4
+    assert sorted(line.split()[0] for line in lines[:3]) == ['interface.rp', 'networks.1.dataset.train_limit',
+                                                             'steps']
+    assert "['nope']" in lines[3]
+
+
+def test_yaml_1_1_exponent_strings_are_floats(tmp_path):
+    (tmp_path / 'c.yaml').write_text('epochs: 1e2\noptim: {lr: 1e-3, weight_decay: 5e-4, clip_grad_norm: 1e0}\n')
+    cfg = load_config(str(tmp_path / 'c.yaml'))
+    assert (cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.clip_grad_norm, cfg.epochs) == (1e-3, 5e-4, 1.0, 100.0)
+    assert all(type(v) is float for v in (cfg.optim.lr, cfg.optim.weight_decay, cfg.epochs))
+    assert type(load_config(None, ['optim.lr=1']).optim.lr) is float
+
+
+def test_valid_new_keys_and_alternatives():
+    cfg = load_config(None, ['joint_schedule=alternate', 'interface.rp_norm=separate', 'mixed_precision=bf16',
+                             'networks.0.split=2', 'networks.0.head_split=-1', 'interface.width=null',
+                             'steps=null', 'optim.momentum=0', 'interface.dcc_head={type: conv, hidden: 8}',
+                             'networks.0.dataset.train_shard=[1, 2]', 'push_to_hub=my-org/compat_1.x'])
+    assert cfg.joint_schedule == 'alternate' and cfg.interface.rp_norm == 'separate'
+    assert cfg.networks[0].split == 2 and cfg.interface.width is None and cfg.steps is None
+    assert cfg.interface.dcc_head == {'type': 'conv', 'hidden': 8}  # a plain dict, as Interface takes it
+
+
+def test_assignment_is_checked_too():
+    cfg = load_config()
+    with pytest.raises(ValueError):
+        cfg.interface.rp = 'no'
+    with pytest.raises(ValueError):
+        cfg.networks[0].name = '/etc'
+    assert NetworkConfig(name='x').dataset.source == 'synthetic:A'
+
+
+def test_config_changes():
+    old = load_config(None, ['data_dir=d']).to_dict()
+    assert config_changes(old, copy.deepcopy(old)) == []
+    new = load_config(None, ['data_dir=d', 'optim.lr=0.1', 'networks.1.dataset.train_limit=5', 'steps=9']).to_dict()
+    assert sorted(config_changes(old, new)) == ['networks.1.dataset.train_limit', 'optim.lr', 'steps']
+    assert resume_conflicts(old, new) == ['networks.1.dataset.train_limit', 'optim.lr']
+    three = load_config(None, ['networks=[{name: a}, {name: b, dataset: {source: "synthetic:B"}}, {name: c}]'])
+    three = three.to_dict()
+    assert config_changes(load_config().to_dict(), three) == ['networks.2']
+    assert config_changes({'a': 1}, {'a': True}) == ['a'] and config_changes({'a': 1}, {}) == ['a']
+    assert config_changes({}, {'b': {'c': [1, 2]}}) == ['b'] and config_changes({'l': [1, 2]}, {'l': [1, 3]}) == ['l.1']
+
+
+def test_resume_may_change_only_what_leaves_weights_and_results_alone():
+    assert RESUME_MAY_CHANGE == {'steps', 'epochs', 'log_every', 'checkpoint_every', 'keep_checkpoints',
+                                 'cpu_threads', 'save_components', 'push_to_hub', 'output_dir', 'data_dir'}
+    assert RESUME_MAY_CHANGE <= set(RunConfig.model_fields)
+    old = load_config().to_dict()
+    assert resume_conflicts(old, load_config(None, ['eval_batch_size=100']).to_dict()) == ['eval_batch_size']
+    assert resume_conflicts(old, load_config(None, ['epochs=9', 'output_dir=runs/x']).to_dict()) == []

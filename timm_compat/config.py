@@ -1,75 +1,163 @@
-"""Run configuration for ``train.py``: dataclasses read from YAML, with dotted command-line overrides.
+"""Run configuration for ``train.py``: pydantic models read from YAML, with dotted command-line overrides.
 
-The defaults are the offline demo: two ResNet-8 networks on the two synthetic domains, trained jointly with
-IIW + RP + DCC, and the same pair trained independently as the baseline.
+Every key has a type and a range, checked before anything runs; :func:`load_config` reports every bad key at once
+in one :class:`ConfigError`. The defaults are the offline demo: two ResNet-8 networks on the two synthetic
+domains, trained jointly with IIW + RP + DCC, and the same pair trained independently as the baseline.
 """
 import copy
-import dataclasses
+import difflib
+import json
 from pathlib import Path
-from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any, Dict, List, Literal, Optional, Sequence, Tuple, Union
 
 import yaml
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic_core import PydanticCustomError
+from typing_extensions import Annotated, TypeAliasType
 
-__all__ = ['DatasetConfig', 'NetworkConfig', 'InterfaceConfig', 'OptimConfig', 'RunConfig', 'load_config']
+__all__ = ['ConfigError', 'DatasetConfig', 'NetworkConfig', 'InterfaceConfig', 'OptimConfig', 'RunConfig',
+           'load_config', 'config_changes', 'resume_conflicts', 'RESUME_MAY_CHANGE']
 
 
-@dataclass
-class DatasetConfig:
+class ConfigError(ValueError):
+    """A config that cannot run; the message lists every problem, one per line."""
+
+
+def _number(value: Any) -> Any:
+    """YAML 1.1 (PyYAML) reads ``1e-3`` (no dot) as a string; take it as the number it was clearly meant to be."""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value  # not a number: the type check names it
+    return value
+
+
+def _must(text: str, item: Optional[str] = None) -> Dict[str, Any]:
+    """Field metadata: what a valid value (and one of its items) is, where pydantic's words would be vague."""
+    return {'must': text, 'must_item': item}
+
+
+Float = Annotated[float, BeforeValidator(_number), Field(allow_inf_nan=False)]
+Seed = Annotated[int, Field(ge=0, le=2 ** 32 - 1)]  # numpy's seed range, which accelerate's set_seed uses
+Count = Annotated[int, Field(ge=1)]
+_Leaf = Union[bool, int, float, str, None]
+ModelArg = TypeAliasType('ModelArg', Union[_Leaf, List['ModelArg']])
+ModelArgs = Annotated[Dict[str, ModelArg], Field(
+    examples=[{'drop_rate': 0.1}], json_schema_extra=_must('a mapping of names to JSON values',
+                            'a JSON scalar (string, number, true/false or null) or a list of them'))]
+Split = Annotated[Union[str, int], Field(json_schema_extra=_must('a module name (string) or a feature index'))]
+
+
+class _Section(BaseModel):
+    # strict: a YAML string such as "false" is never taken for a boolean, nor "3" for an integer.
+    model_config = ConfigDict(extra='forbid', strict=True, validate_assignment=True, protected_namespaces=())
+
+    def to_dict(self) -> Dict[str, Any]:
+        """Plain data (YAML- and JSON-safe) that :func:`load_config` reads back into an equal config."""
+        return self.model_dump()
+
+
+class _ConvHead(_Section):
+    type: Literal['conv']
+    hidden: Optional[Count] = None
+
+
+class _TimmHead(_Section):
+    type: Literal['timm']
+    backbone: str
+    split: Split
+    model_args: ModelArgs = Field(default_factory=dict)
+
+
+_HEAD_SPEC = TypeAdapter(Annotated[Union[_ConvHead, _TimmHead], Field(discriminator='type')])
+_HEAD_MUST = ('"conv", a timm model name, {type: conv, hidden: 128} or '
+              '{type: timm, backbone: mobilenetv2_100, split: blocks.4.0}')
+
+
+def _head_spec(value: Any) -> Any:
+    """Check an aux head spec mapping, but keep it the plain dict that :class:`Interface` takes."""
+    if isinstance(value, dict):
+        try:
+            _HEAD_SPEC.validate_python(value)
+        except ValidationError as e:
+            detail = '; '.join(f"{'.'.join(map(str, er['loc']))}: {er['msg']}" for er in e.errors())
+            raise PydanticCustomError('config', '{must}', {'must': f'{_HEAD_MUST} ({detail})'})
+    return value
+
+
+HeadSpec = Annotated[Union[str, Dict[str, Any]], BeforeValidator(_head_spec),
+                     Field(json_schema_extra=_must(_HEAD_MUST))]
+
+
+def _shard(value: Any) -> Any:
+    if isinstance(value, list) and len(value) == 2 and all(type(v) is int for v in value):
+        if not 0 <= value[0] < value[1]:
+            raise PydanticCustomError('config', '{must}', {'must': '[index, count] with 0 <= index < count'})
+    return value
+
+
+class DatasetConfig(_Section):
     """One task's data (see :func:`timm_compat.data.load_image_data`). ``{data_dir}`` in ``source`` is filled in."""
-    source: str = 'synthetic:A'
+    source: str = Field('synthetic:A', min_length=1)
     train_split: str = 'train'
     test_split: str = 'test'
-    image_column: Optional[str] = None
-    label_column: Optional[str] = None
-    class_names: Optional[List[str]] = None
-    classes: Optional[List[str]] = None
-    train_limit: Optional[int] = None
-    test_limit: Optional[int] = None
-    train_shard: Optional[List[int]] = None  # [index, count]: a disjoint part of the training split
-    shift: Optional[List[str]] = None  # fixed corruptions of this domain, e.g. ["defocus_blur:2"]
-    synthetic_per_class: int = 400
-    synthetic_test_per_class: int = 100
+    image_column: Optional[str] = Field(None, examples=['img'])
+    label_column: Optional[str] = Field(None, examples=['label'])
+    class_names: Optional[List[str]] = Field(None, examples=[['cat', 'dog']])
+    classes: Optional[List[str]] = Field(None, examples=[['cat', 'dog']])
+    train_limit: Optional[Count] = Field(None, examples=[1000])
+    test_limit: Optional[Count] = Field(None, examples=[1000])
+    # [index, count]: a disjoint part of the training split
+    train_shard: Annotated[Optional[List[int]], BeforeValidator(_shard)] = Field(
+        None, min_length=2, max_length=2, examples=[[0, 2]],
+        json_schema_extra=_must('[index, count] with 0 <= index < count'))
+    shift: Optional[List[str]] = Field(None, examples=[['defocus_blur:2']])  # fixed corruptions of this domain
+    synthetic_per_class: Count = 400
+    synthetic_test_per_class: Count = 100
 
 
-@dataclass
-class NetworkConfig:
+class NetworkConfig(_Section):
     """One network: a timm backbone split into extractor and head, and its task."""
-    name: str = 'a'
-    backbone: str = 'resnet8_cifar'
-    split: Union[str, int] = 'layer2'
-    head: str = 'tail'  # 'tail', a timm model name (its tail after head_split), or 'dcc': the shared DCC head
-    head_split: Union[str, int, None] = None
-    model_args: Dict[str, Any] = field(default_factory=dict)
+    # A plain name, never a path: it names folders under the output directory.
+    name: str = Field('a', pattern=r'^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$', json_schema_extra=_must(
+        'a plain name: up to 64 letters, digits, "_", "." or "-", starting with a letter or digit'))
+    backbone: str = Field('resnet8_cifar', min_length=1)
+    split: Split = 'layer2'
+    head: str = Field('tail', min_length=1)  # 'tail', a timm model name (its tail after head_split), or 'dcc'
+    head_split: Optional[Split] = Field(None, examples=['layer3'])
+    model_args: ModelArgs = Field(default_factory=dict)  # which keys are allowed: timm_compat.components
     pretrained: bool = False
-    dataset: DatasetConfig = field(default_factory=DatasetConfig)
-    load: Optional[str] = None  # folder of an already trained network (extractor/ + head/): evaluated, not trained
+    dataset: DatasetConfig = Field(default_factory=DatasetConfig, examples=[{'source': 'synthetic:A'}])
+    load: Optional[str] = Field(None, examples=['runs/x/main/components/a'])  # trained network: evaluated only
 
 
-@dataclass
-class InterfaceConfig:
+class InterfaceConfig(_Section):
     """The shared interface. ``load`` (folder or Hub repo) makes the run incremental against a frozen one."""
-    width: Optional[int] = None  # default 64, or the loaded interface's width
+    width: Optional[Count] = Field(None, examples=[64])  # None: 64, or the loaded interface's width
     rp: bool = True
-    rp_weight: float = 1.0
+    rp_weight: Float = Field(1.0, ge=0)
     dcc: bool = True
-    dcc_weight: float = 1.0
-    dcc_classes: Optional[List[str]] = None  # default: the classes common to all datasets, by name
-    aux_head: Any = 'conv'
-    rp_head: Any = None  # overrides aux_head for the RP head
-    dcc_head: Any = None  # overrides aux_head for the DCC head, e.g. a MobileNetV2 tail (Sec. 5.2)
-    load: Optional[str] = None
+    dcc_weight: Float = Field(1.0, ge=0)
+    dcc_classes: Optional[List[str]] = Field(None, examples=[['cat', 'dog']])  # None: classes common to all
+    aux_head: HeadSpec = 'conv'
+    rp_head: Optional[HeadSpec] = Field(None, examples=['conv'])  # overrides aux_head for the RP head
+    dcc_head: Optional[HeadSpec] = Field(None, examples=['conv'])  # overrides aux_head for the DCC head
+    load: Optional[str] = Field(None, examples=['runs/x/main/components/interface'])
+    # How the extractor's BatchNorm sees the rotated batch under RP: 'shared' statistics over all four rotations,
+    # 'per_rotation' each rotation chunk its own batch statistics, 'separate' an extra upright pass for the task.
+    rp_norm: Literal['shared', 'per_rotation', 'separate'] = 'shared'
 
 
-@dataclass
-class OptimConfig:
-    optimizer: str = 'sgd'
-    lr: float = 0.05
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    schedule: str = 'cosine'
-    warmup_steps: int = 0
-    clip_grad_norm: Optional[float] = None  # max global gradient norm (accelerator.clip_grad_norm_); None: off
+class OptimConfig(_Section):
+    """Optimiser and learning-rate schedule."""
+    optimizer: Literal['sgd', 'adamw'] = 'sgd'
+    lr: Float = Field(0.05, gt=0)
+    momentum: Float = Field(0.9, ge=0, lt=1)
+    weight_decay: Float = Field(5e-4, ge=0)
+    schedule: Literal['cosine', 'constant'] = 'cosine'
+    warmup_steps: int = Field(0, ge=0)
+    clip_grad_norm: Optional[Float] = Field(None, gt=0, examples=[2.0])  # max global gradient norm; None: off
 
 
 def _demo_networks() -> List[NetworkConfig]:
@@ -77,59 +165,73 @@ def _demo_networks() -> List[NetworkConfig]:
             NetworkConfig(name='b', dataset=DatasetConfig(source='synthetic:B'))]
 
 
-@dataclass
-class RunConfig:
+def _precision(value: Any) -> Any:
+    return 'no' if value is False else value  # YAML 1.1 reads a bare `no` as false
+
+
+class RunConfig(_Section):
     """Everything a run describes. ``scheme`` is ``joint`` or ``incremental`` (``interface.load`` required)."""
-    output_dir: str = 'runs/demo'
-    seed: int = 0
-    scheme: str = 'joint'
+    output_dir: str = Field('runs/demo', min_length=1)
+    seed: Seed = 0
+    scheme: Literal['joint', 'incremental'] = 'joint'
     iiw: bool = True  # identical initial weights: every network starts from init_seed
-    init_seed: int = 0
-    networks: List[NetworkConfig] = field(default_factory=_demo_networks)
-    interface: InterfaceConfig = field(default_factory=lambda: InterfaceConfig(width=32))
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    batch_size: int = 64
-    epochs: float = 5.0  # over the largest training set
-    steps: Optional[int] = None  # overrides epochs
-    image_size: int = 32
+    init_seed: Seed = 0
+    # Sec. 3.4: each step sums all networks' losses ('sum') or alternates minibatches between networks.
+    joint_schedule: Literal['sum', 'alternate'] = 'sum'
+    networks: List[NetworkConfig] = Field(default_factory=_demo_networks, min_length=1,
+                                          examples=[[{'name': 'a', 'dataset': {'source': 'synthetic:A'}}]])
+    interface: InterfaceConfig = Field(default_factory=lambda: InterfaceConfig(width=32), examples=[{'width': 64}])
+    optim: OptimConfig = Field(default_factory=OptimConfig, examples=[{'lr': 0.1}])
+    batch_size: Count = 64
+    epochs: Float = Field(5.0, gt=0)  # over the largest training set
+    steps: Optional[Count] = Field(None, examples=[1000])  # overrides epochs
+    image_size: int = Field(32, ge=8)
     augment: bool = True
-    mixed_precision: Optional[str] = None  # no | fp16 | bf16; default: what `accelerate launch` says
-    gradient_accumulation_steps: int = 1
+    # None: what `accelerate launch` says
+    mixed_precision: Annotated[Optional[Literal['no', 'fp16', 'bf16']], BeforeValidator(_precision)] = Field(
+        None, examples=['bf16'])
+    gradient_accumulation_steps: Count = 1
     channels_last: bool = False
     compile: bool = False
-    cpu_threads: Optional[int] = None  # on CPU; default: this process's share of the cores it may use
-    log_every: int = 25
-    checkpoint_every: int = 200
-    keep_checkpoints: int = 2
-    eval_batch_size: int = 250
-    eval_bn: str = 'batch'
-    baseline: Optional[str] = 'independent'  # also train the same networks independently, for comparison
-    save_components: Optional[str] = None  # folder for the trained components; default OUTPUT/<phase>/components
-    push_to_hub: Optional[str] = None  # ORG/PREFIX: push every component to ORG/PREFIX-<name>-<role>
-    data_dir: Optional[str] = None
+    cpu_threads: Optional[Count] = Field(None, examples=[4])  # None: this process's share of the usable cores
+    log_every: Count = 25
+    checkpoint_every: Count = 200
+    keep_checkpoints: Count = 2
+    eval_batch_size: Count = 250
+    eval_bn: Literal['batch', 'running'] = 'batch'
+    # also train the same networks independently, for comparison
+    baseline: Optional[Literal['independent']] = 'independent'
+    save_components: Optional[str] = Field(None, min_length=1, examples=['components'])  # None: OUT/<phase>/...
+    push_to_hub: Optional[str] = Field(  # ORG/PREFIX: push every component to ORG/PREFIX-<name>-<role>
+        None, pattern=r'^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$', examples=['my-org/compat'],
+        json_schema_extra=_must('ORG/PREFIX, e.g. my-org/compat'))
+    data_dir: Optional[str] = Field(None, min_length=1, examples=['data'])
 
     def validate(self) -> 'RunConfig':
-        if self.scheme not in ('joint', 'incremental'):
-            raise ValueError(f'scheme must be "joint" or "incremental", got {self.scheme!r}.')
+        """Check what no single key can, fill ``{data_dir}`` into dataset sources, and return ``self``.
+
+        Raises:
+            ConfigError: Listing every problem found.
+        """
+        problems = []
         if self.scheme == 'incremental' and not self.interface.load:
-            raise ValueError('scheme: incremental trains against a frozen interface: set interface.load to its folder '
-                             'or Hub repo (or --interface).')
-        if self.baseline not in (None, 'independent'):
-            raise ValueError(f'baseline must be "independent" or null, got {self.baseline!r}.')
-        if self.mixed_precision is False:  # YAML 1.1 reads a bare `no` as false
-            self.mixed_precision = 'no'
-        if self.mixed_precision not in (None, 'no', 'fp16', 'bf16'):
-            raise ValueError(f'mixed_precision must be no, fp16 or bf16, got {self.mixed_precision!r}.')
+            problems.append('scheme: incremental trains against a frozen interface: set interface.load to its '
+                            'folder or Hub repo (or --interface).')
         names = [n.name for n in self.networks]
-        if not names or len(set(names)) != len(names):
-            raise ValueError(f'Networks need distinct names, got {names}.')
+        if len(set(names)) != len(names):
+            problems.append(f'Networks need distinct names, got {names}.')
         if all(n.load for n in self.networks):
-            raise ValueError('Every network has load: set; nothing would be trained.')
-        for n in self.networks:
+            problems.append('Every network has load: set; nothing would be trained.')
+        for i, n in enumerate(self.networks):
+            if n.head == 'dcc' and not self.interface.dcc and not self.interface.load:
+                problems.append(f'networks.{i}.head is dcc (the shared DCC head), but interface.dcc is false; '
+                                f'set interface.dcc=true or networks.{i}.head=tail.')
             if self.data_dir is not None:
                 n.dataset.source = n.dataset.source.replace('{data_dir}', self.data_dir)
             if '{data_dir}' in n.dataset.source:
-                raise ValueError(f'Network {n.name!r} reads {n.dataset.source!r}: pass --data-dir.')
+                problems.append(f'Network {n.name!r} reads {n.dataset.source!r}: pass --data-dir.')
+        if problems:
+            raise ConfigError('\n'.join(problems))
         return self
 
     def independent(self) -> 'RunConfig':
@@ -140,43 +242,133 @@ class RunConfig:
         cfg.push_to_hub = None
         return cfg
 
-    def to_dict(self) -> Dict[str, Any]:
-        return dataclasses.asdict(self)
+
+# --- error messages ---------------------------------------------------------------------------------------------
+
+_PHRASES = {
+    'bool_type': 'true or false', 'int_type': 'an integer', 'float_type': 'a number', 'string_type': 'a string',
+    'list_type': 'a list', 'dict_type': 'a mapping', 'model_type': 'a mapping', 'finite_number': 'a finite number',
+    'greater_than': 'greater than {gt}', 'greater_than_equal': 'at least {ge}', 'less_than': 'less than {lt}',
+    'less_than_equal': 'at most {le}', 'literal_error': 'one of {expected}', 'config': '{must}',
+    'too_short': 'at least {min_length} long', 'too_long': 'at most {max_length} long',
+    'string_pattern_mismatch': 'matching {pattern}', 'none_required': 'null'}
+_TYPES = {bool: 'a boolean', int: 'an integer', float: 'a number', str: 'a string', list: 'a list', dict: 'a mapping',
+          type(None): 'null'}
+_WORDS = {'no': False, 'false': False, 'off': False, 'n': False, '0': False,
+          'yes': True, 'true': True, 'on': True, 'y': True, '1': True}
 
 
-def _from_dict(cls, data: Dict[str, Any], where: str):
-    if not isinstance(data, dict):
-        raise ValueError(f'{where} must be a mapping, got {data!r}.')
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(fields))
-    if unknown:
-        raise ValueError(f'Unknown config key(s) {unknown} in {where}; valid keys: {sorted(fields)}.')
-    kwargs = {}
-    for name, value in data.items():
-        sub = {'networks': NetworkConfig, 'dataset': DatasetConfig, 'interface': InterfaceConfig,
-               'optim': OptimConfig}.get(name)
-        if sub is NetworkConfig:
-            value = [_from_dict(NetworkConfig, v, f'{where}.networks.{i}') for i, v in enumerate(value)]
-        elif sub is not None and value is not None:
-            value = _from_dict(sub, value, f'{where}.{name}')
-        kwargs[name] = value
-    return cls(**kwargs)
+def _model_in(annotation: Any) -> Optional[type]:
+    """The config section a field holds (directly, in a list or Optional), if any."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    return next(filter(None, map(_model_in, getattr(annotation, '__args__', ()))), None)
 
+
+def _locate(loc: Tuple, data: Any) -> Tuple[List, Any, List, Any]:
+    """Follow an error's ``loc`` through the input data, leaving out pydantic's union tags.
+
+    Returns:
+        The data path, the value there, the path of the innermost config field on it and that field's info.
+    """
+    path, node, field_path, field, section = [], data, [], None, RunConfig
+    for part in loc:
+        if not (isinstance(node, dict) and part in node
+                or isinstance(node, list) and type(part) is int and part < len(node)):
+            break
+        node = node[part]
+        path.append(part)
+        if section is not None and isinstance(part, str):
+            field = section.model_fields.get(part)
+            field_path = list(path)
+            section = _model_in(field.annotation) if field is not None else None
+    return path, node, field_path, field
+
+
+def _write(value: Any) -> str:
+    """``value`` as it would be written after ``--set key=``."""
+    return value if isinstance(value, str) else str(value).lower() if isinstance(value, bool) else json.dumps(value)
+
+
+def _example(field: Any, value: Any) -> Any:
+    """A valid value: for a boolean given as a word, the one the word means; else the field's example or default."""
+    if field.annotation is bool and isinstance(value, str) and value.strip().lower() in _WORDS:
+        return _WORDS[value.strip().lower()]
+    return field.examples[0] if field.examples else field.get_default(call_default_factory=True)
+
+
+def _line(path: List, value: Any, field_path: List, field: Any, musts: List[str]) -> str:
+    key = '.'.join(map(str, path)) or 'the config'
+    shown = repr(value) if len(repr(value)) <= 80 else repr(value)[:77] + '...'
+    line = f'{key} must be {" or ".join(musts)}, got {shown} ({_TYPES.get(type(value), type(value).__name__)})'
+    if field is None:
+        return line
+    example = _write(_example(field, value))
+    if field_path == path:
+        return f'{line}; write {key}={example}'
+    return f'{line}; e.g. {".".join(map(str, field_path))}={example}'
+
+
+def _unknown(parent: Tuple, keys: List[str]) -> str:
+    """Unknown keys in one section, with the valid ones and the likely intended one."""
+    section = RunConfig
+    for part in parent:
+        section = _model_in(section.model_fields[part].annotation) if isinstance(part, str) else section
+    valid = sorted(section.model_fields)
+    where = f'in {".".join(map(str, parent))}' if parent else 'at the top level'
+    hints = [f'{k!r}: did you mean {m}?' for k in keys for m in (
+        [repr(c) for c in difflib.get_close_matches(k, valid, 1)]
+        or [f'{name}.{k}' for name, f in section.model_fields.items()
+            if _model_in(f.annotation) and k in _model_in(f.annotation).model_fields][:1])]
+    return f'Unknown config key(s) {sorted(keys)} {where}; valid keys: {valid}.' + ''.join(f' {h}' for h in hints)
+
+
+def _describe(errors: List[Dict[str, Any]], data: Dict[str, Any]) -> List[str]:
+    """One line per bad key: the key, what it must be, the value given, and an example of a valid one."""
+    by_key, unknown = {}, {}
+    for er in errors:
+        path, value, field_path, field = _locate(er['loc'], data)
+        if er['type'] == 'extra_forbidden':
+            unknown.setdefault(tuple(path[:-1]), []).append(str(path[-1]))
+            continue
+        if er['type'] == 'config':
+            must = er['ctx']['must']
+        elif field is not None and (field.json_schema_extra or {}).get('must_item' if path != field_path else 'must'):
+            must = field.json_schema_extra['must_item' if path != field_path else 'must']
+        else:
+            must = _PHRASES.get(er['type'], er['msg']).format(**er.get('ctx', {}))
+        entry = by_key.setdefault(tuple(path), (path, value, field_path, field, []))
+        if must not in entry[4]:
+            entry[4].append(must)
+    return [_line(*entry) for entry in by_key.values()] + [_unknown(p, k) for p, k in unknown.items()]
+
+
+def _parse(data: Dict[str, Any]) -> RunConfig:
+    """Type- and range-check ``data`` into a :class:`RunConfig`, reporting every bad key at once."""
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError('\n'.join(_describe(e.errors(), data))) from None
+
+
+# --- reading ----------------------------------------------------------------------------------------------------
 
 def _set_dotted(data: Dict[str, Any], dotted: str) -> None:
     if '=' not in dotted:
-        raise ValueError(f'Override {dotted!r} must look like key.path=value, e.g. interface.rp=false.')
+        raise ConfigError(f'Override {dotted!r} must look like key.path=value, e.g. interface.rp=false.')
     path, raw = dotted.split('=', 1)
-    keys = path.split('.')
-    node = data
-    for key in keys[:-1]:
-        node = node[int(key)] if isinstance(node, list) else node.setdefault(key, {})
-    last = keys[-1]
-    value = yaml.safe_load(raw)
-    if isinstance(node, list):
-        node[int(last)] = value
-    else:
-        node[last] = value
+    keys, node = path.split('.'), data
+    try:
+        for key in keys[:-1]:
+            node = node[int(key)] if isinstance(node, list) else node.setdefault(key, {})
+        value = yaml.safe_load(raw)
+        if isinstance(node, list):
+            node[int(keys[-1])] = value
+        else:
+            node[keys[-1]] = value
+    except (ValueError, IndexError, TypeError, AttributeError, yaml.YAMLError) as e:
+        raise ConfigError(f'Override {dotted!r}: {path!r} names no config key that can be set to {raw!r} ({e}); '
+                          f'e.g. networks.0.dataset.train_limit=1000.') from None
 
 
 def _merge(base: Dict[str, Any], update: Dict[str, Any]) -> Dict[str, Any]:
@@ -191,11 +383,13 @@ def _read_yaml(path: Path, seen: Sequence[Path] = ()) -> Dict[str, Any]:
     """A config file, merged over the file its ``base:`` key names (relative to it), recursively."""
     path = path.resolve()
     if path in seen:
-        raise ValueError(f'Config files include each other in a loop: {[str(p) for p in seen]} -> {path}.')
-    with open(path) as f:
-        data = yaml.safe_load(f) or {}
+        raise ConfigError(f'Config files include each other in a loop: {[str(p) for p in seen]} -> {path}.')
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise ConfigError(f'Cannot read config file {path}: {e}') from None
     if not isinstance(data, dict):
-        raise ValueError(f'{path} must hold a YAML mapping of config keys.')
+        raise ConfigError(f'{path} must hold a YAML mapping of config keys, e.g. "batch_size: 64".')
     base = data.pop('base', None)
     return _merge(_read_yaml(path.parent / base, [*seen, path]), data) if base else data
 
@@ -204,6 +398,9 @@ def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> Ru
     """Defaults, then the YAML file at ``path`` (and its ``base:`` files), then ``key.path=value`` overrides.
 
     Override values are parsed as YAML: ``interface.rp=false``, ``networks.1.backbone=resnet56_cifar``.
+
+    Raises:
+        ConfigError: Naming every bad key, its value and a valid example, before anything runs.
     """
     data = RunConfig().to_dict()
     if path is not None:
@@ -211,4 +408,39 @@ def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> Ru
         data.update(_read_yaml(Path(path)))
     for dotted in overrides:
         _set_dotted(data, dotted)
-    return _from_dict(RunConfig, data, 'config').validate()
+    return _parse(data).validate()
+
+
+# --- resuming ---------------------------------------------------------------------------------------------------
+
+# Keys a resumed run may change: none changes the trained weights or what the results mean.
+RESUME_MAY_CHANGE = frozenset({'steps', 'epochs', 'log_every', 'checkpoint_every', 'keep_checkpoints',
+                               'cpu_threads', 'save_components', 'push_to_hub', 'output_dir', 'data_dir'})
+_ABSENT = object()
+
+
+def config_changes(old: Dict[str, Any], new: Dict[str, Any]) -> List[str]:
+    """Dotted keys whose values differ between two ``to_dict()`` configs, e.g. ``networks.1.dataset.train_limit``.
+
+    Mappings are compared key by key (a key on one side only counts as changed), lists item by item (an item on
+    one side only is reported as ``key.index``), anything else by value and type. Compare configs that were both
+    loaded with :func:`load_config`, so that defaults and ``{data_dir}`` are filled in on both sides.
+    """
+    return _changes(old, new, ())
+
+
+def _changes(old: Any, new: Any, path: Tuple) -> List[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        keys = list(old) + [k for k in new if k not in old]
+        return [c for k in keys for c in _changes(old.get(k, _ABSENT), new.get(k, _ABSENT), (*path, k))]
+    if isinstance(old, list) and isinstance(new, list):
+        pad = [_ABSENT] * abs(len(old) - len(new))
+        pairs = zip(old + pad[:len(new) - len(old)], new + pad[:len(old) - len(new)])
+        return [c for i, (a, b) in enumerate(pairs) for c in _changes(a, b, (*path, i))]
+    same = old is not _ABSENT and new is not _ABSENT and type(old) is type(new) and old == new
+    return [] if same else ['.'.join(map(str, path))]
+
+
+def resume_conflicts(old: Dict[str, Any], new: Dict[str, Any]) -> List[str]:
+    """The changes of :func:`config_changes` that a resume may not make (not in :data:`RESUME_MAY_CHANGE`)."""
+    return [key for key in config_changes(old, new) if key not in RESUME_MAY_CHANGE]
