@@ -4,8 +4,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from timm_compat.config import RESUME_MAY_CHANGE, ConfigError, NetworkConfig, RunConfig, config_changes, \
-    load_config, resume_conflicts
+from timm_compat.config import RESUME_MAY_CHANGE, ConfigError, DatasetConfig, InterfaceConfig, NetworkConfig, \
+    OptimConfig, RunConfig, config_changes, load_config, resume_conflicts
 
 CONFIGS = sorted(p for p in (Path(__file__).resolve().parents[1] / 'configs').rglob('*.yaml') if p.stem != 'base')
 
@@ -205,3 +205,22 @@ def test_resume_may_change_only_what_leaves_weights_and_results_alone():
     old = load_config().to_dict()
     assert resume_conflicts(old, load_config(None, ['eval_batch_size=100']).to_dict()) == ['eval_batch_size']
     assert resume_conflicts(old, load_config(None, ['epochs=9', 'output_dir=runs/x']).to_dict()) == []
+
+
+def _keys(section, prefix=''):
+    for name, field in section.model_fields.items():
+        inner = {'networks': NetworkConfig, 'dataset': DatasetConfig, 'interface': InterfaceConfig,
+                 'optim': OptimConfig}.get(name)
+        yield f'{prefix}{name}'
+        if inner is not None:
+            yield from _keys(inner, f'{prefix}{name}.0.' if name == 'networks' else f'{prefix}{name}.')
+
+
+KEYS = list(_keys(RunConfig))
+
+
+@pytest.mark.parametrize('key', KEYS)
+def test_every_key_has_a_type(key):
+    """No key takes anything at all: a nested list is no valid value anywhere."""
+    with pytest.raises(ConfigError, match=rf'^{key}(\.0)* must be .*got \['):
+        load_config(None, [f'{key}=[[[]]]'])

@@ -5,8 +5,6 @@ in one :class:`ConfigError`. The defaults are the offline demo: two ResNet-8 net
 domains, trained jointly with IIW + RP + DCC, and the same pair trained independently as the baseline.
 """
 import copy
-import difflib
-import json
 from pathlib import Path
 from typing import Any, Dict, List, Literal, Optional, Sequence, Tuple, Union
 
@@ -14,6 +12,8 @@ import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, TypeAdapter, ValidationError
 from pydantic_core import PydanticCustomError
 from typing_extensions import Annotated, TypeAliasType
+
+from ._config_errors import describe
 
 __all__ = ['ConfigError', 'DatasetConfig', 'NetworkConfig', 'InterfaceConfig', 'OptimConfig', 'RunConfig',
            'load_config', 'config_changes', 'resume_conflicts', 'RESUME_MAY_CHANGE']
@@ -243,112 +243,12 @@ class RunConfig(_Section):
         return cfg
 
 
-# --- error messages ---------------------------------------------------------------------------------------------
-
-_PHRASES = {
-    'bool_type': 'true or false', 'int_type': 'an integer', 'float_type': 'a number', 'string_type': 'a string',
-    'list_type': 'a list', 'dict_type': 'a mapping', 'model_type': 'a mapping', 'finite_number': 'a finite number',
-    'greater_than': 'greater than {gt}', 'greater_than_equal': 'at least {ge}', 'less_than': 'less than {lt}',
-    'less_than_equal': 'at most {le}', 'literal_error': 'one of {expected}', 'config': '{must}',
-    'too_short': 'at least {min_length} long', 'too_long': 'at most {max_length} long',
-    'string_pattern_mismatch': 'matching {pattern}', 'none_required': 'null'}
-_TYPES = {bool: 'a boolean', int: 'an integer', float: 'a number', str: 'a string', list: 'a list', dict: 'a mapping',
-          type(None): 'null'}
-_WORDS = {'no': False, 'false': False, 'off': False, 'n': False, '0': False,
-          'yes': True, 'true': True, 'on': True, 'y': True, '1': True}
-
-
-def _model_in(annotation: Any) -> Optional[type]:
-    """The config section a field holds (directly, in a list or Optional), if any."""
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return annotation
-    return next(filter(None, map(_model_in, getattr(annotation, '__args__', ()))), None)
-
-
-def _locate(loc: Tuple, data: Any) -> Tuple[List, Any, List, Any]:
-    """Follow an error's ``loc`` through the input data, leaving out pydantic's union tags.
-
-    Returns:
-        The data path, the value there, the path of the innermost config field on it and that field's info.
-    """
-    path, node, field_path, field, section = [], data, [], None, RunConfig
-    for part in loc:
-        if not (isinstance(node, dict) and part in node
-                or isinstance(node, list) and type(part) is int and part < len(node)):
-            break
-        node = node[part]
-        path.append(part)
-        if section is not None and isinstance(part, str):
-            field = section.model_fields.get(part)
-            field_path = list(path)
-            section = _model_in(field.annotation) if field is not None else None
-    return path, node, field_path, field
-
-
-def _write(value: Any) -> str:
-    """``value`` as it would be written after ``--set key=``."""
-    return value if isinstance(value, str) else str(value).lower() if isinstance(value, bool) else json.dumps(value)
-
-
-def _example(field: Any, value: Any) -> Any:
-    """A valid value: for a boolean given as a word, the one the word means; else the field's example or default."""
-    if field.annotation is bool and isinstance(value, str) and value.strip().lower() in _WORDS:
-        return _WORDS[value.strip().lower()]
-    return field.examples[0] if field.examples else field.get_default(call_default_factory=True)
-
-
-def _line(path: List, value: Any, field_path: List, field: Any, musts: List[str]) -> str:
-    key = '.'.join(map(str, path)) or 'the config'
-    shown = repr(value) if len(repr(value)) <= 80 else repr(value)[:77] + '...'
-    line = f'{key} must be {" or ".join(musts)}, got {shown} ({_TYPES.get(type(value), type(value).__name__)})'
-    if field is None:
-        return line
-    example = _write(_example(field, value))
-    if field_path == path:
-        return f'{line}; write {key}={example}'
-    return f'{line}; e.g. {".".join(map(str, field_path))}={example}'
-
-
-def _unknown(parent: Tuple, keys: List[str]) -> str:
-    """Unknown keys in one section, with the valid ones and the likely intended one."""
-    section = RunConfig
-    for part in parent:
-        section = _model_in(section.model_fields[part].annotation) if isinstance(part, str) else section
-    valid = sorted(section.model_fields)
-    where = f'in {".".join(map(str, parent))}' if parent else 'at the top level'
-    hints = [f'{k!r}: did you mean {m}?' for k in keys for m in (
-        [repr(c) for c in difflib.get_close_matches(k, valid, 1)]
-        or [f'{name}.{k}' for name, f in section.model_fields.items()
-            if _model_in(f.annotation) and k in _model_in(f.annotation).model_fields][:1])]
-    return f'Unknown config key(s) {sorted(keys)} {where}; valid keys: {valid}.' + ''.join(f' {h}' for h in hints)
-
-
-def _describe(errors: List[Dict[str, Any]], data: Dict[str, Any]) -> List[str]:
-    """One line per bad key: the key, what it must be, the value given, and an example of a valid one."""
-    by_key, unknown = {}, {}
-    for er in errors:
-        path, value, field_path, field = _locate(er['loc'], data)
-        if er['type'] == 'extra_forbidden':
-            unknown.setdefault(tuple(path[:-1]), []).append(str(path[-1]))
-            continue
-        if er['type'] == 'config':
-            must = er['ctx']['must']
-        elif field is not None and (field.json_schema_extra or {}).get('must_item' if path != field_path else 'must'):
-            must = field.json_schema_extra['must_item' if path != field_path else 'must']
-        else:
-            must = _PHRASES.get(er['type'], er['msg']).format(**er.get('ctx', {}))
-        entry = by_key.setdefault(tuple(path), (path, value, field_path, field, []))
-        if must not in entry[4]:
-            entry[4].append(must)
-    return [_line(*entry) for entry in by_key.values()] + [_unknown(p, k) for p, k in unknown.items()]
-
-
 def _parse(data: Dict[str, Any]) -> RunConfig:
     """Type- and range-check ``data`` into a :class:`RunConfig`, reporting every bad key at once."""
     try:
         return RunConfig.model_validate(data)
     except ValidationError as e:
-        raise ConfigError('\n'.join(_describe(e.errors(), data))) from None
+        raise ConfigError('\n'.join(describe(e.errors(), data, RunConfig))) from None
 
 
 # --- reading ----------------------------------------------------------------------------------------------------
