@@ -230,3 +230,12 @@ def test_plots_and_report(tmp_path):
     assert text.index('## Recombination') < text.index('## Correlation') < text.index('## Fine-tuning')
     with pytest.raises(FileNotFoundError, match='save the plot'):
         write_report(tmp_path, 'x', {'s': ReportFigure(tmp_path / 'missing.png')})
+
+
+def test_extract_features_keeps_data_order_across_shuffled_batches(model, data):
+    # Running statistics make each image's features independent of its batch, so rows must match a full pass.
+    feats = extract_features(model.extractor, data, batch_size=10, bn='running')
+    cfg = model.extractor.pretrained_cfg
+    with torch.no_grad(), eval_mode(model.extractor, 'running'):
+        expected = model.extractor(normalize(data.images, cfg['mean'], cfg['std']))
+    assert torch.allclose(feats, expected.permute(0, 2, 3, 1).reshape(-1, expected.shape[1]), atol=1e-5)

@@ -1,7 +1,9 @@
 import pytest
 import torch
 
-from timm_compat.data import EpochSampler, ImageData, augment, load_image_data, normalize, training_batch
+from timm_compat.data import (
+    EpochSampler, ImageData, augment, evaluation_batches, iterate_batches, load_image_data, normalize, random_subset,
+    training_batch)
 from timm_compat.synthetic import SYNTHETIC_CLASSES, make_synthetic
 
 from datasets_util import write_imagefolder, write_parquet
@@ -113,3 +115,70 @@ def test_decoded_images_cached(tmp_path, monkeypatch):
     assert torch.equal(load_image_data(source, 'train').images, first.images) and calls == []
     entry.write_bytes(b'garbage')  # a damaged entry is decoded again, not trusted
     assert torch.equal(load_image_data(source, 'train').images, first.images) and calls == [1]
+
+
+@pytest.mark.parametrize('umask', [0o022, 0o077])
+def test_decode_cache_honours_the_umask(tmp_path, monkeypatch, umask):
+    import os
+    monkeypatch.setenv('TIMM_COMPAT_CACHE', str(tmp_path / 'cache'))
+    source = write_parquet(tmp_path / 'c10', CIFAR10)
+    old = os.umask(umask)
+    try:
+        load_image_data(source, 'train')
+    finally:
+        os.umask(old)
+    [entry] = (tmp_path / 'cache').iterdir()  # the entry alone: no temporary file left behind
+    assert entry.name.startswith('decoded-') and entry.stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_evaluation_batches_are_a_seeded_permutation_without_tiny_batches():
+    for n, batch_size in [(21, 10), (1001, 250), (5, 4), (400, 40), (41, 40)]:
+        batches = evaluation_batches(n, batch_size, seed=3)
+        sizes = [len(b) for b in batches]
+        assert len(batches) == -(-n // batch_size) and max(sizes) <= batch_size
+        assert min(sizes) >= batch_size / 2 and max(sizes) - min(sizes) <= 1  # (41, 40): 21 + 20, not 40 + 1
+        assert sorted(torch.cat(batches).tolist()) == list(range(n))  # every example exactly once
+        assert not torch.equal(torch.cat(batches), torch.arange(n))  # not the stored order
+    first, again = evaluation_batches(1001, 250, seed=3), evaluation_batches(1001, 250, seed=3)
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    assert not torch.equal(evaluation_batches(1001, 250, seed=4)[0], first[0])
+    with pytest.raises(ValueError, match='batch_size must be a positive'):
+        evaluation_batches(10, 0)
+
+
+def test_iterate_batches_pairs_images_with_their_labels():
+    data = ImageData(torch.arange(30, dtype=torch.uint8).view(30, 1, 1, 1).expand(30, 3, 2, 2), torch.arange(30),
+                     [str(i) for i in range(30)])
+    seen = []
+    for images, labels in iterate_batches(data, 8):
+        assert torch.equal(images[:, 0, 0, 0].long(), labels)
+        seen += labels.tolist()
+    assert sorted(seen) == list(range(30)) and seen != list(range(30))
+
+
+def sorted_by_class(num_classes=10, per_class=50):
+    labels = torch.arange(num_classes).repeat_interleave(per_class)
+    return ImageData(labels.to(torch.uint8).view(-1, 1, 1, 1).expand(-1, 3, 2, 2), labels,
+                     [f'c{i}' for i in range(num_classes)])
+
+
+def test_take_is_a_seeded_random_subset():
+    data = sorted_by_class()
+    subset = data.take(50)
+    assert len(subset) == 50 and len(subset.labels.unique()) == 10  # the first 50 would all be class 0
+    assert torch.equal(subset.images[:, 0, 0, 0].long(), subset.labels)  # images stay with their labels
+    assert torch.equal(data.take(50).labels, subset.labels) and not torch.equal(data.take(50, seed=1).labels,
+                                                                                subset.labels)
+    assert data.take(None) is data and data.take(500) is data
+    with pytest.raises(ValueError, match='non-negative'):
+        data.take(-1)
+
+
+def test_limit_takes_a_random_subset_of_class_sorted_data(tmp_path):
+    source = write_imagefolder(tmp_path / 'folder', ['cat', 'dog'], per_class=10, size=8)
+    full = load_image_data(source, 'test', image_size=8)
+    assert full.labels.tolist() == [0] * 10 + [1] * 10  # imagefolder stores the classes in order
+    limited = load_image_data(source, 'test', image_size=8, limit=10)
+    assert len(limited) == 10 and set(limited.labels.tolist()) == {0, 1}
+    index = random_subset(20, 10)
+    assert torch.equal(limited.images, full.images[index]) and torch.equal(limited.labels, full.labels[index])

@@ -17,7 +17,7 @@ from scipy.optimize import linear_sum_assignment
 from torch import nn
 
 from .batchnorm import eval_mode
-from .data import ImageData, iterate_batches, normalize
+from .data import ImageData, evaluation_batches, normalize
 
 __all__ = ['extract_features', 'feature_correlation', 'direct_correlation', 'permuted_correlation',
            'sort_correlation', 'linear_cka', 'FeatureComparison', 'compare_extractors']
@@ -61,12 +61,16 @@ def extract_features(extractor: nn.Module, data: ImageData, batch_size: int = 25
         raise ValueError('The extractor has no pretrained_cfg mean/std to normalise images with: pass mean=... '
                          'and std=... (per-channel, 0-1 scale).')
     device = next(extractor.parameters()).device
-    chunks = []
+    out = None
     with eval_mode(extractor, bn):
-        for images, _ in iterate_batches(data, batch_size):
+        for index in evaluation_batches(len(data), batch_size):
+            images = data.images[index.to(data.images.device)]
             features = extractor(normalize(images.to(device, non_blocking=True), mean, std))
-            chunks.append(_samples_by_channels(features).float().cpu())
-    return torch.cat(chunks)
+            per_image = _samples_by_channels(features).float().cpu().view(len(index), -1, features.shape[1])
+            if out is None:
+                out = per_image.new_empty((len(data), *per_image.shape[1:]))
+            out[index] = per_image  # rows in data order, although batches are drawn in a seeded random order
+    return out.view(-1, out.shape[-1])
 
 
 def _check_pair(a: torch.Tensor, b: torch.Tensor) -> None:

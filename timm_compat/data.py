@@ -13,7 +13,7 @@ Sources:
 import glob
 import hashlib
 import os
-import tempfile
+import secrets
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, List, Optional, Sequence, Tuple
@@ -27,7 +27,8 @@ from safetensors.torch import load_file, save_file
 from .shifts import apply_shift
 from .synthetic import make_synthetic
 
-__all__ = ['ImageData', 'load_image_data', 'augment', 'normalize', 'training_batch', 'EpochSampler', 'iterate_batches', 'KNOWN_SCHEMAS']
+__all__ = ['ImageData', 'load_image_data', 'augment', 'normalize', 'training_batch', 'EpochSampler', 'iterate_batches',
+           'evaluation_batches', 'random_subset', 'KNOWN_SCHEMAS']
 
 # (image column, label column) of the Hub datasets the paper uses.
 KNOWN_SCHEMAS = {
@@ -66,13 +67,27 @@ class ImageData:
         keep = mapped >= 0
         return ImageData(self.images[keep], mapped[keep], list(classes), self.name)
 
-    def take(self, n: Optional[int]) -> 'ImageData':
+    def take(self, n: Optional[int], seed: int = 0) -> 'ImageData':
+        """A seeded random subset of ``n`` examples (all of them if ``n`` is ``None`` or too large).
+
+        Random rather than the first ``n``: stored data is often sorted by class (``imagefolder``), and its first
+        ``n`` examples would then hold only the first classes. The subset keeps the stored order.
+        """
         if n is None or n >= len(self):
             return self
-        return ImageData(self.images[:n], self.labels[:n], self.class_names, self.name)
+        index = random_subset(len(self), n, seed).to(self.labels.device)
+        return ImageData(self.images[index], self.labels[index], self.class_names, self.name)
 
     def to(self, device) -> 'ImageData':
         return ImageData(self.images.to(device), self.labels.to(device), self.class_names, self.name)
+
+
+def random_subset(num_examples: int, n: int, seed: int = 0) -> torch.Tensor:
+    """Sorted indices of a seeded random ``n``-subset of ``range(num_examples)``, the same on every machine."""
+    if n < 0:
+        raise ValueError(f'Cannot take {n} examples: the limit must be a non-negative count (or None for all).')
+    order = torch.randperm(num_examples, generator=torch.Generator().manual_seed(seed))
+    return order[:n].sort().values
 
 
 def _load_hf(source: str, split: str):
@@ -126,15 +141,24 @@ def _decode_cached(ds, image_column: str, size: int) -> torch.Tensor:
         except (SafetensorError, OSError, KeyError):  # a damaged cache entry is decoded again, never trusted
             path.unlink(missing_ok=True)
     images = _decode(ds, image_column, size)
+    _write_cache(path, images)
+    return images
+
+
+def _write_cache(path: Path, images: torch.Tensor) -> None:
+    """Write the cache entry in one rename, readable as the umask allows; any failure leaves no entry."""
+    tmp = path.with_name(f'.{path.name}.{secrets.token_hex(8)}.tmp')
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix='.tmp')
-        os.close(fd)
-        save_file({'images': images}, tmp)
+        # save_file writes through a 0600 temporary file of its own whatever the umask, which a team sharing the
+        # cache could not read; creating the file first tells the mode a plain open() gives, restored after.
+        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        mode = tmp.stat().st_mode & 0o777
+        save_file({'images': images}, str(tmp))
+        os.chmod(tmp, mode)
         os.replace(tmp, path)
-    except OSError:  # a read-only home still trains, just without the cache
-        pass
-    return images
+    except (OSError, SafetensorError):  # a read-only or full disk still trains, just without the cache
+        tmp.unlink(missing_ok=True)
 
 
 def _decode(ds, image_column: str, size: int) -> torch.Tensor:
@@ -168,11 +192,11 @@ def load_image_data(source: str, split: str, *, image_size: int = 32, image_colu
         label_column: Label column; likewise.
         class_names: Names for the labels when the label column is not a ``ClassLabel``.
         classes: Keep only these classes, relabelled in this order.
-        limit: Keep only the first ``limit`` examples (before ``classes``).
+        limit: Keep a random subset of ``limit`` examples, drawn with ``seed`` (before ``shard`` and ``classes``).
         shard: ``[index, count]``: keep examples ``index::count`` (disjoint parts of one split).
         shift: Corruptions applied once at load (see :func:`timm_compat.shifts.apply_shift`).
         synthetic_per_class: Images per class for ``synthetic:`` sources.
-        seed: Seed of ``synthetic:`` sources.
+        seed: Seed of ``synthetic:`` sources, of the ``limit`` subset and of ``shift``.
 
     Raises:
         ValueError: Missing columns (naming those found), labels out of range, no class names.
@@ -180,12 +204,12 @@ def load_image_data(source: str, split: str, *, image_size: int = 32, image_colu
     name = f'{source}[{split}]'
     if source.startswith('synthetic:'):
         images, labels, names = make_synthetic(source.split(':', 1)[1], split, image_size, synthetic_per_class, seed)
-        data = ImageData(images, labels, names, name).take(limit)
+        data = ImageData(images, labels, names, name).take(limit, seed)
     else:
         ds = _load_hf(source, split)
         image_column, label_column = _columns(ds, source, image_column, label_column)
-        if limit is not None:
-            ds = ds.select(range(min(limit, len(ds))))
+        if limit is not None and limit < len(ds):  # before decoding, so that a small limit decodes little
+            ds = ds.select(random_subset(len(ds), limit, seed).tolist())
         feature = ds.features[label_column]
         names = list(class_names) if class_names is not None else getattr(feature, 'names', None)
         if not names:
@@ -272,7 +296,31 @@ class EpochSampler:
         return self._order[index * self.batch_size:(index + 1) * self.batch_size]
 
 
-def iterate_batches(data: ImageData, batch_size: int) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
-    """In-order ``(images, labels)`` batches for evaluation; the last one may be smaller."""
-    for start in range(0, len(data), batch_size):
-        yield data.images[start:start + batch_size], data.labels[start:start + batch_size]
+def evaluation_batches(num_examples: int, batch_size: int, seed: int = 0) -> List[torch.Tensor]:
+    """Index batches of one evaluation pass: a seeded permutation cut into batches of nearly equal size.
+
+    With batch-statistics BN a prediction depends on the rest of its batch, so batches must not follow the stored
+    order (class-sorted data would make class-homogeneous batches) and none may be tiny (a batch of a few images
+    has statistics of its own). ``ceil(num_examples / batch_size)`` batches share the examples evenly: none is larger
+    than ``batch_size`` (the memory the caller budgeted) and, when there are several, none is smaller than half
+    of it.
+    """
+    if batch_size < 1:
+        raise ValueError(f'batch_size must be a positive number of images, got {batch_size}.')
+    count = -(-num_examples // batch_size)
+    if count <= 1:  # one batch has the same statistics in any order; the stored order keeps results bit-exact
+        return [torch.arange(num_examples)] if num_examples else []
+    order = torch.randperm(num_examples, generator=torch.Generator().manual_seed(seed))
+    base, extra = divmod(num_examples, count)
+    return list(order.split([base + 1] * extra + [base] * (count - extra)))
+
+
+def iterate_batches(data: ImageData, batch_size: int, seed: int = 0) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+    """``(images, labels)`` batches for evaluation, in the order of :func:`evaluation_batches`.
+
+    The order depends only on ``len(data)`` and ``seed``, so two models evaluated on the same data see the same
+    batches, and the stored order of the data (e.g. sorted by class) does not bias batch statistics.
+    """
+    for index in evaluation_batches(len(data), batch_size, seed):
+        index = index.to(data.labels.device)
+        yield data.images[index], data.labels[index]

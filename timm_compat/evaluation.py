@@ -6,9 +6,11 @@ fine-tuning. BN uses batch statistics by default. Each extractor's features are 
 every head, so an N x N matrix costs N extractor passes, not N^2.
 """
 from contextlib import ExitStack
+from itertools import chain
 from typing import List, Optional, Sequence
 
 import torch
+from torch import nn
 
 from .batchnorm import eval_mode
 from .data import ImageData, iterate_batches, normalize
@@ -17,52 +19,70 @@ from .methods.common_classes import canonical_class_name, common_classes
 __all__ = ['accuracy', 'per_class_accuracy', 'average_class_accuracy', 'recombination_matrix', 'format_matrix']
 
 
-def _inputs(images: torch.Tensor, model, device) -> torch.Tensor:
-    cfg = model.extractor.pretrained_cfg
+def _device(module: nn.Module) -> torch.device:
+    return next(chain(module.parameters(), module.buffers()), torch.zeros(())).device
+
+
+def _check_loaded(models: Sequence[nn.Module]) -> None:
+    on_meta = [i for i, m in enumerate(models) if any(t.is_meta for t in chain(m.parameters(), m.buffers()))]
+    if on_meta:
+        raise ValueError(f'Models {on_meta} have tensors on the meta device, so they hold no weights to evaluate: '
+                         f'load them first (load_component, or to_empty() then load_state_dict()).')
+
+
+def _inputs(images: torch.Tensor, extractor: nn.Module, device) -> torch.Tensor:
+    cfg = extractor.pretrained_cfg
     return normalize(images.to(device, non_blocking=True), cfg['mean'], cfg['std'])
 
 
 @torch.no_grad()
-def accuracy(model, data: ImageData, batch_size: int = 256, bn: str = 'batch') -> float:
-    """Top-1 accuracy of ``model`` on all of ``data``."""
-    device = next(model.parameters()).device
-    correct = torch.zeros((), device=device, dtype=torch.long)
-    with eval_mode(model, bn):
-        for images, labels in iterate_batches(data, batch_size):
-            logits = model(_inputs(images, model, device))
-            correct += (logits.argmax(1) == labels.to(device)).sum()
-    return correct.item() / len(data)
-
-
-@torch.no_grad()
-def per_class_accuracy(model, data: ImageData, batch_size: int = 250, bn: str = 'batch') -> torch.Tensor:
-    """Top-1 accuracy of each class of ``data``, a ``(num_classes,)`` CPU tensor; NaN for classes with no images.
+def accuracy(model, data: ImageData, batch_size: int = 256, bn: str = 'batch', seed: int = 0) -> float:
+    """Top-1 accuracy of ``model`` on all of ``data``, over all of the model's classes.
 
     Args:
         model: A :class:`~timm_compat.CompatibleModel` (or anything with ``extractor.pretrained_cfg``).
         data: Labelled test data whose labels index the model's outputs.
         batch_size: Evaluation batch size (it matters when ``bn='batch'``).
         bn: ``'batch'`` (test-time BN statistics) or ``'running'``.
+        seed: Seed of the order in which the images are batched (see :func:`~timm_compat.data.iterate_batches`).
     """
-    device = next(model.parameters()).device
+    _check_loaded([model])
+    device = _device(model)
+    correct = 0  # becomes a tensor on the logits' device: no host sync per batch
+    with eval_mode(model, bn):
+        for images, labels in iterate_batches(data, batch_size, seed):
+            logits = model(_inputs(images, model.extractor, device))
+            correct += (logits.argmax(1) == labels.to(logits.device)).sum()
+    return int(correct) / len(data)
+
+
+@torch.no_grad()
+def per_class_accuracy(model, data: ImageData, batch_size: int = 250, bn: str = 'batch',
+                       seed: int = 0) -> torch.Tensor:
+    """Top-1 accuracy of each class of ``data``, a ``(num_classes,)`` CPU tensor; NaN for classes with no images.
+
+    Arguments as :func:`accuracy`.
+    """
+    _check_loaded([model])
+    device = _device(model)
     num_classes = data.num_classes
     correct = torch.zeros(num_classes, device=device)
     total = torch.zeros(num_classes, device=device)
     with eval_mode(model, bn):
-        for images, labels in iterate_batches(data, batch_size):
+        for images, labels in iterate_batches(data, batch_size, seed):
             labels = labels.to(device)
-            predictions = model(_inputs(images, model, device)).argmax(1)
+            predictions = model(_inputs(images, model.extractor, device)).argmax(1).to(device)
             total += torch.bincount(labels, minlength=num_classes)
             correct += torch.bincount(labels[predictions == labels], minlength=num_classes)
     return (correct / total).cpu()  # 0 / 0 is NaN: a class without test images
 
 
-def average_class_accuracy(model, data: ImageData, batch_size: int = 250, bn: str = 'batch') -> float:
+def average_class_accuracy(model, data: ImageData, batch_size: int = 250, bn: str = 'batch', seed: int = 0) -> float:
     """Mean over the classes present in ``data`` of each class's top-1 accuracy (the metric of Tab. 2 and Fig. 5).
 
-    Arguments as :func:`per_class_accuracy`.
+    Arguments as :func:`accuracy`.
     """
-    per_class = per_class_accuracy(model, data, batch_size, bn)
+    per_class = per_class_accuracy(model, data, batch_size, bn, seed)
     return per_class[~per_class.isnan()].mean().item()
 
 
@@ -76,54 +96,94 @@ def _head_columns(head, common: Sequence[str]) -> List[int]:
     return [names.index(c) for c in common]
 
 
+def _row_correct(row_model, heads: Sequence[nn.Module], columns: Sequence[List[int]], data: ImageData,
+                 batch_size: int, bn: str, seed: int) -> List[torch.Tensor]:
+    """Correct predictions of ``row_model``'s extractor with each head (argmax over its ``columns``) on ``data``.
+
+    Inputs go to the extractor's device and features to each head's, and each count stays on its head's device:
+    components loaded on the CPU can be scored with ones on an accelerator.
+    """
+    extractor = row_model.extractor
+    device = _device(extractor)
+    head_devices = [_device(h) for h in heads]
+    columns = [torch.tensor(c, device=d) for c, d in zip(columns, head_devices)]
+    correct = [torch.zeros((), dtype=torch.long, device=d) for d in head_devices]
+    with ExitStack() as stack:
+        stack.enter_context(eval_mode(extractor, bn))
+        for head in heads:
+            stack.enter_context(eval_mode(head, bn))
+        for images, labels in iterate_batches(data, batch_size, seed):
+            features = extractor(_inputs(images, extractor, device))
+            for j, (head, head_device) in enumerate(zip(heads, head_devices)):
+                logits = head(features.to(head_device, non_blocking=True))[:, columns[j]]
+                correct[j] += (logits.argmax(1) == labels.to(head_device)).sum()
+    return correct
+
+
 @torch.no_grad()
 def recombination_matrix(models: Sequence, test_data: Sequence[ImageData], batch_size: int = 256,
-                         bn: str = 'batch', common: Optional[Sequence[str]] = None) -> torch.Tensor:
+                         bn: str = 'batch', common: Optional[Sequence[str]] = None, seed: int = 0) -> torch.Tensor:
     """Accuracy of every extractor with every head, on the classes common to all networks.
 
+    Every entry, the diagonal included, predicts among the common classes only (the argmax runs over the head's
+    common-class outputs), so the diagonal is not the all-class own accuracy the paper quotes for the original
+    tasks: that is :func:`accuracy`, which :func:`format_matrix` shows next to the matrix when given ``own``.
+
     Args:
-        models: :class:`~timm_compat.CompatibleModel` s whose heads have ``class_names``.
+        models: :class:`~timm_compat.CompatibleModel` s whose heads have ``class_names``. Each component may be on
+            its own device.
         test_data: Test split of each model's own task.
         batch_size: Evaluation batch size (it matters: BN uses batch statistics).
         bn: ``'batch'`` or ``'running'``.
         common: Classes to evaluate on; default the classes (by name, up to synonyms) of every test set.
+        seed: Seed of the order in which the images are batched (see :func:`~timm_compat.data.iterate_batches`).
 
     Returns:
         ``(N, N)`` tensor; entry ``[i, j]`` is extractor ``i`` + head ``j`` on test set ``i``.
     """
     if any(m.head.class_names is None for m in models):
         raise ValueError('Recombination matches classes by name: every head needs class_names.')
+    _check_loaded(models)
     common = list(common) if common is not None else common_classes([d.class_names for d in test_data])
     if not common:
         raise ValueError('The networks share no class names, so recombination accuracy is undefined.')
-    device = next(models[0].parameters()).device
-    columns = [torch.tensor(_head_columns(m.head, common), device=device) for m in models]
+    heads = [m.head for m in models]
+    columns = [_head_columns(h, common) for h in heads]
     matrix = torch.zeros(len(models), len(models))
     for i, (row_model, data) in enumerate(zip(models, test_data)):
         subset = _common_subset(data, common)
-        correct = torch.zeros(len(models), device=device, dtype=torch.long)
-        with ExitStack() as stack:
-            stack.enter_context(eval_mode(row_model.extractor, bn))
-            for m in models:
-                stack.enter_context(eval_mode(m.head, bn))
-            for images, labels in iterate_batches(subset, batch_size):
-                features = row_model.extractor(_inputs(images, row_model, device))
-                labels = labels.to(device)
-                for j, m in enumerate(models):
-                    correct[j] += (m.head(features)[:, columns[j]].argmax(1) == labels).sum()
-        matrix[i] = correct.cpu().double() / len(subset)
+        correct = _row_correct(row_model, heads, columns, subset, batch_size, bn, seed)
+        matrix[i] = torch.tensor([int(c) for c in correct], dtype=torch.float64) / len(subset)
     return matrix
 
 
-def format_matrix(matrix: torch.Tensor, names: Sequence[str], title: str = '') -> str:
-    """Plain-text table: rows are extractors, columns heads, entries in percent."""
+def format_matrix(matrix: torch.Tensor, names: Sequence[str], title: str = '',
+                  own: Optional[Sequence[float]] = None) -> str:
+    """Plain-text table: rows are extractors, columns heads, entries in percent.
+
+    Args:
+        matrix: ``(N, N)`` accuracies in ``[0, 1]`` from :func:`recombination_matrix` (common classes).
+        names: Network names, in the matrix's order.
+        title: Optional first line.
+        own: Each network's all-class own accuracy (:func:`accuracy`), shown as a last column and averaged next
+            to the common-class diagonal, so that own accuracy compares to the paper's.
+    """
+    if own is not None and len(own) != len(names):
+        raise ValueError(f'own has {len(own)} accuracies for {len(names)} networks: give one per network, '
+                         f'in the order of names.')
     width = max(8, *(len(n) + 2 for n in names))
+    own_header = 'own, all classes'.rjust(20) if own is not None else ''
     lines = [title] if title else []
-    lines.append('extractor \\ head'.ljust(18) + ''.join(n.rjust(width) for n in names))
-    for name, row in zip(names, matrix.tolist()):
-        lines.append(name.ljust(18) + ''.join(f'{100 * v:.1f}'.rjust(width) for v in row))
+    lines.append('extractor \\ head'.ljust(18) + ''.join(n.rjust(width) for n in names) + own_header)
+    for i, (name, row) in enumerate(zip(names, matrix.tolist())):
+        own_cell = f'{100 * own[i]:.1f}'.rjust(20) if own is not None else ''
+        lines.append(name.ljust(18) + ''.join(f'{100 * v:.1f}'.rjust(width) for v in row) + own_cell)
     off = [matrix[i, j].item() for i in range(len(names)) for j in range(len(names)) if i != j]
+    summary = []
     if off:
-        lines.append(f'mean recombination (off-diagonal): {100 * sum(off) / len(off):.1f} %   '
-                     f'mean own (diagonal): {100 * matrix.diagonal().mean().item():.1f} %')
+        summary.append(f'mean recombination (off-diagonal): {100 * sum(off) / len(off):.1f} %')
+    summary.append(f'mean own, common classes (diagonal): {100 * matrix.diagonal().mean().item():.1f} %')
+    if own is not None:
+        summary.append(f'mean own, all classes: {100 * sum(own) / len(own):.1f} %')
+    lines.append('   '.join(summary))
     return '\n'.join(lines)
