@@ -29,19 +29,26 @@ def test_batch_statistics_leave_running_stats_untouched():
         assert not torch.allclose(model(x[:4]), batch_out[:4])
 
 
-def test_recalibration_changes_running_stats():
-    model = _model()
-    before = _bn_state(model)
-    batches = [torch.randn(8, 3, 32, 32) * 2 + 1 for _ in range(3)]
-    tc.recalibrate_bn(model, batches)
-    after = _bn_state(model)
-    changed = [k for k in before if 'running_mean' in k and not torch.equal(before[k], after[k])]
-    assert len(changed) == sum('running_mean' in k for k in before)
-    assert model.training
-
-
 def test_unknown_bn_mode():
     import pytest
     with pytest.raises(ValueError, match='Unknown BN mode'):
         with eval_mode(_model(), bn='adabn'):
             pass
+
+
+def test_recalibration_is_the_cumulative_average_of_batch_statistics():
+    """AdaBN: every batch weighs the same (momentum=None), starting from reset statistics; num_batches is honoured."""
+    bn = torch.nn.BatchNorm2d(2, momentum=0.3)
+    model = torch.nn.Sequential(torch.nn.Conv2d(2, 2, 1), bn)
+    bn.running_mean.fill_(5.0)  # stale statistics and count that must not leak into the result
+    bn.num_batches_tracked.fill_(7)
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.randn(n, 2, 3, 3, generator=g) * (i + 1) + 3 * i for i, n in enumerate((4, 6, 8))]
+    with torch.no_grad():
+        conv = [model[0](x) for x in batches[:2]]
+    tc.recalibrate_bn(model, iter(batches), num_batches=2)
+    mean = torch.stack([f.mean((0, 2, 3)) for f in conv]).mean(0)
+    var = torch.stack([f.var((0, 2, 3), unbiased=True) for f in conv]).mean(0)
+    assert torch.allclose(bn.running_mean, mean, rtol=1e-6, atol=1e-7)
+    assert torch.allclose(bn.running_var, var, rtol=1e-6, atol=1e-7)
+    assert bn.num_batches_tracked.item() == 2 and bn.momentum == 0.3 and model.training

@@ -79,3 +79,11 @@ def test_rp_without_rp_head():
     model = tc.make_compatible('resnet20_cifar', split='layer2', interface=tc.Interface(width=32), num_classes=2)
     with pytest.raises(ValueError, match='RP head'):
         tc.compatibility_loss(model, torch.randn(2, 3, 32, 32), torch.tensor([0, 1]), [tc.RotationPrediction()])
+
+
+def test_rotation_loss_on_arbitrary_logits_matches_a_hand_computed_cross_entropy():
+    n = 3
+    logits = torch.randn(4 * n, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 3
+    labels = [0] * n + [1] * n + [2] * n + [3] * n  # rotate_batch's layout: all 0-degree copies first
+    expected = (logits.logsumexp(1) - logits[torch.arange(4 * n), labels]).mean().item()
+    assert rotation_loss(logits).item() == pytest.approx(expected, rel=1e-12)
