@@ -1,16 +1,34 @@
 """Compatibility through self-supervision: rotation prediction (RP), Gygli et al. 2021, Sec. 3.1, eq. (1).
 
 The extractor sees each image at 0, 90, 180 and 270 degrees in one concatenated batch; the shared RP head predicts
-which rotation was applied. The 0-degree copy comes first and doubles as the task batch.
+which rotation was applied. The 0-degree copy comes first and doubles as the task batch, except with
+``norm='separate'``.
+
+How BatchNorm in the extractor treats the four rotations (``norm``):
+
+* ``'shared'``: the 4N-image batch is normalised as one. The task rows are normalised with statistics of all four
+  rotations and the running statistics average rotated images, while evaluation (batch statistics of upright test
+  images) normalises with upright statistics only: training and test see different normalisations.
+* ``'per_rotation'``: each rotation is normalised with its own batch statistics, still in one pass; the task rows
+  get exactly what an upright-only pass would give, and only the upright chunk updates running statistics.
+* ``'separate'``: an extra upright pass for the task loss (eq. 1 has a separate task term); the rotated pass is
+  normalised as one 4N batch, for the RP loss only, and leaves running statistics alone. About 5/4 the extractor
+  compute of the others.
 """
+from contextlib import nullcontext
+from typing import ContextManager
+
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from .base import CompatibilityMethod
+from .chunked_norm import chunked_batch_norm
 
-__all__ = ['rotate_batch', 'rotation_labels', 'rotation_loss', 'RotationPrediction']
+__all__ = ['RP_NORMS', 'rotate_batch', 'rotation_labels', 'rotation_loss', 'RotationPrediction']
 
 NUM_ROTATIONS = 4
+RP_NORMS = ('shared', 'per_rotation', 'separate')
 
 
 def rotate_batch(images: torch.Tensor) -> torch.Tensor:
@@ -38,8 +56,30 @@ def rotation_loss(logits: torch.Tensor) -> torch.Tensor:
 
 
 class RotationPrediction(CompatibilityMethod):
-    """RP as a pluggable method: expands the batch with rotations, scores the interface's RP head."""
+    """RP as a pluggable method: expands the batch with rotations, scores the interface's RP head.
+
+    Args:
+        weight: Factor of the RP loss.
+        norm: How the extractor's BatchNorm treats the rotations: ``'shared'``, ``'per_rotation'`` or
+            ``'separate'`` (see the module docstring).
+    """
     name = 'rp'
+
+    def __init__(self, weight: float = 1.0, norm: str = 'shared'):
+        super().__init__(weight)
+        if norm not in RP_NORMS:
+            raise ValueError(f'Unknown rp_norm {norm!r}: use one of {RP_NORMS}.')
+        self.norm = norm
+        self.separate_task_pass = norm == 'separate'
+
+    def expanded_pass(self, extractor: nn.Module) -> ContextManager:
+        if self.norm == 'per_rotation':
+            # Running statistics from the upright chunk only: that is the distribution evaluation normalises, and it
+            # makes them equal to those of an upright-only pass (and of the 'separate' mode).
+            return chunked_batch_norm(extractor, NUM_ROTATIONS, running_chunk=0)
+        if self.norm == 'separate':
+            return chunked_batch_norm(extractor, 1, running_chunk=None)  # the upright pass sets running statistics
+        return nullcontext()
 
     def expand(self, images: torch.Tensor) -> torch.Tensor:
         return rotate_batch(images)
@@ -48,3 +88,6 @@ class RotationPrediction(CompatibilityMethod):
         if model.interface is None or model.interface.rp is None:
             raise ValueError('RotationPrediction needs an interface with an RP head: Interface(..., rp=True).')
         return rotation_loss(model.interface.rp(features))
+
+    def __repr__(self) -> str:
+        return f'{type(self).__name__}(weight={self.weight}, norm={self.norm!r})'
