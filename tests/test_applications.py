@@ -232,7 +232,8 @@ def test_transfer_ranks_sources_by_step_zero_accuracy():
         result.ranking(step=5)
 
 
-def test_transfer_refuses_another_interface_unless_stitched_or_forced(target, sources, narrow, train, test):
+def test_transfer_refuses_another_interface_unless_stitched_or_forced(target, sources, narrow, train, test,
+                                                                      optimizer_steps):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(1234)  # other weights than the module's interface, whatever ran before
         other_interface = tc.Interface(width=16, rp=True)
@@ -244,9 +245,19 @@ def test_transfer_refuses_another_interface_unless_stitched_or_forced(target, so
     assert forced.curve('other').compatible is False
     with pytest.raises(ValueError, match='width'):
         transfer(target, {'narrow': narrow}, train, test, steps=(0,), on_mismatch='force')
-    stitched = transfer(target, {'narrow': narrow}, train, test, steps=(0,), on_mismatch='stitch', stitch_steps=2,
-                        batch_size=16)
-    assert stitched.curve('narrow', 'stitched').accuracy[0] >= 0
+    assert optimizer_steps == []
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(7)  # the stitch's initial weights and the augmentation, the same in both fits below
+        stitched = transfer(target, {'narrow': narrow}, train, test, steps=(0,), on_mismatch='stitch',
+                            stitch_steps=2, batch_size=16)
+        torch.manual_seed(7)
+        fitted = fit_stitch(narrow, target.head, train, 2, batch_size=16)
+    # Step 0 of a stitched curve comes after fitting the stitch, and the fit trains the stitch alone.
+    stitch_parameters = len(list(Stitch(narrow.width, target.head.width).parameters()))
+    assert [len(ids) for ids in optimizer_steps] == [stitch_parameters] * 4
+    curve = stitched.curve('narrow', 'stitched')
+    assert (curve.compatible, curve.steps) == (False, [0])
+    assert curve.accuracy == [average_class_accuracy(fitted, test)]
 
 
 def test_transfer_refuses_data_of_another_task(target, sources, train, test):
