@@ -118,6 +118,18 @@ def test_recombine_refuses_other_interface():
         tc.recombine(a.extractor, narrow.head, force=True)
 
 
+def test_recombine_refuses_networks_without_an_interface():
+    a = tc.make_compatible('resnet8_cifar', split='layer2', interface=None, width=16, num_classes=10)
+    b = tc.make_compatible('resnet8_cifar', split='layer2', interface=None, width=16, num_classes=10)
+    assert a.extractor.interface_id is None and b.head.interface_id is None
+    with pytest.raises(ValueError, match='the extractor was trained without an interface.*force=True'):
+        tc.recombine(a.extractor, b.head)
+    with pytest.raises(ValueError, match='the head was trained without an interface'):
+        tc.recombine(tc.make_compatible('resnet8_cifar', split='layer2', interface=tc.Interface(width=16),
+                                        num_classes=10).extractor, b.head)
+    assert tc.recombine(a.extractor, b.head, force=True)(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+
+
 @pytest.mark.parametrize('width', [0, -3, 2.5])
 def test_width_below_one(width):
     with pytest.raises(ValueError, match='width must be a positive integer'):

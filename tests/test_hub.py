@@ -24,7 +24,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import timm_compat as tc
-from timm_compat._hub import _weights_digest
+from timm_compat._integrity import weights_digest
 from timm_compat.hub import _fit_problems, main
 
 CLASSES = ['cat', 'dog', 'frog', 'ship']
@@ -188,6 +188,28 @@ def test_check_explains_why_components_do_not_fit(saved, tmp_path, capsys):
     assert 'the head fits interface' in out and 'emits 16 channels but the head takes 8' in out
 
 
+def test_check_refuses_components_of_unrelated_interfaces_without_aux_heads(tmp_path, capsys):
+    """IIW-only networks of two runs (one seed, no aux heads) recombine at chance: they must not fit."""
+    folders = []
+    for run in ('alice', 'bob'):
+        torch.manual_seed(0)
+        model = tc.make_compatible('resnet8_cifar', split='layer2', interface=tc.Interface(width=16), num_classes=4,
+                                   init_seed=0)
+        model.extractor.save_pretrained(tmp_path / run / 'extractor')
+        model.head.save_pretrained(tmp_path / run / 'head')
+        folders.append(tmp_path / run)
+    assert main(['check', str(folders[0] / 'extractor'), str(folders[1] / 'head')]) == 1
+    assert 'the extractor fits interface' in capsys.readouterr().out
+    assert main(['check', str(folders[0] / 'extractor'), str(folders[0] / 'head')]) == 0
+
+
+def test_card_of_a_network_without_interface_claims_none(tmp_path):
+    independent = tc.make_compatible('resnet8_cifar', split='layer2', interface=None, width=16, num_classes=4)
+    independent.head.save_pretrained(tmp_path / 'head')
+    tags = ModelCard.load(tmp_path / 'head' / 'README.md').data.tags
+    assert 'compat-role-head' in tags and not [t for t in tags if t.startswith('compat-interface-')]
+
+
 def test_check_runs_the_head_on_the_extractors_features():
     interface = tc.Interface(width=16)
     # Features of 1x1 (a 4x4 input) are too small for ConvNeXt's 2x2 downsampling conv.
@@ -337,9 +359,16 @@ def _nudge_first(tensors):
     tensors[name] = tensors[name] + 1e-3
 
 
+def _forge(path: Path, **changes) -> None:
+    """Change config.json and the config recorded in the weights alike, as the publisher of a crafted repo can."""
+    config = {**json.loads((path / 'config.json').read_text()), **changes}
+    (path / 'config.json').write_text(json.dumps(config))
+    _resave(path, config=json.dumps(config, sort_keys=True, separators=(',', ':')))
+
+
 def _tamper_interface_and_fix_digest(path: Path) -> None:
     _resave(path, _nudge_first)
-    _edit_json(path / 'config.json', weights_sha256=_weights_digest(load_file(path / 'model.safetensors')))
+    _forge(path, weights_sha256=weights_digest(load_file(path / 'model.safetensors')))
 
 
 BAD_FOLDERS = {
@@ -353,8 +382,15 @@ BAD_FOLDERS = {
         (p / 'model.safetensors').read_bytes()[:-100]), 'truncated or corrupt'),
     'corrupt header': ('extractor', lambda p: (p / 'model.safetensors').write_bytes(b'\xff' * 64),
                        'truncated or corrupt'),
+    'older format': ('head', lambda p: _edit_json(p / 'config.json', format_version=1),
+                     'format 1 by an older timm-compat.*Save it again'),
     'config interface id edited': ('extractor', lambda p: _edit_json(p / 'config.json', interface_id='0' * 12),
-                                   "config.json says .*interface='000000000000' but the weights say"),
+                                   'config.json was changed after saving: interface_id differ'),
+    'class names reordered': ('head', lambda p: _edit_json(p / 'config.json', class_names=CLASSES[::-1]),
+                              'config.json was changed after saving: class_names differ'),
+    'mean and std edited': ('extractor', lambda p: _edit_json(p / 'config.json', pretrained_cfg={
+        **json.loads((p / 'config.json').read_text())['pretrained_cfg'], 'mean': [0.5] * 3, 'std': [0.5] * 3}),
+                            'config.json was changed after saving: pretrained_cfg differ'),
     'metadata interface id edited': ('head', lambda p: _resave(p, interface_id='0' * 12),
                                      "the weights say role='head', interface='000000000000'"),
     'extractor weights tampered': ('extractor', lambda p: _resave(p, _nudge_first),

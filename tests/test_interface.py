@@ -37,11 +37,29 @@ def test_id_stable_across_save_load_and_changes_with_weights(tmp_path):
 
 
 def test_id_depends_on_spec():
-    torch.manual_seed(0)
     a = tc.Interface(width=32, dcc_classes=['cat', 'dog'])
-    torch.manual_seed(0)
     b = tc.Interface(width=32, dcc_classes=['dog', 'cat'])
+    b.load_state_dict(a.state_dict())  # the same nonce and weights: only the spec differs
     assert a.id != b.id
+
+
+@pytest.mark.parametrize('heads', [{}, {'rp': True}], ids=['no aux heads', 'rp'])
+def test_two_interfaces_never_share_an_id(heads):
+    """Not even when created alike from one seed: independent networks must not claim one interface."""
+    ids = set()
+    for _ in range(3):
+        torch.manual_seed(0)
+        ids.add(tc.Interface(width=32, **heads).id)
+    assert len(ids) == 3
+
+
+def test_id_is_restored_with_the_weights(tmp_path):
+    itf = tc.Interface(width=32)
+    itf.save_pretrained(tmp_path / 'itf')
+    assert tc.Interface.from_pretrained(tmp_path / 'itf').id == itf.id
+    resumed = tc.Interface(width=32)
+    resumed.load_state_dict(itf.state_dict())  # as a checkpoint resume restores it
+    assert resumed.id == itf.id
 
 
 def test_freeze_keeps_interface_bit_identical():
@@ -67,3 +85,11 @@ def test_dcc_needs_classes():
 def test_unknown_aux_head_spec():
     with pytest.raises(ValueError, match='Unknown aux head spec'):
         tc.Interface(width=64, rp=True, aux_head={'type': 'mlp'})
+
+
+def test_aux_head_spec_is_checked_before_it_is_saved():
+    with pytest.raises(ValueError, match=r"unknown keys \['pretrained'\]"):
+        tc.Interface(width=16, rp=True, rp_head={'type': 'timm', 'backbone': 'resnet8_cifar', 'split': 'layer2',
+                                                 'pretrained': True})
+    with pytest.raises(ValueError, match='"hidden" must be a positive integer'):
+        tc.Interface(width=16, rp=True, aux_head={'type': 'conv', 'hidden': '/tmp/x'})

@@ -3,17 +3,16 @@
 Every component (extractor, head, interface) is a folder, local or a Hub model repo::
 
     config.json        role, timm backbone + model_args, split, width, interface id, pretrained_cfg, weights_sha256
-    model.safetensors  weights; __metadata__ carries role and interface id
+    model.safetensors  weights; __metadata__ carries role, interface id and the exact config saved with them
     README.md          model card: YAML front matter with compat-interface-<id> / compat-role-<role> tags
 
 :class:`Component` gives each type ``save_pretrained`` / ``from_pretrained`` / ``push_to_hub`` in
-``huggingface_hub.ModelHubMixin``'s idiom. Loading reads safetensors only, and checks that config, metadata and the
+``huggingface_hub.ModelHubMixin``'s idiom. Loading reads safetensors only, builds only architectures that the
+config's allow-listed ``model_args`` describe, and checks that config.json, the config recorded in the weights and the
 weights themselves (their digest and, for an interface, its id) agree.
 """
-import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple, Union
 
@@ -24,7 +23,10 @@ from huggingface_hub.errors import (
     EntryNotFoundError, HFValidationError, LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError)
 from huggingface_hub.utils import SoftTemporaryDirectory
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+
+from ._integrity import (
+    FORMAT_VERSION, ComponentError, atomic_save_safetensors, atomic_write_bytes, config_metadata, config_text,
+    recorded_config, weights_digest)
 
 __all__ = ['Component', 'ComponentError', 'CONFIG_NAME', 'WEIGHTS_NAME', 'FORMAT_VERSION', 'read_config',
            'resolve_file']
@@ -32,47 +34,8 @@ __all__ = ['Component', 'ComponentError', 'CONFIG_NAME', 'WEIGHTS_NAME', 'FORMAT
 CONFIG_NAME = 'config.json'
 WEIGHTS_NAME = 'model.safetensors'
 CARD_NAME = 'README.md'
-FORMAT_VERSION = 1
 PICKLE_SUFFIXES = ('.bin', '.pt', '.pth', '.ckpt', '.pkl', '.pickle')
 PAPER_URL = 'https://arxiv.org/abs/2004.03898'
-
-
-class ComponentError(ValueError):
-    """A component folder or repo that cannot be loaded as asked, with what to do about it."""
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
-    try:
-        with os.fdopen(fd, 'wb') as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _atomic_save_safetensors(tensors: Dict[str, torch.Tensor], path: Path, metadata: Dict[str, str]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _weights_digest(tensors: Dict[str, torch.Tensor]) -> str:
-    """SHA-256 over every tensor's name, dtype, shape and bytes, in name order."""
-    h = hashlib.sha256()
-    for name, tensor in sorted(tensors.items()):
-        t = tensor.detach().cpu().contiguous().reshape(-1)
-        h.update(f'{name}:{t.dtype}:{tuple(t.shape)}'.encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b'')
-    return h.hexdigest()
 
 
 def resolve_file(model_id: str, filename: str, *, revision: Optional[str] = None, cache_dir=None,
@@ -141,6 +104,23 @@ def read_config(model_id: str, **resolve: Any) -> Dict[str, Any]:
     return config
 
 
+def _read_verified(model_id: str, resolve: Dict[str, Any]) -> Tuple[Dict[str, Any], Dict[str, torch.Tensor]]:
+    """The config saved with the weights, and the weights, once config.json, metadata and digest agree."""
+    config = read_config(model_id, **resolve)
+    tensors, metadata = _read_safetensors(resolve_file(model_id, WEIGHTS_NAME, **resolve))
+    config = recorded_config(model_id, config, metadata)
+    if metadata.get('role') != config['role'] or metadata.get('interface_id') != str(config.get('interface_id')):
+        raise ComponentError(
+            f'{model_id}: config.json says role={config["role"]!r}, interface={config.get("interface_id")!r} but '
+            f'the weights say role={metadata.get("role")!r}, interface={metadata.get("interface_id")!r}. '
+            f'The files do not belong together; download or save the component again.')
+    if config.pop('weights_sha256', None) != weights_digest(tensors):
+        raise ComponentError(
+            f'{model_id}: the weights in {WEIGHTS_NAME} do not match the digest in {CONFIG_NAME} (weights_sha256). '
+            f'They were changed or replaced after saving; do not use them. Download or save the component again.')
+    return config, tensors
+
+
 def _read_safetensors(path: Path) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
     try:
         with safe_open(str(path), framework='pt') as f:
@@ -191,22 +171,31 @@ class Component(
     def save_pretrained(self, save_directory: Union[str, Path], *, repo_id: Optional[str] = None) -> None:
         """Write the component folder: ``config.json``, ``model.safetensors`` and ``README.md``.
 
-        Unlike ``ModelHubMixin.save_pretrained``, which deletes ``config.json`` first, each file is replaced
-        atomically, weights before config: a save that fails leaves the folder's previous component loadable.
+        Unlike ``ModelHubMixin.save_pretrained``, which deletes ``config.json`` first, the folder stays loadable as
+        the previous or the new component at every instant: everything is serialised before anything is written,
+        each file is replaced atomically, and the weights, written first, carry the new config (see
+        ``timm_compat._integrity``). Files get the mode a plain ``open()`` would give them under the umask.
 
         Args:
             save_directory: Folder to write, created if missing.
             repo_id: The Hub repo the folder is for, named in the model card's usage snippet.
+
+        Raises:
+            ComponentError: The component cannot be rebuilt from a config, or its config holds a value that is
+                not plain JSON; nothing is written then.
         """
-        config = self.full_config()  # raises for a component that cannot be rebuilt, before anything is written
+        config = self.full_config()
+        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        config['weights_sha256'] = weights_digest(state)
+        text = config_text(config)
+        card = str(self.generate_model_card(repo_id))
         save_directory = Path(save_directory)
         save_directory.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        config['weights_sha256'] = _weights_digest(state)
-        metadata = {'format': 'pt', 'role': self.role, 'interface_id': str(config['interface_id'])}
-        _atomic_save_safetensors(state, save_directory / WEIGHTS_NAME, metadata)
-        _atomic_write_bytes(save_directory / CONFIG_NAME, json.dumps(config, indent=2, sort_keys=True).encode())
-        _atomic_write_bytes(save_directory / CARD_NAME, str(self.generate_model_card(repo_id)).encode())
+        metadata = {'format': 'pt', 'role': self.role, 'interface_id': str(config['interface_id']),
+                    **config_metadata(text, previous=save_directory / CONFIG_NAME)}
+        atomic_save_safetensors(state, save_directory / WEIGHTS_NAME, metadata)
+        atomic_write_bytes(save_directory / CONFIG_NAME, text.encode())
+        atomic_write_bytes(save_directory / CARD_NAME, card.encode())
 
     def push_to_hub(self, repo_id: str, *, commit_message: Optional[str] = None, private: Optional[bool] = None,
                     token: Optional[str] = None, branch: Optional[str] = None,
@@ -309,22 +298,11 @@ class Component(
         model_id = str(pretrained_model_name_or_path)
         resolve = dict(revision=revision, cache_dir=cache_dir, force_download=force_download,
                        local_files_only=local_files_only, token=token)
-        config = read_config(model_id, **resolve)
+        config, tensors = _read_verified(model_id, resolve)
         if cls.role and config['role'] != cls.role:
             raise ComponentError(
                 f'{model_id} holds a component of role {config["role"]!r}, not {cls.role!r}: '
                 f'use timm_compat.load_component() to load any role.')
-        tensors, metadata = _read_safetensors(resolve_file(model_id, WEIGHTS_NAME, **resolve))
-        if metadata.get('role') != config['role'] or metadata.get('interface_id') != str(config.get('interface_id')):
-            raise ComponentError(
-                f'{model_id}: config.json says role={config["role"]!r}, interface={config.get("interface_id")!r} but '
-                f'the weights say role={metadata.get("role")!r}, interface={metadata.get("interface_id")!r}. '
-                f'The files do not belong together; download or save the component again.')
-        expected = config.pop('weights_sha256', None)
-        if expected != _weights_digest(tensors):
-            raise ComponentError(
-                f'{model_id}: the weights in {WEIGHTS_NAME} do not match the digest in {CONFIG_NAME} (weights_sha256). '
-                f'They were changed or replaced after saving; do not use them. Download or save the component again.')
         module = cls.from_config(config)
         missing, unexpected = module.load_state_dict(tensors, strict=False)
         if missing or unexpected:

@@ -115,19 +115,28 @@ def recombine(extractor: Extractor, head: Head, force: bool = False) -> Compatib
     Args:
         extractor: Any extractor.
         head: Any head.
-        force: Join components whose interface ids differ (e.g. to measure how incompatible they are).
+        force: Join components whose interface ids differ, or that have none (e.g. to measure how incompatible
+            they are).
 
     Returns:
         A :class:`CompatibleModel` on the extractor's interface when it has one.
 
     Raises:
-        ValueError: Widths differ (the module could not run), or interface ids differ and ``force`` is False.
+        ValueError: Widths differ (the module could not run), or, unless ``force``, either component was trained
+            without an interface or the interface ids differ.
     """
     if extractor.width != head.width:
         raise ValueError(
             f'Cannot recombine: the extractor emits width {extractor.width} (interface '
             f'{extractor.interface_id}) but the head takes width {head.width} (interface {head.interface_id}). '
             f'Components must come from one interface.')
+    if None in (extractor.interface_id, head.interface_id) and not force:
+        # Two independent networks share no interface even when both ids are None.
+        which = 'extractor' if extractor.interface_id is None else 'head'
+        raise ValueError(
+            f'Cannot recombine: the {which} was trained without an interface (an independent network), so nothing '
+            f'makes it compatible with another component. Train both against one Interface, fit a stitching '
+            f'layer, or pass force=True to measure the mismatch.')
     if extractor.interface_id != head.interface_id and not force:
         raise ValueError(
             f'Cannot recombine: the extractor fits interface {extractor.interface_id} and the head fits interface '

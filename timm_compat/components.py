@@ -7,9 +7,25 @@ from torch import nn
 from ._hub import Component, ComponentError
 from ._split import create_backbone, output_channels, resolve_split, split_model
 
-__all__ = ['Adapter', 'Extractor', 'Head', 'build_backbone_parts', 'build_extractor', 'build_head']
+__all__ = ['ARCHITECTURE_ARGS', 'Adapter', 'Extractor', 'Head', 'build_backbone_parts', 'build_extractor',
+           'build_head', 'check_model_args']
 
 _CFG_KEYS = ('input_size', 'mean', 'std', 'interpolation', 'crop_pct', 'classifier')
+
+_RATE = (float, 'a float in [0, 1)', lambda v: 0 <= v < 1)
+_COUNT = (int, 'a positive integer', lambda v: v >= 1)
+_NAME = (str, 'a name (string)', lambda v: True)
+ARCHITECTURE_ARGS = {
+    'in_chans': _COUNT, 'output_stride': _COUNT, 'img_size': _COUNT, 'stem_width': _COUNT, 'widen_factor': _COUNT,
+    'channel_multiplier': (float, 'a positive float', lambda v: v > 0),
+    'drop_rate': _RATE, 'drop_path_rate': _RATE, 'drop_block_rate': _RATE, 'attn_drop_rate': _RATE,
+    'proj_drop_rate': _RATE, 'pos_drop_rate': _RATE,
+    'global_pool': _NAME, 'act_layer': _NAME, 'stem_type': _NAME,
+    'zero_init_last': (bool, 'true or false', lambda v: True),
+}
+"""``model_args`` a component may record, each ``(type, description, check)``: plain JSON scalars that shape an
+architecture. Anything else (``checkpoint_path``, ``pretrained``, ``pretrained_cfg``, file paths, nested dicts)
+would let a downloaded ``config.json`` make timm read or unpickle files, so it is refused by name."""
 
 
 class Adapter(nn.Sequential):
@@ -30,14 +46,50 @@ def _check_width(width: int) -> int:
     return width
 
 
+def check_model_args(model_args: Optional[Dict[str, Any]], *, allow_overlay: bool = False) -> Dict[str, Any]:
+    """``model_args`` checked against :data:`ARCHITECTURE_ARGS`; a copy.
+
+    Building a component from a config must read nothing but its own ``model.safetensors``.
+
+    Args:
+        model_args: Keyword arguments for ``timm.create_model``.
+        allow_overlay: Also accept ``pretrained_cfg_overlay``, which ``make_compatible`` uses to load a local
+            pretrained file and never records in a component.
+
+    Raises:
+        ComponentError: A key is not allow-listed, or its value is not of the allowed type and range.
+    """
+    if not isinstance(model_args, (dict, type(None))):
+        raise ComponentError(f'model_args must be a dict of keyword arguments, got {model_args!r}.')
+    model_args = dict(model_args or {})
+    for key, value in model_args.items():
+        if key == 'pretrained_cfg_overlay' and allow_overlay:
+            continue
+        if key not in ARCHITECTURE_ARGS:
+            raise ComponentError(
+                f'model_args key {key!r} is not allowed: a component is built from its own model.safetensors only, '
+                f'so model_args may only shape the architecture, with one of {sorted(ARCHITECTURE_ARGS)}. Drop '
+                f'{key!r}' + (' (to start from a local weights file, use make_compatible(..., pretrained=True, '
+                              'pretrained_cfg_overlay=dict(file=PATH))).' if 'pretrained' in key or 'checkpoint' in key
+                              else '.'))
+        kind, what, ok = ARCHITECTURE_ARGS[key]
+        typed = type(value) is kind or (kind is float and type(value) is int)
+        if not typed or not ok(value):
+            raise ComponentError(f'model_args {key}={value!r} is invalid: it must be {what}.')
+    return model_args
+
+
 def build_backbone_parts(backbone: str, split, *, num_classes: Optional[int] = None, pretrained: bool = False,
                          model_args: Optional[Dict[str, Any]] = None) -> Tuple[nn.Module, nn.Module, Dict[str, Any]]:
     """Create a timm backbone and split it: ``(trunk, tail, info)``.
 
     ``info`` holds the resolved split, the trunk's output ``feature_shape`` ``[C, H, W]`` at the model's input size,
     the JSON-able ``model_args`` and the ``pretrained_cfg`` fields a component records.
+
+    Raises:
+        ComponentError: ``model_args`` holds a key :func:`check_model_args` refuses.
     """
-    model_args = dict(model_args or {})
+    model_args = check_model_args(model_args, allow_overlay=True)
     model = create_backbone(backbone, pretrained=pretrained, **model_args)
     if num_classes is not None and num_classes != model.num_classes:
         # Resized after creation and from a forked RNG, so the classifier's size cannot shift the stream that
@@ -100,7 +152,7 @@ class Extractor(Component):
     @classmethod
     def from_config(cls, config: Dict[str, Any]) -> 'Extractor':
         return build_extractor(config['backbone'], config['split'], config['width'],
-                               model_args=config.get('model_args'), extra_config=config)
+                               model_args=check_model_args(config.get('model_args')), extra_config=config)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.adapter(self.trunk(x))
@@ -146,7 +198,7 @@ class Head(Component):
     @classmethod
     def from_config(cls, config: Dict[str, Any]) -> 'Head':
         return build_head(config['backbone'], config['split'], config['width'], config['num_classes'],
-                          class_names=config.get('class_names'), model_args=config.get('model_args'),
+                          class_names=config.get('class_names'), model_args=check_model_args(config.get('model_args')),
                           extra_config=config)
 
     def extend_classes(self, class_names: Sequence[str]) -> 'Head':

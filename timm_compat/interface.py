@@ -1,6 +1,7 @@
 """The interface: the width and the shared auxiliary heads that make components compatible."""
 import hashlib
 import json
+import os
 from typing import Any, Dict, List, Optional, Sequence, Union
 
 import torch
@@ -8,27 +9,42 @@ from torch import nn
 
 from ._hub import Component, ComponentError
 from .batchnorm import set_batch_statistics
-from .components import _check_width, build_head
+from .components import _check_width, build_head, check_model_args
 
 __all__ = ['Interface', 'build_aux_head', 'DEFAULT_AUX_HEAD']
 
 DEFAULT_AUX_HEAD = {'type': 'conv', 'hidden': None}  # hidden=None: the interface width
 NUM_ROTATIONS = 4
+NONCE_BYTES = 8
+_SPEC_KEYS = {'conv': {'type', 'hidden'}, 'timm': {'type', 'backbone', 'split', 'model_args'}}
 
 
 def _normalise_spec(spec: Union[str, Dict[str, Any], None]) -> Dict[str, Any]:
+    """The full aux head spec, checked: it is saved with the interface and rebuilds the head on load.
+
+    Raises:
+        ValueError: An unknown type or key, or a value of the wrong type.
+        ComponentError: A timm spec's ``model_args`` that :func:`~timm_compat.components.check_model_args` refuses.
+    """
     if spec is None or spec == 'conv':
         return dict(DEFAULT_AUX_HEAD)
     if isinstance(spec, str):  # a timm model name: its tail, split after its second-to-last feature level
         return {'type': 'timm', 'backbone': spec, 'split': -2, 'model_args': {}}
-    if not isinstance(spec, dict) or spec.get('type') not in ('conv', 'timm'):
+    if not isinstance(spec, dict) or spec.get('type') not in _SPEC_KEYS:
         raise ValueError(f'Unknown aux head spec {spec!r}: use "conv", {{"type": "conv", "hidden": 128}} or '
                          f'{{"type": "timm", "backbone": "mobilenetv2_100", "split": "blocks.4.0"}}.')
+    if unknown := sorted(set(spec) - _SPEC_KEYS[spec['type']]):
+        raise ValueError(f'Aux head spec {spec!r} has unknown keys {unknown}: a {spec["type"]!r} head takes '
+                         f'{sorted(_SPEC_KEYS[spec["type"]])}.')
     if spec['type'] == 'conv':
+        hidden = spec.get('hidden')
+        if hidden is not None and (type(hidden) is not int or hidden < 1):
+            raise ValueError(f'Aux head "hidden" must be a positive integer or null, got {hidden!r}.')
         return {**DEFAULT_AUX_HEAD, **spec}
-    if 'backbone' not in spec or 'split' not in spec:
-        raise ValueError(f'A timm aux head needs "backbone" and "split", got {spec!r}.')
-    return {'model_args': {}, **spec}
+    if not isinstance(spec.get('backbone'), str) or type(spec.get('split')) not in (str, int):
+        raise ValueError(f'A timm aux head needs "backbone" (a timm model name) and "split" (a module path or '
+                         f'feature_info index), got {spec!r}.')
+    return {**spec, 'model_args': check_model_args(spec.get('model_args'))}
 
 
 def build_aux_head(spec: Dict[str, Any], width: int, num_outputs: int,
@@ -52,7 +68,9 @@ def build_aux_head(spec: Dict[str, Any], width: int, num_outputs: int,
 class Interface(Component):
     """Width plus shared aux heads (RP and/or DCC) that every compatible extractor is trained against.
 
-    All models built on one ``Interface`` object share its aux heads by reference.
+    All models built on one ``Interface`` object share its aux heads by reference. Its :attr:`id` names this one
+    interface: a random nonce drawn at creation (a buffer, so it is saved and restored with the weights) keeps two
+    interfaces apart even when they have no aux heads, or were created with one seed.
 
     Args:
         width: Channels of the feature maps that extractors emit and heads take.
@@ -65,7 +83,7 @@ class Interface(Component):
 
     Example:
         >>> interface = Interface(width=64, rp=True, dcc_classes=['airplane', 'bird', 'cat'])
-        >>> interface.id  # short hash of the spec and the aux weights
+        >>> interface.id  # short hash of the spec, a random nonce and the aux weights
     """
     role = 'interface'
 
@@ -90,6 +108,8 @@ class Interface(Component):
         if dcc_classes is not None:
             self.head_specs['dcc'] = _normalise_spec(dcc_head or aux_head)
             self.aux_heads['dcc'] = build_aux_head(self.head_specs['dcc'], width, len(dcc_classes), dcc_classes)
+        # From the OS, not torch's RNG: a seed must not reproduce another user's id. DDP broadcasts rank 0's buffer.
+        self.register_buffer('nonce', torch.frombuffer(bytearray(os.urandom(NONCE_BYTES)), dtype=torch.uint8))
         self.frozen = False
 
     @property
@@ -108,9 +128,9 @@ class Interface(Component):
 
     @property
     def id(self) -> str:
-        """Short stable hash of the spec and every aux-head tensor (weights and BN buffers)."""
+        """Short hash of the spec, the nonce and every aux-head tensor (weights and BN buffers)."""
         h = hashlib.sha256(json.dumps(self.spec, sort_keys=True).encode())
-        for name, tensor in sorted(self.aux_heads.state_dict().items()):
+        for name, tensor in sorted(self.state_dict().items()):
             t = tensor.detach().cpu().contiguous().reshape(-1)
             h.update(f'{name}:{t.dtype}:{tuple(t.shape)}'.encode())
             h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b'')

@@ -1,0 +1,161 @@
+"""What loading and saving a component protect: no file but the component's own weights is read, a folder is loadable
+at every instant of a save, and files are written as a plain open() would write them.
+
+The crafted folders here are consistent (config.json and the config recorded in the weights changed alike), as the
+publisher of a hostile repo would make them, so each refusal is the allow-list's and not the tamper check's.
+"""
+import json
+import os
+import pickle
+import shutil
+import stat
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+import timm_compat as tc
+
+CLASSES = ['cat', 'dog', 'frog', 'ship']
+
+
+class _Trap:
+    """Unpickling it creates ``marker``: proof that a file was unpickled."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return os.mkdir, (self.marker,)
+
+
+@pytest.fixture
+def trap(tmp_path):
+    """A pickled checkpoint that leaves ``marker`` behind if anything unpickles it."""
+    marker, path = tmp_path / 'unpickled', tmp_path / 'trap.pth'
+    path.write_bytes(pickle.dumps({'state_dict': {'conv1.weight': _Trap(marker)}}))
+    yield path
+    assert not marker.exists(), 'the pickle was unpickled'
+
+
+@pytest.fixture(scope='module')
+def saved(tmp_path_factory):
+    root = tmp_path_factory.mktemp('trust')
+    interface = tc.Interface(width=16, rp=True)
+    model = tc.make_compatible('resnet8_cifar', split='layer2', interface=interface, num_classes=4,
+                               class_names=CLASSES).eval()
+    for role, component in (('interface', interface), ('extractor', model.extractor), ('head', model.head)):
+        component.save_pretrained(root / role)
+    return root
+
+
+@pytest.fixture
+def folder(saved, tmp_path):
+    return lambda role: Path(shutil.copytree(saved / role, tmp_path / role))
+
+
+def _forge(path: Path, **changes) -> None:
+    config = {**json.loads((path / 'config.json').read_text()), **changes}
+    (path / 'config.json').write_text(json.dumps(config))
+    weights = path / 'model.safetensors'
+    with safe_open(str(weights), framework='pt') as f:
+        metadata = f.metadata()
+    metadata['config'] = json.dumps(config, sort_keys=True, separators=(',', ':'))
+    save_file(load_file(weights), weights, metadata=metadata)
+
+
+@pytest.mark.parametrize('role', ['extractor', 'head'])
+def test_checkpoint_path_in_model_args_is_refused_by_name(folder, trap, role):
+    path = folder(role)
+    _forge(path, model_args={'checkpoint_path': str(trap)})
+    with pytest.raises(tc.ComponentError, match=r"model_args key 'checkpoint_path' is not allowed.*'drop_rate'"):
+        tc.load_component(path)
+
+
+def test_timm_aux_head_spec_with_checkpoint_path_is_refused_by_name(folder, trap):
+    path = folder('interface')
+    spec = {'type': 'timm', 'backbone': 'resnet8_cifar', 'split': 'layer2',
+            'model_args': {'checkpoint_path': str(trap)}}
+    _forge(path, rp_head=spec)
+    with pytest.raises(tc.ComponentError, match="model_args key 'checkpoint_path' is not allowed"):
+        tc.load_component(path)
+    with pytest.raises(tc.ComponentError, match="model_args key 'checkpoint_path' is not allowed"):
+        tc.Interface(width=16, rp=True, rp_head=spec)
+
+
+REFUSED = {
+    'pretrained': ({'pretrained': True}, "key 'pretrained' is not allowed"),
+    'pretrained_cfg': ({'pretrained_cfg': {'file': '/etc/passwd'}}, "key 'pretrained_cfg' is not allowed"),
+    'overlay in a config': ({'pretrained_cfg_overlay': {'file': '/etc/passwd'}},
+                            "key 'pretrained_cfg_overlay' is not allowed"),
+    'nested dict': ({'block_args': {'file': 'x'}}, "key 'block_args' is not allowed"),
+    'string for a rate': ({'drop_rate': '0.1'}, "drop_rate='0.1' is invalid: it must be a float in"),
+    'bool for a count': ({'in_chans': True}, 'in_chans=True is invalid: it must be a positive integer'),
+}
+
+
+@pytest.mark.parametrize('model_args,message', REFUSED.values(), ids=list(REFUSED))
+def test_model_args_outside_the_allow_list_are_refused_on_load(folder, model_args, message):
+    path = folder('extractor')
+    _forge(path, model_args=model_args)
+    with pytest.raises(tc.ComponentError, match=message):
+        tc.load_component(path)
+
+
+def test_make_compatible_refuses_what_could_not_be_loaded_back(trap, tmp_path):
+    with pytest.raises(tc.ComponentError, match="'checkpoint_path' is not allowed.*pretrained_cfg_overlay=dict"):
+        tc.make_compatible('resnet8_cifar', split='layer2', interface=None, width=16, num_classes=4,
+                           checkpoint_path=str(trap))
+    model = tc.make_compatible('resnet8_cifar', split='layer2', interface=None, width=16, num_classes=4,
+                               drop_rate=0.25)
+    model.head.save_pretrained(tmp_path / 'head')
+    assert tc.load_component(tmp_path / 'head').config['model_args'] == {'drop_rate': 0.25}
+
+
+@pytest.mark.parametrize('umask,mode', [(0o022, 0o644), (0o002, 0o664), (0o077, 0o600)])
+def test_component_files_get_the_mode_a_plain_open_gives(tmp_path, umask, mode):
+    old = os.umask(umask)
+    try:
+        tc.Interface(width=8).save_pretrained(tmp_path / 'itf')
+    finally:
+        os.umask(old)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / 'itf').iterdir()}
+    assert modes == {'README.md': mode, 'config.json': mode, 'model.safetensors': mode}
+
+
+def test_save_that_fails_on_the_config_leaves_the_old_component(folder):
+    path = folder('head')
+    before = (path / 'model.safetensors').read_bytes()
+    head = tc.load_component(path)
+    torch.nn.init.normal_(head.tail.get_submodule('fc').weight)
+    head.config['pretrained_cfg']['mean'] = torch.tensor([0.5, 0.5, 0.5])  # e.g. statistics computed with torch
+    with pytest.raises(tc.ComponentError, match=r'config.pretrained_cfg.mean = tensor.*\(Tensor\) is not plain JSON'):
+        head.save_pretrained(path)
+    assert (path / 'model.safetensors').read_bytes() == before
+    assert isinstance(tc.load_component(path), tc.Head)
+
+
+def _outputs(head):
+    with torch.no_grad():
+        return head(torch.ones(2, 16, 8, 8))
+
+
+def test_a_save_stopped_between_weights_and_config_loads_as_the_new_component(folder):
+    path = folder('head')
+    heads = [tc.load_component(path)]
+    configs = [(path / 'config.json').read_bytes()]
+    for _ in range(2):
+        head = tc.load_component(path)
+        torch.nn.init.normal_(head.tail.get_submodule('fc').weight)
+        head.save_pretrained(path)
+        heads.append(head)
+        configs.append((path / 'config.json').read_bytes())
+    # Weights of the last save with the config it replaced: what a crash between the two renames leaves.
+    (path / 'config.json').write_bytes(configs[1])
+    assert torch.equal(_outputs(tc.load_component(path)), _outputs(heads[2].eval()))
+    # A config older than the one the save replaced is an edit, not an interrupted save.
+    (path / 'config.json').write_bytes(configs[0])
+    with pytest.raises(tc.ComponentError, match='config.json was changed after saving: weights_sha256 differ'):
+        tc.load_component(path)
