@@ -3,14 +3,21 @@
     python benchmarks/eval_order.py                    # ResNet-8 on synthetic:A, about a minute on one CPU thread
     python benchmarks/eval_order.py --steps 400 --batch-size 100
 
-Trains one independent ResNet-8 (split after layer2, width 16) on the synthetic domain A, then scores its test split stored
-two ways: as generated (classes interleaved at random) and sorted by class, as ``imagefolder`` data loads. Each is
-evaluated with BN batch statistics (the paper's test-time mode) in two batch orders:
+Trains one independent ResNet-8 (split after layer2, width 16) on the synthetic domain A, then scores its test split
+stored two ways: as generated (classes interleaved at random) and sorted by class, as ``imagefolder`` data loads.
+Each is evaluated with BN batch statistics (the paper's test-time mode) in two batch orders:
 
 * stored order: consecutive slices of the stored data, as evaluation did before; a class-sorted test set then
   gives class-homogeneous batches, whose statistics erase what tells the classes apart;
 * seeded permutation: :func:`timm_compat.evaluation.accuracy`, batches drawn by
   :func:`timm_compat.data.evaluation_batches`; the stored order no longer matters.
+
+Measured with the defaults (2-core Xeon shared with other jobs, one thread, torch 2.14.1, 78 s):
+
+| test set stored | stored-order batches (%) | seeded permutation (%) |
+|---|---|---|
+| as generated | 78.4 | 78.7 |
+| sorted by class | 43.7 | 77.5 |
 """
 import argparse
 
