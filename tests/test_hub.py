@@ -206,8 +206,9 @@ def test_check_refuses_components_of_unrelated_interfaces_without_aux_heads(tmp_
 def test_card_of_a_network_without_interface_claims_none(tmp_path):
     independent = tc.make_compatible('resnet8_cifar', split='layer2', interface=None, width=16, num_classes=4)
     independent.head.save_pretrained(tmp_path / 'head')
-    tags = ModelCard.load(tmp_path / 'head' / 'README.md').data.tags
-    assert 'compat-role-head' in tags and not [t for t in tags if t.startswith('compat-interface-')]
+    card = ModelCard.load(tmp_path / 'head' / 'README.md')
+    assert 'compat-role-head' in card.data.tags and not [t for t in card.data.tags if 'compat-interface' in t]
+    assert 'trained without an interface' in card.text and 'None' not in card.text
 
 
 def test_check_runs_the_head_on_the_extractors_features():

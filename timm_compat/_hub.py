@@ -104,6 +104,10 @@ def read_config(model_id: str, **resolve: Any) -> Dict[str, Any]:
     return config
 
 
+def _interface_words(iid: Optional[str]) -> str:
+    return f'interface {iid}' if iid else 'no interface'
+
+
 def _read_verified(model_id: str, resolve: Dict[str, Any]) -> Tuple[Dict[str, Any], Dict[str, torch.Tensor]]:
     """The config saved with the weights, and the weights, once config.json, metadata and digest agree."""
     config = read_config(model_id, **resolve)
@@ -220,7 +224,8 @@ class Component(
             self.save_pretrained(tmp, repo_id=repo_id)
             return api.upload_folder(
                 repo_id=repo_id, repo_type='model', folder_path=tmp, revision=branch, create_pr=create_pr,
-                commit_message=commit_message or f'Upload timm-compat {self.role} (interface {config["interface_id"]})')
+                commit_message=commit_message or f'Upload timm-compat {self.role} '
+                                                             f'({_interface_words(config["interface_id"])})')
 
     def generate_model_card(self, repo_id: Optional[str] = None) -> ModelCard:
         """Model card whose YAML tags make the component findable by interface and role on the Hub."""
@@ -238,15 +243,7 @@ class Component(
             base_model=config.get('base_model') or None,
         )
         body = [
-            f'# timm-compat {self.role}',
-            '',
-            (f'The **interface** `{iid}` of compatible network components ([Gygli et al., AAAI 2021]({PAPER_URL})): '
-             f'the feature width and auxiliary heads that compatible extractors and heads are trained against.'
-             if self.role == 'interface' else
-             f'{"An" if self.role[0] in "aeiou" else "A"} **{self.role}** trained to be compatible with interface '
-             f'`{iid}` ([Gygli et al., AAAI 2021]({PAPER_URL})): recombine it with any extractor or head of the same '
-             f'interface, with no fine-tuning.'),
-            '',
+            f'# timm-compat {self.role}', '', self._summary(iid), '',
             '| field | value |', '|---|---|',
             *[f'| {k} | `{json.dumps(v)}` |' for k, v in sorted(config.items())
               if k in ('backbone', 'split', 'width', 'num_classes', 'interface_id', 'dcc_classes', 'rp')],
@@ -255,10 +252,22 @@ class Component(
             '## Usage', '', '```python', 'import timm_compat', '',
             *self._usage(repo_id or 'ORG/NAME', iid),
             '```', '',
-            f'Find components of the same interface: `python -m timm_compat.hub list --interface {iid}`; check that '
-            f'two fit: `python -m timm_compat.hub check EXTRACTOR HEAD`.',
+            *([f'Find components of the same interface: `python -m timm_compat.hub list --interface {iid}`; check '
+               f'that two fit: `python -m timm_compat.hub check EXTRACTOR HEAD`.'] if iid else []),
         ]
         return ModelCard(f'---\n{card_data.to_yaml()}\n---\n\n' + '\n'.join(body) + '\n')
+
+    def _summary(self, iid: Optional[str]) -> str:
+        paper = f'[Gygli et al., AAAI 2021]({PAPER_URL})'
+        a_role = f'{"An" if self.role[0] in "aeiou" else "A"} **{self.role}**'
+        if self.role == 'interface':
+            return (f'The **interface** `{iid}` of compatible network components ({paper}): the feature width and '
+                    f'auxiliary heads that compatible extractors and heads are trained against.')
+        if not iid:
+            return (f'{a_role} of an independent network, trained without an interface ({paper}): no other '
+                    f'component is compatible with it.')
+        return (f'{a_role} trained to be compatible with interface `{iid}` ({paper}): recombine it with any '
+                f'extractor or head of the same interface, with no fine-tuning.')
 
     def _usage(self, repo_id: str, iid: Optional[str]) -> List[str]:
         if self.role == 'interface':
@@ -266,6 +275,9 @@ class Component(
                     '# a new network compatible with every component of this interface',
                     'model = timm_compat.make_compatible("resnet50", split="layer2", interface=interface, '
                     'num_classes=10)']
+        if not iid:
+            return [f'{self.role} = timm_compat.load_component("{repo_id}")',
+                    '# trained without an interface: timm_compat.recombine refuses it with any other component']
         other = 'head' if self.role == 'extractor' else 'extractor'
         return [f'{self.role} = timm_compat.load_component("{repo_id}")',
                 f'# any {other} of interface {iid}: python -m timm_compat.hub list --interface {iid} --role {other}',
@@ -292,8 +304,9 @@ class Component(
             map_location: Device to put the weights on.
 
         Raises:
-            ComponentError: The folder or repo is missing, incomplete, corrupt, of another role, or its config,
-                weights metadata and weights disagree.
+            ComponentError: The folder or repo is missing, incomplete, corrupt, of another role or an older format;
+                config.json was changed after saving; its config, weights metadata and weights disagree; or its
+                ``model_args`` hold a key outside :data:`~timm_compat.components.ARCHITECTURE_ARGS`.
         """
         model_id = str(pretrained_model_name_or_path)
         resolve = dict(revision=revision, cache_dir=cache_dir, force_download=force_download,
