@@ -43,9 +43,8 @@ Seed = Annotated[int, Field(ge=0, le=2 ** 32 - 1)]  # numpy's seed range, which 
 Count = Annotated[int, Field(ge=1)]
 _Leaf = Union[bool, int, float, str, None]
 ModelArg = TypeAliasType('ModelArg', Union[_Leaf, List['ModelArg']])
-ModelArgs = Annotated[Dict[str, ModelArg], Field(
-    examples=[{'drop_rate': 0.1}], json_schema_extra=_must('a mapping of names to JSON values',
-                            'a JSON scalar (string, number, true/false or null) or a list of them'))]
+ModelArgs = Annotated[Dict[str, ModelArg], Field(examples=[{'drop_rate': 0.1}], json_schema_extra=_must(
+    'a mapping of names to JSON values', 'a JSON scalar (string, number, true/false or null) or a list of them'))]
 Split = Annotated[Union[str, int], Field(json_schema_extra=_must('a module name (string) or a feature index'))]
 
 
@@ -59,11 +58,13 @@ class _Section(BaseModel):
 
 
 class _ConvHead(_Section):
+    """An aux head spec ``{type: conv, hidden: H}`` (see :func:`timm_compat.interface.build_aux_head`)."""
     type: Literal['conv']
     hidden: Optional[Count] = None
 
 
 class _TimmHead(_Section):
+    """An aux head spec ``{type: timm, backbone: B, split: S}``: the tail of a timm model."""
     type: Literal['timm']
     backbone: str
     split: Split
@@ -91,6 +92,7 @@ HeadSpec = Annotated[Union[str, Dict[str, Any]], BeforeValidator(_head_spec),
 
 
 def _shard(value: Any) -> Any:
+    """Check that a well-formed ``[index, count]`` names one of ``count`` parts (the shape is the type's job)."""
     if isinstance(value, list) and len(value) == 2 and all(type(v) is int for v in value):
         if not 0 <= value[0] < value[1]:
             raise PydanticCustomError('config', '{must}', {'must': '[index, count] with 0 <= index < count'})
@@ -161,12 +163,14 @@ class OptimConfig(_Section):
 
 
 def _demo_networks() -> List[NetworkConfig]:
+    """The offline demo's two networks, one per synthetic domain."""
     return [NetworkConfig(name='a', dataset=DatasetConfig(source='synthetic:A')),
             NetworkConfig(name='b', dataset=DatasetConfig(source='synthetic:B'))]
 
 
 def _precision(value: Any) -> Any:
-    return 'no' if value is False else value  # YAML 1.1 reads a bare `no` as false
+    """``mixed_precision: no`` as meant: YAML 1.1 reads a bare ``no`` as false."""
+    return 'no' if value is False else value
 
 
 class RunConfig(_Section):
