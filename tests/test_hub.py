@@ -367,6 +367,13 @@ def _forge(path: Path, **changes) -> None:
     _resave(path, config=json.dumps(config, sort_keys=True, separators=(',', ':')))
 
 
+def _drop_recorded_config(path: Path) -> None:
+    weights = path / 'model.safetensors'
+    with safe_open(str(weights), framework='pt') as f:
+        metadata = {k: v for k, v in f.metadata().items() if k != 'config'}
+    save_file(load_file(weights), weights, metadata=metadata)
+
+
 def _tamper_interface_and_fix_digest(path: Path) -> None:
     _resave(path, _nudge_first)
     _forge(path, weights_sha256=weights_digest(load_file(path / 'model.safetensors')))
@@ -384,14 +391,15 @@ BAD_FOLDERS = {
     'corrupt header': ('extractor', lambda p: (p / 'model.safetensors').write_bytes(b'\xff' * 64),
                        'truncated or corrupt'),
     'older format': ('head', lambda p: _edit_json(p / 'config.json', format_version=1),
-                     'format 1 by an older timm-compat.*Save it again'),
+                     'format 1 by an older timm-compat.*Train it again'),
     'config interface id edited': ('extractor', lambda p: _edit_json(p / 'config.json', interface_id='0' * 12),
-                                   'config.json was changed after saving: interface_id differ'),
+                                   r'config.json was changed after saving \(interface_id\)'),
+    'weights without a recorded config': ('head', _drop_recorded_config, 'no readable record of its config'),
     'class names reordered': ('head', lambda p: _edit_json(p / 'config.json', class_names=CLASSES[::-1]),
-                              'config.json was changed after saving: class_names differ'),
+                              r'config.json was changed after saving \(class_names\)'),
     'mean and std edited': ('extractor', lambda p: _edit_json(p / 'config.json', pretrained_cfg={
         **json.loads((p / 'config.json').read_text())['pretrained_cfg'], 'mean': [0.5] * 3, 'std': [0.5] * 3}),
-                            'config.json was changed after saving: pretrained_cfg differ'),
+                            r'config.json was changed after saving \(pretrained_cfg\)'),
     'metadata interface id edited': ('head', lambda p: _resave(p, interface_id='0' * 12),
                                      "the weights say role='head', interface='000000000000'"),
     'extractor weights tampered': ('extractor', lambda p: _resave(p, _nudge_first),

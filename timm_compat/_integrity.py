@@ -125,18 +125,20 @@ def recorded_config(model_id: str, config: Dict[str, Any], metadata: Dict[str, s
     if config.get('format_version', 0) < FORMAT_VERSION:
         raise ComponentError(
             f'{model_id} was saved in component format {config.get("format_version", 0)} by an older timm-compat, '
-            f'before config.json was protected by the weights and interface ids were unique. Save it again: '
-            f'train it again, or load it with the timm-compat that wrote it and re-save with this version.')
+            f'before config.json was protected by the weights and before interface ids were unique (an id then did '
+            f'not tell unrelated interfaces apart). Train it again with this version.')
     try:
         saved = json.loads(metadata['config'])
-    except (KeyError, ValueError) as e:
+    except (KeyError, ValueError):
+        saved = None
+    if not isinstance(saved, dict):
         raise ComponentError(f'{model_id}: model.safetensors holds no readable record of its config, so it was not '
-                             f'saved with this config.json. Download or save the component again.') from e
+                             f'saved with this config.json. Download or save the component again.')
     if _canonical(config) == _canonical(saved) or _sha256(_canonical(config)) == metadata.get('replaces_config_sha256'):
         return saved  # the second case: a save stopped between the weights and config.json; the weights are new
     changed = sorted(k for k in set(config) | set(saved) if config.get(k) != saved.get(k))
     raise ComponentError(
-        f'{model_id}: config.json was changed after saving: {", ".join(changed)} differ from the config recorded in '
-        f'model.safetensors. Edits that keep tensor shapes (class_names, pretrained_cfg mean/std) would silently '
-        f'change predictions, so the component is refused. Restore config.json (download or save the component '
-        f'again); to change a component, load it, change it in Python and save_pretrained() it.')
+        f'{model_id}: config.json was changed after saving ({", ".join(changed)}): it differs from the config '
+        f'recorded in model.safetensors. Edits that keep tensor shapes (class_names, pretrained_cfg mean/std) would '
+        f'silently change predictions, so the component is refused. Restore config.json (download or save the '
+        f'component again); to change a component, load it, change it in Python and save_pretrained() it.')
