@@ -18,8 +18,8 @@ from typing import Any, Dict, Optional, Tuple
 import safetensors.torch
 import torch
 
-__all__ = ['ComponentError', 'atomic_write_bytes', 'atomic_save_safetensors', 'config_text', 'config_metadata',
-           'recorded_config', 'weights_digest']
+__all__ = ['FORMAT_VERSION', 'ComponentError', 'atomic_write_bytes', 'atomic_save_safetensors', 'config_text',
+           'config_metadata', 'recorded_config', 'weights_digest']
 
 FORMAT_VERSION = 2
 
