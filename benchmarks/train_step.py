@@ -30,7 +30,7 @@ thread; with more, a thread spinning at an OpenMP barrier counts as busy).
 import argparse
 import statistics
 import time
-from typing import Callable, Dict, List, Sequence, Tuple
+from typing import Callable, Dict, List, Tuple
 
 import timm
 import torch
@@ -86,10 +86,10 @@ class PlainPair(nn.Module):
         super().__init__()
         self.networks = nn.ModuleDict(networks)
 
-    def forward(self, batches: Sequence[Tuple[torch.Tensor, torch.Tensor]]) -> Dict[str, torch.Tensor]:
+    def forward(self, batches: Dict[str, Tuple[torch.Tensor, torch.Tensor]]) -> Dict[str, torch.Tensor]:
         total = 0
-        for network, (images, labels) in zip(self.networks.values(), batches):
-            total = total + F.cross_entropy(network(images), labels)
+        for name, (images, labels) in batches.items():
+            total = total + F.cross_entropy(self.networks[name](images), labels)
         return {'loss': total}
 
 
@@ -189,7 +189,7 @@ def breakdown(backbone: str, args, batches, accelerator: Accelerator, memory_for
     """
     device = accelerator.device
     torch.manual_seed(args.seed)
-    images, labels = batches[0]
+    images, labels = batches['a']
     plain = timm.create_model(backbone, num_classes=10).to(device=device, memory_format=memory_format).train()
     joint = build_compat(backbone, args.width).to(device=device, memory_format=memory_format).train()
     network, interface = joint.networks['a'], joint.interface
@@ -271,14 +271,15 @@ def main(argv=None) -> List[dict]:
         torch.manual_seed(args.seed)
         # The same normalised float batches for both kinds, already on the device: data loading and augmentation
         # cost the same for both and are left out so that the ratio isolates the model step.
-        batches = [(torch.randn(args.batch_size, 3, IMAGE_SIZE, IMAGE_SIZE, device=device)
-                    .contiguous(memory_format=memory_format),
-                    torch.randint(0, len(names), (args.batch_size,), device=device)) for names in CLASS_NAMES]
+        batches = {name: (torch.randn(args.batch_size, 3, IMAGE_SIZE, IMAGE_SIZE, device=device)
+                          .contiguous(memory_format=memory_format),
+                          torch.randint(0, len(names), (args.batch_size,), device=device))
+                   for name, names in zip('ab', CLASS_NAMES)}
         steps, flops = {}, {}
         for kind, build in (('plain', build_plain), ('compat', build_compat)):
             model = build(backbone, args.width).to(device=device, memory_format=memory_format)
             if kind == 'compat':
-                parts = forward_breakdown(model, batches[0][0])
+                parts = forward_breakdown(model, batches['a'][0])
             steps[kind], flops[kind] = make_step(accelerator, model, batches, args.compile)
             for _ in range(args.warmup):
                 steps[kind]()
