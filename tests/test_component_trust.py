@@ -112,6 +112,10 @@ def test_make_compatible_refuses_what_could_not_be_loaded_back(trap, tmp_path):
                                drop_rate=0.25)
     model.head.save_pretrained(tmp_path / 'head')
     assert tc.load_component(tmp_path / 'head').config['model_args'] == {'drop_rate': 0.25}
+    model.extractor.config['model_args'] = {'checkpoint_path': str(trap)}
+    with pytest.raises(tc.ComponentError, match="'checkpoint_path' is not allowed"):
+        model.extractor.save_pretrained(tmp_path / 'extractor')
+    assert not (tmp_path / 'extractor').exists()
 
 
 @pytest.mark.parametrize('umask,mode', [(0o022, 0o644), (0o002, 0o664), (0o077, 0o600)])

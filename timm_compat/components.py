@@ -147,6 +147,7 @@ class Extractor(Component):
         if not self.config.get('backbone'):
             raise ComponentError('This extractor wraps a custom module and cannot be rebuilt from a config; '
                                  'build it with make_compatible() from a timm backbone to save it.')
+        check_model_args(self.config.get('model_args'))  # never save what could not be loaded back
         return {k: v for k, v in self.config.items() if k != 'interface_id'}
 
     @classmethod
@@ -193,6 +194,7 @@ class Head(Component):
         if not self.config.get('backbone'):
             raise ComponentError('This head wraps a custom module and cannot be rebuilt from a config; '
                                  'build it from a timm backbone name (head="tail" or a model name) to save it.')
+        check_model_args(self.config.get('model_args'))  # never save what could not be loaded back
         return {k: v for k, v in self.config.items() if k != 'interface_id'}
 
     @classmethod
