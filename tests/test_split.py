@@ -1,6 +1,7 @@
 import pytest
 import timm
 import torch
+from torch import fx, nn
 
 import timm_compat
 
@@ -27,7 +28,7 @@ def test_split_is_exact_and_shares_weights(name, points, size):
     with torch.no_grad():
         expected = model(x)
     for at in points:
-        trunk, tail = timm_compat.split_model(model, at)
+        trunk, tail = timm_compat.split_model(model, at, input_size=(3, size, size))
         with torch.no_grad():
             assert torch.equal(tail(trunk(x)), expected), at
         model_params = {p.data_ptr() for p in model.parameters()}
@@ -45,7 +46,7 @@ def test_mobilenetv2_split_after_eleventh_block():
 
 
 def test_split_by_name_and_train_mode_gradients():
-    trunk, tail = timm_compat.split_model('resnet18', 'layer2', num_classes=5)
+    trunk, tail = timm_compat.split_model('resnet18', 'layer2', num_classes=5, input_size=(3, 64, 64))
     out = tail(trunk(torch.randn(2, 3, 64, 64)))
     out.sum().backward()
     assert out.shape == (2, 5)
@@ -77,3 +78,116 @@ def test_split_across_skip_connection_refused():
 def test_unknown_backbone():
     with pytest.raises(ValueError, match=r"Unknown timm model 'resnet1800'.*list_models"):
         timm_compat.split_model('resnet1800', 'layer2')
+
+
+def _small_swin():
+    return timm.create_model('swin_tiny_patch4_window7_224', img_size=64, window_size=4, embed_dim=24,
+                             depths=(1, 1, 2, 1), num_heads=(1, 2, 2, 4))
+
+
+def _differ_by_seed(module, x):
+    outs = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            outs.append(module(x))
+    return not torch.equal(*outs)
+
+
+def test_split_made_in_train_mode_has_no_dropout_in_eval():
+    model = timm.create_model('resnet20_cifar', drop_rate=0.2)  # train mode, as make_compatible splits
+    trunk, tail = timm_compat.split_model(model, 'layer2')
+    x = torch.randn(4, 3, 32, 32)
+    halves = nn.Sequential(trunk, tail)
+    with torch.no_grad():
+        first, second = halves.eval()(x), halves(x)
+        assert torch.equal(first, second)
+        assert torch.equal(first, model.eval()(x))
+    assert _differ_by_seed(halves.train(), x)  # train mode still drops
+    for module in (model, halves):  # the same dropout draws as the unsplit model
+        torch.manual_seed(3)
+        with torch.no_grad():
+            module.train()
+            out = module(x)
+        first = out if module is model else first
+    assert torch.equal(out, first)
+
+
+def test_drop_path_inside_blocks_follows_mode_after_split_in_eval_mode():
+    # zero_init_last=False: with the last BN of a block at zero, drop-path would have nothing to drop.
+    model = timm.create_model('resnet18', drop_path_rate=0.5, zero_init_last=False).eval()
+    trunk, _ = timm_compat.split_model(model, 'layer3', input_size=(3, 32, 32))
+    x = torch.randn(2, 3, 32, 32)
+    assert _differ_by_seed(trunk.train(), x)
+    assert not _differ_by_seed(trunk.eval(), x)
+
+
+class _NoiseWhileTraining(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body, self.head = nn.Conv2d(3, 4, 3), nn.Linear(4, 2)
+
+    def forward(self, x):
+        x = self.body(x)
+        if self.training:  # a branch on the mode that tracing would freeze
+            x = x + torch.randn_like(x)
+        return self.head(x.mean((2, 3)))
+
+
+def test_branch_on_mode_in_traced_code_refused():
+    with pytest.raises(ValueError, match='different code in train and eval mode'):
+        timm_compat.split_model(_NoiseWhileTraining(), 'body', input_size=(3, 8, 8))
+
+
+def test_channels_last_stages_leave_the_trunk_as_nchw():
+    model = _small_swin().eval()
+    x = torch.randn(2, 3, 64, 64)
+    trunk, tail = timm_compat.split_model(model, 'layers.1', input_size=(3, 64, 64))
+    with torch.no_grad():
+        features = trunk(x)
+        timm_nchw = model.forward_intermediates(x, indices=[1], intermediates_only=True)[0]
+        assert features.shape == (2, model.feature_info[1]['num_chs'], 8, 8)
+        assert torch.equal(features, timm_nchw)
+        assert torch.equal(tail(features), model(x))
+
+
+def test_splitting_leaves_the_model_unchanged():
+    model = _small_swin()
+    attributes, state = set(vars(model)), set(model.state_dict())
+    for _ in range(3):
+        timm_compat.split_model(model, 'layers.2', input_size=(3, 64, 64))
+    assert set(vars(model)) == attributes and set(model.state_dict()) == state
+    assert model.training and all(m.training for m in model.modules())
+
+
+def test_attention_bias_cache_not_written_by_tracing():
+    model = timm.create_model('levit_128s', img_size=64).eval()
+    x = torch.randn(2, 3, 64, 64)
+    for _ in range(2):
+        trunk, tail = timm_compat.split_model(model, 'stages.1', input_size=(3, 64, 64))
+    caches = [v for m in model.modules() for v in getattr(m, 'attention_bias_cache', {}).values()]
+    assert not any(isinstance(v, fx.Proxy) for v in caches)
+    with torch.no_grad():
+        assert torch.equal(tail(trunk(x)), model(x))
+
+
+def test_optional_forward_argument_traced_at_its_default():
+    model = timm.create_model('hiera_tiny_224', img_size=64).eval()
+    x = torch.randn(2, 3, 64, 64)
+    trunk, tail = timm_compat.split_model(model, 'blocks.2', input_size=(3, 64, 64))
+    with torch.no_grad():
+        assert torch.equal(tail(trunk(x)), model(x))
+
+
+def test_split_module_returning_a_list_refused():
+    with pytest.raises(ValueError, match="'features.1'.*returns a list, not one tensor"):
+        timm_compat.split_model('selecsls42b', 'features.1', input_size=(3, 64, 64))
+
+
+def test_split_points_name_existing_modules_only():
+    model = timm.create_model('twins_svt_small')
+    modules = dict(model.named_modules())
+    points = timm_compat.split_points(model)
+    assert points and all(p in modules for p in points)
+    with pytest.raises(ValueError, match="names module 'block.0', which this model does not have"):
+        timm_compat.split_model(model, 0)

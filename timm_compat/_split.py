@@ -4,9 +4,21 @@ The model's ``forward`` is traced with the split module kept as a leaf; the grap
 is valid only where the split module's output is the one value that flows on (no skip connection crosses it),
 so ``tail(trunk(x))`` replays exactly the operations of ``model(x)``. Both halves are ``fx.GraphModule``\\ s that
 hold the model's own leaf modules: no weight is copied.
+
+A split is checked before it is returned: it must reproduce the model in train and in eval mode on a probe
+input, or :func:`split_model` refuses it with the reason. Modules whose code reads ``self.training`` (dropout,
+drop-path, attention-bias caches) stay leaves so that their mode is live, and what remains mode dependent in the
+traced code (``F.dropout(..., training=self.training)`` in a ``forward_head``) reads the halves' own ``training``
+flag. Channels-last features (Swin, MambaOut, Sequencer, ...) leave the trunk as ``(N, C, H, W)``; the tail
+permutes them back.
 """
+import contextlib
+import copy
+import functools
+import inspect
 import math
-from typing import List, Tuple, Union
+import re
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import fx, nn
@@ -16,9 +28,25 @@ from timm.layers import get_notrace_functions, get_notrace_modules
 
 __all__ = ['split_model', 'split_points', 'resolve_split']
 
+_READS_TRAINING = re.compile(r'\bself\.training\b')
+
+
+@functools.lru_cache(maxsize=None)
+def _reads_training(cls: type) -> bool:
+    """True when a module class's own code (not torch.nn's) branches on ``self.training``."""
+    for klass in cls.__mro__:
+        if klass.__module__.startswith('torch.') or klass in (nn.Module, object):
+            continue
+        try:
+            if _READS_TRAINING.search(inspect.getsource(klass)):
+                return True
+        except (OSError, TypeError):  # classes defined in a REPL or C extension have no source to read
+            continue
+    return False
+
 
 class _SplitTracer(fx.Tracer):
-    """fx tracer that keeps ``split_at`` and timm's no-trace modules as leaves."""
+    """fx tracer that keeps ``split_at``, timm's no-trace modules and mode-dependent modules as leaves."""
 
     def __init__(self, split_at: str):
         super().__init__(autowrap_modules=(math,), autowrap_functions=tuple(get_notrace_functions()))
@@ -30,13 +58,20 @@ class _SplitTracer(fx.Tracer):
             return True
         if self.leaf_types and isinstance(m, self.leaf_types):
             return True
+        # A module holding the split point must be traced through, mode dependent or not; the train/eval graph
+        # comparison covers it.
+        holds_split = self.split_at.startswith(module_qualified_name + '.')
+        if _reads_training(type(m)) and not holds_split:
+            return True
         return super().is_leaf_module(m, module_qualified_name)
 
 
 def split_points(model: nn.Module) -> List[str]:
     """Names worth offering as split points: ``feature_info`` modules, then every block of every stage.
 
-    Any module whose output is the only value passed on is a valid split; this lists the usual ones.
+    Any module whose output is the only value passed on is a valid split; this lists the usual ones. Only names
+    of modules that exist in ``model`` are listed (some ``feature_info`` entries name modules of the
+    ``features_only`` variant).
     """
     modules = dict(model.named_modules())
     sequentials = {name for name, m in modules.items() if isinstance(m, nn.Sequential) and name}
@@ -50,71 +85,154 @@ def split_points(model: nn.Module) -> List[str]:
     for name in sorted(sequentials, key=lambda n: list(modules).index(n)):
         if not inside_a_block(name):
             names.extend(f'{name}.{child}' for child, _ in modules[name].named_children())
-    return list(dict.fromkeys(n for n in names if n))
+    return list(dict.fromkeys(n for n in names if n in modules))
+
+
+def _model_name(model: nn.Module) -> str:
+    return getattr(model, 'pretrained_cfg', {}).get('architecture', type(model).__name__)
 
 
 def resolve_split(model: nn.Module, at: Union[str, int]) -> str:
     """Turn a ``feature_info`` index or a module path into a module path, or raise naming the valid ones."""
-    model_name = getattr(model, 'pretrained_cfg', {}).get('architecture', type(model).__name__)
+    modules = dict(model.named_modules())
     if isinstance(at, int) and not isinstance(at, bool):
         info = getattr(model, 'feature_info', None)
         if not info:
-            raise ValueError(f'{model_name} has no feature_info; give the split as a module path instead.')
+            raise ValueError(f'{_model_name(model)} has no feature_info; give the split as a module path instead.')
         if not -len(info) <= at < len(info):
             raise ValueError(
-                f'Split index {at} is out of range for {model_name}: feature_info has {len(info)} levels '
+                f'Split index {at} is out of range for {_model_name(model)}: feature_info has {len(info)} levels '
                 f'({", ".join(i["module"] for i in info)}).')
+        if info[at]['module'] not in modules:
+            raise ValueError(
+                f'feature_info level {at} of {_model_name(model)} names module {info[at]["module"]!r}, which this '
+                f'model does not have; give a module path from timm_compat.split_points(model) instead.')
         return info[at]['module']
-    modules = dict(model.named_modules())
     if not isinstance(at, str) or at not in modules or not at:
         points = split_points(model)
         shown = ', '.join(points[:40]) + (f', ... ({len(points) - 40} more)' if len(points) > 40 else '')
         raise ValueError(
-            f'Unknown split point {at!r} for {model_name}. Valid split points include: {shown}. '
+            f'Unknown split point {at!r} for {_model_name(model)}. Valid split points include: {shown}. '
             f'A feature_info index (0..{len(getattr(model, "feature_info", [])) - 1}) also works.')
     return at
 
 
-def _trace(model: nn.Module, at: str) -> fx.Graph:
+@contextlib.contextmanager
+def _preserved(model: nn.Module):
+    """Undo what tracing and probing do to ``model``: new attributes, filled caches, modes, BN statistics."""
+    modules = list(model.modules())
+    modes = [m.training for m in modules]
+    attrs = [dict(vars(m)) for m in modules]
+    contents = [{k: copy.copy(v) for k, v in vars(m).items() if type(v) in (dict, list)} for m in modules]
+    buffers = [(b, b.detach().clone()) for b in model.buffers()]
     try:
-        return _SplitTracer(at).trace(model)
+        yield
+    finally:
+        for m, mode, before, saved in zip(modules, modes, attrs, contents):
+            m.__dict__.clear()
+            m.__dict__.update(before)
+            for k, v in saved.items():
+                before[k].clear()
+                before[k].update(v) if isinstance(v, dict) else before[k].extend(v)
+            m.training = mode
+        with torch.no_grad():
+            for b, saved in buffers:
+                b.copy_(saved)
+
+
+def _trace(model: nn.Module, at: str, training: bool) -> Tuple[fx.Graph, Dict[str, Any]]:
+    """Trace in one mode with optional ``forward`` arguments at their defaults; also return new constants."""
+    params = list(inspect.signature(model.forward).parameters.values())[1:]
+    concrete = {p.name: p.default for p in params if p.default is not inspect.Parameter.empty}
+    before = set(vars(model))
+    model.train(training)
+    try:
+        graph = _SplitTracer(at).trace(model, concrete_args=concrete)
     except Exception as e:  # fx raises many types; all mean the same thing to the user
         raise ValueError(
-            f'Cannot trace {type(model).__name__} with torch.fx to split it at {at!r}: {e}. '
+            f'Cannot trace {_model_name(model)} with torch.fx to split it at {at!r}: {e}. '
             f'Register the offending module with timm.layers.register_notrace_module.') from e
+    constants = {k: getattr(model, k) for k in set(vars(model)) - before}
+    _drop_specialised_inputs(graph)
+    return graph, constants
 
 
-def split_model(model_or_name: Union[nn.Module, str], at: Union[str, int], **create_kwargs) -> Tuple[fx.GraphModule, fx.GraphModule]:
-    """Split a model into ``(trunk, tail)`` right after module ``at``.
+def _drop_specialised_inputs(graph: fx.Graph) -> None:
+    """Remove the placeholders fx keeps for arguments traced at their defaults, with the checks that guard them."""
+    for ph in [n for n in graph.nodes if n.op == 'placeholder'][1:]:
+        doomed, frontier = [], [ph]
+        while frontier:
+            node = frontier.pop()
+            doomed.append(node)
+            frontier.extend(node.users)
+        for node in sorted(set(doomed), key=list(graph.nodes).index, reverse=True):
+            graph.erase_node(node)
 
-    Args:
-        model_or_name: A model, or a timm model name passed to ``timm.create_model`` with ``create_kwargs``.
-        at: Module path (``'layer2'``, ``'blocks.4.0'``, ``'stages.1'``) or ``feature_info`` index. The split
-            module belongs to the trunk.
-        **create_kwargs: Passed to ``timm.create_model`` when a name is given.
 
-    Returns:
-        ``(trunk, tail)`` with ``tail(trunk(x))`` equal to ``model(x)``. Both share the model's modules.
+class _ModeMismatch(Exception):
+    pass
+
+
+def _merge_modes(train: fx.Graph, evaluation: fx.Graph, model_name: str) -> fx.Graph:
+    """One graph for both modes: arguments that are True in train and False in eval read ``self.training``.
 
     Raises:
-        ValueError: Unknown model, unknown split point, or a split that a skip connection crosses.
+        ValueError: The two traces differ in any other way (a branch on ``self.training`` in traced code).
     """
-    model = create_backbone(model_or_name, **create_kwargs) if isinstance(model_or_name, str) else model_or_name
-    at = resolve_split(model, at)
-    graph = _trace(model, at)
+    train_nodes, eval_nodes = list(train.nodes), list(evaluation.nodes)
+    partner = dict(zip(eval_nodes, train_nodes))
+    live = []
+
+    def merge(a, b):
+        if isinstance(a, fx.Node) and isinstance(b, fx.Node):
+            if partner.get(b) is not a:
+                raise _ModeMismatch
+            return a
+        if isinstance(a, slice) and isinstance(b, slice):
+            return slice(merge(a.start, b.start), merge(a.stop, b.stop), merge(a.step, b.step))
+        if a is True and b is False:
+            if not live:
+                with train.inserting_before(train_nodes[1] if len(train_nodes) > 1 else None):
+                    live.append(train.get_attr('training'))
+            return live[0]
+        if isinstance(a, (tuple, list)) and type(a) is type(b) and len(a) == len(b):
+            return type(a)(merge(x, y) for x, y in zip(a, b))
+        if isinstance(a, dict) and isinstance(b, dict) and a.keys() == b.keys():
+            return {k: merge(a[k], b[k]) for k in a}
+        if type(a) is not type(b) or a != b:
+            raise _ModeMismatch
+        return a
+
+    if len(train_nodes) != len(eval_nodes):
+        raise ValueError(_mode_refusal(model_name, f'{len(train_nodes)} vs {len(eval_nodes)} operations'))
+    for a, b in zip(train_nodes, eval_nodes):
+        try:
+            if (a.op, a.target) != (b.op, b.target):
+                raise _ModeMismatch
+            a.args, a.kwargs = merge(a.args, b.args), merge(a.kwargs, b.kwargs)
+        except _ModeMismatch:
+            raise ValueError(_mode_refusal(model_name, f'{a.format_node()} in train mode, {b.format_node()} in '
+                                                       f'eval mode')) from None
+    return train
+
+
+def _mode_refusal(model_name: str, what: str) -> str:
+    return (f'Cannot split {model_name}: its forward() runs different code in train and eval mode ({what}), so a '
+            f'traced split would keep one mode. Split at a module inside the branch-free part, or register the '
+            f'module that branches with timm.layers.register_notrace_module.')
+
+
+def _cut(graph: fx.Graph, at: str, channels_last: bool) -> Tuple[fx.Graph, fx.Graph]:
+    """Trunk and tail graphs; with ``channels_last`` the trunk emits NCHW and the tail takes NCHW."""
     nodes = list(graph.nodes)
     cuts = [n for n in nodes if n.op == 'call_module' and n.target == at]
     if len(cuts) != 1:
         raise ValueError(
             f'Module {at!r} is called {len(cuts)} times in forward(); split at a module that runs exactly once.')
     cut = cuts[0]
-    before = nodes[:nodes.index(cut) + 1]
-    after = [n for n in nodes[len(before):]]
-    # Extra forward() arguments with defaults (a ViT's attn_mask) are re-declared in the tail.
-    extra_inputs = [n for n in before if n.op == 'placeholder'][1:]
+    before, after = nodes[:nodes.index(cut) + 1], nodes[nodes.index(cut) + 1:]
     defined = set(before)
-    crossing = {a for n in after for a in n.all_input_nodes
-                if a in defined and a is not cut and a.op not in ('get_attr', 'placeholder')}
+    crossing = {a for n in after for a in n.all_input_nodes if a in defined and a is not cut and a.op != 'get_attr'}
     if crossing:
         raise ValueError(
             f'Cannot split at {at!r}: values other than its output flow past it '
@@ -124,22 +242,160 @@ def split_model(model_or_name: Union[nn.Module, str], at: Union[str, int], **cre
     trunk_graph, env = fx.Graph(), {}
     for n in before:
         env[n] = trunk_graph.node_copy(n, lambda a: env[a])
-    trunk_graph.output(env[cut])
+    out = env[cut]
+    trunk_graph.output(trunk_graph.call_method('permute', (out, 0, 3, 1, 2)) if channels_last else out)
 
     tail_graph = fx.Graph()
-    env = {cut: tail_graph.placeholder('x')}
-    for n in extra_inputs:
-        env[n] = tail_graph.node_copy(n)
+    x = tail_graph.placeholder('x')
+    env = {cut: tail_graph.call_method('permute', (x, 0, 2, 3, 1)) if channels_last else x}
     for n in after:
         for a in n.all_input_nodes:
-            if a not in env:  # parameters and buffers read with get_attr
+            if a not in env:  # parameters, buffers and the mode read with get_attr
                 env[a] = tail_graph.node_copy(a, lambda b: env[b])
         env[n] = tail_graph.node_copy(n, lambda a: env[a])
+    return trunk_graph, tail_graph
 
-    trunk = fx.GraphModule(model, trunk_graph, class_name='Trunk')
-    tail = fx.GraphModule(model, tail_graph, class_name='Tail')
-    trunk.train(model.training)
-    tail.train(model.training)
+
+def _channels_last(model: nn.Module, at: str, shape: Sequence[int], input_hw: Sequence[int]) -> bool:
+    """Whether the split module's output ``(N, A, B, C)`` is NHWC.
+
+    timm's ``feature_info`` gives the channels of a feature level; otherwise the two dimensions that scale with
+    the probe image are the spatial ones, and the model's ``output_fmt`` decides when both readings fit.
+    """
+    if len(shape) != 4:
+        return False
+    a, b, c = shape[1:]
+    channels = {i['module']: i.get('num_chs') for i in getattr(model, 'feature_info', [])}.get(at)
+    if channels is not None and (a == channels) != (c == channels):
+        return c == channels
+    height, width = input_hw
+
+    def spatial(h: int, w: int) -> bool:
+        return abs(h * width - w * height) < max(height, width)
+
+    if spatial(b, c) != spatial(a, b):
+        return spatial(a, b)
+    return getattr(model, 'output_fmt', 'NCHW') == 'NHWC'
+
+
+def _probe(model: nn.Module, at: str, input_size: Optional[Sequence[int]]):
+    """Run ``model`` in eval mode on two images: ``(x, output of module at, model output)``.
+
+    The images have ``input_size``, else the size in ``pretrained_cfg``, else the patch embedding's.
+    """
+    sizes = [tuple(input_size)] if input_size else [tuple(model.pretrained_cfg.get('input_size', (3, 224, 224)))
+                                                    if hasattr(model, 'pretrained_cfg') else (3, 224, 224)]
+    img_size = getattr(getattr(model, 'patch_embed', None), 'img_size', None)
+    if not input_size and isinstance(img_size, (tuple, list)) and len(img_size) == 2:
+        sizes.append((sizes[0][0], *img_size))
+    param = next(model.parameters(), None)
+    device = param.device if param is not None else 'cpu'
+    error, cut = None, []
+    handle = model.get_submodule(at).register_forward_hook(lambda m, i, o: cut.append(o))
+    try:
+        for size in dict.fromkeys(sizes):
+            x = torch.randn(2, *size, generator=torch.Generator().manual_seed(0)).to(device)
+            try:
+                output = _run([model], x, False)
+            except Exception as e:  # any failure means this size does not fit the model
+                error = error or e
+                continue
+            if not cut:
+                raise ValueError(f'Module {at!r} of {_model_name(model)} is not called in forward(); split at a '
+                                 f'module that runs (see split_points).')
+            return x, cut[-1], output
+    finally:
+        handle.remove()
+    raise ValueError(
+        f'Cannot run {_model_name(model)} on a probe input of size {sizes[0]} to check the split: {error}. Pass '
+        f'input_size=(C, H, W) to split_model, or create the model with pretrained_cfg_overlay=dict('
+        f'input_size=(C, H, W)).') from error
+
+
+def _run(modules: Sequence[nn.Module], x: torch.Tensor, training: bool):
+    """``x`` through ``modules`` in turn, in one mode, with dropout drawn from one fixed seed for all of them."""
+    devices = [x.device] if x.device.type == 'cuda' else []
+    with torch.no_grad(), torch.random.fork_rng(devices=devices):
+        torch.manual_seed(0)
+        for module in modules:
+            x = module.train(training)(x)
+        return x
+
+
+def _flatten(out) -> Optional[List[torch.Tensor]]:
+    """The tensors of a model output (a tensor, or tuples and lists of them); None for anything else."""
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, (tuple, list)):
+        parts = [_flatten(o) for o in out]
+        return None if None in parts else [t for p in parts for t in p]
+    return None
+
+
+def _check_split(model: nn.Module, trunk: nn.Module, tail: nn.Module, x: torch.Tensor, at: str,
+                 eval_output) -> None:
+    """Refuse a split that does not run, or does not reproduce ``model`` in train or in eval mode."""
+    for training in (False, True):
+        mode = 'train' if training else 'eval'
+        expected = _flatten(_run([model], x, training) if training else eval_output)
+        try:
+            got = _flatten(_run([trunk, tail], x, training))
+        except Exception as e:  # the halves are generated code: any error means the split cannot be used
+            raise ValueError(f'Splitting {_model_name(model)} at {at!r} gives halves that fail in {mode} mode: '
+                             f'{type(e).__name__}: {e}. Split at another module (see split_points).') from e
+        same = (expected is not None and got is not None and len(got) == len(expected)
+                and all(g.shape == e.shape and torch.allclose(g, e, rtol=1e-5, atol=1e-5)
+                        for g, e in zip(got, expected)))
+        if not same:
+            raise ValueError(f'Splitting {_model_name(model)} at {at!r} does not reproduce the model in {mode} '
+                             f'mode. Split at another module (see split_points).')
+
+
+def split_model(model_or_name: Union[nn.Module, str], at: Union[str, int], *,
+                input_size: Optional[Sequence[int]] = None, **create_kwargs) -> Tuple[fx.GraphModule, fx.GraphModule]:
+    """Split a model into ``(trunk, tail)`` right after module ``at``.
+
+    The split is checked on a probe input: ``tail(trunk(x))`` must equal ``model(x)`` in eval mode and, with the
+    same dropout draws, in train mode. ``model`` itself is left as it was (modes, caches, BN statistics).
+
+    Args:
+        model_or_name: A model, or a timm model name passed to ``timm.create_model`` with ``create_kwargs``.
+        at: Module path (``'layer2'``, ``'blocks.4.0'``, ``'stages.1'``) or ``feature_info`` index. The split
+            module belongs to the trunk.
+        input_size: ``(C, H, W)`` of the probe input; defaults to ``pretrained_cfg['input_size']``.
+        **create_kwargs: Passed to ``timm.create_model`` when a name is given.
+
+    Returns:
+        ``(trunk, tail)`` with ``tail(trunk(x))`` equal to ``model(x)`` in either mode. Both share the model's
+        modules and follow their own ``train()``/``eval()``. Channels-last features leave the trunk as NCHW.
+
+    Raises:
+        ValueError: Unknown model or split point, a split that a skip connection crosses, a split module whose
+            output is not one tensor, or a split that does not reproduce the model.
+    """
+    model = create_backbone(model_or_name, **create_kwargs) if isinstance(model_or_name, str) else model_or_name
+    at = resolve_split(model, at)
+    with _preserved(model):
+        x, features, output = _probe(model, at, input_size)
+        if not isinstance(features, torch.Tensor):
+            raise ValueError(
+                f'Cannot split {_model_name(model)} at {at!r}: the module returns a {type(features).__name__}, '
+                f'not one tensor. Split at a module that returns a tensor (see split_points).')
+        channels_last = _channels_last(model, at, features.shape, x.shape[-2:])
+        train_graph, constants = _trace(model, at, True)
+        eval_graph, eval_constants = _trace(model, at, False)
+        for k, v in eval_constants.items():
+            if k not in constants or not torch.equal(constants[k], v):
+                raise ValueError(_mode_refusal(_model_name(model), f'constant {k} differs'))
+        graph = _merge_modes(train_graph, eval_graph, _model_name(model))
+        trunk_graph, tail_graph = _cut(graph, at, channels_last)
+        for k, v in constants.items():  # the halves take their copies; the model loses them again on exit
+            setattr(model, k, v)
+        trunk = fx.GraphModule(model, trunk_graph, class_name='Trunk')
+        tail = fx.GraphModule(model, tail_graph, class_name='Tail')
+        _check_split(model, trunk, tail, x, at, output)
+    # Only the halves' own flags: their shared submodules keep whatever modes the model gave them.
+    trunk.training = tail.training = model.training
     return trunk, tail
 
 
