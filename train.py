@@ -12,19 +12,20 @@ folder or the Hub. It ends by measuring each network's own accuracy and the N x 
 config.yaml, metrics.csv, checkpoints, components and summary.json to the output directory.
 """
 import argparse
-import csv
 import importlib.util
 import json
 import math
 import os
-import shutil
+import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Dict, List, Optional
 
 import torch
 import yaml
 from accelerate import Accelerator
-from accelerate.utils import gather_object, set_seed
+from accelerate.utils import broadcast_object_list, gather_object, set_seed
 from tqdm.auto import tqdm
 
 import timm_compat
@@ -32,8 +33,11 @@ from timm_compat.config import RunConfig, load_config
 from timm_compat.data import EpochSampler, load_image_data, training_batch
 from timm_compat.evaluation import accuracy, format_matrix, recombination_matrix
 from timm_compat.methods import canonical_class_name, common_classes, methods_for
-from timm_compat.training import JointModel, TrainState, keep_freed_memory, latest_checkpoint, make_optimizer, \
-    make_scheduler, save_checkpoint
+from timm_compat.checkpoint import TrainState, atomic_write_text, check_finite, latest_checkpoint, load_train_state, \
+    save_checkpoint
+from timm_compat.metrics_log import MetricsLog
+from timm_compat.rundir import RunDir, RunDirError
+from timm_compat.training import JointModel, keep_freed_memory, make_optimizer, make_scheduler
 
 
 def parse_args(argv=None):
@@ -58,23 +62,6 @@ def parse_args(argv=None):
     return args, load_config(args.config, overrides)
 
 
-def prepare_output_dir(path: Path, resume: bool, overwrite: bool, accelerator: Accelerator) -> None:
-    """Refuse to mix two runs in one folder: an earlier run is only resumed or, when asked, deleted."""
-    earlier = path.exists() and any(path.iterdir())
-    if resume and not (list(path.glob('*/checkpoints/latest')) or list(path.glob('*/summary.json'))):
-        raise FileNotFoundError(f'--resume: {path} holds no checkpoint to resume from. Drop --resume to start '
-                                f'the run (with --overwrite if the folder is not empty).')
-    if earlier and not resume:
-        if not overwrite:
-            raise FileExistsError(f'{path} already holds a run. Pass --resume to continue it, --overwrite to '
-                                  f'delete it, or --output-dir for a new folder.')
-        if accelerator.is_main_process:
-            shutil.rmtree(path)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        path.mkdir(parents=True, exist_ok=True)
-
-
 def load_task_data(net, cfg: RunConfig):
     d = net.dataset
     common = dict(image_size=cfg.image_size, image_column=d.image_column, label_column=d.label_column,
@@ -86,9 +73,15 @@ def load_task_data(net, cfg: RunConfig):
     return train, test
 
 
-def build_interface(cfg: RunConfig, class_lists):
-    """A new interface for joint training, or the frozen one that incremental training fits."""
+def build_interface(cfg: RunConfig, class_lists) -> Optional[timm_compat.Interface]:
+    """A new interface for joint training, the frozen one that incremental training fits, or None.
+
+    None for networks that share nothing (no aux heads, no identical initial weights): independent networks must
+    not claim an interface, or their components would be tagged as fitting each other.
+    """
     icfg = cfg.interface
+    if not (icfg.load or icfg.rp or icfg.dcc or cfg.iiw):
+        return None
     if icfg.load:
         interface = timm_compat.Interface.from_pretrained(icfg.load).freeze()
         if icfg.width is not None and icfg.width != interface.width:
@@ -124,123 +117,187 @@ def build_network(net, index: int, cfg: RunConfig, interface, class_names):
     return timm_compat.make_compatible(
         net.backbone, split=net.split, interface=interface, num_classes=len(class_names), head=head,
         head_split=net.head_split, class_names=class_names, pretrained=net.pretrained,
-        init_seed=cfg.init_seed if cfg.iiw else cfg.init_seed + 1000 * (index + 1), **net.model_args)
+        init_seed=cfg.init_seed if cfg.iiw else cfg.init_seed + 1000 * (index + 1),
+        width=None if interface is not None else cfg.interface.width or 64, **net.model_args)
 
 
-def train_phase(cfg: RunConfig, accelerator: Accelerator, out: Path, resume: bool, tag: str) -> dict:
-    if (out / 'summary.json').exists():
-        accelerator.print(f'[{tag}] already finished; summary in {out / "summary.json"}')
-        return json.loads((out / 'summary.json').read_text())
-    start = time.time()
+@dataclass
+class Phase:
+    """One training phase (``main`` or its ``independent`` baseline), built and checked before anything runs."""
+    tag: str
+    cfg: RunConfig
+    interface: Optional[timm_compat.Interface]
+    models: Dict[str, timm_compat.CompatibleModel]
+    joint: JointModel
+    data: Dict[str, tuple]
+
+    @property
+    def trained(self) -> List[str]:
+        return list(self.joint.networks)
+
+
+def build_phase(tag: str, cfg: RunConfig, data: Dict[str, tuple], device) -> Phase:
+    """Interface, networks and joint model of a phase; every backbone, split and head is built (and so checked)."""
     set_seed(cfg.seed)
-    with accelerator.main_process_first():
-        data = {n.name: load_task_data(n, cfg) for n in cfg.networks}
     interface = build_interface(cfg, [train.class_names for train, _ in data.values()])
-    models = {n.name: build_network(n, i, cfg, interface, data[n.name][0].class_names)
+    models = {n.name: build_network(n, i, cfg, interface, data[n.name][0].class_names).to(device)
               for i, n in enumerate(cfg.networks)}
-    trained = [n.name for n in cfg.networks if not n.load]
-    methods = methods_for(interface, cfg.interface.rp_weight, cfg.interface.dcc_weight)
-    joint = JointModel({name: models[name] for name in trained}, interface, methods)
+    if interface is not None:
+        interface.to(device)  # a loaded, frozen interface is not prepared by Accelerate
+    methods = methods_for(interface, cfg.interface.rp_weight, cfg.interface.dcc_weight, rp_norm=cfg.interface.rp_norm)
+    joint = JointModel({n.name: models[n.name] for n in cfg.networks if not n.load}, interface, methods,
+                       schedule=cfg.joint_schedule)
     if cfg.channels_last:
         joint = joint.to(memory_format=torch.channels_last)
-    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    return Phase(tag, cfg, interface, models, joint, data)
 
-    device = accelerator.device
-    train_sets = {name: data[name][0].to(device) for name in trained}
+
+def train_phase(phase: Phase, accelerator: Accelerator, out: Path, resume: bool) -> dict:
+    """Train one phase to its last step (resuming from its newest checkpoint when asked), then evaluate it."""
+    if (out / 'summary.json').exists():
+        accelerator.print(f'[{phase.tag}] already finished; summary in {out / "summary.json"}')
+        return json.loads((out / 'summary.json').read_text())
+    cfg, device = phase.cfg, accelerator.device
+    set_seed(cfg.seed)
+    train_sets = {name: phase.data[name][0].to(device) for name in phase.trained}
     samplers = {name: EpochSampler(len(train_sets[name]), cfg.batch_size, cfg.seed + i, accelerator.process_index,
-                                   accelerator.num_processes, device) for i, name in enumerate(trained)}
-    stats = {name: [torch.tensor(models[name].pretrained_cfg[k], device=device) for k in ('mean', 'std')]
-             for name in trained}
-    steps_per_epoch = max(s.steps_per_epoch for s in samplers.values())
-    total_steps = cfg.steps or math.ceil(cfg.epochs * steps_per_epoch)
-
-    params = [p for p in joint.parameters() if p.requires_grad]
+                                   accelerator.num_processes, device) for i, name in enumerate(phase.trained)}
+    total_steps = cfg.steps or math.ceil(cfg.epochs * max(s.steps_per_epoch for s in samplers.values()))
+    params = [p for p in phase.joint.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, cfg.optim.optimizer, cfg.optim.lr, cfg.optim.momentum, cfg.optim.weight_decay)
     # Counted as accelerate's prepared scheduler steps: once per process for every optimizer step.
     per_step = accelerator.num_processes
     scheduler = make_scheduler(optimizer, cfg.optim.schedule,
                                math.ceil(total_steps / cfg.gradient_accumulation_steps) * per_step,
                                cfg.optim.warmup_steps * per_step)
-    joint, optimizer, scheduler = accelerator.prepare(joint, optimizer, scheduler)
+    joint, optimizer, scheduler = accelerator.prepare(phase.joint, optimizer, scheduler)
     if cfg.compile:
         joint = torch.compile(joint)
-    state = TrainState()
-    accelerator.register_for_checkpointing(state)
 
-    ckpt_root, metrics_file = out / 'checkpoints', out / 'metrics.csv'
+    ckpt_root, metrics = out / 'checkpoints', MetricsLog(out / 'metrics.csv')
+    state = TrainState()
     if resume and (last := latest_checkpoint(ckpt_root)) is not None:
         accelerator.load_state(str(last))
-        accelerator.print(f'[{tag}] resumed from {last} at step {state.step}')
-    elif accelerator.is_main_process:  # a phase that never reached a checkpoint starts over
-        metrics_file.unlink(missing_ok=True)
+        state = load_train_state(last)
+        accelerator.print(f'[{phase.tag}] resumed from {last} at step {state.step}')
+    if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
+        metrics.rewind(state.step)  # rows logged after the checkpoint are logged again
     accelerator.wait_for_everyone()
 
-    loss_sums, logged_steps = None, 0
-    # NaN tracking and the step live on the device: reading them costs a sync, done only at log/checkpoint steps.
-    first_bad = torch.tensor(-1, device=device)
-    device_step = torch.tensor(state.step, device=device)
-    progress = tqdm(total=total_steps, initial=state.step, desc=tag, disable=not accelerator.is_local_main_process)
-    joint.train()
-    while state.step < total_steps:
-        batches = [training_batch(train_sets[name], samplers[name].batch(state.step), *stats[name], cfg.augment,
-                                  memory_format) for name in trained]
-        with accelerator.accumulate(joint):
-            losses = joint(batches)
-            accelerator.backward(losses['loss'])
-            if cfg.optim.clip_grad_norm and accelerator.sync_gradients:
-                accelerator.clip_grad_norm_(params, cfg.optim.clip_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-        state.step += 1
-        device_step += 1
-        detached = torch.stack([v.detach().float() for v in losses.values()])
-        loss_sums = detached if loss_sums is None else loss_sums + detached
-        logged_steps += 1
-        first_bad = torch.where((first_bad < 0) & ~torch.isfinite(detached[-1]), device_step, first_bad)
-        progress.update(1)
-        log_now = state.step % cfg.log_every == 0 or state.step == total_steps
-        ckpt_now = state.step % cfg.checkpoint_every == 0 and state.step < total_steps
-        if log_now or ckpt_now:
-            if (bad := int(first_bad)) >= 0:
-                last = latest_checkpoint(ckpt_root)
-                raise FloatingPointError(
-                    f'[{tag}] the loss became NaN/inf at step {bad}; training stopped. Last good checkpoint: '
-                    f'{last or "none yet"}. Lower optim.lr, or use mixed_precision=bf16 instead of fp16.')
-        if log_now:
-            row = {'step': state.step, 'lr': scheduler.get_last_lr()[0], 'time': round(time.time() - start, 2),
-                   **{k: v for k, v in zip(losses, (loss_sums / logged_steps).tolist())}}
-            accelerator.log({k: v for k, v in row.items() if k != 'step'}, step=state.step)
-            if accelerator.is_main_process:
-                new_file = not metrics_file.exists()
-                with open(metrics_file, 'a', newline='') as f:
-                    writer = csv.DictWriter(f, fieldnames=list(row))
-                    if new_file:
-                        writer.writeheader()
-                    writer.writerow(row)
-            progress.set_postfix(loss=f'{row["loss"]:.3f}')
-            loss_sums, logged_steps = None, 0
-        if ckpt_now:
-            save_checkpoint(accelerator, ckpt_root, state.step, cfg.keep_checkpoints)
-    progress.close()
-    train_time = time.time() - start
+    loop = TrainLoop(phase, accelerator, joint, optimizer, scheduler, params, state, metrics, ckpt_root)
+    loop.run(total_steps, {name: (train_sets[name], samplers[name]) for name in phase.trained})
+    summary = finish_phase(phase, accelerator, joint, out)
+    summary.update(train_seconds=round(state.train_seconds, 1), steps=total_steps)
+    if accelerator.is_main_process:
+        atomic_write_text(out / 'summary.json', json.dumps(summary, indent=2))
+    accelerator.free_memory()  # the next phase checkpoints only its own models
+    accelerator.wait_for_everyone()
+    return summary
 
+
+class TrainLoop:
+    """The step loop of one phase: batches, backward, clipping, NaN checks, logging and checkpoints.
+
+    Loss sums and the first non-finite step stay on the device; reading them costs a sync, done only at log and
+    checkpoint steps.
+    """
+
+    def __init__(self, phase: Phase, accelerator: Accelerator, joint, optimizer, scheduler, params, state: TrainState,
+                 metrics: MetricsLog, ckpt_root: Path):
+        self.phase, self.cfg, self.accelerator = phase, phase.cfg, accelerator
+        self.joint, self.optimizer, self.scheduler, self.params = joint, optimizer, scheduler, params
+        self.state, self.metrics, self.ckpt_root = state, metrics, ckpt_root
+        device = accelerator.device
+        self.stats = {name: [torch.tensor(phase.models[name].pretrained_cfg[k], device=device)
+                             for k in ('mean', 'std')] for name in phase.trained}
+        self.memory_format = torch.channels_last if self.cfg.channels_last else torch.contiguous_format
+        self.first_bad = torch.tensor(-1, device=device)
+        self.sums: Dict[str, torch.Tensor] = {}
+        self.counts: Dict[str, int] = {}
+
+    def step(self, data) -> None:
+        # With gradient accumulation every micro-batch of one optimiser update trains the same networks.
+        update = self.state.step // self.cfg.gradient_accumulation_steps
+        batches = {}
+        for name in self.phase.joint.networks_at(update):
+            train_set, sampler = data[name]
+            batches[name] = training_batch(train_set, sampler.batch(self.state.step), *self.stats[name],
+                                           self.cfg.augment, self.memory_format)
+        with self.accelerator.accumulate(self.joint):
+            losses = self.joint(batches)
+            self.accelerator.backward(losses['loss'])
+            if self.cfg.optim.clip_grad_norm and self.accelerator.sync_gradients:
+                self.accelerator.clip_grad_norm_(self.params, self.cfg.optim.clip_grad_norm)
+            self.phase.joint.drop_inactive_grads(update)
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        self.state.step += 1
+        for k, v in losses.items():
+            v = v.detach().float()
+            self.sums[k] = self.sums[k] + v if k in self.sums else v
+            self.counts[k] = self.counts.get(k, 0) + 1
+        bad = ~torch.isfinite(losses['loss'].detach())
+        self.first_bad = torch.where((self.first_bad < 0) & bad, self.state.step, self.first_bad)
+
+    def run(self, total_steps: int, data) -> None:
+        cfg, tag = self.cfg, self.phase.tag
+        start, before = time.time(), self.state.train_seconds
+        progress = tqdm(total=total_steps, initial=self.state.step, desc=tag,
+                        disable=not self.accelerator.is_local_main_process)
+        self.joint.train()
+        while self.state.step < total_steps:
+            self.step(data)
+            self.state.train_seconds = before + time.time() - start
+            progress.update(1)
+            step = self.state.step
+            log_now = step % cfg.log_every == 0 or step == total_steps
+            ckpt_now = step % cfg.checkpoint_every == 0 and step < total_steps
+            if log_now or ckpt_now:
+                self.check_finite()
+            if log_now:
+                progress.set_postfix(loss=f'{self.log():.3f}')
+            if ckpt_now:
+                save_checkpoint(self.accelerator, self.ckpt_root, self.state, cfg.keep_checkpoints)
+        progress.close()
+
+    def check_finite(self) -> None:
+        """Stop on a NaN/inf loss, or on weights or BN statistics that would make the next checkpoint unusable."""
+        last = latest_checkpoint(self.ckpt_root)
+        advice = (f'Last good checkpoint: {last or "none yet"}. Lower optim.lr or set optim.clip_grad_norm, or use '
+                  f'mixed_precision=bf16 instead of fp16, in a new run (--output-dir).')
+        if (bad := int(self.first_bad)) >= 0:
+            raise FloatingPointError(f'[{self.phase.tag}] the loss became NaN/inf at step {bad}; training stopped. '
+                                     f'{advice}')
+        try:
+            check_finite([self.phase.joint], f'[{self.phase.tag}] at step {self.state.step}')
+        except FloatingPointError as e:
+            raise FloatingPointError(f'{e} Training stopped before saving it. {advice}') from None
+
+    def log(self) -> float:
+        means = {k: v / self.counts[k] for k, v in self.sums.items()}
+        row = {'step': self.state.step, 'lr': self.scheduler.get_last_lr()[0],
+               'time': round(self.state.train_seconds, 2), **{k: v.item() for k, v in means.items()}}
+        self.accelerator.log({k: v for k, v in row.items() if k != 'step'}, step=self.state.step)
+        if self.accelerator.is_main_process:
+            self.metrics.append(row)
+        self.sums, self.counts = {}, {}
+        return row['loss']
+
+
+def finish_phase(phase: Phase, accelerator: Accelerator, joint, out: Path) -> dict:
+    """Check every rank ended with the same interface, then evaluate and save on the main process."""
     if accelerator.num_processes > 1:
         # DDP syncs BN buffers from rank 0 before each forward, so after the last one they differ by one update.
         for buffer in accelerator.unwrap_model(joint).buffers():
             torch.distributed.broadcast(buffer, src=0)
-    # Every rank must end with the same shared aux heads; compare their hashes rather than trust it.
-    ids = gather_object([interface.id])
+    ids = gather_object([phase.interface.id if phase.interface is not None else None])
     if len(set(ids)) > 1:
-        raise RuntimeError(f'[{tag}] processes ended with different interfaces {ids}: the DDP setup is broken.')
-    summary = {}
+        raise RuntimeError(f'[{phase.tag}] processes ended with different interfaces {ids}: the DDP setup is broken.')
+    summary = {'interface_id_per_rank': ids, 'processes': accelerator.num_processes}
     if accelerator.is_main_process:
-        summary = evaluate_and_save(cfg, models, interface, data, out, tag)
-        summary.update(train_seconds=round(train_time, 1), wall_seconds=round(time.time() - start, 1),
-                       steps=total_steps, processes=accelerator.num_processes, interface_id_per_rank=ids)
-        (out / 'summary.json').write_text(json.dumps(summary, indent=2))
-    accelerator.wait_for_everyone()
+        summary.update(evaluate_and_save(phase.cfg, phase.models, phase.interface, phase.data, out, phase.tag))
     return summary
 
 
@@ -272,8 +329,8 @@ def evaluate_and_save(cfg, models, interface, data, out: Path, tag: str) -> dict
 
 def push_components(cfg: RunConfig, models, interface, tag: str) -> None:
     prefix = cfg.push_to_hub
-    message = f'timm-compat {tag} run: interface {interface.id}'
-    if not cfg.interface.load:
+    message = f'timm-compat {tag} run: interface {interface.id if interface is not None else "none"}'
+    if interface is not None and not cfg.interface.load:
         interface.push_to_hub(f'{prefix}-interface', commit_message=message)
     for n in cfg.networks:
         if not n.load:
@@ -294,25 +351,54 @@ def main(argv=None) -> dict:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
         torch.set_num_threads(cfg.cpu_threads or max(1, cores // accelerator.num_processes))
         keep_freed_memory()
+    # Everything is built, and so validated, before the output folder is touched.
+    with accelerator.main_process_first():
+        data = {n.name: load_task_data(n, cfg) for n in cfg.networks}
+    phase_cfgs = [('main', cfg)] + ([('independent', cfg.independent())] if cfg.baseline else [])
+    phases = [build_phase(tag, phase_cfg, data, accelerator.device) for tag, phase_cfg in phase_cfgs]
     out = Path(cfg.output_dir)
-    prepare_output_dir(out, args.resume, args.overwrite, accelerator)
-    if accelerator.is_main_process:
-        (out / 'config.yaml').write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    if log_with:
-        accelerator.init_trackers('tensorboard', config=_scalars(cfg.to_dict()))
-
-    phases = [('main', cfg)] + ([('independent', cfg.independent())] if cfg.baseline else [])
-    results = {tag: train_phase(phase_cfg, accelerator, out / tag, args.resume, tag) for tag, phase_cfg in phases}
-    accelerator.end_training()
-    summary = {'config': cfg.to_dict(), 'wall_seconds': round(time.time() - start, 1),
-               'device': str(accelerator.device), 'processes': accelerator.num_processes,
-               'mixed_precision': accelerator.mixed_precision, 'phases': results}
-    if accelerator.is_main_process:
-        (out / 'summary.json').write_text(json.dumps(summary, indent=2))
-        print('\n' + '\n\n'.join(r['table'] for r in results.values()))
-        print(f'\nwall time {summary["wall_seconds"]} s on {accelerator.num_processes} process(es), '
-              f'{accelerator.device}; results in {out / "summary.json"}')
+    run_dir = RunDir(out)
+    finished = [p.tag for p in phases if (out / p.tag / 'summary.json').exists()]
+    try:
+        on_main_process(accelerator, lambda: run_dir.acquire().prepare(cfg.to_dict(), args.resume, args.overwrite,
+                                                                       finished))
+        if log_with:
+            accelerator.init_trackers('tensorboard', config=_scalars(cfg.to_dict()))
+        results = {p.tag: train_phase(p, accelerator, out / p.tag, args.resume) for p in phases}
+        accelerator.end_training()
+        summary = {'config': cfg.to_dict(), 'wall_seconds': round(time.time() - start, 1),
+                   'device': str(accelerator.device), 'processes': accelerator.num_processes,
+                   'mixed_precision': accelerator.mixed_precision, 'phases': results}
+        if accelerator.is_main_process:
+            atomic_write_text(out / 'summary.json', json.dumps(summary, indent=2))
+            print('\n' + '\n\n'.join(r['table'] for r in results.values()))
+            print(f'\nwall time {summary["wall_seconds"]} s on {accelerator.num_processes} process(es), '
+                  f'{accelerator.device}; results in {out / "summary.json"}')
+    finally:
+        run_dir.release()
     return summary
+
+
+def on_main_process(accelerator: Accelerator, fn) -> None:
+    """Run ``fn`` on the main process; if it refuses, every process raises the same error instead of hanging."""
+    error = None
+    if accelerator.is_main_process:
+        try:
+            fn()
+        except RunDirError as e:
+            error = str(e)
+    error = broadcast_object_list([error])[0]
+    if error is not None:
+        raise RunDirError(error)
+
+
+def cli(argv=None) -> None:
+    """``main`` for the command line: a refused run prints one clear message, not a traceback, and exits 2."""
+    try:
+        main(argv)
+    except (ValueError, FileNotFoundError, FileExistsError, FloatingPointError) as e:
+        print(f'error: {e}', file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def _has_tensorboard() -> bool:
@@ -333,4 +419,4 @@ def _scalars(tree, prefix=''):
 
 
 if __name__ == '__main__':
-    main()
+    cli()

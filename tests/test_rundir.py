@@ -145,3 +145,12 @@ def test_metrics_rewind_drops_rows_after_the_checkpoint(tmp_path):
     assert steps == ['step', '1', '2', '3', '4', '5']
     log.rewind(0)
     assert not (tmp_path / 'metrics.csv').exists()
+
+
+def test_metrics_gain_a_column_when_a_network_first_logs(tmp_path):
+    log = MetricsLog(tmp_path / 'metrics.csv')
+    log.append({'step': 1, 'a/task': 2.0, 'loss': 2.0})  # alternate schedule: only a trained at step 1
+    log.append({'step': 2, 'b/task': 3.0, 'loss': 3.0})
+    log.append({'step': 3, 'a/task': 1.0, 'loss': 1.0})
+    lines = (tmp_path / 'metrics.csv').read_text().splitlines()
+    assert lines == ['step,a/task,loss,b/task', '1,2.0,2.0,', '2,,3.0,3.0', '3,1.0,1.0,']

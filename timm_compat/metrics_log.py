@@ -1,7 +1,8 @@
 """``metrics.csv``: one row per logged step, consistent with the checkpoint a run resumes from."""
 import csv
+import io
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Dict, List
 
 from .checkpoint import atomic_write_text
 
@@ -17,14 +18,32 @@ class MetricsLog:
 
     def __init__(self, path: Path):
         self.path = Path(path)
+        self._header: List[str] = []  # the file's columns, read once
 
     def append(self, row: Dict[str, Any]) -> None:
-        new_file = not self.path.exists()
-        with open(self.path, 'a', newline='') as f:
-            writer = csv.DictWriter(f, fieldnames=list(row))
-            if new_file:
-                writer.writeheader()
-            writer.writerow(row)
+        """Add ``row``; a key the file has no column for yet (a network's first turn under the alternate
+        schedule) widens the file, earlier rows leaving that column empty."""
+        if not self._header and self.path.exists():
+            with open(self.path, newline='') as f:
+                self._header = next(csv.reader(f), [])
+        if self._header and all(k in self._header for k in row):
+            with open(self.path, 'a', newline='') as f:
+                csv.DictWriter(f, fieldnames=self._header, restval='').writerow(row)
+            return
+        rows = self._read() if self.path.exists() else []
+        self._write(self._header + [k for k in row if k not in self._header], rows + [row])
+
+    def _read(self) -> List[Dict[str, str]]:
+        with open(self.path, newline='') as f:
+            return list(csv.DictReader(f))
+
+    def _write(self, header: List[str], rows: List[Dict[str, Any]]) -> None:
+        out = io.StringIO()
+        writer = csv.DictWriter(out, fieldnames=header, restval='')
+        writer.writeheader()
+        writer.writerows(rows)
+        atomic_write_text(self.path, out.getvalue())
+        self._header = header
 
     def rewind(self, step: int) -> None:
         """Drop the rows logged after ``step``: a resumed run logs them again from its checkpoint.
@@ -35,7 +54,8 @@ class MetricsLog:
             return
         if step == 0:
             self.path.unlink()
+            self._header = []
             return
-        lines = self.path.read_text().splitlines(keepends=True)
-        kept = lines[:1] + [line for line in lines[1:] if int(line.split(',', 1)[0]) <= step]
-        atomic_write_text(self.path, ''.join(kept))
+        rows = self._read()
+        if rows:
+            self._write(list(rows[0]), [r for r in rows if int(r['step']) <= step])
