@@ -116,10 +116,12 @@ def test_split_made_in_train_mode_has_no_dropout_in_eval():
 def test_drop_path_inside_blocks_follows_mode_after_split_in_eval_mode():
     # zero_init_last=False: with the last BN of a block at zero, drop-path would have nothing to drop.
     model = timm.create_model('resnet18', drop_path_rate=0.5, zero_init_last=False).eval()
-    trunk, _ = timm_compat.split_model(model, 'layer3', input_size=(3, 32, 32))
-    x = torch.randn(2, 3, 32, 32)
-    assert _differ_by_seed(trunk.train(), x)
-    assert not _differ_by_seed(trunk.eval(), x)
+    # The tail: its blocks are traced (the split module itself stays a leaf, whose mode was always live).
+    trunk, tail = timm_compat.split_model(model, 'layer1', input_size=(3, 32, 32))
+    with torch.no_grad():
+        features = trunk(torch.randn(2, 3, 32, 32))
+    assert _differ_by_seed(tail.train(), features)
+    assert not _differ_by_seed(tail.eval(), features)
 
 
 class _NoiseWhileTraining(nn.Module):
