@@ -14,6 +14,9 @@ How BatchNorm in the extractor treats the four rotations (``norm``):
 * ``'separate'``: an extra upright pass for the task loss (eq. 1 has a separate task term); the rotated pass is
   normalised as one 4N batch, for the RP loss only, and leaves running statistics alone. About 5/4 the extractor
   compute of the others.
+
+Only the extractor is concerned: the RP head normalises the 4N features as one batch in every mode, since no task
+or recombination ever uses it on upright images alone.
 """
 from contextlib import nullcontext
 from typing import ContextManager
