@@ -169,3 +169,28 @@ def test_saved_config_survives_a_load(tmp_path):
     model.extractor.save_pretrained(tmp_path / 'e')
     loaded = tc.Extractor.from_pretrained(tmp_path / 'e')
     assert loaded.pretrained_cfg['input_size'] == [3, 40, 40]
+
+
+def test_channels_last_backbone_adapts_channels_not_height(interface):
+    # Swin stages emit NHWC: the adapter must map the stage's 192 channels, not the feature map's 8 rows.
+    model = tc.make_compatible('swin_tiny_patch4_window7_224', split='layers.1', interface=interface, num_classes=10,
+                               img_size=64, pretrained_cfg_overlay=dict(input_size=(3, 64, 64)))
+    assert model.extractor.config['in_chs'] == 192
+    x = torch.randn(2, 3, 64, 64)
+    assert model.features(x).shape == (2, 64, 8, 8)
+    assert model(x).shape == (2, 10)
+
+
+def test_head_needing_another_feature_size_is_named(interface):
+    takes_4x4 = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64 * 4 * 4, 3))
+    with pytest.raises(ValueError, match=r'spatial size 16x16 .*it takes 4x4'):
+        tc.make_compatible('resnet20_cifar', split='layer2', interface=interface, num_classes=3, head=takes_4x4)
+
+
+def test_recombine_names_the_feature_size_a_head_needs(interface):
+    takes_8x8 = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64 * 8 * 8, 10))
+    deep = tc.make_compatible('resnet20_cifar', split='layer3', interface=interface, num_classes=10, head=takes_8x8)
+    shallow = tc.make_compatible('resnet20_cifar', split='layer2', interface=interface, num_classes=10)
+    with pytest.raises(ValueError, match=r'spatial size 16x16 .*it takes 8x8'):
+        tc.recombine(shallow.extractor, deep.head)
+    assert tc.recombine(deep.extractor, deep.head)(torch.randn(2, 3, 32, 32)).shape == (2, 10)

@@ -36,19 +36,57 @@ class CompatibleModel(nn.Module):
         return self.head(self.extractor(x))
 
 
-def _check_head_accepts(head: nn.Module, width: int, feature_hw) -> None:
-    probe = torch.zeros(2, width, *feature_hw, device=next(iter(head.parameters()), torch.zeros(())).device)
-    was_training = head.training
-    head.eval()
+def _head_error(head: nn.Module, width: int, feature_hw: Sequence[int]) -> Optional[Exception]:
+    """What ``head`` raises on interface features of spatial size ``feature_hw`` (eval mode), or None."""
+    param = next(iter(head.parameters()), None)
+    probe = torch.zeros(2, width, *feature_hw, device=param.device if param is not None else 'cpu')
+    was_training = [(m, m.training) for m in head.modules()]
     try:
         with torch.no_grad():
-            head(probe)
-    except RuntimeError as e:
-        raise ValueError(
-            f'The head module does not accept interface features of shape (N, {width}, H, W): {e}. '
-            f'Give a module whose input has {width} channels, or a timm model name.') from e
+            head.eval()(probe)
+    except Exception as e:  # timm tails fail with assertions, index and runtime errors alike
+        return e
     finally:
-        head.train(was_training)
+        for m, training in was_training:
+            m.training = training
+    return None
+
+
+def _check_head_accepts(head: nn.Module, width: int, feature_hw: Sequence[int]) -> None:
+    """Refuse a head that cannot run on ``(N, width, *feature_hw)`` features, naming a size it does take.
+
+    Tails of some backbones take one feature size only (EfficientFormer's attention biases, Swin's windows with
+    a fixed input size) or even sizes only (DLA); the probe tries square sizes nearest to ``feature_hw`` first.
+    """
+    error = _head_error(head, width, feature_hw)
+    if error is None:
+        return
+    h, w = feature_hw
+    for size in sorted(range(1, max(2 * max(h, w), 32) + 1), key=lambda s: (abs(s - h), s)):
+        if (size, size) != (h, w) and _head_error(head, width, (size, size)) is None:
+            raise ValueError(
+                f'The head does not accept interface features of spatial size {h}x{w} '
+                f'({type(error).__name__}: {error}); it takes {size}x{size}. Give it features of that size: '
+                f'another input size (pretrained_cfg_overlay=dict(input_size=...)) or another split.') from error
+    raise ValueError(
+        f'The head module does not accept interface features of shape (N, {width}, H, W): {error}. '
+        f'Give a module whose input has {width} channels, or a timm model name.') from error
+
+
+def _check_fits(extractor: Extractor, head: Head) -> None:
+    """Refuse a head that cannot take the extractor's features at the extractor's input size."""
+    input_size = extractor.pretrained_cfg.get('input_size')
+    param = next(iter(extractor.parameters()), None)
+    if not input_size or param is None:  # a custom extractor: no input size to probe with
+        return
+    was_training = [(m, m.training) for m in extractor.modules()]
+    try:
+        with torch.no_grad():
+            features = extractor.eval()(torch.zeros(2, *input_size, device=param.device))
+    finally:
+        for m, training in was_training:
+            m.training = training
+    _check_head_accepts(head, extractor.width, features.shape[-2:])
 
 
 def make_compatible(
@@ -123,7 +161,8 @@ def recombine(extractor: Extractor, head: Head, force: bool = False) -> Compatib
 
     Raises:
         ValueError: Widths differ (the module could not run), or, unless ``force``, either component was trained
-            without an interface or the interface ids differ.
+            without an interface or the interface ids differ; the head cannot run on the extractor's features
+            (the feature size it takes is named).
     """
     if extractor.width != head.width:
         raise ValueError(
@@ -142,5 +181,6 @@ def recombine(extractor: Extractor, head: Head, force: bool = False) -> Compatib
             f'Cannot recombine: the extractor fits interface {extractor.interface_id} and the head fits interface '
             f'{head.interface_id}. Use components trained against the same interface, fit a stitching layer, '
             f'or pass force=True to measure the mismatch.')
+    _check_fits(extractor, head)
     interface = extractor.interface if extractor.interface is head.interface else None
     return CompatibleModel(extractor, head, interface)
