@@ -4,6 +4,10 @@ Recombination accuracy of row ``i``, column ``j``: the extractor of network ``i`
 on network ``i``'s test images of the classes common to both, predicting among those common classes, with no
 fine-tuning. BN uses batch statistics by default. Each extractor's features are computed once per batch and fed to
 every head, so an N x N matrix costs N extractor passes, not N^2.
+
+With batch statistics a prediction depends on the rest of its batch, so every function here batches the test set in
+a fixed seeded permutation (:func:`~timm_compat.data.evaluation_batches`): a test set stored sorted by class scores
+as a shuffled copy does, and every model evaluated on the same data sees the same batches.
 """
 from contextlib import ExitStack
 from itertools import chain
@@ -20,7 +24,8 @@ __all__ = ['accuracy', 'per_class_accuracy', 'average_class_accuracy', 'recombin
 
 
 def _device(module: nn.Module) -> torch.device:
-    return next(chain(module.parameters(), module.buffers()), torch.zeros(())).device
+    tensor = next(chain(module.parameters(), module.buffers()), None)
+    return tensor.device if tensor is not None else torch.device('cpu')
 
 
 def _check_loaded(models: Sequence[nn.Module]) -> None:
@@ -47,7 +52,7 @@ def accuracy(model, data: ImageData, batch_size: int = 256, bn: str = 'batch', s
         seed: Seed of the order in which the images are batched (see :func:`~timm_compat.data.iterate_batches`).
     """
     _check_loaded([model])
-    device = _device(model)
+    device = _device(model.extractor)
     correct = 0  # becomes a tensor on the logits' device: no host sync per batch
     with eval_mode(model, bn):
         for images, labels in iterate_batches(data, batch_size, seed):
@@ -64,7 +69,7 @@ def per_class_accuracy(model, data: ImageData, batch_size: int = 250, bn: str = 
     Arguments as :func:`accuracy`.
     """
     _check_loaded([model])
-    device = _device(model)
+    device = _device(model.extractor)
     num_classes = data.num_classes
     correct = torch.zeros(num_classes, device=device)
     total = torch.zeros(num_classes, device=device)
