@@ -26,6 +26,8 @@ from torch import fx, nn
 import timm
 from timm.layers import get_notrace_functions, get_notrace_modules
 
+from ._split_probe import channels_last, check_split, model_name as _model_name, probe
+
 __all__ = ['split_model', 'split_points', 'resolve_split']
 
 _READS_TRAINING = re.compile(r'\bself\.training\b')
@@ -86,10 +88,6 @@ def split_points(model: nn.Module) -> List[str]:
         if not inside_a_block(name):
             names.extend(f'{name}.{child}' for child, _ in modules[name].named_children())
     return list(dict.fromkeys(n for n in names if n in modules))
-
-
-def _model_name(model: nn.Module) -> str:
-    return getattr(model, 'pretrained_cfg', {}).get('architecture', type(model).__name__)
 
 
 def resolve_split(model: nn.Module, at: Union[str, int]) -> str:
@@ -256,101 +254,6 @@ def _cut(graph: fx.Graph, at: str, channels_last: bool) -> Tuple[fx.Graph, fx.Gr
     return trunk_graph, tail_graph
 
 
-def _channels_last(model: nn.Module, at: str, shape: Sequence[int], input_hw: Sequence[int]) -> bool:
-    """Whether the split module's output ``(N, A, B, C)`` is NHWC.
-
-    timm's ``feature_info`` gives the channels of a feature level; otherwise the two dimensions that scale with
-    the probe image are the spatial ones, and the model's ``output_fmt`` decides when both readings fit.
-    """
-    if len(shape) != 4:
-        return False
-    a, b, c = shape[1:]
-    channels = {i['module']: i.get('num_chs') for i in getattr(model, 'feature_info', [])}.get(at)
-    if channels is not None and (a == channels) != (c == channels):
-        return c == channels
-    height, width = input_hw
-
-    def spatial(h: int, w: int) -> bool:
-        return abs(h * width - w * height) < max(height, width)
-
-    if spatial(b, c) != spatial(a, b):
-        return spatial(a, b)
-    return getattr(model, 'output_fmt', 'NCHW') == 'NHWC'
-
-
-def _probe(model: nn.Module, at: str, input_size: Optional[Sequence[int]]):
-    """Run ``model`` in eval mode on two images: ``(x, output of module at, model output)``.
-
-    The images have ``input_size``, else the size in ``pretrained_cfg``, else the patch embedding's.
-    """
-    sizes = [tuple(input_size)] if input_size else [tuple(model.pretrained_cfg.get('input_size', (3, 224, 224)))
-                                                    if hasattr(model, 'pretrained_cfg') else (3, 224, 224)]
-    img_size = getattr(getattr(model, 'patch_embed', None), 'img_size', None)
-    if not input_size and isinstance(img_size, (tuple, list)) and len(img_size) == 2:
-        sizes.append((sizes[0][0], *img_size))
-    param = next(model.parameters(), None)
-    device = param.device if param is not None else 'cpu'
-    error, cut = None, []
-    handle = model.get_submodule(at).register_forward_hook(lambda m, i, o: cut.append(o))
-    try:
-        for size in dict.fromkeys(sizes):
-            x = torch.randn(2, *size, generator=torch.Generator().manual_seed(0)).to(device)
-            try:
-                output = _run([model], x, False)
-            except Exception as e:  # any failure means this size does not fit the model
-                error = error or e
-                continue
-            if not cut:
-                raise ValueError(f'Module {at!r} of {_model_name(model)} is not called in forward(); split at a '
-                                 f'module that runs (see split_points).')
-            return x, cut[-1], output
-    finally:
-        handle.remove()
-    raise ValueError(
-        f'Cannot run {_model_name(model)} on a probe input of size {sizes[0]} to check the split: {error}. Pass '
-        f'input_size=(C, H, W) to split_model, or create the model with pretrained_cfg_overlay=dict('
-        f'input_size=(C, H, W)).') from error
-
-
-def _run(modules: Sequence[nn.Module], x: torch.Tensor, training: bool):
-    """``x`` through ``modules`` in turn, in one mode, with dropout drawn from one fixed seed for all of them."""
-    devices = [x.device] if x.device.type == 'cuda' else []
-    with torch.no_grad(), torch.random.fork_rng(devices=devices):
-        torch.manual_seed(0)
-        for module in modules:
-            x = module.train(training)(x)
-        return x
-
-
-def _flatten(out) -> Optional[List[torch.Tensor]]:
-    """The tensors of a model output (a tensor, or tuples and lists of them); None for anything else."""
-    if isinstance(out, torch.Tensor):
-        return [out]
-    if isinstance(out, (tuple, list)):
-        parts = [_flatten(o) for o in out]
-        return None if None in parts else [t for p in parts for t in p]
-    return None
-
-
-def _check_split(model: nn.Module, trunk: nn.Module, tail: nn.Module, x: torch.Tensor, at: str,
-                 eval_output) -> None:
-    """Refuse a split that does not run, or does not reproduce ``model`` in train or in eval mode."""
-    for training in (False, True):
-        mode = 'train' if training else 'eval'
-        expected = _flatten(_run([model], x, training) if training else eval_output)
-        try:
-            got = _flatten(_run([trunk, tail], x, training))
-        except Exception as e:  # the halves are generated code: any error means the split cannot be used
-            raise ValueError(f'Splitting {_model_name(model)} at {at!r} gives halves that fail in {mode} mode: '
-                             f'{type(e).__name__}: {e}. Split at another module (see split_points).') from e
-        same = (expected is not None and got is not None and len(got) == len(expected)
-                and all(g.shape == e.shape and torch.allclose(g, e, rtol=1e-5, atol=1e-5)
-                        for g, e in zip(got, expected)))
-        if not same:
-            raise ValueError(f'Splitting {_model_name(model)} at {at!r} does not reproduce the model in {mode} '
-                             f'mode. Split at another module (see split_points).')
-
-
 def split_model(model_or_name: Union[nn.Module, str], at: Union[str, int], *,
                 input_size: Optional[Sequence[int]] = None, **create_kwargs) -> Tuple[fx.GraphModule, fx.GraphModule]:
     """Split a model into ``(trunk, tail)`` right after module ``at``.
@@ -376,24 +279,24 @@ def split_model(model_or_name: Union[nn.Module, str], at: Union[str, int], *,
     model = create_backbone(model_or_name, **create_kwargs) if isinstance(model_or_name, str) else model_or_name
     at = resolve_split(model, at)
     with _preserved(model):
-        x, features, output = _probe(model, at, input_size)
+        x, features, output = probe(model, at, input_size)
         if not isinstance(features, torch.Tensor):
             raise ValueError(
                 f'Cannot split {_model_name(model)} at {at!r}: the module returns a {type(features).__name__}, '
                 f'not one tensor. Split at a module that returns a tensor (see split_points).')
-        channels_last = _channels_last(model, at, features.shape, x.shape[-2:])
+        nhwc = channels_last(model, at, features.shape, x.shape[-2:])
         train_graph, constants = _trace(model, at, True)
         eval_graph, eval_constants = _trace(model, at, False)
         for k, v in eval_constants.items():
             if k not in constants or not torch.equal(constants[k], v):
                 raise ValueError(_mode_refusal(_model_name(model), f'constant {k} differs'))
         graph = _merge_modes(train_graph, eval_graph, _model_name(model))
-        trunk_graph, tail_graph = _cut(graph, at, channels_last)
+        trunk_graph, tail_graph = _cut(graph, at, nhwc)
         for k, v in constants.items():  # the halves take their copies; the model loses them again on exit
             setattr(model, k, v)
         trunk = fx.GraphModule(model, trunk_graph, class_name='Trunk')
         tail = fx.GraphModule(model, tail_graph, class_name='Tail')
-        _check_split(model, trunk, tail, x, at, output)
+        check_split(model, trunk, tail, x, at, output)
     # Only the halves' own flags: their shared submodules keep whatever modes the model gave them.
     trunk.training = tail.training = model.training
     return trunk, tail
