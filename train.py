@@ -56,7 +56,8 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     flags = {'output_dir': args.output_dir, 'data_dir': args.data_dir, 'interface.load': args.interface,
              'save_components': args.save_components, 'push_to_hub': args.push_to_hub}
-    overrides = [f'{k}={v}' for k, v in flags.items() if v is not None] + args.overrides
+    # JSON is YAML: a flag value stays a string (--data-dir 2024 is a folder, not a number).
+    overrides = [f'{k}={json.dumps(v)}' for k, v in flags.items() if v is not None] + args.overrides
     if args.interface is not None:
         overrides.append('scheme=incremental')
     return args, load_config(args.config, overrides)

@@ -154,3 +154,16 @@ def test_metrics_gain_a_column_when_a_network_first_logs(tmp_path):
     log.append({'step': 3, 'a/task': 1.0, 'loss': 1.0})
     lines = (tmp_path / 'metrics.csv').read_text().splitlines()
     assert lines == ['step,a/task,loss,b/task', '1,2.0,2.0,', '2,,3.0,3.0', '3,1.0,1.0,']
+
+
+def test_resume_accepts_a_moved_data_folder(tmp_path):
+    def config(data_dir, source):
+        return {**CONFIG, 'data_dir': data_dir, 'networks': [{'name': 'a', 'dataset': {'source': source}}]}
+
+    started(tmp_path, config('/old/cifar', 'parquet:/old/cifar'))
+    moved, other = config('/new/cifar', 'parquet:/new/cifar'), config('/new/cifar', 'parquet:/new/stl10')
+    run = RunDir(tmp_path).acquire()
+    with pytest.raises(RunDirError, match=r'networks\.0\.dataset\.source'):
+        run.prepare(other, resume=True, overwrite=False, finished=[])
+    run.prepare(moved, resume=True, overwrite=False, finished=[])
+    run.release()

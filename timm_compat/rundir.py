@@ -112,7 +112,7 @@ class RunDir:
         except (OSError, yaml.YAMLError) as e:
             raise RunDirError(f'--resume: cannot read {self.path / CONFIG} ({e}); the run cannot be checked.') from e
         changes = config_changes(old, config)
-        refused = resume_conflicts(old, config)
+        refused = [k for k in resume_conflicts(old, config) if not _moved_data(old, config, k)]
         if refused:
             lines = '\n'.join(f'  {k}: {_at(old, k)!r} -> {_at(config, k)!r}' for k in refused)
             raise RunDirError(f'--resume with a config that differs from the run\'s in what was trained:\n{lines}\n'
@@ -135,6 +135,14 @@ class RunDir:
 
     def _read_marker(self) -> Dict[str, Any]:
         return json.loads((self.path / MARKER).read_text())
+
+
+def _moved_data(old: Dict[str, Any], new: Dict[str, Any], dotted: str) -> bool:
+    """A dataset source that differs only because ``data_dir`` (filled into it) moved: the same data."""
+    if not dotted.endswith('.dataset.source') or not old.get('data_dir') or not new.get('data_dir'):
+        return False
+    before, after = _at(old, dotted), _at(new, dotted)
+    return isinstance(before, str) and before.replace(old['data_dir'], new['data_dir'], 1) == after
 
 
 def _at(tree: Any, dotted: str) -> Optional[Any]:
