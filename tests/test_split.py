@@ -193,3 +193,25 @@ def test_split_points_name_existing_modules_only():
     assert points and all(p in modules for p in points)
     with pytest.raises(ValueError, match="names module 'block.0', which this model does not have"):
         timm_compat.split_model(model, 0)
+
+
+class _ChannelsLastMixer(nn.Module):
+    """A conv stem, then a Linear over channels in NHWC (as SAM-ViT blocks), with no layout metadata."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.mix, self.fc = nn.Conv2d(3, 16, 4, stride=4), nn.Linear(16, 16), nn.Linear(16, 3)
+
+    def forward(self, x):
+        x = self.mix(self.stem(x).permute(0, 2, 3, 1))
+        return self.fc(x.mean((1, 2)))
+
+
+def test_channels_last_read_from_which_dimensions_scale_with_the_image():
+    model = _ChannelsLastMixer().eval()
+    x = torch.randn(2, 3, 32, 32)
+    trunk, tail = timm_compat.split_model(model, 'mix', input_size=(3, 32, 32))
+    with torch.no_grad():
+        features = trunk(x)
+        assert torch.equal(features, model.mix(model.stem(x).permute(0, 2, 3, 1)).permute(0, 3, 1, 2))
+        assert torch.equal(tail(features), model(x))
