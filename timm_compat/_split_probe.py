@@ -6,6 +6,7 @@ from torch import nn
 
 
 def model_name(model: nn.Module) -> str:
+    """The timm architecture name of ``model``, or its class name."""
     return getattr(model, 'pretrained_cfg', {}).get('architecture', type(model).__name__)
 
 
@@ -45,12 +46,12 @@ def probe(model: nn.Module, at: str, input_size: Optional[Sequence[int]]):
         sizes.append((cfg_size[0], *img_size))
     sizes = list(dict.fromkeys(sizes))
     param = next(model.parameters(), None)
-    device = param.device if param is not None else 'cpu'
+    device, dtype = (param.device, param.dtype) if param is not None else ('cpu', torch.float32)
     error, cut = None, []
     handle = model.get_submodule(at).register_forward_hook(lambda m, i, o: cut.append(o))
     try:
         for size in sizes:
-            x = torch.randn(2, *size, generator=torch.Generator().manual_seed(0)).to(device)
+            x = torch.randn(2, *size, generator=torch.Generator().manual_seed(0)).to(device, dtype)
             try:
                 output = _run([model], x, False)
             except Exception as e:  # any failure means this size does not fit the model
