@@ -147,7 +147,7 @@ def sweep_family(module: str, limit: int, stats: collections.Counter, reasons: c
                                      'not called') if k in reason), 'other')
             stats['refused'] += 1
             reasons[kind] += 1
-            cells.append(f'{at}: refused ({kind})')
+            cells.append(f'{at}: refused ({kind}: {reason[:150]})')
             continue
         except Exception as e:  # a raw error is itself a finding: refusals must be ValueErrors with a reason
             stats['raw_error'] += 1
