@@ -310,9 +310,8 @@ def evaluate_and_save(cfg, models, interface, data, out: Path, tag: str) -> dict
     own = {n: accuracy(models[n], data[n][1], cfg.eval_batch_size, cfg.eval_bn) for n in names}
     matrix = recombination_matrix(nets, tests, cfg.eval_batch_size, cfg.eval_bn)
     table = format_matrix(matrix, names, title=f'[{tag}] recombination accuracy (%), common classes, '
-                                                f'BN={cfg.eval_bn}')
+                                                f'BN={cfg.eval_bn}', own=[own[n] for n in names])
     print(table)
-    print(f'[{tag}] own-task accuracy: ' + ', '.join(f'{n} {100 * a:.1f} %' for n, a in own.items()))
     components = Path(cfg.save_components) / tag if cfg.save_components else out / 'components'
     if interface is not None and not cfg.interface.load:
         interface.save_pretrained(components / 'interface')

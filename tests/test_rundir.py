@@ -121,7 +121,7 @@ def test_train_state_is_checked_json(tmp_path):
         load_train_state(ckpt)
 
 
-def test_atomic_write_keeps_the_old_file_on_failure_and_honours_the_umask(tmp_path):
+def test_atomic_write_keeps_the_old_file_on_failure_and_honours_the_umask(tmp_path, monkeypatch):
     path = tmp_path / 'summary.json'
     old = os.umask(0o022)
     try:
@@ -129,8 +129,13 @@ def test_atomic_write_keeps_the_old_file_on_failure_and_honours_the_umask(tmp_pa
     finally:
         os.umask(old)
     assert path.stat().st_mode & 0o777 == 0o644
-    with pytest.raises(TypeError):
-        atomic_write_text(path, b'not text')  # fails inside the write, as a full disk would
+
+    def disk_full(fd):
+        raise OSError(28, 'No space left on device')
+
+    monkeypatch.setattr(os, 'fsync', disk_full)
+    with pytest.raises(OSError, match='No space left'):
+        atomic_write_text(path, '{"ok": 2}')
     assert path.read_text() == '{"ok": 1}'
     assert [p.name for p in tmp_path.iterdir()] == ['summary.json']
 

@@ -13,13 +13,14 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterable, Optional
 
 import torch
 from torch import nn
+
+from ._integrity import atomic_write_bytes
 
 __all__ = ['TrainState', 'save_checkpoint', 'latest_checkpoint', 'load_train_state', 'check_finite',
            'atomic_write_text', 'STATE_NAME']
@@ -37,24 +38,8 @@ class TrainState:
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` so that readers see the old file or the new one, never a partial one.
-
-    The file gets the mode a plain ``open()`` would give (``mkstemp`` alone makes it 0600, unreadable by a team).
-    """
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
-    try:
-        with os.fdopen(fd, 'w') as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write ``text`` to ``path`` so that readers see the old file or the new one, never a partial one."""
+    atomic_write_bytes(Path(path), text.encode())
 
 
 def check_finite(modules: Iterable[nn.Module], what: str) -> None:

@@ -13,7 +13,6 @@ Sources:
 import glob
 import hashlib
 import os
-import secrets
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, List, Optional, Sequence, Tuple
@@ -22,8 +21,9 @@ import numpy as np
 import torch
 from PIL import Image
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
+from ._integrity import atomic_save_safetensors
 from .shifts import apply_shift
 from .synthetic import make_synthetic
 
@@ -147,18 +147,11 @@ def _decode_cached(ds, image_column: str, size: int) -> torch.Tensor:
 
 def _write_cache(path: Path, images: torch.Tensor) -> None:
     """Write the cache entry in one rename, readable as the umask allows; any failure leaves no entry."""
-    tmp = path.with_name(f'.{path.name}.{secrets.token_hex(8)}.tmp')
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        # save_file writes through a 0600 temporary file of its own whatever the umask, which a team sharing the
-        # cache could not read; creating the file first tells the mode a plain open() gives, restored after.
-        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
-        mode = tmp.stat().st_mode & 0o777
-        save_file({'images': images}, str(tmp))
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except (OSError, SafetensorError):  # a read-only or full disk still trains, just without the cache
-        tmp.unlink(missing_ok=True)
+        atomic_save_safetensors({'images': images}, path, metadata={})
+    except OSError:  # a read-only or full disk still trains, just without the cache
+        pass
 
 
 def _decode(ds, image_column: str, size: int) -> torch.Tensor:
