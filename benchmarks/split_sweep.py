@@ -164,8 +164,12 @@ def sweep_family(module: str, limit: int, stats: collections.Counter, reasons: c
     return f'{module:28s} {name} {tuple(input_size)}: ' + ', '.join(cells)
 
 
+class FamilyTimeout(BaseException):
+    """Not an Exception, so that split_model's own handlers cannot report it as a refusal."""
+
+
 def _alarm(signum, frame):
-    raise TimeoutError(f'family took over {_FAMILY_SECONDS} s')
+    raise FamilyTimeout(f'family took over {_FAMILY_SECONDS} s')
 
 
 def main():
@@ -184,7 +188,7 @@ def main():
         signal.alarm(_FAMILY_SECONDS)
         try:
             print(sweep_family(module, args.points, stats, reasons), flush=True)
-        except Exception as e:  # creation failures and timeouts are reported, and the sweep goes on
+        except (Exception, FamilyTimeout) as e:  # creation failures and timeouts are reported; the sweep goes on
             stats['family_error'] += 1
             print(f'{module:28s} ERROR {type(e).__name__}: {str(e)[:120]}', flush=True)
         finally:
