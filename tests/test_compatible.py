@@ -194,3 +194,20 @@ def test_recombine_names_the_feature_size_a_head_needs(interface):
     with pytest.raises(ValueError, match=r'spatial size 16x16 .*it takes 8x8'):
         tc.recombine(shallow.extractor, deep.head)
     assert tc.recombine(deep.extractor, deep.head)(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+
+
+@pytest.mark.parametrize('num_classes', [0, -1, 2.5, True])
+def test_num_classes_must_be_a_positive_integer(num_classes):
+    with pytest.raises(ValueError, match=rf'num_classes must be a positive integer, got {num_classes!r}'):
+        tc.make_compatible('resnet8_cifar', split='layer2', interface=tc.Interface(width=16), num_classes=num_classes)
+
+
+def test_head_module_with_the_wrong_number_of_outputs_is_refused():
+    wrong = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(16, 5))
+    with pytest.raises(ValueError, match=r'outputs of shape \(2, 5\) for 2 images, but the task has 3 classes'):
+        tc.make_compatible('resnet8_cifar', split='layer2', interface=tc.Interface(width=16), num_classes=3,
+                           head=wrong)
+    right = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(16, 3))
+    model = tc.make_compatible('resnet8_cifar', split='layer2', interface=tc.Interface(width=16), num_classes=3,
+                               head=right)
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 3)

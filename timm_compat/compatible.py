@@ -73,6 +73,23 @@ def _check_head_accepts(head: nn.Module, width: int, feature_hw: Sequence[int]) 
         f'Give a module whose input has {width} channels, or a timm model name.') from error
 
 
+def _check_head_outputs(head: 'Head', width: int, feature_hw: Sequence[int]) -> None:
+    """Refuse a head whose logits are not ``(N, head.num_classes)``: its scores would index the wrong classes."""
+    param = next(iter(head.parameters()), None)
+    probe = torch.zeros(2, width, *feature_hw, device=param.device if param is not None else 'cpu')
+    was_training = [(m, m.training) for m in head.modules()]
+    try:
+        with torch.no_grad():
+            shape = tuple(head.eval()(probe).shape)
+    finally:
+        for m, training in was_training:
+            m.training = training
+    if shape != (2, head.num_classes):
+        raise ValueError(f'The head gives outputs of shape {shape} for 2 images, but the task has '
+                         f'{head.num_classes} classes: expected (2, {head.num_classes}). Give a head module with '
+                         f'{head.num_classes} outputs, or num_classes matching the module.')
+
+
 def _check_fits(extractor: Extractor, head: Head) -> None:
     """Refuse a head that cannot take the extractor's features at the extractor's input size."""
     input_size = extractor.pretrained_cfg.get('input_size')
@@ -124,6 +141,8 @@ def make_compatible(
     """
     if interface is None and width is None:
         raise ValueError('Give an interface, or width=... for an independent network.')
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f'num_classes must be a positive integer, got {num_classes!r}: e.g. num_classes=10.')
     width = interface.width if interface is not None else width
     with torch.random.fork_rng(devices=[], enabled=init_seed is not None):
         if init_seed is not None:
@@ -142,6 +161,7 @@ def make_compatible(
                                      class_names=class_names, pretrained=pretrained)
     # The adapter is a 1x1 conv: the extractor's features have the trunk's spatial size.
     _check_head_accepts(head_module, width, feature_shape[1:])
+    _check_head_outputs(head_module, width, feature_shape[1:])
     for component in (extractor, head_module):
         component.__dict__['interface'] = interface
     return CompatibleModel(extractor, head_module, interface)
