@@ -11,6 +11,7 @@ import yaml
 
 import timm_compat as tc
 import train
+from timm_compat import loop as train_loop
 from timm_compat.methods import common_classes, methods_for
 from timm_compat.synthetic import SYNTHETIC_CLASSES
 from timm_compat.training import JointModel
@@ -81,7 +82,7 @@ def test_resume_continues_from_checkpoint_step(tmp_path, monkeypatch):
     reference = run(tmp_path, '--set', 'steps=6', name='reference')['phases']['main']
 
     saved = []
-    real_save = train.save_checkpoint
+    real_save = train_loop.save_checkpoint
 
     def crash_after_step_4(accelerator, root, state, keep):
         path = real_save(accelerator, root, state, keep)
@@ -90,11 +91,11 @@ def test_resume_continues_from_checkpoint_step(tmp_path, monkeypatch):
             raise KeyboardInterrupt('simulated crash')
         return path
 
-    monkeypatch.setattr(train, 'save_checkpoint', crash_after_step_4)
+    monkeypatch.setattr(train_loop, 'save_checkpoint', crash_after_step_4)
     with pytest.raises(KeyboardInterrupt):
         run(tmp_path, '--set', 'steps=6', name='crashed')
     assert saved == [2, 4]
-    monkeypatch.setattr(train, 'save_checkpoint', real_save)
+    monkeypatch.setattr(train_loop, 'save_checkpoint', real_save)
     resumed = run(tmp_path, '--set', 'steps=6', '--resume', name='crashed')['phases']['main']
     steps = [int(line.split(',')[0]) for line in
              (tmp_path / 'crashed' / 'main' / 'metrics.csv').read_text().splitlines()[1:]]
@@ -185,7 +186,7 @@ def test_resume_never_unpickles_from_the_run_folder(tmp_path, monkeypatch, plant
 
 def crash_at_checkpoint(monkeypatch, step, phase='main'):
     """Make the run die right after writing the checkpoint of ``step`` in ``phase``, as a kill would."""
-    real_save = train.save_checkpoint
+    real_save = train_loop.save_checkpoint
 
     def save_then_crash(accelerator, root, state, keep):
         path = real_save(accelerator, root, state, keep)
@@ -193,7 +194,7 @@ def crash_at_checkpoint(monkeypatch, step, phase='main'):
             raise KeyboardInterrupt('simulated kill')
         return path
 
-    monkeypatch.setattr(train, 'save_checkpoint', save_then_crash)
+    monkeypatch.setattr(train_loop, 'save_checkpoint', save_then_crash)
 
 
 def test_killed_in_the_baseline_phase_resumes(tmp_path, monkeypatch):

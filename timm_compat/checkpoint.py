@@ -3,11 +3,11 @@
 A phase's checkpoints live in ``<phase>/checkpoints/step_XXXXXXXX``; ``checkpoints/latest`` names the newest
 complete one. What a resume reads is constrained, because a run folder may come from someone else:
 
-* the train state (step, training seconds, metrics rows) is JSON, never a pickle: Accelerate's
-  ``register_for_checkpointing`` would ``torch.load(..., weights_only=False)`` it;
+* the train state (step, training seconds) is JSON, never a pickle: Accelerate's ``register_for_checkpointing``
+  would unpickle it with ``weights_only=False``;
 * ``latest`` must name a ``step_\\d{8}`` folder directly inside the phase's own ``checkpoints/`` folder;
 * model weights are safetensors (``save_state``'s default); the optimizer, scheduler and RNG files are read by
-  Accelerate with ``torch.load(weights_only=True)``, which builds tensors and plain containers only.
+  Accelerate with ``weights_only=True``, which builds tensors and plain containers only.
 """
 import json
 import os
