@@ -161,7 +161,9 @@ def train_phase(phase: Phase, accelerator: Accelerator, out: Path, resume: bool)
     train_sets = {name: phase.data[name][0].to(device) for name in phase.trained}
     samplers = {name: EpochSampler(len(train_sets[name]), cfg.batch_size, cfg.seed + i, accelerator.process_index,
                                    accelerator.num_processes, device) for i, name in enumerate(phase.trained)}
-    total_steps = cfg.steps or math.ceil(cfg.epochs * max(s.steps_per_epoch for s in samplers.values()))
+    # Alternating, each step trains one network: `epochs` stays each network's number of epochs.
+    turns = len(phase.trained) if cfg.joint_schedule == 'alternate' else 1
+    total_steps = cfg.steps or math.ceil(cfg.epochs * max(s.steps_per_epoch for s in samplers.values()) * turns)
     params = [p for p in phase.joint.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, cfg.optim.optimizer, cfg.optim.lr, cfg.optim.momentum, cfg.optim.weight_decay)
     # Counted as accelerate's prepared scheduler steps: once per process for every optimizer step.

@@ -379,3 +379,13 @@ def test_keep_freed_memory_keeps_large_buffers_in_the_process():
     default, applied, kept = int(out[0]), out[1], int(out[2])
     assert default < 16 << 20  # glibc's default: a freed 64 MiB buffer is unmapped at once
     assert applied == 'True' and kept > 48 << 20  # now it stays resident for the next step
+
+
+def test_alternate_schedule_gives_each_network_its_epochs(tmp_path):
+    common = ('--set', 'steps=null', '--set', 'epochs=1', '--set', 'log_every=100')
+    summed = run(tmp_path, *common, name='sum')['phases']['main']
+    alternate = run(tmp_path, *common, '--set', 'joint_schedule=alternate', name='alternate')['phases']['main']
+    assert summed['steps'] == 5  # 80 images, batch 16
+    assert alternate['steps'] == 10  # one network a step: each still sees its 5 batches
+    rows = (tmp_path / 'alternate' / 'main' / 'metrics.csv').read_text().splitlines()
+    assert {'a/task', 'a/rp', 'b/task', 'b/rp', 'loss'} <= set(rows[0].split(','))

@@ -146,9 +146,10 @@ class InterfaceConfig(_Section):
     rp_head: Optional[HeadSpec] = Field(None, examples=['conv'])  # overrides aux_head for the RP head
     dcc_head: Optional[HeadSpec] = Field(None, examples=['conv'])  # overrides aux_head for the DCC head
     load: Optional[str] = Field(None, examples=['runs/x/main/components/interface'])
-    # How the extractor's BatchNorm sees the rotated batch under RP: 'shared' statistics over all four rotations,
-    # 'per_rotation' each rotation chunk its own batch statistics, 'separate' an extra upright pass for the task.
-    rp_norm: Literal['shared', 'per_rotation', 'separate'] = 'shared'
+    # How the extractor's BatchNorm sees the rotated batch under RP: 'separate' (default) an extra upright pass for
+    # the task, as eq. (1)'s separate task term; 'per_rotation' each rotation chunk its own batch statistics;
+    # 'shared' statistics over all four rotations (before issue 12; measured in docs/training.md).
+    rp_norm: Literal['shared', 'per_rotation', 'separate'] = 'separate'
 
 
 class OptimConfig(_Section):
@@ -180,7 +181,8 @@ class RunConfig(_Section):
     scheme: Literal['joint', 'incremental'] = 'joint'
     iiw: bool = True  # identical initial weights: every network starts from init_seed
     init_seed: Seed = 0
-    # Sec. 3.4: each step sums all networks' losses ('sum') or alternates minibatches between networks.
+    # Sec. 3.4: each step sums all networks' losses ('sum') or alternates minibatches between networks (the paper's
+    # way; then each step trains one network, and `epochs` counts each network's epochs).
     joint_schedule: Literal['sum', 'alternate'] = 'sum'
     networks: List[NetworkConfig] = Field(default_factory=_demo_networks, min_length=1,
                                           examples=[[{'name': 'a', 'dataset': {'source': 'synthetic:A'}}]])
