@@ -389,3 +389,15 @@ def test_alternate_schedule_gives_each_network_its_epochs(tmp_path):
     assert alternate['steps'] == 10  # one network a step: each still sees its 5 batches
     rows = (tmp_path / 'alternate' / 'main' / 'metrics.csv').read_text().splitlines()
     assert {'a/task', 'a/rp', 'b/task', 'b/rp', 'loss'} <= set(rows[0].split(','))
+
+
+def test_loaded_networks_and_interface_go_to_the_run_device(tmp_path):
+    run(tmp_path, name='first')
+    parts = tmp_path / 'first' / 'main' / 'components'
+    _, cfg = train.parse_args(['-c', TINY, '--interface', str(parts / 'interface'), '--set', 'interface.width=null',
+                               '--set', f'networks.0.load={parts / "a"}'])
+    data = {n.name: train.load_task_data(n, cfg) for n in cfg.networks}
+    # 'meta' stands in for a GPU: a loaded network left on the CPU would show up here.
+    phase = train.build_phase('main', cfg, data, torch.device('meta'))
+    tensors = [t for m in (*phase.models.values(), phase.interface) for t in (*m.parameters(), *m.buffers())]
+    assert {t.device.type for t in tensors} == {'meta'}
