@@ -14,7 +14,7 @@ def test_defaults_are_the_offline_demo():
     cfg = load_config()
     assert [n.dataset.source for n in cfg.networks] == ['synthetic:A', 'synthetic:B']
     assert cfg.iiw and cfg.interface.rp and cfg.interface.dcc and cfg.baseline == 'independent'
-    assert cfg.joint_schedule == 'sum' and cfg.interface.rp_norm == 'shared'
+    assert cfg.joint_schedule == 'sum' and cfg.interface.rp_norm == 'separate'
     independent = cfg.independent()
     assert not independent.iiw and not independent.interface.rp and not independent.interface.dcc
     assert independent.interface.width == cfg.interface.width == 32
