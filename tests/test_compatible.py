@@ -24,7 +24,9 @@ def interface():
     return tc.Interface(width=64, rp=True, dcc_classes=CIFAR10[:5])
 
 
-@pytest.mark.parametrize('backbone,split', BACKBONES, ids=[b for b, _ in BACKBONES])
+@pytest.mark.parametrize('backbone,split', [pytest.param(b, s, marks=pytest.mark.slow)
+                                            if b in ('resnet50', 'convnext_tiny') else (b, s) for b, s in BACKBONES],
+                         ids=[b for b, _ in BACKBONES])
 def test_make_compatible_width(backbone, split, interface):
     model = tc.make_compatible(backbone, split=split, interface=interface, num_classes=10)
     x = torch.randn(2, 3, 64, 64)

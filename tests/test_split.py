@@ -21,7 +21,12 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize('name,points,size', CASES, ids=[c[0] for c in CASES])
+# The largest models only in the slow run: the split logic they exercise is the same as their small siblings'.
+HEAVY = {'resnet50', 'wide_resnet50_2', 'mobilenetv2_100', 'wide_resnet56_cifar', 'wrn28_10_cifar'}
+
+
+@pytest.mark.parametrize('name,points,size', [pytest.param(*c, marks=pytest.mark.slow) if c[0] in HEAVY else c
+                                              for c in CASES], ids=[c[0] for c in CASES])
 def test_split_is_exact_and_shares_weights(name, points, size):
     model = timm.create_model(name).eval()
     x = torch.randn(2, 3, size, size)

@@ -78,6 +78,7 @@ def test_incremental_leaves_frozen_interface_bit_identical(tmp_path):
     assert not (tmp_path / 'second' / 'main' / 'components' / 'a').exists()  # loaded, not retrained
 
 
+@pytest.mark.slow  # end to end: several full tiny runs
 def test_resume_continues_from_checkpoint_step(tmp_path, monkeypatch):
     reference = run(tmp_path, '--set', 'steps=6', name='reference')['phases']['main']
 
@@ -162,6 +163,7 @@ def test_a_live_run_blocks_resume_and_overwrite(tmp_path):
     assert (tmp_path / 'run' / 'summary.json').is_file()
 
 
+@pytest.mark.slow  # end to end: a run, a kill, a resume, per planted file
 @pytest.mark.parametrize('planted', ['custom_checkpoint_0.pkl', 'optimizer.bin', 'random_states_0.pkl'])
 def test_resume_never_unpickles_from_the_run_folder(tmp_path, monkeypatch, planted):
     import pickle
@@ -197,6 +199,7 @@ def crash_at_checkpoint(monkeypatch, step, phase='main'):
     monkeypatch.setattr(train_loop, 'save_checkpoint', save_then_crash)
 
 
+@pytest.mark.slow  # end to end: several full tiny runs
 def test_killed_in_the_baseline_phase_resumes(tmp_path, monkeypatch):
     crash_at_checkpoint(monkeypatch, 2, phase='independent')
     with pytest.raises(KeyboardInterrupt):
@@ -224,6 +227,7 @@ def test_inf_bn_statistics_are_never_checkpointed(tmp_path, monkeypatch):
     assert (ckpt / 'latest').read_text() == 'step_00000002' and not (ckpt / 'step_00000004').exists()
 
 
+@pytest.mark.slow  # end to end: several full tiny runs
 def test_resume_logs_each_step_once_and_counts_all_training_time(tmp_path, monkeypatch):
     real_forward = JointModel.forward
 
@@ -250,6 +254,7 @@ def test_resume_logs_each_step_once_and_counts_all_training_time(tmp_path, monke
     assert summary['phases']['main']['train_seconds'] >= 4 * 0.5  # the four slow steps before the kill count
 
 
+@pytest.mark.slow  # end to end: several full tiny runs
 def test_refused_launch_prints_one_message(tmp_path):
     (tmp_path / 'run').mkdir()
     (tmp_path / 'run' / 'thesis.tex').write_text('keep me')
@@ -288,6 +293,7 @@ def test_unknown_config_key(tmp_path):
         run(tmp_path, '--set', 'lr=0.1')
 
 
+@pytest.mark.slow  # end to end: several full tiny runs
 def test_two_process_ddp_on_cpu(tmp_path):
     env = {**os.environ, 'CUDA_VISIBLE_DEVICES': '', 'ACCELERATE_USE_CPU': 'true', 'OMP_NUM_THREADS': '1'}
     cmd = [sys.executable, '-m', 'accelerate.commands.launch', '--multi_gpu', '--num_processes', '2',
@@ -304,6 +310,7 @@ def test_two_process_ddp_on_cpu(tmp_path):
     assert last[0] == '4' and float(last[1]) == 0.0
 
 
+@pytest.mark.slow  # end to end: several full tiny runs
 def test_bf16_and_gradient_accumulation(tmp_path):
     summary = run(tmp_path, '--set', 'mixed_precision=bf16', '--set', 'gradient_accumulation_steps=2')
     assert summary['mixed_precision'] == 'bf16'
@@ -337,6 +344,7 @@ def test_save_components_and_push_to_hub(tmp_path, monkeypatch):
     assert files == ['README.md', 'config.json', 'model.safetensors'] and iid in message
 
 
+@pytest.mark.slow  # end to end: several full tiny runs
 def test_clip_grad_norm_bounds_the_update(tmp_path):
     def weights(name, *overrides):
         run(tmp_path, '--set', 'steps=1', '--set', 'optim.momentum=0', '--set', 'optim.weight_decay=0',
