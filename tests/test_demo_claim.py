@@ -3,7 +3,8 @@ import pytest
 
 import train
 
-pytestmark = [pytest.mark.slow, pytest.mark.usefixtures('fresh_accelerate')]
+# The whole demo: about 3-4 minutes on an idle 2-core machine, far longer on a busy one.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(2400), pytest.mark.usefixtures('fresh_accelerate')]
 
 
 def off_diagonal_mean(matrix):
