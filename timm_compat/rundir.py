@@ -89,12 +89,12 @@ class RunDir:
         Raises:
             RunDirError: Before anything is deleted or written, when the request does not fit the folder.
         """
-        entries = self._entries()
+        entries, old = self._entries(), None
         if resume:
             if not self.is_run():
                 raise RunDirError(f'--resume: {self.path} holds no timm-compat run to resume. Drop --resume to start '
                                   f'one (in an empty folder or with --output-dir).')
-            self._check_resume(config, finished)
+            old = self._check_resume(config, finished)
         elif entries:
             if not self.is_run():
                 raise RunDirError(f'{self.path} is not empty and holds no timm-compat run ({MARKER} is missing), so it '
@@ -104,9 +104,10 @@ class RunDir:
                                   f'delete it, or --output-dir for a new folder.')
             for entry in entries:
                 shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
-        self._record(config, resume)
+        self._record(config, old)
 
-    def _check_resume(self, config: Dict[str, Any], finished: List[str]) -> None:
+    def _check_resume(self, config: Dict[str, Any], finished: List[str]) -> Dict[str, Any]:
+        """The run's recorded config, once ``config`` is known to be a resume it may take."""
         try:
             old = yaml.safe_load((self.path / CONFIG).read_text())
         except (OSError, yaml.YAMLError) as e:
@@ -122,11 +123,13 @@ class RunDir:
         if extended and finished:
             raise RunDirError(f'--resume changes {extended}, but phase(s) {finished} already finished; a finished '
                               f'phase is not extended. Start a new run (--output-dir) with the longer budget.')
+        return old
 
-    def _record(self, config: Dict[str, Any], resume: bool) -> None:
+    def _record(self, config: Dict[str, Any], old: Optional[Dict[str, Any]]) -> None:
+        """Write ``config`` and the marker; ``old`` is the config a resume continues (None for a new run)."""
+        resume = old is not None
         marker = self._read_marker() if resume else {'timm_compat_run': 1, 'created': time.time(), 'resumes': []}
         if resume:
-            old = yaml.safe_load((self.path / CONFIG).read_text())
             marker['resumes'].append({'time': time.time(),
                                       'changes': {k: [_at(old, k), _at(config, k)]
                                                   for k in config_changes(old, config)}})
