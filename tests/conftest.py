@@ -1,7 +1,11 @@
+from pathlib import Path
+
 import pytest
 import torch
 
 torch.set_num_threads(2)
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(autouse=True)
@@ -14,13 +18,6 @@ def _decode_cache(tmp_path_factory, monkeypatch):
     """Decoded-image caches of tests stay in a temporary folder, never in the user's ~/.cache."""
     monkeypatch.setenv('TIMM_COMPAT_CACHE', str(tmp_path_factory.mktemp('timm_compat_cache')))
 
-
-import sys
-from pathlib import Path
-
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # train.py lives at the top level, like an accelerate example
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 @pytest.fixture

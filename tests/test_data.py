@@ -6,7 +6,7 @@ from timm_compat.data import (
     training_batch)
 from timm_compat.synthetic import SYNTHETIC_CLASSES, make_synthetic
 
-from datasets_util import write_imagefolder, write_parquet
+from tests.datasets_util import write_imagefolder, write_parquet
 
 CIFAR10 = ['airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse', 'ship', 'truck']
 

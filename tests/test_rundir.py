@@ -11,7 +11,7 @@ from timm_compat.checkpoint import TrainState, atomic_write_text, latest_checkpo
 from timm_compat.metrics_log import MetricsLog
 from timm_compat.rundir import RunDir, RunDirError
 
-from conftest import REPO
+from tests.conftest import REPO
 
 CONFIG = {'steps': 4, 'optim': {'lr': 0.05}, 'networks': [{'name': 'a', 'backbone': 'resnet8_cifar'}]}
 

@@ -16,8 +16,8 @@ from timm_compat.methods import common_classes, methods_for
 from timm_compat.synthetic import SYNTHETIC_CLASSES
 from timm_compat.training import JointModel
 
-from conftest import REPO
-from datasets_util import write_parquet
+from tests.conftest import REPO
+from tests.datasets_util import write_parquet
 
 TINY = str(REPO / 'tests' / 'tiny.yaml')
 pytestmark = pytest.mark.usefixtures('fresh_accelerate')
