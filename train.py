@@ -35,7 +35,9 @@ from timm_compat.checkpoint import TrainState, atomic_write_text, latest_checkpo
 from timm_compat.loop import TrainLoop
 from timm_compat.metrics_log import MetricsLog
 from timm_compat.rundir import RunDir, RunDirError
-from timm_compat.training import JointModel, keep_freed_memory, make_optimizer, make_scheduler
+from timm_compat._cpu import keep_freed_memory
+from timm_compat.joint import JointModel
+from timm_compat.optim import make_optimizer, make_scheduler
 
 
 def parse_args(argv=None):

@@ -11,7 +11,7 @@ import timm
 import torch
 from accelerate import Accelerator
 
-from timm_compat.training import keep_freed_memory
+from timm_compat._cpu import keep_freed_memory
 
 
 def hardware(device: torch.device) -> str:

@@ -9,7 +9,7 @@ For each backbone, both steps train two networks with one optimizer, through the
 
 * plain: two ``timm.create_model(name, num_classes=10)`` classifiers, cross-entropy, summed (like two independent
   runs sharing one optimizer step);
-* compatibility: a :class:`~timm_compat.training.JointModel` of two ``make_compatible`` networks on one
+* compatibility: a :class:`~timm_compat.joint.JointModel` of two ``make_compatible`` networks on one
   ``Interface(width=64, rp=True, dcc_classes=<9 common classes>)`` with ``methods_for(interface)``, i.e. RP + DCC.
 
 The FLOP-ideal ratio is (FLOPs of one compatibility forward+backward) / (FLOPs of one plain forward+backward),
@@ -41,7 +41,8 @@ from torch.utils.flop_counter import FlopCounterMode, conv_flop_count
 
 import timm_compat
 from timm_compat.methods import common_classes, compatibility_loss, methods_for, rotate_batch
-from timm_compat.training import JointModel, make_optimizer
+from timm_compat.joint import JointModel
+from timm_compat.optim import make_optimizer
 from common import interleaved, load_average, setup  # benchmarks/ is on sys.path
 
 # The split points the README and the paper use.

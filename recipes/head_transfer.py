@@ -67,7 +67,7 @@ def finetune_head(extractor, head, data, epochs: float, batch_size: int, lr: flo
     """Train only ``head`` on ``extractor``'s features; the extractor is frozen, its BN on batch statistics."""
     from timm_compat.batchnorm import eval_mode
     from timm_compat.data import EpochSampler, training_batch
-    from timm_compat.training import make_optimizer, make_scheduler
+    from timm_compat.optim import make_optimizer, make_scheduler
     sampler = EpochSampler(len(data), batch_size, device=device)
     steps = int(epochs * sampler.steps_per_epoch)
     optimizer = make_optimizer([p for p in head.parameters()], 'sgd', lr, 0.9, 5e-4)

@@ -15,7 +15,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 import timm_compat as tc
 from timm_compat.methods import methods_for
-from timm_compat.training import JointModel
+from timm_compat.joint import JointModel
 
 CLASSES = {'a': ['cat', 'dog', 'emu'], 'b': ['dog', 'cat', 'yak']}
 COMMON = ['cat', 'dog']

@@ -14,7 +14,7 @@ import train
 from timm_compat import loop as train_loop
 from timm_compat.methods import common_classes, methods_for
 from timm_compat.synthetic import SYNTHETIC_CLASSES
-from timm_compat.training import JointModel
+from timm_compat.joint import JointModel
 
 from tests.conftest import REPO
 from tests.datasets_util import write_parquet
@@ -362,7 +362,7 @@ def test_clip_grad_norm_bounds_the_update(tmp_path):
 KEPT_AFTER_FREE = """
 import ctypes, os
 from pathlib import Path
-from timm_compat.training import keep_freed_memory
+from timm_compat._cpu import keep_freed_memory
 libc, page = ctypes.CDLL('libc.so.6'), os.sysconf('SC_PAGE_SIZE')
 libc.malloc.restype, libc.malloc.argtypes, libc.free.argtypes = ctypes.c_void_p, [ctypes.c_size_t], [ctypes.c_void_p]
 

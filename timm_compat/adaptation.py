@@ -21,7 +21,7 @@ from .data import EpochSampler, ImageData, augment as augment_batch, normalize
 from .evaluation import average_class_accuracy
 from .interface import Interface
 from .methods.rotation import rotate_batch, rotation_labels, rotation_loss
-from .training import make_optimizer, make_scheduler
+from .optim import make_optimizer, make_scheduler
 
 __all__ = ['AdaptationResult', 'adapt', 'evaluate_adaptation']
 

@@ -16,7 +16,7 @@ class CompatibleModel(nn.Module):
     ``model(x)`` gives logits; ``model.features(x)`` the interface features ``(N, width, H, W)``. The interface is
     held by reference, not as a submodule: models built on one interface share its aux heads, and a model's
     ``state_dict`` and ``parameters()`` are its own. Train the aux heads by giving ``interface.parameters()`` to the
-    optimiser too, or through :class:`~timm_compat.training.JointModel`, which registers the interface once.
+    optimiser too, or through :class:`~timm_compat.joint.JointModel`, which registers the interface once.
     """
 
     def __init__(self, extractor: Extractor, head: Head, interface: Optional[Interface] = None):

@@ -18,7 +18,7 @@ class TrainLoop:
     """The step loop of one phase: batches, backward, clipping, NaN checks, logging and checkpoints.
 
     ``phase`` is train.py's ``Phase``: its ``cfg``, ``models``, ``joint`` (the unwrapped
-    :class:`~timm_compat.training.JointModel`), ``trained`` names and ``tag``. Loss sums and the first non-finite step stay on the device; reading them costs a sync, done only at log and
+    :class:`~timm_compat.joint.JointModel`), ``trained`` names and ``tag``. Loss sums and the first non-finite step stay on the device; reading them costs a sync, done only at log and
     checkpoint steps.
     """
 

@@ -21,7 +21,7 @@ from .batchnorm import eval_mode
 from .compatible import CompatibleModel
 from .components import Extractor, Head
 from .data import EpochSampler, ImageData, augment as augment_batch, normalize
-from .training import make_optimizer
+from .optim import make_optimizer
 
 __all__ = ['Stitch', 'StitchedModel', 'fit_stitch']
 

@@ -23,7 +23,7 @@ from .compatible import CompatibleModel
 from .components import Extractor, Head
 from .data import EpochSampler, ImageData, augment as augment_batch, normalize
 from .stitching import StitchedModel, check_task_data, fit_stitch
-from .training import make_optimizer
+from .optim import make_optimizer
 
 __all__ = ['TransferCurve', 'TransferResult', 'transfer', 'MISMATCH_POLICIES']
 
