@@ -3,28 +3,14 @@
 Every benchmark prints ratios against a baseline measured in the same run, interleaved with it, because the machine
 may be shared with other jobs: absolute times move with the load, the ratios much less.
 """
-import os
 import time
 from typing import Callable, Dict, List, Tuple
 
-import timm
 import torch
 from accelerate import Accelerator
 
 from timm_compat._cpu import keep_freed_memory
-
-
-def hardware(device: torch.device) -> str:
-    name = 'unknown CPU'
-    try:
-        with open('/proc/cpuinfo') as f:
-            name = next(line.split(':', 1)[1].strip() for line in f if line.startswith('model name'))
-    except (OSError, StopIteration):
-        pass
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
-    gpu = f'{torch.cuda.get_device_name(device)}; ' if device.type == 'cuda' else ''
-    return (f'device {device.type}: {gpu}{name} x {cores} cores, {torch.get_num_threads()} torch threads; '
-            f'torch {torch.__version__}, timm {timm.__version__}; {load_average()}')
+from timm_compat._hardware import cpu_cores, hardware
 
 
 def load_average() -> str:
@@ -57,12 +43,12 @@ def setup(args) -> Tuple[Accelerator, torch.device]:
     device = accelerator.device
     if args.device == 'cuda' and device.type != 'cuda':
         raise SystemExit('--device cuda: no CUDA device is visible.')
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
+    cores = cpu_cores()
     if device.type == 'cpu':
         torch.set_num_threads(args.threads or cores)
         if not args.default_malloc:
             keep_freed_memory()
-    print(hardware(device))
+    print(f'{hardware(device)}; {load_average()}')
     if device.type == 'cpu' and oversubscribed(torch.get_num_threads(), cores):
         print(f'WARNING: the load average says other jobs may hold the cores that {torch.get_num_threads()} threads '
               f'need; multi-threaded CPU timings can then be set by the scheduler, not the work (check GFLOP/s, or '

@@ -27,9 +27,10 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import timm_compat
+from timm_compat.classes import canonical_class_name, common_classes
 from timm_compat.data import ImageData, normalize
 from timm_compat.evaluation import accuracy, format_matrix, recombination_matrix
-from timm_compat.methods import canonical_class_name, common_classes
+from timm_compat.fit import ClassificationTask, fit
 from timm_compat.synthetic import make_synthetic
 from common import load_average, setup  # benchmarks/ is on sys.path
 
@@ -102,14 +103,13 @@ def train_briefly(model: nn.Module, data: ImageData, steps: int, batch_size: int
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     cfg = model.extractor.pretrained_cfg
     generator = torch.Generator().manual_seed(0)
-    model.train()
-    for _ in range(steps):
+
+    def batch_at(step: int):  # draws from the generator in step order, as fit calls it
         index = torch.randint(0, len(data), (batch_size,), generator=generator)
-        images = normalize(data.images[index].to(device), cfg['mean'], cfg['std'])
-        loss = torch.nn.functional.cross_entropy(model(images), data.labels[index].to(device))
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        return normalize(data.images[index].to(device), cfg['mean'], cfg['std']), data.labels[index].to(device)
+
+    model.train()
+    fit(ClassificationTask(model), batch_at, steps, optimizer, desc='train briefly')
 
 
 def forward_flops(fn: Callable[[], torch.Tensor]) -> int:

@@ -15,18 +15,16 @@ import collections
 import gc
 import re
 import signal
-import sys
 import time
-from pathlib import Path
 
 import timm
 import torch
 from torch import fx
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import timm_compat  # noqa: E402  (registers the CIFAR models; the sweep uses timm's own families only)
-from benchmarks.common import hardware  # noqa: E402
-from timm_compat._split_probe import _flatten  # noqa: E402
+import timm_compat  # noqa: F401  (registers the CIFAR models; the sweep uses timm's own families only)
+from timm_compat._hardware import hardware
+from timm_compat._split_probe import _flatten
+from common import load_average  # benchmarks/ is on sys.path
 
 _SMALL_WORDS = ('atto', 'femto', 'pico', 'nano', 'tiny', 'mini', 'small', 'lite', 'light')
 _SMALL_TOKENS = ('xxs', 'xs', 's', 't', 'b0')
@@ -181,7 +179,7 @@ def main():
     # timm's own families only: importing timm_compat also registers its CIFAR models with timm.
     families = args.families or [m for m in timm.list_modules() if timm.models.model_entrypoint(
         timm.list_models(module=m)[0]).__module__.startswith('timm.')]
-    print(hardware(torch.device('cpu')), flush=True)
+    print(f"{hardware(torch.device('cpu'))}; {load_average()}", flush=True)
     stats, reasons, start = collections.Counter(), collections.Counter(), time.time()
     signal.signal(signal.SIGALRM, _alarm)
     for module in families:

@@ -40,7 +40,8 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode, conv_flop_count
 
 import timm_compat
-from timm_compat.methods import common_classes, compatibility_loss, methods_for, rotate_batch
+from timm_compat.classes import common_classes
+from timm_compat.methods import compatibility_loss, methods_for, rotate_batch
 from timm_compat.joint import JointModel
 from timm_compat.optim import make_optimizer
 from common import interleaved, load_average, setup  # benchmarks/ is on sys.path
@@ -258,6 +259,67 @@ def profile_ops(steps: Dict[str, Callable[[], None]], device: torch.device, iter
         print(f'  {op[:42]:42s} {p:9.1f} {c:9.1f} {ratio:6.2f} {100 * c / totals["compat"]:15.1f}%')
 
 
+def measure_backbone(backbone: str, args, accelerator: Accelerator, memory_format) -> dict:
+    """The plain and compatible training steps of ``backbone``, timed interleaved; one row of the table."""
+    device = accelerator.device
+    torch.manual_seed(args.seed)
+    # The same normalised float batches for both kinds, already on the device: data loading and augmentation
+    # cost the same for both and are left out so that the ratio isolates the model step.
+    batches = {name: (torch.randn(args.batch_size, 3, IMAGE_SIZE, IMAGE_SIZE, device=device)
+                      .contiguous(memory_format=memory_format),
+                      torch.randint(0, len(names), (args.batch_size,), device=device))
+               for name, names in zip('ab', CLASS_NAMES)}
+    steps, flops = {}, {}
+    for kind, build in (('plain', build_plain), ('compat', build_compat)):
+        model = build(backbone, args.width).to(device=device, memory_format=memory_format)
+        if kind == 'compat':
+            parts = forward_breakdown(model, batches['a'][0])
+        steps[kind], flops[kind] = make_step(accelerator, model, batches, args.compile)
+        for _ in range(args.warmup):
+            steps[kind]()
+    wall, cpu = interleaved(steps, args.repeats, args.steps, device)
+    ratios = [c / p for c, p in zip(wall['compat'], wall['plain'])]
+    cpu_ratios = [c / p for c, p in zip(cpu['compat'], cpu['plain'])]
+    ideal = flops['compat'] / flops['plain']
+    row = dict(backbone=backbone, plain_ms=1e3 * statistics.median(wall['plain']),
+               compat_ms=1e3 * statistics.median(wall['compat']), measured=statistics.median(ratios),
+               cpu_measured=statistics.median(cpu_ratios), ideal=ideal, parts=parts,
+               # Other jobs only ever add time, so the ratio of the fastest blocks is a second estimate; the two
+               # disagreeing, or a wide spread of paired ratios, says the machine was too busy to trust the row.
+               min_ratio=min(wall['compat']) / min(wall['plain']),
+               plain_gflops=flops['plain'] / statistics.median(wall['plain']) / 1e9,
+               spread=(max(ratios) - min(ratios)) / statistics.median(ratios))
+    row['over'] = row['measured'] / ideal
+    row['noisy'] = row['spread'] > 0.2 or abs(row['min_ratio'] / row['measured'] - 1) > 0.1
+    print(f'{backbone}: forward MFLOP/image E={parts["E"] / 1e6:.1f} H={parts["H"] / 1e6:.1f} '
+          f'A={parts["A"] / 1e6:.1f} (rp on 4 rotations + dcc), forward (4E+H+A)/(E+H) = '
+          f'{(4 * parts["E"] + parts["H"] + parts["A"]) / (parts["E"] + parts["H"]):.2f}')
+    print(f'{backbone}: paired compat/plain ratios, wall ' + ' '.join(f'{x:.2f}' for x in ratios) +
+          (', CPU time ' + ' '.join(f'{x:.2f}' for x in cpu_ratios) if device.type == 'cpu' else ''))
+    if args.profile:
+        profile_ops(steps, device)
+    if args.breakdown:
+        breakdown(backbone, args, batches, accelerator, memory_format)
+    return row
+
+
+def print_table(rows: List[dict], batch_size: int, cpu_col: bool) -> None:
+    """The Markdown table of docs/performance.md, one row per backbone, with its verdict."""
+    print('| backbone | batch | plain ms/step | compat ms/step | measured ratio | FLOP-ideal ratio | '
+          'measured / ideal (target <= 1.15) | min-time ratio / ideal |' +
+          (' CPU-time ratio / ideal |' if cpu_col else '') + ' plain GFLOP/s |')
+    print('|---|---|---|---|---|---|---|---|' + ('---|' if cpu_col else '') + '---|')
+    for r in rows:
+        verdict = ('ok' if r['over'] <= 1.15 else 'MISS') + (' (noisy: rerun)' if r['noisy'] else '')
+        print(f"| {r['backbone']} | {batch_size} | {r['plain_ms']:.0f} | {r['compat_ms']:.0f} | "
+              f"{r['measured']:.2f} | {r['ideal']:.2f} | {r['over']:.3f} {verdict} | "
+              f"{r['min_ratio'] / r['ideal']:.2f} |" +
+              (f" {r['cpu_measured'] / r['ideal']:.2f} |" if cpu_col else '') + f" {r['plain_gflops']:.1f} |")
+    if any(r['noisy'] for r in rows):
+        print('noisy: paired ratios spread over more than 20 % of their median, or the ratio of the fastest blocks '
+              'differs from it by more than 10 %. On a shared CPU, --threads 1 and more --repeats help.')
+
+
 def main(argv=None) -> List[dict]:
     args = parse_args(argv)
     accelerator, device = setup(args)
@@ -266,65 +328,12 @@ def main(argv=None) -> List[dict]:
           f'mixed_precision={accelerator.mixed_precision}, channels_last={args.channels_last}, '
           f'compile={args.compile}; '
           f'{args.warmup} warmup + {args.repeats} x {args.steps} timed steps of each kind, interleaved')
-
     rows = []
     for backbone in args.backbones:
-        torch.manual_seed(args.seed)
-        # The same normalised float batches for both kinds, already on the device: data loading and augmentation
-        # cost the same for both and are left out so that the ratio isolates the model step.
-        batches = {name: (torch.randn(args.batch_size, 3, IMAGE_SIZE, IMAGE_SIZE, device=device)
-                          .contiguous(memory_format=memory_format),
-                          torch.randint(0, len(names), (args.batch_size,), device=device))
-                   for name, names in zip('ab', CLASS_NAMES)}
-        steps, flops = {}, {}
-        for kind, build in (('plain', build_plain), ('compat', build_compat)):
-            model = build(backbone, args.width).to(device=device, memory_format=memory_format)
-            if kind == 'compat':
-                parts = forward_breakdown(model, batches['a'][0])
-            steps[kind], flops[kind] = make_step(accelerator, model, batches, args.compile)
-            for _ in range(args.warmup):
-                steps[kind]()
-        wall, cpu = interleaved(steps, args.repeats, args.steps, device)
-        ratios = [c / p for c, p in zip(wall['compat'], wall['plain'])]
-        cpu_ratios = [c / p for c, p in zip(cpu['compat'], cpu['plain'])]
-        ideal = flops['compat'] / flops['plain']
-        row = dict(backbone=backbone, plain_ms=1e3 * statistics.median(wall['plain']),
-                   compat_ms=1e3 * statistics.median(wall['compat']), measured=statistics.median(ratios),
-                   cpu_measured=statistics.median(cpu_ratios), ideal=ideal, parts=parts,
-                   # Other jobs only ever add time, so the ratio of the fastest blocks is a second estimate; the two
-                   # disagreeing, or a wide spread of paired ratios, says the machine was too busy to trust the row.
-                   min_ratio=min(wall['compat']) / min(wall['plain']),
-                   plain_gflops=flops['plain'] / statistics.median(wall['plain']) / 1e9,
-                   spread=(max(ratios) - min(ratios)) / statistics.median(ratios))
-        row['over'] = row['measured'] / ideal
-        row['noisy'] = row['spread'] > 0.2 or abs(row['min_ratio'] / row['measured'] - 1) > 0.1
-        rows.append(row)
-        print(f'{backbone}: forward MFLOP/image E={parts["E"] / 1e6:.1f} H={parts["H"] / 1e6:.1f} '
-              f'A={parts["A"] / 1e6:.1f} (rp on 4 rotations + dcc), forward (4E+H+A)/(E+H) = '
-              f'{(4 * parts["E"] + parts["H"] + parts["A"]) / (parts["E"] + parts["H"]):.2f}')
-        print(f'{backbone}: paired compat/plain ratios, wall ' + ' '.join(f'{x:.2f}' for x in ratios) +
-              (', CPU time ' + ' '.join(f'{x:.2f}' for x in cpu_ratios) if device.type == 'cpu' else ''))
-        if args.profile:
-            profile_ops(steps, device)
-        if args.breakdown:
-            breakdown(backbone, args, batches, accelerator, memory_format)
+        rows.append(measure_backbone(backbone, args, accelerator, memory_format))
         accelerator.free_memory()
-
     print(f'\n{time.strftime("%Y-%m-%d %H:%M")}, {load_average()} at the end')
-    cpu_col = device.type == 'cpu'
-    print('| backbone | batch | plain ms/step | compat ms/step | measured ratio | FLOP-ideal ratio | '
-          'measured / ideal (target <= 1.15) | min-time ratio / ideal |' +
-          (' CPU-time ratio / ideal |' if cpu_col else '') + ' plain GFLOP/s |')
-    print('|---|---|---|---|---|---|---|---|' + ('---|' if cpu_col else '') + '---|')
-    for r in rows:
-        verdict = ('ok' if r['over'] <= 1.15 else 'MISS') + (' (noisy: rerun)' if r['noisy'] else '')
-        print(f"| {r['backbone']} | {args.batch_size} | {r['plain_ms']:.0f} | {r['compat_ms']:.0f} | "
-              f"{r['measured']:.2f} | {r['ideal']:.2f} | {r['over']:.3f} {verdict} | "
-              f"{r['min_ratio'] / r['ideal']:.2f} |" +
-              (f" {r['cpu_measured'] / r['ideal']:.2f} |" if cpu_col else '') + f" {r['plain_gflops']:.1f} |")
-    if any(r['noisy'] for r in rows):
-        print('noisy: paired ratios spread over more than 20 % of their median, or the ratio of the fastest blocks '
-              'differs from it by more than 10 %. On a shared CPU, --threads 1 and more --repeats help.')
+    print_table(rows, args.batch_size, device.type == 'cpu')
     return rows
 
 

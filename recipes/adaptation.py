@@ -30,7 +30,7 @@ import yaml
 import timm_compat as tc
 from timm_compat.adaptation import adapt, evaluate_adaptation
 from timm_compat.data import load_image_data
-from timm_compat.methods import canonical_class_name
+from timm_compat.classes import canonical_class_name
 from timm_compat.plots import ReportFigure, ReportTable, plot_accuracy_curves, write_report
 from timm_compat.synthetic import SYNTHETIC_CLASSES
 
@@ -118,7 +118,7 @@ def load_target(args, setting: dict, budget: dict, head_classes):
     return train.images, test.select_classes(aligned(head_classes, test.class_names))
 
 
-def main(argv=None):
+def parse_args(argv) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--setting', default='cifar10_shift', choices=sorted(SETTINGS))
     parser.add_argument('--data-dir', default=None, help='CIFAR-10 Parquet folder (cifar10_shift)')
@@ -132,23 +132,33 @@ def main(argv=None):
     parser.add_argument('--threads', type=int, default=None, help='CPU threads (1 on a shared machine)')
     parser.add_argument('--seed', type=int, default=0)
     parser.add_argument('--output', default='runs/adaptation')
+    parser.add_argument('--mixed-precision', default='no', choices=['no', 'bf16', 'fp16'],
+                        help='autocast of the adaptation steps (the source training has its own, set by the budget)')
     parser.add_argument('--report-only', action='store_true', help='rebuild report.md from OUTPUT/results.json')
-    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
     if args.report_only:
-        saved = Path(args.output) / 'results.json'
-        if not saved.is_file():
-            parser.error(f'--report-only: {saved} does not exist; run without --report-only first.')
-        results = json.loads(saved.read_text())
-        report(Path(args.output).resolve(), argparse.Namespace(**results['args']), results, results['adapt_steps'],
-               results['argv'])
-        return
-    setting, budget = SETTINGS[args.setting], BUDGETS[args.budget]
+        if not (Path(args.output) / 'results.json').is_file():
+            parser.error(f'--report-only: {Path(args.output) / "results.json"} does not exist; run without it first.')
+        return args
+    setting = SETTINGS[args.setting]
     if 'parquet:{data_dir}' in (setting['source']['source'], setting['target']['source']) and not args.data_dir:
         parser.error(f'--setting {args.setting} reads the CIFAR-10 Parquet copy: pass --data-dir.')
     given = [args.interface, args.extractor, args.head]
     if any(given) and not all(given):
         parser.error('Give all of --interface, --extractor and --head, or none to train the source here.')
+    return args
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parse_args(argv)
+    if args.report_only:
+        results = json.loads((Path(args.output) / 'results.json').read_text())
+        report(Path(args.output).resolve(), argparse.Namespace(**results['args']), results, results['adapt_steps'],
+               results['argv'])
+        return
+    setting, budget = SETTINGS[args.setting], BUDGETS[args.budget]
+    given = [args.interface, args.extractor, args.head]
     if args.threads:
         torch.set_num_threads(args.threads)
     out = Path(args.output).resolve()
@@ -170,7 +180,8 @@ def main(argv=None):
     steps = args.adapt_steps or budget['adapt_steps']
     torch.manual_seed(args.seed)
     result = adapt(source, target_images, steps, interface=interface, batch_size=budget['adapt_batch'],
-                   lr=args.adapt_lr, seed=args.seed, log_every=max(1, steps // 20))
+                   lr=args.adapt_lr, seed=args.seed, log_every=max(1, steps // 20),
+                   mixed_precision=args.mixed_precision)
     result.model.extractor.save_pretrained(out / 'adapted' / 'extractor')
     scores = {k: 100 * v for k, v in evaluate_adaptation(source, result.model, target_test).items()}
     results = {'args': vars(args), 'argv': argv, 'adapt_steps': steps, 'scores': scores, 'history': result.history,

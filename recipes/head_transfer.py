@@ -21,9 +21,9 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
-from common import REPO, hardware, launch
+from timm_compat._hardware import hardware
+from common import REPO, launch
 
 CIFAR10 = ['airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse', 'ship', 'truck']
 NETWORKS = {'resnet56': ('resnet56_cifar', 'layer2'), 'wide_resnet56': ('wide_resnet56_cifar', 'layer2'),
@@ -67,28 +67,19 @@ def finetune_head(extractor, head, data, epochs: float, batch_size: int, lr: flo
     """Train only ``head`` on ``extractor``'s features; the extractor is frozen, its BN on batch statistics."""
     from timm_compat.batchnorm import eval_mode
     from timm_compat.data import EpochSampler, training_batch
+    from timm_compat.fit import ClassificationTask, fit
     from timm_compat.optim import make_optimizer, make_scheduler
     sampler = EpochSampler(len(data), batch_size, device=device)
     steps = int(epochs * sampler.steps_per_epoch)
     optimizer = make_optimizer([p for p in head.parameters()], 'sgd', lr, 0.9, 5e-4)
-    scheduler = make_scheduler(optimizer, 'cosine', steps)
     data, losses = data.to(device), []
     stats = [torch.tensor(extractor.pretrained_cfg[k], device=device) for k in ('mean', 'std')]
     head.train()
     with eval_mode(extractor, 'batch'):
         extractor.requires_grad_(False)
-        for step in range(steps):
-            images, labels = training_batch(data, sampler.batch(step), *stats)
-            with torch.no_grad():
-                features = extractor(images)
-            loss = F.cross_entropy(head(features), labels)
-            loss.backward()
-            if clip_grad_norm:
-                torch.nn.utils.clip_grad_norm_(head.parameters(), clip_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            losses.append(loss.detach())
+        fit(ClassificationTask(head, frozen=extractor), lambda step: training_batch(data, sampler.batch(step), *stats),
+            steps, optimizer, make_scheduler(optimizer, 'cosine', steps), clip_grad_norm=clip_grad_norm,
+            on_step=lambda step, loss: losses.append(loss['loss']), desc='head')
     return torch.stack(losses).tolist() if losses else []
 
 

@@ -3,10 +3,11 @@
     python recipes/sec4_methods.py --setting cifar10_halves --data-dir ../shared/data/cifar10 --budget cpu
     python recipes/sec4_methods.py --setting cifar10_stl10 --budget paper --seeds 10     # Hub data, a GPU
 
-Each (method, seed) is one ``accelerate launch train.py -c configs/SETTING/METHOD.yaml`` run; incremental is its
-two stages; ``control`` trains both networks on CIFAR-10 halves with IIW+RP (the paper's "both tasks CIFAR-10"
-control). The recipe gathers every run's summary.json into OUTPUT/results.json and a report.md with the table,
-recombination heatmaps and the per-channel feature correlation of Fig. 3.
+Each (method, seed) is one ``accelerate launch train.py -c configs/sec4/METHOD.yaml --set data=SETTING`` run
+(SETTING: a data preset in configs/sec4/data/); incremental is its two stages; ``control`` trains both networks on
+CIFAR-10 halves with IIW+RP (the paper's "both tasks CIFAR-10" control). The recipe gathers every run's
+summary.json into OUTPUT/results.json and a report.md with the table, recombination heatmaps and the per-channel
+feature correlation of Fig. 3.
 """
 import argparse
 import json
@@ -14,7 +15,7 @@ import statistics
 import time
 from pathlib import Path
 
-from common import REPO, hardware, launch
+from common import REPO, launch
 
 METHODS = ['independent', 'iiw', 'rp', 'dcc', 'iiw_rp_dcc', 'incremental', 'control']
 # Fig. 2 (random initialisation) and the text of Sec. 4: recombination accuracy in %.
@@ -39,8 +40,8 @@ def control_overrides(setting: str):
 
 
 def run_method(method: str, seed: int, args, out: Path) -> dict:
-    configs = REPO / 'configs' / args.setting
-    budget = BUDGETS[args.budget] + [f'seed={seed}', f'init_seed={seed}'] + (
+    configs = REPO / 'configs' / 'sec4'
+    budget = BUDGETS[args.budget] + [f'data={args.setting}', f'seed={seed}', f'init_seed={seed}'] + (
         [f'epochs={args.epochs}'] if args.epochs else [])
     run_dir = out / f'{method}_seed{seed}'
     if method == 'incremental':
@@ -107,7 +108,7 @@ def _run_networks(run: Path):
     """The run's two networks (extractor + head, loaded from disk) and its test sets."""
     import timm_compat
     from timm_compat.config import load_config
-    from train import load_task_data
+    from timm_compat.build import load_task_data
     cfg = load_config(str(run / 'config.yaml'))
     models, tests = [], []
     for net in cfg.networks:
@@ -147,6 +148,7 @@ def write_report(out: Path, args, results) -> None:
         key=lambda item: item[1]))
     paper_order = ' < '.join(LABELS[m] for m in sorted((m for m in results if m in PAPER), key=PAPER.get))
     corr_path = plot_correlation_blocks(blocks, out / 'figures' / 'correlation.png', title='Feature cross-correlation')
+    from timm_compat._hardware import hardware
     device = hardware()
     write(out, f'Sec. 4: compatibility methods on {args.setting}', {
         'Setup': (f'Command: `python recipes/sec4_methods.py --setting {args.setting} --data-dir {args.data_dir} '

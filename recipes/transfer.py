@@ -31,8 +31,7 @@ from timm_compat.plots import ReportFigure, ReportTable, plot_accuracy_curves, w
 from timm_compat.stitching import fit_stitch
 from timm_compat.transfer import transfer
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from adaptation import launch_train  # noqa: E402  (the sibling recipe)
+from adaptation import launch_train  # the sibling recipe: a script's own folder is on sys.path
 
 SETTINGS = {
     'cifar10_halves': dict(
@@ -81,7 +80,6 @@ def train_network(args, budget, name: str, data: dict, init_seed: int, interface
     if not (args.reuse and (run / 'summary.json').exists()):
         config = {'seed': args.seed, 'init_seed': init_seed, 'iiw': False, 'baseline': None,
                   'checkpoint_every': 100000, 'log_every': 50, 'mixed_precision': 'no', 'channels_last': False,
-                  'scheme': 'incremental' if interface else 'joint',
                   'interface': {'rp': True, 'dcc': False, 'load': str(interface) if interface else None},
                   'networks': [{'name': name, 'split': 'layer2', 'dataset': data}]}
         # A frozen interface brings its own width.
@@ -95,7 +93,7 @@ def load(components: Path, name: str, device):
                         tc.Head.from_pretrained(components / name / 'head', map_location=device))
 
 
-def main(argv=None):
+def parse_args(argv) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--setting', default='cifar10_halves', choices=sorted(SETTINGS))
     parser.add_argument('--data-dir', default=None, help='CIFAR-10 Parquet folder (cifar10_halves)')
@@ -105,11 +103,18 @@ def main(argv=None):
     parser.add_argument('--threads', type=int, default=None, help='CPU threads (1 on a shared machine)')
     parser.add_argument('--seed', type=int, default=0)
     parser.add_argument('--output', default='runs/transfer')
-    argv = sys.argv[1:] if argv is None else list(argv)
+    parser.add_argument('--mixed-precision', default='no', choices=['no', 'bf16', 'fp16'],
+                        help='autocast of fine-tuning and stitch fitting (the training runs keep mixed_precision=no)')
     args = parser.parse_args(argv)
-    setting, budget = SETTINGS[args.setting], BUDGETS[args.budget]
-    if '{data_dir}' in setting['data'] and not args.data_dir:
+    if '{data_dir}' in SETTINGS[args.setting]['data'] and not args.data_dir:
         parser.error(f'--setting {args.setting} reads the CIFAR-10 Parquet copy: pass --data-dir.')
+    return args
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parse_args(argv)
+    setting, budget = SETTINGS[args.setting], BUDGETS[args.budget]
     if args.threads:
         torch.set_num_threads(args.threads)
     out = Path(args.output).resolve()
@@ -137,7 +142,7 @@ def main(argv=None):
                             shard=target_data.get('train_shard'), **common)
     test = load_image_data(target_data['source'], 'test', limit=budget['test_limit'], **common)
 
-    options = dict(steps=budget['curve_steps'], lr=args.lr, seed=args.seed)
+    options = dict(steps=budget['curve_steps'], lr=args.lr, seed=args.seed, mixed_precision=args.mixed_precision)
     torch.manual_seed(args.seed)
     ours = transfer(target, sources, train, test, reinit_head=True, **options)
     baseline = transfer(target_ind, sources_ind, train, test, on_mismatch='force', **options)
@@ -149,7 +154,8 @@ def main(argv=None):
                'independent_direct': average_class_accuracy(tc.CompatibleModel(sources_ind[name], target.head),
                                                             test)}
         for kind, extractor in (('compatible', sources[name]), ('independent', sources_ind[name])):
-            stitched = fit_stitch(extractor, target.head, small, budget['stitch_steps'], seed=args.seed)
+            stitched = fit_stitch(extractor, target.head, small, budget['stitch_steps'], seed=args.seed,
+                                  mixed_precision=args.mixed_precision)
             stitched.stitch.save_pretrained(out / 'stitches' / f'{name}_{kind}')
             row[f'{kind}_stitched'] = average_class_accuracy(stitched, test)
         stitching[name] = row

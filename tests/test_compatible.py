@@ -213,3 +213,42 @@ def test_head_module_with_the_wrong_number_of_outputs_is_refused():
     model = tc.make_compatible('resnet8_cifar', split='layer2', interface=tc.Interface(width=16), num_classes=3,
                                head=right)
     assert model(torch.randn(2, 3, 32, 32)).shape == (2, 3)
+
+
+def test_every_entry_point_refuses_a_mismatch_with_one_wording(tmp_path, capsys):
+    from timm_compat.hub import main
+    from timm_compat.stitching import Stitch, StitchedModel
+    from timm_compat.transfer import transfer
+    a_itf, b_itf = tc.Interface(width=16), tc.Interface(width=16)
+    a = tc.make_compatible('resnet8_cifar', split='layer2', interface=a_itf, num_classes=4)
+    b = tc.make_compatible('resnet8_cifar', split='layer2', interface=b_itf, num_classes=4)
+    problem = (f'the extractor emits features of interface {a_itf.id} but the head takes features of interface '
+               f'{b_itf.id}')
+    assert tc.fit_problems(a.extractor, b.head) == [problem]
+    with pytest.raises(ValueError, match=f'^The components do not fit: {problem}. Use components'):
+        tc.recombine(a.extractor, b.head)
+    with pytest.raises(ValueError, match=f"^The components do not fit: source 'a': {problem}. Pass on_mismatch"):
+        transfer(b, {'a': a.extractor}, None, None)  # refused before the data is looked at
+    a.extractor.save_pretrained(tmp_path / 'extractor')
+    b.head.save_pretrained(tmp_path / 'head')
+    assert main(['check', str(tmp_path / 'extractor'), str(tmp_path / 'head')]) == 1
+    assert f'They do not fit:\n  - {problem}\n' in capsys.readouterr().out
+    # A stitch joins two interfaces on purpose: each side must be the interface it was fitted for.
+    stitch = Stitch(16, 16, extractor_interface_id=b_itf.id, head_interface_id=b_itf.id)
+    with pytest.raises(ValueError, match=f'^The components do not fit: the extractor emits features of interface '
+                                         f'{a_itf.id} but the stitch takes features of interface {b_itf.id}. Use fit_stitch'):
+        StitchedModel(a.extractor, stitch, b.head)
+
+
+def test_fit_problems_names_roles_and_independent_networks():
+    itf = tc.Interface(width=16)
+    model = tc.make_compatible('resnet8_cifar', split='layer2', interface=itf, num_classes=4)
+    assert tc.fit_problems(model.head, model.extractor) == [
+        'the first component is a head, not an extractor: give the extractor first, then the head',
+        'the second component is an extractor, not a head: give the extractor first, then the head']
+    assert tc.fit_problems(itf, model.head)[0].startswith('the first component is an interface')
+    independent = tc.make_compatible('resnet8_cifar', split='layer2', interface=None, width=16, num_classes=4)
+    assert tc.fit_problems(model.extractor, independent.head) == [
+        'the head was trained without an interface (an independent network), so nothing makes it compatible with '
+        'another component']
+    assert tc.fit_problems(model.extractor, independent.head, force=True) == []

@@ -1,4 +1,5 @@
 import copy
+import json
 from pathlib import Path
 
 import pytest
@@ -7,7 +8,14 @@ import yaml
 from timm_compat.config import RESUME_MAY_CHANGE, ConfigError, DatasetConfig, InterfaceConfig, NetworkConfig, \
     OptimConfig, RunConfig, config_changes, load_config, resume_conflicts
 
-CONFIGS = sorted(p for p in (Path(__file__).resolve().parents[1] / 'configs').rglob('*.yaml') if p.stem != 'base')
+ROOT = Path(__file__).resolve().parents[1]
+SEC4 = ROOT / 'configs' / 'sec4'
+PRESETS = sorted(p.stem for p in (SEC4 / 'data').glob('*.yaml'))
+CONFIGS = [(p, preset) for p in sorted(SEC4.glob('*.yaml')) if p.stem != 'base' for preset in PRESETS] + [
+    (p, None) for p in sorted((ROOT / 'configs' / 'head_transfer').glob('*.yaml'))]
+# Every shipped config as `load_config(..).to_dict()` resolved it before issue 14 (less the removed `scheme`), when
+# configs/{cifar10_stl10,parquet,cifar10_halves}/ were three copies of the Sec. 4 method files.
+BEFORE = json.loads((Path(__file__).parent / 'fixtures' / 'configs_before_issue14.json').read_text())
 
 
 def test_defaults_are_the_offline_demo():
@@ -20,18 +28,35 @@ def test_defaults_are_the_offline_demo():
     assert independent.interface.width == cfg.interface.width == 32
 
 
-@pytest.mark.parametrize('path', CONFIGS, ids=[f'{p.parent.name}/{p.stem}' for p in CONFIGS])
-def test_every_shipped_config_resolves(path):
-    cfg = load_config(str(path), ['data_dir=/data'])
+def _load(path: Path, preset):
+    return load_config(str(path), ['data_dir=DATA'] + ([f'data={preset}'] if preset else []))
+
+
+@pytest.mark.parametrize('path, preset', CONFIGS, ids=[f'{p.stem}-{d}' if d else p.stem for p, d in CONFIGS])
+def test_every_shipped_config_resolves(path, preset):
+    cfg = _load(path, preset)
     assert cfg.output_dir.startswith('runs/') and len(cfg.networks) >= 1
-    assert not any('{data_dir}' in n.dataset.source for n in cfg.networks)
+    assert not any('{' in n.dataset.source for n in cfg.networks) and '{' not in cfg.output_dir
     method = path.stem
     if method in ('independent', 'iiw', 'rp', 'dcc', 'iiw_rp_dcc'):
         assert cfg.iiw == ('iiw' in method)
         assert cfg.interface.rp == ('rp' in method) and cfg.interface.dcc == ('dcc' in method)
-        assert cfg.output_dir.endswith(method)
+        assert cfg.output_dir == f'runs/{preset}/{method}'
     if method == 'incremental':
-        assert cfg.scheme == 'incremental' and cfg.interface.load and cfg.networks[0].load
+        assert cfg.interface.load and cfg.networks[0].load.endswith(f'components/{cfg.networks[0].name}')
+
+
+@pytest.mark.parametrize('old', sorted(BEFORE))
+def test_one_config_set_reproduces_the_per_setting_copies(old):
+    """configs/SETTING/METHOD.yaml of before is configs/sec4/METHOD.yaml with data=SETTING, to the last key."""
+    _, setting, name = old.split('/')
+    path = ROOT / old if setting == 'head_transfer' else SEC4 / name
+    assert _load(path, None if setting == 'head_transfer' else setting).to_dict() == BEFORE[old]
+
+
+def test_the_default_data_preset_is_the_papers():
+    assert load_config(str(SEC4 / 'rp.yaml'), ['data_dir=DATA']) == _load(SEC4 / 'rp.yaml', 'cifar10_stl10')
+    assert load_config(str(SEC4 / 'rp.yaml')).networks[1].dataset.source == 'tanganke/stl10'
 
 
 def test_base_inheritance_merges_mappings_and_replaces_lists(tmp_path):
@@ -50,7 +75,7 @@ def test_bad_configs():
         load_config(None, ['lr=0.1'])
     with pytest.raises(ConfigError, match='must look like key.path=value'):
         load_config(None, ['epochs'])
-    with pytest.raises(ConfigError, match='interface.load'):
+    with pytest.raises(ConfigError, match='^scheme is no longer a config key.*interface.load.*Delete the scheme'):
         load_config(None, ['scheme=incremental'])
     with pytest.raises(ConfigError, match='pass --data-dir'):
         load_config(None, ['networks.0.dataset.source=parquet:{data_dir}/x'])
@@ -114,7 +139,7 @@ BAD = [
     ('image_size=4', 'image_size', '4'), ('eval_bn=running_mean', 'eval_bn', "'running_mean'"),
     ('optim.optimizer=adam', 'optim.optimizer', "'adam'"), ('optim.schedule=step', 'optim.schedule', "'step'"),
     ('mixed_precision=fp32', 'mixed_precision', "'fp32'"), ('mixed_precision=yes', 'mixed_precision', 'True'),
-    ('scheme=both', 'scheme', "'both'"), ('baseline=yes', 'baseline', 'True'),
+    ('baseline=yes', 'baseline', 'True'),
     ('joint_schedule=round_robin', 'joint_schedule', "'round_robin'"),
     ('interface.rp_norm=batch', 'interface.rp_norm', "'batch'"),
     ('seed=-1', 'seed', '-1'), ('seed="0"', 'seed', "'0'"), ('init_seed=1.5', 'init_seed', '1.5'),
@@ -224,3 +249,70 @@ def test_every_key_has_a_type(key):
     """No key takes anything at all: a nested list is no valid value anywhere."""
     with pytest.raises(ConfigError, match=rf'^{key}(\.0)* must be .*got \['):
         load_config(None, [f'{key}=[[[]]]'])
+
+
+# --- config files: networks merge by name, patches by position, data presets ------------------------------------
+
+BASE_AB = '''networks:
+  - {name: a, backbone: resnet20_cifar, dataset: {source: "synthetic:A", train_limit: 10}}
+  - {name: b, backbone: resnet20_cifar, dataset: {source: "synthetic:B"}}
+batch_size: 32
+'''
+
+
+def test_networks_merge_by_name(tmp_path):
+    (tmp_path / 'base.yaml').write_text(BASE_AB)
+    (tmp_path / 'child.yaml').write_text('base: base.yaml\nnetworks:\n  - {name: b, dataset: {train_limit: 5}}\n'
+                                         '  - {name: c, dataset: {source: "synthetic:A"}}\n')
+    cfg = load_config(str(tmp_path / 'child.yaml'))
+    base = load_config(str(tmp_path / 'base.yaml'))
+    assert [n.name for n in cfg.networks] == ['a', 'b', 'c'] and cfg.batch_size == 32
+    assert cfg.networks[0] == base.networks[0]  # not named by the child: untouched
+    assert cfg.networks[1].dataset.train_limit == 5  # refined: the rest of b is the base's
+    assert cfg.networks[1].backbone == 'resnet20_cifar' and cfg.networks[1].dataset.source == 'synthetic:B'
+    assert cfg.networks[2].backbone == NetworkConfig().backbone  # new: appended, with the defaults
+
+
+def test_a_change_in_the_base_reaches_the_child(tmp_path):
+    (tmp_path / 'base.yaml').write_text(BASE_AB.replace('resnet20_cifar', 'resnet8_cifar'))
+    (tmp_path / 'child.yaml').write_text('base: base.yaml\nnetworks: [{name: b, load: runs/x/b}]\n')
+    assert [n.backbone for n in load_config(str(tmp_path / 'child.yaml')).networks] == ['resnet8_cifar'] * 2
+
+
+def test_networks_patch_by_position(tmp_path):
+    (tmp_path / 'base.yaml').write_text(BASE_AB)
+    (tmp_path / 'drop.yaml').write_text('base: base.yaml\nnetworks: {1: null}\n')
+    (tmp_path / 'load.yaml').write_text('base: base.yaml\nnetworks: {0: {load: "runs/s1/{name}"}}\n')
+    assert [n.name for n in load_config(str(tmp_path / 'drop.yaml')).networks] == ['a']
+    loaded = load_config(str(tmp_path / 'load.yaml')).networks
+    assert loaded[0].load == 'runs/s1/a' and loaded[0].dataset.train_limit == 10 and loaded[1].load is None
+    (tmp_path / 'bad.yaml').write_text('base: base.yaml\nnetworks: {2: null}\n')
+    with pytest.raises(ConfigError, match=r'networks: \[2\] name no item of the 2'):
+        load_config(str(tmp_path / 'bad.yaml'))
+
+
+def test_data_presets(tmp_path):
+    (tmp_path / 'data').mkdir()
+    (tmp_path / 'data' / 'one.yaml').write_text('networks: [{name: x}]\n')
+    (tmp_path / 'data' / 'two.yaml').write_text('networks: [{name: y}, {name: z}]\n')
+    (tmp_path / 'run.yaml').write_text('data: one\noutput_dir: runs/{data}/m\nnetworks: [{name: x, split: layer1}]\n')
+    one = load_config(str(tmp_path / 'run.yaml'))
+    assert one.output_dir == 'runs/one/m' and [(n.name, n.split) for n in one.networks] == [('x', 'layer1')]
+    two = load_config(str(tmp_path / 'run.yaml'), ['data=two'])
+    assert two.output_dir == 'runs/two/m' and [n.name for n in two.networks] == ['y', 'z', 'x']
+    with pytest.raises(ConfigError, match=r"'three' is no data preset; choose one of \['one', 'two'\]"):
+        load_config(str(tmp_path / 'run.yaml'), ['data=three'])
+    with pytest.raises(ConfigError, match='give the file too'):
+        load_config(None, ['data=one'])
+    (tmp_path / 'nopreset.yaml').write_text('output_dir: runs/{data}/m\n')
+    with pytest.raises(ConfigError, match='chooses no data preset'):
+        load_config(str(tmp_path / 'nopreset.yaml'))
+
+
+def test_scheme_is_refused_in_old_files_but_no_resume_conflict(tmp_path):
+    (tmp_path / 'old.yaml').write_text('scheme: joint\n')
+    with pytest.raises(ConfigError, match='^scheme is no longer a config key') as e:
+        load_config(str(tmp_path / 'old.yaml'))
+    assert len(str(e.value).splitlines()) == 1
+    new = load_config().to_dict()
+    assert 'scheme' not in new and resume_conflicts({**new, 'scheme': 'joint'}, new) == []

@@ -25,7 +25,8 @@ from safetensors.torch import load_file, save_file
 
 import timm_compat as tc
 from timm_compat._integrity import weights_digest
-from timm_compat.hub import _fit_problems, main
+from timm_compat.compatible import fit_problems
+from timm_compat.hub import main
 
 CLASSES = ['cat', 'dog', 'frog', 'ship']
 COMMIT = '0123456789abcdef0123456789abcdef01234567'
@@ -163,7 +164,7 @@ def test_load_through_hf_cache_offline(saved, published):
 
 def test_downloads_of_two_interfaces_are_refused_and_check_says_why(published, capsys):
     extractor, head = tc.load_component('org/i0-extractor'), tc.load_component('org/i1-head')
-    with pytest.raises(ValueError, match='Cannot recombine: the extractor fits interface'):
+    with pytest.raises(ValueError, match='The components do not fit: the extractor emits features of interface'):
         tc.recombine(extractor, head)
     assert main(['check', 'org/i0-extractor', 'org/i1-head']) == 1
     out = capsys.readouterr().out
@@ -171,7 +172,7 @@ def test_downloads_of_two_interfaces_are_refused_and_check_says_why(published, c
     assert main(['check', 'org/i0-extractor', 'org/i0-head']) == 0
     assert 'They fit' in capsys.readouterr().out
     assert main(['check', 'org/i0-head', 'org/i0-extractor']) == 1
-    assert 'EXTRACTOR is a head, not an extractor' in capsys.readouterr().out
+    assert 'the first component is a head, not an extractor' in capsys.readouterr().out
     assert main(['check', 'org/i0-extractor', 'org/missing-head']) == 2
     assert 'org/missing-head' in capsys.readouterr().err
 
@@ -185,7 +186,7 @@ def test_check_explains_why_components_do_not_fit(saved, tmp_path, capsys):
     assert 'the extractor was trained without an interface' in capsys.readouterr().out
     assert main(['check', str(saved[0]['extractor']), str(tmp_path / 'narrow-head')]) == 1
     out = capsys.readouterr().out
-    assert 'the head fits interface' in out and 'emits 16 channels but the head takes 8' in out
+    assert 'the head takes features of interface' in out and 'emits width 16 but the head takes width 8' in out
 
 
 def test_check_refuses_components_of_unrelated_interfaces_without_aux_heads(tmp_path, capsys):
@@ -199,7 +200,7 @@ def test_check_refuses_components_of_unrelated_interfaces_without_aux_heads(tmp_
         model.head.save_pretrained(tmp_path / run / 'head')
         folders.append(tmp_path / run)
     assert main(['check', str(folders[0] / 'extractor'), str(folders[1] / 'head')]) == 1
-    assert 'the extractor fits interface' in capsys.readouterr().out
+    assert 'the extractor emits features of interface' in capsys.readouterr().out
     assert main(['check', str(folders[0] / 'extractor'), str(folders[0] / 'head')]) == 0
 
 
@@ -218,9 +219,11 @@ def test_check_runs_the_head_on_the_extractors_features():
                               pretrained_cfg_overlay=dict(input_size=(3, 4, 4))).extractor.eval()
     convnext = tc.make_compatible('resnet8_cifar', split='layer3', interface=interface, num_classes=4,
                                   head='convnext_atto', head_split='stages.2').head.eval()
-    assert _fit_problems(tiny, convnext) == [
-        "the head fails on the extractor's features of shape (1, 16, 1, 1): Calculated padded input size per channel: "
-        "(1 x 1). Kernel size: (2 x 2). Kernel size can't be greater than actual input size"]
+    assert fit_problems(tiny, convnext) == [
+        "the head does not accept interface features of spatial size 1x1 (RuntimeError: Calculated padded input size "
+        "per channel: (1 x 1). Kernel size: (2 x 2). Kernel size can't be greater than actual input size); it takes "
+        "2x2. Give it features of that size: another input size (pretrained_cfg_overlay=dict(input_size=...)) or "
+        "another split"]
 
 
 def test_push_to_hub_uploads_the_component_folder(saved, monkeypatch, tmp_path):

@@ -2,8 +2,10 @@ import pytest
 import torch
 
 import timm_compat as tc
+from timm_compat.classes import canonical_class_name, common_class_map, common_classes
 from timm_compat.methods import (
-    common_class_loss, common_class_map, common_classes, rotate_batch, rotation_labels, rotation_loss)
+    NUM_ROTATIONS, IdenticalInitialWeights, common_class_loss, dcc, iiw, init_seed, rotate_batch, rotation_labels,
+    rotation_loss, rp)
 
 CIFAR10 = ['airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse', 'ship', 'truck']
 STL10 = ['airplane', 'bird', 'car', 'cat', 'deer', 'dog', 'horse', 'monkey', 'ship', 'truck']
@@ -87,3 +89,33 @@ def test_rotation_loss_on_arbitrary_logits_matches_a_hand_computed_cross_entropy
     labels = [0] * n + [1] * n + [2] * n + [3] * n  # rotate_batch's layout: all 0-degree copies first
     expected = (logits.logsumexp(1) - logits[torch.arange(4 * n), labels]).mean().item()
     assert rotation_loss(logits).item() == pytest.approx(expected, rel=1e-12)
+
+
+@pytest.mark.parametrize('module, section', [(rp, 'eq. 1'), (dcc, 'eq. 2'), (iiw, 'Sec. 3.3')],
+                         ids=['rp', 'dcc', 'iiw'])
+def test_every_method_has_a_method_card(module, section):
+    card = module.__doc__
+    assert 'METHOD CARD' in card and section in card.replace('eq. (', 'eq. ').replace(')', '')
+    for part in ('What:', 'Equation', 'Hyperparameters', "Paper's numbers", 'Fig. 2', 'Functional form:',
+                 'Class form:'):
+        assert part in card, f'{module.__name__} card lacks {part!r}'
+
+
+@pytest.mark.parametrize('seed', [0, 3, 2 ** 32 - 1])
+@pytest.mark.parametrize('identical', [True, False])
+def test_iiw_init_seed_is_the_old_builder_expression(seed, identical):
+    for index in range(4):
+        old = seed if identical else seed + 1000 * (index + 1)  # build_network's expression before issue 14
+        assert init_seed(seed, index, identical) == old
+        assert IdenticalInitialWeights(seed, identical).init_seed(index) == old
+    assert 'identical=' in repr(IdenticalInitialWeights(seed, identical))
+
+
+def test_num_rotations_is_defined_once():
+    assert tc.Interface(width=8, rp=True).aux_heads['rp'](torch.randn(2, 8, 4, 4)).shape == (2, NUM_ROTATIONS)
+    assert rotate_batch(torch.zeros(1, 3, 4, 4)).shape[0] == NUM_ROTATIONS
+
+
+def test_class_vocabulary_is_one_module():
+    assert canonical_class_name(' Aero-plane ') == 'aero_plane' and canonical_class_name('Car') == 'automobile'
+    assert not hasattr(dcc, 'canonical_class_name') and not hasattr(dcc, 'SYNONYMS')

@@ -1,3 +1,5 @@
+import copy
+
 import pytest
 import timm
 import torch
@@ -45,3 +47,105 @@ def test_features_only():
     model = timm.create_model('resnet56_cifar', features_only=True)
     assert [f.shape[1:] for f in model(torch.randn(1, 3, 32, 32))] == [
         (16, 32, 32), (16, 32, 32), (32, 16, 16), (64, 8, 8)]
+
+
+# Logits of the first of two seeded 32x32 images from each seeded, untrained model in eval mode, recorded before
+# the models took timm's classifier / checkpointing / pruning API (commit 20d6f2f, torch 2.14.1 CPU): that change
+# must not move the default forward. Eval mode uses untrained running statistics, hence resnet56's large values.
+_PINNED_LOGITS = {
+    'resnet8_cifar': [-0.0300675, -0.271886, -0.0367481, -0.164212, -0.160779, -0.214272, -0.335464, -0.00311051,
+                      -0.0170749, 0.221761],
+    'resnet56_cifar': [97.7446, 630.421, 1414.64, -193.79, 572.382, 858.106, -92.8597, 960.144, -2240.03, 1337.21],
+    'mobilenetv2_100_cifar': [-8.01414, 9.94692, 4.33485, -2.2115, -0.510396, -14.8586, 9.98961, -0.754339,
+                              3.83226, -5.66364],
+}
+
+
+@pytest.mark.parametrize('name', sorted(_PINNED_LOGITS))
+def test_default_forward_is_pinned(name):
+    torch.manual_seed(0)
+    model = timm.create_model(name).eval()
+    torch.manual_seed(1)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        logits = model(x)
+    torch.testing.assert_close(logits[0], torch.tensor(_PINNED_LOGITS[name]), rtol=1e-4, atol=1e-5)
+
+
+def _small(name, **kwargs):
+    """A small instance of each model family: post-activation and pre-activation (WRN) ResNets, MobileNetV2."""
+    if name == 'wrn28_10_cifar':
+        kwargs = dict(layers=(1, 1, 1), widths=(8, 16, 32), **kwargs)
+    return timm.create_model(name, **kwargs)
+
+
+@pytest.mark.parametrize('name', ['resnet8_cifar', 'wrn28_10_cifar', 'mobilenetv2_100_cifar'])
+def test_unpooled_head_keeps_the_nchw_map(name):
+    model = _small(name).eval()
+    x = torch.randn(2, 3, 32, 32)
+    feats = model.forward_features(x)
+    model.reset_classifier(0, '')
+    assert feats.ndim == 4 and model(x).shape == feats.shape
+    model.reset_classifier(5, 'avg')
+    assert model(x).shape == (2, 5)
+    model.reset_classifier(0)  # keeps the pooling
+    assert model(x).shape == (2, model.num_features)
+    assert _small(name, num_classes=0, global_pool='').eval()(x).shape == feats.shape
+
+
+@pytest.mark.parametrize('name', ['resnet8_cifar', 'wrn28_10_cifar'])
+def test_torchscript_matches_eager(name):
+    model = _small(name).eval()
+    x = torch.randn(2, 3, 32, 32)
+    scripted = torch.jit.script(model)
+    with torch.no_grad():
+        torch.testing.assert_close(scripted(x), model(x))
+
+
+def _run_counting_block_calls(model, x, **kwargs):
+    """Train-mode forward + backward; returns the output, the gradients and how often the first block ran."""
+    calls = []
+    block = model.blocks[0][0] if hasattr(model, 'blocks') else model.layer1[0]
+    # A pre-hook: torch stops a recomputation once it has what backward needs, before forward hooks would run.
+    handle = block.register_forward_pre_hook(lambda *_: calls.append(1))
+    out = model.forward_intermediates(x, **kwargs)[0] if kwargs else model(x)
+    out.square().mean().backward()
+    handle.remove()
+    return out.detach(), {n: p.grad for n, p in model.named_parameters()}, len(calls)
+
+
+@pytest.mark.parametrize('intermediates', [False, True])
+@pytest.mark.parametrize('name', ['resnet8_cifar', 'wrn28_10_cifar', 'mobilenetv2_100_cifar'])
+def test_grad_checkpointing_recomputes_and_matches(name, intermediates):
+    model = _small(name) if 'mobilenet' in name else _small(name, block_drop_rate=0.2)
+    model.train()
+    checkpointed = copy.deepcopy(model)
+    checkpointed.set_grad_checkpointing()
+    x = torch.randn(4, 3, 32, 32)
+    kwargs = dict(indices=[1, 2]) if intermediates else {}
+    torch.manual_seed(1)  # the same dropout masks in both runs; checkpointing replays them
+    out, grads, calls = _run_counting_block_calls(model, x, **kwargs)
+    torch.manual_seed(1)
+    out_ckpt, grads_ckpt, calls_ckpt = _run_counting_block_calls(checkpointed, x, **kwargs)
+    # A checkpointed block runs again during backward to rebuild its activations.
+    assert (calls, calls_ckpt) == (1, 2)
+    torch.testing.assert_close(out_ckpt, out)
+    assert grads.keys() == grads_ckpt.keys()
+    for n in grads:
+        torch.testing.assert_close(grads_ckpt[n], grads[n], msg=lambda m: f'{n}: {m}')
+
+
+@pytest.mark.parametrize('name', ['resnet8_cifar', 'wrn28_10_cifar', 'mobilenetv2_100_cifar'])
+def test_features_only_default_levels_and_getter(name):
+    x = torch.randn(2, 3, 32, 32)
+    torch.manual_seed(0)
+    listed = _small(name, features_only=True).eval()
+    torch.manual_seed(0)
+    getter = _small(name, features_only=True, feature_cls='getter').eval()
+    assert listed.feature_info.out_indices == getter.feature_info.out_indices == (0, 1, 2, 3)
+    with torch.no_grad():
+        maps, got = listed(x), getter(x)
+    assert [m.shape[-1] for m in maps] == [32 // r for r in listed.feature_info.reduction()]
+    assert [m.shape[1] for m in maps] == listed.feature_info.channels()
+    for a, b in zip(maps, got):
+        torch.testing.assert_close(b, a)

@@ -7,7 +7,8 @@ import sys
 import pytest
 import yaml
 
-from timm_compat.checkpoint import TrainState, atomic_write_text, latest_checkpoint, load_train_state
+from timm_compat._integrity import atomic_write_text
+from timm_compat.checkpoint import TrainState, latest_checkpoint, load_train_state
 from timm_compat.metrics_log import MetricsLog
 from timm_compat.rundir import RunDir, RunDirError
 

@@ -11,8 +11,9 @@ import yaml
 
 import timm_compat as tc
 import train
-from timm_compat import loop as train_loop
-from timm_compat.methods import common_classes, methods_for
+from timm_compat import build, engine
+from timm_compat.classes import common_classes
+from timm_compat.methods import methods_for
 from timm_compat.synthetic import SYNTHETIC_CLASSES
 from timm_compat.joint import JointModel
 
@@ -83,7 +84,7 @@ def test_resume_continues_from_checkpoint_step(tmp_path, monkeypatch):
     reference = run(tmp_path, '--set', 'steps=6', name='reference')['phases']['main']
 
     saved = []
-    real_save = train_loop.save_checkpoint
+    real_save = engine.save_checkpoint
 
     def crash_after_step_4(accelerator, root, state, keep):
         path = real_save(accelerator, root, state, keep)
@@ -92,11 +93,11 @@ def test_resume_continues_from_checkpoint_step(tmp_path, monkeypatch):
             raise KeyboardInterrupt('simulated crash')
         return path
 
-    monkeypatch.setattr(train_loop, 'save_checkpoint', crash_after_step_4)
+    monkeypatch.setattr(engine, 'save_checkpoint', crash_after_step_4)
     with pytest.raises(KeyboardInterrupt):
         run(tmp_path, '--set', 'steps=6', name='crashed')
     assert saved == [2, 4]
-    monkeypatch.setattr(train_loop, 'save_checkpoint', real_save)
+    monkeypatch.setattr(engine, 'save_checkpoint', real_save)
     resumed = run(tmp_path, '--set', 'steps=6', '--resume', name='crashed')['phases']['main']
     steps = [int(line.split(',')[0]) for line in
              (tmp_path / 'crashed' / 'main' / 'metrics.csv').read_text().splitlines()[1:]]
@@ -188,7 +189,7 @@ def test_resume_never_unpickles_from_the_run_folder(tmp_path, monkeypatch, plant
 
 def crash_at_checkpoint(monkeypatch, step, phase='main'):
     """Make the run die right after writing the checkpoint of ``step`` in ``phase``, as a kill would."""
-    real_save = train_loop.save_checkpoint
+    real_save = engine.save_checkpoint
 
     def save_then_crash(accelerator, root, state, keep):
         path = real_save(accelerator, root, state, keep)
@@ -196,7 +197,7 @@ def crash_at_checkpoint(monkeypatch, step, phase='main'):
             raise KeyboardInterrupt('simulated kill')
         return path
 
-    monkeypatch.setattr(train_loop, 'save_checkpoint', save_then_crash)
+    monkeypatch.setattr(engine, 'save_checkpoint', save_then_crash)
 
 
 @pytest.mark.slow  # end to end: several full tiny runs
@@ -213,14 +214,14 @@ def test_killed_in_the_baseline_phase_resumes(tmp_path, monkeypatch):
 
 
 def test_inf_bn_statistics_are_never_checkpointed(tmp_path, monkeypatch):
-    real_step = train.TrainLoop.step
+    real_on_step = engine.TrainLoop.on_step
 
-    def step(self, data):
-        real_step(self, data)
-        if self.state.step == 3:  # the loss stays finite; a BN buffer does not
+    def on_step(self, step, losses):
+        if step == 3:  # the loss stays finite; a BN buffer does not
             self.phase.models['a'].extractor.trunk.get_submodule('bn1').running_var.fill_(float('inf'))
+        real_on_step(self, step, losses)
 
-    monkeypatch.setattr(train.TrainLoop, 'step', step)
+    monkeypatch.setattr(engine.TrainLoop, 'on_step', on_step)
     with pytest.raises(FloatingPointError, match=r'running_var holds NaN/inf.*Last good checkpoint: .*step_00000002'):
         run(tmp_path, '--set', 'log_every=4')
     ckpt = tmp_path / 'run' / 'main' / 'checkpoints'
@@ -236,15 +237,14 @@ def test_resume_logs_each_step_once_and_counts_all_training_time(tmp_path, monke
         return real_forward(self, *args, **kwargs)
 
     monkeypatch.setattr(JointModel, 'forward', slow_forward)
-    real_log = train.TrainLoop.log
+    real_log = engine.TrainLoop.log
 
-    def log_then_crash_at_5(self):
-        loss = real_log(self)
-        if self.state.step == 5:
+    def log_then_crash_at_5(self, step, means):
+        real_log(self, step, means)
+        if step == 5:
             raise KeyboardInterrupt('simulated kill after logging step 5')
-        return loss
 
-    monkeypatch.setattr(train.TrainLoop, 'log', log_then_crash_at_5)
+    monkeypatch.setattr(engine.TrainLoop, 'log', log_then_crash_at_5)
     with pytest.raises(KeyboardInterrupt):
         run(tmp_path, '--set', 'steps=6', '--set', 'log_every=1', '--set', 'checkpoint_every=4')
     monkeypatch.undo()
@@ -404,8 +404,8 @@ def test_loaded_networks_and_interface_go_to_the_run_device(tmp_path):
     parts = tmp_path / 'first' / 'main' / 'components'
     _, cfg = train.parse_args(['-c', TINY, '--interface', str(parts / 'interface'), '--set', 'interface.width=null',
                                '--set', f'networks.0.load={parts / "a"}'])
-    data = {n.name: train.load_task_data(n, cfg) for n in cfg.networks}
+    data = {n.name: build.load_task_data(n, cfg) for n in cfg.networks}
     # 'meta' stands in for a GPU: a loaded network left on the CPU would show up here.
-    phase = train.build_phase('main', cfg, data, torch.device('meta'))
+    phase = build.build_phase('main', cfg, data, torch.device('meta'))
     tensors = [t for m in (*phase.models.values(), phase.interface) for t in (*m.parameters(), *m.buffers())]
     assert {t.device.type for t in tensors} == {'meta'}

@@ -1,14 +1,14 @@
 """timm-compat: compatible network components for timm (Gygli, Uijlings & Ferrari, AAAI 2021)."""
 from . import models  # registers the CIFAR models with timm
-from ._hub import Component, ComponentError
 from ._split import split_model, split_points
 from .adaptation import adapt, evaluate_adaptation
 from .analysis import compare_extractors, direct_correlation, feature_correlation, linear_cka, permuted_correlation
 from .batchnorm import batch_statistics, eval_mode, recalibrate_bn
-from .compatible import CompatibleModel, make_compatible, recombine
+from .component import Component, ComponentError, load_component
+from .compatible import CompatibleModel, check_fit, fit_problems, make_compatible, recombine
 from .components import Adapter, Extractor, Head
 from .evaluation import accuracy, average_class_accuracy, recombination_matrix
-from .hub import list_components, load_component
+from .hub import list_components
 from .interface import Interface
 from .methods import CommonClassDiscrimination, RotationPrediction, compatibility_loss
 from .stitching import Stitch, StitchedModel, fit_stitch

@@ -9,7 +9,20 @@ from typing import Any, Dict, List, Optional, Tuple, Type
 
 from pydantic import BaseModel
 
-__all__ = ['describe']
+__all__ = ['ConfigError', 'REMOVED_KEYS', 'describe']
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; the message lists every problem, one per line."""
+
+
+# Keys that configs no longer have, each with what to write instead; run folders from before keep them in
+# config.yaml, so they get this line rather than "unknown key".
+REMOVED_KEYS = {
+    'scheme': 'scheme is no longer a config key: a run trains incrementally, against a frozen interface, exactly '
+              'when interface.load (or --interface) names one, and jointly otherwise. Delete the scheme line; an '
+              'incremental config keeps its interface.load.',
+}
 
 _PHRASES = {
     'bool_type': 'true or false', 'int_type': 'an integer', 'float_type': 'a number', 'string_type': 'a string',
@@ -93,9 +106,12 @@ def _unknown(parent: Tuple, keys: List[str], root: Type[BaseModel]) -> str:
 
 def describe(errors: List[Dict[str, Any]], data: Dict[str, Any], root: Type[BaseModel]) -> List[str]:
     """One line per bad key: the key, what it must be, the value given, and an example of a valid one."""
-    by_key, unknown = {}, {}
+    by_key, unknown, removed = {}, {}, []
     for er in errors:
         path, value, field_path, field = _locate(er['loc'], data, root)
+        if er['type'] == 'extra_forbidden' and len(path) == 1 and path[0] in REMOVED_KEYS:
+            removed.append(REMOVED_KEYS[path[0]])
+            continue
         if er['type'] == 'extra_forbidden':
             unknown.setdefault(tuple(path[:-1]), []).append(str(path[-1]))
             continue
@@ -110,4 +126,5 @@ def describe(errors: List[Dict[str, Any]], data: Dict[str, Any], root: Type[Base
         entry = by_key.setdefault(tuple(path), (path, value, field_path, field, []))
         if must not in entry[4]:
             entry[4].append(must)
-    return [_line(*entry) for entry in by_key.values()] + [_unknown(p, k, root) for p, k in unknown.items()]
+    return ([_line(*entry) for entry in by_key.values()] + [_unknown(p, k, root) for p, k in unknown.items()]
+            + removed)

@@ -18,8 +18,8 @@ from typing import Any, Dict, Optional, Tuple
 import safetensors.torch
 import torch
 
-__all__ = ['FORMAT_VERSION', 'ComponentError', 'atomic_write_bytes', 'atomic_save_safetensors', 'config_text',
-           'config_metadata', 'recorded_config', 'weights_digest']
+__all__ = ['FORMAT_VERSION', 'ComponentError', 'atomic_write_bytes', 'atomic_write_text', 'atomic_save_safetensors',
+           'config_text', 'config_metadata', 'recorded_config', 'weights_digest']
 
 FORMAT_VERSION = 2
 
@@ -52,15 +52,23 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         raise
 
 
+def atomic_write_text(path: Path, text: str) -> None:
+    """Replace ``path`` with ``text`` (UTF-8) in one rename, after the data is on disk."""
+    atomic_write_bytes(Path(path), text.encode())
+
+
 def atomic_save_safetensors(tensors: Dict[str, torch.Tensor], path: Path, metadata: Dict[str, str]) -> None:
     """Write ``tensors`` as safetensors to ``path`` in one rename, after the data is on disk."""
     # Serialised in memory: safetensors' save_file writes through a file of its own, 0600 whatever the umask.
     atomic_write_bytes(path, safetensors.torch.save(tensors, metadata=metadata))
 
 
-def weights_digest(tensors: Dict[str, torch.Tensor]) -> str:
-    """SHA-256 over every tensor's name, dtype, shape and bytes, in name order."""
-    h = hashlib.sha256()
+def weights_digest(tensors: Dict[str, torch.Tensor], prefix: bytes = b'') -> str:
+    """SHA-256 over ``prefix``, then every tensor's name, dtype, shape and bytes, in name order.
+
+    An interface's id is this digest over its spec and weights; a component's ``weights_sha256``, over its weights.
+    """
+    h = hashlib.sha256(prefix)
     for name, tensor in sorted(tensors.items()):
         t = tensor.detach().cpu().contiguous().reshape(-1)
         h.update(f'{name}:{t.dtype}:{tuple(t.shape)}'.encode())

@@ -312,7 +312,7 @@ def create_backbone(name: str, **kwargs) -> nn.Module:
 
 
 @torch.no_grad()
-def output_channels(module: nn.Module, input_size: Tuple[int, int, int]) -> Tuple[int, ...]:
+def output_shape(module: nn.Module, input_size: Tuple[int, int, int]) -> Tuple[int, ...]:
     """Shape (without batch) of ``module``'s output for one input of ``input_size``, in eval mode."""
     was_training = module.training
     module.eval()

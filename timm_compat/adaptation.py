@@ -14,16 +14,18 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
 import torch
+from torch import nn
 
 from .batchnorm import eval_mode
 from .compatible import CompatibleModel
 from .data import EpochSampler, ImageData, augment as augment_batch, normalize
 from .evaluation import average_class_accuracy
+from .fit import call_frozen, fit
 from .interface import Interface
-from .methods.rotation import rotate_batch, rotation_labels, rotation_loss
+from .methods.rp import rotate_batch, rotation_labels, rotation_loss
 from .optim import make_optimizer, make_scheduler
 
-__all__ = ['AdaptationResult', 'adapt', 'evaluate_adaptation']
+__all__ = ['AdaptationResult', 'RotationTask', 'adapt', 'evaluate_adaptation']
 
 
 @dataclass
@@ -38,6 +40,25 @@ class AdaptationResult:
     model: CompatibleModel
     history: Dict[str, List[float]] = field(default_factory=dict)
     seconds: float = 0.0
+
+
+class RotationTask(nn.Module):
+    """The adaptation objective: rotation loss of a frozen RP head on the extractor's features of rotated images.
+
+    Takes ``uint8`` image batches; returns ``loss`` and ``rp_accuracy`` (of the rotation classes). The RP head is
+    called with detached parameters, so gradients reach the extractor alone and the head's ``.grad`` stays untouched
+    even when its parameters require grad.
+    """
+
+    def __init__(self, extractor: nn.Module, rp_head: nn.Module):
+        super().__init__()
+        self.extractor, self.rp_head = extractor, rp_head
+        self.mean, self.std = extractor.pretrained_cfg['mean'], extractor.pretrained_cfg['std']
+
+    def forward(self, images: torch.Tensor) -> Dict[str, torch.Tensor]:
+        logits = call_frozen(self.rp_head, self.extractor(rotate_batch(normalize(images, self.mean, self.std))))
+        hits = (logits.detach().argmax(1) == rotation_labels(images.shape[0], images.device)).float().mean()
+        return {'loss': rotation_loss(logits), 'rp_accuracy': hits}
 
 
 def _check_images(unlabeled_target, batch_size: int) -> torch.Tensor:
@@ -78,19 +99,34 @@ def _rp_interface(model: CompatibleModel, interface: Optional[Interface]) -> Int
             f'Interface {interface.id} has no RP head, and adapt() adapts through one. Train the source with '
             f'rotation prediction (Interface(..., rp=True); config interface.rp=true), or fall back to test-time '
             f'BN: evaluate the source model with bn="batch".')
+    device, rp_device = next(model.parameters()).device, next(interface.rp.parameters()).device
+    if rp_device != device:
+        raise ValueError(f'The model is on {device} but the interface on {rp_device}: '
+                         f'move the interface with interface.to({str(device)!r}).')
     return interface
+
+
+def _batches(images: torch.Tensor, batch_size: int, seed: int, augment: bool):
+    """``batch_at(step)`` for :func:`~timm_compat.fit.fit`: the target images of one step, augmented if asked."""
+    sampler = EpochSampler(images.shape[0], batch_size, seed)
+
+    def batch_at(step: int) -> torch.Tensor:
+        batch = images[sampler.batch(step).to(images.device)]
+        return augment_batch(batch) if augment else batch
+    return batch_at
 
 
 def adapt(model: CompatibleModel, unlabeled_target: torch.Tensor, steps: int = 1000, *,
           interface: Optional[Interface] = None, batch_size: int = 64, lr: float = 0.01, momentum: float = 0.9,
-          weight_decay: float = 5e-4, augment: bool = True, seed: int = 0, log_every: int = 50
-          ) -> AdaptationResult:
+          weight_decay: float = 5e-4, augment: bool = True, seed: int = 0, log_every: int = 50,
+          mixed_precision: str = 'no') -> AdaptationResult:
     """Adapt ``model`` to unlabeled target images by minimising the rotation loss through the frozen RP head.
 
     Only a copy of the extractor is trained: the caller's model, its head and the interface's RP head stay
     bit-identical. The RP head normalises with batch statistics and updates none of its buffers, as a frozen
     interface does during incremental training. The extractor copy trains in train mode, so its BN running
-    statistics move to the rotated target images.
+    statistics move to the rotated target images. The steps run through :func:`~timm_compat.fit.fit` on the
+    model's device.
 
     Args:
         model: Source model whose extractor was trained against an interface with an RP head.
@@ -107,13 +143,16 @@ def adapt(model: CompatibleModel, unlabeled_target: torch.Tensor, steps: int = 1
         seed: Seed of the order in which target images are drawn. Augmentation draws from the global RNG
             (``torch.manual_seed`` for a reproducible run).
         log_every: Steps per entry of the history.
+        mixed_precision: ``"no"``, ``"bf16"`` or ``"fp16"``: autocast of the training steps (weights and optimiser
+            stay fp32). Evaluation is the caller's and runs in fp32.
 
     Returns:
         An :class:`AdaptationResult` with the adapted model and the rotation loss and accuracy along the way.
 
     Raises:
         ValueError: Labelled target data, images that are not square ``uint8``, a model without an interface or
-            whose interface has no RP head, or an interface the extractor was not trained against.
+            whose interface has no RP head, an interface the extractor was not trained against, or an unknown
+            ``mixed_precision``.
     """
     images = _check_images(unlabeled_target, batch_size)
     interface = _rp_interface(model, interface)
@@ -121,40 +160,17 @@ def adapt(model: CompatibleModel, unlabeled_target: torch.Tensor, steps: int = 1
         raise ValueError(f'steps must be at least 1, got {steps}: adaptation with no step is the source model.')
     start = time.time()
     device = next(model.parameters()).device
-    if next(interface.rp.parameters()).device != device:
-        raise ValueError(f'The model is on {device} but the interface on {next(interface.rp.parameters()).device}: '
-                         f'move the interface with interface.to({str(device)!r}).')
     # The memo keeps the interface a shared reference rather than copying it into the new extractor.
     extractor = copy.deepcopy(model.extractor, memo={id(interface): interface}).train().requires_grad_(True)
-    params = list(extractor.parameters())
-    optimizer = make_optimizer(params, 'sgd', lr, momentum, weight_decay)
-    scheduler = make_scheduler(optimizer, 'cosine', steps)
-    images = images.to(device)
-    sampler = EpochSampler(images.shape[0], batch_size, seed)
-    cfg = extractor.pretrained_cfg
-    history = {'step': [], 'rp_loss': [], 'rp_accuracy': []}
-    sums = torch.zeros(2, device=device)
+    optimizer = make_optimizer(list(extractor.parameters()), 'sgd', lr, momentum, weight_decay)
+    batch_at = _batches(images.to(device), batch_size, seed, augment)
     with eval_mode(interface.rp, bn='batch'):
-        for step in range(1, steps + 1):
-            batch = images[sampler.batch(step - 1).to(device)]
-            batch = augment_batch(batch) if augment else batch
-            logits = interface.rp(extractor(rotate_batch(normalize(batch, cfg['mean'], cfg['std']))))
-            loss = rotation_loss(logits)
-            # Gradients of the extractor alone: the RP head's .grad stays untouched even when it requires grad.
-            for p, g in zip(params, torch.autograd.grad(loss, params)):
-                p.grad = g
-            optimizer.step()
-            scheduler.step()
-            hits = (logits.argmax(1) == rotation_labels(batch.shape[0], device)).float().mean()
-            sums += torch.stack([loss.detach(), hits])
-            if step % log_every == 0 or step == steps:
-                interval = (step - 1) % log_every + 1
-                loss_mean, acc_mean = (sums / interval).tolist()
-                history['step'].append(step)
-                history['rp_loss'].append(loss_mean)
-                history['rp_accuracy'].append(acc_mean)
-                sums.zero_()
+        rows = fit(RotationTask(extractor, interface.rp), batch_at, steps, optimizer,
+                   make_scheduler(optimizer, 'cosine', steps), mixed_precision=mixed_precision, log_every=log_every,
+                   desc='adapt')
     extractor.eval()
+    history = {'step': [r['step'] for r in rows], 'rp_loss': [r['loss'] for r in rows],
+               'rp_accuracy': [r['rp_accuracy'] for r in rows]}
     return AdaptationResult(CompatibleModel(extractor, model.head, interface), history, time.time() - start)
 
 

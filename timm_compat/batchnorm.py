@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-__all__ = ['BN_MODES', 'set_batch_statistics', 'batch_statistics', 'eval_mode', 'recalibrate_bn']
+__all__ = ['BN_MODES', 'set_batch_statistics', 'batch_statistics', 'eval_mode', 'recalibrate_bn', 'restored_modes']
 
 BN_MODES = ('batch', 'running')
 
@@ -49,21 +49,31 @@ def batch_statistics(module: nn.Module) -> Iterator[nn.Module]:
 
 
 @contextmanager
+def restored_modes(module: nn.Module) -> Iterator[nn.Module]:
+    """Context after which every submodule of ``module`` has its training flag of before, whatever ran inside.
+
+    Flags are restored one by one, not with ``module.train(mode)``: a model may mix modes (a frozen part in eval).
+    """
+    saved = [(m, m.training) for m in module.modules()]
+    try:
+        yield module
+    finally:
+        for m, training in saved:
+            m.training = training
+
+
+@contextmanager
 def eval_mode(module: nn.Module, bn: str = 'batch') -> Iterator[nn.Module]:
     """Eval mode with the given BN mode (``'batch'`` or ``'running'``); the training flags are restored after."""
     if bn not in BN_MODES:
         raise ValueError(f'Unknown BN mode {bn!r}: use one of {BN_MODES} (or recalibrate_bn() then "running").')
-    was_training = [(m, m.training) for m in module.modules()]
-    module.eval()
-    try:
+    with restored_modes(module):
+        module.eval()
         if bn == 'batch':
             with batch_statistics(module):
                 yield module
         else:
             yield module
-    finally:
-        for m, training in was_training:
-            m.training = training
 
 
 @torch.no_grad()
@@ -81,24 +91,22 @@ def recalibrate_bn(module: nn.Module, images: Iterable[torch.Tensor], num_batche
     layers = list(_bn_layers(module))
     if not layers:
         return module
-    saved = [(m, m.training) for m in module.modules()]
     momenta = [bn.momentum for bn in layers]
-    module.eval()
-    for bn in layers:
-        bn.reset_running_stats()
-        bn.momentum = None  # cumulative moving average: every batch weighs the same
-        bn.train()
-    try:
-        seen = 0
-        for seen, x in enumerate(images, start=1):
-            module(x)
-            if num_batches is not None and seen >= num_batches:
-                break
-        if seen == 0:
-            raise ValueError('recalibrate_bn got no batches: pass a non-empty iterable of image tensors.')
-    finally:
-        for bn, momentum in zip(layers, momenta):
-            bn.momentum = momentum
-        for m, training in saved:
-            m.training = training
+    with restored_modes(module):
+        module.eval()
+        for bn in layers:
+            bn.reset_running_stats()
+            bn.momentum = None  # cumulative moving average: every batch weighs the same
+            bn.train()
+        try:
+            seen = 0
+            for seen, x in enumerate(images, start=1):
+                module(x)
+                if num_batches is not None and seen >= num_batches:
+                    break
+            if seen == 0:
+                raise ValueError('recalibrate_bn got no batches: pass a non-empty iterable of image tensors.')
+        finally:
+            for bn, momentum in zip(layers, momenta):
+                bn.momentum = momentum
     return module

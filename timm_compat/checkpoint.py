@@ -20,10 +20,9 @@ from typing import Iterable, Optional
 import torch
 from torch import nn
 
-from ._integrity import atomic_write_bytes
+from ._integrity import atomic_write_text
 
-__all__ = ['TrainState', 'save_checkpoint', 'latest_checkpoint', 'load_train_state', 'check_finite',
-           'atomic_write_text', 'STATE_NAME']
+__all__ = ['TrainState', 'save_checkpoint', 'latest_checkpoint', 'load_train_state', 'check_finite', 'STATE_NAME']
 
 LATEST = 'latest'
 STATE_NAME = 'train_state.json'
@@ -35,11 +34,6 @@ class TrainState:
     """What a resumed phase needs besides Accelerate's state: where it was and how long it has trained."""
     step: int = 0
     train_seconds: float = 0.0
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` so that readers see the old file or the new one, never a partial one."""
-    atomic_write_bytes(Path(path), text.encode())
 
 
 def check_finite(modules: Iterable[nn.Module], what: str) -> None:

@@ -1,14 +1,24 @@
-"""Extractor and head: the two halves of a timm backbone, fitted to an interface width."""
-from typing import Any, Dict, Optional, Sequence, Tuple
+"""Extractor and head: the two halves of a timm backbone, fitted to an interface width, and their one builder.
+
+Two pairs of words name the halves of a network. :func:`~timm_compat.split_model` cuts a timm backbone into a
+**trunk** (the layers up to and including the split module) and a **tail** (the layers after it, classifier
+included): plain ``fx.GraphModule``\\ s, with the backbone's own channel counts. The **components** are what an
+interface joins: an :class:`Extractor` is the trunk followed by an adapter to the interface width, and a
+:class:`Head` is an adapter from the interface width followed by a tail, of this backbone or of another one (or any
+module taking interface features). An adapter is a 1x1 conv + BN, or the identity when the widths agree, so a
+:class:`~timm_compat.CompatibleModel` computes ``tail(adapter(adapter(trunk(x))))`` and the interface features are
+what flows between the two adapters. :func:`build_components` is the one place where components are made from a
+backbone name: ``make_compatible``, ``from_config`` (on load) and timm aux heads all go through it.
+"""
+from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
 
-from ._hub import Component, ComponentError
-from ._split import create_backbone, output_channels, resolve_split, split_model
+from ._split import create_backbone, output_shape, resolve_split, split_model
+from .component import Component, ComponentError
 
-__all__ = ['ARCHITECTURE_ARGS', 'Adapter', 'Extractor', 'Head', 'build_backbone_parts', 'build_extractor',
-           'build_head', 'check_model_args']
+__all__ = ['ARCHITECTURE_ARGS', 'Adapter', 'Extractor', 'Head', 'build_components', 'check_model_args']
 
 _CFG_KEYS = ('input_size', 'mean', 'std', 'interpolation', 'crop_pct', 'classifier')
 
@@ -79,7 +89,7 @@ def check_model_args(model_args: Optional[Dict[str, Any]], *, allow_overlay: boo
     return model_args
 
 
-def build_backbone_parts(backbone: str, split, *, num_classes: Optional[int] = None, pretrained: bool = False,
+def _backbone_parts(backbone: str, split, *, num_classes: Optional[int] = None, pretrained: bool = False,
                          model_args: Optional[Dict[str, Any]] = None) -> Tuple[nn.Module, nn.Module, Dict[str, Any]]:
     """Create a timm backbone and split it: ``(trunk, tail, info)``.
 
@@ -100,7 +110,7 @@ def build_backbone_parts(backbone: str, split, *, num_classes: Optional[int] = N
     trunk, tail = split_model(model, split)
     cfg = model.pretrained_cfg
     input_size = tuple(cfg.get('input_size', (3, 224, 224)))
-    feat_shape = output_channels(trunk, input_size)
+    feat_shape = output_shape(trunk, input_size)
     if len(feat_shape) != 3:
         raise ValueError(
             f'{backbone} split at {split!r} gives features of shape {feat_shape}, not (C, H, W). Interfaces join '
@@ -152,8 +162,8 @@ class Extractor(Component):
 
     @classmethod
     def from_config(cls, config: Dict[str, Any]) -> 'Extractor':
-        return build_extractor(config['backbone'], config['split'], config['width'],
-                               model_args=check_model_args(config.get('model_args')), extra_config=config)
+        return build_components(config['backbone'], config['split'], config['width'], roles=('extractor',),
+                                model_args=check_model_args(config.get('model_args')), config=config)['extractor']
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.adapter(self.trunk(x))
@@ -199,9 +209,9 @@ class Head(Component):
 
     @classmethod
     def from_config(cls, config: Dict[str, Any]) -> 'Head':
-        return build_head(config['backbone'], config['split'], config['width'], config['num_classes'],
-                          class_names=config.get('class_names'), model_args=check_model_args(config.get('model_args')),
-                          extra_config=config)
+        return build_components(config['backbone'], config['split'], config['width'], roles=('head',),
+                                num_classes=config['num_classes'], class_names=config.get('class_names'),
+                                model_args=check_model_args(config.get('model_args')), config=config)['head']
 
     def extend_classes(self, class_names: Sequence[str]) -> 'Head':
         """Resize the classifier in place to ``class_names``, keeping the weights of classes it already knows.
@@ -234,21 +244,37 @@ class Head(Component):
         return self.tail(self.adapter(x))
 
 
-def build_extractor(backbone: str, split, width: int, *, pretrained: bool = False,
-                    model_args: Optional[Dict[str, Any]] = None, extra_config: Optional[Dict[str, Any]] = None
-                    ) -> Extractor:
-    """Extractor from a timm backbone name, split point and interface width."""
-    trunk, _, info = build_backbone_parts(backbone, split, pretrained=pretrained, model_args=model_args)
-    in_chs = info.pop('feature_shape')[0]
-    # A saved config wins over what a fresh build reports: it may carry an input-size overlay or a base_model.
-    return Extractor(trunk, in_chs, width, config={**info, **(extra_config or {})})
+def build_components(backbone: str, split: Union[str, int], width: int, *, num_classes: Optional[int] = None,
+                     class_names: Optional[Sequence[str]] = None, roles: Sequence[str] = ('extractor', 'head'),
+                     pretrained: bool = False, model_args: Optional[Dict[str, Any]] = None,
+                     config: Optional[Dict[str, Any]] = None) -> Dict[str, Component]:
+    """Split timm ``backbone`` after ``split`` and fit the halves asked for to interface ``width``.
 
+    Only the components in ``roles`` are made, in that order: each adapter draws its initial weights from the
+    global RNG, so what is built decides the random stream that follows (identical initial weights rely on it).
 
-def build_head(backbone: str, split, width: int, num_classes: int, *, class_names: Optional[Sequence[str]] = None,
-               pretrained: bool = False, model_args: Optional[Dict[str, Any]] = None,
-               extra_config: Optional[Dict[str, Any]] = None) -> Head:
-    """Head from the tail of a timm backbone, with its classifier sized to ``num_classes``."""
-    _, tail, info = build_backbone_parts(backbone, split, num_classes=num_classes, pretrained=pretrained,
-                                         model_args=model_args)
+    Args:
+        backbone: timm model name.
+        split: Module path or ``feature_info`` index after which the trunk ends.
+        width: Interface width.
+        num_classes: Classifier outputs of the head; required for ``"head"``. The extractor does not depend on it.
+        class_names: Names of the head's classes, in label order.
+        roles: ``"extractor"`` and/or ``"head"``.
+        pretrained: Load timm's pretrained weights.
+        model_args: Passed to ``timm.create_model`` (see :func:`check_model_args`).
+        config: A saved component config; it wins over what a fresh build reports (it may carry an input-size
+            overlay or a base_model).
+
+    Returns:
+        ``{role: component}`` for each of ``roles``.
+    """
+    if set(roles) - {'extractor', 'head'} or ('head' in roles and num_classes is None):
+        raise ValueError(f'roles must be "extractor" and/or "head", and a head needs num_classes: got '
+                         f'roles={list(roles)}, num_classes={num_classes}.')
+    trunk, tail, info = _backbone_parts(backbone, split, num_classes=num_classes, pretrained=pretrained,
+                                        model_args=model_args)
     in_chs = info.pop('feature_shape')[0]
-    return Head(tail, in_chs, width, num_classes, class_names, config={**info, **(extra_config or {})})
+    info.update(config or {})
+    make = {'extractor': lambda: Extractor(trunk, in_chs, width, config=info),
+            'head': lambda: Head(tail, in_chs, width, num_classes, class_names, config=info)}
+    return {role: make[role]() for role in roles}

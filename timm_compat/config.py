@@ -8,19 +8,16 @@ import copy
 from pathlib import Path
 from typing import Any, Dict, List, Literal, Optional, Sequence, Tuple, Union
 
-import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, TypeAdapter, ValidationError
 from pydantic_core import PydanticCustomError
 from typing_extensions import Annotated, TypeAliasType
 
-from ._config_errors import describe
+from ._config_errors import REMOVED_KEYS, ConfigError, describe
+from ._config_files import read_config_file, set_dotted, split_preset
+from .interface import DEFAULT_WIDTH
 
 __all__ = ['ConfigError', 'DatasetConfig', 'NetworkConfig', 'InterfaceConfig', 'OptimConfig', 'RunConfig',
            'load_config', 'config_changes', 'resume_conflicts', 'RESUME_MAY_CHANGE']
-
-
-class ConfigError(ValueError):
-    """A config that cannot run; the message lists every problem, one per line."""
 
 
 def _number(value: Any) -> Any:
@@ -136,7 +133,7 @@ class NetworkConfig(_Section):
 
 class InterfaceConfig(_Section):
     """The shared interface. ``load`` (folder or Hub repo) makes the run incremental against a frozen one."""
-    width: Optional[Count] = Field(None, examples=[64])  # None: 64, or the loaded interface's width
+    width: Optional[Count] = Field(None, examples=[64])  # None: DEFAULT_WIDTH, or the loaded interface's width
     rp: bool = True
     rp_weight: Float = Field(1.0, ge=0)
     dcc: bool = True
@@ -175,18 +172,18 @@ def _precision(value: Any) -> Any:
 
 
 class RunConfig(_Section):
-    """Everything a run describes. ``scheme`` is ``joint`` or ``incremental`` (``interface.load`` required)."""
+    """Everything a run describes. It trains incrementally, against a frozen interface, iff ``interface.load``."""
     output_dir: str = Field('runs/demo', min_length=1)
     seed: Seed = 0
-    scheme: Literal['joint', 'incremental'] = 'joint'
-    iiw: bool = True  # identical initial weights: every network starts from init_seed
+    iiw: bool = True  # identical initial weights (timm_compat.methods.iiw): every network starts from init_seed
     init_seed: Seed = 0
     # Sec. 3.4: each step sums all networks' losses ('sum') or alternates minibatches between networks (the paper's
     # way; then each step trains one network, and `epochs` counts each network's epochs).
     joint_schedule: Literal['sum', 'alternate'] = 'sum'
     networks: List[NetworkConfig] = Field(default_factory=_demo_networks, min_length=1,
                                           examples=[[{'name': 'a', 'dataset': {'source': 'synthetic:A'}}]])
-    interface: InterfaceConfig = Field(default_factory=lambda: InterfaceConfig(width=32), examples=[{'width': 64}])
+    interface: InterfaceConfig = Field(default_factory=lambda: InterfaceConfig(width=DEFAULT_WIDTH),
+                                       examples=[{'width': 64}])
     optim: OptimConfig = Field(default_factory=OptimConfig, examples=[{'lr': 0.1}])
     batch_size: Count = 64
     epochs: Float = Field(5.0, gt=0)  # over the largest training set
@@ -220,9 +217,6 @@ class RunConfig(_Section):
             ConfigError: Listing every problem found.
         """
         problems = []
-        if self.scheme == 'incremental' and not self.interface.load:
-            problems.append('scheme: incremental trains against a frozen interface: set interface.load to its '
-                            'folder or Hub repo (or --interface).')
         names = [n.name for n in self.networks]
         if len(set(names)) != len(names):
             problems.append(f'Networks need distinct names, got {names}.')
@@ -243,7 +237,7 @@ class RunConfig(_Section):
     def independent(self) -> 'RunConfig':
         """The same networks trained independently: no shared aux heads, different initial weights."""
         cfg = copy.deepcopy(self)
-        cfg.iiw, cfg.baseline, cfg.scheme = False, None, 'joint'
+        cfg.iiw, cfg.baseline = False, None
         cfg.interface = InterfaceConfig(width=self.interface.width, rp=False, dcc=False)
         cfg.push_to_hub = None
         return cfg
@@ -259,61 +253,24 @@ def _parse(data: Dict[str, Any]) -> RunConfig:
 
 # --- reading ----------------------------------------------------------------------------------------------------
 
-def _set_dotted(data: Dict[str, Any], dotted: str) -> None:
-    if '=' not in dotted:
-        raise ConfigError(f'Override {dotted!r} must look like key.path=value, e.g. interface.rp=false.')
-    path, raw = dotted.split('=', 1)
-    keys, node = path.split('.'), data
-    try:
-        for key in keys[:-1]:
-            node = node[int(key)] if isinstance(node, list) else node.setdefault(key, {})
-        value = yaml.safe_load(raw)
-        if isinstance(node, list):
-            node[int(keys[-1])] = value
-        else:
-            node[keys[-1]] = value
-    except (ValueError, IndexError, TypeError, AttributeError, yaml.YAMLError) as e:
-        raise ConfigError(f'Override {dotted!r}: {path!r} names no config key that can be set to {raw!r} ({e}); '
-                          f'e.g. networks.0.dataset.train_limit=1000.') from None
-
-
-def _merge(base: Dict[str, Any], update: Dict[str, Any]) -> Dict[str, Any]:
-    """``update`` over ``base``; mappings merge key by key, anything else (lists too) is replaced."""
-    out = dict(base)
-    for key, value in update.items():
-        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out
-
-
-def _read_yaml(path: Path, seen: Sequence[Path] = ()) -> Dict[str, Any]:
-    """A config file, merged over the file its ``base:`` key names (relative to it), recursively."""
-    path = path.resolve()
-    if path in seen:
-        raise ConfigError(f'Config files include each other in a loop: {[str(p) for p in seen]} -> {path}.')
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except (OSError, yaml.YAMLError) as e:
-        raise ConfigError(f'Cannot read config file {path}: {e}') from None
-    if not isinstance(data, dict):
-        raise ConfigError(f'{path} must hold a YAML mapping of config keys, e.g. "batch_size: 64".')
-    base = data.pop('base', None)
-    return _merge(_read_yaml(path.parent / base, [*seen, path]), data) if base else data
-
-
 def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> RunConfig:
-    """Defaults, then the YAML file at ``path`` (and its ``base:`` files), then ``key.path=value`` overrides.
+    """Defaults, then the YAML file at ``path`` (its ``base:`` files and data preset), then ``key.path=value``.
 
-    Override values are parsed as YAML: ``interface.rp=false``, ``networks.1.backbone=resnet56_cifar``.
+    Override values are parsed as YAML: ``interface.rp=false``, ``networks.1.backbone=resnet56_cifar``;
+    ``data=NAME`` chooses the file's data preset (see :mod:`timm_compat._config_files`).
 
     Raises:
         ConfigError: Naming every bad key, its value and a valid example, before anything runs.
     """
     data = RunConfig().to_dict()
+    preset, overrides = split_preset(overrides)
     if path is not None:
         # Top-level keys of a file replace the demo's whole: its networks or interface must not leak in.
-        data.update(_read_yaml(Path(path)))
+        data.update(read_config_file(Path(path), preset))
+    elif preset is not None:
+        raise ConfigError(f'data={preset} chooses a data preset of a config file; give the file too (-c CONFIG).')
     for dotted in overrides:
-        _set_dotted(data, dotted)
+        set_dotted(data, dotted)
     return _parse(data).validate()
 
 
@@ -348,5 +305,8 @@ def _changes(old: Any, new: Any, path: Tuple) -> List[str]:
 
 
 def resume_conflicts(old: Dict[str, Any], new: Dict[str, Any]) -> List[str]:
-    """The changes of :func:`config_changes` that a resume may not make (not in :data:`RESUME_MAY_CHANGE`)."""
-    return [key for key in config_changes(old, new) if key not in RESUME_MAY_CHANGE]
+    """The changes of :func:`config_changes` that a resume may not make (not in :data:`RESUME_MAY_CHANGE`).
+
+    A key that was removed from configs is no conflict: what it said lives on in keys that are compared.
+    """
+    return [key for key in config_changes(old, new) if key not in RESUME_MAY_CHANGE and key not in REMOVED_KEYS]

@@ -18,7 +18,7 @@ from torch import nn
 
 from .batchnorm import eval_mode
 from .data import ImageData, iterate_batches, normalize
-from .methods.common_classes import canonical_class_name, common_classes
+from .classes import canonical_class_name, common_classes
 
 __all__ = ['accuracy', 'per_class_accuracy', 'average_class_accuracy', 'recombination_matrix', 'format_matrix']
 

@@ -1,5 +1,4 @@
 """The interface: the width and the shared auxiliary heads that make components compatible."""
-import hashlib
 import json
 import os
 from typing import Any, Dict, List, Optional, Sequence, Union
@@ -7,14 +6,18 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from ._hub import Component, ComponentError
+from ._integrity import weights_digest
 from .batchnorm import set_batch_statistics
-from .components import _check_width, build_head, check_model_args
+from .component import Component, ComponentError
+from .components import _check_width, build_components, check_model_args
+from .methods.rp import NUM_ROTATIONS
 
-__all__ = ['Interface', 'build_aux_head', 'DEFAULT_AUX_HEAD']
+__all__ = ['Interface', 'build_aux_head', 'DEFAULT_AUX_HEAD', 'DEFAULT_WIDTH']
 
 DEFAULT_AUX_HEAD = {'type': 'conv', 'hidden': None}  # hidden=None: the interface width
-NUM_ROTATIONS = 4
+DEFAULT_WIDTH = 32
+"""Interface width of a run whose config names none: the 32 channels of a CIFAR ResNet's middle stage, so the
+demo's extractors need no adapter."""
 NONCE_BYTES = 8
 _SPEC_KEYS = {'conv': {'type', 'hidden'}, 'timm': {'type', 'backbone', 'split', 'model_args'}}
 
@@ -61,8 +64,8 @@ def build_aux_head(spec: Dict[str, Any], width: int, num_outputs: int,
         return nn.Sequential(
             nn.Conv2d(width, hidden, 3, padding=1, bias=False), nn.BatchNorm2d(hidden), nn.ReLU(inplace=True),
             nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(hidden, num_outputs))
-    return build_head(spec['backbone'], spec['split'], width, num_outputs, class_names=class_names,
-                      model_args=spec.get('model_args'))
+    return build_components(spec['backbone'], spec['split'], width, num_classes=num_outputs, class_names=class_names,
+                            roles=('head',), model_args=spec.get('model_args'))['head']
 
 
 class Interface(Component):
@@ -129,12 +132,7 @@ class Interface(Component):
     @property
     def id(self) -> str:
         """Short hash of the spec, the nonce and every aux-head tensor (weights and BN buffers)."""
-        h = hashlib.sha256(json.dumps(self.spec, sort_keys=True).encode())
-        for name, tensor in sorted(self.state_dict().items()):
-            t = tensor.detach().cpu().contiguous().reshape(-1)
-            h.update(f'{name}:{t.dtype}:{tuple(t.shape)}'.encode())
-            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b'')
-        return h.hexdigest()[:12]
+        return weights_digest(self.state_dict(), prefix=json.dumps(self.spec, sort_keys=True).encode())[:12]
 
     interface_id = id
 

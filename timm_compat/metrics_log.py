@@ -4,7 +4,7 @@ import io
 from pathlib import Path
 from typing import Any, Dict, List
 
-from .checkpoint import atomic_write_text
+from ._integrity import atomic_write_text
 
 __all__ = ['MetricsLog']
 

@@ -15,7 +15,7 @@ from typing import Any, Dict, List, Optional
 
 import yaml
 
-from .checkpoint import atomic_write_text
+from ._integrity import atomic_write_text
 from .config import RESUME_MAY_CHANGE, config_changes, resume_conflicts
 
 __all__ = ['RunDir', 'RunDirError', 'MARKER']

@@ -16,14 +16,15 @@ import torch.nn.functional as F
 from huggingface_hub import ModelCard
 from torch import nn
 
-from ._hub import PAPER_URL, Component
 from .batchnorm import eval_mode
-from .compatible import CompatibleModel
+from .compatible import CompatibleModel, link_problems, mismatch_message
+from .component import PAPER_URL, Component
 from .components import Extractor, Head
 from .data import EpochSampler, ImageData, augment as augment_batch, normalize
+from .fit import call_frozen, fit
 from .optim import make_optimizer
 
-__all__ = ['Stitch', 'StitchedModel', 'fit_stitch']
+__all__ = ['Stitch', 'StitchTask', 'StitchedModel', 'fit_stitch']
 
 
 class Stitch(Component):
@@ -99,14 +100,13 @@ class StitchedModel(CompatibleModel):
     """
 
     def __init__(self, extractor: Extractor, stitch: Stitch, head: Head):
-        if (extractor.width, head.width) != (stitch.in_width, stitch.out_width):
-            raise ValueError(f'The stitch maps width {stitch.in_width} to {stitch.out_width}, but the extractor emits '
-                             f'{extractor.width} and the head takes {head.width}: fit a stitch for these components.')
-        ids = (extractor.interface_id, head.interface_id)
-        if ids != (stitch.extractor_interface_id, stitch.head_interface_id):
-            raise ValueError(f'The stitch joins interface {stitch.extractor_interface_id} to '
-                             f'{stitch.head_interface_id}, but the extractor fits {ids[0]} and the head {ids[1]}: '
-                             f'fit a stitch for these components with fit_stitch().')
+        # The stitch joins components of two interfaces, so each side must match the one it was fitted for.
+        problems = (link_problems('the extractor', (extractor.width, extractor.interface_id), 'the stitch',
+                                  (stitch.in_width, stitch.extractor_interface_id))
+                    + link_problems('the stitch', (stitch.out_width, stitch.head_interface_id), 'the head',
+                                    (head.width, head.interface_id)))
+        if problems:
+            raise ValueError(mismatch_message(problems, 'Use fit_stitch() to fit a stitch for these components.'))
         super().__init__(extractor, head, interface=None)
         self.stitch = stitch
 
@@ -115,6 +115,24 @@ class StitchedModel(CompatibleModel):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))
+
+
+class StitchTask(nn.Module):
+    """The stitch's objective: the head's task loss on stitched features of normalised ``(images, labels)``.
+
+    The extractor runs without autograd and the head with detached parameters, so gradients reach the stitch alone
+    and neither component's ``.grad`` is touched, even when their parameters require grad.
+    """
+
+    def __init__(self, extractor: Extractor, stitch: Stitch, head: Head):
+        super().__init__()
+        self.extractor, self.stitch, self.head = extractor, stitch, head
+
+    def forward(self, batch) -> Dict[str, torch.Tensor]:
+        images, labels = batch
+        with torch.no_grad():
+            features = self.extractor(images)
+        return {'loss': F.cross_entropy(call_frozen(self.head, self.stitch(features)), labels)}
 
 
 def check_task_data(data: ImageData, head: Head, what: str) -> None:
@@ -129,7 +147,8 @@ def check_task_data(data: ImageData, head: Head, what: str) -> None:
 
 def fit_stitch(extractor: Extractor, head: Head, train_data: ImageData, steps: int = 500, *,
                batchnorm: bool = False, batch_size: int = 64, optimizer: str = 'adamw', lr: float = 1e-3,
-               weight_decay: float = 0.0, augment: bool = True, seed: int = 0) -> StitchedModel:
+               weight_decay: float = 0.0, augment: bool = True, seed: int = 0,
+               mixed_precision: str = 'no') -> StitchedModel:
     """Fit a :class:`Stitch` from ``extractor`` to ``head`` on labelled data, with both components frozen.
 
     The components are run as at evaluation time with test-time BN: no gradient reaches their weights and none of
@@ -148,6 +167,8 @@ def fit_stitch(extractor: Extractor, head: Head, train_data: ImageData, steps: i
         weight_decay: Weight decay of the stitch.
         augment: Pad-and-crop and flip the training images.
         seed: Seed of the order in which images are drawn; augmentation uses the global RNG.
+        mixed_precision: ``"no"``, ``"bf16"`` or ``"fp16"``: autocast of the training steps (the stitch's weights
+            and optimiser state stay fp32).
 
     Returns:
         The :class:`StitchedModel` of the given components and the fitted stitch (in eval mode).
@@ -158,22 +179,19 @@ def fit_stitch(extractor: Extractor, head: Head, train_data: ImageData, steps: i
     device = next(extractor.parameters()).device
     stitch = Stitch(extractor.width, head.width, batchnorm, extractor.interface_id, head.interface_id).to(device)
     model = StitchedModel(extractor, stitch, head)
-    params = list(stitch.parameters())
-    opt = make_optimizer(params, optimizer, lr, 0.9, weight_decay)
+    opt = make_optimizer(list(stitch.parameters()), optimizer, lr, 0.9, weight_decay)
     images, labels = train_data.images.to(device), train_data.labels.to(device)
     sampler = EpochSampler(len(train_data), batch_size, seed)
     cfg = extractor.pretrained_cfg
+
+    def batch_at(step: int):
+        index = sampler.batch(step).to(device)
+        batch = augment_batch(images[index]) if augment else images[index]
+        return normalize(batch, cfg['mean'], cfg['std']), labels[index]
+
     stitch.train()
     with eval_mode(extractor, bn='batch'), eval_mode(head, bn='batch'):
-        for step in range(steps):
-            index = sampler.batch(step).to(device)
-            batch = augment_batch(images[index]) if augment else images[index]
-            with torch.no_grad():
-                features = extractor(normalize(batch, cfg['mean'], cfg['std']))
-            loss = F.cross_entropy(head(stitch(features)), labels[index])
-            # Gradients of the stitch alone: the head's .grad stays untouched even when it requires grad.
-            for p, g in zip(params, torch.autograd.grad(loss, params)):
-                p.grad = g
-            opt.step()
+        fit(StitchTask(extractor, stitch, head), batch_at, steps, opt, mixed_precision=mixed_precision,
+            desc='fit_stitch')
     stitch.eval()
     return model

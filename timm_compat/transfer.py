@@ -13,21 +13,22 @@ sources and ``on_mismatch="force"``). Sources of another interface are refused u
 import copy
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Dict, List, Mapping, Sequence, Tuple
+from typing import Callable, Dict, List, Mapping, Sequence, Tuple
 
-import torch.nn.functional as F
-
-from ._hub import Component, ComponentError
-from .evaluation import average_class_accuracy
-from .compatible import CompatibleModel
+from .compatible import CompatibleModel, fit_problems, mismatch_message
+from .component import Component, ComponentError
 from .components import Extractor, Head
+from .evaluation import average_class_accuracy
 from .data import EpochSampler, ImageData, augment as augment_batch, normalize
+from .fit import ClassificationTask, fit
 from .stitching import StitchedModel, check_task_data, fit_stitch
 from .optim import make_optimizer
 
 __all__ = ['TransferCurve', 'TransferResult', 'transfer', 'MISMATCH_POLICIES']
 
 MISMATCH_POLICIES = ('error', 'stitch', 'force')
+_MISMATCH_REMEDY = ('Pass on_mismatch="stitch" to fit a 1x1-conv stitch for each first, or on_mismatch="force" to '
+                    'recombine them anyway (the baseline of independently trained components).')
 # Curve modes that keep the target head, the ones a ranking of sources is about.
 _TARGET_HEAD_MODES = ('recombined', 'stitched')
 
@@ -115,59 +116,82 @@ def _check_sources(sources: Mapping[str, Extractor], head: Head, on_mismatch: st
         raise ValueError(f'Unknown on_mismatch {on_mismatch!r}: use one of {MISMATCH_POLICIES}.')
     if not sources:
         raise ValueError('No source extractors: pass sources={"name": extractor, ...}.')
-    shared = {name: head.interface_id is not None and e.interface_id == head.interface_id
-              for name, e in sources.items()}
-    others = {name: sources[name].interface_id for name, ok in shared.items() if not ok}
-    if others and on_mismatch == 'error':
-        shared_with = (f'the target head\'s interface {head.interface_id}' if head.interface_id is not None else
-                       'an interface with the target head, which was trained without one')
-        raise ValueError(
-            f'Sources {others} (name: interface id) do not share {shared_with}, so the head is not known to fit '
-            f'them. Pass on_mismatch="stitch" to fit a 1x1-conv stitch for each first, or on_mismatch="force" to '
-            f'recombine them anyway (the baseline of independently trained components).')
-    if on_mismatch == 'force':
-        narrow = {name: sources[name].width for name in others if sources[name].width != head.width}
-        if narrow:
-            raise ValueError(f'Sources {narrow} (name: width) emit another width than the head\'s {head.width}, '
-                             f'so they cannot be recombined even by force: use on_mismatch="stitch".')
+    shared = {name: not fit_problems(e, head, probe=False) for name, e in sources.items()}
+    if on_mismatch != 'stitch':
+        # Forced sources are recombined anyway: only what force cannot join (another width) is refused.
+        force = on_mismatch == 'force'
+        refused = [f'source {name!r}: {"; ".join(problems)}' for name, e in sources.items()
+                   if (problems := fit_problems(e, head, force=force, probe=False))]
+        if refused:
+            raise ValueError(mismatch_message(refused, 'Use on_mismatch="stitch": a stitch joins other widths.'
+                                              if force else _MISMATCH_REMEDY))
     return shared
 
 
 def _finetune_curve(model: CompatibleModel, train: ImageData, test: ImageData, steps: List[int], *,
                     batch_size: int, lr: float, momentum: float, weight_decay: float, augment: bool,
-                    eval_batch_size: int, bn: str, seed: int) -> List[float]:
+                    eval_batch_size: int, bn: str, seed: int, mixed_precision: str, desc: str) -> List[float]:
     """Accuracy at each of ``steps`` while fine-tuning every parameter of ``model`` on the task loss.
 
     No optimiser exists until a step above 0 is asked for, so step 0 is the model exactly as given. The learning
     rate is constant, so that the accuracy at step ``k`` does not depend on how far the curve goes.
     """
-    accuracies = [average_class_accuracy(model, test, eval_batch_size, bn)] if steps[0] == 0 else []
+    accuracies = []
+
+    def evaluate(done: int, losses=None) -> None:
+        if done in steps:  # evaluation restores the train mode it finds
+            accuracies.append(average_class_accuracy(model, test, eval_batch_size, bn))
+
+    evaluate(0)
     if steps[-1] == 0:
         return accuracies
-    params = list(model.parameters())
-    optimizer = make_optimizer(params, 'sgd', lr, momentum, weight_decay)
+    optimizer = make_optimizer(list(model.parameters()), 'sgd', lr, momentum, weight_decay)
     sampler = EpochSampler(len(train), batch_size, seed)
     cfg = model.extractor.pretrained_cfg
-    step = 0
-    for target in (s for s in steps if s > 0):
-        model.train()
-        while step < target:
-            index = sampler.batch(step).to(train.images.device)
-            batch = augment_batch(train.images[index]) if augment else train.images[index]
-            loss = F.cross_entropy(model(normalize(batch, cfg['mean'], cfg['std'])), train.labels[index])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            step += 1
-        accuracies.append(average_class_accuracy(model, test, eval_batch_size, bn))
+
+    def batch_at(step: int):
+        index = sampler.batch(step).to(train.images.device)
+        batch = augment_batch(train.images[index]) if augment else train.images[index]
+        return normalize(batch, cfg['mean'], cfg['std']), train.labels[index]
+
+    model.train()
+    fit(ClassificationTask(model), batch_at, steps[-1], optimizer, mixed_precision=mixed_precision,
+        on_step=evaluate, desc=desc)
     return accuracies
+
+
+def _source_curves(name: str, source: Extractor, head: Head, mode: str, compatible: bool, *, reinit_head: bool,
+                   train: ImageData, test: ImageData, steps: List[int], stitch_steps: int,
+                   options: Dict[str, object]) -> List[TransferCurve]:
+    """The curve of a copy of ``source`` under a copy of ``head`` (``mode`` ``"recombined"`` or ``"stitched"``),
+    then with a fresh head if ``reinit_head``; ``options`` are :func:`_finetune_curve`'s."""
+    device = next(head.parameters()).device
+
+    def curve(mode: str, build: Callable[[], CompatibleModel]) -> TransferCurve:
+        start = time.time()  # building the model counts: it fits the stitch of a stitched curve
+        accuracy = _finetune_curve(build(), train, test, steps, desc=f'transfer {name} ({mode})', **options)
+        return TransferCurve(name, mode, compatible, steps, accuracy, time.time() - start)
+
+    def reuse_head() -> CompatibleModel:
+        extractor = _copy(source).to(device)
+        if mode == 'recombined':
+            return CompatibleModel(extractor, _copy(head))
+        fitted = fit_stitch(extractor, head, train, stitch_steps, batch_size=options['batch_size'],
+                            augment=options['augment'], seed=options['seed'],
+                            mixed_precision=options['mixed_precision'])
+        return StitchedModel(extractor, fitted.stitch, _copy(head))
+
+    curves = [curve(mode, reuse_head)]
+    if reinit_head:
+        curves.append(curve('reinit_head', lambda: CompatibleModel(_copy(source).to(device), _fresh_head(head))))
+    return curves
 
 
 def transfer(target_model: CompatibleModel, sources: Mapping[str, Extractor], train_data: ImageData,
              test_data: ImageData, steps: Sequence[int] = (0, 10, 100, 1000), *, reinit_head: bool = False,
              on_mismatch: str = 'error', stitch_steps: int = 500, batch_size: int = 64, lr: float = 0.01,
              momentum: float = 0.9, weight_decay: float = 5e-4, augment: bool = True, eval_batch_size: int = 250,
-             bn: str = 'batch', seed: int = 0) -> TransferResult:
+             bn: str = 'batch', seed: int = 0, mixed_precision: str = 'no') -> TransferResult:
     """Swap each source extractor under the target head; measure accuracy at step 0 and along fine-tuning.
 
     Every curve fine-tunes its own copies of the components (extractor, head and any stitch, all trained), so the
@@ -197,40 +221,27 @@ def transfer(target_model: CompatibleModel, sources: Mapping[str, Extractor], tr
         bn: BN statistics at evaluation: ``"batch"`` (test-time, the paper's choice for recombined components) or
             ``"running"``.
         seed: Seed of the order in which training images are drawn; augmentation uses the global RNG.
+        mixed_precision: ``"no"``, ``"bf16"`` or ``"fp16"``: autocast of fine-tuning and stitch fitting (weights and
+            optimiser state stay fp32). Accuracy is measured in fp32.
 
     Returns:
         A :class:`TransferResult`; ``result.ranking()`` orders the sources by step-0 accuracy.
 
     Raises:
         ValueError: Sources of another interface with ``on_mismatch="error"``, widths that only a stitch can join,
-            data of another task, or bad ``steps``.
+            data of another task, bad ``steps`` or an unknown ``mixed_precision``.
     """
     head = target_model.head
     shared = _check_sources(sources, head, on_mismatch)
     steps = _check_steps(steps)
     check_task_data(train_data, head, 'train_data')
     check_task_data(test_data, head, 'test_data')
-    device = next(head.parameters()).device
-    train = train_data.to(device)
+    train = train_data.to(next(head.parameters()).device)
     options = dict(batch_size=batch_size, lr=lr, momentum=momentum, weight_decay=weight_decay, augment=augment,
-                   eval_batch_size=eval_batch_size, bn=bn, seed=seed)
-    result = TransferResult()
+                   eval_batch_size=eval_batch_size, bn=bn, seed=seed, mixed_precision=mixed_precision)
+    curves = []
     for name, source in sources.items():
-        start = time.time()
-        extractor = _copy(source).to(device)
-        if shared[name] or on_mismatch == 'force':
-            mode, model = 'recombined', CompatibleModel(extractor, _copy(head))
-        else:
-            mode = 'stitched'
-            fitted = fit_stitch(extractor, head, train, stitch_steps, batch_size=batch_size, augment=augment,
-                                seed=seed)
-            model = StitchedModel(extractor, fitted.stitch, _copy(head))
-        accuracy = _finetune_curve(model, train, test_data, steps, **options)
-        result.curves.append(TransferCurve(name, mode, shared[name], steps, accuracy, time.time() - start))
-        if reinit_head:
-            start = time.time()
-            model = CompatibleModel(_copy(source).to(device), _fresh_head(head))
-            accuracy = _finetune_curve(model, train, test_data, steps, **options)
-            result.curves.append(TransferCurve(name, 'reinit_head', shared[name], steps, accuracy,
-                                               time.time() - start))
-    return result
+        mode = 'recombined' if shared[name] or on_mismatch == 'force' else 'stitched'
+        curves += _source_curves(name, source, head, mode, shared[name], reinit_head=reinit_head, train=train,
+                                 test=test_data, steps=steps, stitch_steps=stitch_steps, options=options)
+    return TransferResult(curves)

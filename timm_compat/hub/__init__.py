@@ -1,4 +1,4 @@
-"""Find, inspect and load timm-compat components on the Hugging Face Hub, from Python or the command line.
+"""Find and inspect timm-compat components on the Hugging Face Hub, from Python or the command line.
 
 ::
 
@@ -7,7 +7,8 @@
     python -m timm_compat.hub check ORG/EXTRACTOR ORG/HEAD     # do they fit, and why not
 
 ``show`` and ``check`` also take local component folders. Exit status: 0 done (``check``: they fit), 1 they do
-not fit, 2 an error (bad arguments, or a component that cannot be found or loaded).
+not fit, 2 an error (bad arguments, or a component that cannot be found or loaded). What a component is, and
+loading one, live in :mod:`timm_compat.component`; whether two fit, in :func:`timm_compat.compatible.fit_problems`.
 
 This is a package with a ``__main__`` rather than a module run with ``-m``, because ``timm_compat`` imports it:
 running an already imported module as ``__main__`` makes Python warn and load it twice.
@@ -17,45 +18,16 @@ import re
 import sys
 from typing import Iterable, List, Optional, Sequence, Union
 
-import torch
 from huggingface_hub import HfApi, ModelCard, ModelInfo
 from huggingface_hub.errors import OfflineModeIsEnabled
 
-from .._hub import CARD_NAME, Component, ComponentError, read_config, resolve_file
+from ..compatible import fit_problems
+from ..component import CARD_NAME, Component, ComponentError, load_component, read_config, resolve_file
 from ..interface import Interface
 
-__all__ = ['component_tags', 'list_components', 'load_component', 'main']
+__all__ = ['component_tags', 'list_components', 'main']
 
 _INTERFACE_ID = re.compile(r'[0-9a-f]{12}')
-
-
-def load_component(repo_id_or_dir, *, revision: Optional[str] = None, cache_dir=None, force_download: bool = False,
-                   local_files_only: bool = False, token: Union[str, bool, None] = None,
-                   map_location: Union[str, torch.device] = 'cpu') -> Component:
-    """Load any component as the type its ``config.json`` names: :class:`Extractor`, :class:`Head`,
-    :class:`Interface`, or any other registered :class:`Component` role.
-
-    Args:
-        repo_id_or_dir: Hub repo id (``ORG/NAME``) or local component folder.
-        revision, cache_dir, force_download, local_files_only, token, map_location: As
-            :meth:`Component.from_pretrained <timm_compat.Component.from_pretrained>`.
-
-    Raises:
-        ComponentError: As ``from_pretrained``, or a role this version does not know.
-
-    Example:
-        >>> extractor = timm_compat.load_component('org/cifar-resnet56-extractor')
-        >>> head = timm_compat.load_component('org/stl-mobilenetv2-head')
-        >>> model = timm_compat.recombine(extractor, head)
-    """
-    resolve = dict(revision=revision, cache_dir=cache_dir, force_download=force_download,
-                   local_files_only=local_files_only, token=token)
-    role = read_config(str(repo_id_or_dir), **resolve)['role']
-    if role not in Component.registry:
-        raise ComponentError(f'{repo_id_or_dir} holds a component of role {role!r}, which no imported module defines '
-                             f'(known: {sorted(Component.registry)}): import the module that defines it (e.g. '
-                             f'timm_compat.stitching for "stitch"), or upgrade timm-compat.')
-    return Component.registry[role].from_pretrained(repo_id_or_dir, map_location=map_location, **resolve)
 
 
 def _interface_id(interface: Union[str, Interface]) -> str:
@@ -162,39 +134,6 @@ def _cmd_show(args) -> int:
     return 0
 
 
-def _a(role: str) -> str:
-    return f'{"an" if role[0] in "aeiou" else "a"} {role}'
-
-
-def _fit_problems(extractor: Component, head: Component) -> List[str]:
-    """Why ``extractor`` and ``head`` cannot be recombined; empty when they fit."""
-    problems = [f'{what} is {_a(c.role)}, not {_a(want)}: give the extractor first, then the head'
-                for what, c, want in (('EXTRACTOR', extractor, 'extractor'), ('HEAD', head, 'head'))
-                if c.role != want]
-    if problems:
-        return problems
-    a, b = extractor.interface_id, head.interface_id
-    if a is None or b is None:
-        problems.append(f'the {"extractor" if a is None else "head"} was trained without an interface (an independent '
-                        f'network); components fit only when trained against one interface')
-    elif a != b:
-        problems.append(f'the extractor fits interface {a} and the head fits interface {b}; components fit only '
-                        f'within one interface. Heads for this extractor: '
-                        f'python -m timm_compat.hub list --interface {a} --role head')
-    if extractor.width != head.width:
-        problems.append(f'the extractor emits {extractor.width} channels but the head takes {head.width}')
-    if problems:
-        return problems
-    size = tuple(extractor.pretrained_cfg.get('input_size', (3, 224, 224)))
-    with torch.no_grad():
-        features = extractor(torch.zeros(1, *size))
-        try:
-            head(features)
-        except RuntimeError as e:
-            problems.append(f'the head fails on the extractor\'s features of shape {tuple(features.shape)}: {e}')
-    return problems
-
-
 def _cmd_check(args) -> int:
     extractor = load_component(args.extractor, revision=args.extractor_revision)
     head = load_component(args.head, revision=args.head_revision)
@@ -202,9 +141,12 @@ def _cmd_check(args) -> int:
         detail = (f', width {c.width}, {c.config["backbone"]} split {c.config["split"]}'
                   if c.role in ('extractor', 'head') else '')
         print(f'{c.role:<10} {name}: interface {c.interface_id}{detail}')
-    problems = _fit_problems(extractor, head)
+    problems = fit_problems(extractor, head)
     if problems:
         print('They do not fit:\n' + '\n'.join(f'  - {p}' for p in problems))
+        if extractor.role == 'extractor' and extractor.interface_id:
+            print(f'Heads of the extractor\'s interface: python -m timm_compat.hub list --interface '
+                  f'{extractor.interface_id} --role head')
         return 1
     size = 'x'.join(map(str, extractor.pretrained_cfg.get('input_size', (3, 224, 224))))
     print(f'They fit: timm_compat.recombine(extractor, head) classifies {size} images into {head.num_classes} '

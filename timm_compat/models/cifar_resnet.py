@@ -7,15 +7,19 @@
   "Wide ResNet-56" used by Gygli et al. (AAAI 2021), Sec. 5.2.
 * ``wrn28_10_cifar``: Zagoruyko & Komodakis, *Wide Residual Networks*, BMVC 2016: pre-activation blocks,
   depth 28, widen factor 10.
+
+The models follow timm's ``ResNet`` API: ``device``/``dtype`` factory arguments, ``create_classifier`` heads
+(``global_pool=''`` keeps the NCHW map), gradient checkpointing, ``forward_intermediates`` and
+``prune_intermediate_layers`` (so ``features_only=True, feature_cls='getter'`` works), and TorchScript.
 """
 from typing import Any, Dict, List, Optional, Tuple, Type, Union
 
 import torch
 import torch.nn as nn
 
-from timm.layers import SelectAdaptivePool2d
+from timm.layers import create_classifier
+from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
 __all__ = ['CifarResNet']
 
@@ -23,27 +27,34 @@ CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 
 
-def _projection(in_chs: int, out_chs: int, stride: int) -> Optional[nn.Module]:
+def _device_dtype(module: nn.Module) -> Dict[str, Any]:
+    """Factory kwargs that put a rebuilt submodule where the model's parameters are (timm's ``get_device_dtype``)."""
+    param = next(module.parameters(), None)
+    return {'device': None, 'dtype': None} if param is None else {'device': param.device, 'dtype': param.dtype}
+
+
+def _projection(in_chs: int, out_chs: int, stride: int, **dd) -> Optional[nn.Module]:
     if stride == 1 and in_chs == out_chs:
         return None
     return nn.Sequential(
-        nn.Conv2d(in_chs, out_chs, 1, stride=stride, bias=False),
-        nn.BatchNorm2d(out_chs),
+        nn.Conv2d(in_chs, out_chs, 1, stride=stride, bias=False, **dd),
+        nn.BatchNorm2d(out_chs, **dd),
     )
 
 
 class BasicBlock(nn.Module):
     """Post-activation basic block (He et al. 2016)."""
 
-    def __init__(self, in_chs: int, out_chs: int, stride: int = 1, drop_rate: float = 0.):
+    def __init__(self, in_chs: int, out_chs: int, stride: int = 1, drop_rate: float = 0., device=None, dtype=None):
         super().__init__()
-        self.conv1 = nn.Conv2d(in_chs, out_chs, 3, stride=stride, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(out_chs)
+        dd = {'device': device, 'dtype': dtype}
+        self.conv1 = nn.Conv2d(in_chs, out_chs, 3, stride=stride, padding=1, bias=False, **dd)
+        self.bn1 = nn.BatchNorm2d(out_chs, **dd)
         self.act1 = nn.ReLU(inplace=True)
         self.drop = nn.Dropout(drop_rate) if drop_rate > 0 else nn.Identity()
-        self.conv2 = nn.Conv2d(out_chs, out_chs, 3, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(out_chs)
-        self.downsample = _projection(in_chs, out_chs, stride)
+        self.conv2 = nn.Conv2d(out_chs, out_chs, 3, padding=1, bias=False, **dd)
+        self.bn2 = nn.BatchNorm2d(out_chs, **dd)
+        self.downsample = _projection(in_chs, out_chs, stride, **dd)
         self.act2 = nn.ReLU(inplace=True)
 
     def zero_init_last(self) -> None:
@@ -59,17 +70,18 @@ class BasicBlock(nn.Module):
 class PreActBlock(nn.Module):
     """Pre-activation basic block (He et al., ECCV 2016), as used by Wide ResNets."""
 
-    def __init__(self, in_chs: int, out_chs: int, stride: int = 1, drop_rate: float = 0.):
+    def __init__(self, in_chs: int, out_chs: int, stride: int = 1, drop_rate: float = 0., device=None, dtype=None):
         super().__init__()
-        self.bn1 = nn.BatchNorm2d(in_chs)
+        dd = {'device': device, 'dtype': dtype}
+        self.bn1 = nn.BatchNorm2d(in_chs, **dd)
         self.act1 = nn.ReLU(inplace=True)
-        self.conv1 = nn.Conv2d(in_chs, out_chs, 3, stride=stride, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(out_chs)
+        self.conv1 = nn.Conv2d(in_chs, out_chs, 3, stride=stride, padding=1, bias=False, **dd)
+        self.bn2 = nn.BatchNorm2d(out_chs, **dd)
         self.act2 = nn.ReLU(inplace=True)
         self.drop = nn.Dropout(drop_rate) if drop_rate > 0 else nn.Identity()
-        self.conv2 = nn.Conv2d(out_chs, out_chs, 3, padding=1, bias=False)
+        self.conv2 = nn.Conv2d(out_chs, out_chs, 3, padding=1, bias=False, **dd)
         self.downsample = None if stride == 1 and in_chs == out_chs else \
-            nn.Conv2d(in_chs, out_chs, 1, stride=stride, bias=False)
+            nn.Conv2d(in_chs, out_chs, 1, stride=stride, bias=False, **dd)
 
     def zero_init_last(self) -> None:
         nn.init.zeros_(self.conv2.weight)
@@ -83,20 +95,31 @@ class PreActBlock(nn.Module):
         return x + shortcut
 
 
+_STAGES = ('layer1', 'layer2', 'layer3')
+
+
 class CifarResNet(nn.Module):
     """Three-stage ResNet for 32x32 images.
 
+    The stages are the attributes ``layer1``..``layer3`` (the names splits and checkpoints use), written out in
+    :meth:`forward_features` as timm's ``ResNet`` does, so the model scripts with TorchScript.
+
     Args:
-        layers: Blocks per stage.
+        layers: Blocks per stage (three stages).
         widths: Output channels per stage.
         preact: Use pre-activation blocks (Wide ResNet) instead of post-activation ones.
         stem_width: Channels of the 3x3 stem.
         num_classes: Classifier outputs; 0 for no classifier.
         in_chans: Input channels.
-        global_pool: Pooling type for :class:`timm.layers.SelectAdaptivePool2d`.
+        global_pool: Pooling type for :func:`timm.layers.create_classifier`; ``''`` keeps the unpooled NCHW map.
         drop_rate: Dropout before the classifier.
         block_drop_rate: Dropout between the two convs of each block (WRN).
         zero_init_last: Zero-init the last BN / conv of each residual branch.
+        device: Device the parameters are created on (timm's factory argument).
+        dtype: Dtype of the parameters.
+
+    Raises:
+        ValueError: ``layers`` or ``widths`` do not describe three stages.
     """
 
     def __init__(
@@ -111,39 +134,52 @@ class CifarResNet(nn.Module):
             drop_rate: float = 0.,
             block_drop_rate: float = 0.,
             zero_init_last: bool = False,
+            device=None,
+            dtype=None,
     ):
         super().__init__()
+        if len(layers) != len(_STAGES) or len(widths) != len(_STAGES):
+            raise ValueError(f'CifarResNet has {len(_STAGES)} stages; got layers={layers}, widths={widths}.')
+        dd = {'device': device, 'dtype': dtype}
         self.num_classes = num_classes
+        self.in_chans = in_chans
         self.drop_rate = drop_rate
         self.preact = preact
         self.grad_checkpointing = False
 
-        self.conv1 = nn.Conv2d(in_chans, stem_width, 3, padding=1, bias=False)
-        self.bn1 = nn.Identity() if preact else nn.BatchNorm2d(stem_width)
+        self.conv1 = nn.Conv2d(in_chans, stem_width, 3, padding=1, bias=False, **dd)
+        self.bn1 = nn.Identity() if preact else nn.BatchNorm2d(stem_width, **dd)
         self.act1 = nn.Identity() if preact else nn.ReLU(inplace=True)
-        block_fn: Type[nn.Module] = PreActBlock if preact else BasicBlock
-
         self.feature_info: List[Dict[str, Any]] = [dict(num_chs=stem_width, reduction=1, module='act1')]
-        in_chs, reduction = stem_width, 1
-        for i, (depth, width) in enumerate(zip(layers, widths)):
-            stride = 1 if i == 0 else 2
-            reduction *= stride
-            blocks = [block_fn(in_chs if d == 0 else width, width, stride if d == 0 else 1, block_drop_rate)
-                      for d in range(depth)]
-            self.add_module(f'layer{i + 1}', nn.Sequential(*blocks))
-            self.feature_info.append(dict(num_chs=width, reduction=reduction, module=f'layer{i + 1}'))
-            in_chs = width
-        self.num_stages = len(layers)
+        self._make_stages(layers, widths, stem_width, block_drop_rate, dd)
+        self.num_stages = len(_STAGES)
+        in_chs = widths[-1]
         # Pre-activation nets end with BN + ReLU before pooling; post-activation ones already did.
-        self.norm = nn.BatchNorm2d(in_chs) if preact else nn.Identity()
+        self.norm = nn.BatchNorm2d(in_chs, **dd) if preact else nn.Identity()
         self.act = nn.ReLU(inplace=True) if preact else nn.Identity()
         if preact:
             self.feature_info[-1]['module'] = 'act'
-        self.num_features = self.head_hidden_size = in_chs
+        self.num_features = in_chs
 
-        self.global_pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=True)
-        self.fc = nn.Linear(in_chs, num_classes) if num_classes > 0 else nn.Identity()
+        self.global_pool, self.fc = create_classifier(self.num_features, num_classes, pool_type=global_pool, **dd)
+        self.head_hidden_size = self.num_features * self.global_pool.feat_mult()
         self._init_weights(zero_init_last)
+
+    def _make_stages(
+            self, layers: Tuple[int, ...], widths: Tuple[int, ...], in_chs: int, drop_rate: float,
+            dd: Dict[str, Any],
+    ) -> None:
+        """Add ``layer1``..``layer3`` and their ``feature_info`` entries."""
+        block_fn: Type[nn.Module] = PreActBlock if self.preact else BasicBlock
+        reduction = 1
+        for i, (name, depth, width) in enumerate(zip(_STAGES, layers, widths)):
+            stride = 1 if i == 0 else 2
+            reduction *= stride
+            blocks = [block_fn(in_chs if d == 0 else width, width, stride if d == 0 else 1, drop_rate, **dd)
+                      for d in range(depth)]
+            self.add_module(name, nn.Sequential(*blocks))
+            self.feature_info.append(dict(num_chs=width, reduction=reduction, module=name))
+            in_chs = width
 
     def _init_weights(self, zero_init_last: bool) -> None:
         for m in self.modules():
@@ -163,6 +199,11 @@ class CifarResNet(nn.Module):
 
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Checkpoint every residual block (:func:`timm.models.checkpoint_seq`) in the forward passes.
+
+        Args:
+            enable: Turn checkpointing on or off.
+        """
         self.grad_checkpointing = enable
 
     @torch.jit.ignore
@@ -170,13 +211,20 @@ class CifarResNet(nn.Module):
         return 'fc' if name_only else self.fc
 
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
-        self.num_classes = num_classes
-        if global_pool is not None:
-            self.global_pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=True)
-        self.fc = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        """Replace the classifier, as timm's ``ResNet.reset_classifier``.
 
-    def _stages(self) -> List[nn.Module]:
-        return [getattr(self, f'layer{i + 1}') for i in range(self.num_stages)]
+        Args:
+            num_classes: Outputs of the new classifier; 0 for none (the pooled features are returned).
+            global_pool: New pooling type; ``''`` for none (the NCHW map is returned); None keeps the current one.
+        """
+        dd = _device_dtype(self)
+        self.num_classes = num_classes
+        if global_pool is None:
+            global_pool = self.global_pool.pool_type
+        self.global_pool, self.fc = create_classifier(self.num_features, num_classes, pool_type=global_pool, **dd)
+        self.head_hidden_size = self.num_features * self.global_pool.feat_mult()
+        self.global_pool.train(self.training)
+        self.fc.train(self.training)
 
     def forward_intermediates(
             self,
@@ -192,7 +240,8 @@ class CifarResNet(nn.Module):
         Args:
             x: Input images.
             indices: Take the last n feature levels if int, all if None, the listed levels if a sequence.
-            norm: Apply the final norm to the last intermediate (pre-activation nets only).
+            norm: Accepted for timm's API. A pre-activation net's last level always includes its final BN + ReLU
+                (``feature_info`` names ``act``); post-activation nets have no final norm.
             stop_early: Stop after the last requested intermediate.
             output_fmt: Only ``'NCHW'``.
             intermediates_only: Return only the intermediates.
@@ -206,28 +255,62 @@ class CifarResNet(nn.Module):
         x = self.act1(self.bn1(self.conv1(x)))
         if 0 in take_indices:
             intermediates.append(x)
-        stages = self._stages()[:max_index] if stop_early else self._stages()
-        for i, stage in enumerate(stages, start=1):
-            x = stage(x)
+        names = _STAGES[:max_index] if stop_early else _STAGES
+        for i, name in enumerate(names, start=1):
+            stage = getattr(self, name)  # not scriptable, as in timm's ResNet; forward() does not use it
+            x = checkpoint_seq(stage, x) if self.grad_checkpointing else stage(x)
             if i in take_indices:
                 last = i == self.num_stages
                 intermediates.append(self.act(self.norm(x)) if last and (norm or self.preact) else x)
         if intermediates_only:
             return intermediates
-        if len(stages) == self.num_stages:
+        if len(names) == self.num_stages:
             x = self.act(self.norm(x))
         return x, intermediates
 
+    def prune_intermediate_layers(
+            self,
+            indices: Union[int, List[int]] = 1,
+            prune_norm: bool = False,
+            prune_head: bool = True,
+    ) -> List[int]:
+        """Remove the stages (and head) that the requested feature levels do not need, as timm's ``ResNet``.
+
+        Args:
+            indices: Feature levels to keep, as in :meth:`forward_intermediates`.
+            prune_norm: Accepted for timm's API. The final BN + ReLU of a pre-activation net is part of the last
+                level, so it stays while that level is kept and goes with it otherwise.
+            prune_head: Remove the classifier and pooling.
+
+        Returns:
+            The kept feature levels.
+        """
+        take_indices, max_index = feature_take_indices(self.num_stages + 1, indices)
+        for name in _STAGES[max_index:]:
+            setattr(self, name, nn.Sequential())  # empty, not Identity, so checkpoint_seq can iterate it
+        prune_end = max_index < self.num_stages
+        if prune_end:
+            # The final norm is sized for the last stage; the features now end at the last kept level.
+            self.norm, self.act = nn.Identity(), nn.Identity()
+            self.num_features = self.head_hidden_size = self.feature_info[max_index]['num_chs']
+        if prune_head or prune_end:
+            self.reset_classifier(0, '')
+        return take_indices
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.act1(self.bn1(self.conv1(x)))
-        for stage in self._stages():
-            x = stage(x)
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            x = checkpoint_seq([self.layer1, self.layer2, self.layer3], x, flatten=True)
+        else:
+            x = self.layer1(x)
+            x = self.layer2(x)
+            x = self.layer3(x)
         return self.act(self.norm(x))
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = self.global_pool(x)
         if self.drop_rate:
-            x = nn.functional.dropout(x, p=self.drop_rate, training=self.training)
+            x = nn.functional.dropout(x, p=float(self.drop_rate), training=self.training)
         return x if pre_logits else self.fc(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

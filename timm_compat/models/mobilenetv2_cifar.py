@@ -29,6 +29,20 @@ _ARCH_DEF = [
 ]
 
 
+def _cifar_efficientnet(**kwargs) -> EfficientNet:
+    """timm's ``EfficientNet`` with a stride-1 stem, built before timm wraps it for ``features_only``.
+
+    EfficientNet's stem always has stride 2; the CIFAR variant keeps the full 32x32 resolution there, so every
+    ``feature_info`` reduction halves. Patching here (the ``model_cls`` of ``build_model_with_cfg``) rather than
+    after the build keeps the feature wrappers (``FeatureListNet``, ``FeatureGetterNet``, ...) consistent.
+    """
+    model = EfficientNet(**kwargs)
+    model.conv_stem.stride = (1, 1)
+    for info in model.feature_info:
+        info['reduction'] = max(1, info['reduction'] // 2)
+    return model
+
+
 def _create(variant: str, pretrained: bool = False, channel_multiplier: float = 1.0, **kwargs) -> EfficientNet:
     model_args = dict(
         block_args=decode_arch_def(_ARCH_DEF),
@@ -40,13 +54,9 @@ def _create(variant: str, pretrained: bool = False, channel_multiplier: float = 
         num_classes=kwargs.pop('num_classes', 10),
         **kwargs,
     )
-    model = build_model_with_cfg(EfficientNet, variant, pretrained, feature_cfg=dict(flatten_sequential=True),
-                                 **model_args)
-    # EfficientNet's stem always has stride 2; CIFAR variants keep the full 32x32 resolution there.
-    model.conv_stem.stride = (1, 1)
-    for info in model.feature_info:
-        info['reduction'] = max(1, info['reduction'] // 2)
-    return model
+    # With the stride-1 first stage there are four feature levels (strides 1, 2, 4, 8), not timm's default five.
+    feature_cfg = dict(flatten_sequential=True, out_indices=(0, 1, 2, 3))
+    return build_model_with_cfg(_cifar_efficientnet, variant, pretrained, feature_cfg=feature_cfg, **model_args)
 
 
 def _cfg(**kwargs) -> Dict[str, Any]:

@@ -1,15 +1,18 @@
-"""The component folder format and its Hub round trip.
+"""What a component is: :class:`Component`, its folder format, and :func:`load_component`.
 
-Every component (extractor, head, interface) is a folder, local or a Hub model repo::
+A component is one trained part of a compatible network: an extractor or a head
+(:mod:`timm_compat.components`), the interface they are trained against (:mod:`timm_compat.interface`), or a
+stitch (:mod:`timm_compat.stitching`). Each is an ``nn.Module`` that saves to a folder, local or a Hub model repo::
 
     config.json        role, timm backbone + model_args, split, width, interface id, pretrained_cfg, weights_sha256
     model.safetensors  weights; __metadata__ carries role, interface id and the exact config saved with them
     README.md          model card: YAML front matter with compat-interface-<id> / compat-role-<role> tags
 
 :class:`Component` gives each type ``save_pretrained`` / ``from_pretrained`` / ``push_to_hub`` in
-``huggingface_hub.ModelHubMixin``'s idiom. Loading reads safetensors only, builds only architectures that the
-config's allow-listed ``model_args`` describe, and checks that config.json, the config recorded in the weights and the
-weights themselves (their digest and, for an interface, its id) agree.
+``huggingface_hub.ModelHubMixin``'s idiom; :func:`load_component` loads any folder as the type its role names.
+Loading reads safetensors only, builds only architectures that the config's allow-listed ``model_args`` describe,
+and checks that config.json, the config recorded in the weights and the weights themselves (their digest and, for
+an interface, its id) agree (see :mod:`timm_compat._integrity`). Searching the Hub lives in :mod:`timm_compat.hub`.
 """
 import json
 import os
@@ -28,8 +31,8 @@ from ._integrity import (
     FORMAT_VERSION, ComponentError, atomic_save_safetensors, atomic_write_bytes, config_metadata, config_text,
     recorded_config, weights_digest)
 
-__all__ = ['Component', 'ComponentError', 'CONFIG_NAME', 'WEIGHTS_NAME', 'FORMAT_VERSION', 'read_config',
-           'resolve_file']
+__all__ = ['Component', 'ComponentError', 'CONFIG_NAME', 'WEIGHTS_NAME', 'FORMAT_VERSION', 'load_component',
+           'read_config', 'resolve_file']
 
 CONFIG_NAME = 'config.json'
 WEIGHTS_NAME = 'model.safetensors'
@@ -143,11 +146,11 @@ class Component(
         license='apache-2.0',
         paper_url=PAPER_URL,
 ):
-    """Base of :class:`Extractor`, :class:`Head` and :class:`Interface`: the folder format and Hub methods.
+    """Base of :class:`Extractor`, :class:`Head`, :class:`Interface` and :class:`Stitch`: folder format, Hub methods.
 
     Subclasses set ``role`` and implement ``component_config()`` (a JSON-able dict that rebuilds the module
     through ``from_config``) and ``interface_id``. Defining one registers its role in ``Component.registry``, which
-    ``timm_compat.load_component`` reads.
+    :func:`load_component` reads.
     """
     role: str = ''
     registry: Dict[str, type] = {}
@@ -329,3 +332,32 @@ class Component(
 
     def verify_loaded(self, config: Dict[str, Any], model_id: str) -> None:
         """Hook for checks that need the loaded weights (an interface recomputes its id)."""
+
+
+def load_component(repo_id_or_dir, *, revision: Optional[str] = None, cache_dir=None, force_download: bool = False,
+                   local_files_only: bool = False, token: Union[str, bool, None] = None,
+                   map_location: Union[str, torch.device] = 'cpu') -> Component:
+    """Load any component as the type its ``config.json`` names: :class:`Extractor`, :class:`Head`,
+    :class:`Interface`, or any other registered :class:`Component` role.
+
+    Args:
+        repo_id_or_dir: Hub repo id (``ORG/NAME``) or local component folder.
+        revision, cache_dir, force_download, local_files_only, token, map_location: As
+            :meth:`Component.from_pretrained <timm_compat.Component.from_pretrained>`.
+
+    Raises:
+        ComponentError: As ``from_pretrained``, or a role this version does not know.
+
+    Example:
+        >>> extractor = timm_compat.load_component('org/cifar-resnet56-extractor')
+        >>> head = timm_compat.load_component('org/stl-mobilenetv2-head')
+        >>> model = timm_compat.recombine(extractor, head)
+    """
+    resolve = dict(revision=revision, cache_dir=cache_dir, force_download=force_download,
+                   local_files_only=local_files_only, token=token)
+    role = read_config(str(repo_id_or_dir), **resolve)['role']
+    if role not in Component.registry:
+        raise ComponentError(f'{repo_id_or_dir} holds a component of role {role!r}, which no imported module defines '
+                             f'(known: {sorted(Component.registry)}): import the module that defines it (e.g. '
+                             f'timm_compat.stitching for "stitch"), or upgrade timm-compat.')
+    return Component.registry[role].from_pretrained(repo_id_or_dir, map_location=map_location, **resolve)

@@ -1,0 +1,219 @@
+"""The one training loop: fit() against hand-written loops, resume, log means, hooks, mixed precision."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from timm_compat.fit import ClassificationTask, call_frozen, fit
+
+STEPS = 6
+
+
+@pytest.fixture(scope='module', autouse=True)
+def one_thread():
+    """Tiny tensors: a second thread adds only synchronisation, and one thread keeps sums in a fixed order."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, 3))
+
+
+def data(n=64):
+    generator = torch.Generator().manual_seed(1)
+    return torch.randn(n, 8, generator=generator), torch.randint(0, 3, (n,), generator=generator)
+
+
+def batch_at(step, batch_size=16):
+    """A batch that depends on the step alone, as fit's contract asks: a resume sees the same batches."""
+    x, y = data()
+    start = step * batch_size % len(x)
+    return x[start:start + batch_size], y[start:start + batch_size]
+
+
+def sgd(net):
+    """Nesterov SGD with weight decay under a decaying schedule: every piece of optimiser state matters."""
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4, nesterov=True)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1 / (1 + s))
+
+
+def assert_same_weights(a, b):
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+def test_fit_equals_a_hand_written_loop():
+    net, ref = model(), model()
+    optimizer, scheduler = sgd(net)
+    rows = fit(ClassificationTask(net), batch_at, STEPS, optimizer, scheduler, clip_grad_norm=0.5)
+
+    ref_optimizer, ref_scheduler = sgd(ref)
+    losses = []
+    for step in range(STEPS):
+        x, y = batch_at(step)
+        loss = F.cross_entropy(ref(x), y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(ref.parameters(), 0.5)
+        ref_optimizer.step()
+        ref_scheduler.step()
+        ref_optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.detach())
+    assert_same_weights(net, ref)  # BN running statistics included
+    assert rows == [{'step': STEPS, 'loss': torch.stack(losses).mean().item()}]
+    assert all(p.grad is None for p in net.parameters())
+
+
+def test_resume_at_start_step_equals_an_uninterrupted_run():
+    whole = model()
+    optimizer, scheduler = sgd(whole)
+    fit(ClassificationTask(whole), batch_at, STEPS, optimizer, scheduler)
+
+    first = model()
+    optimizer, scheduler = sgd(first)
+    fit(ClassificationTask(first), batch_at, 2, optimizer, scheduler)
+    saved = copy.deepcopy((first.state_dict(), optimizer.state_dict(), scheduler.state_dict()))
+    # A new process: fresh objects, state loaded from the "checkpoint", batches from step 2 on.
+    resumed = model()
+    optimizer, scheduler = sgd(resumed)
+    for obj, state in zip((resumed, optimizer, scheduler), saved):
+        obj.load_state_dict(state)
+    seen = []
+    fit(ClassificationTask(resumed), lambda s: seen.append(s) or batch_at(s), STEPS, optimizer, scheduler,
+        start_step=2)
+    assert seen == list(range(2, STEPS))
+    assert_same_weights(resumed, whole)
+
+
+class Scripted(nn.Module):
+    """A task whose logged values are known: 'loss' is ``step`` in value, 'odd' appears on odd steps only."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.zeros(()))
+
+    def forward(self, step):
+        losses = {'loss': self.w * 0 + step, 'output': torch.zeros(2, 3)}  # non-scalar: not logged
+        if step % 2:
+            losses['odd'] = torch.tensor(10.0 * step)
+        return losses
+
+
+def test_log_means_cover_each_interval_and_the_short_last_one():
+    logged, stepped = [], []
+    rows = fit(Scripted(), lambda step: step, 10, torch.optim.SGD(Scripted().parameters(), lr=0.1),
+               log_every=4, on_log=lambda step, means: logged.append((step, means)),
+               on_step=lambda step, losses: stepped.append((step, losses['loss'].item())))
+    # Steps 0-3, 4-7 and 8-9 (the last interval is short); 'odd' over its own steps: 1, 3 / 5, 7 / 9.
+    assert rows == [{'step': 4, 'loss': 1.5, 'odd': 20.0}, {'step': 8, 'loss': 5.5, 'odd': 60.0},
+                    {'step': 10, 'loss': 8.5, 'odd': 90.0}]
+    assert logged == [(row['step'], {k: v for k, v in row.items() if k != 'step'}) for row in rows]
+    assert stepped == [(s + 1, float(s)) for s in range(10)]  # callbacks after the update get the steps done
+
+
+def test_log_every_zero_logs_the_last_step_only_and_a_resume_logs_its_own_steps():
+    task = Scripted()
+    optimizer = torch.optim.SGD(task.parameters(), lr=0.1)
+    assert fit(task, lambda step: step, 4, optimizer) == [{'step': 4, 'loss': 1.5, 'odd': 20.0}]
+    assert fit(task, lambda step: step, 7, optimizer, start_step=4, log_every=2) == [
+        {'step': 6, 'loss': 4.5, 'odd': 50.0}, {'step': 7, 'loss': 6.0}]
+
+
+def test_before_optimizer_step_runs_after_backward_and_before_the_step():
+    net = model()
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.1)  # no momentum or decay: no grad, no change
+    events = []
+    optimizer.register_step_pre_hook(lambda *_: events.append('optimizer.step'))
+    frozen_bias = net[3].bias.detach().clone()
+
+    def drop_bias_grad(step):
+        assert net[3].bias.grad is not None  # after backward
+        events.append(step)
+        net[3].bias.grad = None
+
+    fit(ClassificationTask(net), batch_at, 3, optimizer, before_optimizer_step=drop_bias_grad)
+    assert events == [0, 'optimizer.step', 1, 'optimizer.step', 2, 'optimizer.step']
+    assert torch.equal(net[3].bias, frozen_bias)
+    assert not torch.equal(net[3].weight, model()[3].weight)
+
+
+def test_bf16_autocast_runs_the_matmuls_in_bf16_and_trains():
+    net, dtypes = model(), []
+    task = ClassificationTask(net)
+    net[3].register_forward_hook(lambda module, args, out: dtypes.append(out.dtype))
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.2, momentum=0.9)
+    rows = fit(task, batch_at, 40, optimizer, mixed_precision='bf16', log_every=10)
+    assert set(dtypes) == {torch.bfloat16}
+    assert rows[-1]['loss'] < rows[0]['loss']
+    assert all(p.dtype == torch.float32 for p in net.parameters())  # autocast, not a bf16 model
+
+    fit(task, batch_at, 1, optimizer)
+    assert dtypes[-1] == torch.float32  # the default stays fp32
+
+
+def test_fp16_trains_through_a_gradient_scaler():
+    net, dtypes = model(), []
+    net[3].register_forward_hook(lambda module, args, out: dtypes.append(out.dtype))
+    rows = fit(ClassificationTask(net), batch_at, 40, torch.optim.SGD(net.parameters(), lr=0.2, momentum=0.9),
+               mixed_precision='fp16', clip_grad_norm=1.0, log_every=10)
+    assert set(dtypes) == {torch.float16}
+    assert rows[-1]['loss'] < rows[0]['loss']
+
+
+def test_precision_and_accelerator_arguments_are_checked():
+    net = model()
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match='Unknown mixed_precision'):
+        fit(ClassificationTask(net), batch_at, 1, optimizer, mixed_precision='fp8')
+    with pytest.raises(ValueError, match='accelerator decides'):
+        fit(ClassificationTask(net), batch_at, 1, optimizer, accelerator=object(), mixed_precision='bf16')
+
+
+def reset_accelerate_state():
+    """Accelerate keeps one state per process: each run here starts from none (conftest's fixture cleans up)."""
+    from accelerate.state import AcceleratorState, GradientState
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
+def test_with_an_accelerator_fit_equals_accelerates_own_accumulation_loop(fresh_accelerate):
+    from accelerate import Accelerator
+    runs = []
+    for use_fit in (True, False):
+        reset_accelerate_state()
+        accelerator = Accelerator(cpu=True, gradient_accumulation_steps=2)
+        net = model()
+        task, (optimizer, scheduler) = ClassificationTask(net), sgd(net)
+        task, optimizer, scheduler = accelerator.prepare(task, optimizer, scheduler)
+        clipped = []
+        if use_fit:
+            fit(task, batch_at, STEPS, optimizer, scheduler, accelerator=accelerator, clip_grad_norm=0.5,
+                before_optimizer_step=lambda step: clipped.append(accelerator.sync_gradients))
+        else:
+            for step in range(STEPS):
+                with accelerator.accumulate(task):
+                    accelerator.backward(task(batch_at(step))['loss'])
+                    if accelerator.sync_gradients:
+                        accelerator.clip_grad_norm_(list(net.parameters()), 0.5)
+                    optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+        runs.append((net, clipped))
+    assert_same_weights(runs[0][0], runs[1][0])
+    assert runs[0][1] == [False, True] * (STEPS // 2)  # an update every second step
+
+
+def test_call_frozen_passes_gradients_to_inputs_only():
+    head = nn.Linear(4, 2)
+    before = copy.deepcopy(head.state_dict())
+    x = torch.randn(3, 4, requires_grad=True)
+    call_frozen(head, x).sum().backward()
+    assert x.grad is not None and all(p.grad is None for p in head.parameters())
+    assert all(p.requires_grad for p in head.parameters())
+    assert all(torch.equal(v, before[k]) for k, v in head.state_dict().items())
+    with torch.no_grad():
+        assert torch.equal(call_frozen(head, x), head(x))

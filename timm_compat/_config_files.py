@@ -1,0 +1,157 @@
+"""Reading run configs from YAML files for :mod:`timm_compat.config`: ``base:`` chains, data presets, ``--set``.
+
+A config file may name a ``base:`` file (relative to it) that it refines, recursively. Merging a file over its
+base:
+
+* mappings merge key by key;
+* lists of named mappings (``networks``) merge by ``name``: an entry refines the base's entry of the same name, an
+  entry with a new name is appended, entries the file does not name are kept as they are;
+* a mapping of indices over a list patches it by position, as ``--set networks.0.key=...`` does: ``{0: {load:
+  x}}`` refines the first item, ``{1: null}`` removes the second;
+* anything else (other lists too) is replaced.
+
+A file may choose a data preset, ``data: NAME``: the file ``data/NAME.yaml`` next to the config file that was
+loaded. The preset lies under the whole chain (it gives the networks, by name and dataset; the files refine them),
+``--set data=NAME`` picks another one, and ``{data}`` in any string becomes NAME (output folders). In a network's
+strings ``{name}`` becomes the network's name.
+"""
+import re
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import yaml
+
+from ._config_errors import ConfigError
+
+__all__ = ['read_config_file', 'split_preset', 'set_dotted']
+
+PRESET_KEY = 'data'
+PRESET_DIR = 'data'
+
+
+def set_dotted(data: Dict[str, Any], dotted: str) -> None:
+    """Apply one ``key.path=value`` override (value parsed as YAML) to ``data`` in place."""
+    if '=' not in dotted:
+        raise ConfigError(f'Override {dotted!r} must look like key.path=value, e.g. interface.rp=false.')
+    path, raw = dotted.split('=', 1)
+    keys, node = path.split('.'), data
+    try:
+        for key in keys[:-1]:
+            node = node[int(key)] if isinstance(node, list) else node.setdefault(key, {})
+        value = yaml.safe_load(raw)
+        if isinstance(node, list):
+            node[int(keys[-1])] = value
+        else:
+            node[keys[-1]] = value
+    except (ValueError, IndexError, TypeError, AttributeError, yaml.YAMLError) as e:
+        raise ConfigError(f'Override {dotted!r}: {path!r} names no config key that can be set to {raw!r} ({e}); '
+                          f'e.g. networks.0.dataset.train_limit=1000.') from None
+
+
+def split_preset(overrides: Sequence[str]) -> Tuple[Optional[str], List[str]]:
+    """The data preset that ``data=NAME`` overrides choose (the last wins), and the other overrides."""
+    chosen = [o.split('=', 1)[1].strip().strip('"\'') for o in overrides if o.split('=', 1)[0].strip() == PRESET_KEY]
+    rest = [o for o in overrides if o.split('=', 1)[0].strip() != PRESET_KEY]
+    return (chosen[-1] if chosen else None), rest
+
+
+def _named(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(v, dict) and 'name' in v for v in value)
+
+
+def _merge_named(base: List[Dict[str, Any]], update: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """Entries of ``update`` over the entries of ``base`` with the same ``name``; new names go last."""
+    out = list(base)
+    for entry in update:
+        at = next((i for i, old in enumerate(out) if old['name'] == entry['name']), None)
+        if at is None:
+            out.append(entry)
+        else:
+            out[at] = _merge(out[at], entry)
+    return out
+
+
+def _patch(base: List[Any], patches: Dict[Any, Any], key: str) -> List[Any]:
+    """``{index: patch}`` over ``base``: a mapping refines the item, null removes it, anything else replaces it."""
+    bad = [i for i in patches if type(i) is not int or not 0 <= i < len(base)]
+    if bad:
+        raise ConfigError(f'{key}: {bad} name no item of the {len(base)} in the base; patch a list by position as '
+                          f'{{0: {{...}}}}, or by name as a list of entries with name: set.')
+    out = [_merge(item, patches[i]) if isinstance(patches.get(i), dict) and isinstance(item, dict)
+           else patches.get(i, item) for i, item in enumerate(base)]
+    return [item for i, item in enumerate(out) if not (i in patches and patches[i] is None)]
+
+
+def _merge(base: Dict[str, Any], update: Dict[str, Any]) -> Dict[str, Any]:
+    """``update`` over ``base``, by the rules in the module docstring."""
+    out = dict(base)
+    for key, value in update.items():
+        old = out.get(key)
+        if isinstance(value, dict) and isinstance(old, dict):
+            out[key] = _merge(old, value)
+        elif isinstance(value, dict) and isinstance(old, list):
+            out[key] = _patch(old, value, key)
+        elif value and _named(value) and _named(old):
+            out[key] = _merge_named(old, value)
+        else:
+            out[key] = value
+    return out
+
+
+def _read_yaml(path: Path, seen: Sequence[Path] = ()) -> Dict[str, Any]:
+    """A config file, merged over the file its ``base:`` key names (relative to it), recursively."""
+    path = path.resolve()
+    if path in seen:
+        raise ConfigError(f'Config files include each other in a loop: {[str(p) for p in seen]} -> {path}.')
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise ConfigError(f'Cannot read config file {path}: {e}') from None
+    if not isinstance(data, dict):
+        raise ConfigError(f'{path} must hold a YAML mapping of config keys, e.g. "batch_size: 64".')
+    base = data.pop('base', None)
+    return _merge(_read_yaml(path.parent / base, [*seen, path]), data) if base else data
+
+
+def _fill(value: Any, token: str, text: str) -> Any:
+    """``value`` with ``token`` replaced by ``text`` in every string in it."""
+    if isinstance(value, str):
+        return value.replace(token, text)
+    if isinstance(value, dict):
+        return {k: _fill(v, token, text) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_fill(v, token, text) for v in value]
+    return value
+
+
+def _preset(path: Path, name: str) -> Dict[str, Any]:
+    """The data preset ``name`` of the config file at ``path``."""
+    folder = path.resolve().parent / PRESET_DIR
+    choices = sorted(p.stem for p in folder.glob('*.yaml'))
+    if not re.fullmatch(r'[A-Za-z0-9][\w.-]*', name) or name not in choices:
+        where = f'choose one of {choices}' if choices else f'{path} has no data presets ({folder}/NAME.yaml)'
+        raise ConfigError(f'data: {name!r} is no data preset; {where}, e.g. --set data={(choices or ["NAME"])[0]}.')
+    preset = _read_yaml(folder / f'{name}.yaml')
+    if PRESET_KEY in preset:
+        raise ConfigError(f'The data preset {folder / name}.yaml sets data: itself; a preset cannot choose another.')
+    return preset
+
+
+def read_config_file(path: Path, preset: Optional[str] = None) -> Dict[str, Any]:
+    """The config at ``path`` (its ``base:`` chain merged) over its data preset, placeholders filled.
+
+    Args:
+        path: A YAML config file.
+        preset: A data preset replacing the one the files choose (``--set data=NAME``).
+    """
+    data = _read_yaml(path)
+    name = preset or data.pop(PRESET_KEY, None)
+    data.pop(PRESET_KEY, None)
+    if name is not None:
+        data = _fill(_merge(_preset(path, str(name)), data), '{data}', str(name))
+    elif '{data}' in yaml.safe_dump(data):
+        raise ConfigError(f'{path} writes {{data}} but chooses no data preset: set data: NAME in it or pass '
+                          f'--set data=NAME.')
+    if _named(data.get('networks')):
+        data['networks'] = [_fill(n, '{name}', str(n['name'])) for n in data['networks']]
+    return data

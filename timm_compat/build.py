@@ -1,0 +1,139 @@
+"""From a run config to objects: task data, the interface, the networks and the joint model of each phase.
+
+Everything a run trains is built here, and so validated, before the run touches its output folder: an unknown
+split point, a frozen interface of the wrong width or datasets without common classes refuse the run while an
+earlier run in the folder is still intact.
+"""
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+from accelerate.utils import set_seed
+
+from .classes import canonical_class_name, common_classes
+from .compatible import CompatibleModel, make_compatible, recombine
+from .components import Extractor, Head
+from .config import NetworkConfig, RunConfig
+from .data import ImageData, load_image_data
+from .interface import DEFAULT_WIDTH, Interface
+from .joint import JointModel
+from .methods import init_seed, methods_for
+
+__all__ = ['Phase', 'load_task_data', 'build_interface', 'build_network', 'build_phase', 'build_phases']
+
+
+def load_task_data(net: NetworkConfig, cfg: RunConfig) -> Tuple[ImageData, ImageData]:
+    """The (train, test) data of one network's task, as its dataset config describes them."""
+    d = net.dataset
+    common = dict(image_size=cfg.image_size, image_column=d.image_column, label_column=d.label_column,
+                  class_names=d.class_names, classes=d.classes, shift=d.shift, seed=cfg.seed)
+    train = load_image_data(d.source, d.train_split, limit=d.train_limit, shard=d.train_shard,
+                            synthetic_per_class=d.synthetic_per_class, **common)
+    test = load_image_data(d.source, d.test_split, limit=d.test_limit,
+                           synthetic_per_class=d.synthetic_test_per_class, **common)
+    return train, test
+
+
+def build_interface(cfg: RunConfig, class_lists: Sequence[Sequence[str]]) -> Optional[Interface]:
+    """A new interface for joint training, the frozen one that incremental training fits, or None.
+
+    None for networks that share nothing (no aux heads, no identical initial weights): independent networks must
+    not claim an interface, or their components would be tagged as fitting each other.
+
+    Raises:
+        ValueError: The frozen interface's width is not the configured one, or DCC finds no common classes.
+    """
+    icfg = cfg.interface
+    if not (icfg.load or icfg.rp or icfg.dcc or cfg.iiw):
+        return None
+    if icfg.load:
+        interface = Interface.from_pretrained(icfg.load).freeze()
+        if icfg.width is not None and icfg.width != interface.width:
+            raise ValueError(f'The frozen interface {icfg.load} has width {interface.width}, but the config asks for '
+                             f'width {icfg.width}. Set interface.width to {interface.width} (or drop it).')
+        return interface
+    dcc_classes = None
+    if icfg.dcc:
+        dcc_classes = icfg.dcc_classes or common_classes(class_lists)
+        if not dcc_classes:
+            raise ValueError(f'DCC needs common classes, but the datasets share none ({class_lists}). Give '
+                             f'interface.dcc_classes or set interface.dcc=false.')
+    return Interface(width=icfg.width or DEFAULT_WIDTH, rp=icfg.rp, dcc_classes=dcc_classes, aux_head=icfg.aux_head,
+                     rp_head=icfg.rp_head, dcc_head=icfg.dcc_head)
+
+
+def build_network(net: NetworkConfig, index: int, cfg: RunConfig, interface: Optional[Interface],
+                  class_names: List[str]) -> CompatibleModel:
+    """Network ``index`` of the run: loaded from its saved components, or made from its timm backbone.
+
+    Raises:
+        ValueError: A loaded network fits another interface, or ``head: dcc`` with classes other than DCC's.
+    """
+    if net.load:
+        extractor = Extractor.from_pretrained(f'{net.load}/extractor')
+        head = Head.from_pretrained(f'{net.load}/head')
+        if extractor.interface_id != interface.id:
+            raise ValueError(f'Network {net.name!r} ({net.load}) fits interface {extractor.interface_id}, but this run '
+                             f'uses interface {interface.id}.')
+        return recombine(extractor, head)
+    head = net.head
+    if head == 'dcc':
+        # The network's own head is the shared DCC head (Sec. 5.2): one classifier for every extractor.
+        canonical = [canonical_class_name(c) for c in class_names]
+        if interface.dcc is None or canonical != [canonical_class_name(c) for c in interface.dcc_classes]:
+            raise ValueError(f'Network {net.name!r} has head: dcc, so its classes {class_names} must be the '
+                             f'interface\'s DCC classes {interface.dcc_classes}, in that order.')
+        head = interface.dcc
+    return make_compatible(
+        net.backbone, split=net.split, interface=interface, num_classes=len(class_names), head=head,
+        head_split=net.head_split, class_names=class_names, pretrained=net.pretrained,
+        init_seed=init_seed(cfg.init_seed, index, identical=cfg.iiw),
+        width=None if interface is not None else cfg.interface.width or DEFAULT_WIDTH, **net.model_args)
+
+
+@dataclass
+class Phase:
+    """One training phase (``main`` or its ``independent`` baseline), built and checked before anything runs.
+
+    Attributes:
+        tag: The phase's name, also its folder in the run's output directory.
+        cfg: The phase's config (the baseline's is ``cfg.independent()``).
+        interface: The shared interface, or None for networks that share nothing.
+        models: Every network of the phase by name, loaded ones included.
+        joint: The networks this phase trains, their interface and methods as one module.
+        data: (train, test) data of every network by name.
+    """
+    tag: str
+    cfg: RunConfig
+    interface: Optional[Interface]
+    models: Dict[str, CompatibleModel]
+    joint: JointModel
+    data: Dict[str, Tuple[ImageData, ImageData]]
+
+    @property
+    def trained(self) -> List[str]:
+        """Names of the networks this phase trains (loaded networks are only evaluated)."""
+        return list(self.joint.networks)
+
+
+def build_phase(tag: str, cfg: RunConfig, data: Dict[str, Tuple[ImageData, ImageData]],
+                device: torch.device) -> Phase:
+    """Interface, networks and joint model of a phase; every backbone, split and head is built (and so checked)."""
+    set_seed(cfg.seed)
+    interface = build_interface(cfg, [train.class_names for train, _ in data.values()])
+    models = {n.name: build_network(n, i, cfg, interface, data[n.name][0].class_names).to(device)
+              for i, n in enumerate(cfg.networks)}
+    if interface is not None:
+        interface.to(device)  # a loaded, frozen interface is not prepared by Accelerate
+    methods = methods_for(interface, cfg.interface.rp_weight, cfg.interface.dcc_weight, rp_norm=cfg.interface.rp_norm)
+    joint = JointModel({n.name: models[n.name] for n in cfg.networks if not n.load}, interface, methods,
+                       schedule=cfg.joint_schedule)
+    if cfg.channels_last:
+        joint = joint.to(memory_format=torch.channels_last)
+    return Phase(tag, cfg, interface, models, joint, data)
+
+
+def build_phases(cfg: RunConfig, data: Dict[str, Tuple[ImageData, ImageData]], device: torch.device) -> List[Phase]:
+    """The run's ``main`` phase and, when ``cfg.baseline`` asks for it, its ``independent`` baseline."""
+    phase_cfgs = [('main', cfg)] + ([('independent', cfg.independent())] if cfg.baseline else [])
+    return [build_phase(tag, phase_cfg, data, device) for tag, phase_cfg in phase_cfgs]
