@@ -127,12 +127,12 @@ def time_call(fn: Callable[[], torch.Tensor], device: torch.device) -> Tuple[flo
     return time.perf_counter() - start, out
 
 
-def main(argv=None) -> Dict[str, float]:
-    args = parse_args(argv)
-    _, device = setup(args)
+def trained_networks(args, device: torch.device) -> Tuple[List[nn.Module], List[ImageData], List[str]]:
+    """The N networks, each trained briefly on its own synthetic task, their test sets and the common classes.
 
-    # Test sets of the two synthetic domains in turn, each network with its own seed: 10 classes per network, 9 in
-    # common, listed in different orders, so the column mapping by class name matters.
+    Test sets of the two synthetic domains in turn, each network with its own seed: 10 classes per network, 9 in
+    common, listed in different orders, so the column mapping by class name matters.
+    """
     domains = ['AB'[i % 2] for i in range(args.networks)]
     test_data: List[ImageData] = []
     for i, domain in enumerate(domains):
@@ -147,6 +147,13 @@ def main(argv=None) -> Dict[str, float]:
     for i, (model, domain) in enumerate(zip(models, domains)):
         images, labels, names = make_synthetic(domain, 'train', 32, args.per_class, seed=i)
         train_briefly(model, ImageData(images, labels, names), args.train_steps)
+    return models, test_data, common
+
+
+def main(argv=None) -> Dict[str, float]:
+    args = parse_args(argv)
+    _, device = setup(args)
+    models, test_data, common = trained_networks(args, device)
     evaluated = args.networks * sum(len(common_subset(d, common)) for d in test_data)
 
     probe = torch.zeros(args.batch_size, 3, 32, 32, device=device)

@@ -47,7 +47,8 @@ def run_overrides(budget: dict, networks, seed: int = 0, epochs=None) -> list:
     """Config overrides of a run whose networks are ``networks`` (names of NETWORKS, in config order)."""
     # One thread on CPU: two threads on a shared 2-core machine run several times slower than one.
     overrides = [] if budget['epochs'] is None else [
-        f'batch_size={budget["batch_size"]}', f'optim.lr={budget["lr"]}', f'optim.warmup_steps={budget["warmup_steps"]}',
+        f'batch_size={budget["batch_size"]}', f'optim.lr={budget["lr"]}',
+        f'optim.warmup_steps={budget["warmup_steps"]}',
         'mixed_precision=no', 'channels_last=false', 'checkpoint_every=100000', 'log_every=10', 'cpu_threads=1']
     epochs = epochs or budget['epochs']
     overrides += [f'epochs={epochs}'] if epochs else []
