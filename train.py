@@ -3,7 +3,7 @@
     accelerate launch train.py                                  # offline demo: IIW+RP+DCC vs. independent
     accelerate launch train.py -c configs/sec4/iiw_rp_dcc.yaml --set data=parquet --data-dir DATA
     accelerate launch train.py -c CONFIG --set optim.lr=0.1 --set networks.1.backbone=resnet56_cifar
-    accelerate launch --multi_gpu --num_processes 2 train.py -c CONFIG     # DDP
+    accelerate launch --multi_gpu --num_processes 2 train.py -c CONFIG     # DDP (on CPU: ACCELERATE_USE_CPU=true ...)
     accelerate launch train.py -c CONFIG --resume                # continue from the last checkpoint
 
 A run trains N networks (timm backbone split into extractor + head, each on its own dataset) against one
@@ -20,13 +20,16 @@ from pathlib import Path
 from accelerate import Accelerator
 
 from timm_compat.build import Phase, build_phases, load_task_data
-from timm_compat.config import load_config
-from timm_compat.engine import (claim_run_dir, evaluate_phase, fit_phase, make_accelerator, push_components,
-                                save_components, write_summary)
+from timm_compat.config import config_help, load_config
+from timm_compat.engine import (check_hub_credentials, claim_run_dir, evaluate_phase, fit_phase, make_accelerator,
+                                push_components, save_components, write_summary)
+from timm_compat.metrics_log import MetricsLog
+from timm_compat.plots import plot_phase
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, epilog=config_help(),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('-c', '--config', default=None, help='YAML run config (default: the offline demo)')
     parser.add_argument('--set', dest='overrides', action='append', default=[], metavar='KEY=VALUE',
                         help='override a config key, e.g. --set interface.rp=false (repeatable)')
@@ -54,6 +57,8 @@ def main(argv=None) -> dict:
     with accelerator.main_process_first():
         data = {n.name: load_task_data(n, cfg) for n in cfg.networks}
     phases = build_phases(cfg, data, accelerator.device)
+    if cfg.push_to_hub:
+        check_hub_credentials(accelerator, cfg.push_to_hub)
     out = Path(cfg.output_dir)
     finished = [p.tag for p in phases if (out / p.tag / 'summary.json').exists()]
     with claim_run_dir(accelerator, cfg, finished, args.resume, args.overwrite):
@@ -77,16 +82,18 @@ def run_phase(phase: Phase, accelerator: Accelerator, out: Path, resume: bool) -
         return json.loads((out / 'summary.json').read_text())
     fitted = fit_phase(phase, accelerator, out, resume)
     summary = evaluate_phase(phase, accelerator)
+    cfg = phase.cfg
+    components = Path(cfg.save_components) / phase.tag if cfg.save_components else out / 'components'
     if accelerator.is_main_process:
-        cfg = phase.cfg
-        components = Path(cfg.save_components) / phase.tag if cfg.save_components else out / 'components'
         save_components(phase, components)
-        if cfg.push_to_hub:
-            push_components(phase, cfg.push_to_hub)
         summary['components'] = str(components)
     summary.update(fitted)
     if accelerator.is_main_process:
+        # The summary is written first: a failed push loses nothing, and a resume takes the phase as finished.
         write_summary(out / 'summary.json', summary)
+        plot_phase(out, summary, MetricsLog(out / 'metrics.csv').rows())  # recombination.png, loss.png
+    if cfg.push_to_hub:
+        push_components(phase, accelerator, components)
     accelerator.free_memory()  # the next phase checkpoints only its own models
     accelerator.wait_for_everyone()
     return summary

@@ -170,7 +170,7 @@ def test_saved_config_survives_a_load(tmp_path):
     model.extractor.config['pretrained_cfg']['input_size'] = [3, 40, 40]  # e.g. a user's input-size overlay
     model.extractor.save_pretrained(tmp_path / 'e')
     loaded = tc.Extractor.from_pretrained(tmp_path / 'e')
-    assert loaded.pretrained_cfg['input_size'] == [3, 40, 40]
+    assert loaded.pretrained_cfg['input_size'] == (3, 40, 40)
 
 
 def test_channels_last_backbone_adapts_channels_not_height(interface):

@@ -17,6 +17,17 @@ CONFIGS = [(p, preset) for p in sorted(SEC4.glob('*.yaml')) if p.stem != 'base' 
 # configs/{cifar10_stl10,parquet,cifar10_halves}/ were three copies of the Sec. 4 method files.
 BEFORE = json.loads((Path(__file__).parent / 'fixtures' / 'configs_before_issue14.json').read_text())
 
+def _with_added_keys(before, now, default):
+    """``before`` plus the keys that the schema gained since, at their defaults: a config that does not set them
+    means what it meant."""
+    if not (isinstance(before, dict) and isinstance(now, dict) and isinstance(default, dict)):
+        return before
+    return {k: _with_added_keys(before[k], now[k], default.get(k)) if k in before else default.get(k, _MISSING)
+            for k in now}
+
+
+_MISSING = object()  # a key added since with no default to compare with: never equal
+
 
 def test_defaults_are_the_offline_demo():
     cfg = load_config()
@@ -51,7 +62,8 @@ def test_one_config_set_reproduces_the_per_setting_copies(old):
     """configs/SETTING/METHOD.yaml of before is configs/sec4/METHOD.yaml with data=SETTING, to the last key."""
     _, setting, name = old.split('/')
     path = ROOT / old if setting == 'head_transfer' else SEC4 / name
-    assert _load(path, None if setting == 'head_transfer' else setting).to_dict() == BEFORE[old]
+    now = _load(path, None if setting == 'head_transfer' else setting).to_dict()
+    assert now == _with_added_keys(BEFORE[old], now, RunConfig().to_dict())
 
 
 def test_the_default_data_preset_is_the_papers():
@@ -137,7 +149,7 @@ BAD = [
     ('networks.0.dataset.train_shard=[-1, 2]', 'networks.0.dataset.train_shard', '[-1, 2]'),
     ('networks.0.dataset.train_shard=[0]', 'networks.0.dataset.train_shard', '[0]'),
     ('image_size=4', 'image_size', '4'), ('eval_bn=running_mean', 'eval_bn', "'running_mean'"),
-    ('optim.optimizer=adam', 'optim.optimizer', "'adam'"), ('optim.schedule=step', 'optim.schedule', "'step'"),
+    ('optim.optimizer=adamm', 'optim.optimizer', "'adamm'"), ('optim.schedule=steps', 'optim.schedule', "'steps'"),
     ('mixed_precision=fp32', 'mixed_precision', "'fp32'"), ('mixed_precision=yes', 'mixed_precision', 'True'),
     ('baseline=yes', 'baseline', 'True'),
     ('joint_schedule=round_robin', 'joint_schedule', "'round_robin'"),
@@ -150,7 +162,7 @@ BAD = [
     ('networks.0.model_args={a: {b: 1}}', 'networks.0.model_args.a', "{'b': 1}"),
     ('interface.dcc_head={type: timm}', 'interface.dcc_head', "{'type': 'timm'}"),
     ('interface.aux_head=3', 'interface.aux_head', '3'), ('networks=[]', 'networks', '[]'),
-    ('optim=null', 'optim', 'None'), ('push_to_hub=/abs', 'push_to_hub', "'/abs'"),
+    ('optim=null', 'optim', 'None'), ('trackers=[tensorbord]', 'trackers.0', "'tensorbord'"), ('push_to_hub=/abs', 'push_to_hub', "'/abs'"),
 ]
 
 
@@ -225,9 +237,12 @@ def test_config_changes():
 
 def test_resume_may_change_only_what_leaves_weights_and_results_alone():
     assert RESUME_MAY_CHANGE == {'steps', 'epochs', 'log_every', 'checkpoint_every', 'keep_checkpoints',
-                                 'cpu_threads', 'save_components', 'push_to_hub', 'output_dir', 'data_dir'}
+                                 'cpu_threads', 'save_components', 'push_to_hub', 'output_dir', 'data_dir',
+                                 'trackers'}
     assert RESUME_MAY_CHANGE <= set(RunConfig.model_fields)
     old = load_config().to_dict()
+    tracked = load_config(None, ['trackers=[tensorboard]']).to_dict()
+    assert resume_conflicts(old, tracked) == [] and resume_conflicts(tracked, {**tracked, 'trackers': ['wandb']}) == []
     assert resume_conflicts(old, load_config(None, ['eval_batch_size=100']).to_dict()) == ['eval_batch_size']
     assert resume_conflicts(old, load_config(None, ['epochs=9', 'output_dir=runs/x']).to_dict()) == []
 
@@ -316,3 +331,25 @@ def test_scheme_is_refused_in_old_files_but_no_resume_conflict(tmp_path):
     assert len(str(e.value).splitlines()) == 1
     new = load_config().to_dict()
     assert 'scheme' not in new and resume_conflicts({**new, 'scheme': 'joint'}, new) == []
+
+
+def _leaves(model, prefix=''):
+    from timm_compat._config_errors import _model_in
+    for name, field in model.model_fields.items():
+        section = _model_in(field.annotation)
+        if section is None:
+            yield f'{prefix}{name}'
+        else:
+            yield from _leaves(section, f'{prefix}{name}.N.' if name == 'networks' else f'{prefix}{name}.')
+
+
+def test_help_lists_every_config_key_with_type_and_default(capsys):
+    import train
+    with pytest.raises(SystemExit):
+        train.parse_args(['--help'])
+    lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines() if line.startswith('  ')}
+    leaves = list(_leaves(RunConfig))
+    assert len(leaves) > 60 and 'optim.schedule_args' in leaves and 'networks.N.dataset.source' in leaves
+    for key in leaves:
+        assert key in lines and '(default: ' in lines[key], key
+    assert "'sum' | 'alternate'" in lines['joint_schedule'] and '"synthetic:A"' in lines['networks.N.dataset.source']

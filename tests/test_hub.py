@@ -140,13 +140,14 @@ def test_folder_format_config_metadata_and_card(saved):
     assert json.loads((saved[0]['interface'] / 'config.json').read_text())['rp'] is True
 
 
-def test_card_names_base_model_and_repo_when_built_from_pretrained_weights(tmp_path):
+def test_card_names_repo_and_no_base_model_for_local_weights(tmp_path):
+    # tests/test_usage.py checks that weights from the Hub are named as the card's base_model.
     save_file(timm.create_model('resnet8_cifar').state_dict(), tmp_path / 'w.safetensors')
     model = tc.make_compatible('resnet8_cifar', split='layer2', interface=tc.Interface(width=16), num_classes=4,
                                pretrained=True, pretrained_cfg_overlay=dict(file=str(tmp_path / 'w.safetensors')))
     model.extractor.save_pretrained(tmp_path / 'ext', repo_id='org/r8-extractor')
     card = ModelCard.load(tmp_path / 'ext' / 'README.md')
-    assert card.data.base_model == 'timm/resnet8_cifar.untrained'
+    assert card.data.base_model is None  # a local file is no Hub repo (not timm/resnet8_cifar.untrained)
     assert 'timm_compat.load_component("org/r8-extractor")' in card.text
 
 

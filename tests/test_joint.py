@@ -197,3 +197,24 @@ def test_ddp_alternate_matches_a_single_process(ddp_results):
     for result in ddp_results:
         assert isinstance(result['alternate'], float), result['alternate']
         assert result['alternate'] < 1e-5
+
+
+def test_compatibility_task_is_a_timm_training_task_a_timm_loop_can_drive(tmp_path):
+    from timm.task import TrainingTask
+    from timm_compat.joint import CompatibilityTask
+    task, plain = _joint(), _joint()
+    assert isinstance(task, TrainingTask) and CompatibilityTask is JointModel
+    batches = {name: (torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 0, 1])) for name in CLASSES}
+    dist.init_process_group('gloo', init_method=f'file://{tmp_path / "pg"}', rank=0, world_size=1)
+    try:
+        assert task.prepare_distributed() is task
+        out = task(batches)  # through DDP now
+        out['loss'].backward()
+    finally:
+        dist.destroy_process_group()
+    expected = plain(batches)
+    expected['loss'].backward()
+    assert set(out) == set(expected) and torch.equal(out['loss'], expected['loss'])
+    for (name, p), q in zip(task.named_parameters(), plain.parameters()):
+        assert (p.grad is None) == (q.grad is None) and (p.grad is None or torch.allclose(p.grad, q.grad)), name
+    assert set(task.state_dict()) == set(plain.state_dict())  # DDP stays outside the module tree

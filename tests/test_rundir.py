@@ -173,3 +173,21 @@ def test_resume_accepts_a_moved_data_folder(tmp_path):
         run.prepare(other, resume=True, overwrite=False, finished=[])
     run.prepare(moved, resume=True, overwrite=False, finished=[])
     run.release()
+
+
+def test_abandon_untrained_removes_only_a_run_that_took_no_step(tmp_path):
+    fresh = started(tmp_path / 'fresh')
+    (fresh / 'main').mkdir()
+    MetricsLog(fresh / 'main' / 'metrics.csv')._write(['step', 'loss'], [])  # a header, no row
+    (fresh / 'trackers').mkdir()
+    assert RunDir(fresh).abandon_untrained('trackers')
+    assert [p.name for p in fresh.iterdir()] == ['.lock']
+    started(fresh)  # the same command runs again
+
+    logged = started(tmp_path / 'logged')
+    (logged / 'main').mkdir()
+    MetricsLog(logged / 'main' / 'metrics.csv').append({'step': 2, 'loss': 1.0})
+    assert not RunDir(logged).abandon_untrained() and (logged / 'config.yaml').exists()
+    kept = started(tmp_path / 'kept')
+    (kept / 'notes.txt').write_text('mine')
+    assert not RunDir(kept).abandon_untrained() and (kept / 'notes.txt').exists()

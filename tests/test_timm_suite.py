@@ -127,7 +127,7 @@ def _timm_tests(request, tmp_path: Path) -> Path:
 
 
 def _project_models() -> Set[str]:
-    return {n for n in timm.list_models() if timm.models.model_entrypoint(n).__module__.startswith('timm_compat.')}
+    return {n for n in timm.list_models() if timm.models.model_entrypoint(n).__module__.startswith('timm_compat.models.')}
 
 
 def _results(report: Path) -> Dict[str, Dict[str, List[str]]]:

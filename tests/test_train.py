@@ -9,6 +9,8 @@ import pytest
 import torch
 import yaml
 
+from accelerate import Accelerator
+
 import timm_compat as tc
 import train
 from timm_compat import build, engine
@@ -61,6 +63,19 @@ def test_demo_config_runs_and_writes_everything(tmp_path):
         assert (out / 'main' / 'components' / part / 'model.safetensors').is_file()
     extractor = tc.Extractor.from_pretrained(out / 'main' / 'components' / 'a' / 'extractor')
     assert extractor.interface_id == main['interface_id']
+    for figure in ('recombination.png', 'loss.png'):
+        assert (out / 'main' / figure).read_bytes()[:8] == b'\x89PNG\r\n\x1a\n', figure
+
+
+def test_each_phase_logs_under_its_own_prefix_to_the_named_trackers(tmp_path, monkeypatch):
+    logged = []
+    monkeypatch.setattr(Accelerator, 'log', lambda self, values, step=None, **kw: logged.append(values))
+    run(tmp_path, '--set', 'baseline=independent')
+    tags = {k for values in logged for k in values}
+    assert {'main/loss', 'main/lr', 'main/a/rp', 'independent/loss', 'independent/a/task'} <= tags
+    assert not any(k.startswith(('loss', 'a/')) for k in tags)
+    with pytest.raises(ValueError, match=r"trackers \['wandb'\] are not installed"):
+        run(tmp_path, '--set', 'trackers=[wandb]', name='wandb')
 
 
 def test_incremental_leaves_frozen_interface_bit_identical(tmp_path):
@@ -310,6 +325,19 @@ def test_two_process_ddp_on_cpu(tmp_path):
     assert last[0] == '4' and float(last[1]) == 0.0
 
 
+@pytest.mark.slow  # two processes start
+@pytest.mark.skipif(torch.cuda.is_available(), reason='with GPUs, --multi_gpu makes a real multi-process run')
+def test_the_gpu_ddp_command_on_cpu_says_how_to_run_on_cpu(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != 'ACCELERATE_USE_CPU'}
+    cmd = [sys.executable, '-m', 'accelerate.commands.launch', '--multi_gpu', '--num_processes', '2',
+           '--num_machines', '1', '--mixed_precision', 'no', '--dynamo_backend', 'no',
+           str(REPO / 'train.py'), '-c', TINY, '--output-dir', str(tmp_path / 'ddp')]
+    proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert 'set ACCELERATE_USE_CPU=true' in proc.stderr and 'already holds' not in proc.stderr
+    assert 'in use by a live run' not in proc.stderr and not (tmp_path / 'ddp' / 'config.yaml').exists()
+
+
 @pytest.mark.slow  # end to end: several full tiny runs
 def test_bf16_and_gradient_accumulation(tmp_path):
     summary = run(tmp_path, '--set', 'mixed_precision=bf16', '--set', 'gradient_accumulation_steps=2')
@@ -334,6 +362,7 @@ def test_save_components_and_push_to_hub(tmp_path, monkeypatch):
 
     monkeypatch.setattr(HfApi, 'create_repo', create_repo)
     monkeypatch.setattr(HfApi, 'upload_folder', upload_folder)
+    logged_in(monkeypatch)
     summary = run(tmp_path, '--save-components', str(tmp_path / 'parts'), '--push-to-hub', 'org/demo')
     iid = summary['phases']['main']['interface_id']
     for part in ('interface', 'a/extractor', 'a/head', 'b/extractor', 'b/head'):
@@ -342,6 +371,44 @@ def test_save_components_and_push_to_hub(tmp_path, monkeypatch):
                                'org/demo-b-head', 'org/demo-interface']
     files, message = uploads['org/demo-a-head']
     assert files == ['README.md', 'config.json', 'model.safetensors'] and iid in message
+
+
+def logged_in(monkeypatch):
+    import huggingface_hub
+    monkeypatch.setattr(huggingface_hub, 'get_token', lambda: 'hf_test')
+    monkeypatch.setattr(huggingface_hub, 'whoami', lambda: {'name': 'tester'})
+
+
+def test_push_to_hub_without_a_login_refuses_before_training(tmp_path, monkeypatch):
+    import huggingface_hub
+    monkeypatch.setattr(huggingface_hub, 'get_token', lambda: None)
+    with pytest.raises(ValueError, match='no Hugging Face token'):
+        run(tmp_path, '--push-to-hub', 'org/demo')
+    assert not (tmp_path / 'run' / 'config.yaml').exists()
+
+
+def test_a_failed_push_loses_nothing(tmp_path, monkeypatch):
+    from huggingface_hub import HfApi
+    logged_in(monkeypatch)
+
+    def create_repo(self, repo_id, **kwargs):
+        raise OSError('the Hub is down')
+    monkeypatch.setattr(HfApi, 'create_repo', create_repo)
+    with pytest.raises(ValueError, match='the Hub is down.*Nothing is lost'):
+        run(tmp_path, '--push-to-hub', 'org/demo')
+    summary = json.loads((tmp_path / 'run' / 'main' / 'summary.json').read_text())
+    assert (Path(summary['components']) / 'a' / 'head' / 'model.safetensors').is_file()
+
+
+def test_a_run_that_fails_before_its_first_step_can_be_started_again(tmp_path, monkeypatch):
+    def fail(*args, **kwargs):
+        raise RuntimeError('out of memory')
+    with monkeypatch.context() as m:
+        m.setattr(engine.TrainLoop, 'run', fail)
+        with pytest.raises(RuntimeError, match='out of memory'):
+            run(tmp_path)
+    assert not (tmp_path / 'run' / 'config.yaml').exists()
+    assert run(tmp_path)['phases']['main']['networks'] == ['a', 'b']  # not "already holds a run"
 
 
 @pytest.mark.slow  # end to end: several full tiny runs

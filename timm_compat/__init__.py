@@ -7,9 +7,11 @@ from .batchnorm import batch_statistics, eval_mode, recalibrate_bn
 from .component import Component, ComponentError, load_component
 from .compatible import CompatibleModel, check_fit, fit_problems, make_compatible, recombine
 from .components import Adapter, Extractor, Head
+from .deployment import bn_accuracy_report, deploy
 from .evaluation import accuracy, average_class_accuracy, recombination_matrix
 from .hub import list_components
 from .interface import Interface
+from .recombined import RecombinedModel, load_recombined  # also registers timm's compatible_model
 from .methods import CommonClassDiscrimination, RotationPrediction, compatibility_loss
 from .stitching import Stitch, StitchedModel, fit_stitch
 from .transfer import transfer

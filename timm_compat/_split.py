@@ -28,7 +28,7 @@ from timm.layers import get_notrace_functions, get_notrace_modules
 
 from ._split_probe import channels_last, check_split, model_name as _model_name, probe
 
-__all__ = ['split_model', 'split_points', 'resolve_split']
+__all__ = ['split_model', 'split_points', 'resolve_split', 'default_split', 'default_num_classes', 'DEFAULT_SPLITS']
 
 _READS_TRAINING = re.compile(r'\bself\.training\b')
 
@@ -113,6 +113,43 @@ def resolve_split(model: nn.Module, at: Union[str, int]) -> str:
             f'Unknown split point {at!r} for {_model_name(model)}. Valid split points include: {shown}. '
             f'A feature_info index (0..{len(getattr(model, "feature_info", [])) - 1}) also works.')
     return at
+
+
+_MOBILENETV2_11TH_BLOCK = 'blocks.4.0'
+DEFAULT_SPLITS = {
+    **{name: 'layer2' for name in ('resnet8_cifar', 'resnet20_cifar', 'resnet56_cifar', 'wide_resnet56_cifar',
+                                   'wrn28_10_cifar')},
+    **{f'mobilenetv2_{m}': _MOBILENETV2_11TH_BLOCK for m in ('035', '050', '075', '100', '140', '100_cifar')},
+}
+"""The split of Gygli et al. (2021) for the backbones it names, by timm model name.
+
+CIFAR ResNets split after stage 2 of 3 (``layer2``; Sec. 4 uses ResNet-56). MobileNetV2 splits after its 11th
+inverted residual block (Sec. 5.2), counted as Sandler et al. (Table 2) and torchvision count them, the ``t=1``
+bottleneck first: timm's ``blocks.0.0`` (a ``DepthwiseSeparableConv``) is the 1st, ``blocks.1.*`` the 2nd-3rd,
+``blocks.2.*`` the 4th-6th, ``blocks.3.*`` the 7th-10th, so ``blocks.4.0`` (the first 96-channel block) is the 11th,
+of 17. Only the variants of standard depth are listed; the deeper ``d`` variants have other block counts."""
+
+
+def default_split(model: nn.Module, name: Optional[str] = None) -> str:
+    """The split used when none is given: :data:`DEFAULT_SPLITS` for the paper's backbones, otherwise the middle
+    ``feature_info`` level (of those whose module the model has; the deeper one of two middles).
+
+    Args:
+        model: The timm model.
+        name: Its timm model name (tags such as ``.a1_in1k`` are ignored); defaults to the model's own.
+
+    Raises:
+        ValueError: The model is not one of the paper's and has no usable ``feature_info``.
+    """
+    name = (name or _model_name(model)).split('.')[0]
+    if name in DEFAULT_SPLITS:
+        return DEFAULT_SPLITS[name]
+    modules = dict(model.named_modules())
+    levels = [info['module'] for info in getattr(model, 'feature_info', []) if info.get('module') in modules]
+    if not levels:
+        raise ValueError(f'{name} has no feature_info to choose a default split from: give split=... (a module '
+                         f'path from timm_compat.split_points(model)).')
+    return levels[len(levels) // 2]
 
 
 @contextlib.contextmanager
@@ -309,6 +346,15 @@ def create_backbone(name: str, **kwargs) -> nn.Module:
         hint = f' Similar: {", ".join(close)}.' if close else ''
         raise ValueError(f'Unknown timm model {name!r}.{hint} See timm.list_models().')
     return timm.create_model(name, **kwargs)
+
+
+def default_num_classes(name: str) -> int:
+    """The classes of ``timm.create_model(name)``: the ``num_classes`` of its pretrained_cfg, as timm's builder
+    defaults it, or (a model whose cfg names none) the model's own, read from an instance."""
+    cfg = timm.models.get_pretrained_cfg(name) if timm.is_model(name) else None
+    if cfg is not None and cfg.num_classes is not None and cfg.num_classes >= 0:
+        return cfg.num_classes
+    return create_backbone(name).num_classes
 
 
 @torch.no_grad()

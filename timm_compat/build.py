@@ -86,7 +86,7 @@ def build_network(net: NetworkConfig, index: int, cfg: RunConfig, interface: Opt
         head = interface.dcc
     return make_compatible(
         net.backbone, split=net.split, interface=interface, num_classes=len(class_names), head=head,
-        head_split=net.head_split, class_names=class_names, pretrained=net.pretrained,
+        head_split=net.head_split, class_names=class_names, pretrained=net.pretrained, image_size=cfg.image_size,
         init_seed=init_seed(cfg.init_seed, index, identical=cfg.iiw),
         width=None if interface is not None else cfg.interface.width or DEFAULT_WIDTH, **net.model_args)
 

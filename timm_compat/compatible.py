@@ -4,15 +4,18 @@
 ``python -m timm_compat.hub check``, :func:`~timm_compat.transfer` and :class:`~timm_compat.stitching.StitchedModel`
 all ask it, so a mismatch reads the same wherever it is refused.
 """
-from typing import Any, List, Optional, Sequence, Tuple, Union
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
 
+from ._references import FRESH_INTERFACE, as_component, as_head, as_interface
+from ._split import default_num_classes
 from .batchnorm import eval_mode
 from .component import Component
 from .components import Extractor, Head, build_components
-from .interface import Interface
+from .interface import DEFAULT_WIDTH, Interface
 
 __all__ = ['CompatibleModel', 'make_compatible', 'recombine', 'fit_problems', 'check_fit', 'link_problems',
            'mismatch_message']
@@ -45,6 +48,24 @@ class CompatibleModel(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.extractor(x))
+
+    # Saving lives in timm_compat.recombined, which imports this module: imported on call to avoid the cycle.
+    def save_pretrained(self, save_directory, *, repo_id: Optional[str] = None) -> str:
+        """Save as one folder timm loads (see :func:`timm_compat.recombined.save_recombined`); returns
+        ``"timm"`` or ``"timm_compat"``: what ``timm.create_model('local-dir:DIR', pretrained=True)`` needs."""
+        from .recombined import save_recombined
+        return save_recombined(self, save_directory, repo_id=repo_id)
+
+    def push_to_hub(self, repo_id: str, **kwargs: Any):
+        """Upload :meth:`save_pretrained`'s folder (see :func:`timm_compat.recombined.push_recombined`)."""
+        from .recombined import push_recombined
+        return push_recombined(self, repo_id, **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, model_id, **kwargs: Any) -> 'CompatibleModel':
+        """Load a saved recombined model (see :func:`timm_compat.recombined.load_recombined`)."""
+        from .recombined import load_recombined
+        return load_recombined(model_id, **kwargs)
 
 
 def _a(role: str) -> str:
@@ -161,72 +182,103 @@ def _head_problem(head: Head, width: int, feature_hw: Sequence[int]) -> Optional
             f'input has {width} channels, or a timm model name')
 
 
-def make_compatible(
-        backbone: str,
-        *,
-        split: Union[str, int],
-        interface: Optional[Interface],
-        num_classes: int,
-        head: Union[str, nn.Module] = 'tail',
-        head_split: Union[str, int, None] = None,
-        class_names: Optional[Sequence[str]] = None,
-        pretrained: bool = False,
-        init_seed: Optional[int] = None,
-        width: Optional[int] = None,
-        **model_args: Any,
-) -> CompatibleModel:
-    """Split a timm backbone into an extractor and a head that fit ``interface``.
+def make_compatible(backbone: str, *, head: Union[str, Path, nn.Module] = 'tail', split: Union[str, int, None] = None,
+                    interface: Union[Interface, str, Path, None] = FRESH_INTERFACE, num_classes: Optional[int] = None,
+                    head_split: Union[str, int, None] = None, class_names: Optional[Sequence[str]] = None,
+                    pretrained: bool = False, init_seed: Optional[int] = None, width: Optional[int] = None,
+                    image_size: Optional[int] = None, **model_args: Any) -> CompatibleModel:
+    """Split a timm backbone into an extractor and a head that fit ``interface``, defaulting as timm.create_model.
 
     Args:
         backbone: timm model name.
-        split: Module path or ``feature_info`` index after which the extractor ends.
-        interface: The interface to fit; ``None`` for an independent network of width ``width``.
-        num_classes: Classes of the head.
-        head: ``"tail"`` (the rest of ``backbone``), another timm model name (its tail after ``head_split``), or a
-            module taking ``(N, width, H, W)``.
-        head_split: Split point of the head model; defaults to ``split``.
+        head: ``"tail"`` (the rest of ``backbone``), another timm model name (its tail after ``head_split``), a
+            module taking ``(N, width, H, W)``, a trained :class:`Head`, or the folder or Hub id of a published head.
+        split: Module path or ``feature_info`` index after which the extractor ends. Default: the paper's split
+            where it names one (CIFAR ResNets after ``layer2``, MobileNetV2 after its 11th inverted residual block,
+            ``blocks.4.0``; see :data:`timm_compat._split.DEFAULT_SPLITS`), otherwise the middle ``feature_info``
+            level. Shown in the model's repr and saved in the components' config.
+        interface: An :class:`Interface`, or the folder or Hub id of one (loaded frozen). Not given: a fresh
+            ``Interface(width=64, rp=True)`` (of ``width`` if given), or a given trained head's own. ``None``: an
+            independent network.
+        num_classes: Classes of the head; default the backbone's own, as in ``timm.create_model`` (or a given
+            trained head's).
+        head_split: Split point of the head model; defaults to ``split``, or without one, the head model's default.
         class_names: Names of the classes, in label order (DCC maps labels to common classes by name).
-        pretrained: Load timm's pretrained weights (``pretrained_cfg_overlay=dict(file=...)`` for a local file).
+        pretrained: Load timm's pretrained weights (``pretrained_cfg_overlay=dict(file=...)`` for a local file);
+            the Hub repo they came from is recorded as ``base_model``.
         init_seed: Identical initial weights (IIW): the same backbone and seed give the same initial parameters.
-        width: Feature width when ``interface`` is None.
+        width: Feature width of a fresh interface, or of an independent network (default 64).
+        image_size: Square input size the network is trained at (train.py passes its ``image_size``): recorded in
+            the components' ``pretrained_cfg``, so ``timm.data.resolve_data_config(model=...)`` preprocesses at it.
         **model_args: Passed to ``timm.create_model``.
 
     Returns:
         A :class:`CompatibleModel`.
+
+    Raises:
+        ValueError: An invalid argument, or a head that does not fit (interface, width, classes, feature size).
     """
-    if interface is None and width is None:
-        raise ValueError('Give an interface, or width=... for an independent network.')
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
-        raise ValueError(f'num_classes must be a positive integer, got {num_classes!r}: e.g. num_classes=10.')
-    width = interface.width if interface is not None else width
+    head = as_head(head)
+    interface = as_interface(interface, head, width)
+    width = interface.width if interface is not None else width or DEFAULT_WIDTH
+    given = isinstance(head, Head)
+    num_classes = _classes(num_classes, head if given else None, backbone)
+    _check_image_size(image_size)
     with torch.random.fork_rng(devices=[], enabled=init_seed is not None):
         if init_seed is not None:
             torch.manual_seed(init_seed)
-        tail = isinstance(head, str) and head == 'tail'
-        built = build_components(backbone, split, width, num_classes=num_classes, class_names=class_names,
-                                 roles=('extractor', 'head') if tail else ('extractor',),
-                                 pretrained=pretrained, model_args=model_args)
-        extractor = built['extractor']
-        if isinstance(head, nn.Module):
-            head_module = Head(head, width, width, num_classes, class_names)
-        elif tail:
-            head_module = built['head']
-        else:
-            head_module = build_components(head, split if head_split is None else head_split, width,
-                                           num_classes=num_classes, class_names=class_names, roles=('head',),
-                                           pretrained=pretrained)['head']
+        extractor, head_module = _build(backbone, head, split, head_split, width, model_args, dict(
+            num_classes=num_classes, class_names=class_names, pretrained=pretrained, image_size=image_size))
+    extractor.__dict__['interface'] = interface
+    if given and (problems := link_problems('the extractor', (width, extractor.interface_id), 'the head',
+                                            (head.width, head.interface_id))):
+        raise ValueError(mismatch_message(problems, 'Give the interface the head was trained against.'))
+    head_module.__dict__['interface'] = interface
     check_fit(extractor, head_module, force=True, remedy=None)
-    for component in (extractor, head_module):
-        component.__dict__['interface'] = interface
     return CompatibleModel(extractor, head_module, interface)
 
 
-def recombine(extractor: Extractor, head: Head, force: bool = False) -> CompatibleModel:
+def _build(backbone: str, head: Union[str, nn.Module], split, head_split, width: int, model_args: Dict[str, Any],
+           common: Dict[str, Any]) -> Tuple[Extractor, Head]:
+    """The extractor, and the head ``head`` names, built in the order that identical initial weights rely on."""
+    tail = isinstance(head, str) and head == 'tail'
+    built = build_components(backbone, split, width, roles=('extractor', 'head') if tail else ('extractor',),
+                             model_args=model_args, **common)
+    if isinstance(head, Head) or tail:
+        return built['extractor'], head if not tail else built['head']
+    if isinstance(head, nn.Module):
+        return built['extractor'], Head(head, width, width, common['num_classes'], common['class_names'])
+    return built['extractor'], build_components(head, split if head_split is None else head_split, width,
+                                                roles=('head',), **common)['head']
+
+
+def _check_image_size(image_size: Optional[int]) -> None:
+    if image_size is not None and (isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1):
+        raise ValueError(f'image_size must be a positive integer, got {image_size!r}: e.g. image_size=32.')
+
+
+def _classes(num_classes: Optional[int], head: Optional[Head], backbone: str) -> int:
+    """``num_classes`` checked, or its default: a trained head's classes, else the backbone's own."""
+    if num_classes is None:
+        return head.num_classes if head is not None else default_num_classes(backbone)
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f'num_classes must be a positive integer, got {num_classes!r}: e.g. num_classes=10.')
+    if head is not None and num_classes != head.num_classes:
+        raise ValueError(f'num_classes={num_classes}, but the given head classifies {head.num_classes} classes: '
+                         f'drop num_classes, or give a head of {num_classes} classes.')
+    return num_classes
+
+
+def recombine(extractor: Union[Extractor, str, Path], head: Union[Head, str, Path],
+              force: bool = False) -> CompatibleModel:
     """Join an extractor and a head, refusing components of different interfaces.
 
+    ``timm_compat.recombine("org/resnet56-extractor", "org/mnv2-head")`` downloads both (through the Hugging Face
+    cache), verifies them (loaded components are in eval mode), checks that they fit and returns the model.
+
     Args:
-        extractor: Any extractor.
-        head: Any head.
+        extractor: Any extractor, or the folder or Hub id of one.
+        head: Any head, or the folder or Hub id of one.
         force: Join components whose interface ids differ, or that have none (e.g. to measure how incompatible
             they are).
 
@@ -234,10 +286,12 @@ def recombine(extractor: Extractor, head: Head, force: bool = False) -> Compatib
         A :class:`CompatibleModel` on the extractor's interface when it has one.
 
     Raises:
+        ComponentError: A folder or Hub id that does not load (see :func:`~timm_compat.load_component`).
         ValueError: Widths differ (the module could not run), or, unless ``force``, either component was trained
             without an interface or the interface ids differ; the head cannot run on the extractor's features
             (the feature size it takes is named).
     """
+    extractor, head = as_component(extractor), as_component(head)
     check_fit(extractor, head, force=force)
     interface = extractor.interface if extractor.interface is head.interface else None
     return CompatibleModel(extractor, head, interface)

@@ -274,10 +274,9 @@ class Component(
 
     def _usage(self, repo_id: str, iid: Optional[str]) -> List[str]:
         if self.role == 'interface':
-            return [f'interface = timm_compat.Interface.from_pretrained("{repo_id}").freeze()',
-                    '# a new network compatible with every component of this interface',
-                    'model = timm_compat.make_compatible("resnet50", split="layer2", interface=interface, '
-                    'num_classes=10)']
+            return ['# a new network compatible with every component of this interface (loaded frozen, so its aux',
+                    '# heads stay as published); train it with the interface\'s losses, then push its components',
+                    f'model = timm_compat.make_compatible("mobilenetv2_100", interface="{repo_id}", num_classes=10)']
         if not iid:
             return [f'{self.role} = timm_compat.load_component("{repo_id}")',
                     '# trained without an interface: timm_compat.recombine refuses it with any other component']

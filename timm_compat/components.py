@@ -15,7 +15,9 @@ from typing import Any, Dict, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
-from ._split import create_backbone, output_shape, resolve_split, split_model
+from timm.models._builder import _resolve_pretrained_source  # timm's own choice among file, Hub and URL
+
+from ._split import create_backbone, default_split, output_shape, resolve_split, split_model
 from .component import Component, ComponentError
 
 __all__ = ['ARCHITECTURE_ARGS', 'Adapter', 'Extractor', 'Head', 'build_components', 'check_model_args']
@@ -89,12 +91,37 @@ def check_model_args(model_args: Optional[Dict[str, Any]], *, allow_overlay: boo
     return model_args
 
 
-def _backbone_parts(backbone: str, split, *, num_classes: Optional[int] = None, pretrained: bool = False,
-                         model_args: Optional[Dict[str, Any]] = None) -> Tuple[nn.Module, nn.Module, Dict[str, Any]]:
-    """Create a timm backbone and split it: ``(trunk, tail, info)``.
+def _loaded_from(cfg: Dict[str, Any]) -> Optional[str]:
+    """The Hub repo timm loaded pretrained weights from, by timm's own choice of source; None for a local file, a
+    URL, or a model with no weights to load (such as the ``untrained`` CIFAR models)."""
+    load_from, location = _resolve_pretrained_source(cfg)
+    if load_from != 'hf-hub':
+        return None
+    return location[0] if isinstance(location, tuple) else location  # (repo, filename) with hf_hub_filename
 
-    ``info`` holds the resolved split, the trunk's output ``feature_shape`` ``[C, H, W]`` at the model's input size,
-    the JSON-able ``model_args`` and the ``pretrained_cfg`` fields a component records.
+
+def _recorded_cfg(cfg: Dict[str, Any], image_size: Optional[int]) -> Dict[str, Any]:
+    """The pretrained_cfg fields a component records; ``image_size`` replaces the backbone's input size.
+
+    A component trained at ``image_size`` (train.py resizes whole images to ``image_size`` x ``image_size``) is
+    preprocessed that way: the same size at test time, no crop (``crop_pct`` 1, ``crop_mode`` squash).
+    """
+    recorded = {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items() if k in _CFG_KEYS}
+    if image_size is not None:
+        size = [recorded.get('input_size', [3])[0], image_size, image_size]
+        recorded.update(input_size=size, test_input_size=size, crop_pct=1.0, crop_mode='squash')
+    return recorded
+
+
+def _backbone_parts(backbone: str, split: Union[str, int, None], *, num_classes: Optional[int] = None,
+                    pretrained: bool = False, model_args: Optional[Dict[str, Any]] = None,
+                    image_size: Optional[int] = None) -> Tuple[nn.Module, nn.Module, Dict[str, Any]]:
+    """Create a timm backbone and split it (at :func:`~timm_compat._split.default_split` when ``split`` is None):
+    ``(trunk, tail, info)``.
+
+    ``info`` holds the resolved split, the trunk's output ``feature_shape`` ``[C, H, W]`` at the recorded input size,
+    the head's ``num_classes``, the JSON-able ``model_args``, the ``pretrained_cfg`` fields a component records and
+    ``base_model``, the Hub repo the pretrained weights came from (or None).
 
     Raises:
         ComponentError: ``model_args`` holds a key :func:`check_model_args` refuses.
@@ -106,10 +133,13 @@ def _backbone_parts(backbone: str, split, *, num_classes: Optional[int] = None, 
         # initialises the trunk and the adapters: with IIW, tasks of 9 and 10 classes get identical extractors.
         with torch.random.fork_rng(devices=[]):
             model.reset_classifier(num_classes)
-    split = resolve_split(model, split)
-    trunk, tail = split_model(model, split)
+    split = resolve_split(model, default_split(model, backbone) if split is None else split)
     cfg = model.pretrained_cfg
-    input_size = tuple(cfg.get('input_size', (3, 224, 224)))
+    recorded = _recorded_cfg(cfg, image_size)
+    # Probed at the size the components will see: cheaper than timm's 224 px, and a size the model cannot take
+    # is refused here, not in training.
+    input_size = tuple(recorded.get('input_size', (3, 224, 224)))
+    trunk, tail = split_model(model, split, input_size=input_size)
     feat_shape = output_shape(trunk, input_size)
     if len(feat_shape) != 3:
         raise ValueError(
@@ -117,12 +147,9 @@ def _backbone_parts(backbone: str, split, *, num_classes: Optional[int] = None, 
             f'spatial feature maps with 1x1 convs; token features (vision transformers) are not supported. '
             f'Use a convolutional backbone, or split_model() directly for token features.')
     model_args.pop('pretrained_cfg_overlay', None)  # a local path is not part of the architecture
-    info = dict(
-        backbone=backbone, split=split, feature_shape=list(feat_shape), model_args=model_args,
-        pretrained_cfg={k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items() if k in _CFG_KEYS},
-        base_model=(f'timm/{cfg.get("architecture", backbone)}.{cfg["tag"]}' if pretrained and cfg.get('tag')
-                    else None),
-    )
+    info = dict(backbone=backbone, split=split, feature_shape=list(feat_shape), num_classes=model.num_classes,
+                model_args=model_args, pretrained_cfg=recorded,
+                base_model=_loaded_from(cfg) if pretrained else None)
     return trunk, tail, info
 
 
@@ -151,7 +178,8 @@ class Extractor(Component):
 
     @property
     def pretrained_cfg(self) -> Dict[str, Any]:
-        return self.config.get('pretrained_cfg', {})
+        """The input this component was trained on, with tuples where timm's own cfgs have them (``input_size``)."""
+        return {k: tuple(v) if isinstance(v, list) else v for k, v in self.config.get('pretrained_cfg', {}).items()}
 
     def component_config(self) -> Dict[str, Any]:
         if not self.config.get('backbone'):
@@ -164,6 +192,9 @@ class Extractor(Component):
     def from_config(cls, config: Dict[str, Any]) -> 'Extractor':
         return build_components(config['backbone'], config['split'], config['width'], roles=('extractor',),
                                 model_args=check_model_args(config.get('model_args')), config=config)['extractor']
+
+    def extra_repr(self) -> str:
+        return f'backbone={self.config.get("backbone")!r}, split={self.config.get("split")!r}, width={self.width}'
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.adapter(self.trunk(x))
@@ -240,14 +271,17 @@ class Head(Component):
         self.config.update(num_classes=self.num_classes, class_names=self.class_names)
         return self
 
+    def extra_repr(self) -> str:
+        return f'{Extractor.extra_repr(self)}, num_classes={self.num_classes}'
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.tail(self.adapter(x))
 
 
-def build_components(backbone: str, split: Union[str, int], width: int, *, num_classes: Optional[int] = None,
+def build_components(backbone: str, split: Union[str, int, None], width: int, *, num_classes: Optional[int] = None,
                      class_names: Optional[Sequence[str]] = None, roles: Sequence[str] = ('extractor', 'head'),
                      pretrained: bool = False, model_args: Optional[Dict[str, Any]] = None,
-                     config: Optional[Dict[str, Any]] = None) -> Dict[str, Component]:
+                     config: Optional[Dict[str, Any]] = None, image_size: Optional[int] = None) -> Dict[str, Component]:
     """Split timm ``backbone`` after ``split`` and fit the halves asked for to interface ``width``.
 
     Only the components in ``roles`` are made, in that order: each adapter draws its initial weights from the
@@ -255,25 +289,29 @@ def build_components(backbone: str, split: Union[str, int], width: int, *, num_c
 
     Args:
         backbone: timm model name.
-        split: Module path or ``feature_info`` index after which the trunk ends.
+        split: Module path or ``feature_info`` index after which the trunk ends; None for the backbone's default
+            (:func:`~timm_compat._split.default_split`).
         width: Interface width.
-        num_classes: Classifier outputs of the head; required for ``"head"``. The extractor does not depend on it.
+        num_classes: Classifier outputs of the head; None for the backbone's own. The extractor does not depend on it.
         class_names: Names of the head's classes, in label order.
         roles: ``"extractor"`` and/or ``"head"``.
         pretrained: Load timm's pretrained weights.
         model_args: Passed to ``timm.create_model`` (see :func:`check_model_args`).
         config: A saved component config; it wins over what a fresh build reports (it may carry an input-size
             overlay or a base_model).
+        image_size: The square input size the components are trained at, recorded in their pretrained_cfg.
 
     Returns:
         ``{role: component}`` for each of ``roles``.
     """
-    if set(roles) - {'extractor', 'head'} or ('head' in roles and num_classes is None):
-        raise ValueError(f'roles must be "extractor" and/or "head", and a head needs num_classes: got '
-                         f'roles={list(roles)}, num_classes={num_classes}.')
+    if set(roles) - {'extractor', 'head'}:
+        raise ValueError(f'roles must be "extractor" and/or "head", got roles={list(roles)}.')
+    if image_size is None and config and len(size := config.get('pretrained_cfg', {}).get('input_size', [])) == 3:
+        image_size = size[-1] if size[-1] == size[-2] else None  # probe a loaded component at its own size
     trunk, tail, info = _backbone_parts(backbone, split, num_classes=num_classes, pretrained=pretrained,
-                                        model_args=model_args)
+                                        model_args=model_args, image_size=image_size)
     in_chs = info.pop('feature_shape')[0]
+    num_classes = info.pop('num_classes')  # the head's classifier, resized to the classes asked for
     info.update(config or {})
     make = {'extractor': lambda: Extractor(trunk, in_chs, width, config=info),
             'head': lambda: Head(tail, in_chs, width, num_classes, class_names, config=info)}

@@ -8,16 +8,18 @@ import copy
 from pathlib import Path
 from typing import Any, Dict, List, Literal, Optional, Sequence, Tuple, Union
 
+from accelerate.utils import LoggerType
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, TypeAdapter, ValidationError
 from pydantic_core import PydanticCustomError
 from typing_extensions import Annotated, TypeAliasType
 
 from ._config_errors import REMOVED_KEYS, ConfigError, describe
+from ._config_help import keys_help
 from ._config_files import read_config_file, set_dotted, split_preset
-from .interface import DEFAULT_WIDTH
+from .optim import SCHEDULES, check_optim, optimizer_names
 
 __all__ = ['ConfigError', 'DatasetConfig', 'NetworkConfig', 'InterfaceConfig', 'OptimConfig', 'RunConfig',
-           'load_config', 'config_changes', 'resume_conflicts', 'RESUME_MAY_CHANGE']
+           'load_config', 'config_help', 'config_changes', 'resume_conflicts', 'RESUME_MAY_CHANGE']
 
 
 def _number(value: Any) -> Any:
@@ -133,7 +135,7 @@ class NetworkConfig(_Section):
 
 class InterfaceConfig(_Section):
     """The shared interface. ``load`` (folder or Hub repo) makes the run incremental against a frozen one."""
-    width: Optional[Count] = Field(None, examples=[64])  # None: DEFAULT_WIDTH, or the loaded interface's width
+    width: Optional[Count] = Field(None, examples=[64])  # None: interface.DEFAULT_WIDTH, or the loaded one's
     rp: bool = True
     rp_weight: Float = Field(1.0, ge=0)
     dcc: bool = True
@@ -149,21 +151,57 @@ class InterfaceConfig(_Section):
     rp_norm: Literal['shared', 'per_rotation', 'separate'] = 'separate'
 
 
+def _optimizer(value: Any) -> Any:
+    """A timm optimiser name (``timm.optim.list_optimizers()``, optionally ``lookahead_``-prefixed)."""
+    if isinstance(value, str) and value.lower().split('_')[-1] not in optimizer_names():
+        raise PydanticCustomError('config', '{must}', {'must': f'a timm optimizer: {", ".join(optimizer_names())}'})
+    return value
+
+
+def _schedule(value: Any) -> Any:
+    if isinstance(value, str) and value not in SCHEDULES:
+        raise PydanticCustomError('config', '{must}', {'must': f'a timm schedule: {", ".join(SCHEDULES)}'})
+    return value
+
+
+# Keyword arguments of timm's factories, checked by building them once (RunConfig.validate).
+_FactoryArgs = Annotated[Dict[str, ModelArg], Field(examples=[{'eps': 1e-6}])]
+
+
 class OptimConfig(_Section):
-    """Optimiser and learning-rate schedule."""
-    optimizer: Literal['sgd', 'adamw'] = 'sgd'
+    """Optimiser and learning-rate schedule, by timm name (``create_optimizer_v2``, ``create_scheduler_v2``).
+
+    The schedule steps once per optimiser update; its ``*_epochs`` arguments in ``schedule_args`` count updates.
+    """
+    # sgd is Nesterov SGD (plain SGD at momentum 0); 'momentum' is classical-momentum SGD
+    optimizer: Annotated[str, BeforeValidator(_optimizer)] = 'sgd'
+    optimizer_args: _FactoryArgs = Field(default_factory=dict)  # e.g. {betas: [0.9, 0.99]}
     lr: Float = Field(0.05, gt=0)
     momentum: Float = Field(0.9, ge=0, lt=1)
     weight_decay: Float = Field(5e-4, ge=0)
-    schedule: Literal['cosine', 'constant'] = 'cosine'
-    warmup_steps: int = Field(0, ge=0)
+    schedule: Annotated[str, BeforeValidator(_schedule)] = 'cosine'
+    schedule_args: _FactoryArgs = Field(default_factory=dict)  # e.g. {min_lr: 1e-5, warmup_lr: 0.001}
+    warmup_steps: int = Field(0, ge=0)  # linear warmup (from schedule_args.warmup_lr, 1e-5) before the schedule
     clip_grad_norm: Optional[Float] = Field(None, gt=0, examples=[2.0])  # max global gradient norm; None: off
+
+
+def _tracker(value: Any) -> Any:
+    """An Accelerate tracker name (``accelerate.utils.LoggerType``)."""
+    names = [t.value for t in LoggerType]
+    if isinstance(value, str) and value not in names:
+        raise PydanticCustomError('config', '{must}', {'must': f'an Accelerate tracker: {", ".join(names)}'})
+    return value
 
 
 def _demo_networks() -> List[NetworkConfig]:
     """The offline demo's two networks, one per synthetic domain."""
     return [NetworkConfig(name='a', dataset=DatasetConfig(source='synthetic:A')),
             NetworkConfig(name='b', dataset=DatasetConfig(source='synthetic:B'))]
+
+
+# The demo's ResNet-8 trunks end in 32 channels: an interface that wide needs no adapter. A value of the demo, not
+# the library's default width (interface.DEFAULT_WIDTH, what width: null means); the demo's numbers were taken at 32.
+_DEMO_WIDTH = 32
 
 
 def _precision(value: Any) -> Any:
@@ -182,7 +220,7 @@ class RunConfig(_Section):
     joint_schedule: Literal['sum', 'alternate'] = 'sum'
     networks: List[NetworkConfig] = Field(default_factory=_demo_networks, min_length=1,
                                           examples=[[{'name': 'a', 'dataset': {'source': 'synthetic:A'}}]])
-    interface: InterfaceConfig = Field(default_factory=lambda: InterfaceConfig(width=DEFAULT_WIDTH),
+    interface: InterfaceConfig = Field(default_factory=lambda: InterfaceConfig(width=_DEMO_WIDTH),
                                        examples=[{'width': 64}])
     optim: OptimConfig = Field(default_factory=OptimConfig, examples=[{'lr': 0.1}])
     batch_size: Count = 64
@@ -209,6 +247,8 @@ class RunConfig(_Section):
         None, pattern=r'^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$', examples=['my-org/compat'],
         json_schema_extra=_must('ORG/PREFIX, e.g. my-org/compat'))
     data_dir: Optional[str] = Field(None, min_length=1, examples=['data'])
+    # Accelerate trackers by name, each phase under its own prefix (main/loss); None: tensorboard when installed
+    trackers: Optional[List[Annotated[str, BeforeValidator(_tracker)]]] = Field(None, examples=[['tensorboard']])
 
     def validate(self) -> 'RunConfig':
         """Check what no single key can, fill ``{data_dir}`` into dataset sources, and return ``self``.
@@ -230,6 +270,11 @@ class RunConfig(_Section):
                 n.dataset.source = n.dataset.source.replace('{data_dir}', self.data_dir)
             if '{data_dir}' in n.dataset.source:
                 problems.append(f'Network {n.name!r} reads {n.dataset.source!r}: pass --data-dir.')
+        try:
+            o = self.optim
+            check_optim(o.optimizer, o.schedule, o.optimizer_args, o.schedule_args)
+        except ValueError as e:
+            problems.append(f'optim: {e}.')
         if problems:
             raise ConfigError('\n'.join(problems))
         return self
@@ -274,11 +319,17 @@ def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> Ru
     return _parse(data).validate()
 
 
+def config_help() -> str:
+    """Every config key with its type and default, one per line, generated from this schema (``--help``)."""
+    return keys_help(RunConfig)
+
+
 # --- resuming ---------------------------------------------------------------------------------------------------
 
 # Keys a resumed run may change: none changes the trained weights or what the results mean.
 RESUME_MAY_CHANGE = frozenset({'steps', 'epochs', 'log_every', 'checkpoint_every', 'keep_checkpoints',
-                               'cpu_threads', 'save_components', 'push_to_hub', 'output_dir', 'data_dir'})
+                               'cpu_threads', 'save_components', 'push_to_hub', 'output_dir', 'data_dir',
+                               'trackers'})
 _ABSENT = object()
 
 
@@ -309,4 +360,6 @@ def resume_conflicts(old: Dict[str, Any], new: Dict[str, Any]) -> List[str]:
 
     A key that was removed from configs is no conflict: what it said lives on in keys that are compared.
     """
-    return [key for key in config_changes(old, new) if key not in RESUME_MAY_CHANGE and key not in REMOVED_KEYS]
+    # A list key changes item by item (trackers.0): what may change is the top-level key it belongs to.
+    return [key for key in config_changes(old, new)
+            if key.split('.')[0] not in RESUME_MAY_CHANGE and key not in REMOVED_KEYS]

@@ -11,12 +11,14 @@ import contextlib
 import importlib.util
 import json
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Tuple
 
 import torch
 from accelerate import Accelerator
+from accelerate.tracking import get_available_trackers
 from accelerate.utils import broadcast_object_list, gather_object, set_seed
 
 from ._cpu import keep_freed_memory
@@ -26,28 +28,52 @@ from .build import Phase
 from .checkpoint import TrainState, check_finite, latest_checkpoint, load_train_state, save_checkpoint
 from .config import RunConfig
 from .data import EpochSampler, ImageData, training_batch
-from .evaluation import accuracy, format_matrix, recombination_matrix
+from .evaluation import evaluate_networks
 from .fit import fit
 from .metrics_log import MetricsLog
 from .optim import make_optimizer, make_scheduler
 from .rundir import RunDir, RunDirError
 
-__all__ = ['make_accelerator', 'claim_run_dir', 'fit_phase', 'TrainLoop', 'evaluate_phase', 'save_components',
+__all__ = ['make_accelerator', 'check_hub_credentials', 'claim_run_dir', 'fit_phase', 'TrainLoop', 'evaluate_phase', 'save_components',
            'push_components', 'write_summary']
+
+TRACKERS_DIR = 'trackers'  # the trackers' project name: their logs go to OUT/trackers/
 
 
 def make_accelerator(cfg: RunConfig) -> Accelerator:
     """The run's Accelerator (mixed precision, gradient accumulation, TensorBoard when installed); on CPU, every
     core of this process and glibc told to keep freed activation memory."""
-    log_with = 'tensorboard' if importlib.util.find_spec('tensorboard') is not None else None
+    log_with = cfg.trackers
+    if log_with is None:
+        log_with = ['tensorboard'] if importlib.util.find_spec('tensorboard') is not None else []
+    available = [str(t) for t in get_available_trackers()]
+    if missing := [t for t in log_with if t != 'all' and t not in available]:
+        raise ValueError(f'trackers {missing} are not installed (pip install {" ".join(missing)}); installed: '
+                         f'{available or "none"}.')
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision,
                               gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-                              log_with=log_with, project_dir=cfg.output_dir)
+                              log_with=log_with or None, project_dir=cfg.output_dir)
+    _check_launch(accelerator)
     if accelerator.device.type == 'cpu':
         # accelerate launch leaves OMP_NUM_THREADS=1 unless told otherwise; a CPU run should use its cores.
         torch.set_num_threads(cfg.cpu_threads or max(1, cpu_cores() // accelerator.num_processes))
         keep_freed_memory()
     return accelerator
+
+
+def _check_launch(accelerator: Accelerator) -> None:
+    """Refuse processes that were launched together but each train alone (``--multi_gpu`` on a machine without
+    GPUs): they would race for one output folder, and their results would not be one run's.
+
+    Raises:
+        ValueError: Saying how to launch a multi-process run on CPU.
+    """
+    launched = int(os.environ.get('WORLD_SIZE', '1'))
+    if launched > 1 and accelerator.num_processes == 1:
+        raise ValueError(f'{launched} processes were launched, but each runs alone on {accelerator.device} '
+                         f'(accelerate launch --multi_gpu without usable GPUs). For a multi-process run on CPU, '
+                         f'set ACCELERATE_USE_CPU=true: ACCELERATE_USE_CPU=true accelerate launch --multi_gpu '
+                         f'--num_processes {launched} train.py ... (accelerate\'s --cpu flag launches one process).')
 
 
 @contextlib.contextmanager
@@ -66,12 +92,18 @@ def claim_run_dir(accelerator: Accelerator, cfg: RunConfig, finished: List[str],
     Raises:
         RunDirError: On every process, when the folder cannot be used as asked.
     """
-    run_dir = RunDir(Path(cfg.output_dir))
+    run_dir, claimed = RunDir(Path(cfg.output_dir)), False
     try:
         _on_main_process(accelerator, lambda: run_dir.acquire().prepare(cfg.to_dict(), resume, overwrite, finished))
+        claimed = True
         if accelerator.log_with:
-            accelerator.init_trackers('tensorboard', config=_scalars(cfg.to_dict()))
+            accelerator.init_trackers(TRACKERS_DIR, config=_scalars(cfg.to_dict()))
         yield run_dir
+    except BaseException:
+        # A new run that failed before its first step leaves no run behind: the same command may run again.
+        if claimed and not resume and accelerator.is_main_process and run_dir.abandon_untrained(TRACKERS_DIR):
+            accelerator.print(f'{run_dir.path}: the run failed before its first step; nothing of it was kept.')
+        raise
     finally:
         run_dir.release()
 
@@ -82,11 +114,31 @@ def _on_main_process(accelerator: Accelerator, fn: Callable[[], Any]) -> None:
     if accelerator.is_main_process:
         try:
             fn()
-        except RunDirError as e:
-            error = str(e)
+        except ValueError as e:  # RunDirError, or a refusal such as check_hub_credentials'
+            error = (type(e) is RunDirError, str(e))
     error = broadcast_object_list([error])[0]
     if error is not None:
-        raise RunDirError(error)
+        raise (RunDirError if error[0] else ValueError)(error[1])
+
+
+def check_hub_credentials(accelerator: Accelerator, repo_prefix: str) -> None:
+    """Refuse ``--push-to-hub`` before training, on every process, when no Hub login is usable.
+
+    Raises:
+        ValueError: No token, or the Hub does not accept it (or cannot be reached).
+    """
+    def check():
+        import huggingface_hub
+        if huggingface_hub.get_token() is None:
+            raise ValueError(f'--push-to-hub {repo_prefix}: no Hugging Face token. Run `hf auth login` or set '
+                             f'HF_TOKEN first, or drop --push-to-hub (components are saved locally anyway).')
+        try:
+            user = huggingface_hub.whoami()
+        except Exception as e:  # offline, revoked token, ...: every one of them would fail the push after training
+            raise ValueError(f'--push-to-hub {repo_prefix}: the Hub refuses the token ({e}). Fix the login, or '
+                             f'drop --push-to-hub.') from None
+        accelerator.print(f'--push-to-hub: logged in to the Hub as {user.get("name", "?")}')
+    _on_main_process(accelerator, check)
 
 
 def _scalars(tree, prefix: str = '') -> Dict[str, Any]:
@@ -122,19 +174,29 @@ def fit_phase(phase: Phase, accelerator: Accelerator, out: Path, resume: bool) -
     # Alternating, each step trains one network: `epochs` stays each network's number of epochs.
     turns = len(phase.trained) if cfg.joint_schedule == 'alternate' else 1
     total_steps = cfg.steps or math.ceil(cfg.epochs * max(s.steps_per_epoch for _, s in data.values()) * turns)
-    params = [p for p in phase.joint.parameters() if p.requires_grad]
-    optimizer = make_optimizer(params, cfg.optim.optimizer, cfg.optim.lr, cfg.optim.momentum, cfg.optim.weight_decay)
-    # Counted as accelerate's prepared scheduler steps: once per process for every optimizer step.
-    per_step = accelerator.num_processes
-    scheduler = make_scheduler(optimizer, cfg.optim.schedule,
-                               math.ceil(total_steps / cfg.gradient_accumulation_steps) * per_step,
-                               cfg.optim.warmup_steps * per_step)
+    optimizer, scheduler = make_optim(phase, total_steps, accelerator.num_processes)
     joint, optimizer, scheduler = accelerator.prepare(phase.joint, optimizer, scheduler)
     if cfg.compile:
         joint = torch.compile(joint)
     state = _resume(phase.tag, accelerator, out, resume)
     TrainLoop(phase, accelerator, joint, optimizer, scheduler, state, out, data).run(total_steps)
     return {'train_seconds': round(state.train_seconds, 1), 'steps': total_steps}
+
+
+def make_optim(phase: Phase, total_steps: int, num_processes: int = 1):
+    """The optimiser of the phase's trainable parameters and its schedule, from ``phase.cfg.optim``.
+
+    Args:
+        phase: The built phase.
+        total_steps: The phase's micro-batch steps (gradient accumulation turns them into fewer updates).
+        num_processes: Accelerate's prepared scheduler steps once per process for every optimiser update.
+    """
+    o, accumulation = phase.cfg.optim, phase.cfg.gradient_accumulation_steps
+    params = [p for p in phase.joint.parameters() if p.requires_grad]
+    optimizer = make_optimizer(params, o.optimizer, o.lr, o.momentum, o.weight_decay, **o.optimizer_args)
+    scheduler = make_scheduler(optimizer, o.schedule, math.ceil(total_steps / accumulation), o.warmup_steps,
+                               ticks_per_step=num_processes, **o.schedule_args)
+    return optimizer, scheduler
 
 
 def _resume(tag: str, accelerator: Accelerator, out: Path, resume: bool) -> TrainState:
@@ -249,7 +311,8 @@ class TrainLoop:
         """Write the mean losses since the last log (TensorBoard, ``metrics.csv``), then checkpoint if due."""
         row = {'step': step, 'lr': self.scheduler.get_last_lr()[0], 'time': round(self.state.train_seconds, 2),
                **means}
-        self.accelerator.log({k: v for k, v in row.items() if k != 'step'}, step=step)
+        # Each phase under its own prefix: main/loss and independent/loss are two curves, not one.
+        self.accelerator.log({f'{self.phase.tag}/{k}': v for k, v in row.items() if k != 'step'}, step=step)
         if self.accelerator.is_main_process:
             self.metrics.append(row)
         if self._checkpoint_due(step):
@@ -262,7 +325,8 @@ def evaluate_phase(phase: Phase, accelerator: Accelerator) -> Dict[str, Any]:
     Returns:
         On every process ``interface_id_per_rank`` and ``processes``; on the main process also the ``phase``,
         ``networks``, each network's ``own_accuracy``, the ``recombination_matrix`` (extractor i + head j on
-        task i), the ``interface_id`` and the printed ``table``.
+        task i), both again under the other BN mode (``own_accuracy_running``, ...: see
+        :func:`~timm_compat.evaluation.evaluate_networks`), the ``interface_id`` and the printed ``table``.
 
     Raises:
         RuntimeError: The ranks ended with different interfaces (a broken DDP setup).
@@ -278,14 +342,12 @@ def evaluate_phase(phase: Phase, accelerator: Accelerator) -> Dict[str, Any]:
     if not accelerator.is_main_process:
         return summary
     cfg, names = phase.cfg, [n.name for n in phase.cfg.networks]
-    tests = [phase.data[n][1] for n in names]
-    own = {n: accuracy(phase.models[n], phase.data[n][1], cfg.eval_batch_size, cfg.eval_bn) for n in names}
-    matrix = recombination_matrix([phase.models[n] for n in names], tests, cfg.eval_batch_size, cfg.eval_bn)
-    table = format_matrix(matrix, names, title=f'[{phase.tag}] recombination accuracy (%), common classes, '
-                                                f'BN={cfg.eval_bn}', own=[own[n] for n in names])
-    print(table)
-    summary.update(phase=phase.tag, networks=names, own_accuracy=own, recombination_matrix=matrix.tolist(),
-                   interface_id=phase.interface.id if phase.interface is not None else None, table=table)
+    # Both BN modes: batch statistics are the paper's numbers, running statistics what a deployed model gets.
+    measured = evaluate_networks({n: phase.models[n] for n in names}, {n: phase.data[n][1] for n in names},
+                                 cfg.eval_batch_size, cfg.eval_bn, title=f'[{phase.tag}] ')
+    print(measured['table'])
+    summary.update(phase=phase.tag, networks=names, **measured,
+                   interface_id=phase.interface.id if phase.interface is not None else None)
     return summary
 
 
@@ -301,17 +363,31 @@ def save_components(phase: Phase, folder: Path) -> None:
                 phase.models[n.name].head.save_pretrained(folder / n.name / 'head')
 
 
-def push_components(phase: Phase, prefix: str) -> None:
-    """Push what ``phase`` trained to the Hub as ``<prefix>-interface`` and ``<prefix>-<network>-extractor|head``."""
-    interface = phase.interface
+def push_components(phase: Phase, accelerator: Accelerator, saved: Path) -> None:
+    """Push what ``phase`` trained to the Hub as ``<prefix>-interface`` and ``<prefix>-<network>-extractor|head``
+    (``prefix`` is ``phase.cfg.push_to_hub``), from the main process.
+
+    Raises:
+        ValueError: On every process, when a push fails; it names ``saved``, where the components are kept.
+    """
+    prefix, interface = phase.cfg.push_to_hub, phase.interface
     message = f'timm-compat {phase.tag} run: interface {interface.id if interface is not None else "none"}'
-    if interface is not None and not phase.cfg.interface.load:
-        interface.push_to_hub(f'{prefix}-interface', commit_message=message)
+    parts = [(interface, 'interface')] if interface is not None and not phase.cfg.interface.load else []
     for n in phase.cfg.networks:
         if not n.load:
-            phase.models[n.name].extractor.push_to_hub(f'{prefix}-{n.name}-extractor', commit_message=message)
+            parts.append((phase.models[n.name].extractor, f'{n.name}-extractor'))
             if n.head != 'dcc':
-                phase.models[n.name].head.push_to_hub(f'{prefix}-{n.name}-head', commit_message=message)
+                parts.append((phase.models[n.name].head, f'{n.name}-head'))
+
+    def push():
+        for component, name in parts:
+            try:
+                component.push_to_hub(f'{prefix}-{name}', commit_message=message)
+            except Exception as e:  # the network, the Hub or the login: the results are safe either way
+                raise ValueError(f'[{phase.tag}] pushing {prefix}-{name} failed ({e}). Nothing is lost: the '
+                                 f'components are in {saved} and the summary is written; push them from there.'
+                                 ) from None
+    _on_main_process(accelerator, push)
 
 
 def write_summary(path: Path, summary: Dict[str, Any]) -> None:

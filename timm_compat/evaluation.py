@@ -11,7 +11,7 @@ as a shuffled copy does, and every model evaluated on the same data sees the sam
 """
 from contextlib import ExitStack
 from itertools import chain
-from typing import List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 from torch import nn
@@ -20,7 +20,8 @@ from .batchnorm import eval_mode
 from .data import ImageData, iterate_batches, normalize
 from .classes import canonical_class_name, common_classes
 
-__all__ = ['accuracy', 'per_class_accuracy', 'average_class_accuracy', 'recombination_matrix', 'format_matrix']
+__all__ = ['accuracy', 'per_class_accuracy', 'average_class_accuracy', 'recombination_matrix', 'format_matrix',
+           'evaluate_networks']
 
 
 def _device(module: nn.Module) -> torch.device:
@@ -192,3 +193,33 @@ def format_matrix(matrix: torch.Tensor, names: Sequence[str], title: str = '',
         summary.append(f'mean own, all classes: {100 * sum(own) / len(own):.1f} %')
     lines.append('   '.join(summary))
     return '\n'.join(lines)
+
+
+def evaluate_networks(models: Dict[str, nn.Module], tests: Dict[str, ImageData], batch_size: int = 256,
+                      bn: str = 'batch', title: str = '') -> Dict[str, Any]:
+    """Own accuracy and the recombination matrix under ``bn``, and both again under the other BN mode.
+
+    Batch statistics are the paper's protocol; running statistics are what a deployed model (plain ``eval()``, one
+    image at a time) gets, so both are reported side by side (:func:`timm_compat.deploy` recalibrates the latter).
+
+    Args:
+        models: Networks by name, in the table's order.
+        tests: Each network's test data, by the same names.
+        batch_size: Evaluation batch size.
+        bn: The main BN mode (``'batch'`` or ``'running'``); its numbers keep the plain keys.
+        title: First words of each table's title.
+
+    Returns:
+        ``own_accuracy`` and ``recombination_matrix`` under ``bn``; ``own_accuracy_<other>`` and
+        ``recombination_matrix_<other>`` under the other mode; ``table``: both tables, ``bn``'s first.
+    """
+    other = 'running' if bn == 'batch' else 'batch'
+    names = list(models)
+    result, tables = {}, []
+    for mode, suffix in ((bn, ''), (other, f'_{other}')):
+        own = {n: accuracy(models[n], tests[n], batch_size, mode) for n in names}
+        matrix = recombination_matrix([models[n] for n in names], [tests[n] for n in names], batch_size, mode)
+        tables.append(format_matrix(matrix, names, title=f'{title}recombination accuracy (%), common classes, '
+                                                        f'BN={mode}', own=[own[n] for n in names]))
+        result.update({f'own_accuracy{suffix}': own, f'recombination_matrix{suffix}': matrix.tolist()})
+    return dict(result, table='\n'.join(tables))

@@ -15,9 +15,10 @@ from .methods.rp import NUM_ROTATIONS
 __all__ = ['Interface', 'build_aux_head', 'DEFAULT_AUX_HEAD', 'DEFAULT_WIDTH']
 
 DEFAULT_AUX_HEAD = {'type': 'conv', 'hidden': None}  # hidden=None: the interface width
-DEFAULT_WIDTH = 32
-"""Interface width of a run whose config names none: the 32 channels of a CIFAR ResNet's middle stage, so the
-demo's extractors need no adapter."""
+DEFAULT_WIDTH = 64
+"""Interface width when none is given (``make_compatible``'s fresh interface, an independent network): the 64
+channels of Gygli et al.'s interface. The offline demo config asks for 32 explicitly (a CIFAR ResNet's middle stage,
+so its extractors need no adapter)."""
 NONCE_BYTES = 8
 _SPEC_KEYS = {'conv': {'type', 'hidden'}, 'timm': {'type', 'backbone', 'split', 'model_args'}}
 

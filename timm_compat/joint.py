@@ -1,19 +1,34 @@
-"""JointModel: every network of a run and their shared interface as one module, one loss per step."""
+"""JointModel (``CompatibilityTask``): every network of a run and their shared interface as one
+``timm.task.TrainingTask``, one loss dict per step."""
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
+from timm.task import TrainingTask
 from torch import nn
 
 from .methods import CompatibilityMethod, compatibility_loss
 
-__all__ = ['SCHEDULES', 'JointModel']
+__all__ = ['SCHEDULES', 'JointModel', 'CompatibilityTask']
 
 
 SCHEDULES = ('sum', 'alternate')
 
 
-class JointModel(nn.Module):
-    """Every network of a run and their shared interface as one module.
+class _Losses(nn.Module):
+    """What DDP wraps in :meth:`JointModel.prepare_distributed`: the task's losses, its parameters as children."""
+
+    def __init__(self, task: 'JointModel'):
+        super().__init__()
+        self.task = task
+
+    def forward(self, batches):
+        return self.task.losses(batches)
+
+
+class JointModel(TrainingTask):
+    """Every network of a run and their shared interface as one module: a ``timm.task.TrainingTask`` (also named
+    ``CompatibilityTask``) that takes ``{name: (images, labels)}`` and returns a loss dict, so a timm training loop
+    drives it as any task; train.py's engine does the same through Accelerate.
 
     DDP wraps this module once: the aux heads that all networks share are one set of parameters, reduced once per
     step, which is impossible when each network is wrapped on its own.
@@ -37,7 +52,7 @@ class JointModel(nn.Module):
 
     def __init__(self, networks: Dict[str, nn.Module], interface: Optional[nn.Module],
                  methods: Sequence[CompatibilityMethod] = (), schedule: str = 'sum'):
-        super().__init__()
+        super().__init__(verbose=False)
         if schedule not in SCHEDULES:
             raise ValueError(f'Unknown joint schedule {schedule!r}: use one of {SCHEDULES}.')
         if not networks:
@@ -68,7 +83,30 @@ class JointModel(nn.Module):
         names = list(self.networks)
         return names if self.schedule == 'sum' else [names[step % len(names)]]
 
+    def prepare_distributed(self, device_ids: Optional[list] = None, **ddp_kwargs) -> 'JointModel':
+        """timm's hook: wrap the whole task once in DDP (the shared aux heads are one parameter set, reduced once);
+        later calls of the task go through it. Not needed under Accelerate, which wraps the task itself.
+
+        Args:
+            device_ids: DDP's ``device_ids`` (e.g. ``[local_rank]``; None on CPU).
+            **ddp_kwargs: Passed to ``DistributedDataParallel``.
+        """
+        # Kept outside the module tree: DDP holds this task, so registering it here would make a cycle.
+        object.__setattr__(self, '_ddp', nn.parallel.DistributedDataParallel(_Losses(self), device_ids=device_ids,
+                                                                             **ddp_kwargs))
+        return self
+
+    def compile(self, backend: str = 'inductor', mode: Optional[str] = None, **compile_kwargs) -> None:
+        """timm's hook: compile every network in place (before :meth:`prepare_distributed`)."""
+        for network in self.networks.values():
+            network.compile(backend=backend, mode=mode, **compile_kwargs)
+
     def forward(self, batches: Dict[str, Tuple[torch.Tensor, torch.Tensor]]) -> Dict[str, torch.Tensor]:
+        """:meth:`losses`, through DDP after :meth:`prepare_distributed`."""
+        ddp = self.__dict__.get('_ddp')
+        return ddp(batches) if ddp is not None else self.losses(batches)
+
+    def losses(self, batches: Dict[str, Tuple[torch.Tensor, torch.Tensor]]) -> Dict[str, torch.Tensor]:
         """Losses of the networks in ``batches``: ``{"<name>/task": ..., "<name>/<method>": ..., "loss": total}``.
 
         Args:
@@ -121,3 +159,6 @@ class JointModel(nn.Module):
             for p in network.parameters():
                 if name not in active and id(p) not in keep:
                     p.grad = None
+
+
+CompatibilityTask = JointModel  # the name a timm user looks for beside timm.task.ClassificationTask

@@ -33,6 +33,10 @@ class MetricsLog:
         rows = self._read() if self.path.exists() else []
         self._write(self._header + [k for k in row if k not in self._header], rows + [row])
 
+    def rows(self) -> List[Dict[str, str]]:
+        """Every row logged so far, as strings (an empty string where a row has no value)."""
+        return self._read() if self.path.exists() else []
+
     def _read(self) -> List[Dict[str, str]]:
         with open(self.path, newline='') as f:
             return list(csv.DictReader(f))

@@ -14,7 +14,8 @@ from matplotlib.ticker import FuncFormatter
 
 from .analysis import sort_correlation
 
-__all__ = ['plot_recombination_matrix', 'plot_correlation_blocks', 'plot_accuracy_curves', 'ReportTable',
+__all__ = ['plot_recombination_matrix', 'plot_correlation_blocks', 'plot_accuracy_curves', 'plot_loss_curves',
+           'plot_phase', 'ReportTable',
            'ReportFigure', 'matrix_table', 'write_report']
 
 PathLike = Union[str, os.PathLike]
@@ -165,6 +166,49 @@ class ReportFigure:
     """An image for :func:`write_report`, linked relative to the report."""
     path: PathLike
     caption: str = ''
+
+
+def plot_loss_curves(rows: Sequence[Mapping[str, object]], path: PathLike, title: str = '') -> Path:
+    """Each logged loss of ``metrics.csv`` rows against the step, the total ``loss`` drawn bold.
+
+    Args:
+        rows: ``{'step': s, 'loss': v, '<network>/<term>': v, ...}`` rows (``lr`` and ``time`` are not drawn).
+        path: Output ``.png``.
+        title: Figure title.
+
+    Returns:
+        ``path``.
+    """
+    keys = list(dict.fromkeys(k for r in rows for k in r if k not in ('step', 'lr', 'time')))
+    if not keys:
+        raise ValueError('No logged losses to plot.')
+    fig = Figure(figsize=(6.0, 4.0))
+    ax = fig.subplots()
+    for key in keys:
+        # Under the alternate schedule a network's columns are empty in the rows before its first turn.
+        points = [(float(r['step']), float(r[key])) for r in rows if r.get(key) not in ('', None)]
+        ax.plot(*zip(*points), label=key, linewidth=2.5 if key == 'loss' else 1.0)
+    ax.set_xlabel('step')
+    ax.set_ylabel('loss (mean per log interval)')
+    ax.legend(fontsize='small', ncol=2)
+    if title:
+        ax.set_title(title)
+    return _save(fig, path)
+
+
+def plot_phase(folder: PathLike, summary: Mapping[str, object], rows: Sequence[Mapping[str, object]]
+               ) -> Tuple[Path, Path]:
+    """A phase folder's figures: ``recombination.png`` (its matrix) and ``loss.png`` (its ``metrics.csv``).
+
+    Args:
+        folder: The phase's output folder.
+        summary: The phase's summary (``networks``, ``recombination_matrix``, ``phase``).
+        rows: The phase's ``metrics.csv`` rows.
+    """
+    folder, tag = Path(folder), summary.get('phase', '')
+    matrix = plot_recombination_matrix(torch.tensor(summary['recombination_matrix']), summary['networks'],
+                                       folder / 'recombination.png', title=f'[{tag}] recombination accuracy')
+    return matrix, plot_loss_curves(rows, folder / 'loss.png', title=f'[{tag}] training losses')
 
 
 def matrix_table(matrix: torch.Tensor, names: Sequence[str], head_names: Optional[Sequence[str]] = None,

@@ -68,6 +68,28 @@ class RunDir:
             self._lock_file.close()  # closing drops the flock
             self._lock_file = None
 
+    def abandon_untrained(self, *logs: str) -> bool:
+        """Undo the claim of a new run that failed before its first step: delete what :meth:`prepare` and an
+        empty phase start wrote, so that the same command may run again. Anything else in the folder is kept.
+
+        Args:
+            logs: Folders of the run's own logs (the trackers'), deleted with it.
+
+        Returns:
+            Whether the folder was given up.
+        """
+        written = {CONFIG, MARKER, *logs}
+        for entry in self._entries():
+            if entry.name in written:
+                continue
+            files = [f for f in entry.rglob('*')] if entry.is_dir() else [entry]
+            if any(f.name != 'metrics.csv' and f.is_file() or f.is_dir() for f in files) or any(
+                    len(f.read_text().splitlines()) > 1 for f in files):
+                return False  # a step was logged or checkpointed, or the folder holds something else
+        for entry in self._entries():
+            shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+        return True
+
     def _entries(self) -> List[Path]:
         return [p for p in self.path.iterdir() if p.name != LOCK]
 

@@ -1,0 +1,325 @@
+"""A recombined model saved as one timm folder and loaded back (timm's local-dir:/hf-hub: and timm_compat's route),
+and the deployable model: BN recalibrated on unlabelled target images (AdaBN)."""
+import copy
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import safetensors.torch
+import timm
+import torch
+from huggingface_hub import ModelCard
+
+import timm_compat as tc
+from timm_compat.batchnorm import eval_mode, recalibrate_bn
+from timm_compat.data import ImageData, normalize
+from timm_compat.synthetic import make_synthetic
+from tests.test_hub import _write_pickle_that_leaves_a_trace, hf_cache, put_in_cache  # noqa: F401 (fixture)
+
+NAMES = ['w', 'x', 'y', 'z']
+
+
+def busy_bn(model, seed=1):
+    """Non-trivial running statistics everywhere (a fresh BN holds 0 / 1, which a lost buffer would not show)."""
+    g = torch.Generator().manual_seed(seed)
+    size = model.extractor.pretrained_cfg['input_size']
+    with torch.no_grad():
+        model.train()
+        for _ in range(3):
+            model(torch.randn(8, *size, generator=g) * 2 + 0.5)
+    return model.eval()
+
+
+def assert_same_logits(a, b, input_size):
+    x = torch.randn(6, *input_size, generator=torch.Generator().manual_seed(3))
+    for bn in ('batch', 'running'):
+        with torch.no_grad(), eval_mode(a, bn), eval_mode(b, bn):
+            assert torch.equal(a(x), b(x)), bn
+
+
+@pytest.fixture(scope='module')
+def pair():
+    """Extractor of a resnet8 and head of a resnet20 (so adapters, two backbones): compatible_model format."""
+    interface = tc.Interface(width=24)
+    a = tc.make_compatible('resnet8_cifar', split='layer2', interface=interface, num_classes=4, class_names=NAMES)
+    b = tc.make_compatible('resnet20_cifar', split='layer2', interface=interface, num_classes=4, class_names=NAMES,
+                           init_seed=7)
+    return busy_bn(tc.recombine(a.extractor, b.head))
+
+
+@pytest.fixture(scope='module')
+def same_backbone():
+    """Two timm-native test_resnet networks, identity adapters at layer2 (48 channels): a plain test_resnet."""
+    nets = [tc.make_compatible('test_resnet', split='layer2', interface=None, width=48, num_classes=3,
+                               init_seed=seed, pretrained_cfg_overlay=dict(input_size=(3, 64, 64))) for seed in (1, 2)]
+    return busy_bn(tc.recombine(nets[0].extractor, nets[1].head, force=True))
+
+
+def test_recombined_model_round_trips_bit_identically_through_timm_and_timm_compat(pair, tmp_path):
+    assert pair.save_pretrained(tmp_path) == 'timm_compat'
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['README.md', 'config.json', 'model.safetensors']
+    config = json.loads((tmp_path / 'config.json').read_text())
+    assert config['architecture'] == 'compatible_model' and config['num_classes'] == 4
+    assert config['label_names'] == NAMES and config['pretrained_cfg']['input_size'] == [3, 32, 32]
+    size = (3, 32, 32)
+    via_timm = timm.create_model(f'local-dir:{tmp_path}', pretrained=True)
+    for loaded in (tc.load_recombined(tmp_path), tc.CompatibleModel.from_pretrained(tmp_path), via_timm):
+        assert isinstance(loaded, tc.RecombinedModel) and loaded.head.class_names == NAMES
+        assert loaded.extractor.interface_id == pair.extractor.interface_id
+        assert_same_logits(pair, loaded, size)
+    # timm's own data config reads the recorded preprocessing.
+    assert tuple(timm.data.resolve_data_config(model=via_timm)['input_size']) == size
+    # Without pretrained=True timm builds the architecture only, as it does for any model.
+    fresh = timm.create_model(f'local-dir:{tmp_path}')
+    assert not torch.equal(fresh.head.tail.fc.weight, pair.head.tail.fc.weight)
+
+
+def test_same_backbone_pair_loads_with_plain_timm_without_timm_compat(same_backbone, tmp_path):
+    folder, io = tmp_path / 'model', tmp_path / 'io.safetensors'
+    assert same_backbone.save_pretrained(folder) == 'timm'
+    config = json.loads((folder / 'config.json').read_text())
+    assert config['architecture'] == 'test_resnet' and config['model_args'] == {}
+    x = torch.randn(5, 3, 64, 64, generator=torch.Generator().manual_seed(4))
+    safetensors.torch.save_file({'x': x}, io)
+    script = (
+        'import sys, timm, torch, safetensors.torch as st\n'
+        f'm = timm.create_model("local-dir:{folder}", pretrained=True).eval()\n'
+        'x = st.load_file(sys.argv[1])["x"]\n'
+        'with torch.no_grad():\n'
+        '    running = m(x)\n'
+        '    for bn in m.modules():\n'
+        '        if isinstance(bn, torch.nn.BatchNorm2d): bn.train(); bn.track_running_stats = False\n'
+        '    batch = m(x)\n'
+        'assert "timm_compat" not in sys.modules\n'
+        'st.save_file({"running": running, "batch": batch}, sys.argv[1])\n')
+    subprocess.run([sys.executable, '-c', script, str(io)], check=True, env=dict(os.environ, PYTHONPATH=''))
+    out = safetensors.torch.load_file(io)
+    for bn in ('running', 'batch'):
+        with torch.no_grad(), eval_mode(same_backbone, bn):
+            assert torch.equal(same_backbone(x), out[bn]), bn
+    loaded = tc.load_recombined(folder)  # the timm_compat route keeps the extractor / head split
+    assert isinstance(loaded.extractor, tc.Extractor)
+    assert_same_logits(same_backbone, loaded, (3, 64, 64))
+
+
+def test_card_says_which_call_loads_the_model(pair, same_backbone, tmp_path):
+    pair.save_pretrained(tmp_path / 'a', repo_id='org/mixed')
+    same_backbone.save_pretrained(tmp_path / 'b', repo_id='org/plain')
+    mixed, plain = (ModelCard.load(tmp_path / n / 'README.md') for n in 'ab')
+    assert mixed.data.library_name == 'timm-compat' and plain.data.library_name == 'timm'
+    assert 'import timm_compat  # registers compatible_model' in mixed.text
+    assert 'plain timm without timm-compat cannot load it' in mixed.text
+    assert 'plain timm loads it, without timm-compat' in plain.text and 'import timm_compat  #' not in plain.text
+    assert 'timm.create_model("hf-hub:org/plain", pretrained=True)' in plain.text
+    assert 'timm_compat.deploy(model' in mixed.text  # the running statistics are not the target's
+
+
+def test_hf_hub_route_through_an_offline_cache(pair, tmp_path, hf_cache):  # noqa: F811 (fixture)
+    pair.save_pretrained(tmp_path / 'm')
+    put_in_cache(hf_cache, 'org/mixed', tmp_path / 'm')
+    assert_same_logits(pair, timm.create_model('hf-hub:org/mixed', pretrained=True), (3, 32, 32))
+    assert_same_logits(pair, tc.load_recombined('org/mixed'), (3, 32, 32))
+
+
+def test_push_to_hub_uploads_the_one_folder(pair, monkeypatch, tmp_path):
+    """The Hub itself cannot be reached here: its two calls are replaced, keeping what would be uploaded."""
+    from huggingface_hub import HfApi, RepoUrl, constants
+    calls = []
+    monkeypatch.setattr(HfApi, 'create_repo', lambda self, repo_id, **kw: RepoUrl(f'{constants.ENDPOINT}/{repo_id}'))
+    monkeypatch.setattr(HfApi, 'upload_folder', lambda self, **kw: calls.append(
+        dict(kw, kept=shutil.copytree(kw['folder_path'], tmp_path / 'up'))) or 'commit')
+    assert pair.push_to_hub('org/mixed') == 'commit'
+    (call,) = calls
+    assert call['repo_id'] == 'org/mixed' and 'loads with timm_compat' in call['commit_message']
+    assert 'timm.create_model("hf-hub:org/mixed", pretrained=True)' in (call['kept'] / 'README.md').read_text()
+    assert_same_logits(pair, tc.load_recombined(call['kept']), (3, 32, 32))
+
+
+def _tamper_config(folder):
+    config = json.loads((folder / 'config.json').read_text())
+    config['label_names'] = config['label_names'][::-1]  # same shapes, silently different predictions
+    (folder / 'config.json').write_text(json.dumps(config))
+
+
+def _tamper_weights(folder):
+    path = folder / 'model.safetensors'
+    with safetensors.safe_open(str(path), 'pt') as f:
+        metadata = f.metadata()
+    tensors = safetensors.torch.load_file(path)
+    tensors['head.tail.fc.bias'] = tensors['head.tail.fc.bias'] + 1
+    safetensors.torch.save_file(tensors, path, metadata=metadata)
+
+
+@pytest.mark.parametrize('tamper, message', [
+    (_tamper_config, 'config.json was changed after saving'),
+    (_tamper_weights, 'do not match the digest'),
+    (lambda f: (f / 'config.json').write_text('{"architecture": "compatible_model",'), 'not valid JSON'),
+    (lambda f: (f / 'model.safetensors').write_bytes(b'\x08\x00\x00'), 'not a readable safetensors file'),
+])
+def test_tampered_or_malformed_folder_is_refused_by_both_routes(pair, tmp_path, tamper, message):
+    pair.save_pretrained(tmp_path)
+    tamper(tmp_path)
+    with pytest.raises(tc.ComponentError, match=message):
+        tc.load_recombined(tmp_path)
+    if message != 'not valid JSON':  # timm parses config.json itself first, and says so in its own words
+        with pytest.raises(tc.ComponentError, match=message):
+            timm.create_model(f'local-dir:{tmp_path}', pretrained=True)
+
+
+def test_pickled_weights_are_never_unpickled_by_either_route(pair, tmp_path):
+    folder, trace = tmp_path / 'm', tmp_path / 'unpickled'
+    pair.save_pretrained(folder)
+    (folder / 'model.safetensors').unlink()
+    _write_pickle_that_leaves_a_trace(folder / 'pytorch_model.bin', trace)
+    for load in (tc.load_recombined, lambda f: timm.create_model(f'local-dir:{f}', pretrained=True)):
+        with pytest.raises(tc.ComponentError, match='never loaded'):
+            load(folder)
+    assert not trace.exists()
+
+
+def test_a_single_component_or_a_custom_module_is_refused_with_the_right_call(pair, tmp_path):
+    pair.extractor.save_pretrained(tmp_path / 'e')
+    with pytest.raises(tc.ComponentError, match='single .extractor. component.*load_component'):
+        tc.load_recombined(tmp_path / 'e')
+    custom = tc.CompatibleModel(pair.extractor, tc.Head(torch.nn.Identity(), 24, 24, 24))
+    with pytest.raises(tc.ComponentError, match='Cannot save this recombined model.*custom module'):
+        custom.save_pretrained(tmp_path / 'c')
+    assert not (tmp_path / 'c').exists()
+    with pytest.raises(ValueError, match='num_classes=7 differs'):
+        timm.create_model('compatible_model', extractor=pair.extractor.full_config(), head=pair.head.full_config(),
+                          num_classes=7)
+
+
+# Deployment: AdaBN. One small network trained for a few seconds on synthetic domain A; network "b" is a copy of it
+# whose BN layers gathered their statistics on domain B, as a network trained there would: its head fits a's
+# features (one interface) but its running statistics describe other features, which is the recombined case.
+
+def _train(model, data, steps=200, seed=0):
+    cfg, g = model.extractor.pretrained_cfg, torch.Generator().manual_seed(seed)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+    model.train()
+    for _ in range(steps):
+        index = torch.randint(0, len(data), (64,), generator=g)
+        loss = torch.nn.functional.cross_entropy(model(normalize(data.images[index], cfg['mean'], cfg['std'])),
+                                                data.labels[index])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval()
+
+
+def _domain(domain, split, per_class):
+    images, labels, names = make_synthetic(domain, split, size=32, num_per_class=per_class)
+    return ImageData(images, labels, names, domain)
+
+
+@pytest.fixture(scope='module')
+def recombined():
+    torch.manual_seed(0)
+    train_a = _domain('A', 'train', 100)
+    a = _train(tc.make_compatible('resnet8_cifar', split='layer2', interface=tc.Interface(width=32), num_classes=10,
+                                  class_names=train_a.class_names, init_seed=0), train_a)
+    b = copy.deepcopy(a, {id(a.interface): a.interface})
+    cfg = b.extractor.pretrained_cfg
+    recalibrate_bn(b, [normalize(x, cfg['mean'], cfg['std']) for x in _domain('B', 'train', 20).images.split(100)])
+    return tc.recombine(a.extractor, b.head)
+
+
+@pytest.fixture(scope='module')
+def shifted():
+    """Domain A test images, dimmed to 40 % contrast around a grey: a photometric shift, labels kept."""
+    test = _domain('A', 'test', 30)
+    return ImageData((test.images.float() * 0.4 + 100).round().to(torch.uint8), test.labels, test.class_names)
+
+
+def test_adabn_recovers_the_accuracy_that_stale_running_statistics_lose(recombined, shifted):
+    report = tc.bn_accuracy_report(recombined, shifted, unlabeled=shifted.images)
+    assert list(report) == ['batch', 'running', 'adabn']
+    assert report['running'] < 0.5 and report['adabn'] > 0.9 and report['batch'] > 0.9, report
+    assert report['adabn'] >= report['running'] + 0.4, report
+    # Recalibrated on other unlabelled images of the target (another draw, shifted alike), not the test images.
+    images, _, _ = make_synthetic('A', 'test', size=32, num_per_class=20, seed=1)
+    unlabeled = (images.float() * 0.4 + 100).round().to(torch.uint8)
+    assert tc.accuracy(tc.deploy(recombined, unlabeled), shifted, bn='running') > 0.9
+
+
+def test_deployed_model_classifies_single_images_as_in_a_batch(recombined, shifted):
+    deployed = tc.deploy(recombined, shifted.images[:200], batch_size=50)
+    assert not deployed.training and deployed.bn_calibration == {'method': 'adabn', 'images': 200}
+    cfg = deployed.extractor.pretrained_cfg
+    x = normalize(shifted.images[:8], cfg['mean'], cfg['std'])
+    with torch.no_grad():
+        batch = deployed(x)
+        single = torch.cat([deployed(x[i:i + 1]) for i in range(8)])
+        torch.testing.assert_close(single, batch, rtol=1e-5, atol=1e-5)
+        assert torch.equal(single.argmax(1), batch.argmax(1))
+        # The paper's batch-statistics mode has no such thing: one image alone has degenerate statistics.
+        with eval_mode(recombined, 'batch'):
+            assert not torch.allclose(recombined(x[:1]), recombined(x)[:1], atol=1e-2)
+
+
+def test_deploy_leaves_the_original_untouched_and_shares_its_interface(recombined, shifted, tmp_path):
+    before = {k: v.clone() for k, v in recombined.state_dict().items()}
+    recombined.train()
+    deployed = tc.deploy(recombined, iter([shifted.images[:64], shifted.images[64:128]]))
+    assert recombined.training and all(torch.equal(before[k], v) for k, v in recombined.state_dict().items())
+    assert deployed.interface is recombined.interface and deployed.extractor is not recombined.extractor
+    assert deployed.bn_calibration['images'] == 128
+    recombined.eval()
+    # Saved, the card says it was recalibrated, and the loaded model keeps the record.
+    deployed.save_pretrained(tmp_path)
+    assert 'recalibrated on 128 unlabelled target images' in (tmp_path / 'README.md').read_text()
+    assert tc.load_recombined(tmp_path).bn_calibration == {'method': 'adabn', 'images': 128}
+
+
+def test_deploy_refuses_bn_without_running_statistics_and_empty_data(recombined):
+    model = copy.deepcopy(recombined)
+    model.head.tail.get_submodule('layer3.0').bn1 = torch.nn.BatchNorm2d(64, track_running_stats=False)
+    with pytest.raises(ValueError, match='without running statistics'):
+        tc.deploy(model, torch.zeros(4, 3, 32, 32, dtype=torch.uint8))
+    with pytest.raises(ValueError, match='no batches'):
+        tc.deploy(recombined, [])
+
+
+def test_a_pair_of_a_backbone_timm_compat_registers_needs_the_import_and_says_so(tmp_path):
+    nets = [tc.make_compatible('resnet8_cifar', split='layer2', interface=None, width=32, num_classes=4,
+                               init_seed=seed) for seed in (1, 2)]
+    model = busy_bn(tc.recombine(nets[0].extractor, nets[1].head, force=True))
+    assert model.save_pretrained(tmp_path) == 'timm_compat'
+    assert json.loads((tmp_path / 'config.json').read_text())['architecture'] == 'resnet8_cifar'
+    assert 'once `import timm_compat` has registered `resnet8_cifar`' in (tmp_path / 'README.md').read_text()
+    assert_same_logits(model, timm.create_model(f'local-dir:{tmp_path}', pretrained=True), (3, 32, 32))
+
+
+def test_the_documented_snippet_runs_as_written(recombined, shifted, tmp_path, monkeypatch):
+    text = (Path(__file__).resolve().parents[1] / 'docs' / 'deploy.md').read_text()
+    snippet = text.split('```python\n')[1].split('```')[0]
+    monkeypatch.chdir(tmp_path)
+    scope = {'timm': timm, 'timm_compat': tc, 'model': recombined, 'unlabelled_target_images': shifted.images}
+    exec(snippet, scope)
+    cfg = recombined.extractor.pretrained_cfg
+    x = normalize(shifted.images[:16], cfg['mean'], cfg['std'])
+    with torch.no_grad():
+        assert torch.equal(scope['model'].eval()(x), scope['deployable'](x))
+    assert json.loads((tmp_path / 'my-model' / 'config.json').read_text())['bn_calibration']['method'] == 'adabn'
+
+
+def test_training_summaries_report_running_statistics_next_to_batch_statistics(recombined, shifted):
+    from timm_compat.evaluation import evaluate_networks
+    deployed = tc.deploy(recombined, shifted)
+    models, tests = {'stale': recombined, 'adabn': deployed}, {'stale': shifted, 'adabn': shifted}
+    result = evaluate_networks(models, tests, 256, 'batch', title='[main] ')
+    assert set(result) == {'own_accuracy', 'recombination_matrix', 'own_accuracy_running',
+                           'recombination_matrix_running', 'table'}
+    assert result['own_accuracy']['stale'] == tc.accuracy(recombined, shifted, 256, bn='batch')
+    assert result['own_accuracy_running'] == {'stale': tc.accuracy(recombined, shifted, 256, bn='running'),
+                                              'adabn': tc.accuracy(deployed, shifted, 256, bn='running')}
+    assert result['own_accuracy_running']['stale'] < result['own_accuracy_running']['adabn']
+    batch_table, running_table = result['table'].split('\n[main] ')
+    assert 'BN=batch' in batch_table and 'BN=running' in running_table
+    flipped = evaluate_networks(models, tests, 256, 'running')
+    assert flipped['own_accuracy'] == result['own_accuracy_running'] and 'own_accuracy_batch' in flipped

@@ -1,0 +1,79 @@
+import math
+
+import pytest
+import torch
+from timm.optim import list_optimizers
+
+from timm_compat.config import ConfigError, load_config
+from timm_compat.optim import SCHEDULES, check_optim, make_optimizer, make_scheduler
+
+
+def optimizer(name='sgd', momentum=0.9, **kwargs):
+    return make_optimizer([torch.nn.Parameter(torch.zeros(3))], name, 0.1, momentum, 5e-4, **kwargs)
+
+
+def lrs(scheduler, steps):
+    out = []
+    for _ in range(steps):
+        out.append(scheduler.get_last_lr()[0])
+        scheduler.step()
+    return out + [scheduler.get_last_lr()[0]]
+
+
+def test_sgd_is_nesterov_with_momentum_and_plain_without():
+    opt = optimizer()
+    assert type(opt) is torch.optim.SGD and opt.defaults['nesterov'] and opt.defaults['weight_decay'] == 5e-4
+    assert not optimizer(momentum=0.0).defaults['nesterov']
+    assert not optimizer('momentum').defaults['nesterov']
+
+
+def test_cosine_is_the_half_cosine_per_update_ending_at_zero():
+    got = lrs(make_scheduler(optimizer(), 'cosine', 10), 10)
+    assert got == pytest.approx([0.1 * 0.5 * (1 + math.cos(math.pi * t / 10)) for t in range(11)], abs=1e-15)
+    assert got[-1] == 0.0
+
+
+def test_accelerate_ticks_once_per_process_and_the_schedule_once_per_update():
+    scheduler = make_scheduler(optimizer(), 'cosine', 4, ticks_per_step=2)
+    assert lrs(scheduler, 8)[::2] == lrs(make_scheduler(optimizer(), 'cosine', 4), 4)
+
+
+@pytest.mark.parametrize('schedule', SCHEDULES)
+def test_every_schedule_by_name_steps_and_resumes(schedule):
+    first = make_scheduler(optimizer(), schedule, 20, 2)
+    before = lrs(first, 7)
+    resumed = make_scheduler(optimizer(), schedule, 20, 2)
+    resumed.load_state_dict(first.state_dict())
+    assert resumed.get_last_lr() == first.get_last_lr() == before[-1:]
+    assert lrs(resumed, 13) == lrs(first, 13)
+
+
+def test_warmup_rises_linearly_then_the_schedule_runs_over_the_rest():
+    got = lrs(make_scheduler(optimizer(), 'cosine', 12, 2, warmup_lr=0.0), 12)
+    assert got[:3] == pytest.approx([0.0, 0.05, 0.1]) and got[-1] == 0.0
+    assert got[7] == pytest.approx(0.05)  # halfway through the 10 cosine updates
+
+
+def test_every_timm_optimizer_name_is_accepted():
+    cfg = load_config(None, ['optim.optimizer=lamb', 'optim.schedule=step', 'optim.schedule_args={decay_epochs: 2}'])
+    assert cfg.optim.optimizer == 'lamb'
+    assert {'sgd', 'adamw', 'lamb', 'lion'} <= set(list_optimizers())
+
+
+@pytest.mark.parametrize('override, named', [('optim.optimizer=nope', 'adamw, adamwlegacy'),
+                                             ('optim.schedule=plateau', 'cosine, tanh, step'),
+                                             ('optim.optimizer_args={bogus: 1}', 'bogus')])
+def test_bad_optimizer_or_schedule_fails_at_config_time_naming_the_valid_ones(override, named):
+    with pytest.raises(ConfigError, match=named):
+        load_config(None, [override])
+    with pytest.raises(ValueError):
+        check_optim('sgd', 'nope')
+
+
+def test_a_checkpoint_of_the_old_lambda_schedule_resumes_at_its_step():
+    old = torch.optim.lr_scheduler.LambdaLR(optimizer(), lambda step: 1.0)
+    for _ in range(3):
+        old.step()
+    scheduler = make_scheduler(optimizer(), 'cosine', 6)
+    scheduler.load_state_dict(old.state_dict())
+    assert scheduler.updates == 3 and scheduler.get_last_lr() == pytest.approx([0.05])

@@ -1,0 +1,62 @@
+"""The model card of a saved recombined model: which call loads it, and what its BN statistics are good for."""
+import json
+from typing import Any, Dict, List
+
+from huggingface_hub import ModelCard, ModelCardData
+
+PAPER_URL = 'https://arxiv.org/abs/2004.03898'
+
+
+def _loading(config: Dict[str, Any], repo_id: str) -> List[str]:
+    arch = config['architecture']
+    if arch != 'compatible_model':
+        plain = config['loads_with'] == 'timm'
+        return [
+            f'The extractor and the head are both cut from `{arch}` at the same split with identity adapters, so '
+            f'together they are a plain `{arch}`, saved as timm saves one: '
+            + ('plain timm loads it, without timm-compat.' if plain else
+               f'timm loads it once `import timm_compat` has registered `{arch}` with timm.'), '',
+            '```python', 'import timm', *([] if plain else ['import timm_compat  # registers ' + arch]), '',
+            f'model = timm.create_model("hf-hub:{repo_id}", pretrained=True)',
+            '# or, keeping the extractor / head split:',
+            f'# import timm_compat; model = timm_compat.load_recombined("{repo_id}")', '```']
+    return [
+        'The components differ in backbone, split or adapters, so no plain timm architecture holds them. Its '
+        'architecture is `compatible_model`, which `import timm_compat` registers with timm: plain timm without '
+        'timm-compat cannot load it.', '',
+        '```python', 'import timm', 'import timm_compat  # registers compatible_model with timm', '',
+        f'model = timm.create_model("hf-hub:{repo_id}", pretrained=True)',
+        f'# or: model = timm_compat.load_recombined("{repo_id}")', '```']
+
+
+def _bn_words(config: Dict[str, Any]) -> str:
+    calibration = config.get('bn_calibration')
+    if calibration:
+        return (f'BN running statistics were recalibrated on {calibration.get("images")} unlabelled target images '
+                f'(AdaBN, `timm_compat.deploy`): `model.eval()` classifies single images.')
+    return ('BN running statistics are those each network gathered on its own training data. Recombined components '
+            'are evaluated with batch statistics (the paper\'s protocol, `timm_compat.eval_mode(model, "batch")`); to '
+            'classify single images, recalibrate first: `model = timm_compat.deploy(model, unlabelled_images)`.')
+
+
+def model_card(config: Dict[str, Any], repo_id: str) -> str:
+    """Card text: YAML front matter (library, tags), the two components, the one call that loads the model."""
+    tags = ['timm-compat', 'timm-compat-recombined', 'image-classification']
+    if config.get('interface_id'):
+        tags.append(f'compat-interface-{config["interface_id"]}')
+    data = ModelCardData(library_name='timm' if config['loads_with'] == 'timm' else 'timm-compat',
+                         license='apache-2.0', tags=tags)
+    rows = [(role, config[role].get(k)) for role in ('extractor', 'head') for k in ('backbone', 'split')]
+    body = [
+        '# timm-compat recombined model', '',
+        f'An extractor and a head of compatible networks ([Gygli et al., AAAI 2021]({PAPER_URL})), joined with no '
+        f'fine-tuning, saved as one timm model.', '',
+        '| part | value |', '|---|---|',
+        *[f'| {role} {key} | `{json.dumps(value)}` |' for (role, value), key in zip(rows, ['backbone', 'split'] * 2)],
+        f'| interface | `{json.dumps(config.get("interface_id"))}` |',
+        f'| num_classes | `{config["num_classes"]}` |',
+        f'| loads with | `{config["loads_with"]}` |', '',
+        '## Loading', '', *_loading(config, repo_id), '',
+        '## BatchNorm', '', _bn_words(config), '',
+    ]
+    return str(ModelCard(f'---\n{data.to_yaml()}\n---\n\n' + '\n'.join(body) + '\n'))
