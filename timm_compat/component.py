@@ -17,7 +17,7 @@ an interface, its id) agree (see :mod:`timm_compat._integrity`). Searching the H
 import json
 import os
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -107,11 +107,47 @@ def read_config(model_id: str, **resolve: Any) -> Dict[str, Any]:
     return config
 
 
+def write_folder(directory: Union[str, Path], tensors: Dict[str, torch.Tensor], config: Dict[str, Any],
+                 card: Callable[[], str]) -> None:
+    """Write a component-format folder: ``model.safetensors``, ``config.json``, ``README.md``.
+
+    Everything is serialised before anything is written, each file is replaced atomically, and the weights, written
+    first, carry the new config (``timm_compat._integrity``), so the folder loads as the old or the new content at
+    every instant. ``card`` is called once the config is known to be plain JSON, which ``config_text`` checks with
+    an error naming the bad key.
+    """
+    text = config_text(config)
+    card_text = card()
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    metadata = {'format': 'pt', 'role': config['role'], 'interface_id': str(config['interface_id']),
+                **config_metadata(text, previous=directory / CONFIG_NAME)}
+    atomic_save_safetensors(tensors, directory / WEIGHTS_NAME, metadata)
+    atomic_write_bytes(directory / CONFIG_NAME, text.encode())
+    atomic_write_bytes(directory / CARD_NAME, card_text.encode())
+
+
+def push_folder(save, repo_id: str, commit_message, *, private: Optional[bool] = None,
+                token: Optional[str] = None, branch: Optional[str] = None,
+                create_pr: Optional[bool] = None) -> CommitInfo:
+    """Create the Hub model repo if needed, ``save(tmp, repo_id)`` a folder and upload it in one commit.
+
+    ``commit_message`` is a string, or a function of what ``save`` returned.
+    """
+    api = HfApi(token=token)
+    repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+    with SoftTemporaryDirectory() as tmp:
+        saved = save(tmp, repo_id)
+        message = commit_message(saved) if callable(commit_message) else commit_message
+        return api.upload_folder(repo_id=repo_id, repo_type='model', folder_path=tmp, revision=branch,
+                                 create_pr=create_pr, commit_message=message)
+
+
 def _interface_words(iid: Optional[str]) -> str:
     return f'interface {iid}' if iid else 'no interface'
 
 
-def _read_verified(model_id: str, resolve: Dict[str, Any]) -> Tuple[Dict[str, Any], Dict[str, torch.Tensor]]:
+def read_verified(model_id: str, resolve: Dict[str, Any]) -> Tuple[Dict[str, Any], Dict[str, torch.Tensor]]:
     """The config saved with the weights, and the weights, once config.json, metadata and digest agree."""
     config = read_config(model_id, **resolve)
     tensors, metadata = _read_safetensors(resolve_file(model_id, WEIGHTS_NAME, **resolve))
@@ -194,15 +230,7 @@ class Component(
         config = self.full_config()
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
         config['weights_sha256'] = weights_digest(state)
-        text = config_text(config)
-        card = str(self.generate_model_card(repo_id))
-        save_directory = Path(save_directory)
-        save_directory.mkdir(parents=True, exist_ok=True)
-        metadata = {'format': 'pt', 'role': self.role, 'interface_id': str(config['interface_id']),
-                    **config_metadata(text, previous=save_directory / CONFIG_NAME)}
-        atomic_save_safetensors(state, save_directory / WEIGHTS_NAME, metadata)
-        atomic_write_bytes(save_directory / CONFIG_NAME, text.encode())
-        atomic_write_bytes(save_directory / CARD_NAME, card.encode())
+        write_folder(save_directory, state, config, lambda: str(self.generate_model_card(repo_id)))
 
     def push_to_hub(self, repo_id: str, *, commit_message: Optional[str] = None, private: Optional[bool] = None,
                     token: Optional[str] = None, branch: Optional[str] = None,
@@ -221,14 +249,9 @@ class Component(
             The ``huggingface_hub.CommitInfo`` of the upload.
         """
         config = self.full_config()  # fail before creating a repo for a component that cannot be saved
-        api = HfApi(token=token)
-        repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
-        with SoftTemporaryDirectory() as tmp:
-            self.save_pretrained(tmp, repo_id=repo_id)
-            return api.upload_folder(
-                repo_id=repo_id, repo_type='model', folder_path=tmp, revision=branch, create_pr=create_pr,
-                commit_message=commit_message or f'Upload timm-compat {self.role} '
-                                                             f'({_interface_words(config["interface_id"])})')
+        message = commit_message or f'Upload timm-compat {self.role} ({_interface_words(config["interface_id"])})'
+        return push_folder(lambda tmp, repo: self.save_pretrained(tmp, repo_id=repo), repo_id, message,
+                           private=private, token=token, branch=branch, create_pr=create_pr)
 
     def generate_model_card(self, repo_id: Optional[str] = None) -> ModelCard:
         """Model card whose YAML tags make the component findable by interface and role on the Hub."""
@@ -313,7 +336,7 @@ class Component(
         model_id = str(pretrained_model_name_or_path)
         resolve = dict(revision=revision, cache_dir=cache_dir, force_download=force_download,
                        local_files_only=local_files_only, token=token)
-        config, tensors = _read_verified(model_id, resolve)
+        config, tensors = read_verified(model_id, resolve)
         if cls.role and config['role'] != cls.role:
             raise ComponentError(
                 f'{model_id} holds a component of role {config["role"]!r}, not {cls.role!r}: '

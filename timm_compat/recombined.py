@@ -24,15 +24,13 @@ from typing import Any, Dict, Optional, Tuple, Union
 import torch
 import timm
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
-from huggingface_hub import CommitInfo, HfApi
-from huggingface_hub.utils import SoftTemporaryDirectory
+from huggingface_hub import CommitInfo
 
-from ._integrity import (ComponentError, atomic_save_safetensors, atomic_write_bytes, config_metadata, config_text,
-                         weights_digest)
+from ._integrity import ComponentError, weights_digest
 from ._recombined_card import model_card
 from .batchnorm import eval_mode
 from .compatible import CompatibleModel
-from .component import CARD_NAME, CONFIG_NAME, FORMAT_VERSION, WEIGHTS_NAME, _read_verified
+from .component import FORMAT_VERSION, push_folder, read_verified, write_folder
 from .components import Extractor, Head
 
 __all__ = ['ARCHITECTURE', 'RecombinedModel', 'recombined_config', 'save_recombined', 'push_recombined',
@@ -177,15 +175,7 @@ def save_recombined(model: CompatibleModel, save_directory: Union[str, Path], *,
         ``"timm"`` (plain ``timm.create_model`` loads it) or ``"timm_compat"`` (it does after ``import timm_compat``).
     """
     config, tensors = recombined_config(model)
-    text = config_text(config)
-    card = model_card(config, repo_id or 'ORG/NAME')
-    folder = Path(save_directory)
-    folder.mkdir(parents=True, exist_ok=True)
-    metadata = {'format': 'pt', 'role': ROLE, 'interface_id': str(config['interface_id']),
-                **config_metadata(text, previous=folder / CONFIG_NAME)}
-    atomic_save_safetensors(tensors, folder / WEIGHTS_NAME, metadata)
-    atomic_write_bytes(folder / CONFIG_NAME, text.encode())
-    atomic_write_bytes(folder / CARD_NAME, card.encode())
+    write_folder(save_directory, tensors, config, lambda: model_card(config, repo_id or 'ORG/NAME'))
     return config['loads_with']
 
 
@@ -194,14 +184,10 @@ def push_recombined(model: CompatibleModel, repo_id: str, *, commit_message: Opt
                     branch: Optional[str] = None, create_pr: Optional[bool] = None) -> CommitInfo:
     """Create the Hub model repo ``repo_id`` if needed and upload :func:`save_recombined`'s folder in one commit."""
     _pair_configs(model)  # fail before creating a repo for a model that cannot be saved
-    api = HfApi(token=token)
-    repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
-    with SoftTemporaryDirectory() as tmp:
-        loads_with = save_recombined(model, tmp, repo_id=repo_id)
-        return api.upload_folder(repo_id=repo_id, repo_type='model', folder_path=tmp, revision=branch,
-                                 create_pr=create_pr,
-                                 commit_message=commit_message or f'Upload timm-compat recombined model '
-                                                                  f'(loads with {loads_with})')
+    return push_folder(lambda tmp, repo: save_recombined(model, tmp, repo_id=repo), repo_id,
+                       commit_message or (lambda loads_with: f'Upload timm-compat recombined model '
+                                                             f'(loads with {loads_with})'),
+                       private=private, token=token, branch=branch, create_pr=create_pr)
 
 
 def _check_pair(config: Dict[str, Any], model_id: str) -> Tuple[Dict[str, Any], Dict[str, Any]]:
@@ -263,7 +249,7 @@ def load_recombined(model_id: Union[str, Path], *, revision: Optional[str] = Non
 
 
 def _verified(model_id: str, resolve: Dict[str, Any]) -> Tuple[Dict[str, Any], Dict[str, torch.Tensor]]:
-    config, tensors = _read_verified(model_id, resolve)
+    config, tensors = read_verified(model_id, resolve)
     if config['role'] != ROLE:
         raise ComponentError(f'{model_id} holds a single {config["role"]!r} component, not a recombined model: '
                              f'load it with timm_compat.load_component().')
