@@ -1,7 +1,8 @@
 """Train compatible networks with Accelerate.
 
     accelerate launch train.py                                  # offline demo: IIW+RP+DCC vs. independent
-    accelerate launch train.py -c configs/sec4/iiw_rp_dcc.yaml --set data=parquet --data-dir DATA
+    accelerate launch train.py -c configs/sec4/iiw_rp_dcc.yaml                 # CIFAR-10 + STL-10 from the Hub
+    accelerate launch train.py -c configs/sec4/iiw_rp_dcc.yaml --data-dir DATA # ... from DATA/cifar10, DATA/stl10
     accelerate launch train.py -c CONFIG --set optim.lr=0.1 --set networks.1.backbone=resnet56_cifar
     accelerate launch --multi_gpu --num_processes 2 train.py -c CONFIG     # DDP (on CPU: ACCELERATE_USE_CPU=true ...)
     accelerate launch train.py -c CONFIG --resume                # continue from the last checkpoint
@@ -34,7 +35,8 @@ def parse_args(argv=None):
     parser.add_argument('--set', dest='overrides', action='append', default=[], metavar='KEY=VALUE',
                         help='override a config key, e.g. --set interface.rp=false (repeatable)')
     parser.add_argument('--output-dir', default=None, help='output directory (config key output_dir)')
-    parser.add_argument('--data-dir', default=None, help='fills {data_dir} in dataset sources')
+    parser.add_argument('--data-dir', default=None, help='folder of local Parquet copies of Hub datasets: org/name is read '
+                        'from DIR/name/{train,test}.parquet (config key data_dir)')
     parser.add_argument('--interface', default=None, metavar='REPO_OR_DIR',
                         help='train incrementally against this frozen interface')
     parser.add_argument('--save-components', default=None, metavar='DIR', help='write every trained component here')
@@ -103,7 +105,7 @@ def cli(argv=None) -> None:
     """``main`` for the command line: a refused run prints one clear message, not a traceback, and exits 2."""
     try:
         main(argv)
-    except (ValueError, FileNotFoundError, FileExistsError, FloatingPointError) as e:
+    except (ValueError, FileNotFoundError, FileExistsError, FloatingPointError, ConnectionError) as e:
         print(f'error: {e}', file=sys.stderr)
         raise SystemExit(2) from None
 

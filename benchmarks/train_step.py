@@ -4,6 +4,7 @@
     python benchmarks/train_step.py --threads 1                        # a CPU shared with other jobs
     python benchmarks/train_step.py --threads 1 --backbones resnet56_cifar --breakdown --profile
     python benchmarks/train_step.py --device cuda --channels-last --bf16 --batch-size 128
+    python benchmarks/train_step.py --threads 1 --rp-rotations all one                # also the cheap RP form
 
 For each backbone, both steps train two networks with one optimizer, through the same ``Accelerator``:
 
@@ -18,7 +19,9 @@ counted with ``torch.utils.flop_counter.FlopCounterMode``. RP runs each extracto
 costs about ``(4 E + H + A) / (E + H)`` times a plain one, where E, H and A are the extractor's, head's and aux
 heads' FLOPs per image; the script prints E, H and A. The target is ``measured ratio <= 1.15 x FLOP-ideal
 ratio``: the compatibility machinery (rotation, concatenation, label mapping, extra small kernels) may add at most
-15 % on top of the arithmetic it must do.
+15 % on top of the arithmetic it must do. With ``--rp-rotations one`` (RP's cheap form, ``interface.rp_rotations:
+one``: the upright image plus one random rotation) the extractor and the RP head see 2N images instead of 4N, and
+the row is named ``<backbone> (rp one)``.
 
 Timing is interleaved: after a warmup, blocks of ``--steps`` plain steps and ``--steps`` compatibility steps
 alternate (a-b, b-a, a-b, ...), and the measured ratio is the median over repeats of compat/plain of adjacent
@@ -41,7 +44,7 @@ from torch.utils.flop_counter import FlopCounterMode, conv_flop_count
 
 import timm_compat
 from timm_compat.classes import common_classes
-from timm_compat.methods import compatibility_loss, methods_for, rotate_batch
+from timm_compat.methods import RP_ROTATIONS, RotationPrediction, compatibility_loss, methods_for, rotate_batch
 from timm_compat.joint import JointModel
 from timm_compat.optim import make_optimizer
 from common import interleaved, load_average, setup  # benchmarks/ is on sys.path
@@ -72,11 +75,14 @@ def parse_args(argv=None):
                         help='torch.compile the prepared model, as train.py does with the config key compile')
     parser.add_argument('--threads', type=int, default=None, help='torch CPU threads (default: the cores we may use)')
     parser.add_argument('--seed', type=int, default=0)
+    parser.add_argument('--rp-rotations', nargs='+', default=['all'], choices=list(RP_ROTATIONS),
+                        help="RP's rotations per image, one table row per backbone and choice: 'all' (eq. 1) or "
+                             "'one' (the upright image plus one random rotation)")
     parser.add_argument('--default-malloc', action='store_true',
                         help="on CPU, skip train.py's keep_freed_memory() and use glibc's defaults")
     parser.add_argument('--breakdown', action='store_true',
                         help='also time the parts of one network (extractor on N and 4N, head, aux heads) to see '
-                             'where a ratio above the FLOP ideal comes from')
+                             'where a ratio above the FLOP ideal comes from (four-rotation rows only)')
     parser.add_argument('--profile', action='store_true', help='also print a torch.profiler op table, plain vs compat')
     return parser.parse_args(argv)
 
@@ -95,18 +101,24 @@ class PlainPair(nn.Module):
         return {'loss': total}
 
 
-def build_plain(backbone: str, width: int) -> nn.Module:
-    # ``width`` is unused: a plain network has no interface. The signature matches build_compat.
+def build_plain(backbone: str, width: int, rp_rotations: str = 'all') -> nn.Module:
+    # ``width`` and ``rp_rotations`` are unused: a plain network has no interface. The signature matches build_compat.
     return PlainPair({name: timm.create_model(backbone, num_classes=len(names))
                       for name, names in zip('ab', CLASS_NAMES)})
 
 
-def build_compat(backbone: str, width: int) -> nn.Module:
+def build_compat(backbone: str, width: int, rp_rotations: str = 'all') -> nn.Module:
     interface = timm_compat.Interface(width=width, rp=True, dcc_classes=common_classes(CLASS_NAMES))
     networks = {name: timm_compat.make_compatible(backbone, split=BACKBONES[backbone], interface=interface,
                                                   num_classes=len(names), class_names=names)
                 for name, names in zip('ab', CLASS_NAMES)}
-    return JointModel(networks, interface, methods_for(interface))
+    return JointModel(networks, interface, methods_for(interface, rp_rotations=rp_rotations))
+
+
+def rp_copies(model: nn.Module) -> int:
+    """Images the extractor and the RP head see per input image: 4 rotations, or upright + one (cheap form)."""
+    return next((2 if m.rotations == 'one' else 4 for m in getattr(model, 'methods', ())
+                 if isinstance(m, RotationPrediction)), 1)
 
 
 def conv_backward_flop(grad_out_shape, x_shape, w_shape, bias, stride, padding, dilation, transposed,
@@ -129,7 +141,8 @@ def count_flops(fn: Callable[[], None]) -> FlopCounterMode:
 
 
 def forward_breakdown(model: JointModel, images: torch.Tensor) -> Dict[str, float]:
-    """Forward FLOPs per input image of one network's parts: E (extractor), H (head), A (aux heads, RP on 4N).
+    """Forward FLOPs per input image of one network's parts: E (extractor), H (head), A (aux heads, RP on 4N or
+    2N).
 
     Counted on a forward pass only, because FlopCounterMode attributes forward FLOPs to modules reliably but not
     backward ones.
@@ -140,8 +153,8 @@ def forward_breakdown(model: JointModel, images: torch.Tensor) -> Dict[str, floa
         features = network.extractor(images)
         parts = {'E': lambda: network.extractor(images), 'H': lambda: network.head(features)}
         for name, head in model.interface.aux_heads.items():
-            # RP scores all 4 rotations of each image; DCC only the 0-degree copy.
-            rows = torch.cat([features] * 4) if name == 'rp' else features
+            # RP scores every rotated copy of each image; DCC only the 0-degree copy.
+            rows = torch.cat([features] * rp_copies(model)) if name == 'rp' else features
             parts[name] = lambda h=head, x=rows: h(x)
         counts = {k: count_flops(fn).get_total_flops() / n for k, fn in parts.items()}
     counts['A'] = sum(v for k, v in counts.items() if k not in ('E', 'H'))
@@ -158,10 +171,15 @@ def make_step(accelerator: Accelerator, model: nn.Module, batches, compile: bool
     """
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, 'sgd', lr=0.01, momentum=0.9, weight_decay=5e-4)
+    # The cheap RP form seeds its draws each step, as train.py's loop does: that cost belongs to the step (the
+    # same step every time: which rotations are drawn does not change the arithmetic).
+    per_step = [m for m in getattr(model, 'methods', ()) if isinstance(m, RotationPrediction)]
     model, optimizer = accelerator.prepare(model, optimizer)
     model.train()
 
     def forward_backward():
+        for method in per_step:
+            method.set_step(0)
         accelerator.backward(model(batches)['loss'])
 
     def step():
@@ -259,9 +277,10 @@ def profile_ops(steps: Dict[str, Callable[[], None]], device: torch.device, iter
         print(f'  {op[:42]:42s} {p:9.1f} {c:9.1f} {ratio:6.2f} {100 * c / totals["compat"]:15.1f}%')
 
 
-def measure_backbone(backbone: str, args, accelerator: Accelerator, memory_format) -> dict:
+def measure_backbone(backbone: str, args, accelerator: Accelerator, memory_format, rp_rotations: str = 'all'
+                     ) -> dict:
     """The plain and compatible training steps of ``backbone``, timed interleaved; one row of the table."""
-    device = accelerator.device
+    device, label = accelerator.device, backbone if rp_rotations == 'all' else f'{backbone} (rp {rp_rotations})'
     torch.manual_seed(args.seed)
     # The same normalised float batches for both kinds, already on the device: data loading and augmentation
     # cost the same for both and are left out so that the ratio isolates the model step.
@@ -271,9 +290,9 @@ def measure_backbone(backbone: str, args, accelerator: Accelerator, memory_forma
                for name, names in zip('ab', CLASS_NAMES)}
     steps, flops = {}, {}
     for kind, build in (('plain', build_plain), ('compat', build_compat)):
-        model = build(backbone, args.width).to(device=device, memory_format=memory_format)
+        model = build(backbone, args.width, rp_rotations).to(device=device, memory_format=memory_format)
         if kind == 'compat':
-            parts = forward_breakdown(model, batches['a'][0])
+            parts, copies = forward_breakdown(model, batches['a'][0]), rp_copies(model)
         steps[kind], flops[kind] = make_step(accelerator, model, batches, args.compile)
         for _ in range(args.warmup):
             steps[kind]()
@@ -281,7 +300,7 @@ def measure_backbone(backbone: str, args, accelerator: Accelerator, memory_forma
     ratios = [c / p for c, p in zip(wall['compat'], wall['plain'])]
     cpu_ratios = [c / p for c, p in zip(cpu['compat'], cpu['plain'])]
     ideal = flops['compat'] / flops['plain']
-    row = dict(backbone=backbone, plain_ms=1e3 * statistics.median(wall['plain']),
+    row = dict(backbone=label, plain_ms=1e3 * statistics.median(wall['plain']),
                compat_ms=1e3 * statistics.median(wall['compat']), measured=statistics.median(ratios),
                cpu_measured=statistics.median(cpu_ratios), ideal=ideal, parts=parts,
                # Other jobs only ever add time, so the ratio of the fastest blocks is a second estimate; the two
@@ -291,14 +310,14 @@ def measure_backbone(backbone: str, args, accelerator: Accelerator, memory_forma
                spread=(max(ratios) - min(ratios)) / statistics.median(ratios))
     row['over'] = row['measured'] / ideal
     row['noisy'] = row['spread'] > 0.2 or abs(row['min_ratio'] / row['measured'] - 1) > 0.1
-    print(f'{backbone}: forward MFLOP/image E={parts["E"] / 1e6:.1f} H={parts["H"] / 1e6:.1f} '
-          f'A={parts["A"] / 1e6:.1f} (rp on 4 rotations + dcc), forward (4E+H+A)/(E+H) = '
-          f'{(4 * parts["E"] + parts["H"] + parts["A"]) / (parts["E"] + parts["H"]):.2f}')
-    print(f'{backbone}: paired compat/plain ratios, wall ' + ' '.join(f'{x:.2f}' for x in ratios) +
+    print(f'{label}: forward MFLOP/image E={parts["E"] / 1e6:.1f} H={parts["H"] / 1e6:.1f} '
+          f'A={parts["A"] / 1e6:.1f} (rp on {copies} images per image + dcc), forward ({copies}E+H+A)/(E+H) = '
+          f'{(copies * parts["E"] + parts["H"] + parts["A"]) / (parts["E"] + parts["H"]):.2f}')
+    print(f'{label}: paired compat/plain ratios, wall ' + ' '.join(f'{x:.2f}' for x in ratios) +
           (', CPU time ' + ' '.join(f'{x:.2f}' for x in cpu_ratios) if device.type == 'cpu' else ''))
     if args.profile:
         profile_ops(steps, device)
-    if args.breakdown:
+    if args.breakdown and rp_rotations == 'all':  # the breakdown's parts are those of the four-rotation form
         breakdown(backbone, args, batches, accelerator, memory_format)
     return row
 
@@ -330,8 +349,9 @@ def main(argv=None) -> List[dict]:
           f'{args.warmup} warmup + {args.repeats} x {args.steps} timed steps of each kind, interleaved')
     rows = []
     for backbone in args.backbones:
-        rows.append(measure_backbone(backbone, args, accelerator, memory_format))
-        accelerator.free_memory()
+        for rp_rotations in args.rp_rotations:
+            rows.append(measure_backbone(backbone, args, accelerator, memory_format, rp_rotations))
+            accelerator.free_memory()
     print(f'\n{time.strftime("%Y-%m-%d %H:%M")}, {load_average()} at the end')
     print_table(rows, args.batch_size, device.type == 'cpu')
     return rows

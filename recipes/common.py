@@ -1,24 +1,83 @@
-"""What every recipe shares: running ``accelerate launch train.py`` as a user would."""
+"""What every recipe shares: running ``accelerate launch train.py`` as a user would, a bar counting the runs, the
+data note and both BN modes of a run's summary for the reports."""
 import json
 import subprocess
 import sys
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Dict, Optional, Sequence
+
+from tqdm.auto import tqdm
+
+from timm_compat.data import local_source
+from timm_compat.deployment import BN_MODES
 
 REPO = Path(__file__).resolve().parents[1]
+CIFAR10 = 'uoft-cs/cifar10'
+DATA_DIR_HELP = ('folder of local Parquet copies of Hub datasets: Hub id ORG/NAME is read from '
+                 'DIR/NAME/{split}.parquet (this workspace\'s CIFAR-10 copy: --data-dir ../shared/data); default: '
+                 'download from the Hub')
 
 
-def launch(config: Path, out: Path, overrides: Sequence[str], data_dir: Optional[str], log: Path) -> dict:
-    """One training run in its own process (so it can use every GPU); returns its ``main`` phase summary."""
+def progress(total: int, desc: str, unit: str = 'run') -> tqdm:
+    """The recipe's outer bar (on stderr, so logs on stdout stay readable); ``total`` is known up front for an ETA."""
+    return tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True)
+
+
+def launch(config: Path, out: Path, overrides: Sequence[str], data_dir: Optional[str], log: Path,
+           bar: Optional[tqdm] = None) -> dict:
+    """One training run in its own process (so it can use every GPU); returns its ``main`` phase summary.
+
+    ``data_dir`` goes to train.py's ``--data-dir`` (made absolute): train.py reads Hub ids from the local copies
+    there.
+    ``bar``, the recipe's outer bar, shows the run's name while it trains and counts it when it is done.
+    """
     cmd = [sys.executable, '-m', 'accelerate.commands.launch', str(REPO / 'train.py'), '-c', str(config),
            '--output-dir', str(out), '--overwrite']
-    if data_dir:
-        cmd += ['--data-dir', str(data_dir)]
+    if data_dir:  # train.py runs in the repository: a path relative to the caller's folder keeps its meaning
+        cmd += ['--data-dir', str(Path(data_dir).resolve())]
     for o in overrides:
         cmd += ['--set', o]
+    if bar is not None:
+        bar.set_postfix_str(f'training {out.name} (log: {log})')
     with open(log, 'w') as f:
         proc = subprocess.run(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT)
     if proc.returncode != 0:
         raise RuntimeError(f'{" ".join(cmd)} failed; see {log}')
+    if bar is not None:
+        bar.update(1)
     return json.loads((out / 'summary.json').read_text())['phases']['main']
 
+
+def by_bn(summary: dict, key: str) -> Dict[str, object]:
+    """``summary[key]`` of a train.py phase under each BN mode, ``{'batch': ..., 'running': ...}``.
+
+    train.py keeps its ``eval_bn`` mode under the plain key and the other under ``key_<mode>``
+    (:func:`timm_compat.evaluation.evaluate_networks`).
+    """
+    other = [mode for mode in BN_MODES if f'{key}_{mode}' in summary]
+    if len(other) != 1:
+        raise ValueError(f'The summary has no {key} under a second BN mode ({sorted(summary)}): it was written '
+                         f'before train.py measured both; rerun the run.')
+    main = next(mode for mode in BN_MODES if mode != other[0])
+    return {main: summary[key], other[0]: summary[f'{key}_{other[0]}']}
+
+
+def check_data_dir(parser, data_dir: Optional[str], sources: Sequence[str]) -> None:
+    """Refuse, before anything runs, a ``--data-dir`` without the local copy of one of ``sources``."""
+    for source in sources:
+        try:
+            local_source(source, data_dir)
+        except FileNotFoundError as e:
+            parser.error(str(e))
+
+
+def data_note(data_dir: Optional[str], sources: Sequence[str] = (CIFAR10,)) -> str:
+    """The report's sentence on where the data came from: the Hub, or the local copies in ``data_dir``."""
+    names = ', '.join(f'`{s}`' for s in sources)
+    if all(':' in s for s in sources):  # parquet:, imagefolder:, synthetic: name local or generated data
+        return f'Data: {names}.'
+    if not data_dir:
+        return f'Data: {names}, downloaded from the Hub.'
+    return (f'Data: {names}, read from the local Parquet copies in `{data_dir}` (`--data-dir`), not from the Hub; '
+            f'this workspace\'s copy (`../shared/data`) is CIFAR-10 (JPEG copy), re-encoded pixels whose accuracies '
+            f'sit a little below the Hub data\'s.')

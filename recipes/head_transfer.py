@@ -1,8 +1,12 @@
 """Sec. 5.2 of Gygli et al. 2021: one classification head transferred across extractors of different architectures.
 
-    python recipes/head_transfer.py --data-dir ../shared/data/cifar10 --budget cpu
-    python recipes/head_transfer.py --data-dir ../shared/data/cifar10 --budget tiny        # smoke test, minutes
-    python recipes/head_transfer.py --data-dir ../shared/data/cifar10 --budget paper --seeds 3  # on a GPU
+    python recipes/head_transfer.py --budget cpu                      # uoft-cs/cifar10 from the Hub
+    python recipes/head_transfer.py --budget cpu --data-dir ../shared/data  # this workspace's local copy
+    python recipes/head_transfer.py --budget tiny --data-dir ../shared/data  # smoke test, minutes
+    python recipes/head_transfer.py --budget paper --seeds 3         # on a GPU
+
+``--data-dir DIR`` reads CIFAR-10 from the local Parquet copy DIR/cifar10/{train,test}.parquet (the Hub schema)
+instead of downloading ``uoft-cs/cifar10``, here and in the train.py runs.
 
 1. ResNet-56, Wide ResNet-56 and MobileNetV2 extractors (1x1 conv to 64 channels each) are trained jointly with one
    MobileNetV2-tail DCC head on CIFAR-10 classes 0-4 (``configs/head_transfer/stage1.yaml``).
@@ -11,7 +15,8 @@
 3. The updated head is attached to each extractor and evaluated on the CIFAR-10 test set.
 Upper bounds: each architecture trained normally on the 10 classes, with its own RP head in the paper budget
 (``configs/head_transfer/upper_bound.yaml``). Each seed's runs and results.json go to OUTPUT/seed<k>/, the
-table (mean +- std over seeds) to OUTPUT/report.md.
+table (mean +- std over seeds) to OUTPUT/report.md, every accuracy with BN batch statistics (the paper's
+evaluation) and with running statistics (what a deployed model gets).
 """
 import argparse
 import json
@@ -23,7 +28,9 @@ from typing import Optional
 import torch
 
 from timm_compat._hardware import hardware
-from common import REPO, launch
+from timm_compat.deployment import BN_MODES
+from common import (CIFAR10 as CIFAR10_ID, DATA_DIR_HELP, REPO, by_bn, check_data_dir, data_note, launch,
+                    progress)
 
 CIFAR10 = ['airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse', 'ship', 'truck']
 NETWORKS = {'resnet56': ('resnet56_cifar', 'layer2'), 'wide_resnet56': ('wide_resnet56_cifar', 'layer2'),
@@ -85,25 +92,37 @@ def finetune_head(extractor, head, data, epochs: float, batch_size: int, lr: flo
 
 
 def evaluate(model, test) -> dict:
-    """Top-1 accuracy, and the mean class accuracy on the classes of stage 1 (0-4) and those added after it (5-9)."""
+    """Under each BN mode: top-1 accuracy, and the mean class accuracy on the classes of stage 1 (0-4) and those
+    added after it (5-9); ``{'batch': {...}, 'running': {...}}``."""
     from timm_compat.evaluation import per_class_accuracy
-    per_class = per_class_accuracy(model, test, 250, 'batch')
-    # One pass over the test set: top-1 is the per-class accuracies weighted by the class counts.
-    counts = torch.bincount(test.labels, minlength=len(per_class)).float()
-    return {'recombined': 100 * (per_class.nan_to_num() * counts).sum().item() / counts.sum().item(),
-            'classes_0_4': 100 * per_class[:5].nanmean().item(), 'classes_5_9': 100 * per_class[5:].nanmean().item()}
+    counts = torch.bincount(test.labels, minlength=test.num_classes).float()
+    scores = {}
+    for bn in BN_MODES:
+        per_class = per_class_accuracy(model, test, 250, bn)
+        # One pass over the test set: top-1 is the per-class accuracies weighted by the class counts.
+        scores[bn] = {'recombined': 100 * (per_class.nan_to_num() * counts).sum().item() / counts.sum().item(),
+                      'classes_0_4': 100 * per_class[:5].nanmean().item(),
+                      'classes_5_9': 100 * per_class[5:].nanmean().item()}
+    return scores
 
 
-def run_seed(args, budget: dict, seed: int, out: Path) -> dict:
+def load_cifar10(data_dir, budget: dict):
+    """The CIFAR-10 train and test splits of the budget, from the Hub or the local copy in ``data_dir``."""
+    from timm_compat.data import load_image_data, local_source
+    source = local_source(CIFAR10_ID, data_dir)
+    return (load_image_data(source, 'train', limit=budget['train_limit']),
+            load_image_data(source, 'test', limit=budget['test_limit']))
+
+
+def run_seed(args, budget: dict, seed: int, out: Path, bar) -> dict:
     """Stages 1-3 and the upper bounds for one seed; everything goes to ``out``, the numbers to results.json."""
     import timm_compat
     from timm_compat.config import load_config
-    from timm_compat.data import load_image_data
 
     start = time.time()
     out.mkdir(parents=True, exist_ok=True)
     launch(REPO / 'configs' / 'head_transfer' / 'stage1.yaml', out / 'stage1',
-           run_overrides(budget, NETWORKS, seed, args.epochs), args.data_dir, out / 'stage1.log')
+           run_overrides(budget, NETWORKS, seed, args.epochs), args.data_dir, out / 'stage1.log', bar)
     components = out / 'stage1' / 'main' / 'components'
     interface = timm_compat.Interface.from_pretrained(components / 'interface')
     extractors = {n: timm_compat.Extractor.from_pretrained(components / n / 'extractor') for n in NETWORKS}
@@ -111,9 +130,7 @@ def run_seed(args, budget: dict, seed: int, out: Path) -> dict:
 
     device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
     torch.manual_seed(seed)
-    source = f'parquet:{args.data_dir}'
-    train = load_image_data(source, 'train', limit=budget['train_limit'])
-    test = load_image_data(source, 'test', limit=budget['test_limit'])
+    train, test = load_cifar10(args.data_dir, budget)
     head = interface.dcc.extend_classes(CIFAR10).to(device)
     # The updated head still reads the interface's feature space: it belongs to the stage-1 interface.
     head.config['interface_id'] = extractors[REFERENCE].interface_id
@@ -133,36 +150,43 @@ def run_seed(args, budget: dict, seed: int, out: Path) -> dict:
         overrides = run_overrides(budget, [name], seed, args.epochs) + [
             f'networks.0.backbone={backbone}', f'networks.0.split={split}', f'interface.width={width}']
         summary = launch(REPO / 'configs' / 'head_transfer' / 'upper_bound.yaml', out / f'upper_{name}',
-                         overrides, args.data_dir, out / f'upper_{name}.log')
-        results[name]['upper_bound'] = 100 * summary['own_accuracy']['net']
+                         overrides, args.data_dir, out / f'upper_{name}.log', bar)
+        for bn, own in by_bn(summary, 'own_accuracy').items():
+            results[name][bn]['upper_bound'] = 100 * own['net']
     record = {'seed': seed, 'results': results, 'head_losses': losses, 'wall_seconds': round(time.time() - start, 1),
-              'stage1_seconds': round(stage1_time, 1), 'hardware': hardware()}
+              'stage1_seconds': round(stage1_time, 1), 'hardware': hardware(), 'data_dir': args.data_dir}
     (out / 'results.json').write_text(json.dumps(record, indent=2))
     return record
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--data-dir', required=True, help='CIFAR-10 as Parquet (train.parquet, test.parquet)')
+    parser.add_argument('--data-dir', default=None, help=DATA_DIR_HELP)
     parser.add_argument('--budget', default='cpu', choices=sorted(BUDGETS))
     parser.add_argument('--epochs', type=float, default=None, help="override the budget's stage-1/upper-bound epochs")
     parser.add_argument('--seeds', type=int, default=1, help='seeds 0..N-1, each a full run; mean +- std reported')
     parser.add_argument('--output', default='runs/head_transfer')
     parser.add_argument('--report-only', action='store_true', help='rebuild report.md from OUTPUT/seed*/results.json')
     args = parser.parse_args(argv)
+    if not args.report_only:
+        check_data_dir(parser, args.data_dir, [CIFAR10_ID])
     budget, out = BUDGETS[args.budget], Path(args.output).resolve()
     out.mkdir(parents=True, exist_ok=True)
     if budget['epochs'] is not None and not torch.cuda.is_available():
         torch.set_num_threads(1)  # as the training runs: cpu_threads=1
     records = []
-    for seed in range(args.seeds):
-        folder = out / f'seed{seed}'
-        if args.report_only:
-            if not (folder / 'results.json').exists():
-                parser.error(f'--report-only: {folder / "results.json"} does not exist; run without it first.')
-            records.append(json.loads((folder / 'results.json').read_text()))
-        else:
-            records.append(run_seed(args, budget, seed, folder))
+    if args.report_only:
+        for seed in range(args.seeds):
+            if not (out / f'seed{seed}' / 'results.json').exists():
+                parser.error(f'--report-only: {out / f"seed{seed}" / "results.json"} does not exist; run without it '
+                             f'first.')
+            records.append(json.loads((out / f'seed{seed}' / 'results.json').read_text()))
+            if 'data_dir' not in records[-1]:
+                parser.error(f'{out / f"seed{seed}" / "results.json"} predates the running-statistics columns: '
+                             f'rerun without --report-only.')
+    else:
+        with progress(args.seeds * (1 + len(budget['upper_bound'])), 'head transfer: train.py runs') as bar:
+            records = [run_seed(args, budget, seed, out / f'seed{seed}', bar) for seed in range(args.seeds)]
     write_report(out, args, budget, records)
 
 
@@ -176,23 +200,30 @@ def write_report(out: Path, args, budget, records) -> None:
     from timm_compat.plots import ReportTable, write_report as write
     rows = []
     for name in records[0]['results']:
-        cells = [[r['results'][name][k] for r in records if k in r['results'][name]]
-                 for k in ('recombined', 'classes_0_4', 'classes_5_9', 'upper_bound')]
-        rows.append([name, *(mean_std(c) for c in cells), *PAPER.get(name, ('–', '–'))])
+        for bn in BN_MODES:
+            cells = [[r['results'][name][bn][k] for r in records if k in r['results'][name][bn]]
+                     for k in ('recombined', 'classes_0_4', 'classes_5_9', 'upper_bound')]
+            rows.append([name, bn, *(mean_std(c) for c in cells),
+                         *(PAPER.get(name, ('–', '–')) if bn == 'batch' else ('–', '–'))])
     wall = statistics.mean(r['wall_seconds'] for r in records)
     stage1 = statistics.mean(r['stage1_seconds'] for r in records)
     epochs = f' --epochs {args.epochs}' if args.epochs else ''
+    local = records[0]['data_dir']  # where the numbers' data came from, also under --report-only
+    data_dir = f' --data-dir {local}' if local else ''
     write(out, 'Sec. 5.2: one head across extractors of different architectures', {
-        'Setup': (f'Command: `python recipes/head_transfer.py --data-dir DATA --budget {args.budget}{epochs} '
+        'Setup': (f'Command: `python recipes/head_transfer.py{data_dir} --budget {args.budget}{epochs} '
                   f'--seeds {args.seeds}` on {records[0]["hardware"]}; {wall / 60:.1f} min per seed end to end '
-                  f'(stage 1: {stage1 / 60:.1f} min). Data: CIFAR-10 (JPEG copy). Budget `{args.budget}`: stage-1 '
+                  f'(stage 1: {stage1 / 60:.1f} min). {data_note(local)} Budget `{args.budget}`: stage-1 '
                   f'overrides `{" ".join(run_overrides(budget, NETWORKS, 0, args.epochs))}`, head fine-tuned '
                   f'{budget["head_epochs"]} epoch(s) on {budget["train_limit"] or "all"} training images under the '
-                  f'frozen {REFERENCE}; test on {budget["test_limit"] or "all 10,000"} test images, BN with batch '
-                  f'statistics. {len(records)} seed(s): mean' + (' ± std.' if len(records) > 1 else '.')),
+                  f'frozen {REFERENCE}; test on {budget["test_limit"] or "all 10,000"} test images, each accuracy '
+                  f'with BN batch statistics (the paper\'s evaluation) and with running statistics (plain eval '
+                  f'mode, what a deployed model gets). {len(records)} seed(s): mean'
+                  + (' ± std.' if len(records) > 1 else '.')),
         'CIFAR-10 test accuracy (%)': ReportTable(
-            ['extractor', 'with the updated head', 'classes 0-4 (mean class acc.)', 'classes 5-9 (mean class acc.)',
-             'upper bound (own training)', 'paper: recombined', 'paper: upper bound'], rows,
+            ['extractor', 'BN statistics', 'with the updated head', 'classes 0-4 (mean class acc.)',
+             'classes 5-9 (mean class acc.)', 'upper bound (own training)', 'paper: recombined',
+             'paper: upper bound'], rows,
             caption=f'The head never saw the non-reference extractors after stage 1, nor classes 5-9 with them; '
                     f'{REFERENCE} is the reference it was fine-tuned on. Lower bound of the paper: 50 % (perfect on '
                     f'the first five classes).'),

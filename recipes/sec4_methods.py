@@ -1,13 +1,18 @@
 """Sec. 4 of Gygli et al. 2021: recombination accuracy of each compatibility method, mean +- std over seeds.
 
-    python recipes/sec4_methods.py --setting cifar10_halves --data-dir ../shared/data/cifar10 --budget cpu
+    python recipes/sec4_methods.py --setting cifar10_halves --budget cpu       # uoft-cs/cifar10 from the Hub
+    python recipes/sec4_methods.py --setting cifar10_halves --budget cpu --data-dir ../shared/data  # local copy
     python recipes/sec4_methods.py --setting cifar10_stl10 --budget paper --seeds 10     # Hub data, a GPU
+
+``--data-dir DIR`` reads each Hub dataset ORG/NAME from the local Parquet copy DIR/NAME/{train,test}.parquet
+instead of downloading it (``../shared/data`` is this workspace's CIFAR-10, a JPEG copy); train.py gets it too.
 
 Each (method, seed) is one ``accelerate launch train.py -c configs/sec4/METHOD.yaml --set data=SETTING`` run
 (SETTING: a data preset in configs/sec4/data/); incremental is its two stages; ``control`` trains both networks on
 CIFAR-10 halves with IIW+RP (the paper's "both tasks CIFAR-10" control). The recipe gathers every run's
-summary.json into OUTPUT/results.json and a report.md with the table, recombination heatmaps and the per-channel
-feature correlation of Fig. 3.
+summary.json into OUTPUT/results.json and a report.md with the table (recombination and own accuracy with BN
+batch statistics, the paper's evaluation, and with running statistics, what a deployed model gets), recombination
+heatmaps and the per-channel feature correlation of Fig. 3.
 """
 import argparse
 import json
@@ -15,8 +20,11 @@ import statistics
 import time
 from pathlib import Path
 
-from common import REPO, launch
+from timm_compat.deployment import BN_MODES
 
+from common import DATA_DIR_HELP, REPO, by_bn, check_data_dir, data_note, launch, progress
+
+SETTINGS = sorted(p.stem for p in (REPO / 'configs' / 'sec4' / 'data').glob('*.yaml'))
 METHODS = ['independent', 'iiw', 'rp', 'dcc', 'iiw_rp_dcc', 'incremental', 'control']
 # Fig. 2 (random initialisation) and the text of Sec. 4: recombination accuracy in %.
 PAPER = {'independent': 10.6, 'iiw': 25.1, 'rp': 50.1, 'dcc': 65.8, 'iiw_rp_dcc': 76.7, 'incremental': 72.7,
@@ -39,7 +47,19 @@ def control_overrides(setting: str):
     return ['networks.1.dataset.classes=null', 'networks.1.dataset.shift=null']
 
 
-def run_method(method: str, seed: int, args, out: Path) -> dict:
+def setting_sources(setting: str) -> list:
+    """The dataset sources of a data preset, as its networks name them."""
+    import yaml
+    preset = yaml.safe_load((REPO / 'configs' / 'sec4' / 'data' / f'{setting}.yaml').read_text())
+    return sorted({n['dataset']['source'] for n in preset['networks']})
+
+
+def runs_of(method: str) -> int:
+    """train.py runs of one seed of ``method``: incremental trains its two stages one after the other."""
+    return 2 if method == 'incremental' else 1
+
+
+def run_method(method: str, seed: int, args, out: Path, bar) -> dict:
     configs = REPO / 'configs' / 'sec4'
     budget = BUDGETS[args.budget] + [f'data={args.setting}', f'seed={seed}', f'init_seed={seed}'] + (
         [f'epochs={args.epochs}'] if args.epochs else [])
@@ -47,21 +67,29 @@ def run_method(method: str, seed: int, args, out: Path) -> dict:
     if method == 'incremental':
         stage1 = out / f'incremental_stage1_seed{seed}'
         one_net = [o for o in budget if not o.startswith('networks.1.')]
-        launch(configs / 'incremental_stage1.yaml', stage1, one_net, args.data_dir, out / f'{stage1.name}.log')
+        launch(configs / 'incremental_stage1.yaml', stage1, one_net, args.data_dir, out / f'{stage1.name}.log',
+               bar)
         components = stage1 / 'main' / 'components'
         name = 'a' if args.setting == 'cifar10_halves' else 'cifar10'
         budget = budget + [f'interface.load={components / "interface"}', f'networks.0.load={components / name}']
-        return launch(configs / 'incremental.yaml', run_dir, budget, args.data_dir, out / f'{run_dir.name}.log')
+        return launch(configs / 'incremental.yaml', run_dir, budget, args.data_dir, out / f'{run_dir.name}.log',
+                      bar)
     if method == 'control':
         return launch(configs / 'rp.yaml', run_dir, budget + ['iiw=true'] + control_overrides(args.setting),
-                      args.data_dir, out / f'{run_dir.name}.log')
-    return launch(configs / f'{method}.yaml', run_dir, budget, args.data_dir, out / f'{run_dir.name}.log')
+                      args.data_dir, out / f'{run_dir.name}.log', bar)
+    return launch(configs / f'{method}.yaml', run_dir, budget, args.data_dir, out / f'{run_dir.name}.log', bar)
 
 
-def recombination(summary: dict) -> float:
+def recombination(matrix) -> float:
     """Average of both directions: extractor a + head b on a's test set, and the converse."""
-    m = summary['recombination_matrix']
-    return 100 * (m[0][1] + m[1][0]) / 2
+    return 100 * (matrix[0][1] + matrix[1][0]) / 2
+
+
+def run_record(summary: dict) -> dict:
+    """Recombination and own accuracy (%) of one run under each BN mode, and its matrices."""
+    matrices, own = by_bn(summary, 'recombination_matrix'), by_bn(summary, 'own_accuracy')
+    return {'recombination': {bn: recombination(m) for bn, m in matrices.items()},
+            'own': {bn: 100 * statistics.mean(o.values()) for bn, o in own.items()}, 'matrix': matrices}
 
 
 def mean_std(values):
@@ -70,8 +98,9 @@ def mean_std(values):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--setting', default='cifar10_halves', choices=['cifar10_halves', 'cifar10_stl10', 'parquet'])
-    parser.add_argument('--data-dir', default=None, help='CIFAR-10 Parquet folder (cifar10_halves) or DATA root')
+    parser.add_argument('--setting', default='cifar10_halves', choices=SETTINGS,
+                        help='a data preset of configs/sec4/data/')
+    parser.add_argument('--data-dir', default=None, help=DATA_DIR_HELP)
     parser.add_argument('--budget', default='cpu', choices=sorted(BUDGETS))
     parser.add_argument('--epochs', type=float, default=None, help='override the budget\'s epochs')
     parser.add_argument('--seeds', type=int, default=2)
@@ -80,22 +109,29 @@ def main(argv=None):
     parser.add_argument('--report-only', action='store_true', help='rebuild report.md from OUTPUT/results.json')
     args = parser.parse_args(argv)
     out = Path(args.output).resolve()
+    if not args.report_only:
+        check_data_dir(parser, args.data_dir, setting_sources(args.setting))
     if args.report_only:
         saved = json.loads((out / 'results.json').read_text())
+        if any(not isinstance(r['recombination'], dict) for runs in saved['results'].values() for r in runs):
+            parser.error(f'{out / "results.json"} predates the running-statistics columns: rerun without '
+                         f'--report-only.')
         return write_report(out, argparse.Namespace(**saved['args']), saved['results'])
     out.mkdir(parents=True, exist_ok=True)
 
     results = {}
-    for method in args.methods:
-        for seed in range(args.seeds):
-            start = time.time()
-            summary = run_method(method, seed, args, out)
-            results.setdefault(method, []).append(dict(
-                seed=seed, recombination=recombination(summary), own=100 * statistics.mean(
-                    summary['own_accuracy'].values()), matrix=summary['recombination_matrix'],
-                wall_seconds=round(time.time() - start, 1), run=str(out / f'{method}_seed{seed}')))
-            print(f'{method} seed {seed}: recombination {results[method][-1]["recombination"]:.1f} %, '
-                  f'own {results[method][-1]["own"]:.1f} %, {results[method][-1]["wall_seconds"]} s', flush=True)
+    with progress(args.seeds * sum(runs_of(m) for m in args.methods), 'sec4: train.py runs') as bar:
+        for method in args.methods:
+            for seed in range(args.seeds):
+                start = time.time()
+                record = run_record(run_method(method, seed, args, out, bar))
+                results.setdefault(method, []).append(dict(
+                    seed=seed, **record, wall_seconds=round(time.time() - start, 1),
+                    run=str(out / f'{method}_seed{seed}')))
+                rec, own = record['recombination'], record['own']
+                bar.write(f'{method} seed {seed}: recombination {rec["batch"]:.1f} % (BN=batch), '
+                          f'{rec["running"]:.1f} % (BN=running); own {own["batch"]:.1f} % / {own["running"]:.1f} %; '
+                          f'{results[method][-1]["wall_seconds"]} s')
     (out / 'results.json').write_text(json.dumps({'args': vars(args), 'results': results}, indent=2))
     write_report(out, args, results)
 
@@ -128,13 +164,16 @@ def write_report(out: Path, args, results) -> None:
 
     rows, figures, correlation_rows, blocks = [], [], [], {}
     for method, runs in results.items():
-        rec, own = mean_std([r['recombination'] for r in runs]), mean_std([r['own'] for r in runs])
-        rows.append([LABELS[method], f'{rec[0]:.1f} ± {rec[1]:.1f}', f'{own[0]:.1f} ± {own[1]:.1f}',
-                     PAPER.get(method, '–'), statistics.mean(r['wall_seconds'] for r in runs)])
+        cells = [mean_std([r[k][bn] for r in runs]) for k in ('recombination', 'own') for bn in BN_MODES]
+        rows.append([LABELS[method], *(f'{m:.1f} ± {s:.1f}' for m, s in cells), PAPER.get(method, '–'),
+                     statistics.mean(r['wall_seconds'] for r in runs)])
         names, models, tests = _run_networks(Path(runs[0]['run']))
-        path = plot_recombination_matrix(torch.tensor(runs[0]['matrix']), names, out / 'figures' / f'{method}.png',
-                                         title=f'{LABELS[method]} (seed 0)')
-        figures.append(ReportFigure(path, f'{LABELS[method]}, seed 0: recombination accuracy (%)'))
+        for bn in BN_MODES:
+            path = plot_recombination_matrix(torch.tensor(runs[0]['matrix'][bn]), names,
+                                             out / 'figures' / f'{method}_{bn}.png',
+                                             title=f'{LABELS[method]} (seed 0, BN={bn})')
+            figures.append(ReportFigure(path, f'{LABELS[method]}, seed 0: recombination accuracy (%), BN {bn} '
+                                              f'statistics'))
         # Li et al. 2016 / Fig. 3: both extractors on the images of both test sets.
         images = ImageData(torch.cat([t.images[:1000] for t in tests]), torch.cat([t.labels[:1000] for t in tests]),
                            tests[0].class_names)
@@ -144,25 +183,30 @@ def write_report(out: Path, args, results) -> None:
             cmp.correlation, 'permuted' if method == 'independent' else 'direct')
 
     ordering = ' < '.join(LABELS[m] for m, _ in sorted(
-        ((m, statistics.mean(r['recombination'] for r in runs)) for m, runs in results.items() if m != 'control'),
+        ((m, statistics.mean(r['recombination']['batch'] for r in runs)) for m, runs in results.items()
+         if m != 'control'),
         key=lambda item: item[1]))
     paper_order = ' < '.join(LABELS[m] for m in sorted((m for m in results if m in PAPER), key=PAPER.get))
     corr_path = plot_correlation_blocks(blocks, out / 'figures' / 'correlation.png', title='Feature cross-correlation')
     from timm_compat._hardware import hardware
     device = hardware()
     write(out, f'Sec. 4: compatibility methods on {args.setting}', {
-        'Setup': (f'Command: `python recipes/sec4_methods.py --setting {args.setting} --data-dir {args.data_dir} '
+        'Setup': (f'Command: `python recipes/sec4_methods.py --setting {args.setting}'
+                  f'{f" --data-dir {args.data_dir}" if args.data_dir else ""} '
                   f'--budget {args.budget} --seeds {args.seeds}{f" --epochs {args.epochs}" if args.epochs else ""} '
                   f'--output {args.output}`.  \n'
                   f'Budget `{args.budget}` (config overrides: `{" ".join(BUDGETS[args.budget]) or "none"}`'
                   f'{f", epochs={args.epochs}" if args.epochs else ""}), {args.seeds} seed(s), on {device}. '
                   f'Recombination accuracy: mean of both directions (extractor of one network + '
-                  f'head of the other, on the extractor\'s test set), common classes only, BN with batch statistics.'
-                  + (' Data: CIFAR-10 (JPEG copy).' if args.setting == 'cifar10_halves' else '')),
+                  f'head of the other, on the extractor\'s test set), common classes only. Every accuracy is given '
+                  f'with BN batch statistics (the paper\'s evaluation) and with the networks\' running statistics '
+                  f'(plain eval mode, what a deployed model gets). '
+                  + data_note(args.data_dir, setting_sources(args.setting))),
         'Recombination accuracy (%)': ReportTable(
-            ['method', 'recombination', 'own task', 'paper (Fig. 2)', 's / run'], rows,
-            caption=f'Paper upper bound: {PAPER["upper_bound"]} %. Measured ordering: {ordering}. '
-                    f'Paper ordering: {paper_order}.'),
+            ['method', 'recombination, BN=batch', 'recombination, BN=running', 'own task, BN=batch',
+             'own task, BN=running', 'paper (Fig. 2)', 's / run'], rows,
+            caption=f'Paper (batch statistics) upper bound: {PAPER["upper_bound"]} %. Measured ordering (BN=batch): '
+                    f'{ordering}. Paper ordering: {paper_order}.'),
         'Recombination matrices': figures,
         'Feature cross-correlation (Fig. 3)': [
             ReportTable(['method', 'direct', 'permuted', 'linear CKA'], correlation_rows, digits=2,

@@ -1,7 +1,12 @@
 """Sec. 5.3 of Gygli et al. 2021: faster transfer learning by reusing a compatible target head, and stitching.
 
-    python recipes/transfer.py --setting cifar10_halves --data-dir ../shared/data/cifar10 --budget cpu
+    python recipes/transfer.py --setting cifar10_halves --budget cpu     # uoft-cs/cifar10 from the Hub
+    python recipes/transfer.py --setting cifar10_halves --budget cpu --data-dir ../shared/data   # local copy
     python recipes/transfer.py --setting synthetic --budget tiny         # smoke test, minutes on a CPU
+
+``--data-dir DIR`` reads CIFAR-10 from the local Parquet copy DIR/cifar10/{train,test}.parquet (the Hub schema)
+instead of downloading ``uoft-cs/cifar10``, here and in the train.py runs (``../shared/data`` is this workspace's
+JPEG copy).
 
 Offline stand-in for the paper's ILSVRC-12 -> CIFAR/STL transfer: the target task is 5 CIFAR-10 classes on one half
 of the training set; three candidate source tasks use the other 5 classes, in different subsets, on the other half.
@@ -14,7 +19,9 @@ Every network is one ``accelerate launch train.py`` run:
 Then timm_compat.transfer swaps each source extractor under the target head and fine-tunes (Fig. 5), against a
 re-initialised head and against independently trained components; the step-0 accuracies rank the sources. Finally a
 1x1-conv stitch (timm_compat.stitching) is fitted on a small labelled set from each source to the target head, with
-both frozen, next to direct recombination. Writes OUTPUT/report.md, results.json, curves, stitches and the runs.
+both frozen, next to direct recombination. Every accuracy is measured with BN batch statistics (the paper's
+evaluation) and with running statistics (what a deployed model gets). Writes OUTPUT/report.md, results.json, curves,
+stitches and the runs.
 """
 import argparse
 import json
@@ -25,17 +32,19 @@ from pathlib import Path
 import torch
 
 import timm_compat as tc
+from timm_compat.deployment import BN_MODES, bn_accuracy_report
 from timm_compat.evaluation import average_class_accuracy
-from timm_compat.data import load_image_data
+from timm_compat.data import load_image_data, local_source
 from timm_compat.plots import ReportFigure, ReportTable, plot_accuracy_curves, write_report
 from timm_compat.stitching import fit_stitch
 from timm_compat.transfer import transfer
 
 from adaptation import launch_train  # the sibling recipe: a script's own folder is on sys.path
+from common import CIFAR10, DATA_DIR_HELP, check_data_dir, data_note, progress
 
 SETTINGS = {
     'cifar10_halves': dict(
-        data='parquet:{data_dir}', target_shard=[1, 2], source_shard=[0, 2], source_data=None,
+        data=CIFAR10, target_shard=[1, 2], source_shard=[0, 2], source_data=None,
         target=['automobile', 'bird', 'cat', 'deer', 'ship'],
         sources={'animals': ['dog', 'frog', 'horse'], 'vehicles': ['airplane', 'truck'],
                  'mixed': ['airplane', 'dog', 'frog', 'horse', 'truck']}),
@@ -66,7 +75,7 @@ LABELS = {'recombined': 'target head (ours)', 'reinit_head': 're-initialised hea
 
 def dataset(args, setting, side: str, classes, budget) -> dict:
     data = setting['source_data'] if side == 'source' and setting['source_data'] else setting['data']
-    spec = {'source': data.replace('{data_dir}', str(args.data_dir)), 'classes': classes,
+    spec = {'source': data, 'classes': classes,
             'train_limit': budget['train_limit'], 'test_limit': budget['test_limit'],
             'synthetic_per_class': budget['synthetic_per_class']}
     if setting[f'{side}_shard']:
@@ -74,8 +83,9 @@ def dataset(args, setting, side: str, classes, budget) -> dict:
     return spec
 
 
-def train_network(args, budget, name: str, data: dict, init_seed: int, interface=None) -> Path:
-    """One network in its own run: against a new interface (its own RP head) or the frozen ``interface``."""
+def train_network(args, budget, name: str, data: dict, init_seed: int, bar, interface=None) -> Path:
+    """One network in its own run: against a new interface (its own RP head) or the frozen ``interface``; ``bar``
+    counts it, also when ``--reuse`` keeps a finished run."""
     run = Path(args.output).resolve() / 'runs' / name
     if not (args.reuse and (run / 'summary.json').exists()):
         config = {'seed': args.seed, 'init_seed': init_seed, 'iiw': False, 'baseline': None,
@@ -84,7 +94,9 @@ def train_network(args, budget, name: str, data: dict, init_seed: int, interface
                   'networks': [{'name': name, 'split': 'layer2', 'dataset': data}]}
         # A frozen interface brings its own width.
         overrides = {**budget['train'], 'interface.width': None} if interface else budget['train']
-        launch_train(config, run, overrides, args.threads)
+        launch_train(config, run, overrides, args.threads, args.data_dir, bar)
+    else:
+        bar.update(1)
     return run / 'main' / 'components'
 
 
@@ -96,7 +108,7 @@ def load(components: Path, name: str, device):
 def parse_args(argv) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--setting', default='cifar10_halves', choices=sorted(SETTINGS))
-    parser.add_argument('--data-dir', default=None, help='CIFAR-10 Parquet folder (cifar10_halves)')
+    parser.add_argument('--data-dir', default=None, help=DATA_DIR_HELP)
     parser.add_argument('--budget', default='cpu', choices=sorted(BUDGETS))
     parser.add_argument('--lr', type=float, default=0.01, help='fine-tuning learning rate (constant)')
     parser.add_argument('--reuse', action='store_true', help='keep the runs that finished in OUTPUT/runs')
@@ -106,9 +118,37 @@ def parse_args(argv) -> argparse.Namespace:
     parser.add_argument('--mixed-precision', default='no', choices=['no', 'bf16', 'fp16'],
                         help='autocast of fine-tuning and stitch fitting (the training runs keep mixed_precision=no)')
     args = parser.parse_args(argv)
-    if '{data_dir}' in SETTINGS[args.setting]['data'] and not args.data_dir:
-        parser.error(f'--setting {args.setting} reads the CIFAR-10 Parquet copy: pass --data-dir.')
+    check_data_dir(parser, args.data_dir, [SETTINGS[args.setting]['data']])
     return args
+
+
+def load_target(args, target_data: dict, budget: dict):
+    """The target task's train and test data, from the Hub or the local copy in ``--data-dir``."""
+    common = dict(classes=target_data['classes'], seed=args.seed, synthetic_per_class=budget['synthetic_per_class'])
+    source = local_source(target_data['source'], args.data_dir)
+    return (load_image_data(source, 'train', limit=budget['train_limit'], shard=target_data.get('train_shard'),
+                            **common),
+            load_image_data(source, 'test', limit=budget['test_limit'], **common))
+
+
+def stitch_sources(args, budget, out: Path, head, sources: dict, sources_ind: dict, train, test) -> dict:
+    """Per source: the target head on the compatible and on the independent extractor, directly and through a
+    stitch fitted on a few labelled target images; average class accuracy under each BN mode."""
+    small, stitching = train.take(budget['stitch_images']), {}
+    with progress(2 * len(sources), 'stitching', unit='stitch') as bar:
+        for name in sources:
+            row = {}
+            for kind, extractor in (('compatible', sources[name]), ('independent', sources_ind[name])):
+                row[f'{kind}_direct'] = bn_accuracy_report(tc.CompatibleModel(extractor, head), test,
+                                                           batch_size=250, metric=average_class_accuracy)
+                stitched = fit_stitch(extractor, head, small, budget['stitch_steps'], seed=args.seed,
+                                      mixed_precision=args.mixed_precision)
+                stitched.stitch.save_pretrained(out / 'stitches' / f'{name}_{kind}')
+                row[f'{kind}_stitched'] = bn_accuracy_report(stitched, test, batch_size=250,
+                                                             metric=average_class_accuracy)
+                bar.update(1)
+            stitching[name] = row
+    return stitching
 
 
 def main(argv=None):
@@ -124,12 +164,13 @@ def main(argv=None):
     target_data = dataset(args, setting, 'target', setting['target'], budget)
     source_data = {name: dataset(args, setting, 'source', classes, budget)
                    for name, classes in setting['sources'].items()}
-    compatible = train_network(args, budget, 'target', target_data, init_seed=0)
-    sources_dirs = {name: train_network(args, budget, name, data, init_seed=1 + i,
-                                        interface=compatible / 'interface')
-                    for i, (name, data) in enumerate(source_data.items())}
-    independent = {name: train_network(args, budget, f'{name}_independent', data, init_seed=10 + i)
-                   for i, (name, data) in enumerate({'target': target_data, **source_data}.items())}
+    # Every network is one train.py run: the target and each source, compatible and independent.
+    with progress(2 * (1 + len(source_data)), 'transfer: train.py runs') as bar:
+        compatible = train_network(args, budget, 'target', target_data, 0, bar)
+        sources_dirs = {name: train_network(args, budget, name, data, 1 + i, bar, interface=compatible / 'interface')
+                        for i, (name, data) in enumerate(source_data.items())}
+        independent = {name: train_network(args, budget, f'{name}_independent', data, 10 + i, bar)
+                       for i, (name, data) in enumerate({'target': target_data, **source_data}.items())}
     train_seconds = time.time() - start
 
     device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
@@ -137,29 +178,14 @@ def main(argv=None):
     sources = {name: load(d, name, device).extractor for name, d in sources_dirs.items()}
     target_ind = load(independent['target'], 'target_independent', device)
     sources_ind = {name: load(independent[name], f'{name}_independent', device).extractor for name in sources}
-    common = dict(classes=setting['target'], seed=args.seed, synthetic_per_class=budget['synthetic_per_class'])
-    train = load_image_data(target_data['source'], 'train', limit=budget['train_limit'],
-                            shard=target_data.get('train_shard'), **common)
-    test = load_image_data(target_data['source'], 'test', limit=budget['test_limit'], **common)
+    train, test = load_target(args, target_data, budget)
 
     options = dict(steps=budget['curve_steps'], lr=args.lr, seed=args.seed, mixed_precision=args.mixed_precision)
     torch.manual_seed(args.seed)
     ours = transfer(target, sources, train, test, reinit_head=True, **options)
     baseline = transfer(target_ind, sources_ind, train, test, on_mismatch='force', **options)
 
-    small = train.take(budget['stitch_images'])
-    stitching = {}
-    for name in sources:
-        row = {'compatible_direct': ours.curve(name).accuracy[0],
-               'independent_direct': average_class_accuracy(tc.CompatibleModel(sources_ind[name], target.head),
-                                                            test)}
-        for kind, extractor in (('compatible', sources[name]), ('independent', sources_ind[name])):
-            stitched = fit_stitch(extractor, target.head, small, budget['stitch_steps'], seed=args.seed,
-                                  mixed_precision=args.mixed_precision)
-            stitched.stitch.save_pretrained(out / 'stitches' / f'{name}_{kind}')
-            row[f'{kind}_stitched'] = average_class_accuracy(stitched, test)
-        stitching[name] = row
-
+    stitching = stitch_sources(args, budget, out, target.head, sources, sources_ind, train, test)
     results = {'args': vars(args), 'ours': ours.to_dict(), 'independent': baseline.to_dict(),
                'ranking_step0': ours.ranking(0), 'ranking_final': ours.ranking(budget['curve_steps'][-1]),
                'stitching': stitching, 'train_seconds': round(train_seconds, 1),
@@ -169,30 +195,42 @@ def main(argv=None):
     print('ranking by step-0 accuracy:', ', '.join(f'{n} {100 * a:.1f} %' for n, a in results['ranking_step0']))
 
 
+def _sources(setting: dict) -> list:
+    return sorted({setting['data'], setting['source_data'] or setting['data']})
+
+
 def report(out: Path, args, budget, ours, baseline, results: dict, argv) -> None:
     last = budget['curve_steps'][-1]
     figures = []
     for name in SETTINGS[args.setting]['sources']:
-        curves = {LABELS[mode]: (c.steps, c.accuracy) for mode, c in (
+        curves = {f'{LABELS[mode]}, BN={bn}': (c.steps, c.accuracy_by_bn[bn]) for mode, c in (
             ('recombined', ours.curve(name)), ('reinit_head', ours.curve(name, 'reinit_head')),
-            ('independent', baseline.curve(name)))}
+            ('independent', baseline.curve(name))) for bn in BN_MODES}
         path = plot_accuracy_curves(curves, out / f'curve_{name}.png', annotate_steps=(0, last),
                                     title=f'source {name} -> target', xlabel='fine-tuning steps on the target')
-        figures.append(ReportFigure(path, f'Source {name}: average class accuracy on the target test set.'))
+        figures.append(ReportFigure(path, f'Source {name}: average class accuracy on the target test set, BN batch '
+                                          f'and running statistics.'))
     final = dict(results['ranking_final'])
+    rows = []
+    for i, (name, acc) in enumerate(results['ranking_step0']):
+        ours_curve, reinit, independent = ours.curve(name), ours.curve(name, 'reinit_head'), baseline.curve(name)
+        rows.append([i + 1, name, 100 * acc, 100 * ours_curve.accuracy_by_bn['running'][0], 100 * final[name],
+                     100 * ours_curve.accuracy_by_bn['running'][-1],
+                     [n for n, _ in results['ranking_final']].index(name) + 1,
+                     *(100 * c.accuracy_by_bn[bn][-1] for c in (reinit, independent) for bn in BN_MODES)])
     ranking = ReportTable(
-        ['rank', 'source', 'step 0 (%)', f'step {last} (%)', f'rank at step {last}',
-         f're-initialised head, step {last} (%)', f'independent, step {last} (%)'],
-        [[i + 1, name, 100 * acc, 100 * final[name], [n for n, _ in results['ranking_final']].index(name) + 1,
-          100 * ours.curve(name, 'reinit_head').accuracy[-1], 100 * baseline.curve(name).accuracy[-1]]
-         for i, (name, acc) in enumerate(results['ranking_step0'])],
-        caption='Sources ranked by accuracy directly after recombination with the target head (no fine-tuning), '
-                f'next to their rank after {last} fine-tuning steps.')
-    stitch_rows = [[name, *(100 * row[k] for k in ('compatible_direct', 'compatible_stitched',
-                                                   'independent_direct', 'independent_stitched'))]
-                   for name, row in results['stitching'].items()]
+        ['rank', 'source', 'step 0, BN=batch (%)', 'step 0, BN=running (%)', f'step {last}, BN=batch (%)',
+         f'step {last}, BN=running (%)', f'rank at step {last}', f're-initialised head, step {last}, BN=batch (%)',
+         f're-initialised head, step {last}, BN=running (%)', f'independent, step {last}, BN=batch (%)',
+         f'independent, step {last}, BN=running (%)'], rows,
+        caption='Sources ranked by accuracy with BN batch statistics directly after recombination with the target '
+                f'head (no fine-tuning), next to their rank after {last} fine-tuning steps; running statistics: '
+                f'what the same model gets when deployed.')
+    stitch_rows = [[name, bn, *(100 * row[k][bn] for k in ('compatible_direct', 'compatible_stitched',
+                                                           'independent_direct', 'independent_stitched'))]
+                   for name, row in results['stitching'].items() for bn in BN_MODES]
     stitch_table = ReportTable(
-        ['source', 'compatible: direct (%)', 'compatible: stitched (%)', 'independent: direct (%)',
+        ['source', 'BN statistics', 'compatible: direct (%)', 'compatible: stitched (%)', 'independent: direct (%)',
          'independent: stitched (%)'], stitch_rows,
         caption=f'Source extractor + the target head, directly or through a 1x1-conv stitch fitted for '
                 f'{budget["stitch_steps"]} steps on {min(budget["stitch_images"], results["target_train"])} '
@@ -201,8 +239,10 @@ def report(out: Path, args, budget, ours, baseline, results: dict, argv) -> None
              f'{results["target_train"]} training and {results["target_test"]} test images. Sources: '
              + ', '.join(f'{n} {c}' for n, c in SETTINGS[args.setting]['sources'].items())
              + f'. Fine-tuning: all parameters, SGD with Nesterov momentum, constant lr {args.lr}, batch 64; '
-             f'accuracy is the average over classes with test-time BN. Training the networks took '
-             f'{results["train_seconds"]} s, the whole recipe {results["wall_seconds"]} s.')
+             f'accuracy is the average over classes, with BN batch statistics (test-time BN, the paper\'s '
+             f'evaluation) and with running statistics (plain eval mode, what a deployed model gets). '
+             f'{data_note(args.data_dir, _sources(SETTINGS[args.setting]))} '
+             f'Training the networks took {results["train_seconds"]} s, the whole recipe {results["wall_seconds"]} s.')
     write_report(out, f'Faster transfer learning with compatible components (Sec. 5.3): {args.setting}', {
         'Setup': setup,
         'Ranking of source extractors': ranking,

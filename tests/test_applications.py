@@ -2,6 +2,8 @@
 
 Every model is a ResNet-8 split after layer2 at interface width 16, on a few synthetic images.
 """
+import copy
+
 import pytest
 import torch
 from torch.optim.optimizer import register_optimizer_step_pre_hook
@@ -37,6 +39,21 @@ def assert_unchanged(module, before):
     assert after.keys() == before.keys()
     changed = [k for k in before if not torch.equal(after[k], before[k])]
     assert not changed, f'changed: {changed}'
+
+
+def stale_running_stats(model, label=0):
+    """A copy of ``model`` whose head, in plain eval mode, predicts ``label`` for every image: its BN running
+    variances are huge, so each BN outputs its shift (0 at initialisation) and the logits are the classifier's bias,
+    whose largest entry is ``label``. A small bias, so with batch statistics the features still decide."""
+    stale = tc.CompatibleModel(model.extractor, copy.deepcopy(model.head))
+    for module in stale.head.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            module.running_var.fill_(1e12)
+    classifier = [m for m in stale.head.modules() if isinstance(m, torch.nn.Linear)][-1]
+    with torch.no_grad():
+        classifier.bias.zero_()
+        classifier.bias[label] = 1e-3
+    return stale
 
 
 @pytest.fixture(scope='module', autouse=True)
@@ -210,6 +227,16 @@ def test_transfer_step_zero_does_no_optimizer_step(target, sources, train, test,
     for name, extractor in sources.items():
         direct = average_class_accuracy(tc.recombine(extractor, target.head), test)
         assert result.curve(name).accuracy == [direct]
+    # Each curve is measured under both BN modes; a head whose running statistics are off tells them apart.
+    stale = stale_running_stats(target)
+    # Only images of class 0, which the stale head predicts with running statistics: 100 % in that mode alone.
+    zeros = ImageData(test.images[test.labels == 0], test.labels[test.labels == 0], test.class_names)
+    both = transfer(stale, sources, train, zeros, steps=(0,), batch_size=16)
+    for name, extractor in sources.items():
+        direct = {bn: [average_class_accuracy(tc.recombine(extractor, stale.head), zeros, bn=bn)]
+                  for bn in ('batch', 'running')}
+        assert direct['running'] == [1.0] and direct['batch'] != [1.0]
+        assert both.curve(name).accuracy == direct['batch'] and both.curve(name).accuracy_by_bn == direct
 
     finetuned = transfer(target, {'s1': sources['s1']}, train, test, steps=(0, 2), reinit_head=True, batch_size=16)
     assert len(optimizer_steps) == 2 * 2  # two steps for each of the two curves

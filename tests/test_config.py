@@ -57,13 +57,50 @@ def test_every_shipped_config_resolves(path, preset):
         assert cfg.interface.load and cfg.networks[0].load.endswith(f'components/{cfg.networks[0].name}')
 
 
+# Issue 13 named the data by its Hub id; data_dir became a folder of local copies, DATA/NAME/ for the Hub id
+# ORG/NAME. The one intended change to what the old configs resolved to, with data_dir=DATA in both:
+# * `parquet:DATA` (cifar10_halves, head_transfer: data_dir was the CIFAR-10 folder) is now `uoft-cs/cifar10`
+#   (read from DATA/cifar10/: with the same files, data_dir moves up one folder);
+# * the `parquet` preset is `cifar10_stl10` with data_dir: `parquet:DATA/cifar10` and `parquet:DATA/stl10` are now
+#   the Hub ids read from the same folders, and its runs go to runs/cifar10_stl10/.
+ISSUE13_SOURCES = {'parquet:DATA': 'uoft-cs/cifar10', 'parquet:DATA/cifar10': 'uoft-cs/cifar10',
+                   'parquet:DATA/stl10': 'tanganke/stl10'}
+ISSUE13_PRESETS = {'parquet': 'cifar10_stl10'}
+
+
+def _issue13(before):
+    """A config as resolved before issue 13, translated by exactly the changes above."""
+    if isinstance(before, dict):
+        return {k: ISSUE13_SOURCES.get(v, v) if k == 'source' else _issue13(v) for k, v in before.items()}
+    if isinstance(before, list):
+        return [_issue13(v) for v in before]
+    if isinstance(before, str):
+        return before.replace('runs/parquet', 'runs/cifar10_stl10')
+    return before
+
+
 @pytest.mark.parametrize('old', sorted(BEFORE))
 def test_one_config_set_reproduces_the_per_setting_copies(old):
     """configs/SETTING/METHOD.yaml of before is configs/sec4/METHOD.yaml with data=SETTING, to the last key."""
     _, setting, name = old.split('/')
     path = ROOT / old if setting == 'head_transfer' else SEC4 / name
-    now = _load(path, None if setting == 'head_transfer' else setting).to_dict()
-    assert now == _with_added_keys(BEFORE[old], now, RunConfig().to_dict())
+    now = _load(path, None if setting == 'head_transfer' else ISSUE13_PRESETS.get(setting, setting)).to_dict()
+    assert now == _with_added_keys(_issue13(BEFORE[old]), now, RunConfig().to_dict())
+
+
+def test_the_issue13_translation_changes_only_sources_and_parquet_run_folders():
+    """The translation above must not hide any other difference: it touches sources and runs/parquet paths only."""
+    def changes(a, b, path=''):
+        if isinstance(a, dict):
+            return [c for k in a for c in changes(a[k], b[k], f'{path}.{k}')]
+        if isinstance(a, list):
+            return [c for i, (x, y) in enumerate(zip(a, b)) for c in changes(x, y, f'{path}.{i}')]
+        return [] if a == b else [(path, a, b)]
+
+    for old, before in BEFORE.items():
+        for path, a, b in changes(before, _issue13(before)):
+            assert path.endswith('.dataset.source') and ISSUE13_SOURCES[a] == b or 'runs/parquet' in a, (old, path)
+    assert _issue13(BEFORE['configs/cifar10_stl10/rp.yaml']) == BEFORE['configs/cifar10_stl10/rp.yaml']
 
 
 def test_the_default_data_preset_is_the_papers():
@@ -353,3 +390,18 @@ def test_help_lists_every_config_key_with_type_and_default(capsys):
     for key in leaves:
         assert key in lines and '(default: ' in lines[key], key
     assert "'sum' | 'alternate'" in lines['joint_schedule'] and '"synthetic:A"' in lines['networks.N.dataset.source']
+
+
+def test_a_run_started_before_keys_were_added_resumes():
+    """config.yaml of an older run lacks keys the schema gained since (at any depth, in every network): they
+    mean their defaults, so the same command resumes it; a key set away from its default still conflicts."""
+    new = load_config(None, []).to_dict()
+    old = copy.deepcopy(new)
+    for key in ('label_smoothing', 'lr_reference_batch', 'norm_bias_lr_scale', 'warmup_fraction'):
+        del old['optim'][key]
+    del old['interface']['rp_rotations'], old['validation']
+    for network in old['networks']:
+        del network['dataset']['shift']
+    assert resume_conflicts(old, new) == []
+    changed = load_config(None, ['optim.label_smoothing=0.1', 'interface.rp_rotations=one']).to_dict()
+    assert sorted(resume_conflicts(old, changed)) == ['interface.rp_rotations', 'optim.label_smoothing']

@@ -7,6 +7,7 @@ is classified perfectly, while a batch of one class is normalised by its own mea
 import pytest
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from timm_compat.data import ImageData, evaluation_batches
 from timm_compat.evaluation import (
@@ -108,10 +109,20 @@ def test_each_component_is_fed_on_its_own_device():
     """A head on another device than the extractor (here 'meta', the one second device a CPU has) gets the features
     moved to it, and the count of a head stays where the head is."""
     data, cpu_net, meta_head = sorted_data(), Net(), BrightnessHead().to('meta')
-    counts = _row_correct(cpu_net, [meta_head, cpu_net.head], [[0, 1], [0, 1]], data, 40, 'batch', 0)
+    counts = _row_correct(cpu_net, [meta_head, cpu_net.head], [[0, 1], [0, 1]], data, 40, 'batch', 0,
+                          tqdm(disable=True))
     assert counts[0].device.type == 'meta' and counts[1].device.type == 'cpu'
     assert int(counts[1]) == len(data)
 
+
+
+def test_a_matrix_shows_one_bar_counting_every_evaluation_batch(capsys):
+    # 2 rows of 200 images in batches of 64: ceil(200 / 64) = 4 batches each, the total known from the start.
+    data = sorted_data()
+    recombination_matrix([Net(), Net()], [data, shuffled(data)], batch_size=64)
+    bar = capsys.readouterr().err
+    # The first display already shows the total; later ones depend on tqdm's refresh interval.
+    assert 'recombination matrix (BN=batch)' in bar and ' 0/8 ' in bar
 
 def test_models_without_weights_are_refused_by_name():
     on_meta = Net().to('meta')

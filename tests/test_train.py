@@ -95,7 +95,12 @@ def test_incremental_leaves_frozen_interface_bit_identical(tmp_path):
 
 
 @pytest.mark.slow  # end to end: several full tiny runs
-def test_resume_continues_from_checkpoint_step(tmp_path, monkeypatch):
+# RP's one-rotation form draws its rotations from the step: a resume must draw the same ones.
+@pytest.mark.parametrize('extra', [[], ['--set', 'interface.rp_rotations=one']], ids=['default', 'rp_one'])
+def test_resume_continues_from_checkpoint_step(tmp_path, monkeypatch, extra):
+    def run(tmp_path, *args, name='run'):
+        return train.main(['-c', TINY, '--output-dir', str(tmp_path / name), *extra, *args])
+
     reference = run(tmp_path, '--set', 'steps=6', name='reference')['phases']['main']
 
     saved = []

@@ -12,6 +12,7 @@ from .evaluation import accuracy, average_class_accuracy, recombination_matrix
 from .hub import list_components
 from .interface import Interface
 from .recombined import RecombinedModel, load_recombined  # also registers timm's compatible_model
+from . import _component_timm  # registers timm's compatible_extractor and compatible_head
 from .methods import CommonClassDiscrimination, RotationPrediction, compatibility_loss
 from .stitching import Stitch, StitchedModel, fit_stitch
 from .transfer import transfer

@@ -9,7 +9,7 @@ from typing import Any, Dict, List, Optional, Tuple, Type
 
 from pydantic import BaseModel
 
-__all__ = ['ConfigError', 'REMOVED_KEYS', 'describe']
+__all__ = ['ConfigError', 'REMOVED_KEYS', 'REMOVED_PRESETS', 'describe']
 
 
 class ConfigError(ValueError):
@@ -22,6 +22,14 @@ REMOVED_KEYS = {
     'scheme': 'scheme is no longer a config key: a run trains incrementally, against a frozen interface, exactly '
               'when interface.load (or --interface) names one, and jointly otherwise. Delete the scheme line; an '
               'incremental config keeps its interface.load.',
+}
+
+# Data presets of configs/sec4/ that were removed, each with what to write instead; a config folder that still has
+# a preset of that name uses it.
+REMOVED_PRESETS = {
+    'parquet': 'data=parquet is no longer a data preset: Hub datasets are read from local Parquet copies by '
+               '--data-dir DATA (DATA/cifar10/ and DATA/stl10/, each {train,test}.parquet), so use '
+               '--set data=cifar10_stl10 --data-dir DATA (cifar10_stl10 is the default).',
 }
 
 _PHRASES = {

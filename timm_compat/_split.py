@@ -120,6 +120,7 @@ DEFAULT_SPLITS = {
     **{name: 'layer2' for name in ('resnet8_cifar', 'resnet20_cifar', 'resnet56_cifar', 'wide_resnet56_cifar',
                                    'wrn28_10_cifar')},
     **{f'mobilenetv2_{m}': _MOBILENETV2_11TH_BLOCK for m in ('035', '050', '075', '100', '140', '100_cifar')},
+    **{name: 'stages.1' for name in ('airbench94_cifar', 'airbench_desktop_cifar', 'airbench_mobile_cifar')},
 }
 """The split of Gygli et al. (2021) for the backbones it names, by timm model name.
 
@@ -127,7 +128,9 @@ CIFAR ResNets split after stage 2 of 3 (``layer2``; Sec. 4 uses ResNet-56). Mobi
 inverted residual block (Sec. 5.2), counted as Sandler et al. (Table 2) and torchvision count them, the ``t=1``
 bottleneck first: timm's ``blocks.0.0`` (a ``DepthwiseSeparableConv``) is the 1st, ``blocks.1.*`` the 2nd-3rd,
 ``blocks.2.*`` the 4th-6th, ``blocks.3.*`` the 7th-10th, so ``blocks.4.0`` (the first 96-channel block) is the 11th,
-of 17. Only the variants of standard depth are listed; the deeper ``d`` variants have other block counts."""
+of 17. Only the variants of standard depth are listed; the deeper ``d`` variants have other block counts.
+The airbench family (not in the paper) splits after its second of three groups (``stages.1``, 7x7 at 32x32 for
+every member), so an extractor of one member and a head of another recombine."""
 
 
 def default_split(model: nn.Module, name: Optional[str] = None) -> str:

@@ -19,6 +19,7 @@ from torch import nn
 from .batchnorm import eval_mode
 from .compatible import CompatibleModel
 from .data import EpochSampler, ImageData, augment as augment_batch, normalize
+from .deployment import bn_accuracy_report
 from .evaluation import average_class_accuracy
 from .fit import call_frozen, fit
 from .interface import Interface
@@ -182,9 +183,7 @@ def evaluate_adaptation(source: CompatibleModel, adapted: CompatibleModel, targe
     Returns:
         ``{"source": ..., "source_test_bn": ..., "adapted": ..., "adapted_running_bn": ...}`` in ``[0, 1]``.
     """
-    return {
-        'source': average_class_accuracy(source, target_test, batch_size, bn='running'),
-        'source_test_bn': average_class_accuracy(source, target_test, batch_size, bn='batch'),
-        'adapted': average_class_accuracy(adapted, target_test, batch_size, bn='batch'),
-        'adapted_running_bn': average_class_accuracy(adapted, target_test, batch_size, bn='running'),
-    }
+    source_bn, adapted_bn = (bn_accuracy_report(model, target_test, batch_size=batch_size,
+                                                metric=average_class_accuracy) for model in (source, adapted))
+    return {'source': source_bn['running'], 'source_test_bn': source_bn['batch'], 'adapted': adapted_bn['batch'],
+            'adapted_running_bn': adapted_bn['running']}

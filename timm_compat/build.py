@@ -4,7 +4,7 @@ Everything a run trains is built here, and so validated, before the run touches 
 split point, a frozen interface of the wrong width or datasets without common classes refuse the run while an
 earlier run in the folder is still intact.
 """
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -14,22 +14,35 @@ from .classes import canonical_class_name, common_classes
 from .compatible import CompatibleModel, make_compatible, recombine
 from .components import Extractor, Head
 from .config import NetworkConfig, RunConfig
-from .data import ImageData, load_image_data
+from .data import ImageData, load_image_data, local_source
 from .interface import DEFAULT_WIDTH, Interface
 from .joint import JointModel
 from .methods import init_seed, methods_for
+from .validation import split_holdout
+from .whitening import init_run_whitening
 
 __all__ = ['Phase', 'load_task_data', 'build_interface', 'build_network', 'build_phase', 'build_phases']
 
 
 def load_task_data(net: NetworkConfig, cfg: RunConfig) -> Tuple[ImageData, ImageData]:
-    """The (train, test) data of one network's task, as its dataset config describes them."""
+    """The (train, test) data of one network's task, as its dataset config describes them.
+
+    A Hub id is read from its local Parquet copy in ``cfg.data_dir`` when that is set (:func:`local_source`).
+    Every network's copy is checked on each call (a few file lookups), so that a missing one refuses the run before
+    minutes are spent decoding another network's data.
+
+    Raises:
+        FileNotFoundError: ``cfg.data_dir`` is set but lacks the local copy of some network's Hub dataset.
+    """
+    for other in cfg.networks:
+        local_source(other.dataset.source, cfg.data_dir, (other.dataset.train_split, other.dataset.test_split))
     d = net.dataset
+    source = local_source(d.source, cfg.data_dir, (d.train_split, d.test_split))
     common = dict(image_size=cfg.image_size, image_column=d.image_column, label_column=d.label_column,
                   class_names=d.class_names, classes=d.classes, shift=d.shift, seed=cfg.seed)
-    train = load_image_data(d.source, d.train_split, limit=d.train_limit, shard=d.train_shard,
+    train = load_image_data(source, d.train_split, limit=d.train_limit, shard=d.train_shard,
                             synthetic_per_class=d.synthetic_per_class, **common)
-    test = load_image_data(d.source, d.test_split, limit=d.test_limit,
+    test = load_image_data(source, d.test_split, limit=d.test_limit,
                            synthetic_per_class=d.synthetic_test_per_class, **common)
     return train, test
 
@@ -84,6 +97,8 @@ def build_network(net: NetworkConfig, index: int, cfg: RunConfig, interface: Opt
             raise ValueError(f'Network {net.name!r} has head: dcc, so its classes {class_names} must be the '
                              f'interface\'s DCC classes {interface.dcc_classes}, in that order.')
         head = interface.dcc
+        # Built inside the interface, the DCC head is bound to none yet, and would not fit this network's extractor.
+        head.__dict__['interface'] = interface
     return make_compatible(
         net.backbone, split=net.split, interface=interface, num_classes=len(class_names), head=head,
         head_split=net.head_split, class_names=class_names, pretrained=net.pretrained, image_size=cfg.image_size,
@@ -101,7 +116,10 @@ class Phase:
         interface: The shared interface, or None for networks that share nothing.
         models: Every network of the phase by name, loaded ones included.
         joint: The networks this phase trains, their interface and methods as one module.
-        data: (train, test) data of every network by name.
+        data: (train, test) data of every network by name; with validation on, the training sets exclude
+            ``holdout``.
+        holdout: Validation examples of every network by name, held out of its training set (empty when
+            ``cfg.validation.every`` is None; see :mod:`timm_compat.validation`).
     """
     tag: str
     cfg: RunConfig
@@ -109,6 +127,7 @@ class Phase:
     models: Dict[str, CompatibleModel]
     joint: JointModel
     data: Dict[str, Tuple[ImageData, ImageData]]
+    holdout: Dict[str, ImageData] = field(default_factory=dict)
 
     @property
     def trained(self) -> List[str]:
@@ -120,17 +139,22 @@ def build_phase(tag: str, cfg: RunConfig, data: Dict[str, Tuple[ImageData, Image
                 device: torch.device) -> Phase:
     """Interface, networks and joint model of a phase; every backbone, split and head is built (and so checked)."""
     set_seed(cfg.seed)
+    holdout = {}
+    if cfg.validation.every is not None:
+        data, holdout = split_holdout(data, cfg.validation.examples, cfg.seed)
     interface = build_interface(cfg, [train.class_names for train, _ in data.values()])
     models = {n.name: build_network(n, i, cfg, interface, data[n.name][0].class_names).to(device)
               for i, n in enumerate(cfg.networks)}
+    init_run_whitening(cfg, models, data)  # after the holdout split: never from validation examples
     if interface is not None:
         interface.to(device)  # a loaded, frozen interface is not prepared by Accelerate
-    methods = methods_for(interface, cfg.interface.rp_weight, cfg.interface.dcc_weight, rp_norm=cfg.interface.rp_norm)
+    methods = methods_for(interface, cfg.interface.rp_weight, cfg.interface.dcc_weight, rp_norm=cfg.interface.rp_norm,
+                          rp_rotations=cfg.interface.rp_rotations, seed=cfg.seed)
     joint = JointModel({n.name: models[n.name] for n in cfg.networks if not n.load}, interface, methods,
-                       schedule=cfg.joint_schedule)
+                       schedule=cfg.joint_schedule, label_smoothing=cfg.optim.label_smoothing)
     if cfg.channels_last:
         joint = joint.to(memory_format=torch.channels_last)
-    return Phase(tag, cfg, interface, models, joint, data)
+    return Phase(tag, cfg, interface, models, joint, data, holdout)
 
 
 def build_phases(cfg: RunConfig, data: Dict[str, Tuple[ImageData, ImageData]], device: torch.device) -> List[Phase]:

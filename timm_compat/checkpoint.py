@@ -21,8 +21,10 @@ import torch
 from torch import nn
 
 from ._integrity import atomic_write_text
+from .metrics_log import MetricsLog
 
-__all__ = ['TrainState', 'save_checkpoint', 'latest_checkpoint', 'load_train_state', 'check_finite', 'STATE_NAME']
+__all__ = ['TrainState', 'save_checkpoint', 'latest_checkpoint', 'load_train_state', 'resume_train_state',
+           'check_finite', 'STATE_NAME']
 
 LATEST = 'latest'
 STATE_NAME = 'train_state.json'
@@ -106,4 +108,27 @@ def load_train_state(checkpoint: Path) -> TrainState:
                          f'from an older timm-compat; start the run again with --overwrite.') from e
     if state.step < 1 or f'step_{state.step:08d}' != Path(checkpoint).name:
         raise ValueError(f'{path} says step {state.step}, but the folder is {Path(checkpoint).name}.')
+    return state
+
+
+def resume_train_state(tag: str, accelerator, out: Path, resume: bool) -> TrainState:
+    """The train state a phase starts from: its newest checkpoint's (Accelerate state loaded) or a fresh one.
+
+    ``metrics.csv`` is rewound to the checkpoint: rows logged after it are logged again.
+
+    Args:
+        tag: The phase's name, for the message.
+        accelerator: The run's Accelerator, with the phase's objects prepared.
+        out: The phase's folder: ``checkpoints/`` and ``metrics.csv``.
+        resume: Continue from the newest checkpoint, if there is one.
+    """
+    state = TrainState()
+    if resume and (last := latest_checkpoint(out / 'checkpoints')) is not None:
+        accelerator.load_state(str(last))
+        state = load_train_state(last)
+        accelerator.print(f'[{tag}] resumed from {last} at step {state.step}')
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        MetricsLog(out / 'metrics.csv').rewind(state.step)
+    accelerator.wait_for_everyone()
     return state

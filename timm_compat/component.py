@@ -4,7 +4,8 @@ A component is one trained part of a compatible network: an extractor or a head
 (:mod:`timm_compat.components`), the interface they are trained against (:mod:`timm_compat.interface`), or a
 stitch (:mod:`timm_compat.stitching`). Each is an ``nn.Module`` that saves to a folder, local or a Hub model repo::
 
-    config.json        role, timm backbone + model_args, split, width, interface id, pretrained_cfg, weights_sha256
+    config.json        role, timm backbone + model_args, split, width, interface id, pretrained_cfg, weights_sha256,
+                       and timm's architecture: timm.create_model('local-dir:DIR') reads it (_component_timm)
     model.safetensors  weights; __metadata__ carries role, interface id and the exact config saved with them
     README.md          model card: YAML front matter with compat-interface-<id> / compat-role-<role> tags
 
@@ -143,6 +144,11 @@ def push_folder(save, repo_id: str, commit_message, *, private: Optional[bool] =
                                  create_pr=create_pr, commit_message=message)
 
 
+def architecture_of(role: str) -> str:
+    """The timm architecture a component of ``role`` names in its ``config.json`` (``timm_compat._component_timm``)."""
+    return f'compatible_{role}'
+
+
 def _interface_words(iid: Optional[str]) -> str:
     return f'interface {iid}' if iid else 'no interface'
 
@@ -209,7 +215,7 @@ class Component(
 
     def full_config(self) -> Dict[str, Any]:
         return {'role': self.role, 'format_version': FORMAT_VERSION, **self.component_config(),
-                'interface_id': self.interface_id}
+                'interface_id': self.interface_id, 'architecture': architecture_of(self.role)}
 
     def save_pretrained(self, save_directory: Union[str, Path], *, repo_id: Optional[str] = None) -> None:
         """Write the component folder: ``config.json``, ``model.safetensors`` and ``README.md``.
@@ -277,7 +283,7 @@ class Component(
             '',
             '## Usage', '', '```python', 'import timm_compat', '',
             *self._usage(repo_id or 'ORG/NAME', iid),
-            '```', '',
+            '```', '', *self._timm_usage(repo_id or 'ORG/NAME'),
             *([f'Find components of the same interface: `python -m timm_compat.hub list --interface {iid}`; check '
                f'that two fit: `python -m timm_compat.hub check EXTRACTOR HEAD`.'] if iid else []),
         ]
@@ -308,6 +314,14 @@ class Component(
                 f'# any {other} of interface {iid}: python -m timm_compat.hub list --interface {iid} --role {other}',
                 f'{other} = timm_compat.load_component("ORG/{other.upper()}")',
                 'model = timm_compat.recombine(extractor, head)  # refuses components of two interfaces']
+
+    def _timm_usage(self, repo_id: str) -> List[str]:
+        what = {'extractor': 'a feature model: `forward_features` gives the interface features',
+                'head': 'interface features in, logits out'}.get(self.role)
+        return [f'As a timm model ({what}); `import timm_compat` registers its architecture, '
+                f'`{architecture_of(self.role)}`, which plain timm does not know:', '', '```python',
+                'import timm, timm_compat', '', f'model = timm.create_model("hf-hub:{repo_id}", pretrained=True)',
+                '```', ''] if what else []
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: Union[str, Path], *, revision: Optional[str] = None,

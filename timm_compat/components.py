@@ -186,7 +186,8 @@ class Extractor(Component):
             raise ComponentError('This extractor wraps a custom module and cannot be rebuilt from a config; '
                                  'build it with make_compatible() from a timm backbone to save it.')
         check_model_args(self.config.get('model_args'))  # never save what could not be loaded back
-        return {k: v for k, v in self.config.items() if k != 'interface_id'}
+        # num_classes is timm's field: loaded with timm.create_model, an extractor is a feature model.
+        return {**{k: v for k, v in self.config.items() if k != 'interface_id'}, 'num_classes': 0}
 
     @classmethod
     def from_config(cls, config: Dict[str, Any]) -> 'Extractor':

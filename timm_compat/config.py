@@ -6,20 +6,22 @@ domains, trained jointly with IIW + RP + DCC, and the same pair trained independ
 """
 import copy
 from pathlib import Path
-from typing import Any, Dict, List, Literal, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Literal, Optional, Sequence, Union
 
 from accelerate.utils import LoggerType
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, TypeAdapter, ValidationError
 from pydantic_core import PydanticCustomError
 from typing_extensions import Annotated, TypeAliasType
 
-from ._config_errors import REMOVED_KEYS, ConfigError, describe
+from ._config_errors import REMOVED_PRESETS, ConfigError, describe
 from ._config_help import keys_help
-from ._config_files import read_config_file, set_dotted, split_preset
+from ._config_resume import RESUME_MAY_CHANGE, config_changes
+from ._config_resume import resume_conflicts as _resume_conflicts
+from ._config_files import PRESET_DIR, read_config_file, set_dotted, split_preset
 from .optim import SCHEDULES, check_optim, optimizer_names
 
-__all__ = ['ConfigError', 'DatasetConfig', 'NetworkConfig', 'InterfaceConfig', 'OptimConfig', 'RunConfig',
-           'load_config', 'config_help', 'config_changes', 'resume_conflicts', 'RESUME_MAY_CHANGE']
+__all__ = ['ConfigError', 'DatasetConfig', 'NetworkConfig', 'InterfaceConfig', 'OptimConfig', 'ValidationConfig',
+           'RunConfig', 'load_config', 'config_help', 'config_changes', 'resume_conflicts', 'RESUME_MAY_CHANGE']
 
 
 def _number(value: Any) -> Any:
@@ -99,7 +101,7 @@ def _shard(value: Any) -> Any:
 
 
 class DatasetConfig(_Section):
-    """One task's data (see :func:`timm_compat.data.load_image_data`). ``{data_dir}`` in ``source`` is filled in."""
+    """One task's data (:func:`timm_compat.data.load_image_data`; a Hub id is read from ``data_dir`` if set)."""
     source: str = Field('synthetic:A', min_length=1)
     train_split: str = 'train'
     test_split: str = 'test'
@@ -149,6 +151,9 @@ class InterfaceConfig(_Section):
     # the task, as eq. (1)'s separate task term; 'per_rotation' each rotation chunk its own batch statistics;
     # 'shared' statistics over all four rotations (before issue 12; measured in docs/training.md).
     rp_norm: Literal['shared', 'per_rotation', 'separate'] = 'separate'
+    # RP's rotations per image: 'all' four, eq. (1) (what reproduction configs use); 'one' the upright image plus one
+    # random rotation, 2 extractor images per image instead of 4, same loss in expectation (methods/rp.py's card).
+    rp_rotations: Literal['all', 'one'] = 'all'
 
 
 def _optimizer(value: Any) -> Any:
@@ -183,6 +188,22 @@ class OptimConfig(_Section):
     schedule_args: _FactoryArgs = Field(default_factory=dict)  # e.g. {min_lr: 1e-5, warmup_lr: 0.001}
     warmup_steps: int = Field(0, ge=0)  # linear warmup (from schedule_args.warmup_lr, 1e-5) before the schedule
     clip_grad_norm: Optional[Float] = Field(None, gt=0, examples=[2.0])  # max global gradient norm; None: off
+    # The fast recipe's optimisation keys (configs/fast/recipe.yaml, timm_compat.optim.param_groups); the defaults
+    # change nothing. Label smoothing of each network's task loss only, not of the interface's RP/DCC losses.
+    label_smoothing: Float = Field(0.0, ge=0, lt=1)
+    # lr and weight_decay given per this many examples, airbench's decoupled form (SGD only); None: as torch's
+    lr_reference_batch: Optional[Count] = Field(None, examples=[1024])
+    norm_bias_lr_scale: Float = Field(1.0, gt=0)  # norm-layer biases at this multiple of lr, weight decay / it
+    warmup_fraction: Float = Field(0.0, ge=0, lt=1)  # warmup as a fraction of the updates, instead of warmup_steps
+
+
+class ValidationConfig(_Section):
+    """Evaluation during training on examples held out of each network's training set, keeping the components of
+    the best step in ``OUT/<phase>/best/`` (:mod:`timm_compat.validation`). BN as ``eval_bn`` says."""
+    every: Optional[Count] = Field(None, examples=[500])  # steps between validations (and the last step); None: off
+    examples: Count = 1000  # held out of each network's training set (seeded): never trained on, never the test set
+    # the best step by: 'mean' of the whole recombination matrix, 'own' accuracy, 'recombination' (off-diagonal)
+    metric: Literal['mean', 'own', 'recombination'] = 'mean'
 
 
 def _tracker(value: Any) -> Any:
@@ -228,6 +249,12 @@ class RunConfig(_Section):
     steps: Optional[Count] = Field(None, examples=[1000])  # overrides epochs
     image_size: int = Field(32, ge=8)
     augment: bool = True
+    augment_translate: int = Field(4, ge=0)  # pad, then crop: random shifts of up to this many pixels
+    augment_pad_mode: Literal['constant', 'reflect'] = 'constant'  # reflect: airbench94's translate
+    augment_flip: Literal['random', 'alternating'] = 'random'  # alternating: airbench94's, from seed and epoch
+    # airbench's whitening convs (timm_compat.whitening; no-op without): init from N training images; bias epochs
+    whitening_init_examples: Optional[Count] = Field(5000, examples=[5000])
+    whitening_bias_epochs: Optional[Float] = Field(None, gt=0, examples=[3])  # None: the bias trains throughout
     # None: what `accelerate launch` says
     mixed_precision: Annotated[Optional[Literal['no', 'fp16', 'bf16']], BeforeValidator(_precision)] = Field(
         None, examples=['bf16'])
@@ -240,13 +267,15 @@ class RunConfig(_Section):
     keep_checkpoints: Count = 2
     eval_batch_size: Count = 250
     eval_bn: Literal['batch', 'running'] = 'batch'
+    eval_tta: Literal['none', 'flip', 'flip_translate'] = 'none'  # none: the paper's; timm_compat.tta
+    validation: ValidationConfig = Field(default_factory=ValidationConfig, examples=[{'every': 500}])
     # also train the same networks independently, for comparison
     baseline: Optional[Literal['independent']] = 'independent'
     save_components: Optional[str] = Field(None, min_length=1, examples=['components'])  # None: OUT/<phase>/...
     push_to_hub: Optional[str] = Field(  # ORG/PREFIX: push every component to ORG/PREFIX-<name>-<role>
         None, pattern=r'^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$', examples=['my-org/compat'],
         json_schema_extra=_must('ORG/PREFIX, e.g. my-org/compat'))
-    data_dir: Optional[str] = Field(None, min_length=1, examples=['data'])
+    data_dir: Optional[str] = Field(None, min_length=1, examples=['data'])  # local copies of Hub ids: DATA/NAME/
     # Accelerate trackers by name, each phase under its own prefix (main/loss); None: tensorboard when installed
     trackers: Optional[List[Annotated[str, BeforeValidator(_tracker)]]] = Field(None, examples=[['tensorboard']])
 
@@ -270,9 +299,17 @@ class RunConfig(_Section):
                 n.dataset.source = n.dataset.source.replace('{data_dir}', self.data_dir)
             if '{data_dir}' in n.dataset.source:
                 problems.append(f'Network {n.name!r} reads {n.dataset.source!r}: pass --data-dir.')
+        if self.augment and self.augment_pad_mode == 'reflect' and self.augment_translate >= self.image_size:
+            problems.append(f'augment_translate={self.augment_translate} reflect-pads more than the image '
+                            f'({self.image_size} px) has; set augment_translate below image_size.')
+        if self.validation.metric == 'recombination' and len(self.networks) < 2:
+            problems.append('validation.metric is recombination, which needs two networks or more; set '
+                            'validation.metric=mean or own.')
         try:
             o = self.optim
-            check_optim(o.optimizer, o.schedule, o.optimizer_args, o.schedule_args)
+            check_optim(o.optimizer, o.schedule, o.optimizer_args, o.schedule_args,
+                        lr_reference_batch=o.lr_reference_batch, warmup_steps=o.warmup_steps,
+                        warmup_fraction=o.warmup_fraction)
         except ValueError as e:
             problems.append(f'optim: {e}.')
         if problems:
@@ -309,6 +346,9 @@ def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> Ru
     """
     data = RunConfig().to_dict()
     preset, overrides = split_preset(overrides)
+    presets = Path(path or '.').resolve().parent / PRESET_DIR  # a user's own preset may have a removed one's name
+    if path is not None and preset in REMOVED_PRESETS and not (presets / f'{preset}.yaml').is_file():
+        raise ConfigError(REMOVED_PRESETS[preset])
     if path is not None:
         # Top-level keys of a file replace the demo's whole: its networks or interface must not leak in.
         data.update(read_config_file(Path(path), preset))
@@ -324,42 +364,9 @@ def config_help() -> str:
     return keys_help(RunConfig)
 
 
-# --- resuming ---------------------------------------------------------------------------------------------------
-
-# Keys a resumed run may change: none changes the trained weights or what the results mean.
-RESUME_MAY_CHANGE = frozenset({'steps', 'epochs', 'log_every', 'checkpoint_every', 'keep_checkpoints',
-                               'cpu_threads', 'save_components', 'push_to_hub', 'output_dir', 'data_dir',
-                               'trackers'})
-_ABSENT = object()
-
-
-def config_changes(old: Dict[str, Any], new: Dict[str, Any]) -> List[str]:
-    """Dotted keys whose values differ between two ``to_dict()`` configs, e.g. ``networks.1.dataset.train_limit``.
-
-    Mappings are compared key by key (a key on one side only counts as changed), lists item by item (an item on
-    one side only is reported as ``key.index``), anything else by value and type. Compare configs that were both
-    loaded with :func:`load_config`, so that defaults and ``{data_dir}`` are filled in on both sides.
-    """
-    return _changes(old, new, ())
-
-
-def _changes(old: Any, new: Any, path: Tuple) -> List[str]:
-    if isinstance(old, dict) and isinstance(new, dict):
-        keys = list(old) + [k for k in new if k not in old]
-        return [c for k in keys for c in _changes(old.get(k, _ABSENT), new.get(k, _ABSENT), (*path, k))]
-    if isinstance(old, list) and isinstance(new, list):
-        pad = [_ABSENT] * abs(len(old) - len(new))
-        pairs = zip(old + pad[:len(new) - len(old)], new + pad[:len(old) - len(new)])
-        return [c for i, (a, b) in enumerate(pairs) for c in _changes(a, b, (*path, i))]
-    same = old is not _ABSENT and new is not _ABSENT and type(old) is type(new) and old == new
-    return [] if same else ['.'.join(map(str, path))]
-
-
 def resume_conflicts(old: Dict[str, Any], new: Dict[str, Any]) -> List[str]:
-    """The changes of :func:`config_changes` that a resume may not make (not in :data:`RESUME_MAY_CHANGE`).
-
-    A key that was removed from configs is no conflict: what it said lives on in keys that are compared.
-    """
-    # A list key changes item by item (trackers.0): what may change is the top-level key it belongs to.
-    return [key for key in config_changes(old, new)
-            if key.split('.')[0] not in RESUME_MAY_CHANGE and key not in REMOVED_KEYS]
+    """The config changes a resumed run may not make; keys added to the schema since ``old`` take their defaults
+    (see :mod:`timm_compat._config_resume`)."""
+    defaults = RunConfig().to_dict()
+    defaults['networks'] = [NetworkConfig().to_dict()]
+    return _resume_conflicts(old, new, defaults)

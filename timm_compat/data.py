@@ -5,7 +5,8 @@ Small-image datasets (CIFAR, STL-10 at 32x32) fit in memory: they are decoded on
 
 Sources:
 
-* a Hub dataset id (``uoft-cs/cifar10``, ``tanganke/stl10``, ``uoft-cs/cifar100``);
+* a Hub dataset id (``uoft-cs/cifar10``, ``tanganke/stl10``, ``uoft-cs/cifar100``), downloaded by ``datasets``,
+  or read from a local Parquet copy in ``DATA_DIR/cifar10/`` when a run sets ``data_dir`` (:func:`local_source`);
 * ``parquet:DIR`` with ``DIR/{split}.parquet`` (or ``{split}-*.parquet``) in the same schema;
 * ``imagefolder:DIR`` with ``DIR/{split}/{class}/*.png``;
 * ``synthetic:A`` / ``synthetic:B``, the built-in two-domain dataset (:mod:`timm_compat.synthetic`).
@@ -27,8 +28,8 @@ from ._integrity import atomic_save_safetensors
 from .shifts import apply_shift
 from .synthetic import make_synthetic
 
-__all__ = ['ImageData', 'load_image_data', 'augment', 'normalize', 'training_batch', 'EpochSampler', 'iterate_batches',
-           'evaluation_batches', 'random_subset', 'KNOWN_SCHEMAS']
+__all__ = ['ImageData', 'load_image_data', 'local_source', 'augment', 'normalize', 'training_batch', 'EpochSampler',
+           'iterate_batches', 'evaluation_batches', 'random_subset', 'KNOWN_SCHEMAS']
 
 # (image column, label column) of the Hub datasets the paper uses.
 KNOWN_SCHEMAS = {
@@ -38,6 +39,8 @@ KNOWN_SCHEMAS = {
 }
 _IMAGE_COLUMNS = ('img', 'image', 'pixel_values')
 _LABEL_COLUMNS = ('label', 'fine_label', 'labels')
+# Sources that name local or generated data; anything else is a Hub dataset id.
+_LOCAL_PREFIXES = ('parquet:', 'imagefolder:', 'synthetic:')
 
 
 @dataclass
@@ -90,12 +93,55 @@ def random_subset(num_examples: int, n: int, seed: int = 0) -> torch.Tensor:
     return order[:n].sort().values
 
 
+def _parquet_files(root: str, split: str) -> List[str]:
+    """``root/{split}.parquet`` and ``root/{split}-*.parquet`` (the Hub's sharded layout), sorted."""
+    root = glob.escape(root)
+    return sorted(glob.glob(os.path.join(root, f'{split}.parquet')) +
+                  glob.glob(os.path.join(root, f'{split}-*.parquet')))
+
+
+def local_source(source: str, data_dir: Optional[str], splits: Sequence[str] = ('train', 'test')) -> str:
+    """Where to read ``source`` from: a Hub id ``org/name`` becomes ``parquet:DATA_DIR/name`` when ``data_dir`` is set.
+
+    ``data_dir`` is a folder of local Parquet copies of Hub datasets, one folder per dataset named as on the Hub
+    (``DATA_DIR/cifar10/train.parquet`` for ``uoft-cs/cifar10``), for machines without network access. The source
+    stays the Hub id everywhere else (configs, run records): it names the data, the folder only says where it is.
+
+    Args:
+        source: A dataset source; ``parquet:``, ``imagefolder:`` and ``synthetic:`` sources are returned unchanged.
+        data_dir: The folder of local copies, or ``None`` to load Hub ids from the Hub.
+        splits: The splits that must be there.
+
+    Returns:
+        ``source``, or ``parquet:DATA_DIR/name`` for a Hub id when ``data_dir`` is set.
+
+    Raises:
+        FileNotFoundError: ``data_dir`` is set but holds no Parquet copy of a split of ``source``.
+    """
+    if data_dir is None or source.startswith(_LOCAL_PREFIXES):
+        return source
+    root = os.path.join(data_dir, _hub_name(source))
+    missing = [split for split in splits if not _parquet_files(root, split)]
+    if missing:
+        expected = ', '.join(os.path.join(root, f'{split}.parquet') for split in missing)
+        shards = '/'.join(f'{split}-*' for split in missing)
+        raise FileNotFoundError(
+            f'data_dir (--data-dir) is {data_dir!r}, so {source!r} is read from a local Parquet copy, but there is no '
+            f'{expected} (nor {shards}.parquet shards). Put the Parquet files of {source!r} there (the Hub '
+            f'dataset\'s own, in its schema), or drop --data-dir to download {source!r} from the Hub.')
+    return f'parquet:{root}'
+
+
+def _hub_name(source: str) -> str:
+    """The dataset's name in a Hub id (``cifar10`` in ``uoft-cs/cifar10``): its folder in ``data_dir``."""
+    return source.rstrip('/').rsplit('/', 1)[-1]
+
+
 def _load_hf(source: str, split: str):
     import datasets
     if source.startswith('parquet:'):
         root = source[len('parquet:'):]
-        files = sorted(glob.glob(os.path.join(root, f'{split}.parquet')) +
-                       glob.glob(os.path.join(root, f'{split}-*.parquet')))
+        files = _parquet_files(root, split)
         if not files:
             raise FileNotFoundError(f'No {split}.parquet or {split}-*.parquet in {root!r}.')
         return datasets.load_dataset('parquet', data_files={split: files}, split=split)
@@ -107,9 +153,10 @@ def _load_hf(source: str, split: str):
     try:
         return datasets.load_dataset(source, split=split)
     except (ConnectionError, OSError, ValueError) as e:
-        raise RuntimeError(
-            f'Could not load Hub dataset {source!r} (split {split!r}): {e}. Without network access, use a local '
-            f'copy: parquet:DIR with {split}.parquet in the same schema.') from e
+        raise ConnectionError(
+            f'Could not load Hub dataset {source!r} (split {split!r}): {e}. Without network access, put a local '
+            f'Parquet copy in DIR/{_hub_name(source)}/{split}.parquet and pass --data-dir DIR (config key data_dir).'
+        ) from e
 
 
 def _columns(ds, source: str, image_column: Optional[str], label_column: Optional[str]) -> Tuple[str, str]:
@@ -226,11 +273,21 @@ def load_image_data(source: str, split: str, *, image_size: int = 32, image_colu
     return data.select_classes(classes) if classes else data
 
 
-def augment(images: torch.Tensor, pad: int = 4, flip: bool = True) -> torch.Tensor:
-    """Standard CIFAR augmentation on a ``uint8`` batch, on its device: zero-pad, random crop, random h-flip."""
+def augment(images: torch.Tensor, pad: int = 4, flip: bool = True, pad_mode: str = 'constant',
+            flips: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """CIFAR augmentation of a ``uint8`` batch, on its device: pad, random crop (a shift of up to ``pad``), h-flip.
+
+    Args:
+        images: ``(N, C, H, W)`` batch.
+        pad: Padding on each side, so the maximal shift; 0 crops nothing.
+        flip: Mirror images at all.
+        pad_mode: ``'constant'`` (zeros) or ``'reflect'`` (airbench94's translate), as in ``torch.nn.functional.pad``.
+        flips: ``(N,)`` bools saying which images to mirror (e.g. :meth:`EpochSampler.alternating_flips`); default a
+            fair coin per image from the global RNG.
+    """
     n, _, h, w = images.shape
     if pad:
-        padded = torch.nn.functional.pad(images, (pad, pad, pad, pad))
+        padded = torch.nn.functional.pad(images, (pad, pad, pad, pad), mode=pad_mode)
         dy = torch.randint(0, 2 * pad + 1, (n, 1), device=images.device)
         dx = torch.randint(0, 2 * pad + 1, (n, 1), device=images.device)
         rows = (dy + torch.arange(h, device=images.device))[:, None, :, None]
@@ -239,8 +296,8 @@ def augment(images: torch.Tensor, pad: int = 4, flip: bool = True) -> torch.Tens
         chans = torch.arange(images.shape[1], device=images.device)[None, :, None, None]
         images = padded[batch, chans, rows, cols]
     if flip:
-        mirror = torch.rand(n, 1, 1, 1, device=images.device) < 0.5
-        images = torch.where(mirror, images.flip(-1), images)
+        mirror = (torch.rand(n, device=images.device) < 0.5) if flips is None else flips.to(images.device)
+        images = torch.where(mirror.view(n, 1, 1, 1), images.flip(-1), images)
     return images
 
 
@@ -252,13 +309,14 @@ def normalize(images: torch.Tensor, mean, std, memory_format=torch.contiguous_fo
 
 
 def training_batch(data: ImageData, index: torch.Tensor, mean, std, augment_images: bool = True,
-                   memory_format=torch.contiguous_format) -> Tuple[torch.Tensor, torch.Tensor]:
+                   memory_format=torch.contiguous_format, **augment_args) -> Tuple[torch.Tensor, torch.Tensor]:
     """Rows ``index`` of ``data`` as training sees them: gathered, augmented and normalised on ``data``'s device.
 
     With the images on the accelerator this is the whole data loader: a few kernels per step and no host copy.
+    ``augment_args`` (``pad``, ``pad_mode``, ``flips``) go to :func:`augment`.
     """
     images = data.images[index]
-    images = augment(images) if augment_images else images
+    images = augment(images, **augment_args) if augment_images else images
     return normalize(images, mean, std, memory_format), data.labels[index]
 
 
@@ -277,7 +335,7 @@ class EpochSampler:
         if self.steps_per_epoch == 0:
             raise ValueError(f'{num_examples} examples are fewer than one batch of {batch_size} on each of '
                              f'{world_size} processes: lower the batch size.')
-        self._epoch, self._order = -1, None
+        self._epoch, self._order, self._coins = -1, None, None
 
     def batch(self, step: int) -> torch.Tensor:
         epoch, index = divmod(step, self.steps_per_epoch)
@@ -287,6 +345,19 @@ class EpochSampler:
             self._order = torch.randperm(self.num_examples, generator=g)[self.rank::self.world_size].to(self.device)
             self._epoch = epoch
         return self._order[index * self.batch_size:(index + 1) * self.batch_size]
+
+    def alternating_flips(self, step: int) -> torch.Tensor:
+        """Which images of ``self.batch(step)`` to mirror under airbench94's alternating flip (Jordan 2024).
+
+        Epoch 0 mirrors each image by a fair coin drawn from ``seed`` and the image's index; every later epoch
+        mirrors exactly the images the epoch before did not, so each pair of epochs sees both orientations. A
+        function of (seed, index, epoch) only: a resumed run flips as the uninterrupted one.
+        """
+        if self._coins is None:
+            coins = np.random.default_rng([self.seed, 1]).random(self.num_examples) < 0.5
+            self._coins = torch.from_numpy(coins).to(self.device)
+        index = self.batch(step)
+        return self._coins[index] ^ bool(step // self.steps_per_epoch % 2)
 
 
 def evaluation_batches(num_examples: int, batch_size: int, seed: int = 0) -> List[torch.Tensor]:

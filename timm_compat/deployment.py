@@ -8,7 +8,7 @@ data (Li et al. 2016, AdaBN) in a copy, which then classifies any batch size, on
 :func:`bn_accuracy_report` gives the three numbers side by side.
 """
 import copy
-from typing import Dict, Iterable, Iterator, Optional, Union
+from typing import Callable, Dict, Iterable, Iterator, Optional, Union
 
 import torch
 from torch import nn
@@ -18,9 +18,12 @@ from .batchnorm import recalibrate_bn
 from .data import ImageData, evaluation_batches, normalize
 from .evaluation import accuracy
 
-__all__ = ['deploy', 'bn_accuracy_report', 'format_bn_report']
+__all__ = ['BN_MODES', 'deploy', 'bn_accuracy_report', 'format_bn_report']
 
 Images = Union[ImageData, torch.Tensor, Iterable[torch.Tensor]]
+Metric = Callable[[nn.Module, ImageData, int, str, int], float]
+# The paper's evaluation (test-time batch statistics) and what a deployed model uses (its running statistics).
+BN_MODES = ('batch', 'running')
 
 
 def _device(model: nn.Module) -> torch.device:
@@ -94,8 +97,8 @@ def deploy(model: nn.Module, unlabeled: Images, *, batch_size: int = 256, num_ba
 
 
 def bn_accuracy_report(model: nn.Module, data: ImageData, *, unlabeled: Optional[Images] = None,
-                       batch_size: int = 256, seed: int = 0) -> Dict[str, float]:
-    """Top-1 accuracy of ``model`` on ``data`` under each BN mode, side by side.
+                       batch_size: int = 256, seed: int = 0, metric: Metric = accuracy) -> Dict[str, float]:
+    """Accuracy of ``model`` on ``data`` under each BN mode, side by side (top-1 unless ``metric`` says otherwise).
 
     Args:
         model: A :class:`~timm_compat.CompatibleModel`.
@@ -104,15 +107,17 @@ def bn_accuracy_report(model: nn.Module, data: ImageData, *, unlabeled: Optional
             their labels unused, or a held-out unlabelled split). Without it the entry is left out.
         batch_size: Evaluation (and recalibration) batch size.
         seed: Seed of the batch order.
+        metric: ``metric(model, data, batch_size, bn, seed)``: :func:`~timm_compat.evaluation.accuracy` (top-1) or
+            :func:`~timm_compat.evaluation.average_class_accuracy` (the metric of the paper's Tab. 2 and Fig. 5).
 
     Returns:
         ``{'batch': ..., 'running': ..., 'adabn': ...}``: batch statistics (the paper's protocol), the running
         statistics the model holds (plain eval mode), and running statistics after :func:`deploy`.
     """
-    report = {bn: accuracy(model, data, batch_size, bn=bn, seed=seed) for bn in ('batch', 'running')}
+    report = {bn: metric(model, data, batch_size, bn, seed) for bn in BN_MODES}
     if unlabeled is not None:
-        report['adabn'] = accuracy(deploy(model, unlabeled, batch_size=batch_size, seed=seed), data, batch_size,
-                                   bn='running', seed=seed)
+        report['adabn'] = metric(deploy(model, unlabeled, batch_size=batch_size, seed=seed), data, batch_size,
+                                 'running', seed)
     return report
 
 

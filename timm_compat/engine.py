@@ -25,14 +25,16 @@ from ._cpu import keep_freed_memory
 from ._hardware import cpu_cores
 from ._integrity import atomic_write_text
 from .build import Phase
-from .checkpoint import TrainState, check_finite, latest_checkpoint, load_train_state, save_checkpoint
+from .checkpoint import TrainState, check_finite, latest_checkpoint, resume_train_state, save_checkpoint
 from .config import RunConfig
 from .data import EpochSampler, ImageData, training_batch
 from .evaluation import evaluate_networks
 from .fit import fit
 from .metrics_log import MetricsLog
-from .optim import make_optimizer, make_scheduler
+from .optim import make_optimizer, make_scheduler, param_groups
 from .rundir import RunDir, RunDirError
+from .validation import Validator
+from .whitening import drop_whitening_bias_grads
 
 __all__ = ['make_accelerator', 'check_hub_credentials', 'claim_run_dir', 'fit_phase', 'TrainLoop', 'evaluate_phase', 'save_components',
            'push_components', 'write_summary']
@@ -164,7 +166,8 @@ def fit_phase(phase: Phase, accelerator: Accelerator, out: Path, resume: bool) -
         resume: Continue from the newest checkpoint, if there is one.
 
     Returns:
-        ``train_seconds`` (all training time, earlier runs of a resumed phase included) and ``steps``.
+        ``train_seconds`` (all training time, earlier runs of a resumed phase included) and ``steps``; with
+        validation on, ``best`` too (``best.json``, on the main process; see :mod:`timm_compat.validation`).
     """
     cfg, device = phase.cfg, accelerator.device
     set_seed(cfg.seed)
@@ -178,9 +181,11 @@ def fit_phase(phase: Phase, accelerator: Accelerator, out: Path, resume: bool) -
     joint, optimizer, scheduler = accelerator.prepare(phase.joint, optimizer, scheduler)
     if cfg.compile:
         joint = torch.compile(joint)
-    state = _resume(phase.tag, accelerator, out, resume)
-    TrainLoop(phase, accelerator, joint, optimizer, scheduler, state, out, data).run(total_steps)
-    return {'train_seconds': round(state.train_seconds, 1), 'steps': total_steps}
+    state = resume_train_state(phase.tag, accelerator, out, resume)
+    loop = TrainLoop(phase, accelerator, joint, optimizer, scheduler, state, out, data)
+    loop.run(total_steps)
+    fitted = {'train_seconds': round(state.train_seconds, 1), 'steps': total_steps}
+    return fitted if loop.validator is None else {**fitted, 'best': loop.validator.best}
 
 
 def make_optim(phase: Phase, total_steps: int, num_processes: int = 1):
@@ -192,32 +197,16 @@ def make_optim(phase: Phase, total_steps: int, num_processes: int = 1):
         num_processes: Accelerate's prepared scheduler steps once per process for every optimiser update.
     """
     o, accumulation = phase.cfg.optim, phase.cfg.gradient_accumulation_steps
-    params = [p for p in phase.joint.parameters() if p.requires_grad]
+    params = param_groups(phase.joint, o, phase.cfg.batch_size * accumulation * num_processes)
     optimizer = make_optimizer(params, o.optimizer, o.lr, o.momentum, o.weight_decay, **o.optimizer_args)
     scheduler = make_scheduler(optimizer, o.schedule, math.ceil(total_steps / accumulation), o.warmup_steps,
-                               ticks_per_step=num_processes, **o.schedule_args)
+                               ticks_per_step=num_processes, warmup_fraction=o.warmup_fraction, **o.schedule_args)
     return optimizer, scheduler
 
 
-def _resume(tag: str, accelerator: Accelerator, out: Path, resume: bool) -> TrainState:
-    """The train state to start from: the newest checkpoint's (its Accelerate state loaded) or a fresh one.
-
-    ``metrics.csv`` is rewound to the checkpoint: rows logged after it are logged again.
-    """
-    state = TrainState()
-    if resume and (last := latest_checkpoint(out / 'checkpoints')) is not None:
-        accelerator.load_state(str(last))
-        state = load_train_state(last)
-        accelerator.print(f'[{tag}] resumed from {last} at step {state.step}')
-    if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        MetricsLog(out / 'metrics.csv').rewind(state.step)
-    accelerator.wait_for_everyone()
-    return state
-
-
 class TrainLoop:
-    """What one phase adds to :func:`~timm_compat.fit.fit`: its batches, NaN checks, logging and checkpoints.
+    """What one phase adds to :func:`~timm_compat.fit.fit`: its batches, NaN checks, logging, checkpoints and
+    validation (:class:`~timm_compat.validation.Validator`, when ``validation.every`` is set).
 
     The first non-finite step stays on the device; reading it costs a sync, done only at log and checkpoint steps.
     A checkpoint is written after the log of its step, so that a resume never drops a logged row.
@@ -245,6 +234,8 @@ class TrainLoop:
         self.first_bad = torch.tensor(-1, device=device)
         self.data, self.total_steps = data, 0
         self._clock = (0.0, 0.0)  # (wall time, state.train_seconds) when this process started training
+        self.validator = (Validator(phase, accelerator, out, state.step, save_components)
+                          if self.cfg.validation.every is not None else None)
 
     def run(self, total_steps: int) -> None:
         """Step from ``state.step`` to ``total_steps``, logging every ``log_every`` and checkpointing every
@@ -264,26 +255,35 @@ class TrainLoop:
     def batch_at(self, step: int) -> Dict[str, Tuple[torch.Tensor, torch.Tensor]]:
         """The (augmented, normalised) batch of every network whose turn it is at ``step``."""
         batches = {}
+        self.phase.joint.set_step(step)
         for name in self.phase.joint.networks_at(self._update(step)):
             train_set, sampler = self.data[name]
+            flips = sampler.alternating_flips(step) if self.cfg.augment_flip == 'alternating' else None
             batches[name] = training_batch(train_set, sampler.batch(step), *self.stats[name], self.cfg.augment,
-                                           self.memory_format)
+                                           self.memory_format, pad=self.cfg.augment_translate,
+                                           pad_mode=self.cfg.augment_pad_mode, flips=flips)
         return batches
 
     def before_optimizer_step(self, step: int) -> None:
         # Resting networks (alternate schedule) lose their zero gradients: momentum and weight decay skip them.
         self.phase.joint.drop_inactive_grads(self._update(step))
+        drop_whitening_bias_grads(self.phase.joint, step, self.cfg, [s.steps_per_epoch for _, s in self.data.values()])
 
     def on_step(self, step: int, losses: Dict[str, torch.Tensor]) -> None:
-        """After step ``step``: count it, then check for NaN/inf and checkpoint where due."""
+        """After step ``step``: count it, then check for NaN/inf, validate and checkpoint where due."""
         self.state.step = step
         start, before = self._clock
         self.state.train_seconds = before + time.time() - start
         bad = ~torch.isfinite(losses['loss'])
         self.first_bad = torch.where((self.first_bad < 0) & bad, step, self.first_bad)
         log_now = step % self.cfg.log_every == 0 or step == self.total_steps
-        if log_now or self._checkpoint_due(step):
+        validate = self.validator is not None and self.validator.due(step, self.total_steps)
+        if log_now or self._checkpoint_due(step) or validate:
             self.check_finite()
+        if validate:  # before the step's checkpoint: a resume from it never skips a validation
+            begun = time.time()
+            self.validator(step)
+            self._clock = (start + time.time() - begun, before)  # validation time is not training time
         if not log_now and self._checkpoint_due(step):
             self.checkpoint()  # at a log step, log() checkpoints once the row is written
 
@@ -344,7 +344,7 @@ def evaluate_phase(phase: Phase, accelerator: Accelerator) -> Dict[str, Any]:
     cfg, names = phase.cfg, [n.name for n in phase.cfg.networks]
     # Both BN modes: batch statistics are the paper's numbers, running statistics what a deployed model gets.
     measured = evaluate_networks({n: phase.models[n] for n in names}, {n: phase.data[n][1] for n in names},
-                                 cfg.eval_batch_size, cfg.eval_bn, title=f'[{phase.tag}] ')
+                                 cfg.eval_batch_size, cfg.eval_bn, title=f'[{phase.tag}] ', tta=cfg.eval_tta)
     print(measured['table'])
     summary.update(phase=phase.tag, networks=names, **measured,
                    interface_id=phase.interface.id if phase.interface is not None else None)

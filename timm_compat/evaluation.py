@@ -8,17 +8,23 @@ every head, so an N x N matrix costs N extractor passes, not N^2.
 With batch statistics a prediction depends on the rest of its batch, so every function here batches the test set in
 a fixed seeded permutation (:func:`~timm_compat.data.evaluation_batches`): a test set stored sorted by class scores
 as a shuffled copy does, and every model evaluated on the same data sees the same batches.
+
+A recombination matrix shows a progress bar (``tqdm.auto``, on stderr) counting its evaluation batches, on the local
+main process only; it clears itself when done, since it usually runs inside a longer job's bar.
 """
+import os
 from contextlib import ExitStack
 from itertools import chain
 from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from .batchnorm import eval_mode
-from .data import ImageData, iterate_batches, normalize
+from .data import ImageData, evaluation_batches, iterate_batches, normalize
 from .classes import canonical_class_name, common_classes
+from .tta import tta_logits, tta_views
 
 __all__ = ['accuracy', 'per_class_accuracy', 'average_class_accuracy', 'recombination_matrix', 'format_matrix',
            'evaluate_networks']
@@ -42,7 +48,8 @@ def _inputs(images: torch.Tensor, extractor: nn.Module, device) -> torch.Tensor:
 
 
 @torch.no_grad()
-def accuracy(model, data: ImageData, batch_size: int = 256, bn: str = 'batch', seed: int = 0) -> float:
+def accuracy(model, data: ImageData, batch_size: int = 256, bn: str = 'batch', seed: int = 0,
+             tta: str = 'none') -> float:
     """Top-1 accuracy of ``model`` on all of ``data``, over all of the model's classes.
 
     Args:
@@ -51,20 +58,22 @@ def accuracy(model, data: ImageData, batch_size: int = 256, bn: str = 'batch', s
         batch_size: Evaluation batch size (it matters when ``bn='batch'``).
         bn: ``'batch'`` (test-time BN statistics) or ``'running'``.
         seed: Seed of the order in which the images are batched (see :func:`~timm_compat.data.iterate_batches`).
+        tta: Test-time augmentation (:mod:`timm_compat.tta`): ``'none'`` (the paper's), ``'flip'`` or
+            ``'flip_translate'``.
     """
     _check_loaded([model])
     device = _device(model.extractor)
     correct = 0  # becomes a tensor on the logits' device: no host sync per batch
     with eval_mode(model, bn):
         for images, labels in iterate_batches(data, batch_size, seed):
-            logits = model(_inputs(images, model.extractor, device))
+            logits = tta_logits(model, _inputs(images, model.extractor, device), tta)
             correct += (logits.argmax(1) == labels.to(logits.device)).sum()
     return int(correct) / len(data)
 
 
 @torch.no_grad()
 def per_class_accuracy(model, data: ImageData, batch_size: int = 250, bn: str = 'batch',
-                       seed: int = 0) -> torch.Tensor:
+                       seed: int = 0, tta: str = 'none') -> torch.Tensor:
     """Top-1 accuracy of each class of ``data``, a ``(num_classes,)`` CPU tensor; NaN for classes with no images.
 
     Arguments as :func:`accuracy`.
@@ -77,18 +86,19 @@ def per_class_accuracy(model, data: ImageData, batch_size: int = 250, bn: str = 
     with eval_mode(model, bn):
         for images, labels in iterate_batches(data, batch_size, seed):
             labels = labels.to(device)
-            predictions = model(_inputs(images, model.extractor, device)).argmax(1).to(device)
+            predictions = tta_logits(model, _inputs(images, model.extractor, device), tta).argmax(1).to(device)
             total += torch.bincount(labels, minlength=num_classes)
             correct += torch.bincount(labels[predictions == labels], minlength=num_classes)
     return (correct / total).cpu()  # 0 / 0 is NaN: a class without test images
 
 
-def average_class_accuracy(model, data: ImageData, batch_size: int = 250, bn: str = 'batch', seed: int = 0) -> float:
+def average_class_accuracy(model, data: ImageData, batch_size: int = 250, bn: str = 'batch', seed: int = 0,
+                           tta: str = 'none') -> float:
     """Mean over the classes present in ``data`` of each class's top-1 accuracy (the metric of Tab. 2 and Fig. 5).
 
     Arguments as :func:`accuracy`.
     """
-    per_class = per_class_accuracy(model, data, batch_size, bn, seed)
+    per_class = per_class_accuracy(model, data, batch_size, bn, seed, tta)
     return per_class[~per_class.isnan()].mean().item()
 
 
@@ -103,8 +113,10 @@ def _head_columns(head, common: Sequence[str]) -> List[int]:
 
 
 def _row_correct(row_model, heads: Sequence[nn.Module], columns: Sequence[List[int]], data: ImageData,
-                 batch_size: int, bn: str, seed: int) -> List[torch.Tensor]:
+                 batch_size: int, bn: str, seed: int, progress: tqdm, tta: str = 'none') -> List[torch.Tensor]:
     """Correct predictions of ``row_model``'s extractor with each head (argmax over its ``columns``) on ``data``.
+
+    Under TTA each view's features are computed once and fed to every head, and each head's logits are averaged.
 
     Inputs go to the extractor's device and features to each head's, and each count stays on its head's device:
     components loaded on the CPU can be scored with ones on an accelerator.
@@ -119,16 +131,21 @@ def _row_correct(row_model, heads: Sequence[nn.Module], columns: Sequence[List[i
         for head in heads:
             stack.enter_context(eval_mode(head, bn))
         for images, labels in iterate_batches(data, batch_size, seed):
-            features = extractor(_inputs(images, extractor, device))
-            for j, (head, head_device) in enumerate(zip(heads, head_devices)):
-                logits = head(features.to(head_device, non_blocking=True))[:, columns[j]]
-                correct[j] += (logits.argmax(1) == labels.to(head_device)).sum()
+            logits = [0.0] * len(heads)
+            for weight, view in tta_views(_inputs(images, extractor, device), tta):
+                features = extractor(view)
+                for j, (head, head_device) in enumerate(zip(heads, head_devices)):
+                    logits[j] = logits[j] + weight * head(features.to(head_device, non_blocking=True))[:, columns[j]]
+            for j, head_device in enumerate(head_devices):
+                correct[j] += (logits[j].argmax(1) == labels.to(head_device)).sum()
+            progress.update(1)
     return correct
 
 
 @torch.no_grad()
 def recombination_matrix(models: Sequence, test_data: Sequence[ImageData], batch_size: int = 256,
-                         bn: str = 'batch', common: Optional[Sequence[str]] = None, seed: int = 0) -> torch.Tensor:
+                         bn: str = 'batch', common: Optional[Sequence[str]] = None, seed: int = 0,
+                         tta: str = 'none') -> torch.Tensor:
     """Accuracy of every extractor with every head, on the classes common to all networks.
 
     Every entry, the diagonal included, predicts among the common classes only (the argmax runs over the head's
@@ -143,6 +160,7 @@ def recombination_matrix(models: Sequence, test_data: Sequence[ImageData], batch
         bn: ``'batch'`` or ``'running'``.
         common: Classes to evaluate on; default the classes (by name, up to synonyms) of every test set.
         seed: Seed of the order in which the images are batched (see :func:`~timm_compat.data.iterate_batches`).
+        tta: Test-time augmentation, as in :func:`accuracy`.
 
     Returns:
         ``(N, N)`` tensor; entry ``[i, j]`` is extractor ``i`` + head ``j`` on test set ``i``.
@@ -155,11 +173,15 @@ def recombination_matrix(models: Sequence, test_data: Sequence[ImageData], batch
         raise ValueError('The networks share no class names, so recombination accuracy is undefined.')
     heads = [m.head for m in models]
     columns = [_head_columns(h, common) for h in heads]
+    subsets = [_common_subset(data, common) for data in test_data]
     matrix = torch.zeros(len(models), len(models))
-    for i, (row_model, data) in enumerate(zip(models, test_data)):
-        subset = _common_subset(data, common)
-        correct = _row_correct(row_model, heads, columns, subset, batch_size, bn, seed)
-        matrix[i] = torch.tensor([int(c) for c in correct], dtype=torch.float64) / len(subset)
+    # Local rank as Accelerate sets it: in a multi-process run only one process draws the bar.
+    with tqdm(total=sum(len(evaluation_batches(len(s), batch_size, seed)) for s in subsets), leave=False,
+              desc=f'recombination matrix (BN={bn})', unit='batch',
+              disable=int(os.environ.get('LOCAL_RANK', 0)) != 0) as progress:
+        for i, (row_model, subset) in enumerate(zip(models, subsets)):
+            correct = _row_correct(row_model, heads, columns, subset, batch_size, bn, seed, progress, tta)
+            matrix[i] = torch.tensor([int(c) for c in correct], dtype=torch.float64) / len(subset)
     return matrix
 
 
@@ -196,7 +218,7 @@ def format_matrix(matrix: torch.Tensor, names: Sequence[str], title: str = '',
 
 
 def evaluate_networks(models: Dict[str, nn.Module], tests: Dict[str, ImageData], batch_size: int = 256,
-                      bn: str = 'batch', title: str = '') -> Dict[str, Any]:
+                      bn: str = 'batch', title: str = '', tta: str = 'none') -> Dict[str, Any]:
     """Own accuracy and the recombination matrix under ``bn``, and both again under the other BN mode.
 
     Batch statistics are the paper's protocol; running statistics are what a deployed model (plain ``eval()``, one
@@ -208,6 +230,7 @@ def evaluate_networks(models: Dict[str, nn.Module], tests: Dict[str, ImageData],
         batch_size: Evaluation batch size.
         bn: The main BN mode (``'batch'`` or ``'running'``); its numbers keep the plain keys.
         title: First words of each table's title.
+        tta: Test-time augmentation of every number, as in :func:`accuracy`.
 
     Returns:
         ``own_accuracy`` and ``recombination_matrix`` under ``bn``; ``own_accuracy_<other>`` and
@@ -217,9 +240,11 @@ def evaluate_networks(models: Dict[str, nn.Module], tests: Dict[str, ImageData],
     names = list(models)
     result, tables = {}, []
     for mode, suffix in ((bn, ''), (other, f'_{other}')):
-        own = {n: accuracy(models[n], tests[n], batch_size, mode) for n in names}
-        matrix = recombination_matrix([models[n] for n in names], [tests[n] for n in names], batch_size, mode)
+        own = {n: accuracy(models[n], tests[n], batch_size, mode, tta=tta) for n in names}
+        matrix = recombination_matrix([models[n] for n in names], [tests[n] for n in names], batch_size, mode,
+                                      tta=tta)
         tables.append(format_matrix(matrix, names, title=f'{title}recombination accuracy (%), common classes, '
-                                                        f'BN={mode}', own=[own[n] for n in names]))
+                                                        f'BN={mode}' + (f', TTA={tta}' if tta != 'none' else ''),
+                                 own=[own[n] for n in names]))
         result.update({f'own_accuracy{suffix}': own, f'recombination_matrix{suffix}': matrix.tolist()})
     return dict(result, table='\n'.join(tables))

@@ -48,10 +48,12 @@ class JointModel(TrainingTask):
         interface: Their shared interface (its aux heads are registered here once), or None.
         methods: Compatibility methods applied to every network.
         schedule: ``'sum'`` or ``'alternate'``.
+        label_smoothing: Of each network's task loss (``optim.label_smoothing``; see :func:`compatibility_loss`).
     """
 
     def __init__(self, networks: Dict[str, nn.Module], interface: Optional[nn.Module],
-                 methods: Sequence[CompatibilityMethod] = (), schedule: str = 'sum'):
+                 methods: Sequence[CompatibilityMethod] = (), schedule: str = 'sum',
+                 label_smoothing: float = 0.0):
         super().__init__(verbose=False)
         if schedule not in SCHEDULES:
             raise ValueError(f'Unknown joint schedule {schedule!r}: use one of {SCHEDULES}.')
@@ -60,7 +62,7 @@ class JointModel(TrainingTask):
         self.networks = nn.ModuleDict(networks)
         self.interface = interface
         self.methods = list(methods)
-        self.schedule = schedule
+        self.schedule, self.label_smoothing = schedule, label_smoothing
         self._disable_unused_aux_heads()
 
     def _disable_unused_aux_heads(self) -> None:
@@ -82,6 +84,12 @@ class JointModel(TrainingTask):
         """
         names = list(self.networks)
         return names if self.schedule == 'sum' else [names[step % len(names)]]
+
+    def set_step(self, step: int) -> None:
+        """Tell every method the step about to run (see ``CompatibilityMethod.set_step``); a timm loop calls it
+        before each step, as train.py's engine does."""
+        for method in self.methods:
+            method.set_step(step)
 
     def prepare_distributed(self, device_ids: Optional[list] = None, **ddp_kwargs) -> 'JointModel':
         """timm's hook: wrap the whole task once in DDP (the shared aux heads are one parameter set, reduced once);
@@ -120,7 +128,8 @@ class JointModel(TrainingTask):
         self._check_batches(batches)
         out, total = {}, 0
         for name, (images, labels) in batches.items():
-            losses = compatibility_loss(self.networks[name], images, labels, self.methods)
+            losses = compatibility_loss(self.networks[name], images, labels, self.methods,
+                                        label_smoothing=self.label_smoothing)
             out.update({f'{name}/{k}': v for k, v in losses.items() if k != 'loss'})
             total = total + losses['loss']
         out['loss'] = total + self._touch_inactive(batches)

@@ -4,14 +4,34 @@
 :func:`make_scheduler` is ``timm.scheduler.create_scheduler_v2`` stepped once per optimiser update, behind the
 ``scheduler.step()`` interface of a torch schedule, so that the training loop and Accelerate's prepared scheduler
 drive any timm schedule. Names are checked by :func:`check_optim` before anything runs.
+
+:func:`param_groups` holds the optimisation half of the fast recipe (airbench94, Jordan 2024, arXiv:2404.00498),
+for any backbone: learning rate and weight decay per ``lr_reference_batch`` examples, so that they do not depend on
+the batch size or the momentum, and norm-layer biases at a multiple of the learning rate. Both are timm's per-group
+``lr_scale`` (what its layer-wise lr decay uses): every timm schedule multiplies its curve by it, warm-up and
+``min_lr`` included, so one schedule serves every group. Lookahead is timm's (``lookahead_<name>``), its ``alpha``
+and ``k`` given as ``optimizer_args`` ``lookahead_alpha`` / ``lookahead_k``.
 """
-from typing import Any, Dict, Iterable, List, Optional
+from typing import TYPE_CHECKING, Any, Dict, Iterable, List, Optional, Union
 
 import torch
-from timm.optim import create_optimizer_v2, list_optimizers
+from timm.optim import Lookahead, create_optimizer_v2, list_optimizers
 from timm.scheduler import create_scheduler_v2
+from torch import nn
 
-__all__ = ['SCHEDULES', 'make_optimizer', 'make_scheduler', 'check_optim', 'optimizer_names', 'UpdateSchedule']
+if TYPE_CHECKING:
+    from .config import OptimConfig
+
+__all__ = ['SCHEDULES', 'NORM_TYPES', 'LOOKAHEAD_ARGS', 'make_optimizer', 'make_scheduler', 'param_groups',
+           'step_gain', 'check_optim', 'optimizer_names', 'UpdateSchedule']
+
+# Layers whose bias norm_bias_lr_scale speeds up: torch's norms, and so timm's, which subclass them (BatchNormAct2d,
+# LayerNorm2d, GroupNorm1, ...).
+NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
+# optimizer_args of a lookahead_<name> optimiser, as timm's Lookahead keeps them in its parameter groups.
+LOOKAHEAD_ARGS = {'lookahead_alpha': 'alpha', 'lookahead_k': 'k'}
+# Optimisers whose step lr_reference_batch knows how to scale: Nesterov SGD, which airbench's rule is about.
+_SGD_NAMES = ('sgd', 'nesterov')
 
 # create_scheduler_v2's names that are stepped per update; 'plateau' needs a validation metric every epoch, which
 # a run does not measure while training.
@@ -24,7 +44,8 @@ def optimizer_names() -> List[str]:
 
 
 def check_optim(optimizer: str, schedule: str, optimizer_args: Optional[Dict[str, Any]] = None,
-                schedule_args: Optional[Dict[str, Any]] = None) -> None:
+                schedule_args: Optional[Dict[str, Any]] = None, *, lr_reference_batch: Optional[int] = None,
+                warmup_steps: int = 1, warmup_fraction: float = 0.0) -> None:
     """Build the optimiser and schedule once on a dummy parameter, so a bad name or argument fails before a run.
 
     Raises:
@@ -36,26 +57,86 @@ def check_optim(optimizer: str, schedule: str, optimizer_args: Optional[Dict[str
                          f'(each also as lookahead_<name>)')
     if schedule not in SCHEDULES:
         raise ValueError(f'unknown schedule {schedule!r}; use one of: {", ".join(SCHEDULES)}')
+    if lr_reference_batch is not None and name not in _SGD_NAMES:
+        raise ValueError(f'lr_reference_batch is airbench\'s rule for Nesterov SGD, but the optimizer is {optimizer!r}; '
+                         f'use optimizer sgd or lookahead_sgd, or set lr_reference_batch=null')
     param = torch.nn.Parameter(torch.zeros(1))
     try:
         opt = make_optimizer([param], optimizer, 0.1, 0.9, 0.0, **(optimizer_args or {}))
-        make_scheduler(opt, schedule, 10, 1, **(schedule_args or {}))
+        make_scheduler(opt, schedule, 10, warmup_steps, warmup_fraction=warmup_fraction, **(schedule_args or {}))
     except (TypeError, ValueError, AssertionError, ImportError) as e:
         raise ValueError(f'optimizer {optimizer!r} / schedule {schedule!r} refuse their arguments: {e}') from None
 
 
-def make_optimizer(params: Iterable[torch.nn.Parameter], name: str, lr: float, momentum: float,
-                   weight_decay: float, **kwargs: Any) -> torch.optim.Optimizer:
+def step_gain(momentum: float) -> float:
+    """airbench's size of an SGD-Nesterov step relative to a constant gradient, ``1 + 1 / (1 - momentum)``.
+
+    Dividing the learning rate by it makes the step independent of the momentum (its "kilostep scale" is this
+    gain times 1024 examples). airbench's own count, kept so that its published values mean what they meant.
+    """
+    return 1 + 1 / (1 - momentum)
+
+
+def param_groups(model: nn.Module, optim: 'OptimConfig', examples_per_update: int) -> List[Dict[str, Any]]:
+    """The trainable parameters of ``model`` as parameter groups for :func:`make_optimizer`, by the fast-recipe keys.
+
+    With the defaults (``lr_reference_batch`` None, ``norm_bias_lr_scale`` 1) this is one plain group. Otherwise
+    each group carries timm's ``lr_scale``, which the schedule multiplies its curve by, and its own weight decay:
+
+    * ``lr_reference_batch`` R (airbench's decoupled form): ``optim.lr`` and ``optim.weight_decay`` are given per R
+      examples for a loss summed over the batch. The run's losses are batch means over B = ``examples_per_update``,
+      so the step is ``lr * B / (R * step_gain(momentum))``; each update decays the weights by ``weight_decay * B /
+      (R * step_gain(momentum))`` times the schedule, that is torch's (coupled) weight decay ``weight_decay / lr``.
+    * ``norm_bias_lr_scale`` c: biases of :data:`NORM_TYPES` layers at c times the learning rate, their weight decay
+      divided by c, so that they decay as fast as the rest (airbench's "bias_scaler").
+
+    Args:
+        model: The module whose parameters with ``requires_grad`` train (each once, shared ones too).
+        optim: The run's ``optim`` config.
+        examples_per_update: Examples of one optimiser update, over all processes and accumulation steps.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    if optim.lr_reference_batch is None and optim.norm_bias_lr_scale == 1:
+        return [{'params': params}]
+    scale, decay = 1.0, optim.weight_decay
+    if optim.lr_reference_batch is not None:
+        scale = examples_per_update / (optim.lr_reference_batch * step_gain(optim.momentum))
+        decay = optim.weight_decay / optim.lr
+    norm_biases = {id(m.bias) for m in model.modules()
+                   if isinstance(m, NORM_TYPES) and isinstance(getattr(m, 'bias', None), nn.Parameter)}
+    # The other parameters come first: the schedule's first group is the learning rate that a run logs.
+    groups = [{'params': [p for p in params if (id(p) in norm_biases) == is_bias],
+               'lr_scale': scale * factor, 'weight_decay': decay / factor}
+              for is_bias, factor in ((False, 1.0), (True, optim.norm_bias_lr_scale))]
+    return [g for g in groups if g['params']]
+
+
+def make_optimizer(params: Iterable[Union[torch.nn.Parameter, Dict[str, Any]]], name: str, lr: float,
+                   momentum: float, weight_decay: float, **kwargs: Any) -> torch.optim.Optimizer:
     """``timm.optim.create_optimizer_v2`` over ``params`` (weight decay on every one of them, as given).
 
     Args:
-        params: Parameters or parameter groups (a module's 1-d parameters are not exempted from weight decay).
-        name: A timm optimiser name, e.g. ``sgd`` (Nesterov momentum), ``momentum``, ``adamw``, ``lamb``.
+        params: Parameters or parameter groups (a module's 1-d parameters are not exempted from weight decay), e.g.
+            from :func:`param_groups`.
+        name: A timm optimiser name, e.g. ``sgd`` (Nesterov momentum), ``momentum``, ``adamw``, ``lamb``, or
+            ``lookahead_<name>`` (timm's ``Lookahead`` around it).
         lr: Learning rate.
         momentum: Momentum, for the optimisers that have one.
         weight_decay: Weight decay.
-        **kwargs: Passed to the optimiser class, e.g. ``betas``, ``eps``.
+        **kwargs: Passed to the optimiser class, e.g. ``betas``, ``eps``; ``lookahead_alpha`` and ``lookahead_k``
+            (:data:`LOOKAHEAD_ARGS`) to ``Lookahead``, for a ``lookahead_<name>`` optimiser only.
+
+    Raises:
+        ValueError: Lookahead arguments for an optimiser without lookahead, or out of range.
     """
+    lookahead = {LOOKAHEAD_ARGS[k]: kwargs.pop(k) for k in list(kwargs) if k in LOOKAHEAD_ARGS}
+    if lookahead:
+        prefix, _, base = name.partition('_')
+        if prefix.lower() != 'lookahead' or not base:
+            raise ValueError(f'{sorted(LOOKAHEAD_ARGS)} are arguments of lookahead; use optimizer '
+                             f'lookahead_{name}, or leave them out')
+        # create_optimizer_v2 wraps with Lookahead's defaults (alpha 0.5, k 6) and takes no arguments for it.
+        return Lookahead(make_optimizer(params, base, lr, momentum, weight_decay, **kwargs), **lookahead)
     if name.lower().split('_')[-1] in ('sgd', 'nesterov') and momentum == 0:
         kwargs.setdefault('nesterov', False)  # torch's Nesterov SGD needs momentum; plain SGD is what 0 means
     return create_optimizer_v2(list(params), opt=name, lr=lr, weight_decay=weight_decay, momentum=momentum,
@@ -63,8 +144,10 @@ def make_optimizer(params: Iterable[torch.nn.Parameter], name: str, lr: float, m
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, schedule: str, total_steps: int, warmup_steps: int = 0, *,
-                   ticks_per_step: int = 1, **kwargs: Any) -> 'UpdateSchedule':
+                   ticks_per_step: int = 1, warmup_fraction: float = 0.0, **kwargs: Any) -> 'UpdateSchedule':
     """A timm schedule over ``total_steps`` optimiser updates, ``warmup_steps`` of them linear warmup.
+
+    Groups with an ``lr_scale`` (:func:`param_groups`) get the curve times their scale, from the first update on.
 
     Args:
         optimizer: The optimiser whose learning rate is scheduled.
@@ -72,11 +155,17 @@ def make_scheduler(optimizer: torch.optim.Optimizer, schedule: str, total_steps:
         total_steps: Optimiser updates of the whole run, warmup included.
         warmup_steps: Updates of linear warmup from ``warmup_lr`` (timm's default 1e-5), before the schedule.
         ticks_per_step: ``step()`` calls per update: Accelerate's prepared scheduler calls it once per process.
+        warmup_fraction: Instead of ``warmup_steps``: ``int(warmup_fraction * total_steps)`` updates of warmup,
+            so that a recipe's warmup follows the run's length (airbench's triangle peaks at 0.23).
         **kwargs: Passed to ``create_scheduler_v2``, e.g. ``min_lr``, ``decay_rate``, ``decay_milestones``;
             its ``*_epochs`` durations count optimiser updates here.
     """
     if schedule not in SCHEDULES:
         raise ValueError(f'unknown schedule {schedule!r}; use one of: {", ".join(SCHEDULES)}')
+    if warmup_steps and warmup_fraction:
+        raise ValueError(f'warmup_steps ({warmup_steps}) and warmup_fraction ({warmup_fraction}) both give the '
+                         f'warmup; set one of them to 0')
+    warmup_steps = warmup_steps or int(warmup_fraction * total_steps)
     warmup = dict(warmup_epochs=warmup_steps, warmup_prefix=True) if warmup_steps else {}
     timm_schedule, _ = create_scheduler_v2(optimizer, sched=schedule,
                                            num_epochs=max(1, total_steps - warmup_steps),

@@ -26,6 +26,7 @@ import timm
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from huggingface_hub import CommitInfo
 
+from ._component_timm import timm_source
 from ._integrity import ComponentError, weights_digest
 from ._recombined_card import model_card
 from .batchnorm import eval_mode
@@ -256,17 +257,6 @@ def _verified(model_id: str, resolve: Dict[str, Any]) -> Tuple[Dict[str, Any], D
     return config, tensors
 
 
-def _source_of(pretrained_cfg: Dict[str, Any]) -> Tuple[str, Optional[str]]:
-    """``(model id, revision)`` timm loaded the config from: a ``local-dir:`` folder or an ``hf-hub:`` repo."""
-    if pretrained_cfg.get('source') == 'local-dir' and pretrained_cfg.get('file'):
-        return str(pretrained_cfg['file']), None
-    if pretrained_cfg.get('source') == 'hf-hub' and pretrained_cfg.get('hf_hub_id'):
-        repo, _, revision = str(pretrained_cfg['hf_hub_id']).partition('@')
-        return repo, revision or None
-    raise ComponentError('compatible_model has no pretrained weights of its own: load a saved recombined model '
-                         'with timm.create_model("local-dir:DIR" or "hf-hub:ORG/NAME", pretrained=True).')
-
-
 def _timm_build(extractor: Dict[str, Any], head: Dict[str, Any], num_classes: Optional[int] = None,
                 **ignored: Any) -> RecombinedModel:
     """Model class for timm's builder. ``in_chans``/``global_pool`` defaults it passes are the components' own."""
@@ -301,7 +291,7 @@ def compatible_model(pretrained: bool = False, *, extractor: Optional[Dict[str, 
                                  feature_cfg=None, **kwargs)
     if not pretrained:
         return model
-    model_id, revision = _source_of(model.pretrained_cfg)
+    model_id, revision = timm_source(model.pretrained_cfg, ARCHITECTURE)
     config, tensors = _verified(model_id, dict(revision=revision, cache_dir=cache_dir))
     if (config.get('extractor'), config.get('head')) != (extractor, head):
         raise ComponentError(f'{model_id}: the extractor/head configs timm passed differ from the verified ones '

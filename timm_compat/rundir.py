@@ -17,6 +17,7 @@ import yaml
 
 from ._integrity import atomic_write_text
 from .config import RESUME_MAY_CHANGE, config_changes, resume_conflicts
+from .data import local_source
 
 __all__ = ['RunDir', 'RunDirError', 'MARKER']
 
@@ -163,11 +164,25 @@ class RunDir:
 
 
 def _moved_data(old: Dict[str, Any], new: Dict[str, Any], dotted: str) -> bool:
-    """A dataset source that differs only because ``data_dir`` (filled into it) moved: the same data."""
+    """A dataset source that differs only because ``data_dir`` (filled into it) moved: the same data.
+
+    Runs from before Hub-id sources read their local copy by path (``parquet:DATA/cifar10``); the same folder
+    named as the Hub id's local copy (``uoft-cs/cifar10`` with ``data_dir`` DATA) is the same data too.
+    """
     if not dotted.endswith('.dataset.source') or not old.get('data_dir') or not new.get('data_dir'):
         return False
     before, after = _at(old, dotted), _at(new, dotted)
-    return isinstance(before, str) and before.replace(old['data_dir'], new['data_dir'], 1) == after
+    if not isinstance(before, str) or not isinstance(after, str):
+        return False
+    # No splits to check: whether the copy is there is load_task_data's question, asked before the run starts.
+    read = local_source(after, new['data_dir'], splits=())
+    return (before.replace(old['data_dir'], new['data_dir'], 1) == after
+            or _parquet_folder(before) is not None and _parquet_folder(before) == _parquet_folder(read))
+
+
+def _parquet_folder(source: str) -> Optional[str]:
+    """The folder a ``parquet:`` source reads, normalised (``DATA/cifar10/`` and ``DATA/cifar10`` are one)."""
+    return os.path.normpath(source[len('parquet:'):]) if source.startswith('parquet:') else None
 
 
 def _at(tree: Any, dotted: str) -> Optional[Any]:

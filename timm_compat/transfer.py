@@ -15,9 +15,12 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Dict, List, Mapping, Sequence, Tuple
 
+from tqdm.auto import tqdm
+
 from .compatible import CompatibleModel, fit_problems, mismatch_message
 from .component import Component, ComponentError
 from .components import Extractor, Head
+from .deployment import BN_MODES, bn_accuracy_report
 from .evaluation import average_class_accuracy
 from .data import EpochSampler, ImageData, augment as augment_batch, normalize
 from .fit import ClassificationTask, fit
@@ -43,8 +46,11 @@ class TransferCurve:
             step 0 is after fitting it) or ``"reinit_head"`` (a freshly initialised head of the same architecture).
         compatible: Whether the source extractor shares the target head's interface.
         steps: Fine-tuning steps at which accuracy was measured.
-        accuracy: Average class accuracy on the target test set at each of ``steps``, in ``[0, 1]``.
+        accuracy: Average class accuracy on the target test set at each of ``steps``, in ``[0, 1]``, with the BN
+            statistics :func:`transfer` was asked for (``bn``, batch statistics by default).
         seconds: Wall time of the curve: fine-tuning, evaluation and, for ``"stitched"``, fitting the stitch.
+        accuracy_by_bn: The same under each BN mode, ``{"batch": [...], "running": [...]}``: batch statistics are
+            the paper's evaluation, running statistics what the fine-tuned model gets when deployed.
     """
     source: str
     mode: str
@@ -52,6 +58,7 @@ class TransferCurve:
     steps: List[int]
     accuracy: List[float]
     seconds: float
+    accuracy_by_bn: Dict[str, List[float]] = field(default_factory=dict)
 
 
 @dataclass
@@ -130,17 +137,19 @@ def _check_sources(sources: Mapping[str, Extractor], head: Head, on_mismatch: st
 
 def _finetune_curve(model: CompatibleModel, train: ImageData, test: ImageData, steps: List[int], *,
                     batch_size: int, lr: float, momentum: float, weight_decay: float, augment: bool,
-                    eval_batch_size: int, bn: str, seed: int, mixed_precision: str, desc: str) -> List[float]:
-    """Accuracy at each of ``steps`` while fine-tuning every parameter of ``model`` on the task loss.
+                    eval_batch_size: int, seed: int, mixed_precision: str, desc: str) -> Dict[str, List[float]]:
+    """Accuracy under each BN mode at each of ``steps`` while fine-tuning every parameter of ``model``.
 
     No optimiser exists until a step above 0 is asked for, so step 0 is the model exactly as given. The learning
     rate is constant, so that the accuracy at step ``k`` does not depend on how far the curve goes.
     """
-    accuracies = []
+    accuracies: Dict[str, List[float]] = {}
 
     def evaluate(done: int, losses=None) -> None:
         if done in steps:  # evaluation restores the train mode it finds
-            accuracies.append(average_class_accuracy(model, test, eval_batch_size, bn))
+            report = bn_accuracy_report(model, test, batch_size=eval_batch_size, metric=average_class_accuracy)
+            for bn, value in report.items():
+                accuracies.setdefault(bn, []).append(value)
 
     evaluate(0)
     if steps[-1] == 0:
@@ -161,16 +170,17 @@ def _finetune_curve(model: CompatibleModel, train: ImageData, test: ImageData, s
 
 
 def _source_curves(name: str, source: Extractor, head: Head, mode: str, compatible: bool, *, reinit_head: bool,
-                   train: ImageData, test: ImageData, steps: List[int], stitch_steps: int,
+                   train: ImageData, test: ImageData, steps: List[int], stitch_steps: int, bn: str,
                    options: Dict[str, object]) -> List[TransferCurve]:
     """The curve of a copy of ``source`` under a copy of ``head`` (``mode`` ``"recombined"`` or ``"stitched"``),
-    then with a fresh head if ``reinit_head``; ``options`` are :func:`_finetune_curve`'s."""
+    then with a fresh head if ``reinit_head``; ``options`` are :func:`_finetune_curve`'s, ``bn`` the mode of each
+    curve's ``accuracy``."""
     device = next(head.parameters()).device
 
     def curve(mode: str, build: Callable[[], CompatibleModel]) -> TransferCurve:
         start = time.time()  # building the model counts: it fits the stitch of a stitched curve
-        accuracy = _finetune_curve(build(), train, test, steps, desc=f'transfer {name} ({mode})', **options)
-        return TransferCurve(name, mode, compatible, steps, accuracy, time.time() - start)
+        by_bn = _finetune_curve(build(), train, test, steps, desc=f'transfer {name} ({mode})', **options)
+        return TransferCurve(name, mode, compatible, steps, by_bn[bn], time.time() - start, by_bn)
 
     def reuse_head() -> CompatibleModel:
         extractor = _copy(source).to(device)
@@ -218,8 +228,8 @@ def transfer(target_model: CompatibleModel, sources: Mapping[str, Extractor], tr
         weight_decay: SGD weight decay.
         augment: Pad-and-crop and flip the training images.
         eval_batch_size: Evaluation batch size (it matters with ``bn="batch"``).
-        bn: BN statistics at evaluation: ``"batch"`` (test-time, the paper's choice for recombined components) or
-            ``"running"``.
+        bn: BN statistics of each curve's ``accuracy`` and of the ranking: ``"batch"`` (test-time, the paper's
+            choice for recombined components) or ``"running"``. Both are measured (``accuracy_by_bn``).
         seed: Seed of the order in which training images are drawn; augmentation uses the global RNG.
         mixed_precision: ``"no"``, ``"bf16"`` or ``"fp16"``: autocast of fine-tuning and stitch fitting (weights and
             optimiser state stay fp32). Accuracy is measured in fp32.
@@ -231,6 +241,8 @@ def transfer(target_model: CompatibleModel, sources: Mapping[str, Extractor], tr
         ValueError: Sources of another interface with ``on_mismatch="error"``, widths that only a stitch can join,
             data of another task, bad ``steps`` or an unknown ``mixed_precision``.
     """
+    if bn not in BN_MODES:
+        raise ValueError(f'Unknown bn {bn!r}: use one of {list(BN_MODES)}.')
     head = target_model.head
     shared = _check_sources(sources, head, on_mismatch)
     steps = _check_steps(steps)
@@ -238,10 +250,10 @@ def transfer(target_model: CompatibleModel, sources: Mapping[str, Extractor], tr
     check_task_data(test_data, head, 'test_data')
     train = train_data.to(next(head.parameters()).device)
     options = dict(batch_size=batch_size, lr=lr, momentum=momentum, weight_decay=weight_decay, augment=augment,
-                   eval_batch_size=eval_batch_size, bn=bn, seed=seed, mixed_precision=mixed_precision)
+                   eval_batch_size=eval_batch_size, seed=seed, mixed_precision=mixed_precision)
     curves = []
-    for name, source in sources.items():
+    for name, source in tqdm(sources.items(), desc='transfer: sources', unit='source', leave=False):
         mode = 'recombined' if shared[name] or on_mismatch == 'force' else 'stitched'
         curves += _source_curves(name, source, head, mode, shared[name], reinit_head=reinit_head, train=train,
-                                 test=test_data, steps=steps, stitch_steps=stitch_steps, options=options)
+                                 test=test_data, steps=steps, stitch_steps=stitch_steps, bn=bn, options=options)
     return TransferResult(curves)

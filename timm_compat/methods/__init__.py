@@ -11,23 +11,28 @@ from .base import CompatibilityMethod, compatibility_loss
 from .chunked_norm import chunked_batch_norm
 from .dcc import CommonClassDiscrimination, common_class_loss
 from .iiw import IdenticalInitialWeights, init_seed
-from .rp import NUM_ROTATIONS, RP_NORMS, RotationPrediction, rotate_batch, rotation_labels, rotation_loss
+from .rp import (NUM_ROTATIONS, RP_NORMS, RP_ROTATIONS, RotationPrediction, draw_rotations, one_rotation_labels,
+                 one_rotation_loss, rotate_batch, rotate_one_batch, rotation_generator, rotation_labels, rotation_loss)
 
 __all__ = ['CompatibilityMethod', 'compatibility_loss', 'methods_for', 'chunked_batch_norm',
-           'NUM_ROTATIONS', 'RP_NORMS', 'RotationPrediction', 'rotate_batch', 'rotation_labels', 'rotation_loss',
-           'CommonClassDiscrimination', 'common_class_loss', 'IdenticalInitialWeights', 'init_seed']
+           'NUM_ROTATIONS', 'RP_NORMS', 'RP_ROTATIONS', 'RotationPrediction', 'rotate_batch', 'rotation_labels',
+           'rotation_loss', 'rotation_generator', 'draw_rotations', 'rotate_one_batch', 'one_rotation_labels',
+           'one_rotation_loss', 'CommonClassDiscrimination', 'common_class_loss', 'IdenticalInitialWeights',
+           'init_seed']
 
 
-def methods_for(interface, rp_weight: float = 1.0, dcc_weight: float = 1.0, rp_norm: str = 'shared'):
+def methods_for(interface, rp_weight: float = 1.0, dcc_weight: float = 1.0, rp_norm: str = 'shared',
+                rp_rotations: str = 'all', seed: int = 0):
     """The methods that train against ``interface``'s aux heads; a weight of 0 leaves a method out.
 
-    ``rp_norm`` is how the extractor's BatchNorm treats the rotated copies (see :class:`RotationPrediction`).
+    ``rp_norm`` is how the extractor's BatchNorm treats the rotated copies, ``rp_rotations`` whether RP sees all four
+    rotations or the upright image and one drawn with ``seed`` (see :class:`RotationPrediction`).
     """
     if interface is None:
         return []
     methods = []
     if interface.rp is not None and rp_weight:
-        methods.append(RotationPrediction(rp_weight, norm=rp_norm))
+        methods.append(RotationPrediction(rp_weight, norm=rp_norm, rotations=rp_rotations, seed=seed))
     if interface.dcc is not None and dcc_weight:
         methods.append(CommonClassDiscrimination(dcc_weight))
     return methods

@@ -33,6 +33,10 @@ class CompatibilityMethod:
         """Keys of ``interface.aux_heads`` whose parameters this method's loss trains."""
         return (self.name,)
 
+    def set_step(self, step: int) -> None:
+        """Told the training step before it runs; a method whose randomness is a function of the step (RP's
+        one-rotation form) draws from it, so a resumed run draws the same. A no-op by default."""
+
     def expand(self, images: torch.Tensor) -> torch.Tensor:
         return images
 
@@ -66,7 +70,8 @@ def _expanding_method(methods: Sequence[CompatibilityMethod], images: torch.Tens
 
 
 def compatibility_loss(model, images: torch.Tensor, labels: torch.Tensor,
-                       methods: Sequence[CompatibilityMethod] = ()) -> Dict[str, torch.Tensor]:
+                       methods: Sequence[CompatibilityMethod] = (), *,
+                       label_smoothing: float = 0.0) -> Dict[str, torch.Tensor]:
     """Task loss plus each method's weighted loss, from one extractor pass (two if a method asks for it).
 
     Args:
@@ -74,6 +79,7 @@ def compatibility_loss(model, images: torch.Tensor, labels: torch.Tensor,
         images: Input batch ``(N, C, H, W)``.
         labels: Task labels ``(N,)``.
         methods: Compatibility methods; at most one may expand the batch.
+        label_smoothing: Of the task cross-entropy only (torch's ``label_smoothing``; ``optim.label_smoothing``).
 
     Returns:
         ``{"task": ..., <method name>: ..., "loss": total}``, each a scalar tensor.
@@ -88,7 +94,9 @@ def compatibility_loss(model, images: torch.Tensor, labels: torch.Tensor,
         task_features = model.extractor(images)
     else:
         task_features = expanded_features[:images.shape[0]]
-    losses = {'task': F.cross_entropy(model.head(task_features), labels)}
+    # Only the task loss is smoothed: the aux losses train the interface's shared heads, which every network and
+    # later incremental ones must fit as published, and the paper's eqs. (1)-(2) are plain cross-entropies.
+    losses = {'task': F.cross_entropy(model.head(task_features), labels, label_smoothing=label_smoothing)}
     for method in methods:
         features = expanded_features if method is expander else task_features
         losses[method.name] = method.weight * method.loss(features, labels, model)

@@ -1,0 +1,100 @@
+"""The recipes (recipes/*.py), run as a user runs them: CIFAR-10 by Hub id, read from a local copy with --data-dir,
+and reports that give every accuracy with BN batch statistics and with running statistics."""
+import json
+import os
+import subprocess
+import sys
+
+import datasets
+import numpy as np
+import pytest
+import torch
+
+import timm_compat as tc
+from tests.conftest import REPO
+
+CIFAR10_CLASSES = ['airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse', 'ship', 'truck']
+
+
+def write_cifar10_copy(data_dir, per_split=(80, 40)):
+    """``data_dir/cifar10/{train,test}.parquet`` in the schema of ``uoft-cs/cifar10``, every image of class 0."""
+    root = data_dir / 'cifar10'
+    root.mkdir(parents=True)
+    features = datasets.Features({'img': datasets.Image(), 'label': datasets.ClassLabel(names=CIFAR10_CLASSES)})
+    rng = np.random.default_rng(0)
+    for split, n in zip(('train', 'test'), per_split):
+        images = list(rng.integers(0, 255, (n, 32, 32, 3), dtype=np.uint8))
+        datasets.Dataset.from_dict({'img': images, 'label': [0] * n}, features=features).to_parquet(
+            str(root / f'{split}.parquet'))
+
+
+def save_source(folder):
+    """A source model whose head, in plain eval mode, predicts class 0 for every image (BN running variances so
+    large that each BN outputs its zero shift, so the logits are the classifier's bias, largest for class 0), while
+    with batch statistics its features decide. On data of class 0 alone, running statistics score 100 %."""
+    interface = tc.Interface(width=16, rp=True)
+    model = tc.make_compatible('resnet8_cifar', split='layer2', interface=interface, num_classes=10,
+                               class_names=CIFAR10_CLASSES, init_seed=0)
+    for module in model.head.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            module.running_var.fill_(1e12)
+    with torch.no_grad():
+        model.head.tail.fc.bias.zero_()
+        model.head.tail.fc.bias[0] = 1e-3
+    for name, component in (('interface', interface), ('extractor', model.extractor), ('head', model.head)):
+        component.save_pretrained(folder / name)
+    return [f'--{name}={folder / name}' for name in ('interface', 'extractor', 'head')]
+
+
+def run_recipe(script, *args):
+    env = dict(os.environ, HF_HUB_OFFLINE='1', HF_DATASETS_OFFLINE='1')  # a Hub download would fail, not hang
+    return subprocess.run([sys.executable, str(REPO / 'recipes' / script), *map(str, args)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.slow
+def test_adaptation_recipe_reads_the_local_copy_and_reports_both_bn_modes(tmp_path):
+    write_cifar10_copy(tmp_path / 'data')
+    out = tmp_path / 'out'
+    proc = run_recipe('adaptation.py', '--setting', 'cifar10_shift', '--budget', 'tiny', '--adapt-steps', 2,
+                      '--threads', 1, '--data-dir', tmp_path / 'data', '--output', out, *save_source(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((out / 'results.json').read_text())
+    scores = results['scores']
+    assert scores['source'] == scores['adapted_running_bn'] == 100.0  # running statistics
+    assert scores['source_test_bn'] < 100.0 and scores['adapted'] < 100.0  # batch statistics
+    assert results['args']['data_dir'] == str(tmp_path / 'data')
+    report = (out / 'report.md').read_text()
+    assert 'BN=batch' in report and 'BN=running' in report and '100.0' in report
+    assert f'local Parquet copies in `{tmp_path / "data"}`' in report and 'CIFAR-10 (JPEG copy)' in report
+    assert 'adaptation: stages' in proc.stderr  # the recipe's bar, on stderr
+
+
+# One interpreter runs every recipe's main (a recipe imports its siblings from its own folder, hence PYTHONPATH):
+# each must refuse the empty copy folder with the exit status and message of argparse.
+CHECK_ALL = """
+import runpy, sys
+data_dir, scripts = sys.argv[1], sys.argv[2:]
+for script in scripts:
+    sys.argv = [script, '--data-dir', data_dir, '--output', data_dir + '/out']
+    try:
+        runpy.run_path(script, run_name='__main__')
+    except SystemExit as e:
+        print(script, e.code, flush=True)
+"""
+
+
+def test_recipes_read_cifar10_from_the_copy_in_data_dir(tmp_path):
+    """Every recipe's default data is uoft-cs/cifar10; with --data-dir it is DIR/cifar10/*.parquet, checked before
+    anything runs."""
+    scripts = ['adaptation.py', 'transfer.py', 'head_transfer.py', 'sec4_methods.py']
+    env = dict(os.environ, PYTHONPATH=str(REPO / 'recipes'), HF_HUB_OFFLINE='1', HF_DATASETS_OFFLINE='1')
+    proc = subprocess.run([sys.executable, '-c', CHECK_ALL, str(tmp_path),
+                           *(str(REPO / 'recipes' / s) for s in scripts)],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.stdout.split() == [str(REPO / 'recipes' / s) if i % 2 == 0 else '2'
+                                   for s in scripts for i in range(2)], proc.stderr[-3000:]
+    refusal = (f"'uoft-cs/cifar10' is read from a local Parquet copy, but there is no "
+               f"{tmp_path / 'cifar10' / 'train.parquet'}")
+    assert proc.stderr.count(refusal) == len(scripts)
+    assert not (tmp_path / 'out').exists()
