@@ -31,7 +31,7 @@ from timm.layers import SelectAdaptivePool2d, get_device_dtype
 from timm.models import build_model_with_cfg, checkpoint, checkpoint_seq, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
-from .airbench_groups import GROUPS, batch_norm, freeze_weight
+from .airbench_groups import GROUPS, freeze_weight
 from .cifar_resnet import CIFAR10_MEAN, CIFAR10_STD
 
 __all__ = ['AirbenchNet', 'init_whitening', 'whitening_layers', 'whitening_weight', 'WHITEN']
