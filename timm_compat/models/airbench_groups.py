@@ -63,20 +63,15 @@ class ConvGroup(nn.Module):
         return self.act(self.norm2(self.conv2(x)))
 
 
-class ResidualGroup(nn.Module):
-    """conv3x3 -> maxpool 2 -> BN -> GELU, then a post-activation basic block (two conv3x3, He et al. 2016)."""
+class ResidualGroup(ConvGroup):
+    """conv3x3 -> maxpool 2 -> BN -> GELU, then a post-activation basic block (two conv3x3, He et al. 2016): airbench's
+    group with a third conv whose output is added back to the first's."""
 
     def __init__(self, in_chs: int, out_chs: int, device=None, dtype=None):
-        super().__init__()
+        super().__init__(in_chs, out_chs, device=device, dtype=dtype)
         dd = {'device': device, 'dtype': dtype}
-        self.conv1 = conv(in_chs, out_chs, **dd)
-        self.pool = nn.MaxPool2d(2)
-        self.norm1 = batch_norm(out_chs, **dd)
-        self.conv2 = conv(out_chs, out_chs, **dd)
-        self.norm2 = batch_norm(out_chs, **dd)
         self.conv3 = conv(out_chs, out_chs, **dd)
         self.norm3 = batch_norm(out_chs, **dd)
-        self.act = nn.GELU()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.act(self.norm1(self.pool(self.conv1(x))))
