@@ -189,3 +189,22 @@ def test_two_process_ddp_validates_on_the_main_process(tmp_path):
     assert [s for s, _ in _column(tmp_path / 'ddp', 'mean')] == [2, 4]
     best = json.loads((tmp_path / 'ddp' / 'main' / 'best' / BEST_JSON).read_text())
     assert json.loads((tmp_path / 'ddp' / 'summary.json').read_text())['phases']['main']['best'] == best
+
+
+def test_test_set_validation_gives_the_learning_curve_and_keeps_no_best(tmp_path):
+    # validation.data=test (benchmarks/time_to_accuracy.py): the last row must be the final evaluation itself, so a
+    # curve measured on another set (the holdout, the training set) or a step's time counted wrongly is caught.
+    cfg = load_config(TINY, ['validation.every=2', 'validation.data=test'])
+    data = {n.name: load_task_data(n, cfg) for n in cfg.networks}
+    phase = build_phases(cfg, data, torch.device('cpu'))[0]
+    for name, (train_set, test_set) in data.items():
+        assert phase.data[name][0] is train_set and phase.holdout[name] is test_set  # nothing held out
+    run(tmp_path / 'run', 'validation.every=2', 'validation.data=test')
+    main = json.loads((tmp_path / 'run' / 'main' / 'summary.json').read_text())
+    rows = MetricsLog(tmp_path / 'run' / 'main' / 'validation.csv').rows()
+    assert [int(r['step']) for r in rows] == [2, 4]
+    for name in ('a', 'b'):
+        assert float(rows[-1][f'{name}/own']) == main['own_accuracy'][name]
+    times = [float(r['time']) for r in rows]
+    assert 0 < times[0] < times[1] <= main['train_seconds'] + 0.01
+    assert main['best'] is None and not (tmp_path / 'run' / 'main' / 'best').exists()

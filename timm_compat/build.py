@@ -118,8 +118,9 @@ class Phase:
         joint: The networks this phase trains, their interface and methods as one module.
         data: (train, test) data of every network by name; with validation on, the training sets exclude
             ``holdout``.
-        holdout: Validation examples of every network by name, held out of its training set (empty when
-            ``cfg.validation.every`` is None; see :mod:`timm_compat.validation`).
+        holdout: Validation examples of every network by name, held out of its training set, or its test set
+            with ``validation.data='test'`` (empty when ``cfg.validation.every`` is None; see
+            :mod:`timm_compat.validation`).
     """
     tag: str
     cfg: RunConfig
@@ -140,7 +141,9 @@ def build_phase(tag: str, cfg: RunConfig, data: Dict[str, Tuple[ImageData, Image
     """Interface, networks and joint model of a phase; every backbone, split and head is built (and so checked)."""
     set_seed(cfg.seed)
     holdout = {}
-    if cfg.validation.every is not None:
+    if cfg.validation.every is not None and cfg.validation.data == 'test':
+        holdout = {name: test for name, (_, test) in data.items()}
+    elif cfg.validation.every is not None:
         data, holdout = split_holdout(data, cfg.validation.examples, cfg.seed)
     interface = build_interface(cfg, [train.class_names for train, _ in data.values()])
     models = {n.name: build_network(n, i, cfg, interface, data[n.name][0].class_names).to(device)

@@ -199,9 +199,14 @@ class OptimConfig(_Section):
 
 class ValidationConfig(_Section):
     """Evaluation during training on examples held out of each network's training set, keeping the components of
-    the best step in ``OUT/<phase>/best/`` (:mod:`timm_compat.validation`). BN as ``eval_bn`` says."""
+    the best step in ``OUT/<phase>/best/`` (:mod:`timm_compat.validation`). BN and TTA as ``eval_bn`` and
+    ``eval_tta`` say."""
     every: Optional[Count] = Field(None, examples=[500])  # steps between validations (and the last step); None: off
     examples: Count = 1000  # held out of each network's training set (seeded): never trained on, never the test set
+    # 'test': measure each network's test set instead, for learning curves and time to accuracy
+    # (benchmarks/time_to_accuracy.py); nothing is held out and no best step is kept (chosen on the test set, its
+    # numbers would be biased)
+    data: Literal['holdout', 'test'] = 'holdout'
     # the best step by: 'mean' of the whole recombination matrix, 'own' accuracy, 'recombination' (off-diagonal)
     metric: Literal['mean', 'own', 'recombination'] = 'mean'
 

@@ -282,7 +282,7 @@ class TrainLoop:
             self.check_finite()
         if validate:  # before the step's checkpoint: a resume from it never skips a validation
             begun = time.time()
-            self.validator(step)
+            self.validator(step, self.state.train_seconds)
             self._clock = (start + time.time() - begun, before)  # validation time is not training time
         if not log_now and self._checkpoint_due(step):
             self.checkpoint()  # at a log step, log() checkpoints once the row is written

@@ -3,9 +3,13 @@
 With ``validation.every`` set, :func:`split_holdout` holds ``validation.examples`` examples out of every network's
 training set (seeded, never trained on; never the test set, whose numbers would then be biased by the selection).
 Every ``every`` steps and at the last one, :class:`Validator` measures the networks on them (own accuracy and the
-recombination matrix, under the run's ``eval_bn``), logs ``<phase>/val/<metric>`` to the trackers and
-``<phase>/validation.csv``, and on a new best of ``validation.metric`` writes the phase's components and
-``best.json`` to ``<phase>/best/``.
+recombination matrix, under the run's ``eval_bn`` and ``eval_tta``), logs ``<phase>/val/<metric>`` to the trackers
+and ``<phase>/validation.csv`` (with the training seconds so far), and on a new best of ``validation.metric``
+writes the phase's components and ``best.json`` to ``<phase>/best/``.
+
+With ``validation.data='test'`` the networks are measured on their test sets instead, for a learning curve and
+the time to an accuracy (DAWNBench's measure; ``benchmarks/time_to_accuracy.py``): nothing is held out, and no
+best step is kept, since a step chosen on the test set would bias the test numbers.
 
 Validation leaves training as it was: the networks are measured without gradients, with BN batch statistics that
 update no running statistics (or the running ones, read only), on a fixed batch order that draws nothing from the
@@ -76,8 +80,8 @@ def split_holdout(data: Data, examples: int, seed: int) -> Tuple[Data, Dict[str,
     return kept, holdout
 
 
-def measure(models: Dict[str, nn.Module], holdout: Dict[str, ImageData], batch_size: int,
-            bn: str) -> Dict[str, float]:
+def measure(models: Dict[str, nn.Module], holdout: Dict[str, ImageData], batch_size: int, bn: str,
+            tta: str = 'none') -> Dict[str, float]:
     """The validation metrics of ``models`` on their held-out examples, under BN mode ``bn``.
 
     Args:
@@ -85,14 +89,15 @@ def measure(models: Dict[str, nn.Module], holdout: Dict[str, ImageData], batch_s
         holdout: Each network's held-out examples, by the same names.
         batch_size: Evaluation batch size (it matters when ``bn='batch'``).
         bn: ``'batch'`` or ``'running'``.
+        tta: Test-time augmentation (:mod:`timm_compat.tta`).
 
     Returns:
         ``own``: mean own accuracy (all classes); ``mean``: mean of the recombination matrix (common classes);
         ``recombination``: mean of its off-diagonal (with two networks or more); ``<name>/own`` per network.
     """
     names = list(models)
-    own = {n: accuracy(models[n], holdout[n], batch_size, bn) for n in names}
-    matrix = recombination_matrix([models[n] for n in names], [holdout[n] for n in names], batch_size, bn)
+    own = {n: accuracy(models[n], holdout[n], batch_size, bn, tta=tta) for n in names}
+    matrix = recombination_matrix([models[n] for n in names], [holdout[n] for n in names], batch_size, bn, tta=tta)
     values = {'mean': matrix.mean().item(), 'own': sum(own.values()) / len(own)}
     if len(names) > 1:
         values['recombination'] = matrix[~torch.eye(len(names), dtype=torch.bool)].mean().item()
@@ -154,16 +159,17 @@ class Validator:
         """Whether to validate after ``step`` steps: every ``validation.every`` and after the last."""
         return step % self.cfg.every == 0 or step == total_steps
 
-    def __call__(self, step: int) -> None:
-        """Measure after ``step`` steps, log, and keep the components if the metric reached a new best."""
+    def __call__(self, step: int, seconds: float) -> None:
+        """Measure after ``step`` steps and ``seconds`` of training, log, and keep the components if the metric
+        reached a new best (of held-out examples only)."""
         if self.accelerator.is_main_process:
             cfg = self.phase.cfg
             models = {n.name: self.phase.models[n.name] for n in cfg.networks}
-            values = measure(models, self.holdout, cfg.eval_batch_size, cfg.eval_bn)
+            values = measure(models, self.holdout, cfg.eval_batch_size, cfg.eval_bn, cfg.eval_tta)
             self.accelerator.log({f'{self.phase.tag}/val/{k}': v for k, v in values.items()}, step=step)
-            self.log.append({'step': step, **values})
+            self.log.append({'step': step, 'time': round(seconds, 2), **values})
             value = values[self.cfg.metric]
-            if self.best is None or value > self.best['value']:
+            if self.cfg.data == 'holdout' and (self.best is None or value > self.best['value']):
                 self._keep(step, value)
         self.accelerator.wait_for_everyone()
 

@@ -1,0 +1,194 @@
+"""Benchmark: minutes of training to 90 % / 93 % CIFAR-10 test accuracy, plain vs compatible (issue 16).
+
+    python benchmarks/time_to_accuracy.py --data-dir ../shared/data              # the three runs, ~2 h on 2 cores
+    python benchmarks/time_to_accuracy.py --data-dir ../shared/data --runs plain compatible_one --seed 1
+    python benchmarks/time_to_accuracy.py --data-dir ../shared/data --set mixed_precision=bf16 --output runs/tta_bf16
+    python benchmarks/time_to_accuracy.py --output runs/time_to_accuracy --report-only
+
+Three train.py runs of the fast family (``airbench94_cifar``, airbench94's recipe, fp32 channels_last):
+
+- ``plain``: ``configs/fast/plain.yaml``, one network on all of CIFAR-10;
+- ``compatible_four``: ``configs/fast/compatible_halves.yaml``, a pair on the two halves of CIFAR-10 trained
+  jointly with IIW + RP + DCC, RP on all four rotations (eq. 1);
+- ``compatible_one``: the same with one random rotation beside the upright pass (``interface.rp_rotations=one``).
+
+Each run measures its networks on the test set every ``--every`` epochs (``validation.data=test``; the measuring is
+not training time) and its time to an accuracy is the training seconds at the first measurement at or above it
+(DAWNBench's measure): for a pair, the first at which both networks' own accuracy reach it. Every run is measured
+the same way, without test-time augmentation unless ``--tta`` asks for it (plain.yaml's airbench TTA included: a
+pair's recombination matrix under TTA costs six passes per test image at every measurement). Runs are resumable one
+by one: a finished run (``summary.json``) is read, not rerun, and a killed one continues from its last checkpoint.
+
+The last lines compare each compatible run with the plain one: its training seconds per image and its time to 90 %
+over the plain run's, beside the FLOP-ideal ratio, the training FLOPs per image (forward and backward, counted by
+``torch.utils.flop_counter`` on the run's own model; convolutions and matmuls) over the plain run's. Both train on
+50,000 images per epoch: the pair 25,000 per network. The runs are sequential, so the machine should be otherwise
+idle: the load average is printed with each run's start.
+"""
+import argparse
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from timm_compat._hardware import hardware
+from timm_compat.build import build_phases, load_task_data
+from timm_compat.config import load_config
+
+from common import load_average
+
+REPO = Path(__file__).resolve().parents[1]
+FAST = REPO / 'configs' / 'fast'
+RUNS = {
+    'plain': (FAST / 'plain.yaml', []),
+    'compatible_four': (FAST / 'compatible_halves.yaml', ['interface.rp_rotations=all']),
+    'compatible_one': (FAST / 'compatible_halves.yaml', ['interface.rp_rotations=one']),
+}
+THRESHOLDS = (90.0, 93.0)
+
+
+def run_overrides(args, name: str) -> list:
+    """The run's config overrides (its RP form, seed, epochs); validation is added once the epoch length is known."""
+    overrides = RUNS[name][1] + [f'seed={args.seed}', f'init_seed={args.seed}', f'eval_tta={args.tta}']
+    return overrides + ([f'epochs={args.epochs}'] if args.epochs else []) + args.set
+
+
+def flops_per_image(cfg, data, batch_size: int = 32) -> float:
+    """Training FLOPs (forward + backward) per image of the run's model, averaged over its networks."""
+    phase = build_phases(cfg, data, torch.device('cpu'))[0]
+    total, images = 0, 0
+    for step, name in enumerate(phase.joint.networks):
+        classes = data[name][0].num_classes
+        x, y = torch.randn(batch_size, 3, 32, 32), torch.randint(0, classes, (batch_size,))
+        phase.joint.set_step(step)
+        with FlopCounterMode(display=False) as counter:
+            phase.joint({name: (x, y)})['loss'].backward()
+        total, images = total + counter.get_total_flops(), images + batch_size
+    return total / images
+
+
+def prepare(args, name: str) -> dict:
+    """Config, validation interval and FLOPs per image of run ``name`` (loads its data once)."""
+    config, _ = RUNS[name]
+    overrides = run_overrides(args, name) + ([f'data_dir={Path(args.data_dir).resolve()}'] if args.data_dir else [])
+    cfg = load_config(str(config), overrides)
+    data = {n.name: load_task_data(n, cfg) for n in cfg.networks}
+    turns = len(cfg.networks) if cfg.joint_schedule == 'alternate' else 1
+    steps_per_epoch = turns * max(len(train) // cfg.batch_size for train, _ in data.values())
+    every = max(1, round(args.every * steps_per_epoch))
+    return {'overrides': run_overrides(args, name) + [f'validation.every={every}', 'validation.data=test'],
+            'flops_per_image': flops_per_image(cfg, data), 'images_per_step': cfg.batch_size,
+            'steps_per_epoch': steps_per_epoch}
+
+
+def train(args, name: str, out: Path, overrides: list) -> None:
+    """train.py on run ``name``, resuming a killed run from its last checkpoint."""
+    cmd = [sys.executable, '-m', 'accelerate.commands.launch', '--num_processes', '1', str(REPO / 'train.py'),
+           '-c', str(RUNS[name][0]), '--output-dir', str(out)]
+    cmd += ['--resume'] if (out / 'main' / 'checkpoints').is_dir() else []
+    cmd += ['--data-dir', str(Path(args.data_dir).resolve())] if args.data_dir else []
+    for o in overrides:
+        cmd += ['--set', o]
+    print(f'[{name}] training ({load_average()}); log: {out}.log', flush=True)
+    with open(f'{out}.log', 'a') as log:
+        if subprocess.run(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT).returncode != 0:
+            raise SystemExit(f'[{name}] train.py failed; see {out}.log')
+
+
+def curve(out: Path) -> list:
+    """``(training seconds, own accuracy %)`` of each test measurement; a pair's accuracy is its worse network's."""
+    with open(out / 'main' / 'validation.csv') as f:
+        rows = list(csv.DictReader(f))
+    nets = [k[:-len('/own')] for k in rows[0] if k.endswith('/own')]
+    return [(float(r['time']), 100 * min(float(r[f'{n}/own']) for n in nets)) for r in rows]
+
+
+def time_to(points: list, threshold: float):
+    """Training seconds at the first measurement at or above ``threshold``, or None."""
+    return next((t for t, acc in points if acc >= threshold), None)
+
+
+def measure_run(args, name: str, root: Path) -> dict:
+    """Train (or read) run ``name``; its curve, times to the thresholds and final accuracies."""
+    out, record_path = root / name, root / f'{name}.json'
+    if record_path.is_file():
+        record = json.loads(record_path.read_text())
+        if record['overrides'][:-2] != run_overrides(args, name):  # the last two: its validation interval
+            raise SystemExit(f'{record_path} was measured with other settings ({record["overrides"]}); give this '
+                             f'one another --output.')
+        return record
+    setup = prepare(args, name)
+    if not (out / 'main' / 'summary.json').is_file():
+        train(args, name, out, setup['overrides'])
+    main = json.loads((out / 'main' / 'summary.json').read_text())
+    points = curve(out)
+    matrix = main['recombination_matrix']
+    off = [matrix[i][j] for i in range(len(matrix)) for j in range(len(matrix)) if i != j]
+    own = list(main['own_accuracy'].values())
+    record = {'run': name, 'seed': args.seed, 'tta': args.tta, 'overrides': setup['overrides'], 'curve': points,
+              'time_to': {str(t): time_to(points, t) for t in THRESHOLDS}, 'train_seconds': main['train_seconds'],
+              'steps': main['steps'], 'images_per_step': setup['images_per_step'],
+              'flops_per_image': setup['flops_per_image'], 'own_accuracy': main['own_accuracy'],
+              'recombination_over_own': (sum(off) / len(off)) / (sum(own) / len(own)) if off else None,
+              'hardware': hardware(), 'data_dir': args.data_dir}
+    record_path.write_text(json.dumps(record, indent=2))
+    return record
+
+
+def minutes(seconds) -> str:
+    return 'not reached' if seconds is None else f'{seconds / 60:.1f} min'
+
+
+def report(records: dict) -> None:
+    """One line per run, then each compatible run against the plain one."""
+    for name, r in records.items():
+        own = ', '.join(f'{n} {100 * v:.2f} %' for n, v in r['own_accuracy'].items())
+        recomb = '' if r['recombination_over_own'] is None else f'; recombination/own {r["recombination_over_own"]:.3f}'
+        print(f'{name} (seed {r["seed"]}, TTA {r["tta"]}): ' + ', '.join(f'{t} % in {minutes(s)}' for t, s in r['time_to'].items())
+              + f'; final own accuracy {own}{recomb}; {r["train_seconds"] / 60:.1f} min training; '
+              f'{r["flops_per_image"] / 1e9:.2f} GFLOP per training image')
+    plain = records.get('plain')
+    for name, r in records.items():
+        if plain is None or name == 'plain':
+            continue
+        per_image = [x['train_seconds'] / (x['steps'] * x['images_per_step']) for x in (r, plain)]
+        to90 = [x['time_to']['90.0'] for x in (r, plain)]
+        ratio90 = f'{to90[0] / to90[1]:.2f}x' if None not in to90 else 'n/a (90 % not reached by both)'
+        print(f'{name} / plain: seconds per training image {per_image[0] / per_image[1]:.2f}x, time to 90 % '
+              f'{ratio90}; FLOP-ideal {r["flops_per_image"] / plain["flops_per_image"]:.2f}x')
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--data-dir', default=None, help='folder of local Parquet copies (DIR/cifar10/...); '
+                        'default: uoft-cs/cifar10 from the Hub')
+    parser.add_argument('--runs', nargs='+', default=list(RUNS), choices=list(RUNS))
+    parser.add_argument('--seed', type=int, default=0)
+    parser.add_argument('--epochs', type=float, default=None, help="override the configs' 9.9 epochs")
+    parser.add_argument('--tta', default='none', choices=['none', 'flip', 'flip_translate'],
+                        help='test-time augmentation of every measurement, in every run')
+    parser.add_argument('--every', type=float, default=1.0, help='epochs between test measurements')
+    parser.add_argument('--set', action='append', default=[], metavar='KEY=VALUE',
+                        help='train.py config override for every run, e.g. mixed_precision=bf16 (repeatable)')
+    parser.add_argument('--output', default='runs/time_to_accuracy')
+    parser.add_argument('--report-only', action='store_true', help='print the finished runs in OUTPUT, train none')
+    args = parser.parse_args(argv)
+    if args.every <= 0 or (args.epochs is not None and args.epochs <= 0):
+        parser.error('--every and --epochs must be positive.')
+    root = Path(args.output).resolve() / f'seed{args.seed}'
+    root.mkdir(parents=True, exist_ok=True)
+    print(hardware(), flush=True)
+    if args.report_only:
+        found = {n: json.loads((root / f'{n}.json').read_text()) for n in args.runs if (root / f'{n}.json').is_file()}
+        if not found:
+            parser.error(f'--report-only: no finished run in {root}; run without it first.')
+        return report(found)
+    report({name: measure_run(args, name, root) for name in args.runs})
+
+
+if __name__ == '__main__':
+    main()
