@@ -1,21 +1,52 @@
-"""What every recipe shares: running ``accelerate launch train.py`` as a user would, a bar counting the runs, the
-data note and both BN modes of a run's summary for the reports."""
+"""What every recipe shares: running ``accelerate launch train.py`` as a user would, the ``fast`` budget's train.py
+keys, a bar counting the runs, the data note and both BN modes of a run's summary for the reports."""
 import json
 import subprocess
 import sys
 from pathlib import Path
-from typing import Dict, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
+import yaml
 from tqdm.auto import tqdm
 
+from timm_compat.config import load_config
 from timm_compat.data import local_source
 from timm_compat.deployment import BN_MODES
+from timm_compat.rundir import MARKER
 
 REPO = Path(__file__).resolve().parents[1]
 CIFAR10 = 'uoft-cs/cifar10'
+RESUME_HELP = ('continue the train.py runs already in the output folder (a killed run from its last checkpoint, a '
+               'finished one read back) instead of overwriting them; a changed config is refused')
 DATA_DIR_HELP = ('folder of local Parquet copies of Hub datasets: Hub id ORG/NAME is read from '
                  'DIR/NAME/{split}.parquet (this workspace\'s CIFAR-10 copy: --data-dir ../shared/data); default: '
                  'download from the Hub')
+FAST_BUDGET = REPO / 'configs' / 'fast' / 'budget.yaml'
+
+
+def fast_networks(count: int) -> Dict[str, object]:
+    """Overrides that make the first ``count`` networks of a run the fast family's server member (airbench94) at
+    its default split, where the paper has ResNet-56 or a Wide ResNet, with an interface as wide as the trunk there
+    (256 channels), so no adapter is added."""
+    nets = {f'networks.{i}.{key}': value for i in range(count)
+            for key, value in (('backbone', 'airbench94_cifar'), ('split', 'stages.1'))}
+    return {**nets, 'interface.width': 256}
+
+
+def fast_keys(path: Path = FAST_BUDGET) -> Dict[str, object]:
+    """The keys ``path`` and its ``base:`` chain set, with their resolved values: the ``fast`` budget of a recipe,
+    set over the config of each of its runs (a section such as ``optim`` replaces the run's whole)."""
+    resolved, keys = load_config(str(path)).to_dict(), []
+    while path is not None:
+        data = yaml.safe_load(path.read_text())
+        keys += [key for key in data if key != 'base' and key not in keys]
+        path = path.parent / data['base'] if 'base' in data else None
+    return {key: resolved[key] for key in keys}
+
+
+def as_overrides(keys: Dict[str, object]) -> List[str]:
+    """``{'optim.lr': 0.1}`` as train.py's ``--set`` values, ``['optim.lr=0.1']`` (JSON is YAML, as --set parses)."""
+    return [f'{key}={json.dumps(value)}' for key, value in keys.items()]
 
 
 def progress(total: int, desc: str, unit: str = 'run') -> tqdm:
@@ -23,23 +54,33 @@ def progress(total: int, desc: str, unit: str = 'run') -> tqdm:
     return tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True)
 
 
+def launch_command(config: Path, out: Path, overrides: Sequence[str], data_dir: Optional[str],
+                   resume: bool = False) -> List[str]:
+    """The ``accelerate launch train.py`` command of one run (see :func:`launch`)."""
+    # A killed run continues from its last checkpoint, a finished one is read back; a new folder starts afresh.
+    claim = '--resume' if resume and (out / MARKER).is_file() else '--overwrite'
+    cmd = [sys.executable, '-m', 'accelerate.commands.launch', str(REPO / 'train.py'), '-c', str(config),
+           '--output-dir', str(out), claim]
+    if data_dir:  # train.py runs in the repository: a path relative to the caller's folder keeps its meaning
+        cmd += ['--data-dir', str(Path(data_dir).resolve())]
+    for o in overrides:
+        cmd += ['--set', o]
+    return cmd
+
+
 def launch(config: Path, out: Path, overrides: Sequence[str], data_dir: Optional[str], log: Path,
-           bar: Optional[tqdm] = None) -> dict:
+           bar: Optional[tqdm] = None, resume: bool = False) -> dict:
     """One training run in its own process (so it can use every GPU); returns its ``main`` phase summary.
 
     ``data_dir`` goes to train.py's ``--data-dir`` (made absolute): train.py reads Hub ids from the local copies
     there.
     ``bar``, the recipe's outer bar, shows the run's name while it trains and counts it when it is done.
+    ``resume`` continues the run already in ``out`` (``--resume``) instead of overwriting it.
     """
-    cmd = [sys.executable, '-m', 'accelerate.commands.launch', str(REPO / 'train.py'), '-c', str(config),
-           '--output-dir', str(out), '--overwrite']
-    if data_dir:  # train.py runs in the repository: a path relative to the caller's folder keeps its meaning
-        cmd += ['--data-dir', str(Path(data_dir).resolve())]
-    for o in overrides:
-        cmd += ['--set', o]
+    cmd = launch_command(config, out, overrides, data_dir, resume)
     if bar is not None:
         bar.set_postfix_str(f'training {out.name} (log: {log})')
-    with open(log, 'w') as f:
+    with open(log, 'a' if resume else 'w') as f:
         proc = subprocess.run(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT)
     if proc.returncode != 0:
         raise RuntimeError(f'{" ".join(cmd)} failed; see {log}')

@@ -4,6 +4,7 @@
     python recipes/head_transfer.py --budget cpu --data-dir ../shared/data  # this workspace's local copy
     python recipes/head_transfer.py --budget tiny --data-dir ../shared/data  # smoke test, minutes
     python recipes/head_transfer.py --budget paper --seeds 3         # on a GPU
+    python recipes/head_transfer.py --budget fast --data-dir ../shared/data  # the fast CIFAR family
 
 ``--data-dir DIR`` reads CIFAR-10 from the local Parquet copy DIR/cifar10/{train,test}.parquet (the Hub schema)
 instead of downloading ``uoft-cs/cifar10``, here and in the train.py runs.
@@ -14,60 +15,112 @@ instead of downloading ``uoft-cs/cifar10``, here and in the train.py runs.
    (the reference extractor). No extractor changes after stage 1.
 3. The updated head is attached to each extractor and evaluated on the CIFAR-10 test set.
 Upper bounds: each architecture trained normally on the 10 classes, with its own RP head in the paper budget
-(``configs/head_transfer/upper_bound.yaml``). Each seed's runs and results.json go to OUTPUT/seed<k>/, the
-table (mean +- std over seeds) to OUTPUT/report.md, every accuracy with BN batch statistics (the paper's
-evaluation) and with running statistics (what a deployed model gets).
+(``configs/head_transfer/upper_bound.yaml``). The ``fast`` budget does the same with the fast family's server,
+desktop and mobile members (``configs/fast/head_transfer.yaml``, the server member as the reference, upper bounds
+trained plainly: ``configs/fast/head_transfer_upper_bound.yaml``). Each seed's runs and results.json go to
+OUTPUT/seed<k>/, the table (mean +- std over seeds) to OUTPUT/report.md, every accuracy with BN batch statistics
+(the paper's evaluation) and with running statistics (what a deployed model gets).
 """
 import argparse
 import json
 import statistics
 import time
 from pathlib import Path
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 
 from timm_compat._hardware import hardware
 from timm_compat.deployment import BN_MODES
-from common import (CIFAR10 as CIFAR10_ID, DATA_DIR_HELP, REPO, by_bn, check_data_dir, data_note, launch,
-                    progress)
+from common import (CIFAR10 as CIFAR10_ID, DATA_DIR_HELP, REPO, RESUME_HELP, by_bn, check_data_dir, data_note,
+                    launch, progress)
 
 CIFAR10 = ['airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse', 'ship', 'truck']
-NETWORKS = {'resnet56': ('resnet56_cifar', 'layer2'), 'wide_resnet56': ('wide_resnet56_cifar', 'layer2'),
-            'mobilenetv2': ('mobilenetv2_100_cifar', 'blocks.4.0')}
 PAPER = {'resnet56': (91.7, 94.6), 'mobilenetv2': (91.6, 93.3)}  # (recombined, upper bound), Fig. 4
-REFERENCE = 'wide_resnet56'
+
+
+class Net(NamedTuple):
+    """One architecture of a budget: timm backbone, split, the trunk's channels there (an upper bound's interface
+    width, so that it adds no adapter) and the backbone's model_args."""
+    backbone: str
+    split: str
+    width: int
+    model_args: Optional[dict] = None
+
+
+# The paper's architectures; the reference extractor is Wide ResNet-56 (widen factor 4: 128 channels at layer2).
+PAPER_NETWORKS = {'resnet56': Net('resnet56_cifar', 'layer2', 32),
+                  'wide_resnet56': Net('wide_resnet56_cifar', 'layer2', 128),
+                  'mobilenetv2': Net('mobilenetv2_100_cifar', 'blocks.4.0', 96)}
+# The fast family's members at their default split, in configs/fast/head_transfer.yaml's order; the server member
+# is the reference, in place of Wide ResNet-56.
+FAST_NETWORKS = {'server': Net('airbench94_cifar', 'stages.1', 256),
+                 'desktop': Net('airbench_desktop_cifar', 'stages.1', 128),
+                 'mobile': Net('airbench_mobile_cifar', 'stages.1', 96)}
+PAPER_CONFIGS = dict(stage1=REPO / 'configs' / 'head_transfer' / 'stage1.yaml',
+                     upper=REPO / 'configs' / 'head_transfer' / 'upper_bound.yaml', reference='wide_resnet56')
+
+
+def narrow_wrn(widen_factor: int) -> dict:
+    """The paper's architectures with a narrower Wide ResNet-56, for the CPU budgets."""
+    return {**PAPER_NETWORKS, 'wide_resnet56': Net('wide_resnet56_cifar', 'layer2', 32 * widen_factor,
+                                                   {'widen_factor': widen_factor})}
+
+
+# A budget: its configs, architectures, overrides and the head's fine-tuning. batch_size None keeps the configs'
+# optimisation; rp None their RP setting; threads None every CPU thread. The head is fine-tuned with SGD, lr 0.01.
 BUDGETS = {
     # A smoke test of the whole pipeline in a few minutes; its numbers mean nothing.
-    'tiny': dict(epochs=1, head_epochs=1, train_limit=600, test_limit=200, widen_factor=1, rp=False, batch_size=64,
-                 lr=0.05, warmup_steps=2, upper_bound=['resnet56']),
+    'tiny': dict(PAPER_CONFIGS, networks=narrow_wrn(1), epochs=1, head_epochs=1, head_batch=128, train_limit=600,
+                 test_limit=200, rp=False, threads=1, batch_size=64, lr=0.05, warmup_steps=2,
+                 upper_bound=['resnet56']),
     # Three epochs on the first 10,000 training images, Wide ResNet-56 at widen factor 2, no RP head, batch 64 for
-    # more updates in the same compute: about 45 minutes on one CPU core.
-    'cpu': dict(epochs=3, head_epochs=1, train_limit=10000, test_limit=2000, widen_factor=2, rp=False, batch_size=64,
-                lr=0.05, warmup_steps=30, upper_bound=['resnet56', 'mobilenetv2']),
-    'paper': dict(epochs=None, head_epochs=30, train_limit=None, test_limit=None, widen_factor=None, rp=True,
-                  batch_size=None, upper_bound=['resnet56', 'wide_resnet56', 'mobilenetv2']),
+    # more updates in the same compute: about 45 minutes on one CPU core. One thread: two threads on a shared
+    # 2-core machine run several times slower than one.
+    'cpu': dict(PAPER_CONFIGS, networks=narrow_wrn(2), epochs=3, head_epochs=1, head_batch=128, train_limit=10000,
+                test_limit=2000, rp=False, threads=1, batch_size=64, lr=0.05, warmup_steps=30,
+                upper_bound=['resnet56', 'mobilenetv2']),
+    'paper': dict(PAPER_CONFIGS, networks=PAPER_NETWORKS, epochs=None, head_epochs=30, head_batch=128,
+                  train_limit=None, test_limit=None, rp=True, threads=None, batch_size=None,
+                  upper_bound=['resnet56', 'wide_resnet56', 'mobilenetv2']),
+    # The fast family at the fast budget (configs/fast/budget.yaml), full data. The head: 2 epochs, the paper's 30
+    # scaled as stage 1 is (9.9 of 160 epochs), rounded up; batch 128 as the paper's, since the head's SGD lr 0.01
+    # was set for it (it is not the fast recipe's batch-independent lr, and untuned for the fast family).
+    'fast': dict(stage1=REPO / 'configs' / 'fast' / 'head_transfer.yaml',
+                 upper=REPO / 'configs' / 'fast' / 'head_transfer_upper_bound.yaml', reference='server',
+                 networks=FAST_NETWORKS, epochs=None, head_epochs=2, head_batch=128, train_limit=None,
+                 test_limit=None, rp=None, threads=None, batch_size=None, upper_bound=list(FAST_NETWORKS)),
 }
 
 
 def run_overrides(budget: dict, networks, seed: int = 0, epochs=None) -> list:
-    """Config overrides of a run whose networks are ``networks`` (names of NETWORKS, in config order)."""
-    # One thread on CPU: two threads on a shared 2-core machine run several times slower than one.
-    overrides = [] if budget['epochs'] is None else [
+    """Config overrides of a run whose networks are ``networks`` (names of budget['networks'], in config order)."""
+    overrides = [] if budget['batch_size'] is None else [
         f'batch_size={budget["batch_size"]}', f'optim.lr={budget["lr"]}',
         f'optim.warmup_steps={budget["warmup_steps"]}',
-        'mixed_precision=no', 'channels_last=false', 'checkpoint_every=100000', 'log_every=10', 'cpu_threads=1']
+        'mixed_precision=no', 'channels_last=false', 'checkpoint_every=100000', 'log_every=10']
+    overrides += [f'cpu_threads={budget["threads"]}'] if budget['threads'] else []
     epochs = epochs or budget['epochs']
     overrides += [f'epochs={epochs}'] if epochs else []
-    overrides += [f'interface.rp={str(budget["rp"]).lower()}', f'seed={seed}', f'init_seed={seed}']
+    overrides += [] if budget['rp'] is None else [f'interface.rp={str(budget["rp"]).lower()}']
+    overrides += [f'seed={seed}', f'init_seed={seed}']
     for i, name in enumerate(networks):
         if budget['train_limit']:
             overrides.append(f'networks.{i}.dataset.train_limit={budget["train_limit"]}')
         if budget['test_limit']:
             overrides.append(f'networks.{i}.dataset.test_limit={budget["test_limit"]}')
-        if name == 'wide_resnet56' and budget['widen_factor']:
-            overrides.append(f'networks.{i}.model_args={{widen_factor: {budget["widen_factor"]}}}')
+        if budget['networks'][name].model_args:
+            overrides.append(f'networks.{i}.model_args={json.dumps(budget["networks"][name].model_args)}')
     return overrides
+
+
+def upper_bound_overrides(budget: dict, name: str, seed: int = 0, epochs=None) -> list:
+    """Config overrides of the upper bound of architecture ``name``: the plain architecture, with an interface as
+    wide as the trunk's own output, so no adapter is added; with the budget's RP setting (the paper's upper bounds
+    have an RP head, the CPU budgets drop it, the fast one trains plainly)."""
+    net = budget['networks'][name]
+    return run_overrides(budget, [name], seed, epochs) + [
+        f'networks.0.backbone={net.backbone}', f'networks.0.split={net.split}', f'interface.width={net.width}']
 
 
 def finetune_head(extractor, head, data, epochs: float, batch_size: int, lr: float, device,
@@ -121,11 +174,11 @@ def run_seed(args, budget: dict, seed: int, out: Path, bar) -> dict:
 
     start = time.time()
     out.mkdir(parents=True, exist_ok=True)
-    launch(REPO / 'configs' / 'head_transfer' / 'stage1.yaml', out / 'stage1',
-           run_overrides(budget, NETWORKS, seed, args.epochs), args.data_dir, out / 'stage1.log', bar)
+    launch(budget['stage1'], out / 'stage1', run_overrides(budget, budget['networks'], seed, args.epochs),
+           args.data_dir, out / 'stage1.log', bar, args.resume)
     components = out / 'stage1' / 'main' / 'components'
     interface = timm_compat.Interface.from_pretrained(components / 'interface')
-    extractors = {n: timm_compat.Extractor.from_pretrained(components / n / 'extractor') for n in NETWORKS}
+    extractors = {n: timm_compat.Extractor.from_pretrained(components / n / 'extractor') for n in budget['networks']}
     stage1_time = time.time() - start
 
     device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
@@ -133,24 +186,19 @@ def run_seed(args, budget: dict, seed: int, out: Path, bar) -> dict:
     train, test = load_cifar10(args.data_dir, budget)
     head = interface.dcc.extend_classes(CIFAR10).to(device)
     # The updated head still reads the interface's feature space: it belongs to the stage-1 interface.
-    head.config['interface_id'] = extractors[REFERENCE].interface_id
+    reference = extractors[budget['reference']].to(device)
+    head.config['interface_id'] = reference.interface_id
     # Clipped as stage 1 was: without it the MobileNetV2 tail diverged in its first steps.
     clip = load_config(str(out / 'stage1' / 'config.yaml')).optim.clip_grad_norm
-    losses = finetune_head(extractors[REFERENCE].to(device), head, train, budget['head_epochs'], 128, 0.01, device,
-                           clip)
+    losses = finetune_head(reference, head, train, budget['head_epochs'], budget['head_batch'], 0.01, device, clip)
     head.save_pretrained(out / 'updated_head')
 
     results = {name: evaluate(timm_compat.recombine(extractor.to(device), head), test)
                for name, extractor in extractors.items()}
     for name in budget['upper_bound']:
-        backbone, split = NETWORKS[name]
-        # The plain architecture: an interface as wide as the trunk's own output, so no adapter is added; with the
-        # budget's RP setting (the paper's upper bounds have an RP head, the CPU budget drops it).
-        width = {'resnet56': 32, 'mobilenetv2': 96, 'wide_resnet56': 32 * (budget['widen_factor'] or 4)}[name]
-        overrides = run_overrides(budget, [name], seed, args.epochs) + [
-            f'networks.0.backbone={backbone}', f'networks.0.split={split}', f'interface.width={width}']
-        summary = launch(REPO / 'configs' / 'head_transfer' / 'upper_bound.yaml', out / f'upper_{name}',
-                         overrides, args.data_dir, out / f'upper_{name}.log', bar)
+        summary = launch(budget['upper'], out / f'upper_{name}',
+                         upper_bound_overrides(budget, name, seed, args.epochs), args.data_dir,
+                         out / f'upper_{name}.log', bar, args.resume)
         for bn, own in by_bn(summary, 'own_accuracy').items():
             results[name][bn]['upper_bound'] = 100 * own['net']
     record = {'seed': seed, 'results': results, 'head_losses': losses, 'wall_seconds': round(time.time() - start, 1),
@@ -167,13 +215,14 @@ def main(argv=None):
     parser.add_argument('--seeds', type=int, default=1, help='seeds 0..N-1, each a full run; mean +- std reported')
     parser.add_argument('--output', default='runs/head_transfer')
     parser.add_argument('--report-only', action='store_true', help='rebuild report.md from OUTPUT/seed*/results.json')
+    parser.add_argument('--resume', action='store_true', help=RESUME_HELP)
     args = parser.parse_args(argv)
     if not args.report_only:
         check_data_dir(parser, args.data_dir, [CIFAR10_ID])
     budget, out = BUDGETS[args.budget], Path(args.output).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    if budget['epochs'] is not None and not torch.cuda.is_available():
-        torch.set_num_threads(1)  # as the training runs: cpu_threads=1
+    if budget['threads'] and not torch.cuda.is_available():
+        torch.set_num_threads(budget['threads'])  # as the training runs: cpu_threads
     records = []
     if args.report_only:
         for seed in range(args.seeds):
@@ -213,20 +262,22 @@ def write_report(out: Path, args, budget, records) -> None:
     write(out, 'Sec. 5.2: one head across extractors of different architectures', {
         'Setup': (f'Command: `python recipes/head_transfer.py{data_dir} --budget {args.budget}{epochs} '
                   f'--seeds {args.seeds}` on {records[0]["hardware"]}; {wall / 60:.1f} min per seed end to end '
-                  f'(stage 1: {stage1 / 60:.1f} min). {data_note(local)} Budget `{args.budget}`: stage-1 '
-                  f'overrides `{" ".join(run_overrides(budget, NETWORKS, 0, args.epochs))}`, head fine-tuned '
-                  f'{budget["head_epochs"]} epoch(s) on {budget["train_limit"] or "all"} training images under the '
-                  f'frozen {REFERENCE}; test on {budget["test_limit"] or "all 10,000"} test images, each accuracy '
-                  f'with BN batch statistics (the paper\'s evaluation) and with running statistics (plain eval '
-                  f'mode, what a deployed model gets). {len(records)} seed(s): mean'
+                  f'(stage 1: {stage1 / 60:.1f} min). {data_note(local)} Budget `{args.budget}`: stage 1 '
+                  f'`{budget["stage1"].relative_to(REPO)}` with overrides '
+                  f'`{" ".join(run_overrides(budget, budget["networks"], 0, args.epochs))}`, head fine-tuned '
+                  f'{budget["head_epochs"]} epoch(s) at batch {budget["head_batch"]} on '
+                  f'{budget["train_limit"] or "all"} training images under the frozen {budget["reference"]}; test on '
+                  f'{budget["test_limit"] or "all 10,000"} test images, each accuracy with BN batch statistics '
+                  f'(the paper\'s evaluation) and with running statistics (plain eval mode, what a deployed model '
+                  f'gets). {len(records)} seed(s): mean'
                   + (' ± std.' if len(records) > 1 else '.')),
         'CIFAR-10 test accuracy (%)': ReportTable(
             ['extractor', 'BN statistics', 'with the updated head', 'classes 0-4 (mean class acc.)',
              'classes 5-9 (mean class acc.)', 'upper bound (own training)', 'paper: recombined',
              'paper: upper bound'], rows,
             caption=f'The head never saw the non-reference extractors after stage 1, nor classes 5-9 with them; '
-                    f'{REFERENCE} is the reference it was fine-tuned on. Lower bound of the paper: 50 % (perfect on '
-                    f'the first five classes).'),
+                    f'{budget["reference"]} is the reference it was fine-tuned on. Lower bound of the paper: 50 % '
+                    f'(perfect on the first five classes).'),
     })
 
 

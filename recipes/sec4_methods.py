@@ -3,6 +3,7 @@
     python recipes/sec4_methods.py --setting cifar10_halves --budget cpu       # uoft-cs/cifar10 from the Hub
     python recipes/sec4_methods.py --setting cifar10_halves --budget cpu --data-dir ../shared/data  # local copy
     python recipes/sec4_methods.py --setting cifar10_stl10 --budget paper --seeds 10     # Hub data, a GPU
+    python recipes/sec4_methods.py --setting cifar10_halves --budget fast --data-dir ../shared/data  # fast family
 
 ``--data-dir DIR`` reads each Hub dataset ORG/NAME from the local Parquet copy DIR/NAME/{train,test}.parquet
 instead of downloading it (``../shared/data`` is this workspace's CIFAR-10, a JPEG copy); train.py gets it too.
@@ -22,14 +23,16 @@ from pathlib import Path
 
 from timm_compat.deployment import BN_MODES
 
-from common import DATA_DIR_HELP, REPO, by_bn, check_data_dir, data_note, launch, progress
+from common import (DATA_DIR_HELP, REPO, RESUME_HELP, as_overrides, by_bn, check_data_dir, data_note, fast_keys,
+                    fast_networks, launch, progress)
 
 SETTINGS = sorted(p.stem for p in (REPO / 'configs' / 'sec4' / 'data').glob('*.yaml'))
 METHODS = ['independent', 'iiw', 'rp', 'dcc', 'iiw_rp_dcc', 'incremental', 'control']
 # Fig. 2 (random initialisation) and the text of Sec. 4: recombination accuracy in %.
 PAPER = {'independent': 10.6, 'iiw': 25.1, 'rp': 50.1, 'dcc': 65.8, 'iiw_rp_dcc': 76.7, 'incremental': 72.7,
          'upper_bound': 85.6}
-# A budget is a list of config overrides; 'paper' keeps the configs as they are (ResNet-56, 160 epochs).
+# A budget is a list of config overrides; 'paper' keeps the configs as they are (ResNet-56, 160 epochs); 'fast'
+# trains the fast family's server member in place of ResNet-56 at the fast budget (configs/fast/budget.yaml).
 BUDGETS = {
     'cpu': ['networks.0.backbone=resnet8_cifar', 'networks.1.backbone=resnet8_cifar', 'epochs=3',
             'networks.0.dataset.train_limit=10000', 'networks.1.dataset.train_limit=10000',
@@ -37,6 +40,7 @@ BUDGETS = {
             'mixed_precision=no', 'channels_last=false', 'optim.warmup_steps=0', 'checkpoint_every=100000',
             'cpu_threads=1'],  # two threads on a shared 2-core machine run several times slower than one
     'paper': [],
+    'fast': as_overrides({**fast_networks(2), **fast_keys()}),
 }
 
 
@@ -59,25 +63,35 @@ def runs_of(method: str) -> int:
     return 2 if method == 'incremental' else 1
 
 
-def run_method(method: str, seed: int, args, out: Path, bar) -> dict:
-    configs = REPO / 'configs' / 'sec4'
-    budget = BUDGETS[args.budget] + [f'data={args.setting}', f'seed={seed}', f'init_seed={seed}'] + (
+def run_overrides(args, seed: int) -> list:
+    """The overrides of every run of one seed: the budget's, the data preset, the seed and ``--epochs``."""
+    return BUDGETS[args.budget] + [f'data={args.setting}', f'seed={seed}', f'init_seed={seed}'] + (
         [f'epochs={args.epochs}'] if args.epochs else [])
+
+
+def method_runs(method: str, seed: int, args, out: Path) -> list:
+    """The train.py runs of one seed of ``method``, in order, as (config file, run folder, overrides)."""
+    configs = REPO / 'configs' / 'sec4'
+    budget = run_overrides(args, seed)
     run_dir = out / f'{method}_seed{seed}'
     if method == 'incremental':
         stage1 = out / f'incremental_stage1_seed{seed}'
         one_net = [o for o in budget if not o.startswith('networks.1.')]
-        launch(configs / 'incremental_stage1.yaml', stage1, one_net, args.data_dir, out / f'{stage1.name}.log',
-               bar)
         components = stage1 / 'main' / 'components'
         name = 'a' if args.setting == 'cifar10_halves' else 'cifar10'
-        budget = budget + [f'interface.load={components / "interface"}', f'networks.0.load={components / name}']
-        return launch(configs / 'incremental.yaml', run_dir, budget, args.data_dir, out / f'{run_dir.name}.log',
-                      bar)
+        return [(configs / 'incremental_stage1.yaml', stage1, one_net),
+                (configs / 'incremental.yaml', run_dir,
+                 budget + [f'interface.load={components / "interface"}', f'networks.0.load={components / name}'])]
     if method == 'control':
-        return launch(configs / 'rp.yaml', run_dir, budget + ['iiw=true'] + control_overrides(args.setting),
-                      args.data_dir, out / f'{run_dir.name}.log', bar)
-    return launch(configs / f'{method}.yaml', run_dir, budget, args.data_dir, out / f'{run_dir.name}.log', bar)
+        return [(configs / 'rp.yaml', run_dir, budget + ['iiw=true'] + control_overrides(args.setting))]
+    return [(configs / f'{method}.yaml', run_dir, budget)]
+
+
+def run_method(method: str, seed: int, args, out: Path, bar) -> dict:
+    """Trains ``method``'s runs one after the other; returns the last one's ``main`` phase summary."""
+    for config, run_dir, overrides in method_runs(method, seed, args, out):
+        summary = launch(config, run_dir, overrides, args.data_dir, out / f'{run_dir.name}.log', bar, args.resume)
+    return summary
 
 
 def recombination(matrix) -> float:
@@ -107,6 +121,7 @@ def main(argv=None):
     parser.add_argument('--methods', nargs='+', default=METHODS, choices=METHODS)
     parser.add_argument('--output', default='runs/sec4')
     parser.add_argument('--report-only', action='store_true', help='rebuild report.md from OUTPUT/results.json')
+    parser.add_argument('--resume', action='store_true', help=RESUME_HELP)
     args = parser.parse_args(argv)
     out = Path(args.output).resolve()
     if not args.report_only:

@@ -3,6 +3,7 @@
     python recipes/transfer.py --setting cifar10_halves --budget cpu     # uoft-cs/cifar10 from the Hub
     python recipes/transfer.py --setting cifar10_halves --budget cpu --data-dir ../shared/data   # local copy
     python recipes/transfer.py --setting synthetic --budget tiny         # smoke test, minutes on a CPU
+    python recipes/transfer.py --setting cifar10_halves --budget fast --data-dir ../shared/data   # fast family
 
 ``--data-dir DIR`` reads CIFAR-10 from the local Parquet copy DIR/cifar10/{train,test}.parquet (the Hub schema)
 instead of downloading ``uoft-cs/cifar10``, here and in the train.py runs (``../shared/data`` is this workspace's
@@ -40,7 +41,7 @@ from timm_compat.stitching import fit_stitch
 from timm_compat.transfer import transfer
 
 from adaptation import launch_train  # the sibling recipe: a script's own folder is on sys.path
-from common import CIFAR10, DATA_DIR_HELP, check_data_dir, data_note, progress
+from common import CIFAR10, DATA_DIR_HELP, RESUME_HELP, check_data_dir, data_note, fast_keys, fast_networks, progress
 
 SETTINGS = {
     'cifar10_halves': dict(
@@ -68,6 +69,13 @@ BUDGETS = {
                        'batch_size': 128, 'mixed_precision': 'bf16', 'optim.warmup_steps': 200},
                 train_limit=None, test_limit=None, synthetic_per_class=400,
                 curve_steps=[0, 1, 3, 10, 30, 100, 300, 1000], stitch_steps=500, stitch_images=1000),
+    # The fast family's server member (airbench94) in place of ResNet-56, at the fast budget
+    # (configs/fast/budget.yaml). Fine-tuning and stitching as the cpu budget's, in steps of batch 64 at --lr: the
+    # curves are Fig. 5's measurement, comparable across budgets, and 300 steps are about 1.5 epochs of the ~12,400
+    # target images of cifar10_halves. Not tuned for the fast family.
+    'fast': dict(train={**fast_networks(1), **fast_keys()},
+                 train_limit=None, test_limit=None, synthetic_per_class=400,
+                 curve_steps=[0, 1, 3, 10, 30, 100, 300], stitch_steps=300, stitch_images=1000),
 }
 LABELS = {'recombined': 'target head (ours)', 'reinit_head': 're-initialised head',
           'independent': 'independent components'}
@@ -88,16 +96,22 @@ def train_network(args, budget, name: str, data: dict, init_seed: int, bar, inte
     counts it, also when ``--reuse`` keeps a finished run."""
     run = Path(args.output).resolve() / 'runs' / name
     if not (args.reuse and (run / 'summary.json').exists()):
-        config = {'seed': args.seed, 'init_seed': init_seed, 'iiw': False, 'baseline': None,
-                  'checkpoint_every': 100000, 'log_every': 50, 'mixed_precision': 'no', 'channels_last': False,
-                  'interface': {'rp': True, 'dcc': False, 'load': str(interface) if interface else None},
-                  'networks': [{'name': name, 'split': 'layer2', 'dataset': data}]}
-        # A frozen interface brings its own width.
-        overrides = {**budget['train'], 'interface.width': None} if interface else budget['train']
-        launch_train(config, run, overrides, args.threads, args.data_dir, bar)
+        config, overrides = network_config(args, budget, name, data, init_seed, interface)
+        launch_train(config, run, overrides, args.threads, args.data_dir, bar, args.resume)
     else:
         bar.update(1)
     return run / 'main' / 'components'
+
+
+def network_config(args, budget, name: str, data: dict, init_seed: int, interface=None):
+    """The config and overrides of one network's run (see :func:`train_network`), for ``launch_train``."""
+    config = {'seed': args.seed, 'init_seed': init_seed, 'iiw': False, 'baseline': None,
+              'checkpoint_every': 100000, 'log_every': 50, 'mixed_precision': 'no', 'channels_last': False,
+              'interface': {'rp': True, 'dcc': False, 'load': str(interface) if interface else None},
+              'networks': [{'name': name, 'split': 'layer2', 'dataset': data}]}
+    # A frozen interface brings its own width.
+    overrides = {**budget['train'], 'interface.width': None} if interface else budget['train']
+    return config, overrides
 
 
 def load(components: Path, name: str, device):
@@ -112,6 +126,7 @@ def parse_args(argv) -> argparse.Namespace:
     parser.add_argument('--budget', default='cpu', choices=sorted(BUDGETS))
     parser.add_argument('--lr', type=float, default=0.01, help='fine-tuning learning rate (constant)')
     parser.add_argument('--reuse', action='store_true', help='keep the runs that finished in OUTPUT/runs')
+    parser.add_argument('--resume', action='store_true', help=RESUME_HELP)
     parser.add_argument('--threads', type=int, default=None, help='CPU threads (1 on a shared machine)')
     parser.add_argument('--seed', type=int, default=0)
     parser.add_argument('--output', default='runs/transfer')

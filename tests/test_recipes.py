@@ -16,15 +16,17 @@ from tests.conftest import REPO
 CIFAR10_CLASSES = ['airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse', 'ship', 'truck']
 
 
-def write_cifar10_copy(data_dir, per_split=(80, 40)):
-    """``data_dir/cifar10/{train,test}.parquet`` in the schema of ``uoft-cs/cifar10``, every image of class 0."""
+def write_cifar10_copy(data_dir, per_split=(80, 40), num_classes=1):
+    """``data_dir/cifar10/{train,test}.parquet`` in the schema of ``uoft-cs/cifar10``, random images of classes
+    0, 1, ..., ``num_classes - 1`` in turn (by default every image of class 0)."""
     root = data_dir / 'cifar10'
     root.mkdir(parents=True)
     features = datasets.Features({'img': datasets.Image(), 'label': datasets.ClassLabel(names=CIFAR10_CLASSES)})
     rng = np.random.default_rng(0)
     for split, n in zip(('train', 'test'), per_split):
         images = list(rng.integers(0, 255, (n, 32, 32, 3), dtype=np.uint8))
-        datasets.Dataset.from_dict({'img': images, 'label': [0] * n}, features=features).to_parquet(
+        labels = [i % num_classes for i in range(n)]
+        datasets.Dataset.from_dict({'img': images, 'label': labels}, features=features).to_parquet(
             str(root / f'{split}.parquet'))
 
 
