@@ -4,6 +4,7 @@
     python benchmarks/time_to_accuracy.py --data-dir ../shared/data --runs plain compatible_one --seed 1
     python benchmarks/time_to_accuracy.py --data-dir ../shared/data --set mixed_precision=bf16 --output runs/tta_bf16
     python benchmarks/time_to_accuracy.py --output runs/time_to_accuracy --report-only
+    python benchmarks/time_to_accuracy.py --data-dir ../shared/data --flops-only     # the FLOP-ideal ratios, seconds
 
 Three train.py runs of the fast family (``airbench94_cifar``, airbench94's recipe, fp32 channels_last):
 
@@ -133,6 +134,7 @@ def measure_run(args, name: str, root: Path) -> dict:
               'time_to': {str(t): time_to(points, t) for t in THRESHOLDS}, 'train_seconds': main['train_seconds'],
               'steps': main['steps'], 'images_per_step': setup['images_per_step'],
               'flops_per_image': setup['flops_per_image'], 'own_accuracy': main['own_accuracy'],
+              'recombination_matrix': matrix,
               'recombination_over_own': (sum(off) / len(off)) / (sum(own) / len(own)) if off else None,
               'hardware': hardware(), 'data_dir': args.data_dir}
     record_path.write_text(json.dumps(record, indent=2))
@@ -148,7 +150,8 @@ def report(records: dict) -> None:
     for name, r in records.items():
         own = ', '.join(f'{n} {100 * v:.2f} %' for n, v in r['own_accuracy'].items())
         recomb = '' if r['recombination_over_own'] is None else f'; recombination/own {r["recombination_over_own"]:.3f}'
-        print(f'{name} (seed {r["seed"]}, TTA {r["tta"]}): ' + ', '.join(f'{t} % in {minutes(s)}' for t, s in r['time_to'].items())
+        times = ', '.join(f'{t} % in {minutes(s)}' for t, s in r['time_to'].items())
+        print(f'{name} (seed {r["seed"]}, TTA {r["tta"]}): {times}'
               + f'; final own accuracy {own}{recomb}; {r["train_seconds"] / 60:.1f} min training; '
               f'{r["flops_per_image"] / 1e9:.2f} GFLOP per training image')
     plain = records.get('plain')
@@ -176,12 +179,20 @@ def main(argv=None) -> None:
                         help='train.py config override for every run, e.g. mixed_precision=bf16 (repeatable)')
     parser.add_argument('--output', default='runs/time_to_accuracy')
     parser.add_argument('--report-only', action='store_true', help='print the finished runs in OUTPUT, train none')
+    parser.add_argument('--flops-only', action='store_true', help="print each run's FLOPs per training image and "
+                        "their ratio to plain's, train none")
     args = parser.parse_args(argv)
     if args.every <= 0 or (args.epochs is not None and args.epochs <= 0):
         parser.error('--every and --epochs must be positive.')
     root = Path(args.output).resolve() / f'seed{args.seed}'
     root.mkdir(parents=True, exist_ok=True)
     print(hardware(), flush=True)
+    if args.flops_only:
+        flops = {name: prepare(args, name)['flops_per_image'] for name in args.runs}
+        for name, value in flops.items():
+            ratio = f' ({value / flops["plain"]:.2f}x plain)' if 'plain' in flops else ''
+            print(f'{name}: {value / 1e9:.3f} GFLOP per training image{ratio}')
+        return None
     if args.report_only:
         found = {n: json.loads((root / f'{n}.json').read_text()) for n in args.runs if (root / f'{n}.json').is_file()}
         if not found:

@@ -27,10 +27,11 @@ FAST_BUDGET = REPO / 'configs' / 'fast' / 'budget.yaml'
 def fast_networks(count: int) -> Dict[str, object]:
     """Overrides that make the first ``count`` networks of a run the fast family's server member (airbench94) at
     its default split, where the paper has ResNet-56 or a Wide ResNet, with an interface as wide as the trunk there
-    (256 channels), so no adapter is added."""
+    (256 channels), so no adapter is added, and aux heads with airbench's 1/9 logit scale (the fast recipe's
+    learning rate is set for heads with it: configs/fast/compatible_halves.yaml)."""
     nets = {f'networks.{i}.{key}': value for i in range(count)
             for key, value in (('backbone', 'airbench94_cifar'), ('split', 'stages.1'))}
-    return {**nets, 'interface.width': 256}
+    return {**nets, 'interface.width': 256, 'interface.aux_head': {'type': 'conv', 'logit_scale': 1 / 9}}
 
 
 def fast_keys(path: Path = FAST_BUDGET) -> Dict[str, object]:

@@ -93,3 +93,24 @@ def test_aux_head_spec_is_checked_before_it_is_saved():
                                                  'pretrained': True})
     with pytest.raises(ValueError, match='"hidden" must be a positive integer'):
         tc.Interface(width=16, rp=True, aux_head={'type': 'conv', 'hidden': '/tmp/x'})
+
+
+def test_conv_aux_head_logit_scale(tmp_path):
+    # The fast recipe's aux heads scale their logits as airbench's classifier does (unscaled, the DCC head
+    # diverged at its learning rate). Catches the scale dropped on save/load, applied twice, or folded into the
+    # spec of unscaled heads (which would change every existing interface's id).
+    scaled = tc.Interface(width=16, rp=True, dcc_classes=CLASSES, aux_head={'type': 'conv', 'logit_scale': 1 / 9})
+    plain = tc.Interface(width=16, rp=True, dcc_classes=CLASSES)
+    plain.load_state_dict(scaled.state_dict())  # same parameters: the scale has none
+    feats = torch.randn(4, 16, 8, 8)
+    plain.eval(), scaled.eval()
+    assert torch.allclose(scaled.dcc(feats), plain.dcc(feats) / 9, atol=1e-6)
+    assert torch.allclose(scaled.rp(feats), plain.rp(feats) / 9, atol=1e-6)
+    scaled.save_pretrained(tmp_path / 'itf')
+    loaded = tc.Interface.from_pretrained(tmp_path / 'itf').eval()
+    assert loaded.id == scaled.id and torch.allclose(loaded.dcc(feats), scaled.dcc(feats))
+    assert plain.spec == tc.Interface(width=16, rp=True, dcc_classes=CLASSES,
+                                      aux_head={'type': 'conv', 'hidden': None, 'logit_scale': None}).spec
+    assert 'logit_scale' not in str(plain.spec) and scaled.id != plain.id
+    with pytest.raises(ValueError, match='"logit_scale" must be a positive number'):
+        tc.Interface(width=16, rp=True, aux_head={'type': 'conv', 'logit_scale': 0})

@@ -72,5 +72,11 @@ def test_benchmark_end_to_end_on_synthetic_runs(bench, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert 'compatible_one / plain: seconds per training image' in printed and 'FLOP-ideal' in printed
     assert (root / 'compatible_one' / 'main' / 'summary.json').stat().st_mtime_ns == before
+    # --flops-only counts what the runs counted.
+    capsys.readouterr()
+    plain_sets = [a for o in _synthetic('plain') for a in ('--set', o)]
+    bench.main(['--runs', 'plain', '--output', out, '--flops-only', *plain_sets])
+    plain = json.loads((root / 'plain.json').read_text())['flops_per_image'] / 1e9
+    assert f'plain: {plain:.3f} GFLOP per training image (1.00x plain)' in capsys.readouterr().out
     with pytest.raises(SystemExit, match='measured with other settings'):
         bench.main(['--runs', 'plain', '--output', out, '--seed', '0', '--set', 'optim.lr=1.0'])

@@ -62,6 +62,7 @@ class _ConvHead(_Section):
     """An aux head spec ``{type: conv, hidden: H}`` (see :func:`timm_compat.interface.build_aux_head`)."""
     type: Literal['conv']
     hidden: Optional[Count] = None
+    logit_scale: Optional[Float] = Field(None, gt=0)  # e.g. 0.1111 (1/9) under the fast recipe; None: unscaled
 
 
 class _TimmHead(_Section):

@@ -20,7 +20,7 @@ DEFAULT_WIDTH = 64
 channels of Gygli et al.'s interface. The offline demo config asks for 32 explicitly (a CIFAR ResNet's middle stage,
 so its extractors need no adapter)."""
 NONCE_BYTES = 8
-_SPEC_KEYS = {'conv': {'type', 'hidden'}, 'timm': {'type', 'backbone', 'split', 'model_args'}}
+_SPEC_KEYS = {'conv': {'type', 'hidden', 'logit_scale'}, 'timm': {'type', 'backbone', 'split', 'model_args'}}
 
 
 def _normalise_spec(spec: Union[str, Dict[str, Any], None]) -> Dict[str, Any]:
@@ -44,7 +44,11 @@ def _normalise_spec(spec: Union[str, Dict[str, Any], None]) -> Dict[str, Any]:
         hidden = spec.get('hidden')
         if hidden is not None and (type(hidden) is not int or hidden < 1):
             raise ValueError(f'Aux head "hidden" must be a positive integer or null, got {hidden!r}.')
-        return {**DEFAULT_AUX_HEAD, **spec}
+        scale = spec.get('logit_scale')
+        if scale is not None and (type(scale) not in (int, float) or not 0 < scale < float('inf')):
+            raise ValueError(f'Aux head "logit_scale" must be a positive number or null, got {scale!r}.')
+        # Unscaled heads keep the spec (and so the interface id) they had before logit_scale existed.
+        return {**DEFAULT_AUX_HEAD, **{k: v for k, v in spec.items() if k != 'logit_scale' or v not in (None, 1)}}
     if not isinstance(spec.get('backbone'), str) or type(spec.get('split')) not in (str, int):
         raise ValueError(f'A timm aux head needs "backbone" (a timm model name) and "split" (a module path or '
                          f'feature_info index), got {spec!r}.')
@@ -56,17 +60,35 @@ def build_aux_head(spec: Dict[str, Any], width: int, num_outputs: int,
     """Build an aux head from its spec.
 
     ``{"type": "conv", "hidden": H}``: 3x3 conv + BN + ReLU, global average pool, linear (the default; ``H``
-    defaults to ``width``, which keeps the aux heads cheap next to the extractor).
+    defaults to ``width``, which keeps the aux heads cheap next to the extractor). ``"logit_scale": s`` multiplies
+    the logits by ``s``, as airbench's classifier does (1/9): its recipe's learning rate is set for such heads, and
+    an unscaled aux head diverged under it.
     ``{"type": "timm", "backbone": B, "split": S}``: the tail of timm model ``B`` after ``S`` with a 1x1 conv from
     ``width`` (the MobileNetV2 DCC head of Gygli et al., Sec. 5.2).
     """
     if spec['type'] == 'conv':
         hidden = spec['hidden'] or width
-        return nn.Sequential(
-            nn.Conv2d(width, hidden, 3, padding=1, bias=False), nn.BatchNorm2d(hidden), nn.ReLU(inplace=True),
-            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(hidden, num_outputs))
+        layers = [nn.Conv2d(width, hidden, 3, padding=1, bias=False), nn.BatchNorm2d(hidden), nn.ReLU(inplace=True),
+                  nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(hidden, num_outputs)]
+        if 'logit_scale' in spec:
+            layers.append(LogitScale(spec['logit_scale']))
+        return nn.Sequential(*layers)
     return build_components(spec['backbone'], spec['split'], width, num_classes=num_outputs, class_names=class_names,
                             roles=('head',), model_args=spec.get('model_args'))['head']
+
+
+class LogitScale(nn.Module):
+    """Multiplies its input by a fixed factor (a softmax temperature of ``1 / scale``); no parameters."""
+
+    def __init__(self, scale: float):
+        super().__init__()
+        self.scale = float(scale)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.scale
+
+    def extra_repr(self) -> str:
+        return f'scale={self.scale}'
 
 
 class Interface(Component):
