@@ -39,6 +39,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from timm_compat._hardware import hardware
 from timm_compat.build import build_phases, load_task_data
 from timm_compat.config import load_config
+from timm_compat.rundir import MARKER
 
 from common import load_average
 
@@ -90,7 +91,7 @@ def train(args, name: str, out: Path, overrides: list) -> None:
     """train.py on run ``name``, resuming a killed run from its last checkpoint."""
     cmd = [sys.executable, '-m', 'accelerate.commands.launch', '--num_processes', '1', str(REPO / 'train.py'),
            '-c', str(RUNS[name][0]), '--output-dir', str(out)]
-    cmd += ['--resume'] if (out / 'main' / 'checkpoints').is_dir() else []
+    cmd += ['--resume'] if (out / MARKER).is_file() else []  # a run begun here, as the recipes' launch_command
     cmd += ['--data-dir', str(Path(args.data_dir).resolve())] if args.data_dir else []
     for o in overrides:
         cmd += ['--set', o]
