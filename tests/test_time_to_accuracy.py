@@ -63,7 +63,7 @@ def test_benchmark_end_to_end_on_synthetic_runs(bench, tmp_path, capsys):
     summary = json.loads((root / 'compatible_one' / 'main' / 'summary.json').read_text())
     # The curve's last point is the final evaluation's worse network, at no more than the training time.
     assert pair['curve'][-1][1] == pytest.approx(100 * min(summary['own_accuracy'].values()))
-    assert len(pair['curve']) == len(rows) - 1 and pair['curve'][-1][0] <= summary['train_seconds'] + 0.01
+    assert len(pair['curve']) == len(rows) - 1 and pair['curve'][-1][0] <= summary['train_seconds']
     assert 0 < pair['recombination_over_own'] and pair['flops_per_image'] > 0
     # A re-run reads the finished runs (nothing retrained) and compares the pair with the plain run.
     before = (root / 'compatible_one' / 'main' / 'summary.json').stat().st_mtime_ns

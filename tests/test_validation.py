@@ -206,5 +206,5 @@ def test_test_set_validation_gives_the_learning_curve_and_keeps_no_best(tmp_path
     for name in ('a', 'b'):
         assert float(rows[-1][f'{name}/own']) == main['own_accuracy'][name]
     times = [float(r['time']) for r in rows]
-    assert 0 < times[0] < times[1] <= main['train_seconds'] + 0.01
+    assert 0 < times[0] < times[1] <= main['train_seconds']  # same rounding, so no slack is needed
     assert main['best'] is None and not (tmp_path / 'run' / 'main' / 'best').exists()

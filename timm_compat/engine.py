@@ -184,7 +184,7 @@ def fit_phase(phase: Phase, accelerator: Accelerator, out: Path, resume: bool) -
     state = resume_train_state(phase.tag, accelerator, out, resume)
     loop = TrainLoop(phase, accelerator, joint, optimizer, scheduler, state, out, data)
     loop.run(total_steps)
-    fitted = {'train_seconds': round(state.train_seconds, 1), 'steps': total_steps}
+    fitted = {'train_seconds': round(state.train_seconds, 2), 'steps': total_steps}
     return fitted if loop.validator is None else {**fitted, 'best': loop.validator.best}
 
 
