@@ -153,12 +153,67 @@ def test_lookahead_takes_alpha_and_k_and_its_slow_weights_survive_a_state_dict_r
     assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), resumed_net.state_dict().values()))
 
 
+def _airbench_reference(net, batches, lr, k):
+    """airbench94.py's loop: SGD-Nesterov, every k steps ``ema.lerp_(net, 1 - decay)`` then ``net = ema`` with
+    ``decay = 0.95**k * (step / total)**3``, and ``net = ema`` after the last step (its ``update(decay=1.0)``)."""
+    optimizer = torch.optim.SGD(net.parameters(), lr=lr, momentum=0.85, nesterov=True)
+    total = len(batches)
+    ema = {n: p.detach().clone() for n, p in net.named_parameters()}
+    decays = 0.95 ** k * (torch.arange(total + 1) / total) ** 3
+    for step, (images, labels) in enumerate(batches, start=1):
+        optimizer.zero_grad()
+        F.cross_entropy(net(images), labels).backward()
+        optimizer.step()
+        if step % k == 0:
+            with torch.no_grad():
+                for n, p in net.named_parameters():
+                    ema[n].lerp_(p, 1 - decays[step].item())
+                    p.copy_(ema[n])
+    with torch.no_grad():
+        for n, p in net.named_parameters():
+            p.copy_(ema[n])
+
+
+@pytest.mark.parametrize('total, resume_at', [(12, 7), (10, 5), (9, 0)])  # the last update on and off a sync
+def test_airbench_lookahead_schedule_matches_airbenchs_loop_and_resumes(total, resume_at):
+    torch.manual_seed(0)
+    batches = [(torch.randn(4, 3, 8, 8), torch.randint(0, 3, (4,))) for _ in range(total)]
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(144, 3))  # no BN: its statistics
+    want = copy.deepcopy(net)                                                            # are not in timm's lookahead
+    _airbench_reference(want, batches, 0.05, 5)
+    o = OptimConfig(optimizer='lookahead_sgd', optimizer_args={'lookahead_k': 5}, lr=0.05, momentum=0.85,
+                    weight_decay=0.0, schedule='constant', lookahead_schedule='airbench')
+
+    def train(model, state=None, start=0):
+        optimizer = make_optimizer(param_groups(model, o, 4), o.optimizer, o.lr, o.momentum, 0.0, **o.optimizer_args)
+        scheduler = make_scheduler(optimizer, 'constant', total, lookahead_schedule='airbench')
+        if state is not None:
+            optimizer.load_state_dict(state[0])
+            scheduler.load_state_dict(state[1])
+        for images, labels in batches[start:resume_at if state is None and resume_at else total]:
+            optimizer.zero_grad()
+            F.cross_entropy(model(images), labels).backward()
+            optimizer.step()
+            scheduler.step()
+        return copy.deepcopy((optimizer.state_dict(), scheduler.state_dict()))
+
+    state = train(net)
+    if resume_at:  # a fresh optimiser and schedule from the state dicts, as a checkpoint resume builds them
+        train(net, state, resume_at)
+    for a, b in zip(net.parameters(), want.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    far = copy.deepcopy(want)
+    _airbench_reference(far, batches[:total - 1] + batches[:1], 0.05, 5)  # the last update not dropped: differs
+    assert not torch.allclose(far[0].weight, net[0].weight)
+
+
 @pytest.mark.parametrize('overrides, named', [
     (['optim.optimizer_args={lookahead_k: 5}'], 'lookahead_sgd'),
     (['optim.lr_reference_batch=1024', 'optim.optimizer=adamw'], 'lookahead_sgd'),  # airbench's rule is SGD's
     (['optim.warmup_fraction=0.2', 'optim.warmup_steps=10'], 'set one of them to 0'),
     (['optim.label_smoothing=1.0'], 'label_smoothing'),
-    (['optim.norm_bias_lr_scale=0'], 'norm_bias_lr_scale')])
+    (['optim.norm_bias_lr_scale=0'], 'norm_bias_lr_scale'),
+    (['optim.lookahead_schedule=airbench'], 'use lookahead_sgd')])
 def test_bad_recipe_keys_are_refused_at_config_time_with_the_fix(overrides, named):
     with pytest.raises(ConfigError, match=named):
         load_config(None, overrides)

@@ -196,6 +196,9 @@ class OptimConfig(_Section):
     lr_reference_batch: Optional[Count] = Field(None, examples=[1024])
     norm_bias_lr_scale: Float = Field(1.0, gt=0)  # norm-layer biases at this multiple of lr, weight decay / it
     warmup_fraction: Float = Field(0.0, ge=0, lt=1)  # warmup as a fraction of the updates, instead of warmup_steps
+    # alpha of a lookahead_<name> optimiser: 'constant' (optimizer_args.lookahead_alpha), or 'airbench': ramped from
+    # no pull to airbench94's weight averaging, the run ending on the slow weights (optim.airbench_lookahead_alpha)
+    lookahead_schedule: Literal['constant', 'airbench'] = 'constant'
 
 
 class ValidationConfig(_Section):
@@ -315,7 +318,7 @@ class RunConfig(_Section):
             o = self.optim
             check_optim(o.optimizer, o.schedule, o.optimizer_args, o.schedule_args,
                         lr_reference_batch=o.lr_reference_batch, warmup_steps=o.warmup_steps,
-                        warmup_fraction=o.warmup_fraction)
+                        warmup_fraction=o.warmup_fraction, lookahead_schedule=o.lookahead_schedule)
         except ValueError as e:
             problems.append(f'optim: {e}.')
         if problems:

@@ -200,7 +200,8 @@ def make_optim(phase: Phase, total_steps: int, num_processes: int = 1):
     params = param_groups(phase.joint, o, phase.cfg.batch_size * accumulation * num_processes)
     optimizer = make_optimizer(params, o.optimizer, o.lr, o.momentum, o.weight_decay, **o.optimizer_args)
     scheduler = make_scheduler(optimizer, o.schedule, math.ceil(total_steps / accumulation), o.warmup_steps,
-                               ticks_per_step=num_processes, warmup_fraction=o.warmup_fraction, **o.schedule_args)
+                               ticks_per_step=num_processes, warmup_fraction=o.warmup_fraction,
+                               lookahead_schedule=o.lookahead_schedule, **o.schedule_args)
     return optimizer, scheduler
 
 

@@ -10,7 +10,8 @@ for any backbone: learning rate and weight decay per ``lr_reference_batch`` exam
 the batch size or the momentum, and norm-layer biases at a multiple of the learning rate. Both are timm's per-group
 ``lr_scale`` (what its layer-wise lr decay uses): every timm schedule multiplies its curve by it, warm-up and
 ``min_lr`` included, so one schedule serves every group. Lookahead is timm's (``lookahead_<name>``), its ``alpha``
-and ``k`` given as ``optimizer_args`` ``lookahead_alpha`` / ``lookahead_k``.
+and ``k`` given as ``optimizer_args`` ``lookahead_alpha`` / ``lookahead_k``; ``lookahead_schedule='airbench'`` ramps
+its ``alpha`` over the run and ends the run on the slow weights (:func:`airbench_lookahead_alpha`).
 """
 from typing import TYPE_CHECKING, Any, Dict, Iterable, List, Optional, Union
 
@@ -22,14 +23,16 @@ from torch import nn
 if TYPE_CHECKING:
     from .config import OptimConfig
 
-__all__ = ['SCHEDULES', 'NORM_TYPES', 'LOOKAHEAD_ARGS', 'make_optimizer', 'make_scheduler', 'param_groups',
-           'step_gain', 'check_optim', 'optimizer_names', 'UpdateSchedule']
+__all__ = ['SCHEDULES', 'NORM_TYPES', 'LOOKAHEAD_ARGS', 'LOOKAHEAD_SCHEDULES', 'make_optimizer', 'make_scheduler',
+           'param_groups', 'step_gain', 'check_optim', 'optimizer_names', 'airbench_lookahead_alpha', 'UpdateSchedule']
 
 # Layers whose bias norm_bias_lr_scale speeds up: torch's norms, and so timm's, which subclass them (BatchNormAct2d,
 # LayerNorm2d, GroupNorm1, ...).
 NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
 # optimizer_args of a lookahead_<name> optimiser, as timm's Lookahead keeps them in its parameter groups.
 LOOKAHEAD_ARGS = {'lookahead_alpha': 'alpha', 'lookahead_k': 'k'}
+# How a lookahead optimiser's alpha moves: 'constant' (timm's), or 'airbench' (airbench_lookahead_alpha).
+LOOKAHEAD_SCHEDULES = ('constant', 'airbench')
 # Optimisers whose step lr_reference_batch knows how to scale: Nesterov SGD, which airbench's rule is about.
 _SGD_NAMES = ('sgd', 'nesterov')
 
@@ -45,7 +48,7 @@ def optimizer_names() -> List[str]:
 
 def check_optim(optimizer: str, schedule: str, optimizer_args: Optional[Dict[str, Any]] = None,
                 schedule_args: Optional[Dict[str, Any]] = None, *, lr_reference_batch: Optional[int] = None,
-                warmup_steps: int = 1, warmup_fraction: float = 0.0) -> None:
+                warmup_steps: int = 1, warmup_fraction: float = 0.0, lookahead_schedule: str = 'constant') -> None:
     """Build the optimiser and schedule once on a dummy parameter, so a bad name or argument fails before a run.
 
     Raises:
@@ -60,10 +63,14 @@ def check_optim(optimizer: str, schedule: str, optimizer_args: Optional[Dict[str
     if lr_reference_batch is not None and name not in _SGD_NAMES:
         raise ValueError(f'lr_reference_batch is airbench\'s rule for Nesterov SGD, but the optimizer is {optimizer!r}; '
                          f'use optimizer sgd or lookahead_sgd, or set lr_reference_batch=null')
+    if lookahead_schedule != 'constant' and not optimizer.lower().startswith('lookahead_'):
+        raise ValueError(f'lookahead_schedule {lookahead_schedule!r} ramps the pull of a lookahead optimiser, but the '
+                         f'optimizer is {optimizer!r}; use lookahead_{optimizer}, or lookahead_schedule=constant')
     param = torch.nn.Parameter(torch.zeros(1))
     try:
         opt = make_optimizer([param], optimizer, 0.1, 0.9, 0.0, **(optimizer_args or {}))
-        make_scheduler(opt, schedule, 10, warmup_steps, warmup_fraction=warmup_fraction, **(schedule_args or {}))
+        make_scheduler(opt, schedule, 10, warmup_steps, warmup_fraction=warmup_fraction,
+                       lookahead_schedule=lookahead_schedule, **(schedule_args or {}))
     except (TypeError, ValueError, AssertionError, ImportError) as e:
         raise ValueError(f'optimizer {optimizer!r} / schedule {schedule!r} refuse their arguments: {e}') from None
 
@@ -75,6 +82,18 @@ def step_gain(momentum: float) -> float:
     gain times 1024 examples). airbench's own count, kept so that its published values mean what they meant.
     """
     return 1 + 1 / (1 - momentum)
+
+
+def airbench_lookahead_alpha(update: int, total_updates: int, k: int) -> float:
+    """airbench94's lookahead pull at optimiser update ``update`` (1-based) of ``total_updates``, as timm's ``alpha``.
+
+    airbench keeps slow weights that every ``k`` updates move to ``decay * slow + (1 - decay) * fast``, with
+    ``decay = 0.95**k * (update / total_updates)**3`` (an EMA of 0.95 per update whose weight grows as the cube of
+    training progress), and resets the fast weights to them. That is timm's ``Lookahead`` with ``alpha = 1 - decay``:
+    no pull for most of the run (alpha 0.9 at mid-run), 0.23 at the end, where it acts as weight averaging. Unlike
+    airbench's, timm's slow weights do not include BN statistics.
+    """
+    return 1.0 - 0.95 ** k * (update / total_updates) ** 3
 
 
 def param_groups(model: nn.Module, optim: 'OptimConfig', examples_per_update: int) -> List[Dict[str, Any]]:
@@ -144,7 +163,8 @@ def make_optimizer(params: Iterable[Union[torch.nn.Parameter, Dict[str, Any]]], 
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, schedule: str, total_steps: int, warmup_steps: int = 0, *,
-                   ticks_per_step: int = 1, warmup_fraction: float = 0.0, **kwargs: Any) -> 'UpdateSchedule':
+                   ticks_per_step: int = 1, warmup_fraction: float = 0.0, lookahead_schedule: str = 'constant',
+                   **kwargs: Any) -> 'UpdateSchedule':
     """A timm schedule over ``total_steps`` optimiser updates, ``warmup_steps`` of them linear warmup.
 
     Groups with an ``lr_scale`` (:func:`param_groups`) get the curve times their scale, from the first update on.
@@ -157,6 +177,8 @@ def make_scheduler(optimizer: torch.optim.Optimizer, schedule: str, total_steps:
         ticks_per_step: ``step()`` calls per update: Accelerate's prepared scheduler calls it once per process.
         warmup_fraction: Instead of ``warmup_steps``: ``int(warmup_fraction * total_steps)`` updates of warmup,
             so that a recipe's warmup follows the run's length (airbench's triangle peaks at 0.23).
+        lookahead_schedule: ``'airbench'``: the alpha of a lookahead optimiser follows
+            :func:`airbench_lookahead_alpha`, and the last update ends on the slow weights; ``'constant'`` leaves it.
         **kwargs: Passed to ``create_scheduler_v2``, e.g. ``min_lr``, ``decay_rate``, ``decay_milestones``;
             its ``*_epochs`` durations count optimiser updates here.
     """
@@ -171,7 +193,7 @@ def make_scheduler(optimizer: torch.optim.Optimizer, schedule: str, total_steps:
                                            num_epochs=max(1, total_steps - warmup_steps),
                                            **{'min_lr': 0.0, **warmup, **kwargs},
                                            step_on_epochs=False, updates_per_epoch=1)
-    return UpdateSchedule(timm_schedule, ticks_per_step)
+    return UpdateSchedule(timm_schedule, ticks_per_step, total_steps if lookahead_schedule == 'airbench' else None)
 
 
 class UpdateSchedule(torch.optim.lr_scheduler.LRScheduler):
@@ -183,12 +205,27 @@ class UpdateSchedule(torch.optim.lr_scheduler.LRScheduler):
     Args:
         schedule: A ``timm.scheduler.Scheduler`` built with ``step_on_epochs=False``.
         ticks_per_step: ``step()`` calls per optimiser update; the schedule advances once all of them are made.
+        lookahead_updates: The run's optimiser updates, to ramp the alpha of a lookahead optimiser over them
+            (:func:`airbench_lookahead_alpha`) and, after the last, set the weights to the slow weights; None leaves
+            the optimiser's alpha as it is.
     """
 
-    def __init__(self, schedule, ticks_per_step: int = 1):
+    def __init__(self, schedule, ticks_per_step: int = 1, lookahead_updates: Optional[int] = None):
         self.schedule, self.ticks_per_step, self.ticks = schedule, ticks_per_step, 0
         self.optimizer = schedule.optimizer
+        self.lookahead_updates = lookahead_updates
         self._step_count = 1  # read and bumped by Accelerate while gradients accumulate
+        if lookahead_updates is not None:
+            self._start_slow_weights()
+            self._ramp_lookahead()
+
+    @torch.no_grad()
+    def _start_slow_weights(self) -> None:
+        # airbench's slow weights start as the initial weights; timm's would start as the weights of the first sync
+        base = self.optimizer._base_optimizer
+        for group in self.optimizer.param_groups:
+            for p in group['params']:
+                base.state[p].setdefault('lookahead_slow_buff', p.detach().clone())
 
     @property
     def updates(self) -> int:
@@ -198,6 +235,18 @@ class UpdateSchedule(torch.optim.lr_scheduler.LRScheduler):
         self.ticks += 1
         if self.ticks % self.ticks_per_step == 0:
             self.schedule.step_update(self.updates)
+            self._ramp_lookahead()
+
+    def _ramp_lookahead(self) -> None:
+        """Set the alpha of the next update; after the last one, move the weights to the slow weights."""
+        if self.lookahead_updates is None:
+            return
+        done = self.updates >= self.lookahead_updates
+        for group in self.optimizer.param_groups:
+            group['lookahead_alpha'] = 0.0 if done else airbench_lookahead_alpha(
+                self.updates + 1, self.lookahead_updates, group['lookahead_k'])
+            if done and self.ticks:  # timm's update_slow at alpha 0: slow unchanged, fast = slow
+                self.optimizer.update_slow(group)
 
     def get_last_lr(self) -> List[float]:
         return [group['lr'] for group in self.optimizer.param_groups]

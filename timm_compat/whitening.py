@@ -68,8 +68,8 @@ def drop_whitening_bias_grads(module: nn.Module, step: int, cfg: RunConfig, step
     optimiser step.
 
     Optimisers skip parameters without a gradient, so momentum and weight decay leave the bias as it was: it is
-    frozen from then on, a function of the step alone (a resume freezes it at the same step). A lookahead optimiser
-    still pulls it to its slow weights once at its next sync, as airbench's lookahead does.
+    frozen from then on, a function of the step alone (a resume freezes it at the same step). timm's lookahead syncs
+    only parameters with a gradient, so it leaves the bias too.
 
     Args:
         module: The trained networks (a joint model); its loaded networks are not in it.
