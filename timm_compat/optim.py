@@ -63,6 +63,8 @@ def check_optim(optimizer: str, schedule: str, optimizer_args: Optional[Dict[str
     if lr_reference_batch is not None and name not in _SGD_NAMES:
         raise ValueError(f'lr_reference_batch is airbench\'s rule for Nesterov SGD, but the optimizer is {optimizer!r}; '
                          f'use optimizer sgd or lookahead_sgd, or set lr_reference_batch=null')
+    if lookahead_schedule not in LOOKAHEAD_SCHEDULES:
+        raise ValueError(f'unknown lookahead_schedule {lookahead_schedule!r}; use one of: {", ".join(LOOKAHEAD_SCHEDULES)}')
     if lookahead_schedule != 'constant' and not optimizer.lower().startswith('lookahead_'):
         raise ValueError(f'lookahead_schedule {lookahead_schedule!r} ramps the pull of a lookahead optimiser, but the '
                          f'optimizer is {optimizer!r}; use lookahead_{optimizer}, or lookahead_schedule=constant')
@@ -245,7 +247,7 @@ class UpdateSchedule(torch.optim.lr_scheduler.LRScheduler):
         for group in self.optimizer.param_groups:
             group['lookahead_alpha'] = 0.0 if done else airbench_lookahead_alpha(
                 self.updates + 1, self.lookahead_updates, group['lookahead_k'])
-            if done and self.ticks:  # timm's update_slow at alpha 0: slow unchanged, fast = slow
+            if done:  # timm's update_slow at alpha 0: slow unchanged, fast = slow
                 self.optimizer.update_slow(group)
 
     def get_last_lr(self) -> List[float]:
