@@ -207,6 +207,49 @@ def test_airbench_lookahead_schedule_matches_airbenchs_loop_and_resumes(total, r
     assert not torch.allclose(far[0].weight, net[0].weight)
 
 
+@pytest.mark.parametrize('total', [20, 23, 24])  # the last update: a's, b's; on a sync, off one
+def test_airbench_lookahead_lands_every_network_taking_turns_on_its_slow_weights(total):
+    # Under the alternate schedule the resting network has no gradient: timm's update_slow would skip it at the end.
+    torch.manual_seed(0)
+    nets = {k: nn.Linear(6, 3) for k in 'ab'}
+    shared, frozen = nn.Linear(3, 3), nn.Parameter(torch.zeros(3))  # an interface head; a whitening bias
+    model = nn.ModuleDict({**nets, 'shared': shared})
+    model.register_parameter('frozen', frozen)
+    k, freeze_at = 5, 7
+    optimizer = make_optimizer(model.parameters(), 'lookahead_sgd', 0.1, 0.85, 0.0, lookahead_k=k)
+    scheduler = make_scheduler(optimizer, 'constant', total, lookahead_schedule='airbench', lookahead_fixed=[frozen])
+    after_sync = {}
+    for update in range(1, total + 1):
+        turn = 'ab'[(update - 1) % 2]
+        optimizer.zero_grad(set_to_none=True)
+        x = torch.randn(8, 6)
+        F.cross_entropy(shared(nets[turn](x) + frozen), torch.randint(0, 3, (8,))).backward()
+        if update > freeze_at:
+            frozen.grad = None
+        fast_frozen = frozen.detach().clone()
+        optimizer.step()
+        if update % k == 0:  # the network whose turn it is was synced: fast = slow, kept until its next sync
+            after_sync[turn] = copy.deepcopy(nets[turn].state_dict())
+            after_sync['shared'] = copy.deepcopy(shared.state_dict())
+        scheduler.step()
+    for name, module in {**nets, 'shared': shared}.items():
+        for key, value in module.state_dict().items():
+            torch.testing.assert_close(value, after_sync[name][key], rtol=0, atol=0, msg=f'{name}.{key}')
+    torch.testing.assert_close(frozen.detach(), fast_frozen, rtol=0, atol=0)  # not its stale slow weights
+
+
+@pytest.mark.parametrize('k, networks, refused', [(6, 2, True), (4, 2, True), (6, 3, True), (5, 2, False),
+                                                  (5, 3, False)])
+def test_lookahead_k_must_reach_every_network_taking_turns(k, networks, refused):
+    overrides = ['joint_schedule=alternate', 'optim.optimizer=lookahead_sgd', f'optim.optimizer_args={{lookahead_k: {k}}}',
+                 'networks=[' + ','.join(f'{{name: n{i}, backbone: resnet8_cifar}}' for i in range(networks)) + ']']
+    if refused:
+        with pytest.raises(ConfigError, match=f'lookahead_k {k} with {networks} networks taking turns'):
+            load_config(None, overrides)
+    else:
+        load_config(None, overrides)
+
+
 @pytest.mark.parametrize('overrides, named', [
     (['optim.optimizer_args={lookahead_k: 5}'], 'lookahead_sgd'),
     (['optim.lr_reference_batch=1024', 'optim.optimizer=adamw'], 'lookahead_sgd'),  # airbench's rule is SGD's

@@ -318,7 +318,8 @@ class RunConfig(_Section):
             o = self.optim
             check_optim(o.optimizer, o.schedule, o.optimizer_args, o.schedule_args,
                         lr_reference_batch=o.lr_reference_batch, warmup_steps=o.warmup_steps,
-                        warmup_fraction=o.warmup_fraction, lookahead_schedule=o.lookahead_schedule)
+                        warmup_fraction=o.warmup_fraction, lookahead_schedule=o.lookahead_schedule,
+                        turns=sum(not n.load for n in self.networks) if self.joint_schedule == 'alternate' else 1)
         except ValueError as e:
             problems.append(f'optim: {e}.')
         if problems:

@@ -34,7 +34,7 @@ from .metrics_log import MetricsLog
 from .optim import make_optimizer, make_scheduler, param_groups
 from .rundir import RunDir, RunDirError
 from .validation import Validator
-from .whitening import drop_whitening_bias_grads
+from .whitening import drop_whitening_bias_grads, frozen_whitening_biases
 
 __all__ = ['make_accelerator', 'check_hub_credentials', 'claim_run_dir', 'fit_phase', 'TrainLoop', 'evaluate_phase', 'save_components',
            'push_components', 'write_summary']
@@ -201,7 +201,8 @@ def make_optim(phase: Phase, total_steps: int, num_processes: int = 1):
     optimizer = make_optimizer(params, o.optimizer, o.lr, o.momentum, o.weight_decay, **o.optimizer_args)
     scheduler = make_scheduler(optimizer, o.schedule, math.ceil(total_steps / accumulation), o.warmup_steps,
                                ticks_per_step=num_processes, warmup_fraction=o.warmup_fraction,
-                               lookahead_schedule=o.lookahead_schedule, **o.schedule_args)
+                               lookahead_schedule=o.lookahead_schedule,
+                               lookahead_fixed=frozen_whitening_biases(phase.joint, phase.cfg), **o.schedule_args)
     return optimizer, scheduler
 
 

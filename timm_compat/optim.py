@@ -13,6 +13,7 @@ the batch size or the momentum, and norm-layer biases at a multiple of the learn
 and ``k`` given as ``optimizer_args`` ``lookahead_alpha`` / ``lookahead_k``; ``lookahead_schedule='airbench'`` ramps
 its ``alpha`` over the run and ends the run on the slow weights (:func:`airbench_lookahead_alpha`).
 """
+import math
 from typing import TYPE_CHECKING, Any, Dict, Iterable, List, Optional, Union
 
 import torch
@@ -48,8 +49,13 @@ def optimizer_names() -> List[str]:
 
 def check_optim(optimizer: str, schedule: str, optimizer_args: Optional[Dict[str, Any]] = None,
                 schedule_args: Optional[Dict[str, Any]] = None, *, lr_reference_batch: Optional[int] = None,
-                warmup_steps: int = 1, warmup_fraction: float = 0.0, lookahead_schedule: str = 'constant') -> None:
+                warmup_steps: int = 1, warmup_fraction: float = 0.0, lookahead_schedule: str = 'constant',
+                turns: int = 1) -> None:
     """Build the optimiser and schedule once on a dummy parameter, so a bad name or argument fails before a run.
+
+    Args:
+        turns: Networks that take turns, one per update (the alternate joint schedule); a lookahead optimiser then
+            needs a ``lookahead_k`` coprime with it, or some networks would never be synced.
 
     Raises:
         ValueError: Naming the problem and, for an unknown name, every valid one.
@@ -68,6 +74,11 @@ def check_optim(optimizer: str, schedule: str, optimizer_args: Optional[Dict[str
     if lookahead_schedule != 'constant' and not optimizer.lower().startswith('lookahead_'):
         raise ValueError(f'lookahead_schedule {lookahead_schedule!r} ramps the pull of a lookahead optimiser, but the '
                          f'optimizer is {optimizer!r}; use lookahead_{optimizer}, or lookahead_schedule=constant')
+    k = (optimizer_args or {}).get('lookahead_k', 6)  # timm's default
+    if optimizer.lower().startswith('lookahead_') and isinstance(k, int) and math.gcd(k, turns) != 1:
+        raise ValueError(f'lookahead_k {k} with {turns} networks taking turns: timm\'s lookahead syncs only the '
+                         f'network whose turn it is, so some networks would never be synced; set optimizer_args '
+                         f'lookahead_k to a number coprime with {turns} (airbench: 5)')
     param = torch.nn.Parameter(torch.zeros(1))
     try:
         opt = make_optimizer([param], optimizer, 0.1, 0.9, 0.0, **(optimizer_args or {}))
@@ -166,7 +177,7 @@ def make_optimizer(params: Iterable[Union[torch.nn.Parameter, Dict[str, Any]]], 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, schedule: str, total_steps: int, warmup_steps: int = 0, *,
                    ticks_per_step: int = 1, warmup_fraction: float = 0.0, lookahead_schedule: str = 'constant',
-                   **kwargs: Any) -> 'UpdateSchedule':
+                   lookahead_fixed: Iterable[torch.Tensor] = (), **kwargs: Any) -> 'UpdateSchedule':
     """A timm schedule over ``total_steps`` optimiser updates, ``warmup_steps`` of them linear warmup.
 
     Groups with an ``lr_scale`` (:func:`param_groups`) get the curve times their scale, from the first update on.
@@ -181,6 +192,7 @@ def make_scheduler(optimizer: torch.optim.Optimizer, schedule: str, total_steps:
             so that a recipe's warmup follows the run's length (airbench's triangle peaks at 0.23).
         lookahead_schedule: ``'airbench'``: the alpha of a lookahead optimiser follows
             :func:`airbench_lookahead_alpha`, and the last update ends on the slow weights; ``'constant'`` leaves it.
+        lookahead_fixed: Parameters frozen during the run (a whitening bias) that keep their weights at the end.
         **kwargs: Passed to ``create_scheduler_v2``, e.g. ``min_lr``, ``decay_rate``, ``decay_milestones``;
             its ``*_epochs`` durations count optimiser updates here.
     """
@@ -195,7 +207,8 @@ def make_scheduler(optimizer: torch.optim.Optimizer, schedule: str, total_steps:
                                            num_epochs=max(1, total_steps - warmup_steps),
                                            **{'min_lr': 0.0, **warmup, **kwargs},
                                            step_on_epochs=False, updates_per_epoch=1)
-    return UpdateSchedule(timm_schedule, ticks_per_step, total_steps if lookahead_schedule == 'airbench' else None)
+    return UpdateSchedule(timm_schedule, ticks_per_step, total_steps if lookahead_schedule == 'airbench' else None,
+                          lookahead_fixed)
 
 
 class UpdateSchedule(torch.optim.lr_scheduler.LRScheduler):
@@ -210,12 +223,16 @@ class UpdateSchedule(torch.optim.lr_scheduler.LRScheduler):
         lookahead_updates: The run's optimiser updates, to ramp the alpha of a lookahead optimiser over them
             (:func:`airbench_lookahead_alpha`) and, after the last, set the weights to the slow weights; None leaves
             the optimiser's alpha as it is.
+        lookahead_fixed: Parameters that keep their weights at the end: frozen ones, whose slow weights stopped
+            following them when they lost their gradient.
     """
 
-    def __init__(self, schedule, ticks_per_step: int = 1, lookahead_updates: Optional[int] = None):
+    def __init__(self, schedule, ticks_per_step: int = 1, lookahead_updates: Optional[int] = None,
+                 lookahead_fixed: Iterable[torch.Tensor] = ()):
         self.schedule, self.ticks_per_step, self.ticks = schedule, ticks_per_step, 0
         self.optimizer = schedule.optimizer
         self.lookahead_updates = lookahead_updates
+        self.lookahead_fixed = {id(p) for p in lookahead_fixed}
         self._step_count = 1  # read and bumped by Accelerate while gradients accumulate
         if lookahead_updates is not None:
             self._start_slow_weights()
@@ -247,8 +264,18 @@ class UpdateSchedule(torch.optim.lr_scheduler.LRScheduler):
         for group in self.optimizer.param_groups:
             group['lookahead_alpha'] = 0.0 if done else airbench_lookahead_alpha(
                 self.updates + 1, self.lookahead_updates, group['lookahead_k'])
-            if done:  # timm's update_slow at alpha 0: slow unchanged, fast = slow
-                self.optimizer.update_slow(group)
+        if done:
+            self._land_on_slow_weights()
+
+    @torch.no_grad()
+    def _land_on_slow_weights(self) -> None:
+        # Every parameter, not only those with a gradient as timm's update_slow: under the alternate schedule the
+        # network resting at the last update lands on its slow weights (from its last sync) too.
+        state = self.optimizer._base_optimizer.state
+        for group in self.optimizer.param_groups:
+            for p in group['params']:
+                if id(p) not in self.lookahead_fixed and 'lookahead_slow_buff' in state[p]:
+                    p.copy_(state[p]['lookahead_slow_buff'])
 
     def get_last_lr(self) -> List[float]:
         return [group['lr'] for group in self.optimizer.param_groups]

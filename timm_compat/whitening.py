@@ -10,7 +10,7 @@ from different first layers; computed from one network's images it would whiten 
 under IIW it is computed once from the union of every trained network's sample and set in each of them.
 """
 import math
-from typing import Mapping, Sequence, Tuple
+from typing import List, Mapping, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -19,7 +19,7 @@ from .config import RunConfig
 from .data import ImageData, random_subset
 from .models.airbench import init_whitening, whitening_layers
 
-__all__ = ['init_run_whitening', 'whitening_bias_steps', 'drop_whitening_bias_grads']
+__all__ = ['init_run_whitening', 'whitening_bias_steps', 'frozen_whitening_biases', 'drop_whitening_bias_grads']
 
 
 def _sample(images: torch.Tensor, n: int, seed: int) -> torch.Tensor:
@@ -77,9 +77,15 @@ def drop_whitening_bias_grads(module: nn.Module, step: int, cfg: RunConfig, step
         cfg: The phase's config; a no-op when ``whitening_bias_epochs`` is None.
         steps_per_epoch: Every trained network's steps per epoch.
     """
-    if cfg.whitening_bias_epochs is None or step < whitening_bias_steps(cfg, steps_per_epoch):
-        return
-    for layer in whitening_layers(module):
-        if layer.bias is not None:
-            layer.bias.grad = None
+    if cfg.whitening_bias_epochs is not None and step >= whitening_bias_steps(cfg, steps_per_epoch):
+        for bias in frozen_whitening_biases(module, cfg):
+            bias.grad = None
+
+
+def frozen_whitening_biases(module: nn.Module, cfg: RunConfig) -> List[nn.Parameter]:
+    """The whitening biases that :func:`drop_whitening_bias_grads` freezes during the run (none when
+    ``whitening_bias_epochs`` is None): a lookahead run ends on their weights, not their stale slow weights."""
+    if cfg.whitening_bias_epochs is None or (cfg.steps is None and cfg.whitening_bias_epochs >= cfg.epochs):
+        return []
+    return [layer.bias for layer in whitening_layers(module) if layer.bias is not None]
 
