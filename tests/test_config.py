@@ -20,6 +20,8 @@ BEFORE = json.loads((Path(__file__).parent / 'fixtures' / 'configs_before_issue1
 def _with_added_keys(before, now, default):
     """``before`` plus the keys that the schema gained since, at their defaults: a config that does not set them
     means what it meant."""
+    if isinstance(before, list) and isinstance(now, list) and len(before) == len(now) and default:
+        return [_with_added_keys(b, n, default[0]) for b, n in zip(before, now)]  # networks: one schema each
     if not (isinstance(before, dict) and isinstance(now, dict) and isinstance(default, dict)):
         return before
     return {k: _with_added_keys(before[k], now[k], default.get(k)) if k in before else default.get(k, _MISSING)

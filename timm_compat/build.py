@@ -21,7 +21,7 @@ from .methods import init_seed, methods_for
 from .validation import split_holdout
 from .whitening import init_run_whitening
 
-__all__ = ['Phase', 'load_task_data', 'build_interface', 'build_network', 'build_phase', 'build_phases']
+__all__ = ['Phase', 'load_task_data', 'build_interface', 'build_network', 'start_from', 'build_phase', 'build_phases']
 
 
 def load_task_data(net: NetworkConfig, cfg: RunConfig) -> Tuple[ImageData, ImageData]:
@@ -99,11 +99,30 @@ def build_network(net: NetworkConfig, index: int, cfg: RunConfig, interface: Opt
         head = interface.dcc
         # Built inside the interface, the DCC head is bound to none yet, and would not fit this network's extractor.
         head.__dict__['interface'] = interface
-    return make_compatible(
+    model = make_compatible(
         net.backbone, split=net.split, interface=interface, num_classes=len(class_names), head=head,
         head_split=net.head_split, class_names=class_names, pretrained=net.pretrained, image_size=cfg.image_size,
         init_seed=init_seed(cfg.init_seed, index, identical=cfg.iiw),
         width=None if interface is not None else cfg.interface.width or DEFAULT_WIDTH, **net.model_args)
+    if net.init:
+        start_from(model.extractor, net.init, f'networks.{index}.init')
+    return model
+
+
+def start_from(extractor: Extractor, source: str, key: str = 'init') -> None:
+    """Copy the weights of the extractor component at ``source`` (folder or Hub id) into ``extractor``.
+
+    Only weights move: ``extractor`` keeps its interface. The architecture must match (backbone, split, width,
+    model arguments), as the error names when it does not.
+    """
+    given = Extractor.from_pretrained(source)
+    keys = ('backbone', 'split', 'width', 'model_args')
+    want, have = extractor.component_config(), given.component_config()
+    if differ := [k for k in keys if want.get(k) != have.get(k)]:
+        raise ValueError(f'{key}: {source} is an extractor of ' + ', '.join(f'{k} {have.get(k)!r}' for k in differ)
+                         + ', but this network\'s has ' + ', '.join(f'{k} {want.get(k)!r}' for k in differ)
+                         + '; give an extractor of the same architecture.')
+    extractor.load_state_dict(given.state_dict())
 
 
 @dataclass
@@ -154,7 +173,8 @@ def build_phase(tag: str, cfg: RunConfig, data: Dict[str, Tuple[ImageData, Image
     methods = methods_for(interface, cfg.interface.rp_weight, cfg.interface.dcc_weight, rp_norm=cfg.interface.rp_norm,
                           rp_rotations=cfg.interface.rp_rotations, seed=cfg.seed)
     joint = JointModel({n.name: models[n.name] for n in cfg.networks if not n.load}, interface, methods,
-                       schedule=cfg.joint_schedule, label_smoothing=cfg.optim.label_smoothing)
+                       schedule=cfg.joint_schedule, label_smoothing=cfg.optim.label_smoothing,
+                       task_weight=cfg.task_weight)
     if cfg.channels_last:
         joint = joint.to(memory_format=torch.channels_last)
     return Phase(tag, cfg, interface, models, joint, data, holdout)

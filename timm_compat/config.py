@@ -134,6 +134,8 @@ class NetworkConfig(_Section):
     pretrained: bool = False
     dataset: DatasetConfig = Field(default_factory=DatasetConfig, examples=[{'source': 'synthetic:A'}])
     load: Optional[str] = Field(None, examples=['runs/x/main/components/a'])  # trained network: evaluated only
+    # An extractor component (folder or Hub id) whose weights the extractor starts from, then trains: a pre-training
+    init: Optional[str] = Field(None, min_length=1, examples=['runs/pretrain/main/components/a/extractor'])
 
 
 class InterfaceConfig(_Section):
@@ -248,6 +250,7 @@ class RunConfig(_Section):
     # Sec. 3.4: each step sums all networks' losses ('sum') or alternates minibatches between networks (the paper's
     # way; then each step trains one network, and `epochs` counts each network's epochs).
     joint_schedule: Literal['sum', 'alternate'] = 'sum'
+    task_weight: Float = Field(1.0, ge=0)  # of each network's task loss; 0: labels unused (RP pre-training)
     networks: List[NetworkConfig] = Field(default_factory=_demo_networks, min_length=1,
                                           examples=[[{'name': 'a', 'dataset': {'source': 'synthetic:A'}}]])
     interface: InterfaceConfig = Field(default_factory=lambda: InterfaceConfig(width=_DEMO_WIDTH),
@@ -308,6 +311,7 @@ class RunConfig(_Section):
                 n.dataset.source = n.dataset.source.replace('{data_dir}', self.data_dir)
             if '{data_dir}' in n.dataset.source:
                 problems.append(f'Network {n.name!r} reads {n.dataset.source!r}: pass --data-dir.')
+        problems += self._init_problems()
         if self.augment and self.augment_pad_mode == 'reflect' and self.augment_translate >= self.image_size:
             problems.append(f'augment_translate={self.augment_translate} reflect-pads more than the image '
                             f'({self.image_size} px) has; set augment_translate below image_size.')
@@ -325,6 +329,19 @@ class RunConfig(_Section):
         if problems:
             raise ConfigError('\n'.join(problems))
         return self
+
+    def _init_problems(self) -> List[str]:
+        problems = [f'networks.{i}.init and networks.{i}.{key} both give its weights; keep one.'
+                    for i, n in enumerate(self.networks) for key in ('load', 'pretrained')
+                    if n.init and getattr(n, key)]
+        inits = {n.init for n in self.networks if not n.load}
+        if self.iiw and len(inits) > 1:
+            problems.append(f'iiw is true (identical initial weights), but the trained networks start from different '
+                            f'weights (init: {sorted(map(str, inits))}); give them one init, or set iiw=false.')
+        if self.task_weight == 0 and not (self.interface.rp or self.interface.dcc):
+            problems.append('task_weight is 0 and interface.rp and interface.dcc are off: no loss would train '
+                            'anything; set interface.rp=true (RP pre-training) or task_weight above 0.')
+        return problems
 
     def independent(self) -> 'RunConfig':
         """The same networks trained independently: no shared aux heads, different initial weights."""

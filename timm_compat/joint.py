@@ -49,11 +49,12 @@ class JointModel(TrainingTask):
         methods: Compatibility methods applied to every network.
         schedule: ``'sum'`` or ``'alternate'``.
         label_smoothing: Of each network's task loss (``optim.label_smoothing``; see :func:`compatibility_loss`).
+        task_weight: Of each network's task loss (``task_weight``); 0 trains the aux losses alone.
     """
 
     def __init__(self, networks: Dict[str, nn.Module], interface: Optional[nn.Module],
                  methods: Sequence[CompatibilityMethod] = (), schedule: str = 'sum',
-                 label_smoothing: float = 0.0):
+                 label_smoothing: float = 0.0, task_weight: float = 1.0):
         super().__init__(verbose=False)
         if schedule not in SCHEDULES:
             raise ValueError(f'Unknown joint schedule {schedule!r}: use one of {SCHEDULES}.')
@@ -62,7 +63,7 @@ class JointModel(TrainingTask):
         self.networks = nn.ModuleDict(networks)
         self.interface = interface
         self.methods = list(methods)
-        self.schedule, self.label_smoothing = schedule, label_smoothing
+        self.schedule, self.label_smoothing, self.task_weight = schedule, label_smoothing, task_weight
         self._disable_unused_aux_heads()
 
     def _disable_unused_aux_heads(self) -> None:
@@ -129,7 +130,7 @@ class JointModel(TrainingTask):
         out, total = {}, 0
         for name, (images, labels) in batches.items():
             losses = compatibility_loss(self.networks[name], images, labels, self.methods,
-                                        label_smoothing=self.label_smoothing)
+                                        label_smoothing=self.label_smoothing, task_weight=self.task_weight)
             out.update({f'{name}/{k}': v for k, v in losses.items() if k != 'loss'})
             total = total + losses['loss']
         out['loss'] = total + self._touch_inactive(batches)

@@ -31,7 +31,8 @@ def init_run_whitening(cfg: RunConfig, models: Mapping[str, nn.Module],
     """Set the whitening convs of the run's trained networks from ``cfg.whitening_init_examples`` training images.
 
     Each network's sample is a seeded random subset of its training set (seed ``cfg.seed``), so a rebuilt run (a
-    resume) gets the same weights. Networks with ``load:`` keep the whitening they were trained with.
+    resume) gets the same weights. Networks with ``load:`` or ``init:`` keep the whitening they were trained
+    with.
 
     Args:
         cfg: The phase's config; ``whitening_init_examples`` None turns this off, ``iiw`` shares the whitening.
@@ -40,7 +41,7 @@ def init_run_whitening(cfg: RunConfig, models: Mapping[str, nn.Module],
     """
     if cfg.whitening_init_examples is None:
         return
-    trained = [n.name for n in cfg.networks if not n.load and whitening_layers(models[n.name])]
+    trained = [n.name for n in cfg.networks if not n.load and not n.init and whitening_layers(models[n.name])]
     samples = {name: _sample(data[name][0].images, cfg.whitening_init_examples, cfg.seed) for name in trained}
     if cfg.iiw and samples:
         union = torch.cat(list(samples.values()))

@@ -71,7 +71,7 @@ def _expanding_method(methods: Sequence[CompatibilityMethod], images: torch.Tens
 
 def compatibility_loss(model, images: torch.Tensor, labels: torch.Tensor,
                        methods: Sequence[CompatibilityMethod] = (), *,
-                       label_smoothing: float = 0.0) -> Dict[str, torch.Tensor]:
+                       label_smoothing: float = 0.0, task_weight: float = 1.0) -> Dict[str, torch.Tensor]:
     """Task loss plus each method's weighted loss, from one extractor pass (two if a method asks for it).
 
     Args:
@@ -80,6 +80,7 @@ def compatibility_loss(model, images: torch.Tensor, labels: torch.Tensor,
         labels: Task labels ``(N,)``.
         methods: Compatibility methods; at most one may expand the batch.
         label_smoothing: Of the task cross-entropy only (torch's ``label_smoothing``; ``optim.label_smoothing``).
+        task_weight: Of the task cross-entropy; 0 leaves the labels unused (RP pre-training), its head untrained.
 
     Returns:
         ``{"task": ..., <method name>: ..., "loss": total}``, each a scalar tensor.
@@ -96,7 +97,7 @@ def compatibility_loss(model, images: torch.Tensor, labels: torch.Tensor,
         task_features = expanded_features[:images.shape[0]]
     # Only the task loss is smoothed: the aux losses train the interface's shared heads, which every network and
     # later incremental ones must fit as published, and the paper's eqs. (1)-(2) are plain cross-entropies.
-    losses = {'task': F.cross_entropy(model.head(task_features), labels, label_smoothing=label_smoothing)}
+    losses = {'task': task_weight * F.cross_entropy(model.head(task_features), labels, label_smoothing=label_smoothing)}
     for method in methods:
         features = expanded_features if method is expander else task_features
         losses[method.name] = method.weight * method.loss(features, labels, model)
