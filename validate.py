@@ -18,9 +18,8 @@ import sys
 from pathlib import Path
 from typing import Dict
 
-from timm_compat import Extractor, Head, Interface, recombine
-from timm_compat.build import load_task_data
-from timm_compat.config import NetworkConfig, RunConfig, load_config
+from timm_compat.build import load_network, load_task_data
+from timm_compat.config import RunConfig, load_config
 from timm_compat.evaluation import evaluate_networks
 
 TTA_MODES = ('none', 'flip', 'flip_translate')
@@ -62,19 +61,6 @@ def components_folder(run: Path, phase: str) -> Path:
         raise SystemExit(f'{run} has no finished phase {phase!r} ({summary} is missing); finished: {found or "none"}. '
                          f'Finish the run (train.py --resume) or pick another --phase.')
     return Path(json.loads(summary.read_text())['components'])
-
-
-def load_network(net: NetworkConfig, cfg: RunConfig, components: Path):
-    """Network ``net`` from its saved components: its extractor with its head, or with the interface's DCC head."""
-    folder = Path(net.load) if net.load else components / net.name
-    extractor = Extractor.from_pretrained(folder / 'extractor')
-    if net.head != 'dcc':
-        return recombine(extractor, Head.from_pretrained(folder / 'head'))
-    interface = Interface.from_pretrained(cfg.interface.load or components / 'interface')
-    classes = interface.dcc_classes
-    head = Head(interface.dcc, interface.width, interface.width, len(classes), classes)  # as make_compatible wraps it
-    head.__dict__['interface'] = interface
-    return recombine(extractor, head)
 
 
 def main(argv=None) -> Dict:

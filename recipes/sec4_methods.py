@@ -157,17 +157,11 @@ LABELS = {'independent': 'Independent', 'iiw': 'IIW', 'rp': 'RP', 'dcc': 'DCC', 
 
 def _run_networks(run: Path):
     """The run's two networks (extractor + head, loaded from disk) and its test sets."""
-    import timm_compat
+    from timm_compat.build import load_network, load_task_data
     from timm_compat.config import load_config
-    from timm_compat.build import load_task_data
     cfg = load_config(str(run / 'config.yaml'))
-    models, tests = [], []
-    for net in cfg.networks:
-        folder = Path(net.load) if net.load else run / 'main' / 'components' / net.name
-        models.append(timm_compat.recombine(timm_compat.Extractor.from_pretrained(folder / 'extractor'),
-                                            timm_compat.Head.from_pretrained(folder / 'head'), force=True))
-        tests.append(load_task_data(net, cfg)[1])
-    return [n.name for n in cfg.networks], models, tests
+    models = [load_network(net, cfg, run / 'main' / 'components') for net in cfg.networks]
+    return [n.name for n in cfg.networks], models, [load_task_data(net, cfg)[1] for net in cfg.networks]
 
 
 def write_report(out: Path, args, results) -> None:

@@ -7,7 +7,7 @@ from accelerate.state import AcceleratorState, GradientState, PartialState
 import timm_compat as tc
 import train
 import validate
-from timm_compat.build import load_task_data
+from timm_compat.build import load_network, load_task_data
 from timm_compat.config import load_config
 
 from tests.conftest import REPO
@@ -45,7 +45,7 @@ def test_bn_and_tta_are_the_asked_ones_and_the_results_file_holds_them(finished_
     assert json.loads(results.read_text()) == json.loads(json.dumps(result))
     cfg = load_config(str(run / 'config.yaml'))
     for net in cfg.networks:  # b's head is the interface's DCC head
-        model, test = validate.load_network(net, cfg, run / 'main' / 'components'), load_task_data(net, cfg)[1]
+        model, test = load_network(net, cfg, run / 'main' / 'components'), load_task_data(net, cfg)[1]
         for bn, key in (('running', 'own_accuracy'), ('batch', 'own_accuracy_batch')):
             assert result[key][net.name] == tc.accuracy(model, test, batch_size=20, bn=bn, tta='flip'), (net.name, bn)
 

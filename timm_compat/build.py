@@ -5,6 +5,7 @@ split point, a frozen interface of the wrong width or datasets without common cl
 earlier run in the folder is still intact.
 """
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -21,7 +22,7 @@ from .methods import init_seed, methods_for
 from .validation import split_holdout
 from .whitening import init_run_whitening
 
-__all__ = ['Phase', 'load_task_data', 'build_interface', 'build_network', 'start_from', 'build_phase', 'build_phases']
+__all__ = ['Phase', 'load_task_data', 'build_interface', 'build_network', 'start_from', 'load_network', 'build_phase', 'build_phases']
 
 
 def load_task_data(net: NetworkConfig, cfg: RunConfig) -> Tuple[ImageData, ImageData]:
@@ -124,6 +125,23 @@ def start_from(extractor: Extractor, source: str, key: str = 'init') -> None:
                          + '; give an extractor of the same architecture.')
     extractor.load_state_dict(given.state_dict())
 
+
+
+def load_network(net: NetworkConfig, cfg: RunConfig, components: Path) -> CompatibleModel:
+    """Network ``net`` of a finished run, from the components it saved in ``components`` (a phase's folder).
+
+    Its ``extractor`` with its ``head``, or with the interface's DCC head for ``head: dcc``; a loaded network from
+    its ``load:`` folder. Joined with ``force``: an independent run's networks have no interface to check.
+    """
+    folder = Path(net.load) if net.load else components / net.name
+    extractor = Extractor.from_pretrained(folder / 'extractor')
+    if net.head != 'dcc':
+        return recombine(extractor, Head.from_pretrained(folder / 'head'), force=True)
+    interface = Interface.from_pretrained(cfg.interface.load or components / 'interface')
+    classes = interface.dcc_classes
+    head = Head(interface.dcc, interface.width, interface.width, len(classes), classes)  # as make_compatible wraps it
+    head.__dict__['interface'] = interface
+    return recombine(extractor, head, force=True)
 
 @dataclass
 class Phase:
