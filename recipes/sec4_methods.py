@@ -4,6 +4,7 @@
     python recipes/sec4_methods.py --setting cifar10_halves --budget cpu --data-dir ../shared/data  # local copy
     python recipes/sec4_methods.py --setting cifar10_stl10 --budget paper --seeds 10     # Hub data, a GPU
     python recipes/sec4_methods.py --setting cifar10_halves --budget fast --data-dir ../shared/data  # fast family
+    python recipes/sec4_methods.py --setting cifar10_halves --init rp_pretrained --methods iiw iiw_dcc rp dcc  # Fig. 2 right
 
 ``--data-dir DIR`` reads each Hub dataset ORG/NAME from the local Parquet copy DIR/NAME/{train,test}.parquet
 instead of downloading it (``../shared/data`` is this workspace's CIFAR-10, a JPEG copy); train.py gets it too.
@@ -14,6 +15,12 @@ CIFAR-10 halves with IIW+RP (the paper's "both tasks CIFAR-10" control). The rec
 summary.json into OUTPUT/results.json and a report.md with the table (recombination and own accuracy with BN
 batch statistics, the paper's evaluation, and with running statistics, what a deployed model gets), recombination
 heatmaps and the per-channel feature correlation of Fig. 3.
+
+``--init rp_pretrained`` is Fig. 2 right, the networks starting from pre-trained weights. The paper pre-trains by
+rotation prediction on ILSVRC-12; the stand-in is ``configs/sec4/rp_pretraining.yaml``, RP alone with the labels
+unused on all training images of the preset's first dataset (CIFAR-10), run once or twice before the methods
+(``rp_pretraining0``, ``rp_pretraining1``, seeds 0 and 1). IIW methods start both networks from pre-training 0
+(the paper's "identical initial weights" from one pre-trained network), the others network a from 0 and b from 1.
 """
 import argparse
 import json
@@ -28,9 +35,19 @@ from common import (DATA_DIR_HELP, REPO, RESUME_HELP, as_overrides, by_bn, check
 
 SETTINGS = sorted(p.stem for p in (REPO / 'configs' / 'sec4' / 'data').glob('*.yaml'))
 METHODS = ['independent', 'iiw', 'rp', 'dcc', 'iiw_rp_dcc', 'incremental', 'control']
+ALL_METHODS = METHODS + ['iiw_dcc']
+# Methods whose networks start from identical initial weights: with --init rp_pretrained, one pre-training.
+IIW_METHODS = {'iiw', 'iiw_dcc', 'iiw_rp_dcc', 'incremental', 'control'}
+INITS = ('random', 'rp_pretrained')
 # Fig. 2 (random initialisation) and the text of Sec. 4: recombination accuracy in %.
 PAPER = {'independent': 10.6, 'iiw': 25.1, 'rp': 50.1, 'dcc': 65.8, 'iiw_rp_dcc': 76.7, 'incremental': 72.7,
          'upper_bound': 85.6}
+# Fig. 2 right (ILSVRC-12 rotation pre-training) and its text, recombination accuracy in %.
+PAPER_PRETRAINED = {'iiw': 74.3, 'iiw_dcc': 82.7, 'rp': 19.7, 'dcc': 52.3}
+PRETRAINING_NOTE = ('Networks start from RP pre-trainings (stand-in for the paper\'s ILSVRC-12 rotation '
+                    'pre-training): `configs/sec4/rp_pretraining.yaml`, labels unused, on all of the first '
+                    'dataset\'s training images; IIW methods start both networks from pre-training 0, the others '
+                    'network a from 0 and network b from 1. ')
 # A budget is a list of config overrides; 'paper' keeps the configs as they are (ResNet-56, 160 epochs); 'fast'
 # trains the fast family's server member in place of ResNet-56 at the fast budget (configs/fast/budget.yaml).
 BUDGETS = {
@@ -69,21 +86,47 @@ def run_overrides(args, seed: int) -> list:
         [f'epochs={args.epochs}'] if args.epochs else [])
 
 
+def first_network(setting: str) -> str:
+    return 'a' if setting == 'cifar10_halves' else 'cifar10'
+
+
+def pretraining_runs(methods, args, out: Path) -> list:
+    """The RP pre-trainings that ``--init rp_pretrained`` needs: one, and a second for any non-IIW method."""
+    if args.init != 'rp_pretrained':
+        return []
+    count = 1 if set(methods) <= IIW_METHODS else 2
+    return [(REPO / 'configs' / 'sec4' / 'rp_pretraining.yaml', out / f'rp_pretraining{k}',
+             [o for o in run_overrides(args, k) if not o.startswith('networks.1.')]
+             + ['networks.0.dataset.train_shard=null']) for k in range(count)]
+
+
+def init_overrides(method: str, args, out: Path) -> list:
+    """``networks.N.init`` of a method's networks: both from pre-training 0 under IIW, else from 0 and 1."""
+    if args.init != 'rp_pretrained':
+        return []
+    pre = [out / f'rp_pretraining{k}' / 'main' / 'components' / first_network(args.setting) / 'extractor'
+           for k in range(2)]
+    return [f'networks.0.init={pre[0]}', f'networks.1.init={pre[0] if method in IIW_METHODS else pre[1]}']
+
+
 def method_runs(method: str, seed: int, args, out: Path) -> list:
     """The train.py runs of one seed of ``method``, in order, as (config file, run folder, overrides)."""
     configs = REPO / 'configs' / 'sec4'
-    budget = run_overrides(args, seed)
+    budget = run_overrides(args, seed) + init_overrides(method, args, out)
     run_dir = out / f'{method}_seed{seed}'
     if method == 'incremental':
         stage1 = out / f'incremental_stage1_seed{seed}'
         one_net = [o for o in budget if not o.startswith('networks.1.')]
         components = stage1 / 'main' / 'components'
-        name = 'a' if args.setting == 'cifar10_halves' else 'cifar10'
         return [(configs / 'incremental_stage1.yaml', stage1, one_net),
                 (configs / 'incremental.yaml', run_dir,
-                 budget + [f'interface.load={components / "interface"}', f'networks.0.load={components / name}'])]
+                 budget + [f'interface.load={components / "interface"}',
+                           f'networks.0.load={components / first_network(args.setting)}',
+                           'networks.0.init=null'])]
     if method == 'control':
         return [(configs / 'rp.yaml', run_dir, budget + ['iiw=true'] + control_overrides(args.setting))]
+    if method == 'iiw_dcc':
+        return [(configs / 'dcc.yaml', run_dir, budget + ['iiw=true'])]
     return [(configs / f'{method}.yaml', run_dir, budget)]
 
 
@@ -118,11 +161,14 @@ def main(argv=None):
     parser.add_argument('--budget', default='cpu', choices=sorted(BUDGETS))
     parser.add_argument('--epochs', type=float, default=None, help='override the budget\'s epochs')
     parser.add_argument('--seeds', type=int, default=2)
-    parser.add_argument('--methods', nargs='+', default=METHODS, choices=METHODS)
-    parser.add_argument('--output', default='runs/sec4')
+    parser.add_argument('--methods', nargs='+', default=METHODS, choices=ALL_METHODS)
+    parser.add_argument('--init', default='random', choices=INITS,
+                        help='random (Fig. 2 left) or rp_pretrained (Fig. 2 right: from RP pre-trainings)')
+    parser.add_argument('--output', default=None, help='default: runs/sec4, or runs/sec4_rp_pretrained')
     parser.add_argument('--report-only', action='store_true', help='rebuild report.md from OUTPUT/results.json')
     parser.add_argument('--resume', action='store_true', help=RESUME_HELP)
     args = parser.parse_args(argv)
+    args.output = args.output or ('runs/sec4' if args.init == 'random' else 'runs/sec4_rp_pretrained')
     out = Path(args.output).resolve()
     if not args.report_only:
         check_data_dir(parser, args.data_dir, setting_sources(args.setting))
@@ -134,8 +180,10 @@ def main(argv=None):
         return write_report(out, argparse.Namespace(**saved['args']), saved['results'])
     out.mkdir(parents=True, exist_ok=True)
 
-    results = {}
-    with progress(args.seeds * sum(runs_of(m) for m in args.methods), 'sec4: train.py runs') as bar:
+    results, pretraining = {}, pretraining_runs(args.methods, args, out)
+    with progress(len(pretraining) + args.seeds * sum(runs_of(m) for m in args.methods), 'sec4: train.py runs') as bar:
+        for config, run_dir, overrides in pretraining:
+            launch(config, run_dir, overrides, args.data_dir, out / f'{run_dir.name}.log', bar, args.resume)
         for method in args.methods:
             for seed in range(args.seeds):
                 start = time.time()
@@ -151,7 +199,8 @@ def main(argv=None):
     write_report(out, args, results)
 
 
-LABELS = {'independent': 'Independent', 'iiw': 'IIW', 'rp': 'RP', 'dcc': 'DCC', 'iiw_rp_dcc': 'IIW+RP+DCC',
+LABELS = {'independent': 'Independent', 'iiw': 'IIW', 'rp': 'RP', 'dcc': 'DCC', 'iiw_dcc': 'IIW+DCC',
+          'iiw_rp_dcc': 'IIW+RP+DCC',
           'incremental': 'Incremental (IIW+RP+DCC)', 'control': 'Control: both tasks CIFAR-10, IIW+RP'}
 
 
@@ -172,9 +221,11 @@ def write_report(out: Path, args, results) -> None:
                                    write_report as write)
 
     rows, figures, correlation_rows, blocks = [], [], [], {}
+    init = getattr(args, 'init', 'random')  # results.json of runs before --init lack it
+    paper, figure = (PAPER, 'Fig. 2') if init == 'random' else (PAPER_PRETRAINED, 'Fig. 2 right')
     for method, runs in results.items():
         cells = [mean_std([r[k][bn] for r in runs]) for k in ('recombination', 'own') for bn in BN_MODES]
-        rows.append([LABELS[method], *(f'{m:.1f} ± {s:.1f}' for m, s in cells), PAPER.get(method, '–'),
+        rows.append([LABELS[method], *(f'{m:.1f} ± {s:.1f}' for m, s in cells), paper.get(method, '–'),
                      statistics.mean(r['wall_seconds'] for r in runs)])
         names, models, tests = _run_networks(Path(runs[0]['run']))
         for bn in BN_MODES:
@@ -195,7 +246,7 @@ def write_report(out: Path, args, results) -> None:
         ((m, statistics.mean(r['recombination']['batch'] for r in runs)) for m, runs in results.items()
          if m != 'control'),
         key=lambda item: item[1]))
-    paper_order = ' < '.join(LABELS[m] for m in sorted((m for m in results if m in PAPER), key=PAPER.get))
+    paper_order = ' < '.join(LABELS[m] for m in sorted((m for m in results if m in paper), key=paper.get))
     corr_path = plot_correlation_blocks(blocks, out / 'figures' / 'correlation.png', title='Feature cross-correlation')
     from timm_compat._hardware import hardware
     device = hardware()
@@ -203,6 +254,7 @@ def write_report(out: Path, args, results) -> None:
         'Setup': (f'Command: `python recipes/sec4_methods.py --setting {args.setting}'
                   f'{f" --data-dir {args.data_dir}" if args.data_dir else ""} '
                   f'--budget {args.budget} --seeds {args.seeds}{f" --epochs {args.epochs}" if args.epochs else ""} '
+                  f'--init {init} '
                   f'--output {args.output}`.  \n'
                   f'Budget `{args.budget}` (config overrides: `{" ".join(BUDGETS[args.budget]) or "none"}`'
                   f'{f", epochs={args.epochs}" if args.epochs else ""}), {args.seeds} seed(s), on {device}. '
@@ -210,10 +262,11 @@ def write_report(out: Path, args, results) -> None:
                   f'head of the other, on the extractor\'s test set), common classes only. Every accuracy is given '
                   f'with BN batch statistics (the paper\'s evaluation) and with the networks\' running statistics '
                   f'(plain eval mode, what a deployed model gets). '
+                  + ('' if init == 'random' else PRETRAINING_NOTE)
                   + data_note(args.data_dir, setting_sources(args.setting))),
         'Recombination accuracy (%)': ReportTable(
             ['method', 'recombination, BN=batch', 'recombination, BN=running', 'own task, BN=batch',
-             'own task, BN=running', 'paper (Fig. 2)', 's / run'], rows,
+             'own task, BN=running', f'paper ({figure})', 's / run'], rows,
             caption=f'Paper (batch statistics) upper bound: {PAPER["upper_bound"]} %. Measured ordering (BN=batch): '
                     f'{ordering}. Paper ordering: {paper_order}.'),
         'Recombination matrices': figures,

@@ -30,10 +30,16 @@ def resolve(label, path, sets):
     runs[label] = load_config(str(path), sets).to_dict()
 
 for budget in ('paper', 'fast'):
-    args = argparse.Namespace(budget=budget, setting='cifar10_halves', epochs=None)
+    args = argparse.Namespace(budget=budget, setting='cifar10_halves', epochs=None, init='random')
     for method in sec4_methods.METHODS:
         for path, run_dir, sets in sec4_methods.method_runs(method, 0, args, tmp / 'sec4'):
             resolve(f'sec4/{budget}/{run_dir.name}', path, sets)
+args = argparse.Namespace(budget='fast', setting='cifar10_halves', epochs=None, init='rp_pretrained')
+pre = sec4_methods.pretraining_runs(sec4_methods.ALL_METHODS, args, tmp / 'pre')
+for method in sec4_methods.ALL_METHODS:
+    pre += sec4_methods.method_runs(method, 0, args, tmp / 'pre')
+for path, run_dir, sets in pre:
+    resolve(f'sec4/pretrained/{run_dir.name}', path, sets)
 fast = head_transfer.BUDGETS['fast']
 resolve('head_transfer/stage1', fast['stage1'], head_transfer.run_overrides(fast, fast['networks']))
 for name in fast['upper_bound']:
@@ -122,6 +128,27 @@ def test_sec4_fast_trains_the_server_member_under_the_fast_recipe(resolved):
         assert cfg['interface']['aux_head'] == {'type': 'conv', 'logit_scale': 1 / 9}, label
         assert [n['dataset'] for n in cfg['networks']] == [n['dataset'] for n in paper['networks']], label
     assert len(runs['sec4/fast/incremental_stage1_seed0']['networks']) == 1
+
+
+def test_sec4_from_rp_pretraining_starts_iiw_methods_from_one_pretraining_and_the_others_from_two(resolved):
+    runs = fast_runs(resolved, 'sec4/pretrained/')
+    extractor = '{}/main/components/a/extractor'
+    for k in (0, 1):
+        pre = runs[f'sec4/pretrained/rp_pretraining{k}']
+        assert pre['task_weight'] == 0 and pre['interface']['rp'] and not pre['interface']['dcc']
+        assert len(pre['networks']) == 1 and pre['networks'][0]['dataset']['train_shard'] is None
+        assert pre['seed'] == k and pre['networks'][0]['init'] is None
+    inits = {label.split('/')[-1]: [n['init'] and n['init'].split('/pre/')[1] for n in cfg['networks']]
+             for label, cfg in runs.items() if 'rp_pretraining' not in label}
+    one, two = extractor.format('rp_pretraining0'), extractor.format('rp_pretraining1')
+    for method in ('iiw', 'iiw_dcc', 'iiw_rp_dcc', 'control'):
+        assert inits[f'{method}_seed0'] == [one, one], method
+    for method in ('independent', 'rp', 'dcc'):
+        assert inits[f'{method}_seed0'] == [one, two], method
+    assert inits['incremental_stage1_seed0'] == [one] and inits['incremental_seed0'] == [None, one]
+    assert runs['sec4/pretrained/iiw_dcc_seed0']['iiw'] and runs['sec4/pretrained/iiw_dcc_seed0']['interface']['dcc']
+    for label, cfg in runs.items():
+        check_fast(label, cfg)
 
 
 def test_sec4_paper_budget_keeps_resnet56(resolved):
