@@ -137,6 +137,7 @@ def measure_run(args, name: str, root: Path) -> dict:
               'flops_per_image': setup['flops_per_image'], 'own_accuracy': main['own_accuracy'],
               'recombination_matrix': matrix,
               'recombination_over_own': (sum(off) / len(off)) / (sum(own) / len(own)) if off else None,
+              'mixed_precision': json.loads((out / 'summary.json').read_text())['mixed_precision'],
               'hardware': hardware(), 'data_dir': args.data_dir}
     record_path.write_text(json.dumps(record, indent=2))
     return record

@@ -105,7 +105,7 @@ def check_fast(label, cfg):
         recipe.augment_translate, recipe.augment_pad_mode, recipe.augment_flip], label
     assert (cfg['batch_size'], cfg['epochs'], cfg['steps']) == (1024, 9.9, None), label
     assert (cfg['whitening_init_examples'], cfg['whitening_bias_epochs']) == (5000, 3), label
-    assert (cfg['mixed_precision'], cfg['channels_last'], cfg['eval_tta']) == ('no', True, 'none'), label
+    assert (cfg['mixed_precision'], cfg['channels_last'], cfg['eval_tta']) == ('auto', True, 'none'), label
     assert cfg['cpu_threads'] is None and cfg['checkpoint_every'] <= 100, label
     for net in cfg['networks']:
         assert net['backbone'] in FAMILY and net['split'] == 'stages.1', label

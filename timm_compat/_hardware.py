@@ -5,7 +5,7 @@ from typing import Optional
 import timm
 import torch
 
-__all__ = ['hardware', 'cpu_cores']
+__all__ = ['hardware', 'cpu_cores', 'fast_bf16', 'resolve_precision']
 
 
 def cpu_cores() -> int:
@@ -30,3 +30,25 @@ def hardware(device: Optional[torch.device] = None) -> str:
     gpu = f'{torch.cuda.get_device_name(device)}; ' if device.type == 'cuda' else ''
     return (f'device {device.type}: {gpu}{name} x {cpu_cores()} cores, {torch.get_num_threads()} torch threads; '
             f'torch {torch.__version__}, timm {timm.__version__}')
+
+
+def fast_bf16(device_type: str) -> bool:
+    """Whether bf16 autocast is expected to train faster than fp32 on this machine's ``device_type``.
+
+    On CUDA where the GPU has bf16. On CPU only with AMX tiles (``amx_bf16``): with ``avx512_bf16`` alone a bf16
+    step of the fast family's larger members took 1.15-1.29x the fp32 one (``benchmarks/fast_family_precision.py``,
+    docs/models.md).
+    """
+    if device_type == 'cuda':
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if device_type == 'cpu':
+        return bool(torch.cpu.get_capabilities().get('amx_bf16', False))
+    return False
+
+
+def resolve_precision(mixed_precision: Optional[str], device_type: str) -> Optional[str]:
+    """``mixed_precision`` as Accelerate takes it: ``'auto'`` becomes ``'bf16'`` where :func:`fast_bf16`, else
+    ``'no'``; other values (None: what ``accelerate launch`` says) are passed through."""
+    if mixed_precision != 'auto':
+        return mixed_precision
+    return 'bf16' if fast_bf16(device_type) else 'no'

@@ -17,12 +17,12 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Tuple
 
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
 from accelerate.tracking import get_available_trackers
 from accelerate.utils import broadcast_object_list, gather_object, set_seed
 
 from ._cpu import keep_freed_memory
-from ._hardware import cpu_cores
+from ._hardware import cpu_cores, resolve_precision
 from ._integrity import atomic_write_text
 from .build import Phase
 from .checkpoint import TrainState, check_finite, latest_checkpoint, resume_train_state, save_checkpoint
@@ -52,7 +52,10 @@ def make_accelerator(cfg: RunConfig) -> Accelerator:
     if missing := [t for t in log_with if t != 'all' and t not in available]:
         raise ValueError(f'trackers {missing} are not installed (pip install {" ".join(missing)}); installed: '
                          f'{available or "none"}.')
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision,
+    precision = cfg.mixed_precision
+    if precision == 'auto':  # on Accelerate's device: the Accelerator shares this PartialState
+        precision = resolve_precision(precision, PartialState().device.type)
+    accelerator = Accelerator(mixed_precision=precision,
                               gradient_accumulation_steps=cfg.gradient_accumulation_steps,
                               log_with=log_with or None, project_dir=cfg.output_dir)
     _check_launch(accelerator)
