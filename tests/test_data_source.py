@@ -71,6 +71,15 @@ def test_cifar10_halves_reads_the_local_copy_of_uoft_cs_cifar10(tmp_path):
     assert 'frog' not in b_train.class_names and len(b_train) == 18  # the other half, less its 2 frogs
 
 
+def test_the_stl10_sized_stand_in_gives_side_b_a_tenth_disjoint_from_side_a(tmp_path):
+    write_cifar10_copy(tmp_path / 'cifar10', per_split=(200, 20))
+    cfg = load_config(str(SEC4 / 'rp.yaml'), ['data=cifar10_halves_5k', f'data_dir={tmp_path}'])
+    a_train, b_train = (load_task_data(n, cfg)[0] for n in cfg.networks)
+    # a: the 100 even indices; b: indices 1, 11, ..., 191 (all odd), labels i // 2 % 10 = 0 or 5, never frog (6).
+    assert (len(a_train), len(b_train)) == (100, 20)
+    assert sorted(set(b_train.labels.tolist())) == [0, 5] and 'frog' not in b_train.class_names
+
+
 def test_a_missing_copy_of_any_network_refuses_before_data_is_decoded(tmp_path):
     write_cifar10_copy(tmp_path / 'cifar10')
     cfg = load_config(str(SEC4 / 'rp.yaml'), [f'data_dir={tmp_path}'])  # cifar10_stl10: no stl10/ copy here
