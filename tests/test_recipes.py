@@ -100,3 +100,23 @@ def test_recipes_read_cifar10_from_the_copy_in_data_dir(tmp_path):
                f"{tmp_path / 'cifar10' / 'train.parquet'}")
     assert proc.stderr.count(refusal) == len(scripts)
     assert not (tmp_path / 'out').exists()
+
+
+def test_sec4_own_accuracy_cost_pairs_each_method_with_the_independent_run_of_its_seed(monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO / 'recipes'))
+    import sec4_methods
+    from scipy.stats import ttest_rel
+
+    def runs(own_by_seed):
+        return [{'seed': s, 'own': {'batch': v, 'running': v}} for s, v in own_by_seed.items()]
+
+    # Seeds listed out of order: pairing by position instead of by seed would give other differences.
+    results = {'independent': runs({0: 80.0, 1: 82.0, 2: 84.0}), 'iiw_rp_dcc': runs({2: 84.5, 0: 81.0, 1: 82.0}),
+               'rp': runs({1: 80.0})}
+    rows = {row[0]: row for row in sec4_methods.own_accuracy_cost(results)}
+    assert set(rows) == {'IIW+RP+DCC', 'RP'}  # independent is the baseline, not a row
+    _, own, independent, diff, p = rows['IIW+RP+DCC']
+    assert (own, independent) == (pytest.approx(82.5), pytest.approx(82.0))
+    assert diff == '+0.5 ± 0.5' and p == f'{ttest_rel([81.0, 82.0, 84.5], [80.0, 82.0, 84.0]).pvalue:.2f}'
+    assert rows['RP'][3:] == ['-2.0 ± 0.0', '–']  # one seed: nothing to test
+    assert sec4_methods.own_accuracy_cost({'rp': runs({0: 1.0})}) == []
