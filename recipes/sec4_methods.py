@@ -4,7 +4,8 @@
     python recipes/sec4_methods.py --setting cifar10_halves --budget cpu --data-dir ../shared/data  # local copy
     python recipes/sec4_methods.py --setting cifar10_stl10 --budget paper --seeds 10     # Hub data, a GPU
     python recipes/sec4_methods.py --setting cifar10_halves --budget fast --data-dir ../shared/data  # fast family
-    python recipes/sec4_methods.py --setting cifar10_halves --init rp_pretrained --methods iiw iiw_dcc rp dcc  # Fig. 2 right
+    python recipes/sec4_methods.py --setting cifar10_halves --init rp_pretrained --methods iiw iiw_dcc rp dcc
+    python recipes/sec4_methods.py --setting cifar10_halves --methods upper_bound      # each network alone, own RP
 
 ``--data-dir DIR`` reads each Hub dataset ORG/NAME from the local Parquet copy DIR/NAME/{train,test}.parquet
 instead of downloading it (``../shared/data`` is this workspace's CIFAR-10, a JPEG copy); train.py gets it too.
@@ -34,7 +35,7 @@ from common import (DATA_DIR_HELP, REPO, RESUME_HELP, as_overrides, by_bn, check
                     fast_networks, launch, progress)
 
 SETTINGS = sorted(p.stem for p in (REPO / 'configs' / 'sec4' / 'data').glob('*.yaml'))
-METHODS = ['independent', 'iiw', 'rp', 'dcc', 'iiw_rp_dcc', 'incremental', 'control']
+METHODS = ['independent', 'iiw', 'rp', 'dcc', 'iiw_rp_dcc', 'incremental', 'control', 'upper_bound']
 ALL_METHODS = METHODS + ['iiw_dcc']
 # Methods whose networks start from identical initial weights: with --init rp_pretrained, one pre-training.
 IIW_METHODS = {'iiw', 'iiw_dcc', 'iiw_rp_dcc', 'incremental', 'control'}
@@ -77,8 +78,15 @@ def setting_sources(setting: str) -> list:
 
 
 def runs_of(method: str) -> int:
-    """train.py runs of one seed of ``method``: incremental trains its two stages one after the other."""
-    return 2 if method == 'incremental' else 1
+    """train.py runs of one seed of ``method``: incremental trains its two stages one after the other, the upper
+    bound each network alone."""
+    return 2 if method in ('incremental', 'upper_bound') else 1
+
+
+def single_network(overrides: list, index: int) -> list:
+    """``overrides`` for a run of network ``index`` alone: its keys as network 0's, the other network's dropped."""
+    mine, other = f'networks.{index}.', f'networks.{1 - index}.'
+    return [o.replace(mine, 'networks.0.', 1) for o in overrides if not o.startswith(other)]
 
 
 def run_overrides(args, seed: int) -> list:
@@ -130,14 +138,26 @@ def method_runs(method: str, seed: int, args, out: Path) -> list:
         return [(configs / 'rp.yaml', run_dir, budget + ['iiw=true'] + control_overrides(args.setting))]
     if method == 'iiw_dcc':
         return [(configs / 'dcc.yaml', run_dir, budget + ['iiw=true'])]
+    if method == 'upper_bound':
+        return [(configs / f'upper_bound_{side}.yaml', out / f'upper_bound_{side}_seed{seed}',
+                 single_network(budget, i)) for i, side in enumerate('ab')]
     return [(configs / f'{method}.yaml', run_dir, budget)]
 
 
-def run_method(method: str, seed: int, args, out: Path, bar) -> dict:
-    """Trains ``method``'s runs one after the other; returns the last one's ``main`` phase summary."""
-    for config, run_dir, overrides in method_runs(method, seed, args, out):
+def run_method(method: str, seed: int, args, out: Path, bar) -> tuple:
+    """Trains ``method``'s runs one after the other; returns the last one's ``main`` phase summary and the run
+    folders that hold the method's networks. The upper bound's two networks, trained apart, are measured together."""
+    runs = method_runs(method, seed, args, out)
+    for config, run_dir, overrides in runs:
         summary = launch(config, run_dir, overrides, args.data_dir, out / f'{run_dir.name}.log', bar, args.resume)
-    return summary
+    if method != 'upper_bound':
+        return summary, [runs[-1][1]]
+    from timm_compat.evaluation import evaluate_networks
+    from timm_compat.config import load_config
+    names, models, tests = _run_networks([run_dir for _, run_dir, _ in runs])
+    cfg = load_config(str(runs[0][1] / 'config.yaml'))
+    return (evaluate_networks(dict(zip(names, models)), dict(zip(names, tests)), cfg.eval_batch_size, cfg.eval_bn,
+                              tta=cfg.eval_tta), [run_dir for _, run_dir, _ in runs])
 
 
 def recombination(matrix) -> float:
@@ -145,10 +165,12 @@ def recombination(matrix) -> float:
     return 100 * (matrix[0][1] + matrix[1][0]) / 2
 
 
-def run_record(summary: dict) -> dict:
-    """Recombination and own accuracy (%) of one run under each BN mode, and its matrices."""
+def run_record(summary: dict, upper_bound: bool = False) -> dict:
+    """Recombination (for the upper bound: own accuracy on the common classes, the matrix's diagonal) and own
+    accuracy (%) of one run under each BN mode, and its matrices."""
     matrices, own = by_bn(summary, 'recombination_matrix'), by_bn(summary, 'own_accuracy')
-    return {'recombination': {bn: recombination(m) for bn, m in matrices.items()},
+    value = (lambda m: 100 * (m[0][0] + m[1][1]) / 2) if upper_bound else recombination
+    return {'recombination': {bn: value(m) for bn, m in matrices.items()},
             'own': {bn: 100 * statistics.mean(o.values()) for bn, o in own.items()}, 'matrix': matrices}
 
 
@@ -211,10 +233,10 @@ def main(argv=None):
         for method in args.methods:
             for seed in range(args.seeds):
                 start = time.time()
-                record = run_record(run_method(method, seed, args, out, bar))
+                summary, run_dirs = run_method(method, seed, args, out, bar)
+                record = run_record(summary, upper_bound=method == 'upper_bound')
                 results.setdefault(method, []).append(dict(
-                    seed=seed, **record, wall_seconds=round(time.time() - start, 1),
-                    run=str(out / f'{method}_seed{seed}')))
+                    seed=seed, **record, wall_seconds=round(time.time() - start, 1), run=[str(r) for r in run_dirs]))
                 rec, own = record['recombination'], record['own']
                 bar.write(f'{method} seed {seed}: recombination {rec["batch"]:.1f} % (BN=batch), '
                           f'{rec["running"]:.1f} % (BN=running); own {own["batch"]:.1f} % / {own["running"]:.1f} %; '
@@ -224,17 +246,21 @@ def main(argv=None):
 
 
 LABELS = {'independent': 'Independent', 'iiw': 'IIW', 'rp': 'RP', 'dcc': 'DCC', 'iiw_dcc': 'IIW+DCC',
-          'iiw_rp_dcc': 'IIW+RP+DCC',
+          'iiw_rp_dcc': 'IIW+RP+DCC', 'upper_bound': 'Upper bound (each network alone, own RP head; common classes)',
           'incremental': 'Incremental (IIW+RP+DCC)', 'control': 'Control: both tasks CIFAR-10, IIW+RP'}
 
 
-def _run_networks(run: Path):
-    """The run's two networks (extractor + head, loaded from disk) and its test sets."""
+def _run_networks(runs):
+    """The networks of the run folders ``runs`` (extractor + head, loaded from disk), their names and test sets."""
     from timm_compat.build import load_network, load_task_data
     from timm_compat.config import load_config
-    cfg = load_config(str(run / 'config.yaml'))
-    models = [load_network(net, cfg, run / 'main' / 'components') for net in cfg.networks]
-    return [n.name for n in cfg.networks], models, [load_task_data(net, cfg)[1] for net in cfg.networks]
+    names, models, tests = [], [], []
+    for run in map(Path, runs):
+        cfg = load_config(str(run / 'config.yaml'))
+        names += [n.name for n in cfg.networks]
+        models += [load_network(net, cfg, run / 'main' / 'components') for net in cfg.networks]
+        tests += [load_task_data(net, cfg)[1] for net in cfg.networks]
+    return names, models, tests
 
 
 def write_report(out: Path, args, results) -> None:
@@ -251,7 +277,7 @@ def write_report(out: Path, args, results) -> None:
         cells = [mean_std([r[k][bn] for r in runs]) for k in ('recombination', 'own') for bn in BN_MODES]
         rows.append([LABELS[method], *(f'{m:.1f} ± {s:.1f}' for m, s in cells), paper.get(method, '–'),
                      statistics.mean(r['wall_seconds'] for r in runs)])
-        names, models, tests = _run_networks(Path(runs[0]['run']))
+        names, models, tests = _run_networks(runs[0]['run'] if isinstance(runs[0]['run'], list) else [runs[0]['run']])
         for bn in BN_MODES:
             path = plot_recombination_matrix(torch.tensor(runs[0]['matrix'][bn]), names,
                                              out / 'figures' / f'{method}_{bn}.png',
@@ -263,14 +289,16 @@ def write_report(out: Path, args, results) -> None:
                            tests[0].class_names)
         cmp = timm_compat.compare_extractors(models[0].extractor, models[1].extractor, images)
         correlation_rows.append([LABELS[method], cmp.direct, cmp.permuted, cmp.cka])
-        blocks[f'{method}: ' + ('permuted' if method == 'independent' else 'direct')] = (
-            cmp.correlation, 'permuted' if method == 'independent' else 'direct')
+        apart = method in ('independent', 'upper_bound')  # no shared heads: channels match only up to permutation
+        kind = 'permuted' if apart else 'direct'
+        blocks[f'{method}: {kind}'] = (cmp.correlation, kind)
 
     ordering = ' < '.join(LABELS[m] for m, _ in sorted(
         ((m, statistics.mean(r['recombination']['batch'] for r in runs)) for m, runs in results.items()
-         if m != 'control'),
+         if m not in ('control', 'upper_bound')),
         key=lambda item: item[1]))
-    paper_order = ' < '.join(LABELS[m] for m in sorted((m for m in results if m in paper), key=paper.get))
+    paper_order = ' < '.join(LABELS[m] for m in sorted((m for m in results if m in paper and m != 'upper_bound'),
+                                                       key=paper.get))
     corr_path = plot_correlation_blocks(blocks, out / 'figures' / 'correlation.png', title='Feature cross-correlation')
     from timm_compat._hardware import hardware
     device = hardware()

@@ -114,7 +114,7 @@ def check_fast(label, cfg):
 
 def test_sec4_fast_trains_the_server_member_under_the_fast_recipe(resolved):
     runs = fast_runs(resolved, 'sec4/fast/')
-    assert len(runs) == 8  # seven methods, incremental in two stages
+    assert len(runs) == 10  # eight methods, incremental and the upper bound in two runs each
     for label, cfg in runs.items():
         check_fast(label, cfg)
         assert {n['backbone'] for n in cfg['networks']} == {'airbench94_cifar'}, label
@@ -233,6 +233,31 @@ def test_sec4_fast_budget_runs_end_to_end_on_a_local_copy(tmp_path):
     check_fast('run', cfg.to_dict() | {'epochs': 9.9})  # --epochs shortened it
     assert json.loads((run / 'main' / 'summary.json').read_text())['steps'] >= 1
     assert 'Budget `fast`' in (out / 'report.md').read_text()
+
+
+@pytest.mark.slow  # six short train.py runs of ResNet-8 (two pre-trainings, the upper bound's two, IIW, RP)
+def test_sec4_upper_bound_and_rp_pretraining_run_end_to_end(tmp_path):
+    write_cifar10_copy(tmp_path / 'data', per_split=(400, 100), num_classes=10)
+    out = tmp_path / 'out'
+    proc = run_recipe('sec4_methods.py', '--setting', 'cifar10_halves', '--budget', 'cpu', '--methods', 'upper_bound',
+                      'iiw', 'rp', '--init', 'rp_pretrained', '--seeds', 1, '--epochs', 0.2,
+                      '--data-dir', tmp_path / 'data', '--output', out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    pre = [out / f'rp_pretraining{k}' / 'main' / 'components' / 'a' / 'extractor' for k in range(2)]
+    assert all((p / 'model.safetensors').is_file() for p in pre)
+    inits = {m: [n.init for n in load_config(str(out / f'{m}_seed0' / 'config.yaml')).networks] for m in ('iiw', 'rp')}
+    assert inits == {'iiw': [str(pre[0])] * 2, 'rp': [str(pre[0]), str(pre[1])]}
+    results = json.loads((out / 'results.json').read_text())['results']
+    upper = results['upper_bound'][0]
+    assert upper['run'] == [str(out / 'upper_bound_a_seed0'), str(out / 'upper_bound_b_seed0')]
+    for bn in ('batch', 'running'):  # the upper bound is each network alone on the common classes: the diagonal
+        m = upper['matrix'][bn]
+        assert upper['recombination'][bn] == pytest.approx(100 * (m[0][0] + m[1][1]) / 2)
+    for side in 'ab':
+        cfg = load_config(str(out / f'upper_bound_{side}_seed0' / 'config.yaml'))
+        assert [n.name for n in cfg.networks] == [side] and cfg.interface.rp and not cfg.interface.dcc
+    report = (out / 'report.md').read_text()
+    assert 'Upper bound (each network alone' in report and 'paired t-test p' in report and '--init rp_pretrained' in report
 
 
 def test_resume_continues_a_run_in_the_folder_and_starts_a_new_one(resolved):
