@@ -120,3 +120,13 @@ def test_sec4_own_accuracy_cost_pairs_each_method_with_the_independent_run_of_it
     assert diff == '+0.5 ± 0.5' and p == f'{ttest_rel([81.0, 82.0, 84.5], [80.0, 82.0, 84.0]).pvalue:.2f}'
     assert rows['RP'][3:] == ['-2.0 ± 0.0', '–']  # one seed: nothing to test
     assert sec4_methods.own_accuracy_cost({'rp': runs({0: 1.0})}) == []
+
+
+def test_sec4_names_the_methods_that_correlation_and_recombination_order_oppositely(monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO / 'recipes'))
+    import sec4_methods
+    # The paper's Fig. 3 numbers: RP correlates more than DCC but recombines worse; IIW+RP+DCC leads both.
+    points = {'rp': (0.38, 50.1), 'dcc': (0.19, 65.8), 'iiw_rp_dcc': (0.6, 76.7)}
+    assert sec4_methods.correlation_vs_recombination(points) == (
+        'Ordered oppositely by correlation and by recombination accuracy: RP (0.38, 50.1 %) and DCC (0.19, 65.8 %).')
+    assert 'alike' in sec4_methods.correlation_vs_recombination({'rp': (0.1, 50.0), 'dcc': (0.2, 60.0)})
