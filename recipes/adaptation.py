@@ -148,7 +148,8 @@ def parse_args(argv) -> argparse.Namespace:
     parser.add_argument('--adapt-steps', type=int, default=None, help="override the budget's adaptation steps")
     parser.add_argument('--adapt-lr', type=float, default=0.01)
     parser.add_argument('--threads', type=int, default=None, help='CPU threads (1 on a shared machine)')
-    parser.add_argument('--seed', type=int, default=0)
+    parser.add_argument('--seed', type=int, default=0, help='seed of the source training and the target corruption')
+    parser.add_argument('--adapt-seed', type=int, default=None, help='seed of the adaptation (default: --seed)')
     parser.add_argument('--output', default='runs/adaptation')
     parser.add_argument('--mixed-precision', default='no', choices=['no', 'bf16', 'fp16'],
                         help='autocast of the adaptation steps (the source training has its own, set by the budget)')
@@ -200,10 +201,11 @@ def main(argv=None):
     target_images, target_test = load_target(args, setting, budget, source.head.class_names)
 
     steps = args.adapt_steps or budget['adapt_steps']
-    torch.manual_seed(args.seed)
+    adapt_seed = args.seed if args.adapt_seed is None else args.adapt_seed
+    torch.manual_seed(adapt_seed)
     bar.set_postfix_str(f'adapting, {steps} steps')
     result = adapt(source, target_images, steps, interface=interface, batch_size=budget['adapt_batch'],
-                   lr=args.adapt_lr, seed=args.seed, log_every=max(1, steps // 20),
+                   lr=args.adapt_lr, seed=adapt_seed, log_every=max(1, steps // 20),
                    mixed_precision=args.mixed_precision)
     result.model.extractor.save_pretrained(out / 'adapted' / 'extractor')
     bar.update(1)

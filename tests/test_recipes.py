@@ -72,6 +72,37 @@ def test_adaptation_recipe_reads_the_local_copy_and_reports_both_bn_modes(tmp_pa
     assert 'adaptation: stages' in proc.stderr  # the recipe's bar, on stderr
 
 
+@pytest.mark.slow  # one tiny source training and four 2-step adaptations
+def test_adaptation_sweep_adapts_one_source_to_each_corruption_and_seed_and_skips_finished_runs(tmp_path):
+    write_cifar10_copy(tmp_path / 'data')
+    out = tmp_path / 'out'
+    args = ('--budget', 'tiny', '--shifts', 'gaussian_noise:5', 'contrast:5', '--source-seeds', 1, '--adapt-seeds', 2,
+            '--adapt-steps', 2, '--data-dir', tmp_path / 'data', '--output', out)
+    proc = run_recipe('adaptation_sweep.py', *args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = sorted(out.glob('source0/*/adapt*/results.json'))
+    assert [f'{r.parent.parent.name}/{r.parent.name}' for r in runs] == [
+        'contrast_5/adapt0', 'contrast_5/adapt1', 'gaussian_noise_5/adapt0', 'gaussian_noise_5/adapt1']
+    results = [json.loads(r.read_text()) for r in runs]
+    source = str(out / 'source0' / 'main' / 'components' / 'source' / 'extractor')
+    assert all(r['args']['extractor'] == source and r['args']['seed'] == 0 for r in results)  # one source, reused
+    assert [r['args']['shift'] for r in results] == [['contrast:5']] * 2 + [['gaussian_noise:5']] * 2
+    assert [r['args']['adapt_seed'] for r in results] == [0, 1, 0, 1]
+    # The source and its test-time BN do not depend on the adaptation seed.
+    assert results[0]['scores']['source'] == results[1]['scores']['source']
+    report = (out / 'report.md').read_text()
+    assert '| gaussian_noise:5 | 2 |' in report and '| contrast:5 | 2 |' in report
+    before = [r.stat().st_mtime_ns for r in runs]
+    proc = run_recipe('adaptation_sweep.py', *args)  # everything finished: read back, nothing rerun
+    assert proc.returncode == 0 and [r.stat().st_mtime_ns for r in runs] == before
+
+
+def test_adaptation_sweep_refuses_an_unknown_corruption_before_anything_runs(tmp_path):
+    proc = run_recipe('adaptation_sweep.py', '--shifts', 'gaussian_noise:5', 'fog:3', '--output', tmp_path / 'out')
+    assert proc.returncode == 2 and "Unknown shift 'fog:3'" in proc.stderr
+    assert not (tmp_path / 'out').exists()
+
+
 # One interpreter runs every recipe's main (a recipe imports its siblings from its own folder, hence PYTHONPATH):
 # each must refuse the empty copy folder with the exit status and message of argparse.
 CHECK_ALL = """
@@ -89,7 +120,7 @@ for script in scripts:
 def test_recipes_read_cifar10_from_the_copy_in_data_dir(tmp_path):
     """Every recipe's default data is uoft-cs/cifar10; with --data-dir it is DIR/cifar10/*.parquet, checked before
     anything runs."""
-    scripts = ['adaptation.py', 'transfer.py', 'head_transfer.py', 'sec4_methods.py']
+    scripts = ['adaptation.py', 'transfer.py', 'head_transfer.py', 'sec4_methods.py', 'adaptation_sweep.py']
     env = dict(os.environ, PYTHONPATH=str(REPO / 'recipes'), HF_HUB_OFFLINE='1', HF_DATASETS_OFFLINE='1')
     proc = subprocess.run([sys.executable, '-c', CHECK_ALL, str(tmp_path),
                            *(str(REPO / 'recipes' / s) for s in scripts)],
