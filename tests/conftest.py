@@ -1,3 +1,5 @@
+import importlib
+import sys
 from pathlib import Path
 
 import pytest
@@ -28,3 +30,24 @@ def fresh_accelerate():
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
     PartialState._reset_state()
+
+
+@pytest.fixture
+def import_script(monkeypatch):
+    """``import_script('recipes', 'sec4_methods')``: a script of recipes/ or benchmarks/ imported as it runs there.
+
+    Both folders have their own ``common.py``: the script and its ``common`` are imported fresh and dropped from
+    ``sys.modules`` afterwards, so that a test importing one folder's scripts never hands another test the other's.
+    """
+    loaded = []
+
+    def _import(folder: str, name: str):
+        monkeypatch.syspath_prepend(str(REPO / folder))
+        for module in ('common', name):
+            monkeypatch.delitem(sys.modules, module, raising=False)
+            loaded.append(module)
+        return importlib.import_module(name)
+
+    yield _import
+    for module in loaded:  # before monkeypatch puts back what was there
+        sys.modules.pop(module, None)

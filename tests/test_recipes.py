@@ -133,9 +133,8 @@ def test_recipes_read_cifar10_from_the_copy_in_data_dir(tmp_path):
     assert not (tmp_path / 'out').exists()
 
 
-def test_sec4_own_accuracy_cost_pairs_each_method_with_the_independent_run_of_its_seed(monkeypatch):
-    monkeypatch.syspath_prepend(str(REPO / 'recipes'))
-    import sec4_methods
+def test_sec4_own_accuracy_cost_pairs_each_method_with_the_independent_run_of_its_seed(import_script):
+    sec4_methods = import_script('recipes', 'sec4_methods')
     from scipy.stats import ttest_rel
 
     def runs(own_by_seed):
@@ -153,9 +152,8 @@ def test_sec4_own_accuracy_cost_pairs_each_method_with_the_independent_run_of_it
     assert sec4_methods.own_accuracy_cost({'rp': runs({0: 1.0})}) == []
 
 
-def test_sec4_names_the_methods_that_correlation_and_recombination_order_oppositely(monkeypatch):
-    monkeypatch.syspath_prepend(str(REPO / 'recipes'))
-    import sec4_methods
+def test_sec4_names_the_methods_that_correlation_and_recombination_order_oppositely(import_script):
+    sec4_methods = import_script('recipes', 'sec4_methods')
     # The paper's Fig. 3 numbers: RP correlates more than DCC but recombines worse; IIW+RP+DCC leads both.
     points = {'rp': (0.38, 50.1), 'dcc': (0.19, 65.8), 'iiw_rp_dcc': (0.6, 76.7)}
     assert sec4_methods.correlation_vs_recombination(points) == (

@@ -1,6 +1,5 @@
 """benchmarks/time_to_accuracy.py (issue 16): its FLOP-ideal ratio and, on tiny synthetic runs, the whole
 benchmark: curves from test-set validation, time to an accuracy, a re-run reading finished runs."""
-import importlib
 import json
 
 import pytest
@@ -11,16 +10,14 @@ from torch.utils.flop_counter import FlopCounterMode
 from timm_compat.build import load_task_data
 from timm_compat.config import load_config
 
-from tests.conftest import REPO
 from tests.test_fast_configs import FAST, _synthetic
 
 pytestmark = pytest.mark.usefixtures('fresh_accelerate')
 
 
 @pytest.fixture
-def bench(monkeypatch):
-    monkeypatch.syspath_prepend(str(REPO / 'benchmarks'))  # benchmarks import their common.py as scripts do
-    return importlib.import_module('time_to_accuracy')
+def bench(import_script):
+    return import_script('benchmarks', 'time_to_accuracy')
 
 
 def _flops(bench, name, *extra):
