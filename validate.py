@@ -14,7 +14,6 @@ asked one first. Nothing in the run folder is changed; ``--results-file`` writes
 """
 import argparse
 import json
-import sys
 from pathlib import Path
 from typing import Dict
 
@@ -84,4 +83,4 @@ def main(argv=None) -> Dict:
 
 
 if __name__ == '__main__':
-    sys.exit(main() and 0)
+    main()
