@@ -28,6 +28,7 @@ import json
 import statistics
 import time
 from pathlib import Path
+from typing import Sequence
 
 from timm_compat.deployment import BN_MODES
 
@@ -120,10 +121,11 @@ def init_overrides(method: str, args, out: Path) -> list:
     return [f'networks.0.init={pre[0]}', f'networks.1.init={pre[0] if method in IIW_METHODS else pre[1]}']
 
 
-def method_runs(method: str, seed: int, args, out: Path) -> list:
-    """The train.py runs of one seed of ``method``, in order, as (config file, run folder, overrides)."""
+def method_runs(method: str, seed: int, args, out: Path, extra: Sequence[str] = ()) -> list:
+    """The train.py runs of one seed of ``method``, in order, as (config file, run folder, overrides); ``extra``
+    overrides go on top of every run's (an ablation's variant)."""
     configs = REPO / 'configs' / 'sec4'
-    budget = run_overrides(args, seed) + init_overrides(method, args, out)
+    budget = run_overrides(args, seed) + init_overrides(method, args, out) + list(extra)
     run_dir = out / f'{method}_seed{seed}'
     if method == 'incremental':
         stage1 = out / f'incremental_stage1_seed{seed}'
@@ -144,10 +146,10 @@ def method_runs(method: str, seed: int, args, out: Path) -> list:
     return [(configs / f'{method}.yaml', run_dir, budget)]
 
 
-def run_method(method: str, seed: int, args, out: Path, bar) -> tuple:
+def run_method(method: str, seed: int, args, out: Path, bar, extra: Sequence[str] = ()) -> tuple:
     """Trains ``method``'s runs one after the other; returns the last one's ``main`` phase summary and the run
     folders that hold the method's networks. The upper bound's two networks, trained apart, are measured together."""
-    runs = method_runs(method, seed, args, out)
+    runs = method_runs(method, seed, args, out, extra)
     for config, run_dir, overrides in runs:
         summary = launch(config, run_dir, overrides, args.data_dir, out / f'{run_dir.name}.log', bar, args.resume)
     if method != 'upper_bound':
@@ -275,13 +277,58 @@ def _run_networks(runs):
     return names, models, tests
 
 
-def write_report(out: Path, args, results) -> None:
+def _method_figures(out: Path, method: str, runs: list, names) -> list:
+    """Seed 0's recombination matrix of ``method`` under each BN mode."""
+    import torch
+    from timm_compat.plots import ReportFigure, plot_recombination_matrix
+    return [ReportFigure(plot_recombination_matrix(torch.tensor(runs[0]['matrix'][bn]), names,
+                                                   out / 'figures' / f'{method}_{bn}.png',
+                                                   title=f'{LABELS[method]} (seed 0, BN={bn})'),
+                         f'{LABELS[method]}, seed 0: recombination accuracy (%), BN {bn} statistics')
+            for bn in BN_MODES]
+
+
+def _correlation(method: str, models, tests):
+    """Fig. 3 / Li et al. 2016 for seed 0 of ``method``: both extractors on 1000 images of each test set. Returns
+    the table row, the correlation block and the correlation that the block shows."""
     import torch
     import timm_compat
     from timm_compat.data import ImageData
-    from timm_compat.plots import (ReportFigure, ReportTable, plot_correlation_blocks, plot_recombination_matrix,
-                                   write_report as write)
+    images = ImageData(torch.cat([t.images[:1000] for t in tests]), torch.cat([t.labels[:1000] for t in tests]),
+                       tests[0].class_names)
+    cmp = timm_compat.compare_extractors(models[0].extractor, models[1].extractor, images)
+    apart = method in ('independent', 'upper_bound')  # no shared heads: channels match only up to permutation
+    kind = 'permuted' if apart else 'direct'
+    return [LABELS[method], cmp.direct, cmp.permuted, cmp.cka], (cmp.correlation, kind), getattr(cmp, kind)
 
+
+def _orderings(results: dict, paper: dict) -> str:
+    """The methods ordered by measured (BN=batch) and by the paper's recombination accuracy."""
+    measured = sorted((m for m in results if m not in ('control', 'upper_bound')),
+                      key=lambda m: statistics.mean(r['recombination']['batch'] for r in results[m]))
+    ours = sorted((m for m in results if m in paper and m != 'upper_bound'), key=paper.get)
+    return (f'Measured ordering (BN=batch): {" < ".join(LABELS[m] for m in measured)}. '
+            f'Paper ordering: {" < ".join(LABELS[m] for m in ours)}.')
+
+
+def _setup(args, init: str) -> str:
+    from timm_compat._hardware import hardware
+    return (f'Command: `python recipes/sec4_methods.py --setting {args.setting}'
+            f'{f" --data-dir {args.data_dir}" if args.data_dir else ""} '
+            f'--budget {args.budget} --seeds {args.seeds}{f" --epochs {args.epochs}" if args.epochs else ""} '
+            f'--init {init} --output {args.output}`.  \n'
+            f'Budget `{args.budget}` (config overrides: `{" ".join(BUDGETS[args.budget]) or "none"}`'
+            f'{f", epochs={args.epochs}" if args.epochs else ""}), {args.seeds} seed(s), on {hardware()}. '
+            f'Recombination accuracy: mean of both directions (extractor of one network + head of the other, on the '
+            f'extractor\'s test set), common classes only. Every accuracy is given with BN batch statistics (the '
+            f'paper\'s evaluation) and with the networks\' running statistics (plain eval mode, what a deployed model '
+            f'gets). ' + ('' if init == 'random' else PRETRAINING_NOTE)
+            + data_note(args.data_dir, setting_sources(args.setting)))
+
+
+def write_report(out: Path, args, results) -> None:
+    from timm_compat.plots import (ReportFigure, ReportTable, plot_bars, plot_correlation_blocks,
+                                   write_report as write)
     rows, figures, correlation_rows, blocks, points = [], [], [], {}, {}
     init = getattr(args, 'init', 'random')  # results.json of runs before --init lack it
     paper, figure = (PAPER, 'Fig. 2') if init == 'random' else (PAPER_PRETRAINED, 'Fig. 2 right')
@@ -290,51 +337,24 @@ def write_report(out: Path, args, results) -> None:
         rows.append([LABELS[method], *(f'{m:.1f} ± {s:.1f}' for m, s in cells), paper.get(method, '–'),
                      statistics.mean(r['wall_seconds'] for r in runs)])
         names, models, tests = _run_networks(runs[0]['run'] if isinstance(runs[0]['run'], list) else [runs[0]['run']])
-        for bn in BN_MODES:
-            path = plot_recombination_matrix(torch.tensor(runs[0]['matrix'][bn]), names,
-                                             out / 'figures' / f'{method}_{bn}.png',
-                                             title=f'{LABELS[method]} (seed 0, BN={bn})')
-            figures.append(ReportFigure(path, f'{LABELS[method]}, seed 0: recombination accuracy (%), BN {bn} '
-                                              f'statistics'))
-        # Li et al. 2016 / Fig. 3: both extractors on the images of both test sets.
-        images = ImageData(torch.cat([t.images[:1000] for t in tests]), torch.cat([t.labels[:1000] for t in tests]),
-                           tests[0].class_names)
-        cmp = timm_compat.compare_extractors(models[0].extractor, models[1].extractor, images)
-        correlation_rows.append([LABELS[method], cmp.direct, cmp.permuted, cmp.cka])
-        apart = method in ('independent', 'upper_bound')  # no shared heads: channels match only up to permutation
-        kind = 'permuted' if apart else 'direct'
-        blocks[f'{method}: {kind}'] = (cmp.correlation, kind)
+        figures += _method_figures(out, method, runs, names)
+        row, block, correlation = _correlation(method, models, tests)
+        correlation_rows.append(row)
+        blocks[f'{method}: {block[1]}'] = block
         if method not in ('control', 'upper_bound'):  # correlation as the blocks show it, recombination (batch)
-            points[method] = (cmp.permuted if apart else cmp.direct, cells[0][0])
-
-    ordering = ' < '.join(LABELS[m] for m, _ in sorted(
-        ((m, statistics.mean(r['recombination']['batch'] for r in runs)) for m, runs in results.items()
-         if m not in ('control', 'upper_bound')),
-        key=lambda item: item[1]))
-    paper_order = ' < '.join(LABELS[m] for m in sorted((m for m in results if m in paper and m != 'upper_bound'),
-                                                       key=paper.get))
+            points[method] = (correlation, cells[0][0])
+    bars = plot_bars({LABELS[m]: [r['recombination']['batch'] for r in runs] for m, runs in results.items()},
+                     out / 'figures' / 'recombination_bars.png', title=f'{figure}: recombination accuracy',
+                     paper={LABELS[m]: v for m, v in paper.items()})
     corr_path = plot_correlation_blocks(blocks, out / 'figures' / 'correlation.png', title='Feature cross-correlation')
-    from timm_compat._hardware import hardware
-    device = hardware()
     write(out, f'Sec. 4: compatibility methods on {args.setting}', {
-        'Setup': (f'Command: `python recipes/sec4_methods.py --setting {args.setting}'
-                  f'{f" --data-dir {args.data_dir}" if args.data_dir else ""} '
-                  f'--budget {args.budget} --seeds {args.seeds}{f" --epochs {args.epochs}" if args.epochs else ""} '
-                  f'--init {init} '
-                  f'--output {args.output}`.  \n'
-                  f'Budget `{args.budget}` (config overrides: `{" ".join(BUDGETS[args.budget]) or "none"}`'
-                  f'{f", epochs={args.epochs}" if args.epochs else ""}), {args.seeds} seed(s), on {device}. '
-                  f'Recombination accuracy: mean of both directions (extractor of one network + '
-                  f'head of the other, on the extractor\'s test set), common classes only. Every accuracy is given '
-                  f'with BN batch statistics (the paper\'s evaluation) and with the networks\' running statistics '
-                  f'(plain eval mode, what a deployed model gets). '
-                  + ('' if init == 'random' else PRETRAINING_NOTE)
-                  + data_note(args.data_dir, setting_sources(args.setting))),
-        'Recombination accuracy (%)': ReportTable(
+        'Setup': _setup(args, init),
+        'Recombination accuracy (%)': [ReportTable(
             ['method', 'recombination, BN=batch', 'recombination, BN=running', 'own task, BN=batch',
              'own task, BN=running', f'paper ({figure})', 's / run'], rows,
-            caption=f'Paper (batch statistics) upper bound: {PAPER["upper_bound"]} %. Measured ordering (BN=batch): '
-                    f'{ordering}. Paper ordering: {paper_order}.'),
+            caption=f'Paper (batch statistics) upper bound: {PAPER["upper_bound"]} %. ' + _orderings(results, paper)),
+            ReportFigure(bars, f'{figure} style: mean over seeds, one std as the error bar, each seed a dot, the '
+                               f'paper\'s value as a black tick (BN=batch).')],
         'Recombination matrices': figures,
         'Own accuracy (is it hurt?)': ReportTable(
             ['method', 'own task, BN=batch', 'independent, same seeds', 'difference', 'paired t-test p'],
@@ -349,7 +369,6 @@ def write_report(out: Path, args, results) -> None:
                                 + correlation_vs_recombination(points)),
             ReportFigure(corr_path, 'Per-channel correlations, sorted (Fig. 3 style).')],
     })
-
 
 if __name__ == '__main__':
     main()

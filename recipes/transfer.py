@@ -26,6 +26,7 @@ stitches and the runs.
 """
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -59,7 +60,7 @@ SETTINGS = {
 BUDGETS = {
     'tiny': dict(train={'networks.0.backbone': 'resnet8_cifar', 'interface.width': 32, 'steps': 30,
                         'batch_size': 32},
-                 train_limit=800, test_limit=300, synthetic_per_class=30, curve_steps=[0, 1, 3, 10],
+                 train_limit=800, test_limit=300, synthetic_per_class=30, curve_steps=[0, 1, 2, 5],
                  stitch_steps=10, stitch_images=100),
     'cpu': dict(train={'networks.0.backbone': 'resnet8_cifar', 'interface.width': 32, 'steps': 600,
                        'batch_size': 64},
@@ -77,6 +78,7 @@ BUDGETS = {
                  train_limit=None, test_limit=None, synthetic_per_class=400,
                  curve_steps=[0, 1, 3, 10, 30, 100, 300], stitch_steps=300, stitch_images=1000),
 }
+FINETUNE_BATCH = 64
 LABELS = {'recombined': 'target head (ours)', 'reinit_head': 're-initialised head',
           'independent': 'independent components'}
 
@@ -195,16 +197,21 @@ def main(argv=None):
     sources_ind = {name: load(independent[name], f'{name}_independent', device).extractor for name in sources}
     train, test = load_target(args, target_data, budget)
 
-    options = dict(steps=budget['curve_steps'], lr=args.lr, seed=args.seed, mixed_precision=args.mixed_precision)
+    # Fig. 5 marks one epoch of the target's training set: the curve is measured there too.
+    epoch = math.ceil(len(train) / FINETUNE_BATCH)
+    steps = sorted({*budget['curve_steps'], epoch})
+    options = dict(steps=steps, lr=args.lr, seed=args.seed, mixed_precision=args.mixed_precision,
+                   batch_size=FINETUNE_BATCH)
     torch.manual_seed(args.seed)
     ours = transfer(target, sources, train, test, reinit_head=True, **options)
     baseline = transfer(target_ind, sources_ind, train, test, on_mismatch='force', **options)
 
     stitching = stitch_sources(args, budget, out, target.head, sources, sources_ind, train, test)
     results = {'args': vars(args), 'ours': ours.to_dict(), 'independent': baseline.to_dict(),
-               'ranking_step0': ours.ranking(0), 'ranking_final': ours.ranking(budget['curve_steps'][-1]),
+               'ranking_step0': ours.ranking(0), 'ranking_final': ours.ranking(steps[-1]),
                'stitching': stitching, 'train_seconds': round(train_seconds, 1),
-               'wall_seconds': round(time.time() - start, 1), 'target_train': len(train), 'target_test': len(test)}
+               'wall_seconds': round(time.time() - start, 1), 'target_train': len(train), 'target_test': len(test),
+               'epoch_steps': epoch}
     (out / 'results.json').write_text(json.dumps(results, indent=2))
     report(out, args, budget, ours, baseline, results, argv)
     print('ranking by step-0 accuracy:', ', '.join(f'{n} {100 * a:.1f} %' for n, a in results['ranking_step0']))
@@ -215,14 +222,14 @@ def _sources(setting: dict) -> list:
 
 
 def report(out: Path, args, budget, ours, baseline, results: dict, argv) -> None:
-    last = budget['curve_steps'][-1]
+    last, epoch = max(budget['curve_steps'][-1], results['epoch_steps']), results['epoch_steps']
     figures = []
     for name in SETTINGS[args.setting]['sources']:
         curves = {f'{LABELS[mode]}, BN={bn}': (c.steps, c.accuracy_by_bn[bn]) for mode, c in (
             ('recombined', ours.curve(name)), ('reinit_head', ours.curve(name, 'reinit_head')),
             ('independent', baseline.curve(name))) for bn in BN_MODES}
-        path = plot_accuracy_curves(curves, out / f'curve_{name}.png', annotate_steps=(0, last),
-                                    title=f'source {name} -> target', xlabel='fine-tuning steps on the target')
+        path = plot_accuracy_curves(curves, out / f'curve_{name}.png', annotate_steps=(0, epoch, last),
+                                    marks={'1 epoch': epoch}, title=f'source {name} -> target', xlabel='fine-tuning steps on the target')
         figures.append(ReportFigure(path, f'Source {name}: average class accuracy on the target test set, BN batch '
                                           f'and running statistics.'))
     final = dict(results['ranking_final'])
@@ -253,7 +260,8 @@ def report(out: Path, args, budget, ours, baseline, results: dict, argv) -> None
     setup = (f'Setting `{args.setting}`, budget `{args.budget}`. Target: {SETTINGS[args.setting]["target"]}, '
              f'{results["target_train"]} training and {results["target_test"]} test images. Sources: '
              + ', '.join(f'{n} {c}' for n, c in SETTINGS[args.setting]['sources'].items())
-             + f'. Fine-tuning: all parameters, SGD with Nesterov momentum, constant lr {args.lr}, batch 64; '
+             + f'. Fine-tuning: all parameters, SGD with Nesterov momentum, constant lr {args.lr}, batch {FINETUNE_BATCH} '
+             f'(one epoch: {epoch} steps); '
              f'accuracy is the average over classes, with BN batch statistics (test-time BN, the paper\'s '
              f'evaluation) and with running statistics (plain eval mode, what a deployed model gets). '
              f'{data_note(args.data_dir, _sources(SETTINGS[args.setting]))} '

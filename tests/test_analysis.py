@@ -11,7 +11,7 @@ from timm_compat.analysis import (compare_extractors, direct_correlation, extrac
 from timm_compat.batchnorm import eval_mode
 from timm_compat.data import ImageData, normalize
 from timm_compat.evaluation import accuracy, recombination_matrix
-from timm_compat.plots import (ReportFigure, ReportTable, matrix_table, plot_accuracy_curves,
+from timm_compat.plots import (ReportFigure, ReportTable, _bars_figure, matrix_table, plot_accuracy_curves, plot_bars,
                                plot_correlation_blocks, plot_recombination_matrix, write_report)
 
 CIFAR10 = ['airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse', 'ship', 'truck']
@@ -230,6 +230,21 @@ def test_plots_and_report(tmp_path):
     assert text.index('## Recombination') < text.index('## Correlation') < text.index('## Fine-tuning')
     with pytest.raises(FileNotFoundError, match='save the plot'):
         write_report(tmp_path, 'x', {'s': ReportFigure(tmp_path / 'missing.png')})
+
+
+def test_bars_show_each_label_mean_over_seeds_its_std_and_the_papers_value(tmp_path):
+    bars = {'IIW': [20.0, 30.0], 'RP': [50.0, 52.0, 54.0], 'DCC': [60.0]}
+    fig = _bars_figure(bars, '', {'RP': 50.1, 'absent': 1.0}, 'recombination accuracy (%)')
+    ax = fig.axes[0]
+    assert [round(b.get_height(), 6) for b in ax.patches] == [25.0, 52.0, 60.0]
+    caps = sorted(round(y, 6) for line in ax.lines if line.get_marker() == '_' for y in line.get_ydata())
+    assert caps == sorted([25 - 7.071068, 25 + 7.071068, 50.0, 54.0, 60.0, 60.0])  # sample std, 0 for one seed
+    paper = [line for line in ax.lines if line.get_label() == 'paper']
+    assert len(paper) == 1 and list(paper[0].get_ydata()) == [50.1, 50.1] and list(paper[0].get_xdata()) == [0.6, 1.4]
+    assert [t.get_text() for t in ax.get_xticklabels()] == list(bars)
+    _assert_png(plot_bars(bars, tmp_path / 'bars.png'))
+    with pytest.raises(ValueError, match='at least one value'):
+        plot_bars({'RP': []}, tmp_path / 'empty.png')
 
 
 def test_extract_features_keeps_data_order_across_shuffled_batches(model, data):

@@ -258,6 +258,7 @@ def test_sec4_upper_bound_and_rp_pretraining_run_end_to_end(tmp_path):
         assert [n.name for n in cfg.networks] == [side] and cfg.interface.rp and not cfg.interface.dcc
     report = (out / 'report.md').read_text()
     assert 'Upper bound (each network alone' in report and 'paired t-test p' in report and '--init rp_pretrained' in report
+    assert '](figures/recombination_bars.png)' in report and (out / 'figures' / 'recombination_bars.png').is_file()
 
 
 def test_resume_continues_a_run_in_the_folder_and_starts_a_new_one(resolved):

@@ -159,3 +159,18 @@ def test_sec4_names_the_methods_that_correlation_and_recombination_order_opposit
     assert sec4_methods.correlation_vs_recombination(points) == (
         'Ordered oppositely by correlation and by recombination accuracy: RP (0.38, 50.1 %) and DCC (0.19, 65.8 %).')
     assert 'alike' in sec4_methods.correlation_vs_recombination({'rp': (0.1, 50.0), 'dcc': (0.2, 60.0)})
+
+
+@pytest.mark.slow  # eight train.py runs of 30 ResNet-8 steps on synthetic data, then the curves and stitches
+def test_transfer_recipe_measures_and_marks_one_epoch_of_the_target_on_every_curve(tmp_path):
+    """Fig. 5 marks one epoch of fine-tuning: the curves are measured at the step that completes it, wherever it
+    falls among the budget's steps (here between the tiny budget's 2 and 5)."""
+    out = tmp_path / 'out'
+    proc = run_recipe('transfer.py', '--setting', 'synthetic', '--budget', 'tiny', '--threads', 1, '--output', out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((out / 'results.json').read_text())
+    epoch = -(-results['target_train'] // 64)
+    assert results['epoch_steps'] == epoch and epoch not in (0, 1, 2, 5)
+    for kind in ('ours', 'independent'):
+        assert all(c['steps'] == sorted({0, 1, 2, 5, epoch}) for c in results[kind]['curves'])
+    assert f'(one epoch: {epoch} steps)' in (out / 'report.md').read_text()

@@ -162,6 +162,29 @@ def test_training_records_its_image_size():
     assert timm.data.resolve_data_config(model=model)['input_size'] == (3, 40, 40)
 
 
+def test_a_loaded_network_must_fit_the_runs_interface(tmp_path):
+    from timm_compat.build import build_network
+    from timm_compat.config import load_config
+    trained_with = tc.Interface(width=16, rp=True)
+    model = tc.make_compatible('resnet8_cifar', split='layer2', interface=trained_with, num_classes=2,
+                               class_names=['x', 'y'])
+    model.extractor.save_pretrained(tmp_path / 'net' / 'extractor')
+    model.head.save_pretrained(tmp_path / 'net' / 'head')
+    cfg = load_config(str(REPO / 'tests' / 'tiny.yaml'), [f'networks.0.load={tmp_path / "net"}'])
+    loaded = build_network(cfg.networks[0], 0, cfg, trained_with, ['x', 'y'])
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(loaded.eval()(x), model.eval()(x))
+    other = tc.Interface(width=16, rp=True)
+    with pytest.raises(ValueError, match=f'fits interface {trained_with.id}, but this run uses interface {other.id}'):
+        build_network(cfg.networks[0], 0, cfg, other, ['x', 'y'])
+    # A head of another interface under the right extractor is refused too.
+    stray = tc.make_compatible('resnet8_cifar', split='layer2', interface=other, num_classes=2, class_names=['x', 'y'])
+    stray.head.save_pretrained(tmp_path / 'net' / 'head')
+    with pytest.raises(ValueError, match=f'fits interface {sorted([trained_with.id, other.id])[0]} and'):
+        build_network(cfg.networks[0], 0, cfg, trained_with, ['x', 'y'])
+
+
 def test_interface_card_snippet_runs_offline(hf_cache, tmp_path):  # noqa: F811
     interface = tc.Interface(width=16, rp=True)
     interface.save_pretrained(tmp_path / 'itf', repo_id='org/itf')

@@ -84,12 +84,13 @@ def build_network(net: NetworkConfig, index: int, cfg: RunConfig, interface: Opt
         ValueError: A loaded network fits another interface, or ``head: dcc`` with classes other than DCC's.
     """
     if net.load:
-        extractor = Extractor.from_pretrained(f'{net.load}/extractor')
-        head = Head.from_pretrained(f'{net.load}/head')
-        if extractor.interface_id != interface.id:
-            raise ValueError(f'Network {net.name!r} ({net.load}) fits interface {extractor.interface_id}, but this run '
-                             f'uses interface {interface.id}.')
-        return recombine(extractor, head)
+        model = load_network(net, cfg, Path(net.load).parent)
+        fits = {model.extractor.interface_id, model.head.interface_id}
+        if fits != {interface.id}:
+            raise ValueError(f'Network {net.name!r} ({net.load}) fits interface {" and ".join(sorted(fits))}, but '
+                             f'this run uses interface {interface.id}: load the interface it was trained with '
+                             f'(interface.load) or train the network anew (drop networks.{index}.load).')
+        return model
     head = net.head
     if head == 'dcc':
         # The network's own head is the shared DCC head (Sec. 5.2): one classifier for every extractor.
@@ -142,6 +143,7 @@ def load_network(net: NetworkConfig, cfg: RunConfig, components: Path) -> Compat
     head = Head(interface.dcc, interface.width, interface.width, len(classes), classes)  # as make_compatible wraps it
     head.__dict__['interface'] = interface
     return recombine(extractor, head, force=True)
+
 
 @dataclass
 class Phase:

@@ -14,8 +14,8 @@ from matplotlib.ticker import FuncFormatter
 
 from .analysis import sort_correlation
 
-__all__ = ['plot_recombination_matrix', 'plot_correlation_blocks', 'plot_accuracy_curves', 'plot_loss_curves',
-           'plot_phase', 'ReportTable',
+__all__ = ['plot_recombination_matrix', 'plot_correlation_blocks', 'plot_accuracy_curves', 'plot_bars',
+           'plot_loss_curves', 'plot_phase', 'ReportTable',
            'ReportFigure', 'matrix_table', 'write_report']
 
 PathLike = Union[str, os.PathLike]
@@ -106,7 +106,8 @@ def plot_correlation_blocks(blocks: Mapping[str, Tuple[torch.Tensor, str]], path
 
 def plot_accuracy_curves(curves: Mapping[str, Tuple[Sequence[float], Sequence[float]]], path: PathLike,
                          title: str = '', annotate_steps: Sequence[float] = (),
-                         xlabel: str = 'fine-tuning steps', log_x: bool = True) -> Path:
+                         xlabel: str = 'fine-tuning steps', log_x: bool = True,
+                         marks: Optional[Mapping[str, float]] = None) -> Path:
     """Accuracy against fine-tuning steps on a log x axis, like the paper's Fig. 5 (or a linear one).
 
     Step 0 (directly after recombination) has no place on a log axis, so the axis is symmetric-log: linear on
@@ -120,6 +121,7 @@ def plot_accuracy_curves(curves: Mapping[str, Tuple[Sequence[float], Sequence[fl
             directly after recombination and after one epoch).
         xlabel: x-axis label.
         log_x: The symmetric-log axis above; False for a plain linear axis (a curve sampled at even steps).
+        marks: Label -> step, drawn as a dotted vertical line with its label (the paper marks one epoch).
 
     Returns:
         ``path``.
@@ -139,6 +141,10 @@ def plot_accuracy_curves(curves: Mapping[str, Tuple[Sequence[float], Sequence[fl
             if step in annotate_steps:
                 ax.annotate(f'{acc:.1f}', (step, acc), textcoords='offset points', xytext=(0, 5), ha='center',
                             fontsize=8, color=line.get_color())
+    for label, step in (marks or {}).items():
+        ax.axvline(step, color='grey', linestyle=':', linewidth=1)
+        ax.annotate(label, (step, 0), xycoords=('data', 'axes fraction'), xytext=(3, 4), textcoords='offset points',
+                    fontsize=8, color='grey')
     if log_x:
         ax.set_xscale('symlog', linthresh=1.0, linscale=1.0)
         ax.set_xlim(left=-0.2)  # keeps the step-0 markers off the frame
@@ -150,6 +156,53 @@ def plot_accuracy_curves(curves: Mapping[str, Tuple[Sequence[float], Sequence[fl
     if title:
         ax.set_title(title)
     return _save(fig, path)
+
+
+def plot_bars(bars: Mapping[str, Sequence[float]], path: PathLike, title: str = '',
+              paper: Optional[Mapping[str, float]] = None, ylabel: str = 'recombination accuracy (%)') -> Path:
+    """Mean over seeds as bars with a one-std error bar and each seed as a dot, like the paper's Fig. 2 and 4.
+
+    Args:
+        bars: Label -> the values of its seeds, in percent; bars are drawn in this order.
+        path: Output ``.png``.
+        title: Figure title.
+        paper: Label -> the paper's value (%), drawn as a black tick over the bar; labels it lacks get none.
+        ylabel: y-axis label.
+
+    Returns:
+        ``path``.
+    """
+    return _save(_bars_figure(bars, title, paper, ylabel), path)
+
+
+def _bars_figure(bars: Mapping[str, Sequence[float]], title: str, paper: Optional[Mapping[str, float]],
+                 ylabel: str) -> Figure:
+    if not bars or any(len(v) == 0 for v in bars.values()):
+        raise ValueError('Every bar needs at least one value: pass {label: [value of each seed, ...]}.')
+    labels = list(bars)
+    values = [torch.tensor([float(v) for v in bars[k]], dtype=torch.float64) for k in labels]
+    means = [float(v.mean()) for v in values]
+    stds = [float(v.std()) if len(v) > 1 else 0.0 for v in values]  # one seed: no spread to show
+    fig = Figure(figsize=(max(4.0, 0.9 * len(labels) + 1.5), 4.0))
+    ax = fig.subplots()
+    ax.bar(range(len(labels)), means, yerr=stds, capsize=4, color='#8fb8de', edgecolor='#2a5d8a')
+    for i, v in enumerate(values):
+        ax.plot([i] * len(v), v.tolist(), 'o', markersize=3, color='#2a5d8a')
+        ax.annotate(f'{means[i]:.1f}', (i, means[i] + stds[i]), textcoords='offset points', xytext=(0, 3),
+                    ha='center', fontsize=8)
+    marked = [(i, paper[k]) for i, k in enumerate(labels) if paper and k in paper]
+    for n, (i, value) in enumerate(marked):
+        ax.plot([i - 0.4, i + 0.4], [value, value], color='black', linewidth=2, label='paper' if n == 0 else None)
+    ax.set_xticks(range(len(labels)))
+    ax.set_xticklabels(labels, rotation=30 if len(labels) > 4 else 0, ha='right' if len(labels) > 4 else 'center')
+    ax.set_ylabel(ylabel)
+    ax.set_ylim(0, 100)
+    ax.grid(True, axis='y', alpha=0.3)
+    if marked:
+        ax.legend()
+    if title:
+        ax.set_title(title)
+    return fig
 
 
 @dataclass

@@ -1,0 +1,158 @@
+"""The ablations of Sec. 4's supplementary material: recombination accuracy against what each method needs.
+
+    python recipes/sec4_ablations.py --ablation common_classes --budget fast --data-dir ../shared/data --seeds 3
+    python recipes/sec4_ablations.py --ablation split --budget fast --data-dir ../shared/data --seeds 3
+    python recipes/sec4_ablations.py --ablation control --budget fast --data-dir ../shared/data --seeds 3
+
+``common_classes``: DCC alone (configs/sec4/dcc.yaml) with its head on the first K of the nine common classes
+(``interface.dcc_classes``, K from ``--counts``, default 1 to 9, in CIFAR-10's label order without frog); recombination
+accuracy is always measured on all nine. With K = 1 the DCC loss is a one-class softmax, constant, so it trains
+nothing: that point is the independent networks.
+``split``: IIW+RP+DCC split after each of the backbone's last three ``feature_info`` stages, the interface as wide
+as the trunk there (no adapter, as the paper's splits).
+``control``: the paper's "both tasks CIFAR-10" control: network b on the other half of CIFAR-10, clean, all ten
+classes; IIW+RP, IIW+DCC and IIW+RP+DCC should reach the upper bound (each network alone with its own RP head).
+
+Every run is one ``accelerate launch train.py`` run of recipes/sec4_methods.py's method, with the variant's keys set
+on top (``--budget``, ``--setting`` and ``--data-dir`` as there), in OUTPUT/VARIANT/. ``--resume`` skips finished
+runs and continues a killed one, so the table can be built over several sittings; OUTPUT/results.json is rewritten
+after every run and report.md at the end.
+"""
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+from typing import List, NamedTuple
+
+from timm_compat.deployment import BN_MODES
+
+from common import DATA_DIR_HELP, REPO, RESUME_HELP, check_data_dir, data_note, progress
+from sec4_methods import (BUDGETS, SETTINGS, control_overrides, mean_std, run_method, run_overrides, run_record,
+                          runs_of, setting_sources)
+
+ABLATIONS = ('common_classes', 'split', 'control')
+# The classes CIFAR-10 shares with STL-10 (and with side b of the halves stand-ins), in CIFAR-10's label order.
+COMMON = ['airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'horse', 'ship', 'truck']
+
+
+class Variant(NamedTuple):
+    name: str  # its folder under OUTPUT
+    label: str  # its row and bar
+    method: str  # a method of recipes/sec4_methods.py
+    extra: List[str]  # train.py --set values on top of the method's
+
+
+def common_class_variants(args) -> List[Variant]:
+    return [Variant(f'dcc_{k}_classes', str(k), 'dcc', [f'interface.dcc_classes={json.dumps(COMMON[:k])}'])
+            for k in args.counts]
+
+
+def split_variants(args) -> List[Variant]:
+    """IIW+RP+DCC at the last three ``feature_info`` stages of the budget's backbone, as wide as the trunk there."""
+    import timm
+    import torch
+    import timm_compat  # noqa: F401  (registers the CIFAR backbones)
+    from timm_compat.config import load_config
+    cfg = load_config(str(REPO / 'configs' / 'sec4' / 'iiw_rp_dcc.yaml'), run_overrides(args, 0))
+    with torch.device('meta'):
+        info = timm.create_model(cfg.networks[0].backbone).feature_info[-3:]
+    return [Variant(f'split_{i["module"]}', f'{i["module"]} ({i["num_chs"]} ch)', 'iiw_rp_dcc',
+                    [f'networks.{n}.split={i["module"]}' for n in range(2)] + [f'interface.width={i["num_chs"]}'])
+            for i in info]
+
+
+def control_variants(args) -> List[Variant]:
+    both_cifar10 = control_overrides(args.setting)
+    return [Variant('iiw_rp', 'IIW+RP', 'rp', ['iiw=true'] + both_cifar10),
+            Variant('iiw_dcc', 'IIW+DCC', 'dcc', ['iiw=true'] + both_cifar10),
+            Variant('iiw_rp_dcc', 'IIW+RP+DCC', 'iiw_rp_dcc', both_cifar10),
+            Variant('upper_bound', 'Upper bound', 'upper_bound', both_cifar10)]
+
+
+VARIANTS = {'common_classes': common_class_variants, 'split': split_variants, 'control': control_variants}
+TITLES = {'common_classes': 'DCC: recombination accuracy against the number of common classes',
+          'split': 'IIW+RP+DCC: recombination accuracy against the split point',
+          'control': 'Both tasks CIFAR-10: each method against the upper bound'}
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--ablation', required=True, choices=ABLATIONS)
+    parser.add_argument('--setting', default='cifar10_halves', choices=SETTINGS,
+                        help='a data preset of configs/sec4/data/')
+    parser.add_argument('--data-dir', default=None, help=DATA_DIR_HELP)
+    parser.add_argument('--budget', default='cpu', choices=sorted(BUDGETS))
+    parser.add_argument('--epochs', type=float, default=None, help='override the budget\'s epochs')
+    parser.add_argument('--seeds', type=int, default=3)
+    parser.add_argument('--counts', type=int, nargs='+', default=list(range(1, len(COMMON) + 1)),
+                        help='common_classes: the numbers of DCC classes')
+    parser.add_argument('--output', default=None, help='default: runs/sec4_ablations/ABLATION')
+    parser.add_argument('--resume', action='store_true', help=RESUME_HELP)
+    args = parser.parse_args(argv)
+    bad = [k for k in args.counts if not 1 <= k <= len(COMMON)]
+    if bad:
+        parser.error(f'--counts {bad}: the tasks share {len(COMMON)} classes, so give numbers from 1 to {len(COMMON)}.')
+    if args.ablation == 'control':
+        try:
+            control_overrides(args.setting)
+        except ValueError as e:
+            parser.error(str(e))
+    if args.seeds < 1:
+        parser.error(f'--seeds {args.seeds}: give at least one seed.')
+    check_data_dir(parser, args.data_dir, setting_sources(args.setting))
+    args.init = 'random'  # sec4_methods' run keys; the ablations start from random weights
+    args.output = args.output or f'runs/sec4_ablations/{args.ablation}'
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    out = Path(args.output).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    variants = VARIANTS[args.ablation](args)
+    results = {}
+    with progress(args.seeds * sum(runs_of(v.method) for v in variants), f'{args.ablation}: train.py runs') as bar:
+        for variant in variants:
+            (out / variant.name).mkdir(exist_ok=True)
+            for seed in range(args.seeds):
+                start = time.time()
+                summary, run_dirs = run_method(variant.method, seed, args, out / variant.name, bar, variant.extra)
+                record = run_record(summary, upper_bound=variant.method == 'upper_bound')
+                results.setdefault(variant.name, []).append(dict(
+                    seed=seed, **record, wall_seconds=round(time.time() - start, 1), run=[str(r) for r in run_dirs]))
+                bar.write(f'{variant.label} seed {seed}: recombination {record["recombination"]["batch"]:.1f} % '
+                          f'(BN=batch); own {record["own"]["batch"]:.1f} %')
+                (out / 'results.json').write_text(json.dumps({'args': vars(args), 'results': results}, indent=2))
+    write_report(out, args, variants, results)
+
+
+def write_report(out: Path, args, variants: List[Variant], results: dict) -> Path:
+    from timm_compat._hardware import hardware
+    from timm_compat.plots import ReportFigure, ReportTable, plot_bars, write_report as write
+    rows, bars = [], {}
+    for v in variants:
+        runs = results[v.name]
+        cells = [mean_std([r[k][bn] for r in runs]) for k in ('recombination', 'own') for bn in BN_MODES]
+        rows.append([v.label, *(f'{m:.1f} ± {s:.1f}' for m, s in cells), len(runs),
+                     statistics.mean(r['wall_seconds'] for r in runs)])
+        bars[v.label] = [r['recombination']['batch'] for r in runs]
+    figure = plot_bars(bars, out / 'figures' / f'{args.ablation}.png', title=TITLES[args.ablation])
+    command = (f'python recipes/sec4_ablations.py --ablation {args.ablation} --setting {args.setting} --budget '
+               f'{args.budget} --seeds {args.seeds}' + (f' --data-dir {args.data_dir}' if args.data_dir else '')
+               + (f' --epochs {args.epochs}' if args.epochs else '')
+               + (f' --counts {" ".join(map(str, args.counts))}' if args.ablation == 'common_classes' else ''))
+    upper = ' The upper bound row is each network\'s own accuracy on the common classes.' * (args.ablation == 'control')
+    return write(out, TITLES[args.ablation], {
+        'Setup': (f'Command: `{command}`, on {hardware()}. Recombination accuracy: mean of both directions on the '
+                  f'common classes; BN batch statistics (the paper\'s evaluation) and running statistics.{upper} '
+                  + data_note(args.data_dir, setting_sources(args.setting))),
+        'Recombination accuracy (%)': [
+            ReportTable(['variant', 'recombination, BN=batch', 'recombination, BN=running', 'own task, BN=batch',
+                         'own task, BN=running', 'seeds', 's / seed'], rows),
+            ReportFigure(figure, 'Mean over seeds, one std as the error bar, each seed a dot (BN=batch).')],
+    })
+
+
+if __name__ == '__main__':
+    main()

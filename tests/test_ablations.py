@@ -1,0 +1,116 @@
+"""recipes/sec4_ablations.py, the supplementary ablations of Sec. 4: what each variant's train.py runs resolve to,
+its refusals, and (slow) a run end to end that a re-run with --resume reads back instead of training again."""
+import argparse
+import json
+import sys
+
+import pytest
+import timm
+import torch
+
+from tests.test_recipes import CIFAR10_CLASSES, run_recipe, write_cifar10_copy
+from timm_compat.config import load_config
+
+
+@pytest.fixture
+def ablations(import_script):
+    return import_script('recipes', 'sec4_ablations')
+
+
+def resolved(ablations, name, budget, tmp_path, **kw):
+    """``{variant label: [resolved config of each of its train.py runs]}`` of one ablation, seed 0."""
+    args = argparse.Namespace(budget=budget, setting='cifar10_halves', epochs=None, init='random',
+                              counts=list(range(1, 10)), **kw)
+    sec4 = sys.modules['sec4_methods']  # imported by the ablations from their folder
+    return {v.label: [load_config(str(config), sets) for config, _, sets in
+                      sec4.method_runs(v.method, 0, args, tmp_path / v.name, v.extra)]
+            for v in ablations.VARIANTS[name](args)}
+
+
+def test_common_classes_gives_the_dcc_head_the_first_k_common_classes_and_nothing_else(ablations, tmp_path):
+    runs = resolved(ablations, 'common_classes', 'fast', tmp_path)
+    assert list(runs) == [str(k) for k in range(1, 10)]
+    common = [c for c in CIFAR10_CLASSES if c != 'frog']
+    for k in range(1, 10):
+        (cfg,) = runs[str(k)]
+        assert cfg.interface.dcc_classes == common[:k]
+        assert cfg.interface.dcc and not cfg.interface.rp and not cfg.iiw  # DCC alone, as in Fig. 2
+        assert cfg.networks[1].dataset.classes == common  # the tasks keep their nine common classes
+        assert [n.backbone for n in cfg.networks] == ['airbench94_cifar'] * 2
+
+
+@pytest.mark.parametrize('budget,splits', [('cpu', ['layer1', 'layer2', 'layer3']),
+                                           ('fast', ['stages.0', 'stages.1', 'stages.2'])])
+def test_split_trains_iiw_rp_dcc_after_each_of_the_last_three_stages_without_an_adapter(ablations, tmp_path, budget,
+                                                                                     splits):
+    runs = resolved(ablations, 'split', budget, tmp_path)
+    assert len(runs) == 3
+    for (label, (cfg,)), split in zip(runs.items(), splits):
+        assert [n.split for n in cfg.networks] == [split] * 2
+        assert cfg.iiw and cfg.interface.rp and cfg.interface.dcc
+        model = timm.create_model(cfg.networks[0].backbone)
+        trunk = timm.create_model(cfg.networks[0].backbone, features_only=True, out_indices=[
+            [i['module'] for i in model.feature_info].index(split)])
+        channels = trunk(torch.zeros(2, 3, 32, 32))[0].shape[1]
+        assert cfg.interface.width == channels and label == f'{split} ({channels} ch)'
+
+
+def test_control_trains_both_networks_on_clean_cifar10_halves_with_all_ten_classes(ablations, tmp_path):
+    runs = resolved(ablations, 'control', 'cpu', tmp_path)
+    assert list(runs) == ['IIW+RP', 'IIW+DCC', 'IIW+RP+DCC', 'Upper bound']
+    flags = {label: [(c.iiw, c.interface.rp, c.interface.dcc) for c in cfgs] for label, cfgs in runs.items()}
+    assert flags == {'IIW+RP': [(True, True, False)], 'IIW+DCC': [(True, False, True)],
+                     'IIW+RP+DCC': [(True, True, True)], 'Upper bound': [(False, True, False)] * 2}
+    for label, cfgs in runs.items():
+        nets = [n for c in cfgs for n in c.networks]
+        assert [n.dataset.train_shard for n in nets] == [[0, 2], [1, 2]], label  # the two halves
+        assert all(n.dataset.classes is None and n.dataset.shift is None for n in nets[1:]), label
+
+
+@pytest.mark.parametrize('argv,message', [
+    (['--ablation', 'common_classes', '--counts', '0', '9'], '--counts [0]: the tasks share 9 classes'),
+    (['--ablation', 'common_classes', '--counts', '10'], '--counts [10]'),
+    (['--ablation', 'control', '--setting', 'cifar10_stl10'], 'The control needs two parts of one dataset'),
+    (['--ablation', 'split', '--seeds', '0'], '--seeds 0: give at least one seed'),
+])
+def test_bad_arguments_are_refused_before_anything_runs(tmp_path, argv, message):
+    proc = run_recipe('sec4_ablations.py', *argv, '--output', tmp_path / 'out')
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
+    assert not (tmp_path / 'out').exists()
+
+
+def test_a_data_dir_without_the_cifar10_copy_is_refused_before_anything_runs(tmp_path):
+    proc = run_recipe('sec4_ablations.py', '--ablation', 'split', '--data-dir', tmp_path, '--output', tmp_path / 'out')
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert f"is read from a local Parquet copy, but there is no {tmp_path / 'cifar10' / 'train.parquet'}" in proc.stderr
+    assert not (tmp_path / 'out').exists()
+
+
+@pytest.mark.slow  # two short train.py runs of ResNet-8, then the same command again
+def test_common_classes_runs_end_to_end_and_a_resumed_rerun_trains_nothing(tmp_path):
+    write_cifar10_copy(tmp_path / 'data', per_split=(400, 100), num_classes=10)
+    out = tmp_path / 'out'
+    argv = ('--ablation', 'common_classes', '--budget', 'cpu', '--counts', 2, 9, '--seeds', 1, '--epochs', 0.2,
+            '--data-dir', tmp_path / 'data', '--output', out, '--resume')
+    proc = run_recipe('sec4_ablations.py', *argv)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((out / 'results.json').read_text())['results']
+    assert list(results) == ['dcc_2_classes', 'dcc_9_classes']
+    cfg = load_config(str(out / 'dcc_2_classes' / 'dcc_seed0' / 'config.yaml'))
+    assert cfg.interface.dcc_classes == ['airplane', 'automobile']
+    for variant, runs in results.items():
+        summary = json.loads((out / variant / 'dcc_seed0' / 'summary.json').read_text())['phases']['main']
+        m = summary['recombination_matrix']
+        assert runs[0]['recombination']['batch'] == pytest.approx(100 * (m[0][1] + m[1][0]) / 2)
+    report = (out / 'report.md').read_text()
+    assert '| 2 |' in report and '| 9 |' in report and '--counts 2 9' in report
+    assert (out / 'figures' / 'common_classes.png').is_file()
+    weights = sorted(out.glob('*/dcc_seed0/main/components/*/extractor/model.safetensors'))
+    before = [w.stat().st_mtime_ns for w in weights]
+    assert len(weights) == 4
+    proc = run_recipe('sec4_ablations.py', *argv)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [w.stat().st_mtime_ns for w in weights] == before
+    again = json.loads((out / 'results.json').read_text())['results']
+    drop = lambda res: {v: [{k: x for k, x in r.items() if k != 'wall_seconds'} for r in runs] for v, runs in res.items()}
+    assert drop(again) == drop(results)
