@@ -245,8 +245,22 @@ def mean_std(values) -> str:
     return f'{statistics.mean(values):.1f}' + (f' ± {statistics.stdev(values):.1f}' if len(values) > 1 else '')
 
 
+def figure_bars(records) -> tuple:
+    """Fig. 4's bars: each extractor with the updated head and its upper bound, the seeds' values (BN=batch) by
+    label, and the paper's values by the same labels."""
+    bars, paper = {}, {}
+    for name in records[0]['results']:
+        for key, label in (('recombined', 'updated head'), ('upper_bound', 'upper bound')):
+            values = [r['results'][name]['batch'][key] for r in records if key in r['results'][name]['batch']]
+            if values:
+                bars[f'{name}: {label}'] = values
+            if name in PAPER:
+                paper[f'{name}: {label}'] = PAPER[name][key == 'upper_bound']
+    return bars, paper
+
+
 def write_report(out: Path, args, budget, records) -> None:
-    from timm_compat.plots import ReportTable, write_report as write
+    from timm_compat.plots import ReportFigure, ReportTable, plot_bars, write_report as write
     rows = []
     for name in records[0]['results']:
         for bn in BN_MODES:
@@ -259,6 +273,9 @@ def write_report(out: Path, args, budget, records) -> None:
     epochs = f' --epochs {args.epochs}' if args.epochs else ''
     local = records[0]['data_dir']  # where the numbers' data came from, also under --report-only
     data_dir = f' --data-dir {local}' if local else ''
+    bars, paper = figure_bars(records)
+    figure = plot_bars(bars, out / 'figures' / 'head_transfer_bars.png', paper=paper,
+                       ylabel='CIFAR-10 test accuracy (%)', title='Fig. 4: one head on every extractor')
     write(out, 'Sec. 5.2: one head across extractors of different architectures', {
         'Setup': (f'Command: `python recipes/head_transfer.py{data_dir} --budget {args.budget}{epochs} '
                   f'--seeds {args.seeds}` on {records[0]["hardware"]}; {wall / 60:.1f} min per seed end to end '
@@ -271,13 +288,15 @@ def write_report(out: Path, args, budget, records) -> None:
                   f'(the paper\'s evaluation) and with running statistics (plain eval mode, what a deployed model '
                   f'gets). {len(records)} seed(s): mean'
                   + (' ± std.' if len(records) > 1 else '.')),
-        'CIFAR-10 test accuracy (%)': ReportTable(
+        'CIFAR-10 test accuracy (%)': [ReportTable(
             ['extractor', 'BN statistics', 'with the updated head', 'classes 0-4 (mean class acc.)',
              'classes 5-9 (mean class acc.)', 'upper bound (own training)', 'paper: recombined',
              'paper: upper bound'], rows,
             caption=f'The head never saw the non-reference extractors after stage 1, nor classes 5-9 with them; '
                     f'{budget["reference"]} is the reference it was fine-tuned on. Lower bound of the paper: 50 % '
                     f'(perfect on the first five classes).'),
+            ReportFigure(figure, 'Fig. 4 style (BN=batch): mean over seeds, one std as the error bar, each seed a dot, '
+                                 'the paper\'s value as a black tick.')],
     })
 
 

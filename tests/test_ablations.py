@@ -109,6 +109,7 @@ def test_common_classes_runs_end_to_end_and_a_resumed_rerun_trains_nothing(tmp_p
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert [w.stat().st_mtime_ns for w in weights] == before
     again = json.loads((out / 'results.json').read_text())['results']
-    drop = lambda res: {v: [{k: x for k, x in r.items() if k != 'wall_seconds'} for r in runs] for v, runs in res.items()}
+    def drop(res):
+        return {v: [{k: x for k, x in r.items() if k != 'wall_seconds'} for r in runs] for v, runs in res.items()}
     assert all(r['train_seconds'] > 0 for runs in again.values() for r in runs)  # the runs' own, not the read-back's
     assert drop(again) == drop(results)

@@ -174,3 +174,26 @@ def test_transfer_recipe_measures_and_marks_one_epoch_of_the_target_on_every_cur
     for kind in ('ours', 'independent'):
         assert all(c['steps'] == sorted({0, 1, 2, 5, epoch}) for c in results[kind]['curves'])
     assert f'(one epoch: {epoch} steps)' in (out / 'report.md').read_text()
+
+
+def test_head_transfer_report_draws_fig4_from_every_seed_with_the_papers_values(import_script, tmp_path):
+    head_transfer = import_script('recipes', 'head_transfer')
+
+    def record(seed, resnet, upper):
+        cells = {'recombined': resnet, 'classes_0_4': 90.0, 'classes_5_9': 80.0}
+        return {'seed': seed, 'wall_seconds': 60.0, 'stage1_seconds': 30.0, 'hardware': 'cpu', 'data_dir': None,
+                'results': {'wide_resnet56': {bn: dict(cells, recombined=95.0) for bn in ('batch', 'running')},
+                            'resnet56': {bn: dict(cells, upper_bound=upper) for bn in ('batch', 'running')}}}
+
+    records = [record(0, 80.0, 90.0), record(1, 84.0, 92.0)]
+    bars, paper = head_transfer.figure_bars(records)
+    assert bars == {'wide_resnet56: updated head': [95.0, 95.0], 'resnet56: updated head': [80.0, 84.0],
+                    'resnet56: upper bound': [90.0, 92.0]}  # no upper bound measured for the reference here
+    assert paper == {'resnet56: updated head': 91.7, 'resnet56: upper bound': 94.6}
+    for seed, r in enumerate(records):
+        (tmp_path / f'seed{seed}').mkdir()
+        (tmp_path / f'seed{seed}' / 'results.json').write_text(json.dumps(r))
+    head_transfer.main(['--report-only', '--seeds', '2', '--budget', 'cpu', '--output', str(tmp_path)])
+    report = (tmp_path / 'report.md').read_text()
+    assert '| resnet56 | batch | 82.0 ± 2.8 |' in report and '](figures/head_transfer_bars.png)' in report
+    assert (tmp_path / 'figures' / 'head_transfer_bars.png').is_file()
