@@ -41,3 +41,11 @@ def test_train_py_trains_on_the_gpu_and_its_components_load_on_the_cpu(tmp_path)
     components = tmp_path / 'run' / 'main' / 'components'
     extractor = tc.Extractor.from_pretrained(components / 'a' / 'extractor', map_location='cpu')
     assert all(p.device.type == 'cpu' for p in extractor.parameters())
+
+
+@pytest.mark.parametrize('deterministic', [False, True])
+def test_train_py_sets_cudnn_for_speed_or_for_bit_identical_reruns(tmp_path, deterministic):
+    train.main(['-c', str(REPO / 'tests' / 'tiny.yaml'), '--output-dir', str(tmp_path / 'run'), '--set',
+                f'deterministic={str(deterministic).lower()}'])
+    assert torch.backends.cudnn.deterministic is deterministic
+    assert torch.backends.cudnn.benchmark is not deterministic

@@ -5,7 +5,7 @@ from typing import Optional
 import timm
 import torch
 
-__all__ = ['hardware', 'cpu_cores', 'fast_bf16', 'resolve_precision']
+__all__ = ['hardware', 'cpu_cores', 'fast_bf16', 'resolve_precision', 'configure_cuda']
 
 
 def cpu_cores() -> int:
@@ -52,3 +52,20 @@ def resolve_precision(mixed_precision: Optional[str], device_type: str) -> Optio
     if mixed_precision != 'auto':
         return mixed_precision
     return 'bf16' if fast_bf16(device_type) else 'no'
+
+
+def configure_cuda(deterministic: bool) -> None:
+    """cuDNN and matmul settings of a CUDA run.
+
+    Fast by default, as timm's train.py runs: cuDNN autotuning (the inputs have one fixed size) and TF32 in matmuls
+    and convolutions. ``deterministic`` trades both for reruns that repeat bit for bit: deterministic algorithms
+    (an op without one warns), no autotuning, full fp32, and the cuBLAS workspace setting PyTorch asks for, set
+    before the first cuBLAS call.
+    """
+    torch.backends.cudnn.benchmark = not deterministic
+    torch.backends.cudnn.deterministic = deterministic
+    torch.backends.cuda.matmul.allow_tf32 = not deterministic
+    torch.backends.cudnn.allow_tf32 = not deterministic
+    if deterministic:
+        os.environ.setdefault('CUBLAS_WORKSPACE_CONFIG', ':4096:8')
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)

@@ -273,6 +273,7 @@ class RunConfig(_Section):
     gradient_accumulation_steps: Count = 1
     channels_last: bool = False
     compile: bool = False
+    deterministic: bool = False  # CUDA: bit-identical reruns, no cuDNN autotuning or TF32 (_hardware.configure_cuda)
     cpu_threads: Optional[Count] = Field(None, examples=[4])  # None: this process's share of the usable cores
     log_every: Count = 25
     checkpoint_every: Count = 200

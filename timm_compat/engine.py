@@ -22,7 +22,7 @@ from accelerate.tracking import get_available_trackers
 from accelerate.utils import broadcast_object_list, gather_object, set_seed
 
 from ._cpu import keep_freed_memory
-from ._hardware import cpu_cores, resolve_precision
+from ._hardware import configure_cuda, cpu_cores, resolve_precision
 from ._integrity import atomic_write_text
 from .build import Phase
 from .checkpoint import TrainState, check_finite, latest_checkpoint, resume_train_state, save_checkpoint
@@ -59,6 +59,8 @@ def make_accelerator(cfg: RunConfig) -> Accelerator:
                               gradient_accumulation_steps=cfg.gradient_accumulation_steps,
                               log_with=log_with or None, project_dir=cfg.output_dir)
     _check_launch(accelerator)
+    if accelerator.device.type == 'cuda':
+        configure_cuda(cfg.deterministic)
     if accelerator.device.type == 'cpu':
         # accelerate launch leaves OMP_NUM_THREADS=1 unless told otherwise; a CPU run should use its cores.
         torch.set_num_threads(cfg.cpu_threads or max(1, cpu_cores() // accelerator.num_processes))
