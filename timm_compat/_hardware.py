@@ -5,7 +5,9 @@ from typing import Optional
 import timm
 import torch
 
-__all__ = ['hardware', 'cpu_cores', 'fast_bf16', 'resolve_precision', 'configure_cuda']
+from ._cpu import keep_freed_memory
+
+__all__ = ['hardware', 'cpu_cores', 'fast_bf16', 'resolve_precision', 'configure_device', 'configure_cuda']
 
 
 def cpu_cores() -> int:
@@ -52,6 +54,17 @@ def resolve_precision(mixed_precision: Optional[str], device_type: str) -> Optio
     if mixed_precision != 'auto':
         return mixed_precision
     return 'bf16' if fast_bf16(device_type) else 'no'
+
+
+def configure_device(device: torch.device, deterministic: bool, processes: int, cpu_threads: Optional[int]) -> None:
+    """Backend settings of one of ``processes`` processes running on ``device``: :func:`configure_cuda` on CUDA; on
+    CPU ``cpu_threads`` threads (default: this process's share of the cores, since ``accelerate launch`` leaves
+    OMP_NUM_THREADS=1 unless told otherwise) and glibc told to keep freed activation memory."""
+    if device.type == 'cuda':
+        configure_cuda(deterministic)
+    elif device.type == 'cpu':
+        torch.set_num_threads(cpu_threads or max(1, cpu_cores() // processes))
+        keep_freed_memory()
 
 
 def configure_cuda(deterministic: bool) -> None:

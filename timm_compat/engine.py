@@ -21,8 +21,7 @@ from accelerate import Accelerator, PartialState
 from accelerate.tracking import get_available_trackers
 from accelerate.utils import broadcast_object_list, gather_object, set_seed
 
-from ._cpu import keep_freed_memory
-from ._hardware import configure_cuda, cpu_cores, resolve_precision
+from ._hardware import configure_device, resolve_precision
 from ._integrity import atomic_write_text
 from .build import Phase
 from .checkpoint import TrainState, check_finite, latest_checkpoint, resume_train_state, save_checkpoint
@@ -43,8 +42,8 @@ TRACKERS_DIR = 'trackers'  # the trackers' project name: their logs go to OUT/tr
 
 
 def make_accelerator(cfg: RunConfig) -> Accelerator:
-    """The run's Accelerator (mixed precision, gradient accumulation, TensorBoard when installed); on CPU, every
-    core of this process and glibc told to keep freed activation memory."""
+    """The run's Accelerator (mixed precision, gradient accumulation, TensorBoard when installed), its device set up
+    by :func:`~timm_compat._hardware.configure_device`."""
     log_with = cfg.trackers
     if log_with is None:
         log_with = ['tensorboard'] if importlib.util.find_spec('tensorboard') is not None else []
@@ -59,12 +58,7 @@ def make_accelerator(cfg: RunConfig) -> Accelerator:
                               gradient_accumulation_steps=cfg.gradient_accumulation_steps,
                               log_with=log_with or None, project_dir=cfg.output_dir)
     _check_launch(accelerator)
-    if accelerator.device.type == 'cuda':
-        configure_cuda(cfg.deterministic)
-    if accelerator.device.type == 'cpu':
-        # accelerate launch leaves OMP_NUM_THREADS=1 unless told otherwise; a CPU run should use its cores.
-        torch.set_num_threads(cfg.cpu_threads or max(1, cpu_cores() // accelerator.num_processes))
-        keep_freed_memory()
+    configure_device(accelerator.device, cfg.deterministic, accelerator.num_processes, cfg.cpu_threads)
     return accelerator
 
 
@@ -349,8 +343,8 @@ def evaluate_phase(phase: Phase, accelerator: Accelerator) -> Dict[str, Any]:
     if not accelerator.is_main_process:
         return summary
     cfg, names = phase.cfg, [n.name for n in phase.cfg.networks]
-    # Both BN modes: batch statistics are the paper's numbers, running statistics what a deployed model gets.
-    # On the device once, as the training sets and the holdout are: no host copy per test batch.
+    # Both BN modes: batch statistics are the paper's numbers, running statistics what a deployed model gets. The
+    # test sets go to the device once, as the training sets do: no host copy per batch.
     tests = {n: phase.data[n][1].to(accelerator.device) for n in names}
     measured = evaluate_networks({n: phase.models[n] for n in names}, tests, cfg.eval_batch_size, cfg.eval_bn,
                                  title=f'[{phase.tag}] ', tta=cfg.eval_tta)
