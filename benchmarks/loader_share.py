@@ -73,14 +73,14 @@ def main(argv=None) -> list:
 
         def load():
             step = next(counter)
-            return [training_batch(data, sampler.batch(step), *stats, True, memory_format)
-                    for data, sampler in zip(sets, samplers)]
+            return {name: training_batch(data, sampler.batch(step), *stats, True, memory_format)
+                    for name, data, sampler in zip(model.networks, sets, samplers)}
 
-        batches = load()  # make_step's closure reads this list; each timed step refills it in place
+        batches = load()  # make_step's closure reads this dict; each timed step refills it in place
         model_step, _ = make_step(accelerator, model, batches)
 
         def step():
-            batches[:] = load()
+            batches.update(load())
             model_step()
 
         step()  # warmup
