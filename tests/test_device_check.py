@@ -38,11 +38,8 @@ def test_gpu_steps_fit_the_eight_minutes_and_use_the_gpu(device_check, tmp_path)
     assert sum(limit for _, _, limit in plan) <= 8 * 60
     for name, command, _ in plan[1:3]:
         assert command[command.index('--device') + 1] == 'cuda', name
-    assert command_budget(plan[3][1]) == 'fast'
-
-
-def command_budget(command):
-    return command[command.index('--budget') + 1]
+    recipe = plan[3][1]
+    assert recipe[recipe.index('--budget') + 1] == 'fast'
 
 
 @pytest.mark.slow  # the four steps at their smallest: the recipe's tiny budget is four short train.py runs
