@@ -267,7 +267,7 @@ class RunConfig(_Section):
     # airbench's whitening convs (timm_compat.whitening; no-op without): init from N training images; bias epochs
     whitening_init_examples: Optional[Count] = Field(5000, examples=[5000])
     whitening_bias_epochs: Optional[Float] = Field(None, gt=0, examples=[3])  # None: the bias trains throughout
-    # None: what `accelerate launch` says; auto: bf16 on GPUs and AMX CPUs, else fp32 (_hardware.fast_bf16)
+    # None: what `accelerate launch` says; auto: bf16 where it is faster (_hardware.fast_bf16), else fp32
     mixed_precision: Annotated[Optional[Literal['no', 'fp16', 'bf16', 'auto']], BeforeValidator(_precision)] = Field(
         None, examples=['bf16'])
     gradient_accumulation_steps: Count = 1
