@@ -1,12 +1,16 @@
 """``_hardware.configure_cuda``: fast cuDNN and TF32 settings by default, bit-identical reruns with
-``deterministic: true``; a CPU run leaves them alone."""
+``deterministic: true``; a CPU run leaves them alone. ``sync_batchnorm``: timm's ``--sync-bn``."""
 import os
 
 import pytest
 import torch
 
 import train
-from timm_compat._hardware import configure_cuda
+import timm
+from torch.nn.modules.batchnorm import _BatchNorm
+
+import timm_compat  # noqa: F401  (registers the CIFAR backbones)
+from timm_compat._hardware import configure_cuda, sync_batchnorm
 from tests.conftest import REPO
 
 CUDNN, MATMUL = torch.backends.cudnn, torch.backends.cuda.matmul
@@ -41,3 +45,30 @@ def test_a_cpu_run_leaves_the_cuda_settings_alone(saved_backends, tmp_path):
                           '--set', 'deterministic=true'])
     assert summary['config']['deterministic'] is True
     assert (torch.are_deterministic_algorithms_enabled(), CUDNN.benchmark) == before
+
+
+@pytest.mark.parametrize('backbone', ['resnet8_cifar', 'airbench94_cifar', 'mobilenetv2_100'])
+def test_sync_batchnorm_converts_every_bn_and_keeps_weights_flags_and_outputs(backbone):
+    torch.manual_seed(0)
+    model = timm.create_model(backbone, num_classes=10).train()
+    x = torch.randn(4, 3, 32, 32)
+    expected = model(x)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    frozen = sorted(k for k, p in model.named_parameters() if not p.requires_grad)
+    sync_batchnorm(model, torch.device('cuda'), processes=2)  # converting needs no GPU; training would
+    bns = [m for m in model.modules() if isinstance(m, _BatchNorm)]
+    assert bns and all(type(m).__name__.startswith('SyncBatchNorm') for m in bns)
+    assert sorted(k for k, p in model.named_parameters() if not p.requires_grad) == frozen  # airbench's BN weights
+    assert model.state_dict().keys() == before.keys()
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    # Outside a process group SyncBatchNorm is plain BN: timm's BatchNormAct2d must keep its activation.
+    torch.testing.assert_close(model(x), expected)
+
+
+def test_sync_batchnorm_is_a_no_op_for_one_process_and_refused_on_cpu():
+    model = timm.create_model('resnet8_cifar', num_classes=10)
+    sync_batchnorm(model, torch.device('cpu'), processes=1)
+    assert not any(type(m).__name__.startswith('Sync') for m in model.modules())
+    with pytest.raises(ValueError, match='sync_batchnorm=false'):
+        sync_batchnorm(model, torch.device('cpu'), processes=2)
+    assert not any(type(m).__name__.startswith('Sync') for m in model.modules())

@@ -4,10 +4,14 @@ from typing import Optional
 
 import timm
 import torch
+from timm.layers import convert_sync_batchnorm
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from ._cpu import keep_freed_memory
 
-__all__ = ['hardware', 'cpu_cores', 'fast_bf16', 'resolve_precision', 'configure_device', 'configure_cuda']
+__all__ = ['hardware', 'cpu_cores', 'fast_bf16', 'resolve_precision', 'configure_device', 'configure_cuda',
+           'sync_batchnorm']
 
 
 def cpu_cores() -> int:
@@ -85,3 +89,29 @@ def configure_cuda(deterministic: bool) -> None:
     if deterministic:
         os.environ.setdefault('CUBLAS_WORKSPACE_CONFIG', ':4096:8')
     torch.use_deterministic_algorithms(deterministic, warn_only=True)
+
+
+def sync_batchnorm(module: nn.Module, device: torch.device, processes: int) -> None:
+    """timm's ``--sync-bn``: every BN layer of ``module`` (timm's ``BatchNormAct2d`` too), converted in place,
+    normalises with the statistics of the global batch, not of its process's ``batch_size`` examples. A no-op for
+    one process.
+
+    Raises:
+        ValueError: With several processes on a device that torch's ``SyncBatchNorm`` does not run on (the CPU).
+    """
+    if processes == 1:
+        return
+    if device.type != 'cuda':
+        raise ValueError(f'sync_batchnorm runs on CUDA only (torch.nn.SyncBatchNorm), this run has {processes} '
+                         f'processes on {device.type}: set sync_batchnorm=false, or train on GPUs.')
+    # timm's converter takes BN weights for parameters; airbench's frozen ones are buffers (freeze_weight).
+    frozen = {name for name, m in module.named_modules() if isinstance(m, _BatchNorm) and 'weight' in m._buffers}
+    for name in frozen:
+        bn = module.get_submodule(name)
+        bn.weight = nn.Parameter(bn._buffers.pop('weight'), requires_grad=False)
+    convert_sync_batchnorm(module)
+    for name in frozen:
+        bn = module.get_submodule(name)
+        weight = bn.weight.detach()
+        del bn.weight
+        bn.register_buffer('weight', weight)

@@ -247,8 +247,7 @@ class RunConfig(_Section):
     seed: Seed = 0
     iiw: bool = True  # identical initial weights (timm_compat.methods.iiw): every network starts from init_seed
     init_seed: Seed = 0
-    # Sec. 3.4: each step sums all networks' losses ('sum') or alternates minibatches between networks (the paper's
-    # way; then each step trains one network, and `epochs` counts each network's epochs).
+    # Sec. 3.4: each step sums all networks' losses or alternates networks (the paper's; `epochs`: each network's)
     joint_schedule: Literal['sum', 'alternate'] = 'sum'
     task_weight: Float = Field(1.0, ge=0)  # of each network's task loss; 0: labels unused (RP pre-training)
     networks: List[NetworkConfig] = Field(default_factory=_demo_networks, min_length=1,
@@ -256,7 +255,7 @@ class RunConfig(_Section):
     interface: InterfaceConfig = Field(default_factory=lambda: InterfaceConfig(width=_DEMO_WIDTH),
                                        examples=[{'width': 64}])
     optim: OptimConfig = Field(default_factory=OptimConfig, examples=[{'lr': 0.1}])
-    batch_size: Count = 64
+    batch_size: Count = 64  # per process: with N processes an update sees N x batch_size examples
     epochs: Float = Field(5.0, gt=0)  # over the largest training set
     steps: Optional[Count] = Field(None, examples=[1000])  # overrides epochs
     image_size: int = Field(32, ge=8)
@@ -272,7 +271,8 @@ class RunConfig(_Section):
         None, examples=['bf16'])
     gradient_accumulation_steps: Count = 1
     channels_last: bool = False
-    compile: bool = False
+    compile: Union[bool, str] = Field(False, examples=[True, 'inductor'])  # true or a torch.compile backend
+    sync_batchnorm: bool = False  # several processes: BN statistics of the global batch (timm's --sync-bn; CUDA)
     deterministic: bool = False  # CUDA: bit-identical reruns, no cuDNN autotuning or TF32 (_hardware.configure_cuda)
     cpu_threads: Optional[Count] = Field(None, examples=[4])  # None: this process's share of the usable cores
     log_every: Count = 25

@@ -21,7 +21,7 @@ from accelerate import Accelerator, PartialState
 from accelerate.tracking import get_available_trackers
 from accelerate.utils import broadcast_object_list, gather_object, set_seed
 
-from ._hardware import configure_device, resolve_precision
+from ._hardware import configure_device, resolve_precision, sync_batchnorm
 from ._integrity import atomic_write_text
 from .build import Phase
 from .checkpoint import TrainState, check_finite, latest_checkpoint, resume_train_state, save_checkpoint
@@ -176,10 +176,12 @@ def fit_phase(phase: Phase, accelerator: Accelerator, out: Path, resume: bool) -
     # Alternating, each step trains one network: `epochs` stays each network's number of epochs.
     turns = len(phase.trained) if cfg.joint_schedule == 'alternate' else 1
     total_steps = cfg.steps or math.ceil(cfg.epochs * max(s.steps_per_epoch for _, s in data.values()) * turns)
+    if cfg.sync_batchnorm:
+        sync_batchnorm(phase.joint, device, accelerator.num_processes)
     optimizer, scheduler = make_optim(phase, total_steps, accelerator.num_processes)
-    joint, optimizer, scheduler = accelerator.prepare(phase.joint, optimizer, scheduler)
     if cfg.compile:
-        joint = torch.compile(joint)
+        phase.joint.compile(backend='inductor' if cfg.compile is True else cfg.compile)
+    joint, optimizer, scheduler = accelerator.prepare(phase.joint, optimizer, scheduler)
     state = resume_train_state(phase.tag, accelerator, out, resume)
     loop = TrainLoop(phase, accelerator, joint, optimizer, scheduler, state, out, data)
     loop.run(total_steps)

@@ -106,9 +106,12 @@ class JointModel(TrainingTask):
         return self
 
     def compile(self, backend: str = 'inductor', mode: Optional[str] = None, **compile_kwargs) -> None:
-        """timm's hook: compile every network in place (before :meth:`prepare_distributed`)."""
+        """timm's hook: compile the modules that do the tensor work, each network's extractor and head, in place
+        (state-dict keys unchanged), before DDP wraps the task; the task's Python loop over networks and methods
+        stays eager, where it would break the graph. Evaluation calls the same modules, so it runs compiled too."""
         for network in self.networks.values():
-            network.compile(backend=backend, mode=mode, **compile_kwargs)
+            for module in (network.extractor, network.head):
+                module.compile(backend=backend, mode=mode, **compile_kwargs)
 
     def forward(self, batches: Dict[str, Tuple[torch.Tensor, torch.Tensor]]) -> Dict[str, torch.Tensor]:
         """:meth:`losses`, through DDP after :meth:`prepare_distributed`."""
