@@ -74,6 +74,10 @@ def main(argv=None) -> dict:
             print('\n' + '\n\n'.join(r['table'] for r in results.values()))
             print(f'\nwall time {summary["wall_seconds"]} s on {accelerator.num_processes} process(es), '
                   f'{accelerator.device}; results in {out / "summary.json"}')
+            # Last, after every collective: the other processes are done, none waits during the upload.
+            for p in phases:
+                if cfg.push_to_hub and p.tag not in finished:
+                    push_components(p, Path(results[p.tag]['components']))
     return summary
 
 
@@ -91,11 +95,9 @@ def run_phase(phase: Phase, accelerator: Accelerator, out: Path, resume: bool) -
         summary['components'] = str(components)
     summary.update(fitted)
     if accelerator.is_main_process:
-        # The summary is written first: a failed push loses nothing, and a resume takes the phase as finished.
+        # Written before any push (main() pushes last): a failed push loses nothing; a resume skips the phase.
         write_summary(out / 'summary.json', summary)
         plot_phase(out, summary, MetricsLog(out / 'metrics.csv').rows())  # recombination.png, loss.png
-    if cfg.push_to_hub:
-        push_components(phase, accelerator, components)
     accelerator.free_memory()  # the next phase checkpoints only its own models
     accelerator.wait_for_everyone()
     return summary

@@ -1,12 +1,13 @@
 """Benchmark: minutes of training to 90 % / 93 % CIFAR-10 test accuracy, plain vs compatible (issue 16).
 
-    python benchmarks/time_to_accuracy.py --data-dir ../shared/data              # the three runs, ~2 h on 2 cores
+    python benchmarks/time_to_accuracy.py --data-dir ../shared/data          # the three runs: 1.5 h (bf16, Zen 5)
     python benchmarks/time_to_accuracy.py --data-dir ../shared/data --runs plain compatible_one --seed 1
     python benchmarks/time_to_accuracy.py --data-dir ../shared/data --set mixed_precision=bf16 --output runs/tta_bf16
     python benchmarks/time_to_accuracy.py --output runs/time_to_accuracy --report-only
     python benchmarks/time_to_accuracy.py --data-dir ../shared/data --flops-only     # the FLOP-ideal ratios, seconds
 
-Three train.py runs of the fast family (``airbench94_cifar``, airbench94's recipe, fp32 channels_last):
+Three train.py runs of the fast family (``airbench94_cifar``, airbench94's recipe, channels_last, the configs'
+``mixed_precision: auto``: bf16 where the machine multiplies it fast, else fp32; each record says which):
 
 - ``plain``: ``configs/fast/plain.yaml``, one network on all of CIFAR-10;
 - ``compatible_four``: ``configs/fast/compatible_halves.yaml``, a pair on the two halves of CIFAR-10 trained

@@ -156,6 +156,17 @@ def test_iterate_batches_pairs_images_with_their_labels():
     assert sorted(seen) == list(range(30)) and seen != list(range(30))
 
 
+@pytest.mark.parametrize('processes', [2, 3, 5])
+def test_the_shards_of_an_evaluation_pass_are_its_batches(processes):
+    # A sharded evaluation must score the very batches of one pass (batch statistics depend on them), each once.
+    data = ImageData(torch.zeros(30, 3, 2, 2, dtype=torch.uint8), torch.arange(30), [str(i) for i in range(30)])
+    whole = [labels.tolist() for _, labels in iterate_batches(data, 8, seed=1)]
+    shards = [[labels.tolist() for _, labels in iterate_batches(data, 8, seed=1, shard=(r, processes))]
+              for r in range(processes)]
+    assert sorted(b for shard in shards for b in shard) == sorted(whole) and len(whole) == 4
+    assert all(len(shard) in (len(whole) // processes, -(-len(whole) // processes)) for shard in shards)
+
+
 def sorted_by_class(num_classes=10, per_class=50):
     labels = torch.arange(num_classes).repeat_interleave(per_class)
     return ImageData(labels.to(torch.uint8).view(-1, 1, 1, 1).expand(-1, 3, 2, 2), labels,

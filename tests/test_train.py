@@ -15,6 +15,8 @@ import timm_compat as tc
 import train
 from timm_compat import build, engine
 from timm_compat.classes import common_classes
+from timm_compat.data import evaluation_batches
+from timm_compat.evaluation import evaluate_networks
 from timm_compat.methods import methods_for
 from timm_compat.synthetic import SYNTHETIC_CLASSES
 from timm_compat.joint import JointModel
@@ -328,6 +330,15 @@ def test_two_process_ddp_on_cpu(tmp_path):
     # accelerate steps a prepared scheduler once per process: the cosine must still end exactly at the last step.
     last = (tmp_path / 'ddp' / 'main' / 'metrics.csv').read_text().splitlines()[-1].split(',')
     assert last[0] == '4' and float(last[1]) == 0.0
+    # Each process scored its shard of the test batches: together, the numbers of one single-process pass.
+    _, cfg = train.parse_args(['-c', TINY])
+    components = tmp_path / 'ddp' / 'main' / 'components'
+    models = {n.name: build.load_network(n, cfg, components) for n in cfg.networks}
+    tests = {n.name: build.load_task_data(n, cfg)[1] for n in cfg.networks}
+    assert all(len(evaluation_batches(len(t), cfg.eval_batch_size)) == 2 for t in tests.values())  # one a process
+    measured = evaluate_networks(models, tests, cfg.eval_batch_size, cfg.eval_bn)
+    for key in ('own_accuracy', 'recombination_matrix', 'own_accuracy_running', 'recombination_matrix_running'):
+        assert summary['phases']['main'][key] == measured[key], key
 
 
 @pytest.mark.slow  # two processes start
@@ -364,6 +375,8 @@ def test_save_components_and_push_to_hub(tmp_path, monkeypatch):
     def upload_folder(self, **kwargs):  # records what would go up; the folder itself is temporary
         uploads[kwargs['repo_id']] = (sorted(p.name for p in Path(kwargs['folder_path']).iterdir()),
                                       kwargs['commit_message'])
+        # Pushes come last, after the run's last collective: under DDP no process waits in one during an upload.
+        assert (tmp_path / 'run' / 'summary.json').is_file()
 
     monkeypatch.setattr(HfApi, 'create_repo', create_repo)
     monkeypatch.setattr(HfApi, 'upload_folder', upload_folder)

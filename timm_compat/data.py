@@ -379,12 +379,15 @@ def evaluation_batches(num_examples: int, batch_size: int, seed: int = 0) -> Lis
     return list(order.split([base + 1] * extra + [base] * (count - extra)))
 
 
-def iterate_batches(data: ImageData, batch_size: int, seed: int = 0) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+def iterate_batches(data: ImageData, batch_size: int, seed: int = 0, shard: Tuple[int, int] = (0, 1)
+                    ) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
     """``(images, labels)`` batches for evaluation, in the order of :func:`evaluation_batches`.
 
     The order depends only on ``len(data)`` and ``seed``, so two models evaluated on the same data see the same
-    batches, and the stored order of the data (e.g. sorted by class) does not bias batch statistics.
+    batches, and the stored order of the data (e.g. sorted by class) does not bias batch statistics. ``shard``
+    ``(rank, processes)``: every ``processes``-th batch from ``rank`` on; the shards' batches are the whole pass's.
     """
-    for index in evaluation_batches(len(data), batch_size, seed):
+    rank, processes = shard
+    for index in evaluation_batches(len(data), batch_size, seed)[rank::processes]:
         index = index.to(data.labels.device)
         yield data.images[index], data.labels[index]

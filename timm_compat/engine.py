@@ -1,11 +1,10 @@
 """The training engine of a run: the Accelerator, one phase's fit (resume, step loop, checkpoints), its evaluation
 and its components.
 
-A phase (:class:`~timm_compat.build.Phase`) is fitted by :func:`fit_phase` to its last step: ``accelerator.prepare``,
-optional ``torch.compile``, a resume from the newest checkpoint, then :class:`TrainLoop`, which runs the generic
-step loop :func:`~timm_compat.fit.fit` with the phase's batches, NaN checks, logs and checkpoints. :func:`evaluate_phase`
-checks that every DDP rank ended with the same interface and measures the networks; :func:`save_components` and
-:func:`push_components` write what was trained.
+A phase (:class:`~timm_compat.build.Phase`) is fitted by :func:`fit_phase` to its last step: optional SyncBatchNorm
+and ``torch.compile``, ``accelerator.prepare``, a resume from the newest checkpoint, then :class:`TrainLoop` (the
+step loop :func:`~timm_compat.fit.fit` with the phase's batches, NaN checks, logs and checkpoints). :func:`evaluate_phase`
+measures the networks on every rank's shard; :func:`save_components` and :func:`push_components` write them.
 """
 import contextlib
 import importlib.util
@@ -323,13 +322,14 @@ class TrainLoop:
 
 
 def evaluate_phase(phase: Phase, accelerator: Accelerator) -> Dict[str, Any]:
-    """Check that every rank ended with the same interface; on the main process, measure the networks.
+    """Check that every rank ended with the same interface; measure the networks, each process on its shard of the
+    test batches (the numbers of a single-process pass: :mod:`timm_compat.evaluation`).
 
     Returns:
         On every process ``interface_id_per_rank`` and ``processes``; on the main process also the ``phase``,
-        ``networks``, each network's ``own_accuracy``, the ``recombination_matrix`` (extractor i + head j on
-        task i), both again under the other BN mode (``own_accuracy_running``, ...: see
-        :func:`~timm_compat.evaluation.evaluate_networks`), the ``interface_id`` and the printed ``table``.
+        ``networks``, each network's ``own_accuracy``, the ``recombination_matrix`` (extractor i + head j on task i),
+        both again under the other BN mode (:func:`~timm_compat.evaluation.evaluate_networks`), the ``interface_id``
+        and the printed ``table``.
 
     Raises:
         RuntimeError: The ranks ended with different interfaces (a broken DDP setup).
@@ -342,14 +342,14 @@ def evaluate_phase(phase: Phase, accelerator: Accelerator) -> Dict[str, Any]:
     if len(set(ids)) > 1:
         raise RuntimeError(f'[{phase.tag}] processes ended with different interfaces {ids}: the DDP setup is broken.')
     summary = {'interface_id_per_rank': ids, 'processes': accelerator.num_processes}
-    if not accelerator.is_main_process:
-        return summary
     cfg, names = phase.cfg, [n.name for n in phase.cfg.networks]
     # Both BN modes: batch statistics are the paper's numbers, running statistics what a deployed model gets. The
-    # test sets go to the device once, as the training sets do: no host copy per batch.
+    # test sets go to the device once, as the training sets do; each process scores its shard of the batches.
     tests = {n: phase.data[n][1].to(accelerator.device) for n in names}
     measured = evaluate_networks({n: phase.models[n] for n in names}, tests, cfg.eval_batch_size, cfg.eval_bn,
-                                 title=f'[{phase.tag}] ', tta=cfg.eval_tta)
+                                 title=f'[{phase.tag}] ', tta=cfg.eval_tta, shard=(accelerator.process_index, len(ids)))
+    if not accelerator.is_main_process:
+        return summary
     print(measured['table'])
     summary.update(phase=phase.tag, networks=names, **measured,
                    interface_id=phase.interface.id if phase.interface is not None else None)
@@ -368,12 +368,13 @@ def save_components(phase: Phase, folder: Path) -> None:
                 phase.models[n.name].head.save_pretrained(folder / n.name / 'head')
 
 
-def push_components(phase: Phase, accelerator: Accelerator, saved: Path) -> None:
+def push_components(phase: Phase, saved: Path) -> None:
     """Push what ``phase`` trained to the Hub as ``<prefix>-interface`` and ``<prefix>-<network>-extractor|head``
-    (``prefix`` is ``phase.cfg.push_to_hub``), from the main process.
+    (``prefix`` is ``phase.cfg.push_to_hub``). Main process only, after the run's last collective: no other process
+    waits in one (and may time out) during a slow upload.
 
     Raises:
-        ValueError: On every process, when a push fails; it names ``saved``, where the components are kept.
+        ValueError: A push failed; it names ``saved``, where the components are kept.
     """
     prefix, interface = phase.cfg.push_to_hub, phase.interface
     message = f'timm-compat {phase.tag} run: interface {interface.id if interface is not None else "none"}'
@@ -383,16 +384,12 @@ def push_components(phase: Phase, accelerator: Accelerator, saved: Path) -> None
             parts.append((phase.models[n.name].extractor, f'{n.name}-extractor'))
             if n.head != 'dcc':
                 parts.append((phase.models[n.name].head, f'{n.name}-head'))
-
-    def push():
-        for component, name in parts:
-            try:
-                component.push_to_hub(f'{prefix}-{name}', commit_message=message)
-            except Exception as e:  # the network, the Hub or the login: the results are safe either way
-                raise ValueError(f'[{phase.tag}] pushing {prefix}-{name} failed ({e}). Nothing is lost: the '
-                                 f'components are in {saved} and the summary is written; push them from there.'
-                                 ) from None
-    _on_main_process(accelerator, push)
+    for component, name in parts:
+        try:
+            component.push_to_hub(f'{prefix}-{name}', commit_message=message)
+        except Exception as e:  # the network, the Hub or the login: the results are safe either way
+            raise ValueError(f'[{phase.tag}] pushing {prefix}-{name} failed ({e}). Nothing is lost: the components '
+                             f'are in {saved} and the summary is written; push them from there.') from None
 
 
 def write_summary(path: Path, summary: Dict[str, Any]) -> None:

@@ -9,13 +9,17 @@ With batch statistics a prediction depends on the rest of its batch, so every fu
 a fixed seeded permutation (:func:`~timm_compat.data.evaluation_batches`): a test set stored sorted by class scores
 as a shuffled copy does, and every model evaluated on the same data sees the same batches.
 
+Under ``shard=(rank, processes)`` each process of a multi-process run scores its share of the same batches and the
+counts are summed over the processes (``torch.distributed.all_reduce``), so every process gets the numbers of a
+single-process pass, batch statistics included.
+
 A recombination matrix shows a progress bar (``tqdm.auto``, on stderr) counting its evaluation batches, on the local
 main process only; it clears itself when done, since it usually runs inside a longer job's bar.
 """
 import os
 from contextlib import ExitStack
 from itertools import chain
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -49,7 +53,7 @@ def _inputs(images: torch.Tensor, extractor: nn.Module, device) -> torch.Tensor:
 
 @torch.no_grad()
 def accuracy(model, data: ImageData, batch_size: int = 256, bn: str = 'batch', seed: int = 0,
-             tta: str = 'none') -> float:
+             tta: str = 'none', shard: Tuple[int, int] = (0, 1)) -> float:
     """Top-1 accuracy of ``model`` on all of ``data``, over all of the model's classes.
 
     Args:
@@ -60,15 +64,22 @@ def accuracy(model, data: ImageData, batch_size: int = 256, bn: str = 'batch', s
         seed: Seed of the order in which the images are batched (see :func:`~timm_compat.data.iterate_batches`).
         tta: Test-time augmentation (:mod:`timm_compat.tta`): ``'none'`` (the paper's), ``'flip'`` or
             ``'flip_translate'``.
+        shard: ``(rank, processes)`` of a multi-process run: see the module's docstring; every process calls it.
     """
     _check_loaded([model])
     device = _device(model.extractor)
-    correct = 0  # becomes a tensor on the logits' device: no host sync per batch
+    correct = torch.zeros((), dtype=torch.long, device=_device(model.head))  # no host sync per batch
     with eval_mode(model, bn):
-        for images, labels in iterate_batches(data, batch_size, seed):
+        for images, labels in iterate_batches(data, batch_size, seed, shard):
             logits = tta_logits(model, _inputs(images, model.extractor, device), tta)
             correct += (logits.argmax(1) == labels.to(logits.device)).sum()
-    return int(correct) / len(data)
+    return int(_summed(correct, shard)) / len(data)
+
+
+def _summed(count: torch.Tensor, shard: Tuple[int, int]) -> torch.Tensor:
+    if shard[1] > 1:
+        torch.distributed.all_reduce(count)
+    return count
 
 
 @torch.no_grad()
@@ -113,7 +124,8 @@ def _head_columns(head, common: Sequence[str]) -> List[int]:
 
 
 def _row_correct(row_model, heads: Sequence[nn.Module], columns: Sequence[List[int]], data: ImageData,
-                 batch_size: int, bn: str, seed: int, progress: tqdm, tta: str = 'none') -> List[torch.Tensor]:
+                 batch_size: int, bn: str, seed: int, progress: tqdm, tta: str = 'none',
+                 shard: Tuple[int, int] = (0, 1)) -> List[torch.Tensor]:
     """Correct predictions of ``row_model``'s extractor with each head (argmax over its ``columns``) on ``data``.
 
     Under TTA each view's features are computed once and fed to every head, and each head's logits are averaged.
@@ -130,7 +142,7 @@ def _row_correct(row_model, heads: Sequence[nn.Module], columns: Sequence[List[i
         stack.enter_context(eval_mode(extractor, bn))
         for head in heads:
             stack.enter_context(eval_mode(head, bn))
-        for images, labels in iterate_batches(data, batch_size, seed):
+        for images, labels in iterate_batches(data, batch_size, seed, shard):
             logits = [0.0] * len(heads)
             for weight, view in tta_views(_inputs(images, extractor, device), tta):
                 features = extractor(view)
@@ -139,13 +151,13 @@ def _row_correct(row_model, heads: Sequence[nn.Module], columns: Sequence[List[i
             for j, head_device in enumerate(head_devices):
                 correct[j] += (logits[j].argmax(1) == labels.to(head_device)).sum()
             progress.update(1)
-    return correct
+    return [_summed(c, shard) for c in correct]
 
 
 @torch.no_grad()
 def recombination_matrix(models: Sequence, test_data: Sequence[ImageData], batch_size: int = 256,
                          bn: str = 'batch', common: Optional[Sequence[str]] = None, seed: int = 0,
-                         tta: str = 'none') -> torch.Tensor:
+                         tta: str = 'none', shard: Tuple[int, int] = (0, 1)) -> torch.Tensor:
     """Accuracy of every extractor with every head, on the classes common to all networks.
 
     Every entry, the diagonal included, predicts among the common classes only (the argmax runs over the head's
@@ -161,6 +173,7 @@ def recombination_matrix(models: Sequence, test_data: Sequence[ImageData], batch
         common: Classes to evaluate on; default the classes (by name, up to synonyms) of every test set.
         seed: Seed of the order in which the images are batched (see :func:`~timm_compat.data.iterate_batches`).
         tta: Test-time augmentation, as in :func:`accuracy`.
+        shard: As in :func:`accuracy`.
 
     Returns:
         ``(N, N)`` tensor; entry ``[i, j]`` is extractor ``i`` + head ``j`` on test set ``i``.
@@ -176,11 +189,12 @@ def recombination_matrix(models: Sequence, test_data: Sequence[ImageData], batch
     subsets = [_common_subset(data, common) for data in test_data]
     matrix = torch.zeros(len(models), len(models))
     # Local rank as Accelerate sets it: in a multi-process run only one process draws the bar.
-    with tqdm(total=sum(len(evaluation_batches(len(s), batch_size, seed)) for s in subsets), leave=False,
+    with tqdm(total=sum(len(evaluation_batches(len(s), batch_size, seed)[shard[0]::shard[1]]) for s in subsets),
+              leave=False,
               desc=f'recombination matrix (BN={bn})', unit='batch',
               disable=int(os.environ.get('LOCAL_RANK', 0)) != 0) as progress:
         for i, (row_model, subset) in enumerate(zip(models, subsets)):
-            correct = _row_correct(row_model, heads, columns, subset, batch_size, bn, seed, progress, tta)
+            correct = _row_correct(row_model, heads, columns, subset, batch_size, bn, seed, progress, tta, shard)
             matrix[i] = torch.tensor([int(c) for c in correct], dtype=torch.float64) / len(subset)
     return matrix
 
@@ -218,7 +232,8 @@ def format_matrix(matrix: torch.Tensor, names: Sequence[str], title: str = '',
 
 
 def evaluate_networks(models: Dict[str, nn.Module], tests: Dict[str, ImageData], batch_size: int = 256,
-                      bn: str = 'batch', title: str = '', tta: str = 'none') -> Dict[str, Any]:
+                      bn: str = 'batch', title: str = '', tta: str = 'none', shard: Tuple[int, int] = (0, 1)
+                      ) -> Dict[str, Any]:
     """Own accuracy and the recombination matrix under ``bn``, and both again under the other BN mode.
 
     Batch statistics are the paper's protocol; running statistics are what a deployed model (plain ``eval()``, one
@@ -231,6 +246,7 @@ def evaluate_networks(models: Dict[str, nn.Module], tests: Dict[str, ImageData],
         bn: The main BN mode (``'batch'`` or ``'running'``); its numbers keep the plain keys.
         title: First words of each table's title.
         tta: Test-time augmentation of every number, as in :func:`accuracy`.
+        shard: As in :func:`accuracy`.
 
     Returns:
         ``own_accuracy`` and ``recombination_matrix`` under ``bn``; ``own_accuracy_<other>`` and
@@ -240,9 +256,9 @@ def evaluate_networks(models: Dict[str, nn.Module], tests: Dict[str, ImageData],
     names = list(models)
     result, tables = {}, []
     for mode, suffix in ((bn, ''), (other, f'_{other}')):
-        own = {n: accuracy(models[n], tests[n], batch_size, mode, tta=tta) for n in names}
+        own = {n: accuracy(models[n], tests[n], batch_size, mode, tta=tta, shard=shard) for n in names}
         matrix = recombination_matrix([models[n] for n in names], [tests[n] for n in names], batch_size, mode,
-                                      tta=tta)
+                                      tta=tta, shard=shard)
         tables.append(format_matrix(matrix, names, title=f'{title}recombination accuracy (%), common classes, '
                                                         f'BN={mode}' + (f', TTA={tta}' if tta != 'none' else ''),
                                  own=[own[n] for n in names]))
