@@ -42,7 +42,7 @@ def fast_bf16(device_type: str) -> bool:
     """Whether bf16 autocast is expected to train faster than fp32 on this machine's ``device_type``.
 
     On CUDA where the GPU has bf16. On CPU with AMX tiles (``amx_bf16``), or on an AMD CPU with ``avx512_bf16``
-    (Zen 4 and later run the bf16 dot product at twice the fp32 rate). Not on an Intel CPU with ``avx512_bf16``
+    (measured on Zen 5; Zen 4 has the same instruction, not measured). Not on an Intel CPU with ``avx512_bf16``
     alone, where a bf16 step of the fast family's larger members took 1.15-1.29x the fp32 one, while on a Zen 5
     EPYC it took 0.50-0.56x (``benchmarks/fast_family_precision.py``, docs/models.md).
     """
