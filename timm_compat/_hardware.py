@@ -9,6 +9,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ._cpu import keep_freed_memory
+from .models.airbench_groups import freeze_weight
 
 __all__ = ['hardware', 'cpu_cores', 'fast_bf16', 'resolve_precision', 'configure_device', 'configure_cuda',
            'sync_batchnorm']
@@ -111,7 +112,4 @@ def sync_batchnorm(module: nn.Module, device: torch.device, processes: int) -> N
         bn.weight = nn.Parameter(bn._buffers.pop('weight'), requires_grad=False)
     convert_sync_batchnorm(module)
     for name in frozen:
-        bn = module.get_submodule(name)
-        weight = bn.weight.detach()
-        del bn.weight
-        bn.register_buffer('weight', weight)
+        freeze_weight(module.get_submodule(name))

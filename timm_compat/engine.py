@@ -3,8 +3,9 @@ and its components.
 
 A phase (:class:`~timm_compat.build.Phase`) is fitted by :func:`fit_phase` to its last step: optional SyncBatchNorm
 and ``torch.compile``, ``accelerator.prepare``, a resume from the newest checkpoint, then :class:`TrainLoop` (the
-step loop :func:`~timm_compat.fit.fit` with the phase's batches, NaN checks, logs and checkpoints). :func:`evaluate_phase`
-measures the networks on every rank's shard; :func:`save_components` and :func:`push_components` write them.
+step loop :func:`~timm_compat.fit.fit` with the phase's batches, NaN checks, logs and checkpoints).
+:func:`evaluate_phase` measures the networks on every rank's shard; :func:`save_components` and
+:func:`push_components` write them.
 """
 import contextlib
 import importlib.util
