@@ -10,7 +10,7 @@ import timm
 from torch.nn.modules.batchnorm import _BatchNorm
 
 import timm_compat  # noqa: F401  (registers the CIFAR backbones)
-from timm_compat._hardware import configure_cuda, sync_batchnorm
+from timm_compat._hardware import compile_backend, configure_cuda, sync_batchnorm
 from tests.conftest import REPO
 
 CUDNN, MATMUL = torch.backends.cudnn, torch.backends.cuda.matmul
@@ -72,3 +72,18 @@ def test_sync_batchnorm_is_a_no_op_for_one_process_and_refused_on_cpu():
     with pytest.raises(ValueError, match='sync_batchnorm=false'):
         sync_batchnorm(model, torch.device('cpu'), processes=2)
     assert not any(type(m).__name__.startswith('Sync') for m in model.modules())
+
+
+def test_compile_backend_names_the_backend_or_refuses_an_unknown_one():
+    assert compile_backend(False) is None and compile_backend(True) == 'inductor'
+    assert compile_backend('eager') == 'eager'
+    with pytest.raises(ValueError, match=r"compile='inductr' is not a torch.compile backend.*'inductor'.*false"):
+        compile_backend('inductr')
+
+
+def test_an_unknown_compile_backend_is_refused_before_data_is_read_or_the_folder_claimed(tmp_path):
+    # The missing dataset would be the error if the data were read first; the typo is the one to report.
+    with pytest.raises(ValueError, match="'inductr' is not a torch.compile backend"):
+        train.main(['-c', str(REPO / 'tests' / 'tiny.yaml'), '--output-dir', str(tmp_path / 'run'),
+                    '--set', 'compile=inductr', '--set', f'networks.0.dataset.source={tmp_path / "missing"}'])
+    assert not (tmp_path / 'run').exists()

@@ -354,6 +354,20 @@ def test_the_gpu_ddp_command_on_cpu_says_how_to_run_on_cpu(tmp_path):
     assert 'in use by a live run' not in proc.stderr and not (tmp_path / 'ddp' / 'config.yaml').exists()
 
 
+@pytest.mark.slow  # two processes start
+def test_sync_batchnorm_on_several_cpu_processes_is_refused_before_the_folder_is_claimed(tmp_path):
+    env = {**os.environ, 'CUDA_VISIBLE_DEVICES': '', 'ACCELERATE_USE_CPU': 'true', 'OMP_NUM_THREADS': '1'}
+    cmd = [sys.executable, '-m', 'accelerate.commands.launch', '--multi_gpu', '--num_processes', '2',
+           '--num_machines', '1', '--mixed_precision', 'no', '--dynamo_backend', 'no',
+           str(REPO / 'train.py'), '-c', TINY, '--output-dir', str(tmp_path / 'ddp'), '--set', 'sync_batchnorm=true']
+    proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    errors = {line for line in proc.stderr.splitlines() if line.startswith('error:')}
+    assert len(errors) == 1 and 'set sync_batchnorm=false' in errors.pop(), proc.stderr[-2000:]
+    # Refused by make_accelerator, not at the first step: no folder was claimed and abandoned.
+    assert 'nothing of it was kept' not in proc.stderr + proc.stdout and not (tmp_path / 'ddp').exists()
+
+
 @pytest.mark.slow  # end to end: several full tiny runs
 def test_bf16_and_gradient_accumulation(tmp_path):
     summary = run(tmp_path, '--set', 'mixed_precision=bf16', '--set', 'gradient_accumulation_steps=2')

@@ -1,6 +1,6 @@
 """One line naming the machine a result was measured on, for recipe reports and benchmark output."""
 import os
-from typing import Optional
+from typing import Optional, Union
 
 import timm
 import torch
@@ -12,7 +12,7 @@ from ._cpu import keep_freed_memory
 from .models.airbench_groups import freeze_weight
 
 __all__ = ['hardware', 'cpu_cores', 'fast_bf16', 'resolve_precision', 'configure_device', 'configure_cuda',
-           'sync_batchnorm']
+           'check_launch', 'compile_backend', 'check_sync_batchnorm', 'sync_batchnorm']
 
 
 def cpu_cores() -> int:
@@ -92,19 +92,64 @@ def configure_cuda(deterministic: bool) -> None:
     torch.use_deterministic_algorithms(deterministic, warn_only=True)
 
 
+def check_launch(device: torch.device, processes: int) -> None:
+    """Refuse processes that were launched together but each train alone (``--multi_gpu`` on a machine without
+    GPUs): they would race for one output folder, and their results would not be one run's.
+
+    Args:
+        device: The device Accelerate gave this process.
+        processes: The processes Accelerate counts in this run.
+
+    Raises:
+        ValueError: Saying how to launch a multi-process run on CPU.
+    """
+    launched = int(os.environ.get('WORLD_SIZE', '1'))
+    if launched > 1 and processes == 1:
+        raise ValueError(f'{launched} processes were launched, but each runs alone on {device} '
+                         f'(accelerate launch --multi_gpu without usable GPUs). For a multi-process run on CPU, '
+                         f'set ACCELERATE_USE_CPU=true: ACCELERATE_USE_CPU=true accelerate launch --multi_gpu '
+                         f'--num_processes {launched} train.py ... (accelerate\'s --cpu flag launches one process).')
+
+
+def compile_backend(compile: Union[bool, str]) -> Optional[str]:
+    """The ``torch.compile`` backend the config key ``compile`` names: None for false, inductor for true.
+
+    Raises:
+        ValueError: For a name torch does not know, with the names it does; checked when the run starts, not at
+            its first compiled step.
+    """
+    if compile is False:
+        return None
+    backend = 'inductor' if compile is True else compile
+    from torch._dynamo import list_backends  # dynamo is slow to import: only for runs that compile
+    if backend not in list_backends(exclude_tags=()):
+        raise ValueError(f'compile={backend!r} is not a torch.compile backend; this torch has {list_backends()}: '
+                         f'set compile=true (inductor), one of these, or false.')
+    return backend
+
+
+def check_sync_batchnorm(device: torch.device, processes: int) -> None:
+    """Refuse ``sync_batchnorm`` where torch's ``SyncBatchNorm`` cannot run: several processes off CUDA.
+
+    Raises:
+        ValueError: Naming the device and the fix.
+    """
+    if processes > 1 and device.type != 'cuda':
+        raise ValueError(f'sync_batchnorm runs on CUDA only (torch.nn.SyncBatchNorm), this run has {processes} '
+                         f'processes on {device.type}: set sync_batchnorm=false, or train on GPUs.')
+
+
 def sync_batchnorm(module: nn.Module, device: torch.device, processes: int) -> None:
     """timm's ``--sync-bn``: every BN layer of ``module`` (timm's ``BatchNormAct2d`` too), converted in place,
     normalises with the statistics of the global batch, not of its process's ``batch_size`` examples. A no-op for
     one process.
 
     Raises:
-        ValueError: With several processes on a device that torch's ``SyncBatchNorm`` does not run on (the CPU).
+        ValueError: From :func:`check_sync_batchnorm`.
     """
+    check_sync_batchnorm(device, processes)
     if processes == 1:
         return
-    if device.type != 'cuda':
-        raise ValueError(f'sync_batchnorm runs on CUDA only (torch.nn.SyncBatchNorm), this run has {processes} '
-                         f'processes on {device.type}: set sync_batchnorm=false, or train on GPUs.')
     # timm's converter takes BN weights for parameters; airbench's frozen ones are buffers (freeze_weight).
     frozen = {name for name, m in module.named_modules() if isinstance(m, _BatchNorm) and 'weight' in m._buffers}
     for name in frozen:

@@ -11,7 +11,6 @@ import contextlib
 import importlib.util
 import json
 import math
-import os
 import time
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Tuple
@@ -21,7 +20,8 @@ from accelerate import Accelerator, PartialState
 from accelerate.tracking import get_available_trackers
 from accelerate.utils import broadcast_object_list, gather_object, set_seed
 
-from ._hardware import configure_device, resolve_precision, sync_batchnorm
+from ._hardware import (check_launch, check_sync_batchnorm, compile_backend, configure_device, resolve_precision,
+                        sync_batchnorm)
 from ._integrity import atomic_write_text
 from .build import Phase
 from .checkpoint import TrainState, check_finite, latest_checkpoint, resume_train_state, save_checkpoint
@@ -35,8 +35,8 @@ from .rundir import RunDir, RunDirError
 from .validation import Validator
 from .whitening import drop_whitening_bias_grads, frozen_whitening_biases
 
-__all__ = ['make_accelerator', 'check_hub_credentials', 'claim_run_dir', 'fit_phase', 'TrainLoop', 'evaluate_phase', 'save_components',
-           'push_components', 'write_summary']
+__all__ = ['make_accelerator', 'check_hub_credentials', 'claim_run_dir', 'fit_phase', 'TrainLoop', 'evaluate_phase',
+           'save_components', 'push_components', 'write_summary']
 
 TRACKERS_DIR = 'trackers'  # the trackers' project name: their logs go to OUT/trackers/
 
@@ -57,24 +57,13 @@ def make_accelerator(cfg: RunConfig) -> Accelerator:
     accelerator = Accelerator(mixed_precision=precision,
                               gradient_accumulation_steps=cfg.gradient_accumulation_steps,
                               log_with=log_with or None, project_dir=cfg.output_dir)
-    _check_launch(accelerator)
+    # Refused here, before any data is read: a launch, SyncBN or compile backend that cannot work.
+    check_launch(accelerator.device, accelerator.num_processes)
+    if cfg.sync_batchnorm:
+        check_sync_batchnorm(accelerator.device, accelerator.num_processes)
+    compile_backend(cfg.compile)
     configure_device(accelerator.device, cfg.deterministic, accelerator.num_processes, cfg.cpu_threads)
     return accelerator
-
-
-def _check_launch(accelerator: Accelerator) -> None:
-    """Refuse processes that were launched together but each train alone (``--multi_gpu`` on a machine without
-    GPUs): they would race for one output folder, and their results would not be one run's.
-
-    Raises:
-        ValueError: Saying how to launch a multi-process run on CPU.
-    """
-    launched = int(os.environ.get('WORLD_SIZE', '1'))
-    if launched > 1 and accelerator.num_processes == 1:
-        raise ValueError(f'{launched} processes were launched, but each runs alone on {accelerator.device} '
-                         f'(accelerate launch --multi_gpu without usable GPUs). For a multi-process run on CPU, '
-                         f'set ACCELERATE_USE_CPU=true: ACCELERATE_USE_CPU=true accelerate launch --multi_gpu '
-                         f'--num_processes {launched} train.py ... (accelerate\'s --cpu flag launches one process).')
 
 
 @contextlib.contextmanager
@@ -179,8 +168,8 @@ def fit_phase(phase: Phase, accelerator: Accelerator, out: Path, resume: bool) -
     if cfg.sync_batchnorm:
         sync_batchnorm(phase.joint, device, accelerator.num_processes)
     optimizer, scheduler = make_optim(phase, total_steps, accelerator.num_processes)
-    if cfg.compile:
-        phase.joint.compile(backend='inductor' if cfg.compile is True else cfg.compile)
+    if backend := compile_backend(cfg.compile):
+        phase.joint.compile(backend=backend)
     joint, optimizer, scheduler = accelerator.prepare(phase.joint, optimizer, scheduler)
     state = resume_train_state(phase.tag, accelerator, out, resume)
     loop = TrainLoop(phase, accelerator, joint, optimizer, scheduler, state, out, data)
