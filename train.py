@@ -57,7 +57,7 @@ def main(argv=None) -> dict:
     accelerator = make_accelerator(cfg)
     # Everything is built, and so validated, before the output folder is touched.
     with accelerator.main_process_first():
-        data = {n.name: load_task_data(n, cfg) for n in cfg.networks}
+        data = {n.name: load_task_data(n, cfg, accelerator.num_processes) for n in cfg.networks}
     phases = build_phases(cfg, data, accelerator.device)
     if cfg.push_to_hub:
         check_hub_credentials(accelerator, cfg.push_to_hub)

@@ -277,7 +277,7 @@ def test_config_changes():
 def test_resume_may_change_only_what_leaves_weights_and_results_alone():
     assert RESUME_MAY_CHANGE == {'steps', 'epochs', 'log_every', 'checkpoint_every', 'keep_checkpoints',
                                  'cpu_threads', 'save_components', 'push_to_hub', 'output_dir', 'data_dir',
-                                 'trackers'}
+                                 'trackers', 'data_storage', 'data_memory_gb', 'loader_workers'}
     assert RESUME_MAY_CHANGE <= set(RunConfig.model_fields)
     old = load_config().to_dict()
     tracked = load_config(None, ['trackers=[tensorboard]']).to_dict()

@@ -104,7 +104,7 @@ def test_epoch_sampler_deterministic_and_sharded():
 
 
 def test_decoded_images_cached(tmp_path, monkeypatch):
-    import timm_compat.data as data_module
+    import timm_compat._hf_source as data_module
     cache = tmp_path / 'cache'
     monkeypatch.setenv('TIMM_COMPAT_CACHE', str(cache))
     source = write_parquet(tmp_path / 'c10', CIFAR10)

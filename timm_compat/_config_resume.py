@@ -13,7 +13,7 @@ __all__ = ['RESUME_MAY_CHANGE', 'config_changes', 'resume_conflicts']
 # Keys a resumed run may change: none changes the trained weights or what the results mean.
 RESUME_MAY_CHANGE = frozenset({'steps', 'epochs', 'log_every', 'checkpoint_every', 'keep_checkpoints',
                                'cpu_threads', 'save_components', 'push_to_hub', 'output_dir', 'data_dir',
-                               'trackers'})
+                               'trackers', 'data_storage', 'data_memory_gb', 'loader_workers'})
 _ABSENT = object()
 
 

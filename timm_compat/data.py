@@ -1,7 +1,9 @@
 """Image classification data through Hugging Face ``datasets``, decoded once into ``uint8`` tensors.
 
 Small-image datasets (CIFAR, STL-10 at 32x32) fit in memory: they are decoded once, kept as one ``uint8`` tensor
-(on the accelerator if there is one) and augmented there, so a data loader can never starve the GPU.
+(on the accelerator if there is one) and augmented there, so a data loader can never starve the GPU. A split too
+large for memory is streamed instead (:mod:`timm_compat.streaming`): decoded batch by batch, then augmented and
+normalised on the device as the in-memory path does.
 
 Sources:
 
@@ -11,42 +13,25 @@ Sources:
 * ``imagefolder:DIR`` with ``DIR/{split}/{class}/*.png``;
 * ``synthetic:A`` / ``synthetic:B``, the built-in two-domain dataset (:mod:`timm_compat.synthetic`).
 """
-import glob
-import hashlib
-import os
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Iterator, List, Optional, Sequence, Tuple
+from typing import Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
-from PIL import Image
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 
-from ._integrity import atomic_save_safetensors
+from ._hf_source import KNOWN_SCHEMAS, columns, load_hf, local_source
 from .shifts import apply_shift
+from .streaming import StreamedImages, choose_storage, materialize, stream_batches
 from .synthetic import make_synthetic
 
 __all__ = ['ImageData', 'load_image_data', 'local_source', 'augment', 'normalize', 'training_batch', 'EpochSampler',
            'iterate_batches', 'evaluation_batches', 'random_subset', 'KNOWN_SCHEMAS']
 
-# (image column, label column) of the Hub datasets the paper uses.
-KNOWN_SCHEMAS = {
-    'uoft-cs/cifar10': ('img', 'label'),
-    'tanganke/stl10': ('image', 'label'),
-    'uoft-cs/cifar100': ('img', 'fine_label'),
-}
-_IMAGE_COLUMNS = ('img', 'image', 'pixel_values')
-_LABEL_COLUMNS = ('label', 'fine_label', 'labels')
-# Sources that name local or generated data; anything else is a Hub dataset id.
-_LOCAL_PREFIXES = ('parquet:', 'imagefolder:', 'synthetic:')
-
-
 @dataclass
 class ImageData:
-    """A split held in memory: ``uint8`` images ``(N, 3, S, S)``, ``int64`` labels and the class names."""
-    images: torch.Tensor
+    """A split: ``uint8`` images ``(N, 3, S, S)`` (in memory, or streamed from disk), ``int64`` labels and the class
+    names."""
+    images: Union[torch.Tensor, StreamedImages]
     labels: torch.Tensor
     class_names: List[str]
     name: str = ''
@@ -93,174 +78,53 @@ def random_subset(num_examples: int, n: int, seed: int = 0) -> torch.Tensor:
     return order[:n].sort().values
 
 
-def _parquet_files(root: str, split: str) -> List[str]:
-    """``root/{split}.parquet`` and ``root/{split}-*.parquet`` (the Hub's sharded layout), sorted."""
-    root = glob.escape(root)
-    return sorted(glob.glob(os.path.join(root, f'{split}.parquet')) +
-                  glob.glob(os.path.join(root, f'{split}-*.parquet')))
-
-
-def local_source(source: str, data_dir: Optional[str], splits: Sequence[str] = ('train', 'test')) -> str:
-    """Where to read ``source`` from: a Hub id ``org/name`` becomes ``parquet:DATA_DIR/name`` when ``data_dir`` is set.
-
-    ``data_dir`` is a folder of local Parquet copies of Hub datasets, one folder per dataset named as on the Hub
-    (``DATA_DIR/cifar10/train.parquet`` for ``uoft-cs/cifar10``), for machines without network access. The source
-    stays the Hub id everywhere else (configs, run records): it names the data, the folder only says where it is.
-
-    Args:
-        source: A dataset source; ``parquet:``, ``imagefolder:`` and ``synthetic:`` sources are returned unchanged.
-        data_dir: The folder of local copies, or ``None`` to load Hub ids from the Hub.
-        splits: The splits that must be there.
-
-    Returns:
-        ``source``, or ``parquet:DATA_DIR/name`` for a Hub id when ``data_dir`` is set.
-
-    Raises:
-        FileNotFoundError: ``data_dir`` is set but holds no Parquet copy of a split of ``source``.
-    """
-    if data_dir is None or source.startswith(_LOCAL_PREFIXES):
-        return source
-    root = os.path.join(data_dir, _hub_name(source))
-    missing = [split for split in splits if not _parquet_files(root, split)]
-    if missing:
-        expected = ', '.join(os.path.join(root, f'{split}.parquet') for split in missing)
-        shards = '/'.join(f'{split}-*' for split in missing)
-        raise FileNotFoundError(
-            f'data_dir (--data-dir) is {data_dir!r}, so {source!r} is read from a local Parquet copy, but there is no '
-            f'{expected} (nor {shards}.parquet shards). Put the Parquet files of {source!r} there (the Hub '
-            f'dataset\'s own, in its schema), or drop --data-dir to download {source!r} from the Hub.')
-    return f'parquet:{root}'
-
-
-def _hub_name(source: str) -> str:
-    """The dataset's name in a Hub id (``cifar10`` in ``uoft-cs/cifar10``): its folder in ``data_dir``."""
-    return source.rstrip('/').rsplit('/', 1)[-1]
-
-
-def _load_hf(source: str, split: str):
-    import datasets
-    if source.startswith('parquet:'):
-        root = source[len('parquet:'):]
-        files = _parquet_files(root, split)
-        if not files:
-            raise FileNotFoundError(f'No {split}.parquet or {split}-*.parquet in {root!r}.')
-        return datasets.load_dataset('parquet', data_files={split: files}, split=split)
-    if source.startswith('imagefolder:'):
-        root = source[len('imagefolder:'):]
-        if not os.path.isdir(os.path.join(root, split)):
-            raise FileNotFoundError(f'imagefolder source {root!r} has no {split}/ folder of class folders.')
-        return datasets.load_dataset('imagefolder', data_dir=root, split=split)
-    try:
-        return datasets.load_dataset(source, split=split)
-    except (ConnectionError, OSError, ValueError) as e:
-        raise ConnectionError(
-            f'Could not load Hub dataset {source!r} (split {split!r}): {e}. Without network access, put a local '
-            f'Parquet copy in DIR/{_hub_name(source)}/{split}.parquet and pass --data-dir DIR (config key data_dir).'
-        ) from e
-
-
-def _columns(ds, source: str, image_column: Optional[str], label_column: Optional[str]) -> Tuple[str, str]:
-    found = list(ds.column_names)
-    known = KNOWN_SCHEMAS.get(source, (None, None))
-    image_column = image_column or known[0] or next((c for c in _IMAGE_COLUMNS if c in found), None)
-    label_column = label_column or known[1] or next((c for c in _LABEL_COLUMNS if c in found), None)
-    for kind, col in (('image', image_column), ('label', label_column)):
-        if col is None or col not in found:
-            raise ValueError(f'{source}: no {kind} column {col!r}; the dataset has columns {found}. '
-                             f'Name the right one with {kind}_column: ...')
-    return image_column, label_column
-
-
-def _cache_dir() -> Path:
-    return Path(os.environ.get('TIMM_COMPAT_CACHE', Path.home() / '.cache' / 'timm_compat'))
-
-
-def _decode_cached(ds, image_column: str, size: int) -> torch.Tensor:
-    """Decoded images, from a safetensors cache keyed by the dataset's fingerprint when they were decoded before.
-
-    Decoding 50,000 JPEGs takes minutes on two cores; every run and every network of a run reads the same splits.
-    """
-    key = hashlib.sha256(f'{ds._fingerprint}:{image_column}:{size}:{len(ds)}'.encode()).hexdigest()[:24]
-    path = _cache_dir() / f'decoded-{key}.safetensors'
-    if path.is_file():
-        try:
-            return load_file(str(path))['images']
-        except (SafetensorError, OSError, KeyError):  # a damaged cache entry is decoded again, never trusted
-            path.unlink(missing_ok=True)
-    images = _decode(ds, image_column, size)
-    _write_cache(path, images)
-    return images
-
-
-def _write_cache(path: Path, images: torch.Tensor) -> None:
-    """Write the cache entry in one rename, readable as the umask allows; any failure leaves no entry."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_save_safetensors({'images': images}, path, metadata={})
-    except OSError:  # a read-only or full disk still trains, just without the cache
-        pass
-
-
-def _decode(ds, image_column: str, size: int) -> torch.Tensor:
-    import datasets
-    if not isinstance(ds.features[image_column], datasets.Image):
-        ds = ds.cast_column(image_column, datasets.Image())
-    out = np.empty((len(ds), size, size, 3), dtype=np.uint8)
-    i = 0
-    for batch in ds.select_columns([image_column]).iter(batch_size=1000):
-        for img in batch[image_column]:
-            img = img.convert('RGB')
-            if img.size != (size, size):
-                img = img.resize((size, size), Image.BILINEAR)  # PIL antialiases when shrinking (STL-10 96 -> 32)
-            out[i] = np.asarray(img)
-            i += 1
-    return torch.from_numpy(out).permute(0, 3, 1, 2).contiguous()
-
-
 def load_image_data(source: str, split: str, *, image_size: int = 32, image_column: Optional[str] = None,
                     label_column: Optional[str] = None, class_names: Optional[Sequence[str]] = None,
                     classes: Optional[Sequence[str]] = None, limit: Optional[int] = None,
                     shard: Optional[Sequence[int]] = None, shift: Optional[Sequence[str]] = None,
-                    synthetic_per_class: int = 400, seed: int = 0) -> ImageData:
-    """Load one split into memory.
+                    synthetic_per_class: int = 400, seed: int = 0, storage: str = 'memory',
+                    memory_budget_gb: Optional[float] = None, workers: int = 0) -> ImageData:
+    """Load one split: decoded into memory, or streamed from disk (:mod:`timm_compat.streaming`).
 
     Args:
         source: Hub id, ``parquet:DIR``, ``imagefolder:DIR`` or ``synthetic:A|B``.
         split: Split name (``train``, ``test``).
-        image_size: Images are resized to ``image_size`` x ``image_size``.
+        image_size: Images are resized to ``image_size`` x ``image_size`` (``_hf_source.pixels``).
         image_column: Image column; default from the known schema or the usual names.
         label_column: Label column; likewise.
         class_names: Names for the labels when the label column is not a ``ClassLabel``.
         classes: Keep only these classes, relabelled in this order.
         limit: Keep a random subset of ``limit`` examples, drawn with ``seed`` (before ``shard`` and ``classes``).
         shard: ``[index, count]``: keep examples ``index::count`` (disjoint parts of one split).
-        shift: Corruptions applied once at load (see :func:`timm_compat.shifts.apply_shift`).
+        shift: Corruptions applied once at load (see :func:`timm_compat.shifts.apply_shift`); in memory only.
         synthetic_per_class: Images per class for ``synthetic:`` sources.
         seed: Seed of ``synthetic:`` sources, of the ``limit`` subset and of ``shift``.
+        storage: ``'memory'``, ``'stream'`` or ``'auto'`` (:func:`~timm_compat.streaming.choose_storage`);
+            ``synthetic:`` sources are generated in memory.
+        memory_budget_gb: The largest decoded split ``'auto'`` keeps in memory; default a quarter of the RAM.
+        workers: Decoding processes of a streamed split.
 
     Raises:
-        ValueError: Missing columns (naming those found), labels out of range, no class names.
+        ValueError: Missing columns (naming those found), labels out of range, no class names, a streamed shift.
     """
     name = f'{source}[{split}]'
+    if shard is not None and not 0 <= shard[0] < shard[1]:
+        raise ValueError(f'shard {list(shard)} must be [index, count] with 0 <= index < count.')
     if source.startswith('synthetic:'):
         images, labels, names = make_synthetic(source.split(':', 1)[1], split, image_size, synthetic_per_class, seed)
         data = ImageData(images, labels, names, name).take(limit, seed)
     else:
-        ds = _load_hf(source, split)
-        image_column, label_column = _columns(ds, source, image_column, label_column)
-        if limit is not None and limit < len(ds):  # before decoding, so that a small limit decodes little
-            ds = ds.select(random_subset(len(ds), limit, seed).tolist())
-        feature = ds.features[label_column]
-        names = list(class_names) if class_names is not None else getattr(feature, 'names', None)
-        if not names:
-            raise ValueError(f'{name}: label column {label_column!r} is not a ClassLabel, so the class names are '
-                             f'unknown. Give them with class_names: [...].')
-        labels = torch.as_tensor(np.asarray(ds[label_column]), dtype=torch.long)
-        data = ImageData(_decode_cached(ds, image_column, image_size), labels, list(names), name)
+        data = _load_split(source, split, name, image_size, image_column, label_column, class_names, limit, seed)
+        kept = len(data) if shard is None else len(range(shard[0], len(data), shard[1]))
+        if choose_storage(storage, kept, image_size, memory_budget_gb) == 'stream':
+            if shift:
+                raise ValueError(f'{name}: shift corrupts a split once, in memory, but this one is streamed '
+                                 f'(storage: {storage}). Set storage: memory, or raise memory_budget_gb.')
+            data.images.workers = workers
+        else:
+            data.images = data.images.decode_cached()
     if shard is not None:
         index, count = shard
-        if not 0 <= index < count:
-            raise ValueError(f'shard {list(shard)} must be [index, count] with 0 <= index < count.')
         data = ImageData(data.images[index::count], data.labels[index::count], data.class_names, data.name)
     if shift:
         data = ImageData(apply_shift(data.images, shift, seed), data.labels, data.class_names, data.name)
@@ -271,6 +135,21 @@ def load_image_data(source: str, split: str, *, image_size: int = 32, image_colu
         raise ValueError(f'{name}: labels range over [{low}, {high}] but there are {data.num_classes} classes '
                          f'{data.class_names}. Fix the labels or the class names.')
     return data.select_classes(classes) if classes else data
+
+
+def _load_split(source, split, name, image_size, image_column, label_column, class_names, limit, seed) -> ImageData:
+    """The split with its labels read and its images still on disk (:class:`StreamedImages`)."""
+    ds = load_hf(source, split)
+    image_column, label_column = columns(ds, source, image_column, label_column)
+    if limit is not None and limit < len(ds):  # before decoding, so that a small limit decodes little
+        ds = ds.select(random_subset(len(ds), limit, seed).tolist())
+    feature = ds.features[label_column]
+    names = list(class_names) if class_names is not None else getattr(feature, 'names', None)
+    if not names:
+        raise ValueError(f'{name}: label column {label_column!r} is not a ClassLabel, so the class names are '
+                         f'unknown. Give them with class_names: [...].')
+    labels = torch.as_tensor(np.asarray(ds[label_column]), dtype=torch.long)
+    return ImageData(StreamedImages(ds, image_column, image_size), labels, list(names), name)
 
 
 def augment(images: torch.Tensor, pad: int = 4, flip: bool = True, pad_mode: str = 'constant',
@@ -309,13 +188,16 @@ def normalize(images: torch.Tensor, mean, std, memory_format=torch.contiguous_fo
 
 
 def training_batch(data: ImageData, index: torch.Tensor, mean, std, augment_images: bool = True,
-                   memory_format=torch.contiguous_format, **augment_args) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Rows ``index`` of ``data`` as training sees them: gathered, augmented and normalised on ``data``'s device.
+                   memory_format=torch.contiguous_format, images: Optional[torch.Tensor] = None,
+                   **augment_args) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Rows ``index`` of ``data`` as training sees them: gathered, augmented and normalised on the labels' device.
 
     With the images on the accelerator this is the whole data loader: a few kernels per step and no host copy.
+    ``images``: the rows' ``uint8`` images when already decoded (a streamed split's batch from
+    :func:`~timm_compat.streaming.stream_batches`); else they are gathered, or decoded here.
     ``augment_args`` (``pad``, ``pad_mode``, ``flips``) go to :func:`augment`.
     """
-    images = data.images[index]
+    images = materialize(data.images[index] if images is None else images, data.labels.device)
     images = augment(images, **augment_args) if augment_images else images
     return normalize(images, mean, std, memory_format), data.labels[index]
 
@@ -388,6 +270,11 @@ def iterate_batches(data: ImageData, batch_size: int, seed: int = 0, shard: Tupl
     ``(rank, processes)``: every ``processes``-th batch from ``rank`` on; the shards' batches are the whole pass's.
     """
     rank, processes = shard
-    for index in evaluation_batches(len(data), batch_size, seed)[rank::processes]:
+    batches = evaluation_batches(len(data), batch_size, seed)[rank::processes]
+    if isinstance(data.images, StreamedImages):
+        for index, images in stream_batches(data.images, batches):
+            yield materialize(images, data.labels.device), data.labels[index.to(data.labels.device)]
+        return
+    for index in batches:
         index = index.to(data.labels.device)
         yield data.images[index], data.labels[index]

@@ -27,6 +27,7 @@ from .build import Phase
 from .checkpoint import TrainState, check_finite, latest_checkpoint, resume_train_state, save_checkpoint
 from .config import RunConfig
 from .data import EpochSampler, ImageData, training_batch
+from .streaming import StreamedImages, stream_batches
 from .evaluation import evaluate_networks
 from .fit import fit
 from .metrics_log import MetricsLog
@@ -224,7 +225,7 @@ class TrainLoop:
                              for k in ('mean', 'std')] for name in phase.trained}
         self.memory_format = torch.channels_last if self.cfg.channels_last else torch.contiguous_format
         self.first_bad = torch.tensor(-1, device=device)
-        self.data, self.total_steps = data, 0
+        self.data, self.total_steps, self.streams = data, 0, {}
         self._clock = (0.0, 0.0)  # (wall time, state.train_seconds) when this process started training
         self.validator = (Validator(phase, accelerator, out, state.step, save_components)
                           if self.cfg.validation.every is not None else None)
@@ -233,6 +234,8 @@ class TrainLoop:
         """Step from ``state.step`` to ``total_steps``, logging every ``log_every`` and checkpointing every
         ``checkpoint_every`` steps (not at the last one: the phase's components are saved then)."""
         self.total_steps = total_steps
+        self.streams = {name: stream_batches(data.images, self._indices(name, sampler))
+                        for name, (data, sampler) in self.data.items() if isinstance(data.images, StreamedImages)}
         self._clock = (time.time(), self.state.train_seconds)
         self.joint.train()
         fit(self.joint, self.batch_at, total_steps, self.optimizer, self.scheduler, accelerator=self.accelerator,
@@ -244,15 +247,22 @@ class TrainLoop:
         # With gradient accumulation every micro-batch of one optimiser update trains the same networks.
         return step // self.cfg.gradient_accumulation_steps
 
+    def _indices(self, name: str, sampler: EpochSampler) -> Iterator[torch.Tensor]:
+        # The index batches batch_at will ask for, in order: what a streamed split's workers decode ahead.
+        for step in range(self.state.step, self.total_steps):
+            if name in self.phase.joint.networks_at(self._update(step)):
+                yield sampler.batch(step)
+
     def batch_at(self, step: int) -> Dict[str, Tuple[torch.Tensor, torch.Tensor]]:
         """The (augmented, normalised) batch of every network whose turn it is at ``step``."""
         batches = {}
         self.phase.joint.set_step(step)
         for name in self.phase.joint.networks_at(self._update(step)):
             train_set, sampler = self.data[name]
+            index, images = next(self.streams[name]) if name in self.streams else (sampler.batch(step), None)
             flips = sampler.alternating_flips(step) if self.cfg.augment_flip == 'alternating' else None
-            batches[name] = training_batch(train_set, sampler.batch(step), *self.stats[name], self.cfg.augment,
-                                           self.memory_format, pad=self.cfg.augment_translate,
+            batches[name] = training_batch(train_set, index, *self.stats[name], self.cfg.augment, self.memory_format,
+                                           images, pad=self.cfg.augment_translate,
                                            pad_mode=self.cfg.augment_pad_mode, flips=flips)
         return batches
 

@@ -17,13 +17,14 @@ from torch import nn
 
 from .config import RunConfig
 from .data import ImageData, random_subset
+from .streaming import materialize
 from .models.airbench import init_whitening, whitening_layers
 
 __all__ = ['init_run_whitening', 'whitening_bias_steps', 'frozen_whitening_biases', 'drop_whitening_bias_grads']
 
 
-def _sample(images: torch.Tensor, n: int, seed: int) -> torch.Tensor:
-    return images[random_subset(len(images), min(n, len(images)), seed)]
+def _sample(images, n: int, seed: int) -> torch.Tensor:
+    return materialize(images[random_subset(len(images), min(n, len(images)), seed)])
 
 
 def init_run_whitening(cfg: RunConfig, models: Mapping[str, nn.Module],

@@ -1,0 +1,144 @@
+"""Streamed splits (``timm_compat.streaming``): the in-memory path's pixels, batches and runs, from disk.
+
+Data the tests write: Parquet shards in the Hub's ``train-0000N-of-0000M`` layout and an image folder, with
+images that are not square and not at the decoded size, decoded at 64 to 224 px.
+"""
+import json
+
+import datasets
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import train
+from timm_compat import engine, streaming
+from timm_compat.data import EpochSampler, evaluation_batches, iterate_batches, load_image_data, training_batch
+from timm_compat.streaming import StreamedImages, choose_storage, materialize, stream_batches
+from tests.conftest import REPO
+from tests.datasets_util import write_imagefolder
+
+CLASSES = ['airplane', 'automobile', 'bird']
+
+
+def write_parquet_shards(root, n=(30, 12), shards=2, shape=(50, 70)):
+    """``root/{split}-0000i-of-0000N.parquet``: non-square random images, a ClassLabel column."""
+    rng = np.random.default_rng(0)
+    features = datasets.Features({'img': datasets.Image(), 'label': datasets.ClassLabel(names=CLASSES)})
+    root.mkdir(parents=True)
+    for split, count in zip(('train', 'test'), n):
+        images = [Image.fromarray(rng.integers(0, 255, (*shape, 3), dtype=np.uint8)) for _ in range(count)]
+        ds = datasets.Dataset.from_dict({'img': images, 'label': [i % 3 for i in range(count)]}, features=features)
+        for i in range(shards):
+            ds.shard(shards, i, contiguous=True).to_parquet(str(root / f'{split}-{i:05d}-of-{shards:05d}.parquet'))
+    return f'parquet:{root}'
+
+
+@pytest.fixture(autouse=True)
+def own_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv('TIMM_COMPAT_CACHE', str(tmp_path / 'cache'))
+
+
+@pytest.mark.parametrize('size', [64, 224])
+@pytest.mark.parametrize('kind', ['parquet_shards', 'imagefolder'])
+def test_streamed_rows_are_the_in_memory_rows_pixel_for_pixel(tmp_path, kind, size):
+    if kind == 'parquet_shards':
+        source = write_parquet_shards(tmp_path / 'data')
+    else:
+        source = write_imagefolder(tmp_path / 'data', CLASSES, per_class=5, size=40)
+    memory = load_image_data(source, 'train', image_size=size)
+    stream = load_image_data(source, 'train', image_size=size, storage='stream')
+    assert isinstance(stream.images, StreamedImages) and isinstance(memory.images, torch.Tensor)
+    assert stream.images.shape == memory.images.shape == (len(memory), 3, size, size)
+    assert torch.equal(stream.labels, memory.labels)
+    index = torch.tensor([7, 0, 3, 3, len(memory) - 1])
+    assert torch.equal(materialize(stream.images[index]), memory.images[index])
+    mask = memory.labels == 1  # views compose: a mask, then indices into it
+    assert torch.equal(materialize(stream.images[mask][torch.tensor([2, 0])]), memory.images[mask][[2, 0]])
+
+
+@pytest.mark.parametrize('workers', [0, 2])
+def test_stream_batches_yields_each_index_batch_in_order(tmp_path, workers):
+    stream = load_image_data(write_parquet_shards(tmp_path / 'data'), 'train', image_size=64, storage='stream',
+                             workers=workers)
+    memory = load_image_data(f'parquet:{tmp_path / "data"}', 'train', image_size=64)
+    sampler = EpochSampler(len(stream), 8, seed=3)
+    wanted = [sampler.batch(step) for step in range(7)]  # crosses two epochs
+    got = list(stream_batches(stream.images, iter(wanted)))
+    assert len(got) == 7
+    for want, (index, images) in zip(wanted, got):
+        assert torch.equal(index, want) and torch.equal(images, memory.images[want])
+
+
+def test_training_and_evaluation_batches_match_the_in_memory_ones(tmp_path):
+    source = write_parquet_shards(tmp_path / 'data')
+    memory = load_image_data(source, 'test', image_size=64)
+    stream = load_image_data(source, 'test', image_size=64, storage='stream', workers=1)
+    index, stats = torch.tensor([5, 1, 9, 2]), ([0.5] * 3, [0.25] * 3)
+    torch.manual_seed(0)
+    expected = training_batch(memory, index, *stats, pad=4)
+    torch.manual_seed(0)
+    assert all(torch.equal(a, b) for a, b in zip(training_batch(stream, index, *stats, pad=4), expected))
+    for shard in [(0, 1), (1, 2)]:
+        pairs = zip(iterate_batches(stream, 5, seed=1, shard=shard), iterate_batches(memory, 5, seed=1, shard=shard))
+        assert [torch.equal(s[0], m[0]) and torch.equal(s[1], m[1]) for s, m in pairs] == \
+            [True] * len(evaluation_batches(len(memory), 5, 1)[shard[0]::shard[1]])
+
+
+def test_auto_streams_only_a_split_above_the_memory_budget(tmp_path):
+    source = write_parquet_shards(tmp_path / 'data')  # 30 training images: 30 * 3 * 64 * 64 bytes = 0.37 MB
+    small = load_image_data(source, 'train', image_size=64, storage='auto', memory_budget_gb=0.0004)
+    large = load_image_data(source, 'train', image_size=64, storage='auto', memory_budget_gb=0.0003)
+    assert isinstance(small.images, torch.Tensor) and isinstance(large.images, StreamedImages)
+    # The budget counts the images kept: a shard of half the split fits where the whole did not.
+    half = load_image_data(source, 'train', image_size=64, storage='auto', memory_budget_gb=0.0003, shard=[0, 2])
+    assert isinstance(half.images, torch.Tensor) and len(half) == 15
+    assert choose_storage('memory', 10 ** 9, 224, 1) == 'memory' and choose_storage('stream', 1, 8, None) == 'stream'
+    assert choose_storage('auto', 10 ** 6, 224, None) == ('stream' if 10 ** 6 * 3 * 224 ** 2 >
+                                                          streaming._physical_memory() / 4 else 'memory')
+
+
+def test_a_shift_of_a_streamed_split_is_refused(tmp_path):
+    with pytest.raises(ValueError, match='shift corrupts a split once, in memory.*storage: memory'):
+        load_image_data(write_parquet_shards(tmp_path / 'data'), 'train', storage='stream',
+                        shift=['defocus_blur:2'])
+
+
+def tiny_parquet_run(tmp_path, name, *args):
+    source = write_parquet_shards(tmp_path / 'data', n=(48, 24)) if not (tmp_path / 'data').exists() else \
+        f'parquet:{tmp_path / "data"}'
+    return train.main(['-c', str(REPO / 'tests' / 'tiny.yaml'), '--output-dir', str(tmp_path / name),
+                       '--set', f'networks.0.dataset.source={source}', '--set', f'networks.1.dataset.source={source}',
+                       '--set', 'steps=6', '--set', 'log_every=1', '--set', 'checkpoint_every=3', *args])
+
+
+def metrics(tmp_path, name):
+    rows = (tmp_path / name / 'main' / 'metrics.csv').read_text().splitlines()
+    header = rows[0].split(',')
+    return [{k: v for k, v in zip(header, row.split(',')) if k != 'time'} for row in rows[1:]]
+
+
+@pytest.mark.slow  # three tiny runs, one with a decoding worker
+def test_a_streamed_run_trains_resumes_and_scores_as_the_in_memory_run(tmp_path, monkeypatch):
+    memory = tiny_parquet_run(tmp_path, 'memory', '--set', 'data_storage=memory')
+    stream = tiny_parquet_run(tmp_path, 'stream', '--set', 'data_storage=stream', '--set', 'loader_workers=1')
+    assert metrics(tmp_path, 'stream') == metrics(tmp_path, 'memory') and len(metrics(tmp_path, 'memory')) == 6
+    for key in ('own_accuracy', 'recombination_matrix'):
+        assert stream['phases']['main'][key] == memory['phases']['main'][key]
+    # Killed after step 4 in memory, resumed streamed from the checkpoint of step 3 (storage may change on a resume:
+    # the batches are the same): the workers start at step 3, not at 0.
+    real_log = engine.TrainLoop.log
+
+    def log_then_crash_at_4(self, step, means):
+        real_log(self, step, means)
+        if step == 4:
+            raise KeyboardInterrupt('simulated kill after logging step 4')
+
+    monkeypatch.setattr(engine.TrainLoop, 'log', log_then_crash_at_4)
+    with pytest.raises(KeyboardInterrupt):
+        tiny_parquet_run(tmp_path, 'resumed', '--set', 'data_storage=memory')
+    monkeypatch.undo()
+    tiny_parquet_run(tmp_path, 'resumed', '--set', 'data_storage=stream', '--set', 'loader_workers=1', '--resume')
+    assert metrics(tmp_path, 'resumed') == metrics(tmp_path, 'memory')
+    summary = json.loads((tmp_path / 'resumed' / 'summary.json').read_text())
+    assert summary['phases']['main']['own_accuracy'] == memory['phases']['main']['own_accuracy']
