@@ -12,7 +12,9 @@ the next one runs:
    compatibility step against a plain one, beside its FLOP-ideal ratio (target: at most 1.15 x);
 3. ``loader_share``: benchmarks/loader_share.py on the device: the in-memory loader's share of a step (target:
    under 2 %);
-4. ``sec5_2``: recipes/head_transfer.py at the fast budget, Sec. 5.2 end to end (target: under 2 minutes on an H200).
+4. ``stream_loader``: benchmarks/stream_loader.py on the device at 224 px: a streamed split's loader share with 4 and
+   8 workers, and the workers a GPU step needs;
+5. ``sec5_2``: recipes/head_transfer.py at the fast budget, Sec. 5.2 end to end (target: under 2 minutes on an H200).
 
 ``--dry-run`` runs the same steps on the CPU at the smallest sizes (the recipe at its ``tiny`` budget): the test
 suite runs it so the script stays working. DATA is a folder of Hub dataset copies as every recipe takes it
@@ -42,15 +44,20 @@ def steps(args, out: Path) -> list:
                                 '--rp-rotations', 'all', 'one'], 300),
                 ('loader_share', [py, 'benchmarks/loader_share.py', *small, '--images', '64', '--repeats', '1',
                                   '--steps', '1'], 300),
+                ('stream_loader', [py, 'benchmarks/stream_loader.py', '--device', 'cpu', '--backbone', 'resnet56_cifar',
+                                   '--sizes', '64', '--batch-size', '4', '--images', '32', '--workers', '0',
+                                   '--repeats', '1', '--steps', '1', '--threads', '1'], 300),
                 ('sec5_2', [py, 'recipes/head_transfer.py', '--budget', 'tiny', *data, '--output',
                             str(out / 'head_transfer')], 900)]
     gpu = ['--device', 'cuda', '--channels-last', '--bf16', '--batch-size', '128']
-    return [('tests', [py, '-m', 'pytest', '-q', '-m', 'cuda', 'tests/test_cuda.py'], 60),
+    return [('tests', [py, '-m', 'pytest', '-q', '-m', 'cuda', 'tests/test_cuda.py'], 50),
             ('train_step', [py, 'benchmarks/train_step.py', *gpu, '--repeats', '5', '--steps', '5',
-                            '--rp-rotations', 'all', 'one'], 100),
-            ('loader_share', [py, 'benchmarks/loader_share.py', *gpu], 60),
+                            '--rp-rotations', 'all', 'one'], 90),
+            ('loader_share', [py, 'benchmarks/loader_share.py', *gpu], 50),
+            ('stream_loader', [py, 'benchmarks/stream_loader.py', '--device', 'cuda', '--bf16', '--sizes', '224',
+                               '--batch-size', '128', '--images', '1024', '--workers', '4', '8', '--repeats', '2'], 60),
             ('sec5_2', [py, 'recipes/head_transfer.py', '--budget', 'fast', *data, '--output',
-                        str(out / 'head_transfer')], 240)]
+                        str(out / 'head_transfer')], 230)]
 
 
 def run_step(name: str, command: list, limit: int) -> dict:

@@ -34,15 +34,15 @@ def test_a_data_dir_without_cifar10_is_refused_before_anything_runs(device_check
 def test_gpu_steps_fit_the_eight_minutes_and_use_the_gpu(device_check, tmp_path):
     import argparse
     plan = device_check.steps(argparse.Namespace(dry_run=False, data_dir=None), tmp_path)
-    assert [name for name, _, _ in plan] == ['tests', 'train_step', 'loader_share', 'sec5_2']
+    assert [name for name, _, _ in plan] == ['tests', 'train_step', 'loader_share', 'stream_loader', 'sec5_2']
     assert sum(limit for _, _, limit in plan) <= 8 * 60
-    for name, command, _ in plan[1:3]:
+    for name, command, _ in plan[1:4]:
         assert command[command.index('--device') + 1] == 'cuda', name
-    recipe = plan[3][1]
+    recipe = plan[4][1]
     assert recipe[recipe.index('--budget') + 1] == 'fast'
 
 
-@pytest.mark.slow  # the four steps at their smallest: the recipe's tiny budget is four short train.py runs
+@pytest.mark.slow  # the five steps at their smallest: the recipe's tiny budget is four short train.py runs
 def test_dry_run_runs_every_step_on_the_cpu_and_reports_each(tmp_path):
     write_cifar10_copy(tmp_path / 'data', per_split=(400, 100), num_classes=10)
     out = tmp_path / 'out'
@@ -52,7 +52,7 @@ def test_dry_run_runs_every_step_on_the_cpu_and_reports_each(tmp_path):
     record = json.loads((out / 'device_check.json').read_text())
     assert proc.returncode == 0, [(s['name'], s['status'], s['output'][-1500:]) for s in record['steps']]
     assert [(s['name'], s['status']) for s in record['steps']] == [
-        ('tests', 'ok'), ('train_step', 'ok'), ('loader_share', 'ok'), ('sec5_2', 'ok')]
+        ('tests', 'ok'), ('train_step', 'ok'), ('loader_share', 'ok'), ('stream_loader', 'ok'), ('sec5_2', 'ok')]
     assert 'skipped' in record['steps'][0]['output']  # no CUDA here: the CUDA tests skip, they do not fail
     report = (out / 'device_check.md').read_text()
     assert '| sec5_2 | ok |' in report and (out / 'head_transfer' / 'report.md').is_file()

@@ -119,7 +119,7 @@ def decode_cached(ds, image_column: str, size: int) -> torch.Tensor:
 
     Decoding 50,000 JPEGs takes minutes on two cores; every run and every network of a run reads the same splits.
     """
-    key = hashlib.sha256(f'{_PIXELS}:{ds._fingerprint}:{image_column}:{size}:{len(ds)}'.encode()).hexdigest()[:24]
+    key = hashlib.sha256(f'{ds._fingerprint}:{image_column}:{size}:{len(ds)}'.encode()).hexdigest()[:24]
     path = _cache_dir() / f'decoded-{key}.safetensors'
     if path.is_file():
         try:
@@ -159,14 +159,10 @@ def with_images(ds, image_column: str):
     return ds.cast_column(image_column, datasets.Image())
 
 
-# Named in the cache key: cached pixels of another decoding are never read back as these.
-_PIXELS = 'timm-eval-crop1-bilinear'
-
-
 def pixels(img: Image.Image, size: int) -> torch.Tensor:
-    """One image as ``(3, size, size)`` ``uint8``: timm's evaluation transform at ``crop_pct`` 1 (the shorter side
-    resized to ``size`` with antialiased bilinear, centre crop), as timm's prefetcher takes it, unnormalised. A square
-    image is resized whole (STL-10's 96 px to 32); one already ``size`` px is kept as stored."""
+    """One image as ``(3, size, size)`` ``uint8``: timm's evaluation transform at ``crop_pct`` 1 and ``crop_mode``
+    squash (resized whole to ``size`` x ``size``, antialiased bilinear: STL-10's 96 px to 32, as the components'
+    ``pretrained_cfg`` records), as timm's prefetcher takes it, unnormalised; an image already that size is kept."""
     img = img.convert('RGB')
     if img.size == (size, size):
         return torch.from_numpy(np.array(img)).permute(2, 0, 1)
@@ -176,4 +172,4 @@ def pixels(img: Image.Image, size: int) -> torch.Tensor:
 @functools.lru_cache(maxsize=None)
 def _eval_transform(size: int):
     return create_transform(input_size=(3, size, size), is_training=False, use_prefetcher=True, crop_pct=1.0,
-                            interpolation='bilinear')
+                            crop_mode='squash', interpolation='bilinear')

@@ -38,7 +38,8 @@ class StreamedImages:
     device = torch.device('cpu')
 
     def __init__(self, ds, column: str, size: int, rows: Optional[np.ndarray] = None, workers: int = 0):
-        self.ds, self.column, self.size = with_images(ds, column).select_columns([column]), column, size
+        self.source, self.ds = ds, with_images(ds, column).select_columns([column])
+        self.column, self.size = column, size
         self.rows, self.workers = (np.arange(len(ds)) if rows is None else rows), workers
 
     def __len__(self) -> int:
@@ -64,7 +65,7 @@ class StreamedImages:
         """The whole split decoded into memory once, through the decode cache: the in-memory path."""
         if len(self.rows) != len(self.ds):
             raise ValueError('decode_cached decodes a whole split; decode() decodes the rows of a view.')
-        return decode_cached(self.ds, self.column, self.size)
+        return decode_cached(self.source, self.column, self.size)  # keyed by the split as loaded
 
     def decode(self) -> torch.Tensor:
         """Every row of the view, decoded here (no workers): for small views such as a whitening sample."""
