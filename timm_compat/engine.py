@@ -30,7 +30,7 @@ from .data import EpochSampler, ImageData, training_batch
 from .streaming import StreamedImages, stream_batches
 from .evaluation import evaluate_networks
 from .fit import fit
-from .metrics_log import MetricsLog
+from .metrics_log import MetricsLog, tracker_hparams
 from .optim import make_optimizer, make_scheduler, param_groups
 from .rundir import RunDir, RunDirError
 from .validation import Validator
@@ -88,7 +88,7 @@ def claim_run_dir(accelerator: Accelerator, cfg: RunConfig, finished: List[str],
         _on_main_process(accelerator, lambda: run_dir.acquire().prepare(cfg.to_dict(), resume, overwrite, finished))
         claimed = True
         if accelerator.log_with:
-            accelerator.init_trackers(TRACKERS_DIR, config=_scalars(cfg.to_dict()))
+            accelerator.init_trackers(TRACKERS_DIR, config=tracker_hparams(cfg.to_dict()))
         yield run_dir
     except BaseException:
         # A new run that failed before its first step leaves no run behind: the same command may run again.
@@ -130,19 +130,6 @@ def check_hub_credentials(accelerator: Accelerator, repo_prefix: str) -> None:
                              f'drop --push-to-hub.') from None
         accelerator.print(f'--push-to-hub: logged in to the Hub as {user.get("name", "?")}')
     _on_main_process(accelerator, check)
-
-
-def _scalars(tree, prefix: str = '') -> Dict[str, Any]:
-    """Flatten a config into the scalar hparams TensorBoard accepts."""
-    flat = {}
-    items = tree.items() if isinstance(tree, dict) else enumerate(tree)
-    for k, v in items:
-        key = f'{prefix}{k}'
-        if isinstance(v, (dict, list)):
-            flat.update(_scalars(v, key + '.'))
-        elif isinstance(v, (int, float, str, bool)):
-            flat[key] = v
-    return flat
 
 
 def fit_phase(phase: Phase, accelerator: Accelerator, out: Path, resume: bool) -> Dict[str, Any]:
@@ -238,10 +225,14 @@ class TrainLoop:
                         for name, (data, sampler) in self.data.items() if isinstance(data.images, StreamedImages)}
         self._clock = (time.time(), self.state.train_seconds)
         self.joint.train()
-        fit(self.joint, self.batch_at, total_steps, self.optimizer, self.scheduler, accelerator=self.accelerator,
-            start_step=self.state.step, clip_grad_norm=self.cfg.optim.clip_grad_norm,
-            before_optimizer_step=self.before_optimizer_step, on_step=self.on_step, on_log=self.log,
-            log_every=self.cfg.log_every, desc=self.phase.tag)
+        try:
+            fit(self.joint, self.batch_at, total_steps, self.optimizer, self.scheduler, accelerator=self.accelerator,
+                start_step=self.state.step, clip_grad_norm=self.cfg.optim.clip_grad_norm,
+                before_optimizer_step=self.before_optimizer_step, on_step=self.on_step, on_log=self.log,
+                log_every=self.cfg.log_every, desc=self.phase.tag)
+        finally:  # a streamed split's workers stop with the loop, also when it stops early
+            for stream in self.streams.values():
+                stream.close()
 
     def _update(self, step: int) -> int:
         # With gradient accumulation every micro-batch of one optimiser update trains the same networks.
@@ -356,16 +347,23 @@ def evaluate_phase(phase: Phase, accelerator: Accelerator) -> Dict[str, Any]:
     return summary
 
 
-def save_components(phase: Phase, folder: Path) -> None:
-    """Write what ``phase`` trained to ``folder``: ``interface/`` (unless it was loaded, frozen) and
-    ``<network>/extractor``, ``<network>/head`` (a shared DCC head is saved with the interface)."""
-    if phase.interface is not None and not phase.cfg.interface.load:
-        phase.interface.save_pretrained(folder / 'interface')
+def _trained_components(phase: Phase) -> List[Tuple[Any, str]]:
+    """``(component, name)`` of what ``phase`` trained: ``interface`` (unless it was loaded, frozen),
+    ``<network>/extractor`` and ``<network>/head`` (a shared DCC head is the interface's)."""
+    interface = phase.interface
+    parts = [(interface, 'interface')] if interface is not None and not phase.cfg.interface.load else []
     for n in phase.cfg.networks:
         if not n.load:
-            phase.models[n.name].extractor.save_pretrained(folder / n.name / 'extractor')
+            parts.append((phase.models[n.name].extractor, f'{n.name}/extractor'))
             if n.head != 'dcc':
-                phase.models[n.name].head.save_pretrained(folder / n.name / 'head')
+                parts.append((phase.models[n.name].head, f'{n.name}/head'))
+    return parts
+
+
+def save_components(phase: Phase, folder: Path) -> None:
+    """Write what ``phase`` trained to ``folder``, each component in its folder (:func:`_trained_components`)."""
+    for component, name in _trained_components(phase):
+        component.save_pretrained(folder / name)
 
 
 def push_components(phase: Phase, saved: Path) -> None:
@@ -378,17 +376,12 @@ def push_components(phase: Phase, saved: Path) -> None:
     """
     prefix, interface = phase.cfg.push_to_hub, phase.interface
     message = f'timm-compat {phase.tag} run: interface {interface.id if interface is not None else "none"}'
-    parts = [(interface, 'interface')] if interface is not None and not phase.cfg.interface.load else []
-    for n in phase.cfg.networks:
-        if not n.load:
-            parts.append((phase.models[n.name].extractor, f'{n.name}-extractor'))
-            if n.head != 'dcc':
-                parts.append((phase.models[n.name].head, f'{n.name}-head'))
-    for component, name in parts:
+    for component, name in _trained_components(phase):
+        repo = f'{prefix}-{name.replace("/", "-")}'
         try:
-            component.push_to_hub(f'{prefix}-{name}', commit_message=message)
+            component.push_to_hub(repo, commit_message=message)
         except Exception as e:  # the network, the Hub or the login: the results are safe either way
-            raise ValueError(f'[{phase.tag}] pushing {prefix}-{name} failed ({e}). Nothing is lost: the components '
+            raise ValueError(f'[{phase.tag}] pushing {repo} failed ({e}). Nothing is lost: the components '
                              f'are in {saved} and the summary is written; push them from there.') from None
 
 

@@ -1,4 +1,5 @@
-"""``metrics.csv``: one row per logged step, consistent with the checkpoint a run resumes from."""
+"""``metrics.csv``: one row per logged step, consistent with the checkpoint a run resumes from; and the config as
+the scalar hparams a tracker takes."""
 import csv
 import io
 from pathlib import Path
@@ -6,7 +7,7 @@ from typing import Any, Dict, List
 
 from ._integrity import atomic_write_text
 
-__all__ = ['MetricsLog']
+__all__ = ['MetricsLog', 'tracker_hparams']
 
 
 class MetricsLog:
@@ -63,3 +64,16 @@ class MetricsLog:
         rows = self._read()
         if rows:
             self._write(list(rows[0]), [r for r in rows if int(r['step']) <= step])
+
+
+def tracker_hparams(tree, prefix: str = '') -> Dict[str, Any]:
+    """Flatten a config into the scalar hparams TensorBoard accepts."""
+    flat = {}
+    items = tree.items() if isinstance(tree, dict) else enumerate(tree)
+    for k, v in items:
+        key = f'{prefix}{k}'
+        if isinstance(v, (dict, list)):
+            flat.update(tracker_hparams(v, key + '.'))
+        elif isinstance(v, (int, float, str, bool)):
+            flat[key] = v
+    return flat

@@ -103,9 +103,9 @@ def stream_batches(images: StreamedImages, batches: Iterable[torch.Tensor]
                    ) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
     """``(index, uint8 images)`` for each index batch of ``batches`` (indices into ``images``), in order.
 
-    ``images.workers`` processes decode ahead of the consumer (two batches each; 0 decodes in this process), into pinned
-    memory when there is a GPU to copy to. ``batches`` may be a generator over the steps still to run; it is read
-    only as far as the workers are ahead.
+    ``images.workers`` processes decode ahead of the consumer (two batches each; 0 decodes in this process), into
+    pinned memory when there is a GPU to copy to. ``batches`` may be a generator over the steps still to run; it is
+    read only as far as the workers are ahead. Close the generator to stop the workers of one left unfinished.
     """
     batches = iter(batches)
     expected = []
@@ -115,8 +115,8 @@ def stream_batches(images: StreamedImages, batches: Iterable[torch.Tensor]
             expected.append(index)
             yield images.rows[index.cpu().numpy()].tolist()
 
-    loader = DataLoader(_Rows(images.ds, images.column, images.size), batch_sampler=rows(), num_workers=images.workers,
-                        collate_fn=_whole_batch, pin_memory=torch.cuda.is_available(),
+    loader = DataLoader(_Rows(images.ds, images.column, images.size), batch_sampler=rows(),
+                        num_workers=images.workers, collate_fn=_whole_batch, pin_memory=torch.cuda.is_available(),
                         prefetch_factor=2 if images.workers else None,
                         generator=torch.Generator())  # its worker seeds must not draw from augmentation's global RNG
     for batch in loader:
