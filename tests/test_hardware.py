@@ -81,6 +81,7 @@ def test_compile_backend_names_the_backend_or_refuses_an_unknown_one():
         compile_backend('inductr')
 
 
+@pytest.mark.usefixtures('fresh_accelerate')  # the refused run has built its Accelerator
 def test_an_unknown_compile_backend_is_refused_before_data_is_read_or_the_folder_claimed(tmp_path):
     # The missing dataset would be the error if the data were read first; the typo is the one to report.
     with pytest.raises(ValueError, match="'inductr' is not a torch.compile backend"):

@@ -4,6 +4,9 @@ Data the tests write: Parquet shards in the Hub's ``train-0000N-of-0000M`` layou
 images that are not square and not at the decoded size, decoded at 64 to 224 px.
 """
 import json
+import os
+import subprocess
+import sys
 
 import datasets
 import numpy as np
@@ -119,6 +122,7 @@ def metrics(tmp_path, name):
 
 
 @pytest.mark.slow  # three tiny runs, one with a decoding worker
+@pytest.mark.usefixtures('fresh_accelerate')
 def test_a_streamed_run_trains_resumes_and_scores_as_the_in_memory_run(tmp_path, monkeypatch):
     memory = tiny_parquet_run(tmp_path, 'memory', '--set', 'data_storage=memory')
     stream = tiny_parquet_run(tmp_path, 'stream', '--set', 'data_storage=stream', '--set', 'loader_workers=1')
@@ -142,3 +146,26 @@ def test_a_streamed_run_trains_resumes_and_scores_as_the_in_memory_run(tmp_path,
     assert metrics(tmp_path, 'resumed') == metrics(tmp_path, 'memory')
     summary = json.loads((tmp_path / 'resumed' / 'summary.json').read_text())
     assert summary['phases']['main']['own_accuracy'] == memory['phases']['main']['own_accuracy']
+
+
+@pytest.mark.slow  # two 2-process launches
+def test_a_two_process_streamed_run_is_the_in_memory_one(tmp_path):
+    # Each process streams its own shard of every epoch and of the evaluation batches, as it gathers them in memory.
+    source = write_parquet_shards(tmp_path / 'data', n=(64, 40))
+    env = {**os.environ, 'CUDA_VISIBLE_DEVICES': '', 'ACCELERATE_USE_CPU': 'true', 'OMP_NUM_THREADS': '1'}
+
+    def launch(storage):
+        cmd = [sys.executable, '-m', 'accelerate.commands.launch', '--multi_gpu', '--num_processes', '2',
+               '--num_machines', '1', '--mixed_precision', 'no', '--dynamo_backend', 'no',
+               str(REPO / 'train.py'), '-c', str(REPO / 'tests' / 'tiny.yaml'), '--output-dir', str(tmp_path / storage),
+               '--set', f'networks.0.dataset.source={source}', '--set', f'networks.1.dataset.source={source}',
+               '--set', 'steps=6', '--set', 'log_every=1', '--set', 'cpu_threads=1', '--set', f'data_storage={storage}',
+               '--set', 'loader_workers=1']
+        proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return json.loads((tmp_path / storage / 'summary.json').read_text())['phases']['main']
+
+    memory, stream = launch('memory'), launch('stream')
+    assert metrics(tmp_path, 'stream') == metrics(tmp_path, 'memory') and len(metrics(tmp_path, 'memory')) == 6
+    for key in ('own_accuracy', 'recombination_matrix', 'own_accuracy_running', 'recombination_matrix_running'):
+        assert stream[key] == memory[key], key
