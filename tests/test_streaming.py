@@ -60,6 +60,33 @@ def test_streamed_rows_are_the_in_memory_rows_pixel_for_pixel(tmp_path, kind, si
     assert torch.equal(materialize(stream.images[mask][torch.tensor([2, 0])]), memory.images[mask][[2, 0]])
 
 
+def write_bytes_parquet(root, count=9, shape=(30, 20)):
+    """One Parquet file whose image column is raw PNG bytes and whose labels are plain ints (no HF metadata)."""
+    import io
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    rng = np.random.default_rng(1)
+    pngs = []
+    for _ in range(count):
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 255, (*shape, 3), dtype=np.uint8)).save(buf, format='PNG')
+        pngs.append(buf.getvalue())
+    root.mkdir(parents=True)
+    pq.write_table(pa.table({'image': pngs, 'label': [i % 3 for i in range(count)]}), str(root / 'train.parquet'))
+    return f'parquet:{root}', [Image.open(io.BytesIO(b)).convert('RGB') for b in pngs]
+
+
+def test_a_column_of_image_bytes_is_cast_only_when_rows_are_decoded(tmp_path, monkeypatch):
+    source, pil = write_bytes_parquet(tmp_path / 'data')
+    expected = torch.stack([streaming.pixels(img, 32) for img in pil])
+    memory = load_image_data(source, 'train', image_size=32, class_names=CLASSES)
+    stream = load_image_data(source, 'train', image_size=32, class_names=CLASSES, storage='stream')
+    assert torch.equal(memory.images, expected) and torch.equal(materialize(stream.images), expected)
+    # A second in-memory load is a decode-cache hit: nothing to decode, so the column is never cast.
+    monkeypatch.setattr(datasets.Dataset, 'cast_column', lambda *a, **k: pytest.fail('cast on a cache hit'))
+    assert torch.equal(load_image_data(source, 'train', image_size=32, class_names=CLASSES).images, expected)
+
+
 @pytest.mark.parametrize('workers', [0, 2])
 def test_stream_batches_yields_each_index_batch_in_order(tmp_path, workers):
     stream = load_image_data(write_parquet_shards(tmp_path / 'data'), 'train', image_size=64, storage='stream',

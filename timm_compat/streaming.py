@@ -38,9 +38,17 @@ class StreamedImages:
     device = torch.device('cpu')
 
     def __init__(self, ds, column: str, size: int, rows: Optional[np.ndarray] = None, workers: int = 0):
-        self.source, self.ds = ds, with_images(ds, column).select_columns([column])
+        self.source, self._images = ds, None
         self.column, self.size = column, size
         self.rows, self.workers = (np.arange(len(ds)) if rows is None else rows), workers
+
+    @property
+    def ds(self):
+        """The image column, cast to ``datasets.Image`` on first use: casting a column of paths or bytes rewrites
+        it, which an in-memory split read from the decode cache never needs."""
+        if self._images is None:
+            self._images = with_images(self.source, self.column).select_columns([self.column])
+        return self._images
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -63,7 +71,7 @@ class StreamedImages:
 
     def decode_cached(self) -> torch.Tensor:
         """The whole split decoded into memory once, through the decode cache: the in-memory path."""
-        if len(self.rows) != len(self.ds):
+        if len(self.rows) != len(self.source):
             raise ValueError('decode_cached decodes a whole split; decode() decodes the rows of a view.')
         return decode_cached(self.source, self.column, self.size)  # keyed by the split as loaded
 
