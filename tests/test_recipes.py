@@ -197,3 +197,34 @@ def test_head_transfer_report_draws_fig4_from_every_seed_with_the_papers_values(
     report = (tmp_path / 'report.md').read_text()
     assert '| resnet56 | batch | 82.0 ± 2.8 |' in report and '](figures/head_transfer_bars.png)' in report
     assert (tmp_path / 'figures' / 'head_transfer_bars.png').is_file()
+
+
+def test_head_transfer_fine_tunes_the_fast_head_by_stage1s_recipe_and_the_paper_head_by_sgd(import_script):
+    """The fast family's head (logits at 1/9) barely moves under the paper budgets' SGD at lr 0.01: the fast budget
+    fine-tunes it with stage 1's own optimisation, as train.py built it."""
+    from timm_compat.config import load_config
+    from timm_compat.data import ImageData
+    from timm_compat.optim import step_gain
+    head_transfer = import_script('recipes', 'head_transfer')
+    fast = load_config(str(REPO / 'configs' / 'fast' / 'head_transfer.yaml'))
+    paper = load_config(str(REPO / 'configs' / 'head_transfer' / 'stage1.yaml'))
+    head = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4), torch.nn.AdaptiveAvgPool2d(1),
+                               torch.nn.Flatten(), torch.nn.Linear(4, 10))
+    optim, optimizer, _ = head_transfer.head_optimizer(head, fast, head_transfer.BUDGETS['fast']['head_optim'], 1024,
+                                                       100)
+    weights, norm_biases = optimizer.param_groups
+    assert optim.label_smoothing == 0.2 and type(optimizer).__name__ == 'Lookahead'
+    assert norm_biases['params'] == [head[1].bias] and norm_biases['lr'] == pytest.approx(64 * weights['lr'])
+    assert weights['lr'] == pytest.approx(2.3 / step_gain(0.85))  # the triangle's start, at batch 1024
+    optim, optimizer, _ = head_transfer.head_optimizer(head, paper, head_transfer.BUDGETS['paper']['head_optim'], 128,
+                                                       100)
+    assert [g['lr'] for g in optimizer.param_groups] == [pytest.approx(0.01)] and type(optimizer) is torch.optim.SGD
+    assert optim.label_smoothing == 0 and optim.clip_grad_norm == paper.optim.clip_grad_norm is not None
+    # The fast path trains for real: alternating flips, channels_last and the budget's precision on a frozen extractor.
+    extractor = torch.nn.Identity()
+    extractor.pretrained_cfg = {'mean': (0.5, 0.5, 0.5), 'std': (0.25, 0.25, 0.25)}
+    data = ImageData(torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8), torch.arange(64) % 10, CIFAR10_CLASSES)
+    before = head[4].weight.detach().clone()
+    # 16 updates, so that lookahead's slow weights (every 5), where the run ends, have moved.
+    losses = head_transfer.finetune_head(extractor, head, data, 2, 8, fast, None, torch.device('cpu'))
+    assert len(losses) == 16 and all(np.isfinite(losses)) and not torch.equal(head[4].weight, before)

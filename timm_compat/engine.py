@@ -31,7 +31,7 @@ from .streaming import StreamedImages, stream_batches
 from .evaluation import evaluate_networks
 from .fit import fit
 from .metrics_log import MetricsLog, tracker_hparams
-from .optim import make_optimizer, make_scheduler, param_groups
+from .optim import optim_from_config
 from .rundir import RunDir, RunDirError
 from .validation import Validator
 from .whitening import drop_whitening_bias_grads, frozen_whitening_biases
@@ -174,14 +174,10 @@ def make_optim(phase: Phase, total_steps: int, num_processes: int = 1):
         total_steps: The phase's micro-batch steps (gradient accumulation turns them into fewer updates).
         num_processes: Accelerate's prepared scheduler steps once per process for every optimiser update.
     """
-    o, accumulation = phase.cfg.optim, phase.cfg.gradient_accumulation_steps
-    params = param_groups(phase.joint, o, phase.cfg.batch_size * accumulation * num_processes)
-    optimizer = make_optimizer(params, o.optimizer, o.lr, o.momentum, o.weight_decay, **o.optimizer_args)
-    scheduler = make_scheduler(optimizer, o.schedule, math.ceil(total_steps / accumulation), o.warmup_steps,
-                               ticks_per_step=num_processes, warmup_fraction=o.warmup_fraction,
-                               lookahead_schedule=o.lookahead_schedule,
-                               lookahead_fixed=frozen_whitening_biases(phase.joint, phase.cfg), **o.schedule_args)
-    return optimizer, scheduler
+    accumulation = phase.cfg.gradient_accumulation_steps
+    return optim_from_config(phase.joint, phase.cfg.optim, phase.cfg.batch_size * accumulation * num_processes,
+                             math.ceil(total_steps / accumulation), ticks_per_step=num_processes,
+                             lookahead_fixed=frozen_whitening_biases(phase.joint, phase.cfg))
 
 
 class TrainLoop:

@@ -25,7 +25,8 @@ if TYPE_CHECKING:
     from .config import OptimConfig
 
 __all__ = ['SCHEDULES', 'NORM_TYPES', 'LOOKAHEAD_ARGS', 'LOOKAHEAD_SCHEDULES', 'make_optimizer', 'make_scheduler',
-           'param_groups', 'step_gain', 'check_optim', 'optimizer_names', 'airbench_lookahead_alpha', 'UpdateSchedule']
+           'optim_from_config', 'param_groups', 'step_gain', 'check_optim', 'optimizer_names',
+           'airbench_lookahead_alpha', 'UpdateSchedule']
 
 # Layers whose bias norm_bias_lr_scale speeds up: torch's norms, and so timm's, which subclass them (BatchNormAct2d,
 # LayerNorm2d, GroupNorm1, ...).
@@ -209,6 +210,28 @@ def make_scheduler(optimizer: torch.optim.Optimizer, schedule: str, total_steps:
                                            step_on_epochs=False, updates_per_epoch=1)
     return UpdateSchedule(timm_schedule, ticks_per_step, total_steps if lookahead_schedule == 'airbench' else None,
                           lookahead_fixed)
+
+
+def optim_from_config(model: nn.Module, optim: 'OptimConfig', examples_per_update: int, total_updates: int, *,
+                      ticks_per_step: int = 1, lookahead_fixed: Iterable[torch.Tensor] = ()):
+    """The optimiser of ``model``'s trainable parameters and its schedule, as an ``optim`` config section says.
+
+    Args:
+        model: The module whose parameters with ``requires_grad`` train (:func:`param_groups`).
+        optim: An ``optim`` config section.
+        examples_per_update: Examples of one optimiser update, over all processes and accumulation steps.
+        total_updates: Optimiser updates of the whole run.
+        ticks_per_step: ``step()`` calls per update (:func:`make_scheduler`).
+        lookahead_fixed: Frozen parameters that keep their weights at the end of a lookahead run.
+    """
+    params = param_groups(model, optim, examples_per_update)
+    optimizer = make_optimizer(params, optim.optimizer, optim.lr, optim.momentum, optim.weight_decay,
+                               **optim.optimizer_args)
+    scheduler = make_scheduler(optimizer, optim.schedule, total_updates, optim.warmup_steps,
+                               ticks_per_step=ticks_per_step, warmup_fraction=optim.warmup_fraction,
+                               lookahead_schedule=optim.lookahead_schedule, lookahead_fixed=lookahead_fixed,
+                               **optim.schedule_args)
+    return optimizer, scheduler
 
 
 class UpdateSchedule(torch.optim.lr_scheduler.LRScheduler):
