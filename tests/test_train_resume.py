@@ -1,0 +1,217 @@
+"""train.py's run folder: checkpoints, kills and resumes, refused or live folders, never unpickling."""
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import timm_compat as tc
+import train
+from timm_compat import engine
+from timm_compat.joint import JointModel
+
+from tests.conftest import REPO
+
+TINY = str(REPO / 'tests' / 'tiny.yaml')
+pytestmark = pytest.mark.usefixtures('fresh_accelerate')
+
+
+def run(tmp_path, *args, name='run'):
+    return train.main(['-c', TINY, '--output-dir', str(tmp_path / name), *args])
+
+
+@pytest.mark.slow  # end to end: several full tiny runs
+# RP's one-rotation form draws its rotations from the step: a resume must draw the same ones.
+@pytest.mark.parametrize('extra', [[], ['--set', 'interface.rp_rotations=one']], ids=['default', 'rp_one'])
+def test_resume_continues_from_checkpoint_step(tmp_path, monkeypatch, extra):
+    def run(tmp_path, *args, name='run'):
+        return train.main(['-c', TINY, '--output-dir', str(tmp_path / name), *extra, *args])
+
+    reference = run(tmp_path, '--set', 'steps=6', name='reference')['phases']['main']
+
+    saved = []
+    real_save = engine.save_checkpoint
+
+    def crash_after_step_4(accelerator, root, state, keep):
+        path = real_save(accelerator, root, state, keep)
+        saved.append(state.step)
+        if state.step == 4:
+            raise KeyboardInterrupt('simulated crash')
+        return path
+
+    monkeypatch.setattr(engine, 'save_checkpoint', crash_after_step_4)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path, '--set', 'steps=6', name='crashed')
+    assert saved == [2, 4]
+    monkeypatch.setattr(engine, 'save_checkpoint', real_save)
+    resumed = run(tmp_path, '--set', 'steps=6', '--resume', name='crashed')['phases']['main']
+    steps = [int(line.split(',')[0]) for line in
+             (tmp_path / 'crashed' / 'main' / 'metrics.csv').read_text().splitlines()[1:]]
+    assert steps == [2, 4, 6]  # the resumed run logged step 6 only, after the checkpoint at step 4
+    # Same data order, augmentation and optimiser state: resuming reproduces the uninterrupted run. (Not the id:
+    # each run's interface has its own random nonce.)
+    aux = [tc.Interface.from_pretrained(tmp_path / name / 'main' / 'components' / 'interface').aux_heads.state_dict()
+           for name in ('reference', 'crashed')]
+    assert aux[0].keys() == aux[1].keys() and all(torch.equal(aux[0][k], aux[1][k]) for k in aux[0])
+    assert resumed['recombination_matrix'] == reference['recombination_matrix']
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
+    real_forward = JointModel.forward
+    calls = []
+
+    def forward(self, batches):
+        out = real_forward(self, batches)
+        calls.append(1)
+        if len(calls) >= 3:
+            out['loss'] = out['loss'] * float('nan')
+        return out
+
+    monkeypatch.setattr(JointModel, 'forward', forward)
+    with pytest.raises(FloatingPointError, match=r'NaN/inf at step 3.*Last good checkpoint: .*step_00000002'):
+        run(tmp_path, '--set', 'log_every=4')
+    ckpt = tmp_path / 'run' / 'main' / 'checkpoints'
+    assert (ckpt / 'latest').read_text() == 'step_00000002'
+    assert (ckpt / 'step_00000002' / 'model.safetensors').is_file()
+    assert not list(ckpt.glob('step_00000004'))
+
+
+def test_refuses_earlier_run_unless_resume_or_overwrite(tmp_path):
+    (tmp_path / 'run').mkdir()
+    (tmp_path / 'run' / 'thesis.tex').write_text('keep me')
+    for flags in ((), ('--overwrite',), ('--resume',)):
+        with pytest.raises(ValueError, match='holds no timm-compat run'):
+            run(tmp_path, *flags)
+    assert (tmp_path / 'run' / 'thesis.tex').read_text() == 'keep me'
+    run(tmp_path, '--set', 'steps=2', name='done')
+    with pytest.raises(ValueError, match='--resume to continue it, --overwrite'):
+        run(tmp_path, '--set', 'steps=2', name='done')
+    run(tmp_path, '--overwrite', '--set', 'steps=2', name='done')
+
+
+def test_overwrite_validates_everything_before_deleting(tmp_path):
+    run(tmp_path, '--set', 'steps=2')
+    before = sorted(p.relative_to(tmp_path) for p in (tmp_path / 'run').rglob('*'))
+    with pytest.raises(ValueError, match="Unknown split point 'no_such_layer'"):
+        run(tmp_path, '--overwrite', '--set', 'steps=2', '--set', 'networks.1.split=no_such_layer')
+    assert sorted(p.relative_to(tmp_path) for p in (tmp_path / 'run').rglob('*')) == before
+
+
+def test_a_live_run_blocks_resume_and_overwrite(tmp_path):
+    from timm_compat.rundir import RunDir
+    run(tmp_path, '--set', 'steps=2')
+    held = RunDir(tmp_path / 'run').acquire()  # what a live run holds, released only when it ends
+    try:
+        for flags in (('--resume',), ('--overwrite',)):
+            with pytest.raises(ValueError, match=rf'in use by a live run \(pid {os.getpid()}\)'):
+                run(tmp_path, '--set', 'steps=2', *flags)
+    finally:
+        held.release()
+    assert (tmp_path / 'run' / 'summary.json').is_file()
+
+
+@pytest.mark.slow  # end to end: a run, a kill, a resume, per planted file
+@pytest.mark.parametrize('planted', ['custom_checkpoint_0.pkl', 'optimizer.bin', 'random_states_0.pkl'])
+def test_resume_never_unpickles_from_the_run_folder(tmp_path, monkeypatch, planted):
+    import pickle
+    marker = tmp_path / 'pwned'
+
+    class Trap:
+        def __reduce__(self):
+            return (open, (str(marker), 'w'))
+
+    crash_at_checkpoint(monkeypatch, 2)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path)
+    ckpt = tmp_path / 'run' / 'main' / 'checkpoints' / 'step_00000002'
+    (ckpt / planted).write_bytes(pickle.dumps(Trap()))
+    monkeypatch.undo()
+    try:
+        run(tmp_path, '--resume')
+    except Exception:  # refusing the planted file is fine; running it is not
+        pass
+    assert not marker.exists()
+
+
+def crash_at_checkpoint(monkeypatch, step, phase='main'):
+    """Make the run die right after writing the checkpoint of ``step`` in ``phase``, as a kill would."""
+    real_save = engine.save_checkpoint
+
+    def save_then_crash(accelerator, root, state, keep):
+        path = real_save(accelerator, root, state, keep)
+        if state.step == step and root.parent.name == phase:
+            raise KeyboardInterrupt('simulated kill')
+        return path
+
+    monkeypatch.setattr(engine, 'save_checkpoint', save_then_crash)
+
+
+@pytest.mark.slow  # end to end: several full tiny runs
+def test_killed_in_the_baseline_phase_resumes(tmp_path, monkeypatch):
+    crash_at_checkpoint(monkeypatch, 2, phase='independent')
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path, '--set', 'baseline=independent')
+    ckpt = tmp_path / 'run' / 'independent' / 'checkpoints' / 'step_00000002'
+    assert sorted(p.name for p in ckpt.glob('model*.safetensors')) == ['model.safetensors']  # its own model only
+    monkeypatch.undo()
+    summary = run(tmp_path, '--set', 'baseline=independent', '--resume')
+    assert set(summary['phases']) == {'main', 'independent'}
+    assert summary['phases']['independent']['interface_id'] is None  # independent networks claim no interface
+
+
+def test_inf_bn_statistics_are_never_checkpointed(tmp_path, monkeypatch):
+    real_on_step = engine.TrainLoop.on_step
+
+    def on_step(self, step, losses):
+        if step == 3:  # the loss stays finite; a BN buffer does not
+            self.phase.models['a'].extractor.trunk.get_submodule('bn1').running_var.fill_(float('inf'))
+        real_on_step(self, step, losses)
+
+    monkeypatch.setattr(engine.TrainLoop, 'on_step', on_step)
+    with pytest.raises(FloatingPointError, match=r'running_var holds NaN/inf.*Last good checkpoint: .*step_00000002'):
+        run(tmp_path, '--set', 'log_every=4')
+    ckpt = tmp_path / 'run' / 'main' / 'checkpoints'
+    assert (ckpt / 'latest').read_text() == 'step_00000002' and not (ckpt / 'step_00000004').exists()
+
+
+@pytest.mark.slow  # end to end: several full tiny runs
+def test_resume_logs_each_step_once_and_counts_all_training_time(tmp_path, monkeypatch):
+    real_forward = JointModel.forward
+
+    def slow_forward(self, *args, **kwargs):
+        time.sleep(0.5)
+        return real_forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(JointModel, 'forward', slow_forward)
+    real_log = engine.TrainLoop.log
+
+    def log_then_crash_at_5(self, step, means):
+        real_log(self, step, means)
+        if step == 5:
+            raise KeyboardInterrupt('simulated kill after logging step 5')
+
+    monkeypatch.setattr(engine.TrainLoop, 'log', log_then_crash_at_5)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path, '--set', 'steps=6', '--set', 'log_every=1', '--set', 'checkpoint_every=4')
+    monkeypatch.undo()
+    summary = run(tmp_path, '--set', 'steps=6', '--set', 'log_every=1', '--set', 'checkpoint_every=4', '--resume')
+    rows = (tmp_path / 'run' / 'main' / 'metrics.csv').read_text().splitlines()[1:]
+    assert [int(r.split(',')[0]) for r in rows] == [1, 2, 3, 4, 5, 6]
+    assert summary['phases']['main']['train_seconds'] >= 4 * 0.5  # the four slow steps before the kill count
+
+
+@pytest.mark.slow  # end to end: several full tiny runs
+def test_refused_launch_prints_one_message(tmp_path):
+    (tmp_path / 'run').mkdir()
+    (tmp_path / 'run' / 'thesis.tex').write_text('keep me')
+    env = {**os.environ, 'CUDA_VISIBLE_DEVICES': '', 'ACCELERATE_USE_CPU': 'true'}
+    cmd = [sys.executable, '-m', 'accelerate.commands.launch', '--quiet', '--num_processes', '1',
+           '--num_machines', '1', '--mixed_precision', 'no', '--dynamo_backend', 'no',
+           str(REPO / 'train.py'), '-c', TINY, '--output-dir', str(tmp_path / 'run')]
+    proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert 'Traceback' not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith('error:')]
+    assert len(errors) == 1 and 'holds no timm-compat run' in errors[0], proc.stderr[-2000:]
