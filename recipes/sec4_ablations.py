@@ -29,7 +29,7 @@ from timm_compat.deployment import BN_MODES
 
 from common import DATA_DIR_HELP, REPO, RESUME_HELP, check_data_dir, data_note, progress
 from sec4_methods import (BUDGETS, SETTINGS, control_overrides, mean_std, run_method, run_overrides, run_record,
-                          runs_of, setting_sources)
+                          runs_of, setting_sources, training_seconds)
 
 ABLATIONS = ('common_classes', 'split', 'control')
 # The classes CIFAR-10 shares with STL-10 (and with side b of the halves stand-ins), in CIFAR-10's label order.
@@ -119,11 +119,9 @@ def main(argv=None):
                 start = time.time()
                 summary, run_dirs = run_method(variant.method, seed, args, out / variant.name, bar, variant.extra)
                 record = run_record(summary, upper_bound=variant.method == 'upper_bound')
-                # A run read back by --resume takes no time here: its own summary keeps its training time.
-                train = sum(json.loads((d / 'summary.json').read_text())['phases']['main']['train_seconds']
-                            for d in run_dirs)
+                train = training_seconds(variant.method, seed, args, out / variant.name, variant.extra)
                 results.setdefault(variant.name, []).append(dict(
-                    seed=seed, **record, train_seconds=round(train, 1), wall_seconds=round(time.time() - start, 1),
+                    seed=seed, **record, train_seconds=train, wall_seconds=round(time.time() - start, 1),
                     run=[str(r) for r in run_dirs]))
                 bar.write(f'{variant.label} seed {seed}: recombination {record["recombination"]["batch"]:.1f} % '
                           f'(BN=batch); own {record["own"]["batch"]:.1f} %')

@@ -162,6 +162,13 @@ def run_method(method: str, seed: int, args, out: Path, bar, extra: Sequence[str
                               tta=cfg.eval_tta), [run_dir for _, run_dir, _ in runs])
 
 
+def training_seconds(method: str, seed: int, args, out: Path, extra: Sequence[str] = ()) -> float:
+    """Training time of one seed of ``method``, every run and phase of it, from the runs' own summaries: a run
+    read back by --resume takes no time in this process, and a resumed run counts each step once."""
+    return round(sum(phase['train_seconds'] for _, run_dir, _ in method_runs(method, seed, args, out, extra)
+                     for phase in json.loads((run_dir / 'summary.json').read_text())['phases'].values()), 1)
+
+
 def recombination(matrix) -> float:
     """Average of both directions: extractor a + head b on a's test set, and the converse."""
     return 100 * (matrix[0][1] + matrix[1][0]) / 2
@@ -222,9 +229,10 @@ def main(argv=None):
         check_data_dir(parser, args.data_dir, setting_sources(args.setting))
     if args.report_only:
         saved = json.loads((out / 'results.json').read_text())
-        if any(not isinstance(r['recombination'], dict) for runs in saved['results'].values() for r in runs):
-            parser.error(f'{out / "results.json"} predates the running-statistics columns: rerun without '
-                         f'--report-only.')
+        if any(not isinstance(r['recombination'], dict) or 'train_seconds' not in r
+               for runs in saved['results'].values() for r in runs):
+            parser.error(f'{out / "results.json"} predates the running-statistics and training-time columns: '
+                         f'rerun with --resume instead of --report-only (finished runs are read back, not trained).')
         return write_report(out, argparse.Namespace(**saved['args']), saved['results'])
     out.mkdir(parents=True, exist_ok=True)
 
@@ -238,11 +246,12 @@ def main(argv=None):
                 summary, run_dirs = run_method(method, seed, args, out, bar)
                 record = run_record(summary, upper_bound=method == 'upper_bound')
                 results.setdefault(method, []).append(dict(
-                    seed=seed, **record, wall_seconds=round(time.time() - start, 1), run=[str(r) for r in run_dirs]))
+                    seed=seed, **record, train_seconds=training_seconds(method, seed, args, out),
+                    wall_seconds=round(time.time() - start, 1), run=[str(r) for r in run_dirs]))
                 rec, own = record['recombination'], record['own']
                 bar.write(f'{method} seed {seed}: recombination {rec["batch"]:.1f} % (BN=batch), '
                           f'{rec["running"]:.1f} % (BN=running); own {own["batch"]:.1f} % / {own["running"]:.1f} %; '
-                          f'{results[method][-1]["wall_seconds"]} s')
+                          f'trained in {results[method][-1]["train_seconds"]} s')
     (out / 'results.json').write_text(json.dumps({'args': vars(args), 'results': results}, indent=2))
     write_report(out, args, results)
 
@@ -335,7 +344,7 @@ def write_report(out: Path, args, results) -> None:
     for method, runs in results.items():
         cells = [mean_std([r[k][bn] for r in runs]) for k in ('recombination', 'own') for bn in BN_MODES]
         rows.append([LABELS[method], *(f'{m:.1f} ± {s:.1f}' for m, s in cells), paper.get(method, '–'),
-                     statistics.mean(r['wall_seconds'] for r in runs)])
+                     round(statistics.mean(r['train_seconds'] for r in runs) / 60, 1)])
         names, models, tests = _run_networks(runs[0]['run'] if isinstance(runs[0]['run'], list) else [runs[0]['run']])
         figures += _method_figures(out, method, runs, names)
         row, block, correlation = _correlation(method, models, tests)
@@ -351,7 +360,7 @@ def write_report(out: Path, args, results) -> None:
         'Setup': _setup(args, init),
         'Recombination accuracy (%)': [ReportTable(
             ['method', 'recombination, BN=batch', 'recombination, BN=running', 'own task, BN=batch',
-             'own task, BN=running', f'paper ({figure})', 's / run'], rows,
+             'own task, BN=running', f'paper ({figure})', 'training min / seed'], rows,
             caption=f'Paper (batch statistics) upper bound: {PAPER["upper_bound"]} %. ' + _orderings(results, paper)),
             ReportFigure(bars, f'{figure} style: mean over seeds, one std as the error bar, each seed a dot, the '
                                f'paper\'s value as a black tick (BN=batch).')],

@@ -253,6 +253,9 @@ def test_sec4_upper_bound_and_rp_pretraining_run_end_to_end(tmp_path):
     for bn in ('batch', 'running'):  # the upper bound is each network alone on the common classes: the diagonal
         m = upper['matrix'][bn]
         assert upper['recombination'][bn] == pytest.approx(100 * (m[0][0] + m[1][1]) / 2)
+    trained = [json.loads((out / f'upper_bound_{side}_seed0' / 'summary.json').read_text())['phases']['main']
+               ['train_seconds'] for side in 'ab']
+    assert min(trained) > 0 and upper['train_seconds'] == pytest.approx(sum(trained), abs=0.1)  # both runs' time
     for side in 'ab':
         cfg = load_config(str(out / f'upper_bound_{side}_seed0' / 'config.yaml'))
         assert [n.name for n in cfg.networks] == [side] and cfg.interface.rp and not cfg.interface.dcc
