@@ -1,6 +1,7 @@
 """Component folders of two interfaces and a real offline Hugging Face cache, shared by the Hub tests."""
 import hashlib
 import os
+import pickle
 import shutil
 from pathlib import Path
 
@@ -76,3 +77,11 @@ def published(saved, hf_cache):
         for role in ('interface', 'extractor', 'head'):
             put_in_cache(hf_cache, f'org/i{n}-{role}', parts[role])
     return hf_cache
+
+
+def write_pickle_that_leaves_a_trace(path: Path, trace: Path) -> None:
+    """A pickle at ``path`` that creates the folder ``trace`` if anything ever unpickles it."""
+    class Trap:
+        def __reduce__(self):
+            return os.mkdir, (str(trace),)
+    path.write_bytes(pickle.dumps({'weight': Trap()}))

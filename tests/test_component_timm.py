@@ -17,7 +17,7 @@ import timm_compat as tc
 from timm_compat.component import write_folder
 
 from .conftest import REPO
-from .test_hub import hf_cache, put_in_cache  # noqa: F401 (hf_cache is a fixture)
+from .hub_util import hf_cache, put_in_cache  # noqa: F401 (hf_cache is a fixture)
 
 NAMES = ['cat', 'dog', 'frog']
 # (backbone, split, width, model_args): a CIFAR ResNet with an adapter, a CIFAR MobileNetV2 with an adapter, and

@@ -18,7 +18,7 @@ import timm_compat as tc
 from timm_compat.batchnorm import eval_mode, recalibrate_bn
 from timm_compat.data import ImageData, normalize
 from timm_compat.synthetic import make_synthetic
-from tests.test_hub import _write_pickle_that_leaves_a_trace, hf_cache, put_in_cache  # noqa: F401 (fixture)
+from tests.hub_util import hf_cache, put_in_cache, write_pickle_that_leaves_a_trace  # noqa: F401 (fixture)
 
 NAMES = ['w', 'x', 'y', 'z']
 
@@ -174,7 +174,7 @@ def test_pickled_weights_are_never_unpickled_by_either_route(pair, tmp_path):
     folder, trace = tmp_path / 'm', tmp_path / 'unpickled'
     pair.save_pretrained(folder)
     (folder / 'model.safetensors').unlink()
-    _write_pickle_that_leaves_a_trace(folder / 'pytorch_model.bin', trace)
+    write_pickle_that_leaves_a_trace(folder / 'pytorch_model.bin', trace)
     for load in (tc.load_recombined, lambda f: timm.create_model(f'local-dir:{f}', pretrained=True)):
         with pytest.raises(tc.ComponentError, match='never loaded'):
             load(folder)

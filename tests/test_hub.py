@@ -3,17 +3,11 @@
 Downloads go through huggingface_hub's own resolution (``hf_hub_download`` reading a cache laid out as it leaves
 downloaded repos); only the upload and search calls, which need a live Hub, are recorded at ``HfApi``.
 """
-import hashlib
-import http.server
 import json
 import os
-import pickle
 import shutil
-import socket
 import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -21,14 +15,13 @@ import timm
 import torch
 from huggingface_hub import HfApi, ModelCard, ModelInfo, RepoUrl, constants, scan_cache_dir
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 import timm_compat as tc
-from timm_compat._integrity import weights_digest
 from timm_compat.compatible import fit_problems
 from timm_compat.hub import main
 
-from tests.hub_util import COMMIT, CLASSES, folder, hf_cache, published, put_in_cache, saved  # noqa: F401
+from tests.hub_util import COMMIT, CLASSES, folder, hf_cache, published, put_in_cache, saved  # noqa: F401 (fixtures)
 
 
 def assert_same_outputs(a, b):

@@ -1,8 +1,6 @@
 """Damaged, forged or pickled component folders and unreachable Hub repos: each refused with a clear error."""
 import http.server
 import json
-import os
-import pickle
 import socket
 import threading
 import time
@@ -16,24 +14,18 @@ from safetensors.torch import load_file, save_file
 import timm_compat as tc
 from timm_compat._integrity import weights_digest
 
-from tests.hub_util import CLASSES, folder, hf_cache, put_in_cache, saved  # noqa: F401 (fixtures)
-
-
-def _write_pickle_that_leaves_a_trace(path: Path, trace: Path) -> None:
-    class Trap:
-        def __reduce__(self):
-            return os.mkdir, (str(trace),)
-    path.write_bytes(pickle.dumps({'weight': Trap()}))
+from tests.hub_util import (CLASSES, folder, hf_cache, put_in_cache, saved,  # noqa: F401 (fixtures)
+                            write_pickle_that_leaves_a_trace)
 
 
 def test_pickled_weights_are_refused_never_unpickled(folder, tmp_path):
     trace = tmp_path / 'unpickled'
     path = folder('extractor')
     (path / 'model.safetensors').unlink()
-    _write_pickle_that_leaves_a_trace(path / 'pytorch_model.bin', trace)
+    write_pickle_that_leaves_a_trace(path / 'pytorch_model.bin', trace)
     with pytest.raises(tc.ComponentError, match='holds pytorch_model.bin but no model.safetensors.*never loaded'):
         tc.load_component(path)
-    _write_pickle_that_leaves_a_trace(path / 'model.safetensors', trace)  # a pickle under the safetensors name
+    write_pickle_that_leaves_a_trace(path / 'model.safetensors', trace)  # a pickle under the safetensors name
     with pytest.raises(tc.ComponentError, match='not a readable safetensors file'):
         tc.load_component(path)
     assert not trace.exists()

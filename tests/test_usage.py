@@ -1,7 +1,7 @@
 """The usage the project promises: ``make_compatible(backbone, head=...)`` with timm-like defaults, components and
 interfaces given as folders or Hub ids, and components that say what they were built from and trained at.
 
-Hub ids are resolved through a real Hugging Face cache that the tests fill (``tests.test_hub.put_in_cache``), with
+Hub ids are resolved through a real Hugging Face cache that the tests fill (``tests.hub_util.put_in_cache``), with
 ``HF_HUB_OFFLINE=1``: huggingface_hub's own resolution runs, and nothing reaches the network.
 """
 import re
@@ -18,7 +18,7 @@ from timm_compat._split import default_split
 from timm_compat.interface import DEFAULT_WIDTH
 
 from .conftest import REPO
-from .test_hub import hf_cache, put_in_cache  # noqa: F401 (hf_cache is a fixture)
+from .hub_util import hf_cache, put_in_cache  # noqa: F401 (hf_cache is a fixture)
 
 
 def test_design_card_call_needs_only_a_backbone_and_a_head():
