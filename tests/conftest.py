@@ -51,3 +51,16 @@ def import_script(monkeypatch):
     yield _import
     for module in loaded:  # before monkeypatch puts back what was there
         sys.modules.pop(module, None)
+
+
+def crash_after_logging(monkeypatch, step: int) -> None:
+    """Make a train.py run die right after it logs ``step`` (its metrics row written), as a kill would."""
+    from timm_compat import engine
+    real_log = engine.TrainLoop.log
+
+    def log_then_crash(self, at, means):
+        real_log(self, at, means)
+        if at == step:
+            raise KeyboardInterrupt(f'simulated kill after logging step {step}')
+
+    monkeypatch.setattr(engine.TrainLoop, 'log', log_then_crash)

@@ -15,10 +15,10 @@ import torch
 from PIL import Image
 
 import train
-from timm_compat import engine, streaming
+from timm_compat import streaming
 from timm_compat.data import EpochSampler, evaluation_batches, iterate_batches, load_image_data, training_batch
 from timm_compat.streaming import StreamedImages, choose_storage, materialize, stream_batches
-from tests.conftest import REPO
+from tests.conftest import REPO, crash_after_logging
 from tests.datasets_util import write_imagefolder
 
 CLASSES = ['airplane', 'automobile', 'bird']
@@ -158,14 +158,7 @@ def test_a_streamed_run_trains_resumes_and_scores_as_the_in_memory_run(tmp_path,
         assert stream['phases']['main'][key] == memory['phases']['main'][key]
     # Killed after step 4 in memory, resumed streamed from the checkpoint of step 3 (storage may change on a resume:
     # the batches are the same): the workers start at step 3, not at 0.
-    real_log = engine.TrainLoop.log
-
-    def log_then_crash_at_4(self, step, means):
-        real_log(self, step, means)
-        if step == 4:
-            raise KeyboardInterrupt('simulated kill after logging step 4')
-
-    monkeypatch.setattr(engine.TrainLoop, 'log', log_then_crash_at_4)
+    crash_after_logging(monkeypatch, 4)
     with pytest.raises(KeyboardInterrupt):
         tiny_parquet_run(tmp_path, 'resumed', '--set', 'data_storage=memory')
     monkeypatch.undo()

@@ -12,7 +12,7 @@ import train
 from timm_compat import engine
 from timm_compat.joint import JointModel
 
-from tests.conftest import REPO
+from tests.conftest import REPO, crash_after_logging
 
 TINY = str(REPO / 'tests' / 'tiny.yaml')
 pytestmark = pytest.mark.usefixtures('fresh_accelerate')
@@ -185,14 +185,7 @@ def test_resume_logs_each_step_once_and_counts_all_training_time(tmp_path, monke
         return real_forward(self, *args, **kwargs)
 
     monkeypatch.setattr(JointModel, 'forward', slow_forward)
-    real_log = engine.TrainLoop.log
-
-    def log_then_crash_at_5(self, step, means):
-        real_log(self, step, means)
-        if step == 5:
-            raise KeyboardInterrupt('simulated kill after logging step 5')
-
-    monkeypatch.setattr(engine.TrainLoop, 'log', log_then_crash_at_5)
+    crash_after_logging(monkeypatch, 5)
     with pytest.raises(KeyboardInterrupt):
         run(tmp_path, '--set', 'steps=6', '--set', 'log_every=1', '--set', 'checkpoint_every=4')
     monkeypatch.undo()
