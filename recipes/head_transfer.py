@@ -198,7 +198,7 @@ def run_seed(args, budget: dict, seed: int, out: Path, bar) -> dict:
 
     out.mkdir(parents=True, exist_ok=True)
     stage1 = launch(budget['stage1'], out / 'stage1', run_overrides(budget, budget['networks'], seed, args.epochs),
-           args.data_dir, out / 'stage1.log', bar, args.resume)
+                    args.data_dir, out / 'stage1.log', bar, args.resume)
     components = out / 'stage1' / 'main' / 'components'
     interface = timm_compat.Interface.from_pretrained(components / 'interface')
     extractors = {n: timm_compat.Extractor.from_pretrained(components / n / 'extractor') for n in budget['networks']}
