@@ -1,0 +1,116 @@
+"""Bad configs: each error names the key, the value and a valid example, before anything runs."""
+import pytest
+
+from timm_compat.config import ConfigError, NetworkConfig, load_config
+
+
+def test_bad_configs():
+    with pytest.raises(ConfigError, match=r"Unknown config key\(s\) \['widht'\] in interface.*did you mean 'width'"):
+        load_config(None, ['interface.widht=3'])
+    with pytest.raises(ConfigError, match=r"Unknown config key\(s\) \['lr'\] at the top level.*did you mean optim.lr"):
+        load_config(None, ['lr=0.1'])
+    with pytest.raises(ConfigError, match='must look like key.path=value'):
+        load_config(None, ['epochs'])
+    with pytest.raises(ConfigError, match='^scheme is no longer a config key.*interface.load.*Delete the scheme'):
+        load_config(None, ['scheme=incremental'])
+    with pytest.raises(ConfigError, match='pass --data-dir'):
+        load_config(None, ['networks.0.dataset.source=parquet:{data_dir}/x'])
+    with pytest.raises(ConfigError, match='distinct names'):
+        load_config(None, ['networks.1.name=a'])
+    with pytest.raises(ConfigError, match='interface.dcc is false'):
+        load_config(None, ['networks.0.head=dcc', 'interface.dcc=false'])
+    assert issubclass(ConfigError, ValueError)
+
+
+@pytest.mark.parametrize('override', ['networks.7.name=x', 'networks.x.name=x', 'batch_size.x=3', 'optim.lr=[1'])
+def test_overrides_that_name_no_key(override):
+    with pytest.raises(ConfigError, match=f"Override '{override[:8]}"):
+        load_config(None, [override])
+
+
+def test_loop_in_bases(tmp_path):
+    (tmp_path / 'x.yaml').write_text('base: y.yaml\n')
+    (tmp_path / 'y.yaml').write_text('base: x.yaml\n')
+    with pytest.raises(ConfigError, match='loop'):
+        load_config(str(tmp_path / 'x.yaml'))
+
+
+# (override, key named in the error, the bad value as the error shows it)
+BAD = [
+    ('interface.rp="no"', 'interface.rp', "'no'"), ('interface.dcc="false"', 'interface.dcc', "'false'"),
+    ('iiw="False"', 'iiw', "'False'"), ('augment="false"', 'augment', "'false'"),
+    ('networks.0.pretrained="yes"', 'networks.0.pretrained', "'yes'"), ('channels_last=1', 'channels_last', '1'),
+    ('interface.width=0', 'interface.width', '0'), ('interface.width=1.5', 'interface.width', '1.5'),
+    ('steps=-5', 'steps', '-5'), ('steps=0', 'steps', '0'), ('steps="1e3"', 'steps', "'1e3'"),
+    ('epochs=0', 'epochs', '0'), ('epochs=.nan', 'epochs', 'nan'), ('batch_size=0', 'batch_size', '0'),
+    ('batch_size=true', 'batch_size', 'True'), ('eval_batch_size=0', 'eval_batch_size', '0'),
+    ('checkpoint_every=0', 'checkpoint_every', '0'), ('log_every=0', 'log_every', '0'),
+    ('keep_checkpoints=0', 'keep_checkpoints', '0'), ('cpu_threads=0', 'cpu_threads', '0'),
+    ('gradient_accumulation_steps=0', 'gradient_accumulation_steps', '0'),
+    ('optim.lr=0', 'optim.lr', '0'), ('optim.lr=-0.1', 'optim.lr', '-0.1'), ('optim.lr=abc', 'optim.lr', "'abc'"),
+    ('optim.momentum=1', 'optim.momentum', '1'), ('optim.momentum=-0.1', 'optim.momentum', '-0.1'),
+    ('optim.weight_decay=-1e-4', 'optim.weight_decay', "'-1e-4'"),
+    ('optim.warmup_steps=-1', 'optim.warmup_steps', '-1'), ('optim.clip_grad_norm=0', 'optim.clip_grad_norm', '0'),
+    ('optim.clip_grad_norm=.inf', 'optim.clip_grad_norm', 'inf'),
+    ('interface.rp_weight=-1', 'interface.rp_weight', '-1'), ('interface.dcc_weight=-1', 'interface.dcc_weight', '-1'),
+    ('networks.0.dataset.synthetic_per_class=0', 'networks.0.dataset.synthetic_per_class', '0'),
+    ('networks.1.dataset.synthetic_test_per_class=0', 'networks.1.dataset.synthetic_test_per_class', '0'),
+    ('networks.1.dataset.train_limit=0', 'networks.1.dataset.train_limit', '0'),
+    ('networks.1.dataset.test_limit=-3', 'networks.1.dataset.test_limit', '-3'),
+    ('networks.0.dataset.train_shard=[2, 2]', 'networks.0.dataset.train_shard', '[2, 2]'),
+    ('networks.0.dataset.train_shard=[-1, 2]', 'networks.0.dataset.train_shard', '[-1, 2]'),
+    ('networks.0.dataset.train_shard=[0]', 'networks.0.dataset.train_shard', '[0]'),
+    ('image_size=4', 'image_size', '4'), ('eval_bn=running_mean', 'eval_bn', "'running_mean'"),
+    ('optim.optimizer=adamm', 'optim.optimizer', "'adamm'"), ('optim.schedule=steps', 'optim.schedule', "'steps'"),
+    ('mixed_precision=fp32', 'mixed_precision', "'fp32'"), ('mixed_precision=yes', 'mixed_precision', 'True'),
+    ('baseline=yes', 'baseline', 'True'),
+    ('joint_schedule=round_robin', 'joint_schedule', "'round_robin'"),
+    ('interface.rp_norm=batch', 'interface.rp_norm', "'batch'"),
+    ('seed=-1', 'seed', '-1'), ('seed="0"', 'seed', "'0'"), ('init_seed=1.5', 'init_seed', '1.5'),
+    ('networks.0.name=/tmp/x', 'networks.0.name', "'/tmp/x'"), ('networks.0.name=..', 'networks.0.name', "'..'"),
+    ('networks.0.name=a/b', 'networks.0.name', "'a/b'"), ('networks.0.name=""', 'networks.0.name', "''"),
+    ('networks.0.split=1.5', 'networks.0.split', '1.5'), ('networks.0.head=""', 'networks.0.head', "''"),
+    ('networks.0.model_args=[1]', 'networks.0.model_args', '[1]'),
+    ('networks.0.model_args={a: {b: 1}}', 'networks.0.model_args.a', "{'b': 1}"),
+    ('interface.dcc_head={type: timm}', 'interface.dcc_head', "{'type': 'timm'}"),
+    ('interface.aux_head=3', 'interface.aux_head', '3'), ('networks=[]', 'networks', '[]'),
+    ('optim=null', 'optim', 'None'), ('trackers=[tensorbord]', 'trackers.0', "'tensorbord'"), ('push_to_hub=/abs', 'push_to_hub', "'/abs'"),
+]
+
+
+@pytest.mark.parametrize('override, key, shown', BAD, ids=[b[0] for b in BAD])
+def test_bad_value_names_key_value_and_a_valid_example(override, key, shown):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [override])
+    message = str(e.value)
+    assert len(message.splitlines()) == 1, message
+    assert message.startswith(f'{key} must be ') and f', got {shown} (' in message, message
+    example = message.split('; write ' if '; write ' in message else '; e.g. ')[1]
+    assert load_config(None, [example]), example  # the suggested value is itself valid
+
+
+def test_boolean_words_suggest_what_they_mean():
+    with pytest.raises(ConfigError, match=r"^interface.rp must be true or false, got 'no' \(a string\); "
+                                          r"write interface.rp=false$"):
+        load_config(None, ['interface.rp="no"'])
+    with pytest.raises(ConfigError, match='write augment=true$'):
+        load_config(None, ['augment="yes"'])
+
+
+def test_every_bad_key_is_listed_one_per_line():
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ['steps=0', 'interface.rp="no"', 'networks.1.dataset.train_limit=0', 'nope=1'])
+    lines = str(e.value).splitlines()
+    assert len(lines) == 4
+    assert sorted(line.split()[0] for line in lines[:3]) == ['interface.rp', 'networks.1.dataset.train_limit',
+                                                             'steps']
+    assert "['nope']" in lines[3]
+
+
+def test_assignment_is_checked_too():
+    cfg = load_config()
+    with pytest.raises(ValueError):
+        cfg.interface.rp = 'no'
+    with pytest.raises(ValueError):
+        cfg.networks[0].name = '/etc'
+    assert NetworkConfig(name='x').dataset.source == 'synthetic:A'
