@@ -16,14 +16,13 @@ through RP, as mean ± std over every source x adaptation seed.
 """
 import argparse
 import json
-import statistics
 from pathlib import Path
 
 import torch
 
 import adaptation
 from timm_compat.shifts import apply_shift
-from common import DATA_DIR_HELP, check_data_dir, data_note, progress
+from common import DATA_DIR_HELP, check_data_dir, data_note, mean_std, progress
 
 # CIFAR-10-C corruptions of timm_compat.shifts at its top severity, one per family: noise, blur, weather-free
 # digital (contrast, pixelate, JPEG).
@@ -97,9 +96,8 @@ def report(args, out: Path, found: dict) -> None:
     from timm_compat.plots import ReportTable, write_report
     rows = []
     for shift, runs in found.items():
-        cells = [(statistics.mean(v), statistics.stdev(v) if len(v) > 1 else 0.0)
-                 for v in ([r[k] for r in runs] for k in SCORES.values())] if runs else []
-        rows.append([shift, len(runs), *(f'{m:.1f} ± {s:.1f}' for m, s in cells)] if runs else [shift, 0])
+        rows.append([shift, len(runs), *(mean_std([r[k] for r in runs]) for k in SCORES.values())] if runs
+                    else [shift, 0])
     write_report(out, 'Unsupervised domain adaptation through RP (Sec. 5.1, Tab. 2) over corruptions and seeds', {
         'Setup': (f'`python recipes/adaptation_sweep.py --budget {args.budget} --shifts {" ".join(args.shifts)} '
                   f'--source-seeds {args.source_seeds} --adapt-seeds {args.adapt_seeds}'

@@ -1,6 +1,7 @@
 """What every recipe shares: running ``accelerate launch train.py`` as a user would, the ``fast`` budget's train.py
-keys, a bar counting the runs, the data note and both BN modes of a run's summary for the reports."""
+keys, a bar counting the runs, the data note, both BN modes of a run's summary and mean ± std for the reports."""
 import json
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -102,6 +103,15 @@ def by_bn(summary: dict, key: str) -> Dict[str, object]:
                          f'before train.py measured both; rerun the run.')
     main = next(mode for mode in BN_MODES if mode != other[0])
     return {main: summary[key], other[0]: summary[f'{key}_{other[0]}']}
+
+
+def mean_std(values: Sequence[float], signed: bool = False) -> str:
+    """``'mean ± std'`` over seeds to one decimal; the mean alone for one seed (its spread is unknown, not 0) and
+    '–' for none. ``signed`` writes the mean with its sign, for differences."""
+    if not values:
+        return '–'
+    spread = f' ± {statistics.stdev(values):.1f}' if len(values) > 1 else ''
+    return f'{statistics.mean(values):{"+" if signed else ""}.1f}{spread}'
 
 
 def check_data_dir(parser, data_dir: Optional[str], sources: Sequence[str]) -> None:

@@ -33,7 +33,7 @@ import torch
 from timm_compat._hardware import hardware
 from timm_compat.deployment import BN_MODES
 from common import (CIFAR10 as CIFAR10_ID, DATA_DIR_HELP, REPO, RESUME_HELP, by_bn, check_data_dir, data_note,
-                    launch, progress)
+                    launch, mean_std, progress)
 
 CIFAR10 = ['airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse', 'ship', 'truck']
 PAPER = {'resnet56': (91.7, 94.6), 'mobilenetv2': (91.6, 93.3)}  # (recombined, upper bound), Fig. 4
@@ -263,12 +263,6 @@ def main(argv=None):
         with progress(args.seeds * (1 + len(budget['upper_bound'])), 'head transfer: train.py runs') as bar:
             records = [run_seed(args, budget, seed, out / f'seed{seed}', bar) for seed in range(args.seeds)]
     write_report(out, args, budget, records)
-
-
-def mean_std(values) -> str:
-    if not values:
-        return '–'
-    return f'{statistics.mean(values):.1f}' + (f' ± {statistics.stdev(values):.1f}' if len(values) > 1 else '')
 
 
 def figure_bars(records) -> tuple:

@@ -27,8 +27,8 @@ from typing import List, NamedTuple
 
 from timm_compat.deployment import BN_MODES
 
-from common import DATA_DIR_HELP, REPO, RESUME_HELP, check_data_dir, data_note, progress
-from sec4_methods import (BUDGETS, SETTINGS, control_overrides, mean_std, run_method, run_overrides, run_record,
+from common import DATA_DIR_HELP, REPO, RESUME_HELP, check_data_dir, data_note, mean_std, progress
+from sec4_methods import (BUDGETS, SETTINGS, control_overrides, run_method, run_overrides, run_record,
                           runs_of, setting_sources, training_seconds)
 
 ABLATIONS = ('common_classes', 'split', 'control')
@@ -135,8 +135,8 @@ def write_report(out: Path, args, variants: List[Variant], results: dict) -> Pat
     rows, bars = [], {}
     for v in variants:
         runs = results[v.name]
-        cells = [mean_std([r[k][bn] for r in runs]) for k in ('recombination', 'own') for bn in BN_MODES]
-        rows.append([v.label, *(f'{m:.1f} ± {s:.1f}' for m, s in cells), len(runs),
+        cells = [[r[k][bn] for r in runs] for k in ('recombination', 'own') for bn in BN_MODES]
+        rows.append([v.label, *map(mean_std, cells), len(runs),
                      statistics.mean(r['train_seconds'] for r in runs)])
         bars[v.label] = [r['recombination']['batch'] for r in runs]
     figure = plot_bars(bars, out / 'figures' / f'{args.ablation}.png', title=TITLES[args.ablation])

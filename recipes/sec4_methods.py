@@ -33,7 +33,7 @@ from typing import Sequence
 from timm_compat.deployment import BN_MODES
 
 from common import (DATA_DIR_HELP, REPO, RESUME_HELP, as_overrides, by_bn, check_data_dir, data_note, fast_keys,
-                    fast_networks, launch, progress)
+                    fast_networks, launch, mean_std, progress)
 
 SETTINGS = sorted(p.stem for p in (REPO / 'configs' / 'sec4' / 'data').glob('*.yaml'))
 METHODS = ['independent', 'iiw', 'rp', 'dcc', 'iiw_rp_dcc', 'incremental', 'control', 'upper_bound']
@@ -183,10 +183,6 @@ def run_record(summary: dict, upper_bound: bool = False) -> dict:
             'own': {bn: 100 * statistics.mean(o.values()) for bn, o in own.items()}, 'matrix': matrices}
 
 
-def mean_std(values):
-    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
-
-
 def own_accuracy_cost(results: dict, bn: str = 'batch') -> list:
     """Does compatibility cost own accuracy (paper: 86.3 vs 85.6 %)? Each method's own accuracy against the
     independent networks' of the same seeds: ``[method, own, independent, difference mean ± std, paired t-test p]``
@@ -201,10 +197,9 @@ def own_accuracy_cost(results: dict, bn: str = 'batch') -> list:
         if not pairs:
             continue
         own, independent = zip(*pairs)
-        diff = mean_std([a - b for a, b in pairs])
         p = ttest_rel(own, independent).pvalue if len(pairs) > 1 else float('nan')  # nan: no spread to test
         rows.append([LABELS[method], statistics.mean(own), statistics.mean(independent),
-                     f'{diff[0]:+.1f} ± {diff[1]:.1f}', '–' if p != p else f'{p:.2f}'])
+                     mean_std([a - b for a, b in pairs], signed=True), '–' if p != p else f'{p:.2f}'])
     return rows
 
 
@@ -312,9 +307,12 @@ def _correlation(method: str, models, tests):
 
 
 def _orderings(results: dict, paper: dict) -> str:
-    """The methods ordered by measured (BN=batch) and by the paper's recombination accuracy."""
+    """The methods ordered by measured (BN=batch) and by the paper's recombination accuracy; nothing for fewer than
+    two methods."""
     measured = sorted((m for m in results if m not in ('control', 'upper_bound')),
                       key=lambda m: statistics.mean(r['recombination']['batch'] for r in results[m]))
+    if len(measured) < 2:
+        return ''
     ours = sorted((m for m in results if m in paper and m != 'upper_bound'), key=paper.get)
     return (f'Measured ordering (BN=batch): {" < ".join(LABELS[m] for m in measured)}. '
             f'Paper ordering: {" < ".join(LABELS[m] for m in ours)}.')
@@ -342,8 +340,8 @@ def write_report(out: Path, args, results) -> None:
     init = getattr(args, 'init', 'random')  # results.json of runs before --init lack it
     paper, figure = (PAPER, 'Fig. 2') if init == 'random' else (PAPER_PRETRAINED, 'Fig. 2 right')
     for method, runs in results.items():
-        cells = [mean_std([r[k][bn] for r in runs]) for k in ('recombination', 'own') for bn in BN_MODES]
-        rows.append([LABELS[method], *(f'{m:.1f} ± {s:.1f}' for m, s in cells), paper.get(method, '–'),
+        cells = [[r[k][bn] for r in runs] for k in ('recombination', 'own') for bn in BN_MODES]
+        rows.append([LABELS[method], *map(mean_std, cells), paper.get(method, '–'),
                      round(statistics.mean(r['train_seconds'] for r in runs) / 60, 1)])
         names, models, tests = _run_networks(runs[0]['run'] if isinstance(runs[0]['run'], list) else [runs[0]['run']])
         figures += _method_figures(out, method, runs, names)
@@ -351,7 +349,7 @@ def write_report(out: Path, args, results) -> None:
         correlation_rows.append(row)
         blocks[f'{method}: {block[1]}'] = block
         if method not in ('control', 'upper_bound'):  # correlation as the blocks show it, recombination (batch)
-            points[method] = (correlation, cells[0][0])
+            points[method] = (correlation, statistics.mean(cells[0]))
     bars = plot_bars({LABELS[m]: [r['recombination']['batch'] for r in runs] for m, runs in results.items()},
                      out / 'figures' / 'recombination_bars.png', title=f'{figure}: recombination accuracy',
                      paper={LABELS[m]: v for m, v in paper.items()})

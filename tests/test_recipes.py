@@ -148,8 +148,23 @@ def test_sec4_own_accuracy_cost_pairs_each_method_with_the_independent_run_of_it
     _, own, independent, diff, p = rows['IIW+RP+DCC']
     assert (own, independent) == (pytest.approx(82.5), pytest.approx(82.0))
     assert diff == '+0.5 ± 0.5' and p == f'{ttest_rel([81.0, 82.0, 84.5], [80.0, 82.0, 84.0]).pvalue:.2f}'
-    assert rows['RP'][3:] == ['-2.0 ± 0.0', '–']  # one seed: nothing to test
+    assert rows['RP'][3:] == ['-2.0', '–']  # one seed: no spread to show or test
     assert sec4_methods.own_accuracy_cost({'rp': runs({0: 1.0})}) == []
+
+
+def test_reports_show_a_spread_only_where_there_are_seeds_to_spread(import_script):
+    common = import_script('recipes', 'common')
+    assert common.mean_std([70.0, 74.0, 72.0]) == '72.0 ± 2.0'
+    assert common.mean_std([83.64]) == '83.6'  # one seed: its spread is unknown, not ± 0.0
+    assert common.mean_std([-0.5, 1.5], signed=True) == '+0.5 ± 1.4' and common.mean_std([-2.0], signed=True) == '-2.0'
+    assert common.mean_std([]) == '–'
+    sec4_methods = import_script('recipes', 'sec4_methods')
+    runs = {m: [{'recombination': {'batch': v}}] for m, v in [('iiw', 25.5), ('independent', 10.5),
+                                                               ('upper_bound', 83.6)]}
+    assert sec4_methods._orderings(runs, sec4_methods.PAPER) == (
+        'Measured ordering (BN=batch): Independent < IIW. Paper ordering: Independent < IIW.')
+    del runs['iiw']  # one method and the upper bound: nothing to order
+    assert sec4_methods._orderings(runs, sec4_methods.PAPER) == ''
 
 
 def test_sec4_names_the_methods_that_correlation_and_recombination_order_oppositely(import_script):
