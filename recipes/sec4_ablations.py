@@ -3,6 +3,7 @@
     python recipes/sec4_ablations.py --ablation common_classes --budget fast --data-dir ../shared/data --seeds 3
     python recipes/sec4_ablations.py --ablation split --budget fast --data-dir ../shared/data --seeds 3
     python recipes/sec4_ablations.py --ablation control --budget fast --data-dir ../shared/data --seeds 3
+    python recipes/sec4_ablations.py --ablation rp_head --budget fast --data-dir ../shared/data --seeds 1
 
 ``common_classes``: DCC alone (configs/sec4/dcc.yaml) with its head on the first K of the nine common classes
 (``interface.dcc_classes``, K from ``--counts``, default 1 to 9, in CIFAR-10's label order without frog); recombination
@@ -12,6 +13,11 @@ nothing: that point is the independent networks.
 as the trunk there (no adapter, as the paper's splits).
 ``control``: the paper's "both tasks CIFAR-10" control: network b on the other half of CIFAR-10, clean, all ten
 classes; IIW+RP, IIW+DCC and IIW+RP+DCC should reach the upper bound (each network alone with its own RP head).
+``rp_head`` (not in the paper): RP alone, as in Fig. 2, with three RP heads: the default conv head at the budget's
+interface width, the backbone's own layers after the split (the task head's architecture) as the RP head, and the
+conv head on an interface of 32 channels, the paper's width (ResNet-56 after its second stage) where the budget's is
+wider. Does the shared RP head align the extractors less (RP far below the paper's 50.1 %) because it is small, or
+because the interface is wide?
 
 Every run is one ``accelerate launch train.py`` run of recipes/sec4_methods.py's method, with the variant's keys set
 on top (``--budget``, ``--setting`` and ``--data-dir`` as there), in OUTPUT/VARIANT/. ``--resume`` skips finished
@@ -31,9 +37,10 @@ from common import DATA_DIR_HELP, REPO, RESUME_HELP, check_data_dir, data_note, 
 from sec4_methods import (BUDGETS, SETTINGS, control_overrides, run_method, run_overrides, run_record,
                           runs_of, setting_sources, training_seconds)
 
-ABLATIONS = ('common_classes', 'split', 'control')
+ABLATIONS = ('common_classes', 'split', 'control', 'rp_head')
 # The classes CIFAR-10 shares with STL-10 (and with side b of the halves stand-ins), in CIFAR-10's label order.
 COMMON = ['airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'horse', 'ship', 'truck']
+PAPER_WIDTH = 32  # ResNet-56's channels after its second stage, the paper's split
 
 
 class Variant(NamedTuple):
@@ -70,10 +77,27 @@ def control_variants(args) -> List[Variant]:
             Variant('upper_bound', 'Upper bound', 'upper_bound', both_cifar10)]
 
 
-VARIANTS = {'common_classes': common_class_variants, 'split': split_variants, 'control': control_variants}
+def rp_head_variants(args) -> List[Variant]:
+    """RP alone with the default conv head, with the backbone's tail as its head, and on the paper's width of 32."""
+    from timm_compat.config import load_config
+    cfg = load_config(str(REPO / 'configs' / 'sec4' / 'rp.yaml'), run_overrides(args, 0))
+    net, width = cfg.networks[0], cfg.interface.width
+    tail = json.dumps({'type': 'timm', 'backbone': net.backbone, 'split': net.split})
+    variants = [Variant('rp_conv', f'conv head, width {width}', 'rp', []),
+                Variant('rp_tail', f'{net.backbone} after {net.split} as head, width {width}', 'rp',
+                        [f'interface.rp_head={tail}'])]
+    if width != PAPER_WIDTH:
+        variants.append(Variant('rp_narrow', f'conv head, width {PAPER_WIDTH}', 'rp',
+                                [f'interface.width={PAPER_WIDTH}']))
+    return variants
+
+
+VARIANTS = {'common_classes': common_class_variants, 'split': split_variants, 'control': control_variants,
+            'rp_head': rp_head_variants}
 TITLES = {'common_classes': 'DCC: recombination accuracy against the number of common classes',
           'split': 'IIW+RP+DCC: recombination accuracy against the split point',
-          'control': 'Both tasks CIFAR-10: each method against the upper bound'}
+          'control': 'Both tasks CIFAR-10: each method against the upper bound',
+          'rp_head': 'RP: recombination accuracy against the RP head and the interface width'}
 
 
 def parse_args(argv=None):

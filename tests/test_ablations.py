@@ -67,6 +67,27 @@ def test_control_trains_both_networks_on_clean_cifar10_halves_with_all_ten_class
         assert all(n.dataset.classes is None and n.dataset.shift is None for n in nets[1:]), label
 
 
+@pytest.mark.parametrize('budget', ['fast', 'cpu'])
+def test_rp_head_trains_rp_alone_with_the_default_head_the_backbones_tail_and_the_papers_width(ablations, tmp_path,
+                                                                                              budget):
+    from timm_compat.build import build_interface, build_network
+    runs = resolved(ablations, 'rp_head', budget, tmp_path)
+    configs = [cfg for (cfg,) in runs.values()]
+    assert all(c.interface.rp and not c.interface.dcc and not c.iiw for c in configs)  # Fig. 2's RP: no IIW
+    default, tail = configs[:2]
+    assert default.interface.rp_head is None and tail.interface.rp_head == {
+        'type': 'timm', 'backbone': tail.networks[0].backbone, 'split': tail.networks[0].split}
+    widths = [c.interface.width for c in configs]
+    assert widths == ([256, 256, 32] if budget == 'fast' else [32, 32])  # cpu: already the paper's width
+    for cfg in configs:
+        interface = build_interface(cfg, [CIFAR10_CLASSES] * 2)
+        model = build_network(cfg.networks[0], 0, cfg, interface, CIFAR10_CLASSES).eval()
+        features = model.extractor(torch.zeros(2, 3, 32, 32))
+        assert features.shape[1] == cfg.interface.width and interface.rp(features).shape == (2, 4)
+        if cfg is tail:  # the RP head is the task head's architecture (the backbone after the split), not conv
+            assert type(interface.rp).__name__ == type(model.head).__name__ != 'Sequential'
+
+
 @pytest.mark.parametrize('argv,message', [
     (['--ablation', 'common_classes', '--counts', '0', '9'], '--counts [0]: the tasks share 9 classes'),
     (['--ablation', 'common_classes', '--counts', '10'], '--counts [10]'),
