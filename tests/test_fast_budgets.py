@@ -260,7 +260,8 @@ def test_sec4_upper_bound_and_rp_pretraining_run_end_to_end(tmp_path):
         cfg = load_config(str(out / f'upper_bound_{side}_seed0' / 'config.yaml'))
         assert [n.name for n in cfg.networks] == [side] and cfg.interface.rp and not cfg.interface.dcc
     report = (out / 'report.md').read_text()
-    assert 'Upper bound (each network alone' in report and 'paired t-test p' in report and '--init rp_pretrained' in report
+    assert '| Upper bound |' in report and 'each network trained alone with its own RP head' in report
+    assert 'paired t-test p' in report and '--init rp_pretrained' in report
     assert '](figures/recombination_bars.png)' in report and (out / 'figures' / 'recombination_bars.png').is_file()
 
 
