@@ -13,11 +13,11 @@ nothing: that point is the independent networks.
 as the trunk there (no adapter, as the paper's splits).
 ``control``: the paper's "both tasks CIFAR-10" control: network b on the other half of CIFAR-10, clean, all ten
 classes; IIW+RP, IIW+DCC and IIW+RP+DCC should reach the upper bound (each network alone with its own RP head).
-``rp_head`` (not in the paper): RP alone, as in Fig. 2, with three RP heads: the default conv head at the budget's
+``rp_head`` (not in the paper): RP alone, as in Fig. 2, three ways: the default conv head at the budget's
 interface width, the backbone's own layers after the split (the task head's architecture) as the RP head, and the
 conv head on an interface of 32 channels, the paper's width (ResNet-56 after its second stage) where the budget's is
-wider. Does the shared RP head align the extractors less (RP far below the paper's 50.1 %) because it is small, or
-because the interface is wide?
+wider (the task head then reads 32 channels too). Does the shared RP head align the extractors less (RP far below
+the paper's 50.1 %) because it is small, or because the interface is wide?
 
 Every run is one ``accelerate launch train.py`` run of recipes/sec4_methods.py's method, with the variant's keys set
 on top (``--budget``, ``--setting`` and ``--data-dir`` as there), in OUTPUT/VARIANT/. ``--resume`` skips finished
