@@ -10,7 +10,7 @@ import timm
 from torch.nn.modules.batchnorm import _BatchNorm
 
 import timm_compat  # noqa: F401  (registers the CIFAR backbones)
-from timm_compat._hardware import compile_backend, configure_cuda, sync_batchnorm
+from timm_compat._hardware import compile_backend, configure_cuda, cpu_description, sync_batchnorm
 from tests.conftest import REPO
 
 CUDNN, MATMUL = torch.backends.cudnn, torch.backends.cuda.matmul
@@ -88,3 +88,17 @@ def test_an_unknown_compile_backend_is_refused_before_data_is_read_or_the_folder
         train.main(['-c', str(REPO / 'tests' / 'tiny.yaml'), '--output-dir', str(tmp_path / 'run'),
                     '--set', 'compile=inductr', '--set', f'networks.0.dataset.source={tmp_path / "missing"}'])
     assert not (tmp_path / 'run').exists()
+
+
+ZEN1 = 'processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 23\nmodel\t\t: 1\nmodel name\t: AMD EPYC\n'
+ZEN5 = 'processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 26\nmodel\t\t: 2\nmodel name\t: AMD EPYC\n'
+
+
+def test_the_machine_line_tells_apart_cpus_that_share_a_model_name():
+    """Under KVM a Zen 1 and a Zen 5 both say "AMD EPYC"; a fast-budget step is about 10x slower on the first, so a
+    result's machine line must tell them apart (the first CPU's entry is read, not the last)."""
+    zen1 = cpu_description(ZEN1 + '\n' + ZEN5.replace('26', '25'), {'avx2': True, 'avx': True, 'avx512_f': False})
+    zen5 = cpu_description(ZEN5, {'avx2': True, 'avx512_f': True, 'avx512_bf16': True})
+    assert zen1 == 'AMD EPYC (family 23 model 1, avx2)'
+    assert zen5 == 'AMD EPYC (family 26 model 2, avx512_bf16)'
+    assert cpu_description('', {}) == 'unknown CPU (no AVX)'

@@ -11,7 +11,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from ._cpu import keep_freed_memory
 from .models.airbench_groups import freeze_weight
 
-__all__ = ['hardware', 'cpu_cores', 'fast_bf16', 'resolve_precision', 'configure_device', 'configure_cuda',
+__all__ = ['hardware', 'cpu_description', 'cpu_cores', 'fast_bf16', 'resolve_precision', 'configure_device', 'configure_cuda',
            'check_launch', 'compile_backend', 'check_sync_batchnorm', 'sync_batchnorm']
 
 
@@ -20,20 +20,38 @@ def cpu_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
 
 
+# The widest vector / matrix extension is named: it decides CPU training speed and whether bf16 pays (fast_bf16).
+SIMD_LEVELS = ('amx_bf16', 'avx512_bf16', 'avx512_f', 'avx2', 'avx', 'sve2', 'sve', 'neon')
+
+
+def cpu_description(cpuinfo: str, capabilities: dict) -> str:
+    """The CPU's model name, family/model numbers and widest SIMD extension, from ``/proc/cpuinfo``'s text and
+    ``torch.cpu.get_capabilities()``. A model name alone can hide a 5x speed difference: a Zen 1 with AVX2 and a
+    Zen 5 with avx512_bf16 both call themselves "AMD EPYC" under KVM."""
+    fields = {}
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(':')
+        fields.setdefault(key.strip(), value.strip())
+    simd = next((level for level in SIMD_LEVELS if capabilities.get(level)), 'no AVX')
+    family = f'family {fields["cpu family"]} model {fields["model"]}, ' if 'cpu family' in fields else ''
+    return f'{fields.get("model name", "unknown CPU")} ({family}{simd})'
+
+
 def hardware(device: Optional[torch.device] = None) -> str:
-    """The device (the GPU's name on CUDA), the CPU model and cores, torch threads and the torch and timm versions.
+    """The device (the GPU's name on CUDA), the CPU (:func:`cpu_description`) and cores, torch threads and the torch
+    and timm versions.
 
     Args:
         device: The device that ran; default: the first GPU if there is one, else the CPU.
     """
     if device is None:
         device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
-    name = 'unknown CPU'
     try:
         with open('/proc/cpuinfo') as f:
-            name = next(line.split(':', 1)[1].strip() for line in f if line.startswith('model name'))
-    except (OSError, StopIteration):
-        pass
+            cpuinfo = f.read()
+    except OSError:
+        cpuinfo = ''
+    name = cpu_description(cpuinfo, torch.cpu.get_capabilities())
     gpu = f'{torch.cuda.get_device_name(device)}; ' if device.type == 'cuda' else ''
     return (f'device {device.type}: {gpu}{name} x {cpu_cores()} cores, {torch.get_num_threads()} torch threads; '
             f'torch {torch.__version__}, timm {timm.__version__}')
