@@ -1,6 +1,7 @@
 """What every recipe shares: running ``accelerate launch train.py`` as a user would, the ``fast`` budget's train.py
 keys, a bar counting the runs, the data note, both BN modes of a run's summary and mean ± std for the reports."""
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -19,6 +20,8 @@ REPO = Path(__file__).resolve().parents[1]
 CIFAR10 = 'uoft-cs/cifar10'
 RESUME_HELP = ('continue the train.py runs already in the output folder (a killed run from its last checkpoint, a '
                'finished one read back) instead of overwriting them; a changed config is refused')
+RECORDS_HELP = ('keep the records of OUTPUT/results.json (what finished, in an earlier sitting or another clone: copy '
+                'a committed results.json there) and ' + RESUME_HELP.replace('the output folder', 'OUTPUT'))
 DATA_DIR_HELP = ('folder of local Parquet copies of Hub datasets: Hub id ORG/NAME is read from '
                  'DIR/NAME/{split}.parquet (this workspace\'s CIFAR-10 copy: --data-dir ../shared/data); default: '
                  'download from the Hub')
@@ -105,13 +108,13 @@ def by_bn(summary: dict, key: str) -> Dict[str, object]:
     return {main: summary[key], other[0]: summary[f'{key}_{other[0]}']}
 
 
-def mean_std(values: Sequence[float], signed: bool = False) -> str:
-    """``'mean ± std'`` over seeds to one decimal; the mean alone for one seed (its spread is unknown, not 0) and
-    '–' for none. ``signed`` writes the mean with its sign, for differences."""
+def mean_std(values: Sequence[float], signed: bool = False, digits: int = 1) -> str:
+    """``'mean ± std'`` over seeds to ``digits`` decimals; the mean alone for one seed (its spread is unknown, not 0)
+    and '–' for none. ``signed`` writes the mean with its sign, for differences."""
     if not values:
         return '–'
-    spread = f' ± {statistics.stdev(values):.1f}' if len(values) > 1 else ''
-    return f'{statistics.mean(values):{"+" if signed else ""}.1f}{spread}'
+    spread = f' ± {statistics.stdev(values):.{digits}f}' if len(values) > 1 else ''
+    return f'{statistics.mean(values):{"+" if signed else ""}.{digits}f}{spread}'
 
 
 def check_data_dir(parser, data_dir: Optional[str], sources: Sequence[str]) -> None:
@@ -133,3 +136,38 @@ def data_note(data_dir: Optional[str], sources: Sequence[str] = (CIFAR10,)) -> s
     return (f'Data: {names}, read from the local Parquet copies in `{data_dir}` (`--data-dir`), not from the Hub; '
             f'this workspace\'s copy (`../shared/data`) is CIFAR-10 (JPEG copy), re-encoded pixels whose accuracies '
             f'sit a little below the Hub data\'s.')
+
+
+def load_results(out: Path, args, keys: Sequence[str]) -> Dict[str, list]:
+    """The records that ``--resume`` keeps: OUTPUT/results.json's ``{name: [record per seed]}``, or none.
+
+    The records alone make the report (no checkpoint is read back for them), so a table built over several sittings
+    survives the loss of its run folders: copy the committed results.json into OUTPUT and resume. Records made
+    with other ``keys`` (budget, setting, ...) than ``args`` are refused, as a changed config is.
+    """
+    path = out / 'results.json'
+    if not getattr(args, 'resume', False) or not path.is_file():
+        return {}
+    saved = json.loads(path.read_text())
+    changed = [f'--{k.replace("_", "-")} {saved["args"].get(k)} (now {getattr(args, k)})'
+               for k in keys if saved['args'].get(k) != getattr(args, k)]
+    if changed:
+        raise SystemExit(f'{path} holds records of {", ".join(changed)}: give the same arguments to add to it, or '
+                         f'another --output for a new table.')
+    return saved['results']
+
+
+def recorded(results: Dict[str, list], name: str, seed: int) -> bool:
+    return any(r['seed'] == seed for r in results.get(name, []))
+
+
+def add_record(results: Dict[str, list], name: str, record: dict) -> None:
+    """Adds ``record`` (one seed of ``name``) to ``results``, the seeds kept in order."""
+    results[name] = sorted(results.get(name, []) + [record], key=lambda r: r['seed'])
+
+
+def save_results(out: Path, args, results: Dict[str, list]) -> None:
+    """Writes OUTPUT/results.json atomically (a kill while writing leaves the previous records whole)."""
+    tmp = out / 'results.json.tmp'
+    tmp.write_text(json.dumps({'args': vars(args), 'results': results}, indent=2))
+    os.replace(tmp, out / 'results.json')

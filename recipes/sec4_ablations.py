@@ -20,9 +20,11 @@ wider (the task head then reads 32 channels too). Does the shared RP head align 
 the paper's 50.1 %) because it is small, or because the interface is wide?
 
 Every run is one ``accelerate launch train.py`` run of recipes/sec4_methods.py's method, with the variant's keys set
-on top (``--budget``, ``--setting`` and ``--data-dir`` as there), in OUTPUT/VARIANT/. ``--resume`` skips finished
-runs and continues a killed one, so the table can be built over several sittings; OUTPUT/results.json is rewritten
-after every run and report.md at the end.
+on top (``--budget``, ``--setting`` and ``--data-dir`` as there), in OUTPUT/VARIANT/; ``--variants`` picks some of
+the ablation's. Each finished (variant, seed) adds its record to OUTPUT/results.json at once, and report.md is built
+from the records at the end. ``--resume`` keeps the records already there (an earlier sitting's, or committed ones
+copied into OUTPUT) and trains only what they lack, continuing a killed run from its checkpoint, so a table is built
+over several sittings.
 """
 import argparse
 import json
@@ -33,7 +35,8 @@ from typing import List, NamedTuple
 
 from timm_compat.deployment import BN_MODES
 
-from common import DATA_DIR_HELP, REPO, RESUME_HELP, check_data_dir, data_note, mean_std, progress
+from common import (DATA_DIR_HELP, RECORDS_HELP, REPO, add_record, check_data_dir, data_note, load_results, mean_std,
+                    progress, recorded, save_results)
 from sec4_methods import (BUDGETS, SETTINGS, control_overrides, run_method, run_overrides, run_record,
                           runs_of, setting_sources, training_seconds)
 
@@ -41,6 +44,8 @@ ABLATIONS = ('common_classes', 'split', 'control', 'rp_head')
 # The classes CIFAR-10 shares with STL-10 (and with side b of the halves stand-ins), in CIFAR-10's label order.
 COMMON = ['airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'horse', 'ship', 'truck']
 PAPER_WIDTH = 32  # ResNet-56's channels after its second stage, the paper's split
+# The arguments a record depends on: --resume adds to OUTPUT/results.json only under the same ones.
+RECORD_KEYS = ('ablation', 'setting', 'budget', 'epochs')
 
 
 class Variant(NamedTuple):
@@ -112,7 +117,9 @@ def parse_args(argv=None):
     parser.add_argument('--counts', type=int, nargs='+', default=list(range(1, len(COMMON) + 1)),
                         help='common_classes: the numbers of DCC classes')
     parser.add_argument('--output', default=None, help='default: runs/sec4_ablations/ABLATION')
-    parser.add_argument('--resume', action='store_true', help=RESUME_HELP)
+    parser.add_argument('--variants', nargs='+', default=None,
+                        help='train only these of the ablation\'s variants (their folder names; default: all)')
+    parser.add_argument('--resume', action='store_true', help=RECORDS_HELP)
     args = parser.parse_args(argv)
     bad = [k for k in args.counts if not 1 <= k <= len(COMMON)]
     if bad:
@@ -127,34 +134,43 @@ def parse_args(argv=None):
     check_data_dir(parser, args.data_dir, setting_sources(args.setting))
     args.init = 'random'  # sec4_methods' run keys; the ablations start from random weights
     args.output = args.output or f'runs/sec4_ablations/{args.ablation}'
+    names = [v.name for v in VARIANTS[args.ablation](args)]
+    unknown = [v for v in args.variants or [] if v not in names]
+    if unknown:
+        parser.error(f'--variants {" ".join(unknown)}: --ablation {args.ablation} has the variants {" ".join(names)}.')
     return args
+
+
+def measure(variant: Variant, seed: int, args, out: Path, bar) -> dict:
+    """Trains (or reads back) seed ``seed`` of ``variant``; returns its record (all the report needs)."""
+    from timm_compat._hardware import hardware
+    start = time.time()
+    summary, run_dirs = run_method(variant.method, seed, args, out / variant.name, bar, variant.extra)
+    return dict(seed=seed, **run_record(summary, upper_bound=variant.method == 'upper_bound'),
+                train_seconds=training_seconds(variant.method, seed, args, out / variant.name, variant.extra),
+                machine=hardware(), wall_seconds=round(time.time() - start, 1), run=[str(r) for r in run_dirs])
 
 
 def main(argv=None):
     args = parse_args(argv)
     out = Path(args.output).resolve()
+    results = load_results(out, args, RECORD_KEYS)
     out.mkdir(parents=True, exist_ok=True)
     variants = VARIANTS[args.ablation](args)
-    results = {}
-    with progress(args.seeds * sum(runs_of(v.method) for v in variants), f'{args.ablation}: train.py runs') as bar:
-        for variant in variants:
+    todo = [(v, seed) for v in variants if v.name in (args.variants or [v.name]) for seed in range(args.seeds)
+            if not recorded(results, v.name, seed)]
+    with progress(sum(runs_of(v.method) for v, _ in todo), f'{args.ablation}: train.py runs') as bar:
+        for variant, seed in todo:
             (out / variant.name).mkdir(exist_ok=True)
-            for seed in range(args.seeds):
-                start = time.time()
-                summary, run_dirs = run_method(variant.method, seed, args, out / variant.name, bar, variant.extra)
-                record = run_record(summary, upper_bound=variant.method == 'upper_bound')
-                train = training_seconds(variant.method, seed, args, out / variant.name, variant.extra)
-                results.setdefault(variant.name, []).append(dict(
-                    seed=seed, **record, train_seconds=train, wall_seconds=round(time.time() - start, 1),
-                    run=[str(r) for r in run_dirs]))
-                bar.write(f'{variant.label} seed {seed}: recombination {record["recombination"]["batch"]:.1f} % '
-                          f'(BN=batch); own {record["own"]["batch"]:.1f} %')
-                (out / 'results.json').write_text(json.dumps({'args': vars(args), 'results': results}, indent=2))
-    write_report(out, args, variants, results)
+            record = measure(variant, seed, args, out, bar)
+            add_record(results, variant.name, record)
+            save_results(out, args, results)  # as each run finishes: a killed recipe keeps what it measured
+            bar.write(f'{variant.label} seed {seed}: recombination {record["recombination"]["batch"]:.1f} % '
+                      f'(BN=batch); own {record["own"]["batch"]:.1f} %')
+    write_report(out, args, [v for v in variants if v.name in results], results)
 
 
 def write_report(out: Path, args, variants: List[Variant], results: dict) -> Path:
-    from timm_compat._hardware import hardware
     from timm_compat.plots import ReportFigure, ReportTable, plot_bars, write_report as write
     rows, bars = [], {}
     for v in variants:
@@ -164,13 +180,17 @@ def write_report(out: Path, args, variants: List[Variant], results: dict) -> Pat
                      statistics.mean(r['train_seconds'] for r in runs)])
         bars[v.label] = [r['recombination']['batch'] for r in runs]
     figure = plot_bars(bars, out / 'figures' / f'{args.ablation}.png', title=TITLES[args.ablation])
+    seeds = max(len(results[v.name]) for v in variants)
+    machines = sorted({r.get('machine', 'a machine not recorded') for v in variants for r in results[v.name]})
     command = (f'python recipes/sec4_ablations.py --ablation {args.ablation} --setting {args.setting} --budget '
-               f'{args.budget} --seeds {args.seeds}' + (f' --data-dir {args.data_dir}' if args.data_dir else '')
+               f'{args.budget} --seeds {seeds}' + (f' --data-dir {args.data_dir}' if args.data_dir else '')
                + (f' --epochs {args.epochs}' if args.epochs else '')
-               + (f' --counts {" ".join(map(str, args.counts))}' if args.ablation == 'common_classes' else ''))
+               + (f' --counts {" ".join(map(str, args.counts))}' if args.ablation == 'common_classes' else '')
+               + f' --variants {" ".join(v.name for v in variants)} --resume')
     upper = ' The upper bound row is each network\'s own accuracy on the common classes.' * (args.ablation == 'control')
     return write(out, TITLES[args.ablation], {
-        'Setup': (f'Command: `{command}`, on {hardware()}. Recombination accuracy: mean of both directions on the '
+        'Setup': (f'Command: `{command}` (`--resume` keeps the records of OUTPUT/results.json and trains only what '
+                  f'they lack), trained on {"; ".join(machines)}. Recombination accuracy: mean of both directions on the '
                   f'common classes; BN batch statistics (the paper\'s evaluation) and running statistics.{upper} '
                   + data_note(args.data_dir, setting_sources(args.setting))),
         'Recombination accuracy (%)': [

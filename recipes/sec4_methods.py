@@ -12,10 +12,14 @@ instead of downloading it (``../shared/data`` is this workspace's CIFAR-10, a JP
 
 Each (method, seed) is one ``accelerate launch train.py -c configs/sec4/METHOD.yaml --set data=SETTING`` run
 (SETTING: a data preset in configs/sec4/data/); incremental is its two stages; ``control`` trains both networks on
-CIFAR-10 halves with IIW+RP (the paper's "both tasks CIFAR-10" control). The recipe gathers every run's
-summary.json into OUTPUT/results.json and a report.md with the table (recombination and own accuracy with BN
-batch statistics, the paper's evaluation, and with running statistics, what a deployed model gets), recombination
-heatmaps and the per-channel feature correlation of Fig. 3.
+CIFAR-10 halves with IIW+RP (the paper's "both tasks CIFAR-10" control). As each (method, seed) finishes, its
+record (recombination and own accuracy with BN batch statistics, the paper's evaluation, and with running
+statistics, what a deployed model gets; the matrices; Fig. 3's feature correlation; training time and machine) goes
+into OUTPUT/results.json, and at the end report.md (recipes/sec4_report.py) is built from the records alone.
+
+A table grows over several sittings: ``--resume`` keeps the records already in OUTPUT/results.json (from an earlier
+sitting, or committed ones copied there, e.g. docs/results/sec4_fast/results.json) and trains only the (method,
+seed) pairs they lack, with the same ``--setting``, ``--budget``, ``--epochs`` and ``--init``.
 
 ``--init rp_pretrained`` is Fig. 2 right, the networks starting from pre-trained weights. The paper pre-trains by
 rotation prediction on ILSVRC-12; the stand-in is ``configs/sec4/rp_pretraining.yaml``, RP alone with the labels
@@ -28,24 +32,21 @@ import json
 import statistics
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
 
-from timm_compat.deployment import BN_MODES
+from timm_compat._hardware import hardware
 
-from common import (DATA_DIR_HELP, REPO, RESUME_HELP, as_overrides, by_bn, check_data_dir, data_note, fast_keys,
-                    fast_networks, launch, mean_std, progress)
+from common import (DATA_DIR_HELP, RECORDS_HELP, REPO, add_record, as_overrides, by_bn, check_data_dir, data_note,
+                    fast_keys, fast_networks, launch, load_results, progress, recorded, save_results)
+from sec4_report import ALL_METHODS, LABELS, write_report
 
 SETTINGS = sorted(p.stem for p in (REPO / 'configs' / 'sec4' / 'data').glob('*.yaml'))
 METHODS = ['independent', 'iiw', 'rp', 'dcc', 'iiw_rp_dcc', 'incremental', 'control', 'upper_bound']
-ALL_METHODS = METHODS + ['iiw_dcc']
 # Methods whose networks start from identical initial weights: with --init rp_pretrained, one pre-training.
 IIW_METHODS = {'iiw', 'iiw_dcc', 'iiw_rp_dcc', 'incremental', 'control'}
 INITS = ('random', 'rp_pretrained')
-# Fig. 2 (random initialisation) and the text of Sec. 4: recombination accuracy in %.
-PAPER = {'independent': 10.6, 'iiw': 25.1, 'rp': 50.1, 'dcc': 65.8, 'iiw_rp_dcc': 76.7, 'incremental': 72.7,
-         'upper_bound': 85.6}
-# Fig. 2 right (ILSVRC-12 rotation pre-training) and its text, recombination accuracy in %.
-PAPER_PRETRAINED = {'iiw': 74.3, 'iiw_dcc': 82.7, 'rp': 19.7, 'dcc': 52.3}
+# The arguments a record depends on: --resume adds to OUTPUT/results.json only under the same ones.
+RECORD_KEYS = ('setting', 'budget', 'epochs', 'init')
 PRETRAINING_NOTE = ('Networks start from RP pre-trainings (stand-in for the paper\'s ILSVRC-12 rotation '
                     'pre-training): `configs/sec4/rp_pretraining.yaml`, labels unused, on all of the first '
                     'dataset\'s training images; IIW methods start both networks from pre-training 0, the others '
@@ -183,24 +184,18 @@ def run_record(summary: dict, upper_bound: bool = False) -> dict:
             'own': {bn: 100 * statistics.mean(o.values()) for bn, o in own.items()}, 'matrix': matrices}
 
 
-def own_accuracy_cost(results: dict, bn: str = 'batch') -> list:
-    """Does compatibility cost own accuracy (paper: 86.3 vs 85.6 %)? Each method's own accuracy against the
-    independent networks' of the same seeds: ``[method, own, independent, difference mean ± std, paired t-test p]``
-    (p from ``scipy.stats.ttest_rel``; '–' with fewer than two common seeds)."""
-    from scipy.stats import ttest_rel
-    if 'independent' not in results:
-        return []
-    base = {r['seed']: r['own'][bn] for r in results['independent']}
-    rows = []
-    for method, runs in results.items():
-        pairs = [(r['own'][bn], base[r['seed']]) for r in runs if r['seed'] in base and method != 'independent']
-        if not pairs:
-            continue
-        own, independent = zip(*pairs)
-        p = ttest_rel(own, independent).pvalue if len(pairs) > 1 else float('nan')  # nan: no spread to test
-        rows.append([LABELS[method], statistics.mean(own), statistics.mean(independent),
-                     mean_std([a - b for a, b in pairs], signed=True), '–' if p != p else f'{p:.2f}'])
-    return rows
+def measure(method: str, seed: int, args, out: Path, bar) -> dict:
+    """Trains (or reads back) seed ``seed`` of ``method`` and returns its record: recombination and own accuracy under
+    each BN mode, the matrices, Fig. 3's feature correlation (seed 0 draws its block) and the training time. The
+    record is all the report needs, so it outlives the run folders."""
+    start = time.time()
+    summary, run_dirs = run_method(method, seed, args, out, bar)
+    names, models, tests = _run_networks(run_dirs)
+    figure = out / 'figures' / f'correlation_{method}.png' if seed == 0 else None
+    return dict(seed=seed, **run_record(summary, upper_bound=method == 'upper_bound'), networks=names,
+                correlation=_correlation(method, models, tests, figure),
+                train_seconds=training_seconds(method, seed, args, out), machine=hardware(),
+                wall_seconds=round(time.time() - start, 1), run=[str(r) for r in run_dirs])
 
 
 def main(argv=None):
@@ -216,56 +211,36 @@ def main(argv=None):
                         help='random (Fig. 2 left) or rp_pretrained (Fig. 2 right: from RP pre-trainings)')
     parser.add_argument('--output', default=None, help='default: runs/sec4, or runs/sec4_rp_pretrained')
     parser.add_argument('--report-only', action='store_true', help='rebuild report.md from OUTPUT/results.json')
-    parser.add_argument('--resume', action='store_true', help=RESUME_HELP)
+    parser.add_argument('--resume', action='store_true', help=RECORDS_HELP)
     args = parser.parse_args(argv)
     args.output = args.output or ('runs/sec4' if args.init == 'random' else 'runs/sec4_rp_pretrained')
     out = Path(args.output).resolve()
-    if not args.report_only:
-        check_data_dir(parser, args.data_dir, setting_sources(args.setting))
+    if args.report_only and not (out / 'results.json').is_file():
+        parser.error(f'--report-only: {out / "results.json"} does not exist; run without it first.')
+    saved = (json.loads((out / 'results.json').read_text()) if args.report_only
+             else {'args': vars(args), 'results': load_results(out, args, RECORD_KEYS)})
+    results = saved['results']
+    if any(not isinstance(r['recombination'], dict) or 'train_seconds' not in r for rs in results.values() for r in rs):
+        parser.error(f'{out / "results.json"} predates the running-statistics and training-time columns: train its '
+                     f'runs again under another --output.')
     if args.report_only:
-        saved = json.loads((out / 'results.json').read_text())
-        if any(not isinstance(r['recombination'], dict) or 'train_seconds' not in r
-               for runs in saved['results'].values() for r in runs):
-            parser.error(f'{out / "results.json"} predates the running-statistics and training-time columns: '
-                         f'rerun with --resume instead of --report-only (finished runs are read back, not trained).')
-        return write_report(out, argparse.Namespace(**saved['args']), saved['results'])
+        return report(out, argparse.Namespace(**saved['args']), results)
+    check_data_dir(parser, args.data_dir, setting_sources(args.setting))
     out.mkdir(parents=True, exist_ok=True)
-
-    results, pretraining = {}, pretraining_runs(args.methods, args, out)
-    with progress(len(pretraining) + args.seeds * sum(runs_of(m) for m in args.methods), 'sec4: train.py runs') as bar:
+    todo = [(m, seed) for m in args.methods for seed in range(args.seeds) if not recorded(results, m, seed)]
+    pretraining = pretraining_runs([m for m, _ in todo], args, out)
+    with progress(len(pretraining) + sum(runs_of(m) for m, _ in todo), 'sec4: train.py runs') as bar:
         for config, run_dir, overrides in pretraining:
             launch(config, run_dir, overrides, args.data_dir, out / f'{run_dir.name}.log', bar, args.resume)
-        for method in args.methods:
-            for seed in range(args.seeds):
-                start = time.time()
-                summary, run_dirs = run_method(method, seed, args, out, bar)
-                record = run_record(summary, upper_bound=method == 'upper_bound')
-                results.setdefault(method, []).append(dict(
-                    seed=seed, **record, train_seconds=training_seconds(method, seed, args, out),
-                    wall_seconds=round(time.time() - start, 1), run=[str(r) for r in run_dirs]))
-                rec, own = record['recombination'], record['own']
-                bar.write(f'{method} seed {seed}: recombination {rec["batch"]:.1f} % (BN=batch), '
-                          f'{rec["running"]:.1f} % (BN=running); own {own["batch"]:.1f} % / {own["running"]:.1f} %; '
-                          f'trained in {results[method][-1]["train_seconds"]} s')
-    (out / 'results.json').write_text(json.dumps({'args': vars(args), 'results': results}, indent=2))
-    write_report(out, args, results)
-
-
-LABELS = {'independent': 'Independent', 'iiw': 'IIW', 'rp': 'RP', 'dcc': 'DCC', 'iiw_dcc': 'IIW+DCC',
-          'iiw_rp_dcc': 'IIW+RP+DCC', 'upper_bound': 'Upper bound',
-          'incremental': 'Incremental (IIW+RP+DCC)', 'control': 'Control: both tasks CIFAR-10, IIW+RP'}
-
-
-def correlation_vs_recombination(points: dict) -> str:
-    """Fig. 3's point, that more feature correlation does not mean more recombination accuracy, checked: the pairs of
-    methods ``{method: (correlation, recombination %)}`` that the two order oppositely."""
-    names = list(points)
-    flipped = [f'{LABELS[a]} ({points[a][0]:.2f}, {points[a][1]:.1f} %) and {LABELS[b]} ({points[b][0]:.2f}, '
-               f'{points[b][1]:.1f} %)' for i, a in enumerate(names) for b in names[i + 1:]
-               if (points[a][0] - points[b][0]) * (points[a][1] - points[b][1]) < 0]
-    if not flipped:
-        return 'Here correlation and recombination accuracy order the methods alike.'
-    return 'Ordered oppositely by correlation and by recombination accuracy: ' + '; '.join(flipped) + '.'
+        for method, seed in todo:
+            record = measure(method, seed, args, out, bar)
+            add_record(results, method, record)
+            save_results(out, args, results)  # as each run finishes: a killed recipe keeps what it measured
+            rec, own = record['recombination'], record['own']
+            bar.write(f'{method} seed {seed}: recombination {rec["batch"]:.1f} % (BN=batch), '
+                      f'{rec["running"]:.1f} % (BN=running); own {own["batch"]:.1f} % / {own["running"]:.1f} %; '
+                      f'trained in {record["train_seconds"]} s')
+    report(out, args, results)
 
 
 def _run_networks(runs):
@@ -281,105 +256,46 @@ def _run_networks(runs):
     return names, models, tests
 
 
-def _method_figures(out: Path, method: str, runs: list, names) -> list:
-    """Seed 0's recombination matrix of ``method`` under each BN mode."""
-    import torch
-    from timm_compat.plots import ReportFigure, plot_recombination_matrix
-    return [ReportFigure(plot_recombination_matrix(torch.tensor(runs[0]['matrix'][bn]), names,
-                                                   out / 'figures' / f'{method}_{bn}.png',
-                                                   title=f'{LABELS[method]} (seed 0, BN={bn})'),
-                         f'{LABELS[method]}, seed 0: recombination accuracy (%), BN {bn} statistics')
-            for bn in BN_MODES]
-
-
-def _correlation(method: str, models, tests):
-    """Fig. 3 / Li et al. 2016 for seed 0 of ``method``: both extractors on 1000 images of each test set. Returns
-    the table row, the correlation block and the correlation that the block shows."""
+def _correlation(method: str, models, tests, figure: Optional[Path]) -> dict:
+    """Fig. 3 / Li et al. 2016: both extractors on 1000 images of each test set. Returns the direct and permuted
+    correlation, linear CKA and the kind of correlation the block shows; draws the block to ``figure`` if given."""
     import torch
     import timm_compat
     from timm_compat.data import ImageData
+    from timm_compat.plots import plot_correlation_blocks
     images = ImageData(torch.cat([t.images[:1000] for t in tests]), torch.cat([t.labels[:1000] for t in tests]),
                        tests[0].class_names)
     cmp = timm_compat.compare_extractors(models[0].extractor, models[1].extractor, images)
-    apart = method in ('independent', 'upper_bound')  # no shared heads: channels match only up to permutation
-    kind = 'permuted' if apart else 'direct'
-    return [LABELS[method], cmp.direct, cmp.permuted, cmp.cka], (cmp.correlation, kind), getattr(cmp, kind)
+    # No shared heads: channels match only up to a permutation.
+    kind = 'permuted' if method in ('independent', 'upper_bound') else 'direct'
+    if figure is not None:
+        plot_correlation_blocks({f'{LABELS[method]}: {kind}': (cmp.correlation, kind)}, figure)
+    return {'direct': cmp.direct, 'permuted': cmp.permuted, 'cka': cmp.cka, 'kind': kind}
 
 
-UPPER_BOUND_NOTE = (f'Upper bound: each network trained alone with its own RP head, its accuracy on the common classes '
-                    f'(paper, batch statistics: {PAPER["upper_bound"]} %). ')
+def report(out: Path, args, results: dict) -> None:
+    init = getattr(args, 'init', 'random')  # results.json of runs before --init lack it
+    write_report(out, args.setting, init, _setup(args, init, results), results)
 
 
-def _orderings(results: dict, paper: dict) -> str:
-    """The methods ordered by measured (BN=batch) and by the paper's recombination accuracy; nothing for fewer than
-    two methods."""
-    measured = sorted((m for m in results if m not in ('control', 'upper_bound')),
-                      key=lambda m: statistics.mean(r['recombination']['batch'] for r in results[m]))
-    if len(measured) < 2:
-        return ''
-    ours = sorted((m for m in results if m in paper and m != 'upper_bound'), key=paper.get)
-    return (f'Measured ordering (BN=batch): {" < ".join(LABELS[m] for m in measured)}. '
-            f'Paper ordering: {" < ".join(LABELS[m] for m in ours)}.')
-
-
-def _setup(args, init: str) -> str:
-    from timm_compat._hardware import hardware
+def _setup(args, init: str, results: dict) -> str:
+    methods = [m for m in ALL_METHODS if m in results]
+    seeds = max(len(runs) for runs in results.values())
+    machines = sorted({r.get('machine', 'a machine not recorded') for runs in results.values() for r in runs})
     return (f'Command: `python recipes/sec4_methods.py --setting {args.setting}'
             f'{f" --data-dir {args.data_dir}" if args.data_dir else ""} '
-            f'--budget {args.budget} --seeds {args.seeds}{f" --epochs {args.epochs}" if args.epochs else ""} '
-            f'--init {init} --output {args.output}`.  \n'
+            f'--budget {args.budget} --seeds {seeds}{f" --epochs {args.epochs}" if args.epochs else ""} '
+            f'--init {init} --methods {" ".join(methods)} --output {args.output} --resume` (`--resume` keeps the '
+            f'records of OUTPUT/results.json and trains only what they lack).  \n'
             f'Budget `{args.budget}` (config overrides: `{" ".join(BUDGETS[args.budget]) or "none"}`'
-            f'{f", epochs={args.epochs}" if args.epochs else ""}), {args.seeds} seed(s), on {hardware()}. '
+            f'{f", epochs={args.epochs}" if args.epochs else ""}), up to {seeds} seed(s) per method (column seeds), '
+            f'trained on {"; ".join(machines)}. '
             f'Recombination accuracy: mean of both directions (extractor of one network + head of the other, on the '
             f'extractor\'s test set), common classes only. Every accuracy is given with BN batch statistics (the '
             f'paper\'s evaluation) and with the networks\' running statistics (plain eval mode, what a deployed model '
             f'gets). ' + ('' if init == 'random' else PRETRAINING_NOTE)
             + data_note(args.data_dir, setting_sources(args.setting)))
 
-
-def write_report(out: Path, args, results) -> None:
-    from timm_compat.plots import (ReportFigure, ReportTable, plot_bars, plot_correlation_blocks,
-                                   write_report as write)
-    rows, figures, correlation_rows, blocks, points = [], [], [], {}, {}
-    init = getattr(args, 'init', 'random')  # results.json of runs before --init lack it
-    paper, figure = (PAPER, 'Fig. 2') if init == 'random' else (PAPER_PRETRAINED, 'Fig. 2 right')
-    for method, runs in results.items():
-        cells = [[r[k][bn] for r in runs] for k in ('recombination', 'own') for bn in BN_MODES]
-        rows.append([LABELS[method], *map(mean_std, cells), paper.get(method, '–'),
-                     round(statistics.mean(r['train_seconds'] for r in runs) / 60, 1)])
-        names, models, tests = _run_networks(runs[0]['run'] if isinstance(runs[0]['run'], list) else [runs[0]['run']])
-        figures += _method_figures(out, method, runs, names)
-        row, block, correlation = _correlation(method, models, tests)
-        correlation_rows.append(row)
-        blocks[f'{method}: {block[1]}'] = block
-        if method not in ('control', 'upper_bound'):  # correlation as the blocks show it, recombination (batch)
-            points[method] = (correlation, statistics.mean(cells[0]))
-    bars = plot_bars({LABELS[m]: [r['recombination']['batch'] for r in runs] for m, runs in results.items()},
-                     out / 'figures' / 'recombination_bars.png', title=f'{figure}: recombination accuracy',
-                     paper={LABELS[m]: v for m, v in paper.items()})
-    corr_path = plot_correlation_blocks(blocks, out / 'figures' / 'correlation.png', title='Feature cross-correlation')
-    write(out, f'Sec. 4: compatibility methods on {args.setting}', {
-        'Setup': _setup(args, init),
-        'Recombination accuracy (%)': [ReportTable(
-            ['method', 'recombination, BN=batch', 'recombination, BN=running', 'own task, BN=batch',
-             'own task, BN=running', f'paper ({figure})', 'training min / seed'], rows,
-            caption=UPPER_BOUND_NOTE + _orderings(results, paper)),
-            ReportFigure(bars, f'{figure} style: mean over seeds, one std as the error bar, each seed a dot, the '
-                               f'paper\'s value as a black tick (BN=batch).')],
-        'Recombination matrices': figures,
-        'Own accuracy (is it hurt?)': ReportTable(
-            ['method', 'own task, BN=batch', 'independent, same seeds', 'difference', 'paired t-test p'],
-            own_accuracy_cost(results), digits=1,
-            caption='Paper: 86.3 % (IIW+RP+DCC) against 85.6 % (independent); a difference within the seeds\' spread '
-                    'and a large p say compatibility costs no own accuracy.'),
-        'Feature cross-correlation (Fig. 3)': [
-            ReportTable(['method', 'direct', 'permuted', 'linear CKA'], correlation_rows, digits=2,
-                        caption='Seed 0; 1000 test images of each task. Paper: permuted independent 0.34, '
-                                'RP + random IIW 0.38, DCC 0.19, yet DCC recombines better than RP (65.8 against '
-                                '50.1 %): higher correlation does not imply higher recombination accuracy. '
-                                + correlation_vs_recombination(points)),
-            ReportFigure(corr_path, 'Per-channel correlations, sorted (Fig. 3 style).')],
-    })
 
 if __name__ == '__main__':
     main()

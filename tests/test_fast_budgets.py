@@ -4,6 +4,7 @@ paper budgets keep the paper's architectures."""
 import functools
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -263,6 +264,17 @@ def test_sec4_upper_bound_and_rp_pretraining_run_end_to_end(tmp_path):
     assert '| Upper bound |' in report and 'each network trained alone with its own RP head' in report
     assert 'paired t-test p' in report and '--init rp_pretrained' in report
     assert '](figures/recombination_bars.png)' in report and (out / 'figures' / 'recombination_bars.png').is_file()
+    # Fig. 3 is in the records: shared heads align channels directly, the upper bound's only up to a permutation.
+    assert [results[m][0]['correlation']['kind'] for m in ('upper_bound', 'iiw')] == ['permuted', 'direct']
+    assert '](figures/correlation_iiw.png)' in report and (out / 'figures' / 'correlation_iiw.png').is_file()
+    # A later sitting without the run folders: the same command with --resume trains nothing and rebuilds the report.
+    for run in out.glob('*_seed0'):
+        shutil.rmtree(run)
+    proc = run_recipe('sec4_methods.py', '--setting', 'cifar10_halves', '--budget', 'cpu', '--methods', 'upper_bound',
+                      'iiw', 'rp', '--init', 'rp_pretrained', '--seeds', 1, '--epochs', 0.2,
+                      '--data-dir', tmp_path / 'data', '--output', out, '--resume')
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert not list(out.glob('*_seed0')) and (out / 'report.md').read_text() == report
 
 
 def test_resume_continues_a_run_in_the_folder_and_starts_a_new_one(resolved):

@@ -2,6 +2,7 @@
 and reports that give every accuracy with BN batch statistics and with running statistics."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -95,6 +96,13 @@ def test_adaptation_sweep_adapts_one_source_to_each_corruption_and_seed_and_skip
     before = [r.stat().st_mtime_ns for r in runs]
     proc = run_recipe('adaptation_sweep.py', *args)  # everything finished: read back, nothing rerun
     assert proc.returncode == 0 and [r.stat().st_mtime_ns for r in runs] == before
+    # A later sitting with only the adaptations' records: the source is not needed, so not trained again.
+    for item in (out / 'source0').iterdir():
+        if not item.name.endswith('_5'):
+            shutil.rmtree(item) if item.is_dir() else item.unlink()
+    proc = run_recipe('adaptation_sweep.py', *args)
+    assert proc.returncode == 0 and not (out / 'source0' / 'main').exists()
+    assert (out / 'report.md').read_text() == report
 
 
 def test_adaptation_sweep_refuses_an_unknown_corruption_before_anything_runs(tmp_path):
@@ -134,7 +142,7 @@ def test_recipes_read_cifar10_from_the_copy_in_data_dir(tmp_path):
 
 
 def test_sec4_own_accuracy_cost_pairs_each_method_with_the_independent_run_of_its_seed(import_script):
-    sec4_methods = import_script('recipes', 'sec4_methods')
+    sec4_report = import_script('recipes', 'sec4_report')
     from scipy.stats import ttest_rel
 
     def runs(own_by_seed):
@@ -143,13 +151,13 @@ def test_sec4_own_accuracy_cost_pairs_each_method_with_the_independent_run_of_it
     # Seeds listed out of order: pairing by position instead of by seed would give other differences.
     results = {'independent': runs({0: 80.0, 1: 82.0, 2: 84.0}), 'iiw_rp_dcc': runs({2: 84.5, 0: 81.0, 1: 82.0}),
                'rp': runs({1: 80.0})}
-    rows = {row[0]: row for row in sec4_methods.own_accuracy_cost(results)}
+    rows = {row[0]: row for row in sec4_report.own_accuracy_cost(results)}
     assert set(rows) == {'IIW+RP+DCC', 'RP'}  # independent is the baseline, not a row
     _, own, independent, diff, p = rows['IIW+RP+DCC']
     assert (own, independent) == (pytest.approx(82.5), pytest.approx(82.0))
     assert diff == '+0.5 ± 0.5' and p == f'{ttest_rel([81.0, 82.0, 84.5], [80.0, 82.0, 84.0]).pvalue:.2f}'
     assert rows['RP'][3:] == ['-2.0', '–']  # one seed: no spread to show or test
-    assert sec4_methods.own_accuracy_cost({'rp': runs({0: 1.0})}) == []
+    assert sec4_report.own_accuracy_cost({'rp': runs({0: 1.0})}) == []
 
 
 def test_reports_show_a_spread_only_where_there_are_seeds_to_spread(import_script):
@@ -158,22 +166,22 @@ def test_reports_show_a_spread_only_where_there_are_seeds_to_spread(import_scrip
     assert common.mean_std([83.64]) == '83.6'  # one seed: its spread is unknown, not ± 0.0
     assert common.mean_std([-0.5, 1.5], signed=True) == '+0.5 ± 1.4' and common.mean_std([-2.0], signed=True) == '-2.0'
     assert common.mean_std([]) == '–'
-    sec4_methods = import_script('recipes', 'sec4_methods')
+    sec4_report = import_script('recipes', 'sec4_report')
     runs = {m: [{'recombination': {'batch': v}}] for m, v in [('iiw', 25.5), ('independent', 10.5),
                                                                ('upper_bound', 83.6)]}
-    assert sec4_methods._orderings(runs, sec4_methods.PAPER) == (
+    assert sec4_report.orderings(runs, sec4_report.PAPER) == (
         'Measured ordering (BN=batch): Independent < IIW. Paper ordering: Independent < IIW.')
     del runs['iiw']  # one method and the upper bound: nothing to order
-    assert sec4_methods._orderings(runs, sec4_methods.PAPER) == ''
+    assert sec4_report.orderings(runs, sec4_report.PAPER) == ''
 
 
 def test_sec4_names_the_methods_that_correlation_and_recombination_order_oppositely(import_script):
-    sec4_methods = import_script('recipes', 'sec4_methods')
+    sec4_report = import_script('recipes', 'sec4_report')
     # The paper's Fig. 3 numbers: RP correlates more than DCC but recombines worse; IIW+RP+DCC leads both.
     points = {'rp': (0.38, 50.1), 'dcc': (0.19, 65.8), 'iiw_rp_dcc': (0.6, 76.7)}
-    assert sec4_methods.correlation_vs_recombination(points) == (
+    assert sec4_report.correlation_vs_recombination(points) == (
         'Ordered oppositely by correlation and by recombination accuracy: RP (0.38, 50.1 %) and DCC (0.19, 65.8 %).')
-    assert 'alike' in sec4_methods.correlation_vs_recombination({'rp': (0.1, 50.0), 'dcc': (0.2, 60.0)})
+    assert 'alike' in sec4_report.correlation_vs_recombination({'rp': (0.1, 50.0), 'dcc': (0.2, 60.0)})
 
 
 @pytest.mark.slow  # eight train.py runs of 30 ResNet-8 steps on synthetic data, then the curves and stitches
@@ -197,6 +205,7 @@ def test_head_transfer_report_draws_fig4_from_every_seed_with_the_papers_values(
     def record(seed, resnet, upper):
         cells = {'recombined': resnet, 'classes_0_4': 90.0, 'classes_5_9': 80.0}
         return {'seed': seed, 'wall_seconds': 60.0, 'stage1_seconds': 30.0, 'hardware': 'cpu', 'data_dir': None,
+                'budget': 'cpu', 'epochs': None,
                 'results': {'wide_resnet56': {bn: dict(cells, recombined=95.0) for bn in ('batch', 'running')},
                             'resnet56': {bn: dict(cells, upper_bound=upper) for bn in ('batch', 'running')}}}
 

@@ -1,0 +1,114 @@
+"""The records of the Sec. 4 recipes (recipes/common.py's load_results / save_results): a table built over several
+sittings from OUTPUT/results.json alone, after the run folders are gone; each record saved as its run finishes;
+records of other arguments refused before anything runs."""
+import json
+import sys
+
+import pytest
+
+FAST = {'setting': 'cifar10_halves', 'data_dir': None, 'budget': 'fast', 'epochs': None, 'seeds': 1,
+        'init': 'random', 'resume': True}
+
+
+def record(seed, recombination, correlation=True):
+    """One seed's record as the recipes write it, its run folders long gone."""
+    matrix = [[0.83, recombination / 100], [recombination / 100, 0.83]]
+    r = {'seed': seed, 'recombination': {'batch': recombination, 'running': recombination - 5},
+         'own': {'batch': 83.0, 'running': 83.0}, 'matrix': {'batch': matrix, 'running': matrix},
+         'networks': ['a', 'b'], 'train_seconds': 600.0, 'wall_seconds': 610.0, 'run': ['/gone/run'],
+         'machine': 'device cpu: AMD EPYC (family 26 model 2, avx512_bf16) x 2 cores'}
+    if correlation:  # records older than the correlation field lack it
+        r['correlation'] = {'direct': 0.1, 'permuted': 0.3, 'cka': 0.4, 'kind': 'direct'}
+    return r
+
+
+def fail_if_trained(*args, **kwargs):
+    raise AssertionError('a recorded run was trained again')
+
+
+def write_results(out, results, **args):
+    out.mkdir(parents=True)
+    (out / 'results.json').write_text(json.dumps({'args': {**FAST, 'output': str(out), **args}, 'results': results}))
+
+
+def test_sec4_resume_trains_nothing_recorded_and_reports_every_record(import_script, tmp_path, monkeypatch):
+    """An earlier sitting recorded independent (seed 0) and IIW (seeds 1 and 0); this one asks for IIW's two seeds.
+    Nothing trains, the run folders are not read, and the report has both methods with their seeds."""
+    sec4 = import_script('recipes', 'sec4_methods')
+    monkeypatch.setattr(sec4, 'launch', fail_if_trained)
+    out = tmp_path / 'out'
+    saved = {'independent': [record(0, 10.5, correlation=False)], 'iiw': [record(1, 26.0), record(0, 25.5)]}
+    write_results(out, saved, methods=['independent', 'iiw'])
+    sec4.main(['--budget', 'fast', '--methods', 'iiw', '--seeds', '2', '--output', str(out), '--resume'])
+    report = (out / 'report.md').read_text()
+    assert '| Independent | 10.5 | 5.5 | 83.0 | 83.0 | 10.6 | 1 |' in report  # not in --methods, still reported
+    assert '| IIW | 25.8 ± 0.4 | 20.8 ± 0.4 | 83.0 ± 0.0 | 83.0 ± 0.0 | 25.1 | 2 |' in report
+    assert '--seeds 2' in report and '--methods independent iiw ' in report
+    assert 'trained on device cpu: AMD EPYC (family 26 model 2, avx512_bf16) x 2 cores.' in report
+    assert '| IIW | 0.10 ± 0.00 | 0.30 ± 0.00 | 0.40 ± 0.00 | 2 |' in report  # correlation where recorded
+    assert json.loads((out / 'results.json').read_text())['results'] == saved
+
+
+def test_sec4_saves_each_record_as_its_run_finishes(import_script, tmp_path, monkeypatch):
+    """Killed while training its second method, the recipe has already saved the first one's record."""
+    sec4 = import_script('recipes', 'sec4_methods')
+
+    def measure(method, seed, args, out, bar):
+        if method == 'rp':
+            raise KeyboardInterrupt
+        return record(seed, 25.5)
+    monkeypatch.setattr(sec4, 'measure', measure)
+    out = tmp_path / 'out'
+    with pytest.raises(KeyboardInterrupt):
+        sec4.main(['--budget', 'fast', '--methods', 'iiw', 'rp', '--seeds', '1', '--output', str(out)])
+    assert json.loads((out / 'results.json').read_text())['results'] == {'iiw': [record(0, 25.5)]}
+    assert not (out / 'results.json.tmp').exists()
+
+
+def test_records_of_other_arguments_are_refused_before_anything_runs(import_script, tmp_path, monkeypatch):
+    sec4 = import_script('recipes', 'sec4_methods')
+    monkeypatch.setattr(sec4, 'launch', fail_if_trained)
+    out = tmp_path / 'out'
+    write_results(out, {'iiw': [record(0, 25.5)]})
+    before = (out / 'results.json').read_text()
+    with pytest.raises(SystemExit) as refusal:
+        sec4.main(['--budget', 'cpu', '--methods', 'iiw', 'rp', '--seeds', '1', '--output', str(out), '--resume'])
+    assert '--budget fast (now cpu)' in str(refusal.value) and 'another --output' in str(refusal.value)
+    assert (out / 'results.json').read_text() == before and sorted(p.name for p in out.iterdir()) == ['results.json']
+
+
+def test_an_ablation_resumes_from_its_records_and_trains_only_the_variants_asked(import_script, tmp_path,
+                                                                                 monkeypatch, capsys):
+    ablations = import_script('recipes', 'sec4_ablations')
+    monkeypatch.setattr(sys.modules['sec4_methods'], 'launch', fail_if_trained)
+    out = tmp_path / 'out'
+    write_results(out, {'rp_conv': [record(0, 15.0)]}, ablation='rp_head')
+    argv = ['--ablation', 'rp_head', '--budget', 'fast', '--seeds', '1', '--output', str(out), '--resume']
+    ablations.main(argv + ['--variants', 'rp_conv'])
+    report = (out / 'report.md').read_text()
+    assert '| conv head, width 256 | 15.0 | 10.0 | 83.0 | 83.0 | 1 |' in report
+    assert '--variants rp_conv --resume' in report and 'rp_tail' not in report
+    with pytest.raises(SystemExit) as refusal:
+        ablations.main(argv + ['--variants', 'rp_conv', 'rp_wide'])
+    assert refusal.value.code == 2
+    assert '--variants rp_wide: --ablation rp_head has the variants rp_conv rp_tail rp_narrow.' in capsys.readouterr().err
+
+
+def test_head_transfer_resume_keeps_recorded_seeds_and_refuses_another_budgets(import_script, tmp_path, capsys,
+                                                                              monkeypatch):
+    """Sec. 5.2's seed 0, recorded in an earlier sitting, is kept without its run folders; a record of another
+    budget is refused before anything trains."""
+    head_transfer = import_script('recipes', 'head_transfer')
+    monkeypatch.setattr(head_transfer, 'run_seed', fail_if_trained)
+    cells = {'recombined': 73.8, 'classes_0_4': 90.0, 'classes_5_9': 60.0, 'upper_bound': 88.2}
+    saved = {'seed': 0, 'wall_seconds': 60.0, 'stage1_seconds': 30.0, 'hardware': 'device cpu: Zen 5',
+             'data_dir': None, 'budget': 'fast', 'epochs': None,
+             'results': {'desktop': {bn: cells for bn in ('batch', 'running')}}}
+    (tmp_path / 'seed0').mkdir()
+    (tmp_path / 'seed0' / 'results.json').write_text(json.dumps(saved))
+    head_transfer.main(['--budget', 'fast', '--seeds', '1', '--output', str(tmp_path), '--resume'])
+    report = (tmp_path / 'report.md').read_text()
+    assert '| desktop | batch | 73.8 |' in report and 'on device cpu: Zen 5;' in report
+    with pytest.raises(SystemExit) as refusal:
+        head_transfer.main(['--budget', 'cpu', '--seeds', '1', '--output', str(tmp_path), '--resume'])
+    assert refusal.value.code == 2 and 'is a record of --budget fast --epochs None' in capsys.readouterr().err
