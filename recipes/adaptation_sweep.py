@@ -9,8 +9,9 @@ half of CIFAR-10, and as target the other half and the test split under one corr
 source (``OUTPUT/source<S>``, its corruption noise drawn with the same seed); every corruption of ``--shifts`` is
 then a target of its own, adapted from that source with each adaptation seed
 (``OUTPUT/source<S>/<shift>/adapt<A>``, one ``recipes/adaptation.py`` run with ``--interface/--extractor/--head``).
-A finished adaptation (its ``results.json``) is read back, not rerun, and a killed source training continues from
-its checkpoint, so the sweep can be built over several sittings. ``OUTPUT/report.md`` gives, for each corruption,
+A finished adaptation (its ``results.json``, the record) is read back, not rerun, a source is trained only while
+one of its adaptations is not recorded, and a killed source training continues from its checkpoint, so the sweep
+can be built over several sittings, from committed ``results.json`` files copied into OUTPUT. ``OUTPUT/report.md`` gives, for each corruption,
 the source model (running BN statistics, Tab. 2's "source"), with test-time BN (batch statistics) and adapted
 through RP, as mean ± std over every source x adaptation seed.
 """
@@ -119,14 +120,14 @@ def main(argv=None) -> dict:
         total = args.source_seeds * (1 + len(args.shifts) * args.adapt_seeds)
         with progress(total, 'adaptation sweep: runs') as bar:
             for seed in range(args.source_seeds):
-                source = run_source(args, out, seed)
-                bar.update(1)
-                for shift in args.shifts:
-                    for adapt_seed in range(args.adapt_seeds):
-                        folder = adapt_folder(out, seed, shift, adapt_seed)
-                        if not (folder / 'results.json').is_file():
-                            run_adaptation(args, source, seed, shift, adapt_seed, folder)
-                        bar.update(1)
+                pending = [(shift, a) for shift in args.shifts for a in range(args.adapt_seeds)
+                           if not (adapt_folder(out, seed, shift, a) / 'results.json').is_file()]
+                # A source whose adaptations are all recorded is not needed, nor trained again if its folder is gone.
+                source = run_source(args, out, seed) if pending else None
+                bar.update(1 + len(args.shifts) * args.adapt_seeds - len(pending))
+                for shift, adapt_seed in pending:
+                    run_adaptation(args, source, seed, shift, adapt_seed, adapt_folder(out, seed, shift, adapt_seed))
+                    bar.update(1)
     found = collect(args, out)
     report(args, out, found)
     return found

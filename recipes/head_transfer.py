@@ -20,9 +20,14 @@ desktop and mobile members (``configs/fast/head_transfer.yaml``, the server memb
 trained plainly: ``configs/fast/head_transfer_upper_bound.yaml``). Each seed's runs and results.json go to
 OUTPUT/seed<k>/, the table (mean +- std over seeds) to OUTPUT/report.md, every accuracy with BN batch statistics
 (the paper's evaluation) and with running statistics (what a deployed model gets).
+
+``--resume`` keeps every seed whose OUTPUT/seed<k>/results.json exists (its record: an earlier sitting's, or a
+committed one copied there, e.g. docs/results/head_transfer_fast/results_seed0.json) without its run folders, and
+continues the others' train.py runs, so seeds are added one sitting at a time.
 """
 import argparse
 import json
+import os
 import statistics
 import time
 from pathlib import Path
@@ -32,7 +37,7 @@ import torch
 
 from timm_compat._hardware import hardware
 from timm_compat.deployment import BN_MODES
-from common import (CIFAR10 as CIFAR10_ID, DATA_DIR_HELP, REPO, RESUME_HELP, by_bn, check_data_dir, data_note,
+from common import (CIFAR10 as CIFAR10_ID, DATA_DIR_HELP, RECORDS_HELP, REPO, by_bn, check_data_dir, data_note,
                     launch, mean_std, progress)
 
 CIFAR10 = ['airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse', 'ship', 'truck']
@@ -228,8 +233,9 @@ def run_seed(args, budget: dict, seed: int, out: Path, bar) -> dict:
         seconds[f'upper_{name}'] = summary['train_seconds']
     record = {'seed': seed, 'results': results, 'head_losses': losses, 'seconds': seconds,
               'wall_seconds': round(sum(seconds.values()), 1), 'stage1_seconds': seconds['stage1'],
-              'hardware': hardware(), 'data_dir': args.data_dir}
-    (out / 'results.json').write_text(json.dumps(record, indent=2))
+              'hardware': hardware(), 'data_dir': args.data_dir, 'budget': args.budget, 'epochs': args.epochs}
+    (out / 'results.json.tmp').write_text(json.dumps(record, indent=2))
+    os.replace(out / 'results.json.tmp', out / 'results.json')
     return record
 
 
@@ -241,7 +247,8 @@ def main(argv=None):
     parser.add_argument('--seeds', type=int, default=1, help='seeds 0..N-1, each a full run; mean +- std reported')
     parser.add_argument('--output', default='runs/head_transfer')
     parser.add_argument('--report-only', action='store_true', help='rebuild report.md from OUTPUT/seed*/results.json')
-    parser.add_argument('--resume', action='store_true', help=RESUME_HELP)
+    parser.add_argument('--resume', action='store_true', help=RECORDS_HELP.replace('OUTPUT/results.json',
+                                                                                    'OUTPUT/seed*/results.json'))
     args = parser.parse_args(argv)
     if not args.report_only:
         check_data_dir(parser, args.data_dir, [CIFAR10_ID])
@@ -249,20 +256,30 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     if budget['threads'] and not torch.cuda.is_available():
         torch.set_num_threads(budget['threads'])  # as the training runs: cpu_threads
-    records = []
-    if args.report_only:
-        for seed in range(args.seeds):
-            if not (out / f'seed{seed}' / 'results.json').exists():
-                parser.error(f'--report-only: {out / f"seed{seed}" / "results.json"} does not exist; run without it '
-                             f'first.')
-            records.append(json.loads((out / f'seed{seed}' / 'results.json').read_text()))
-            if 'data_dir' not in records[-1]:
-                parser.error(f'{out / f"seed{seed}" / "results.json"} predates the running-statistics columns: '
-                             f'rerun without --report-only.')
-    else:
-        with progress(args.seeds * (1 + len(budget['upper_bound'])), 'head transfer: train.py runs') as bar:
-            records = [run_seed(args, budget, seed, out / f'seed{seed}', bar) for seed in range(args.seeds)]
-    write_report(out, args, budget, records)
+    records = {seed: saved_record(parser, args, out / f'seed{seed}' / 'results.json') for seed in range(args.seeds)
+               if args.report_only or args.resume}
+    todo = [seed for seed in range(args.seeds) if records.get(seed) is None]
+    if args.report_only and todo:
+        parser.error(f'--report-only: {out / f"seed{todo[0]}" / "results.json"} does not exist; run without it first.')
+    with progress(len(todo) * (1 + len(budget['upper_bound'])), 'head transfer: train.py runs') as bar:
+        for seed in todo:
+            records[seed] = run_seed(args, budget, seed, out / f'seed{seed}', bar)
+    write_report(out, args, budget, [records[seed] for seed in range(args.seeds)])
+
+
+def saved_record(parser, args, path: Path) -> Optional[dict]:
+    """The record of one seed at ``path`` (None if there is none), refused if it is of another budget or --epochs,
+    or older than the running-statistics columns."""
+    if not path.is_file():
+        return None
+    record = json.loads(path.read_text())
+    if 'data_dir' not in record or 'budget' not in record:
+        parser.error(f'{path} predates the running-statistics columns or the budget in records: train the seed again '
+                     f'(move the file away).')
+    if (record['budget'], record['epochs']) != (args.budget, args.epochs):
+        parser.error(f'{path} is a record of --budget {record["budget"]} --epochs {record["epochs"]}: give the same '
+                     f'arguments, or another --output.')
+    return record
 
 
 def figure_bars(records) -> tuple:
@@ -298,7 +315,8 @@ def write_report(out: Path, args, budget, records) -> None:
                        ylabel='CIFAR-10 test accuracy (%)', title='Fig. 4: one head on every extractor')
     write(out, 'Sec. 5.2: one head across extractors of different architectures', {
         'Setup': (f'Command: `python recipes/head_transfer.py{data_dir} --budget {args.budget}{epochs} '
-                  f'--seeds {args.seeds}` on {records[0]["hardware"]}; {wall / 60:.1f} min per seed end to end '
+                  f'--seeds {args.seeds} --resume` on {"; ".join(sorted({r["hardware"] for r in records}))}; '
+                  f'{wall / 60:.1f} min per seed end to end '
                   f'(the training time of its train.py runs, each counted once across resumes, and the head\'s '
                   f'fine-tuning and evaluation; stage 1: {stage1 / 60:.1f} min). {data_note(local)} '
                   f'Budget `{args.budget}`: stage 1 '
