@@ -5,11 +5,14 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from tests import conftest
 
 TEST = 'tests/test_hardware.py::test_the_machine_line_tells_apart_cpus_that_share_a_model_name'
 
 
+@pytest.mark.slow  # a pytest subprocess importing torch: about 10 s
 def test_pytest_skips_a_test_past_the_deadline_and_says_why():
     env = dict(os.environ, TIMM_COMPAT_TEST_DEADLINE=str(time.time() - 1))
     out = subprocess.run([sys.executable, '-m', 'pytest', '-q', '-rs', '-p', 'no:cacheprovider', TEST],

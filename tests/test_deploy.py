@@ -236,6 +236,7 @@ def shifted():
     return ImageData((test.images.float() * 0.4 + 100).round().to(torch.uint8), test.labels, test.class_names)
 
 
+@pytest.mark.slow  # trains a ResNet-8 for its fixture: about 27 s on a 2-core Zen 1
 def test_adabn_recovers_the_accuracy_that_stale_running_statistics_lose(recombined, shifted):
     report = tc.bn_accuracy_report(recombined, shifted, unlabeled=shifted.images)
     assert list(report) == ['batch', 'running', 'adabn']

@@ -155,6 +155,7 @@ def test_whitening_bias_grad_dropped_from_its_last_step_on():
         model.zero_grad(set_to_none=True)
 
 
+@pytest.mark.slow  # trains airbench94 steps at its batch: about 9 s on a 2-core Zen 1
 def test_frozen_whitening_bias_stays_unchanged_in_training(tmp_path):
     def bias(tag, *extra):
         # airbench's lookahead ends a run on its slow weights, which a run of 1-3 steps never syncs (a run of one

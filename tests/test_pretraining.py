@@ -97,6 +97,7 @@ def _reset_accelerate():
     PartialState._reset_state()
 
 
+@pytest.mark.slow  # two train.py runs end to end: about 8 s on a 2-core Zen 1
 def test_rp_pretraining_then_training_from_it_end_to_end(tmp_path):
     pre = train.main(['-c', TINY, '--output-dir', str(tmp_path / 'pre'), '--set', 'task_weight=0',
                       '--set', 'interface.dcc=false', '--set', 'networks=[{name: p, backbone: resnet8_cifar, '

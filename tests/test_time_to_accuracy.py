@@ -25,6 +25,7 @@ def _flops(bench, name, *extra):
     return bench.flops_per_image(cfg, {n.name: load_task_data(n, cfg) for n in cfg.networks})
 
 
+@pytest.mark.slow  # counts the FLOPs of full training steps: about 15 s on a 2-core Zen 1
 def test_flops_per_image_is_a_training_step_per_image(bench):
     # Catches a count per batch instead of per image, the backward pass left out, and a pair's FLOPs summed
     # over its networks instead of averaged over its images.

@@ -283,6 +283,7 @@ print(default, keep_freed_memory(), freed_but_kept())
 
 @pytest.mark.skipif(not Path('/proc/self/statm').exists() or os.confstr('CS_GNU_LIBC_VERSION') is None,
                     reason='keep_freed_memory tunes glibc; resident memory is read from /proc')
+@pytest.mark.slow  # a subprocess allocating large buffers: about 8 s on a 2-core Zen 1
 def test_keep_freed_memory_keeps_large_buffers_in_the_process():
     # A fresh process: train.main, run in this one by other tests, has already called it.
     out = subprocess.run([sys.executable, '-c', KEPT_AFTER_FREE], capture_output=True, text=True, check=True,
@@ -314,6 +315,7 @@ def test_loaded_networks_and_interface_go_to_the_run_device(tmp_path):
     assert {t.device.type for t in tensors} == {'meta'}
 
 
+@pytest.mark.slow  # torch.compile of two networks: about 15 s on a 2-core Zen 1
 def test_compile_compiles_each_extractor_and_head_in_place_not_the_task(tmp_path, monkeypatch):
     compiled, real = [], torch.compile
 
