@@ -166,8 +166,13 @@ def add_record(results: Dict[str, list], name: str, record: dict) -> None:
     results[name] = sorted(results.get(name, []) + [record], key=lambda r: r['seed'])
 
 
+def write_json(path: Path, data) -> None:
+    """Writes ``data`` to ``path`` atomically: a kill while writing leaves the previous file whole."""
+    tmp = path.with_name(path.name + '.tmp')
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, path)
+
+
 def save_results(out: Path, args, results: Dict[str, list]) -> None:
-    """Writes OUTPUT/results.json atomically (a kill while writing leaves the previous records whole)."""
-    tmp = out / 'results.json.tmp'
-    tmp.write_text(json.dumps({'args': vars(args), 'results': results}, indent=2))
-    os.replace(tmp, out / 'results.json')
+    """Writes OUTPUT/results.json, the recipe's arguments and records, atomically."""
+    write_json(out / 'results.json', {'args': vars(args), 'results': results})

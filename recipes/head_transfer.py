@@ -27,7 +27,6 @@ continues the others' train.py runs, so seeds are added one sitting at a time.
 """
 import argparse
 import json
-import os
 import statistics
 import time
 from pathlib import Path
@@ -38,7 +37,7 @@ import torch
 from timm_compat._hardware import hardware
 from timm_compat.deployment import BN_MODES
 from common import (CIFAR10 as CIFAR10_ID, DATA_DIR_HELP, RECORDS_HELP, REPO, by_bn, check_data_dir, data_note,
-                    launch, mean_std, progress)
+                    launch, mean_std, progress, write_json)
 
 CIFAR10 = ['airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse', 'ship', 'truck']
 PAPER = {'resnet56': (91.7, 94.6), 'mobilenetv2': (91.6, 93.3)}  # (recombined, upper bound), Fig. 4
@@ -234,8 +233,7 @@ def run_seed(args, budget: dict, seed: int, out: Path, bar) -> dict:
     record = {'seed': seed, 'results': results, 'head_losses': losses, 'seconds': seconds,
               'wall_seconds': round(sum(seconds.values()), 1), 'stage1_seconds': seconds['stage1'],
               'hardware': hardware(), 'data_dir': args.data_dir, 'budget': args.budget, 'epochs': args.epochs}
-    (out / 'results.json.tmp').write_text(json.dumps(record, indent=2))
-    os.replace(out / 'results.json.tmp', out / 'results.json')
+    write_json(out / 'results.json', record)
     return record
 
 
