@@ -145,7 +145,7 @@ def measure(variant: Variant, seed: int, args, out: Path, bar) -> dict:
     """Trains (or reads back) seed ``seed`` of ``variant``; returns its record (all the report needs)."""
     from timm_compat._hardware import hardware
     start = time.time()
-    summary, run_dirs = run_method(variant.method, seed, args, out / variant.name, bar, variant.extra)
+    summary, run_dirs, _ = run_method(variant.method, seed, args, out / variant.name, bar, variant.extra)
     return dict(seed=seed, **run_record(summary, upper_bound=variant.method == 'upper_bound'),
                 train_seconds=training_seconds(variant.method, seed, args, out / variant.name, variant.extra),
                 machine=hardware(), wall_seconds=round(time.time() - start, 1), run=[str(r) for r in run_dirs])

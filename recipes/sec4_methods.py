@@ -148,19 +148,21 @@ def method_runs(method: str, seed: int, args, out: Path, extra: Sequence[str] = 
 
 
 def run_method(method: str, seed: int, args, out: Path, bar, extra: Sequence[str] = ()) -> tuple:
-    """Trains ``method``'s runs one after the other; returns the last one's ``main`` phase summary and the run
-    folders that hold the method's networks. The upper bound's two networks, trained apart, are measured together."""
+    """Trains ``method``'s runs one after the other; returns the last one's ``main`` phase summary, the run folders
+    that hold the method's networks, and the networks if they were loaded (``(names, models, tests)``, else None).
+    The upper bound's two networks, trained apart, are loaded and measured together."""
     runs = method_runs(method, seed, args, out, extra)
     for config, run_dir, overrides in runs:
         summary = launch(config, run_dir, overrides, args.data_dir, out / f'{run_dir.name}.log', bar, args.resume)
     if method != 'upper_bound':
-        return summary, [runs[-1][1]]
+        return summary, [runs[-1][1]], None
     from timm_compat.evaluation import evaluate_networks
     from timm_compat.config import load_config
-    names, models, tests = _run_networks([run_dir for _, run_dir, _ in runs])
+    run_dirs = [run_dir for _, run_dir, _ in runs]
+    networks = names, models, tests = _run_networks(run_dirs)
     cfg = load_config(str(runs[0][1] / 'config.yaml'))
     return (evaluate_networks(dict(zip(names, models)), dict(zip(names, tests)), cfg.eval_batch_size, cfg.eval_bn,
-                              tta=cfg.eval_tta), [run_dir for _, run_dir, _ in runs])
+                              tta=cfg.eval_tta), run_dirs, networks)
 
 
 def training_seconds(method: str, seed: int, args, out: Path, extra: Sequence[str] = ()) -> float:
@@ -189,8 +191,8 @@ def measure(method: str, seed: int, args, out: Path, bar) -> dict:
     each BN mode, the matrices, Fig. 3's feature correlation (seed 0 draws its block) and the training time. The
     record is all the report needs, so it outlives the run folders."""
     start = time.time()
-    summary, run_dirs = run_method(method, seed, args, out, bar)
-    names, models, tests = _run_networks(run_dirs)
+    summary, run_dirs, networks = run_method(method, seed, args, out, bar)
+    names, models, tests = networks or _run_networks(run_dirs)
     figure = out / 'figures' / f'correlation_{method}.png' if seed == 0 else None
     return dict(seed=seed, **run_record(summary, upper_bound=method == 'upper_bound'), networks=names,
                 correlation=_correlation(method, models, tests, figure),
