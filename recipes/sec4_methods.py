@@ -159,7 +159,7 @@ def run_method(method: str, seed: int, args, out: Path, bar, extra: Sequence[str
     from timm_compat.evaluation import evaluate_networks
     from timm_compat.config import load_config
     run_dirs = [run_dir for _, run_dir, _ in runs]
-    networks = names, models, tests = _run_networks(run_dirs)
+    networks = names, models, tests = run_networks(run_dirs)
     cfg = load_config(str(runs[0][1] / 'config.yaml'))
     return (evaluate_networks(dict(zip(names, models)), dict(zip(names, tests)), cfg.eval_batch_size, cfg.eval_bn,
                               tta=cfg.eval_tta), run_dirs, networks)
@@ -192,10 +192,10 @@ def measure(method: str, seed: int, args, out: Path, bar) -> dict:
     record is all the report needs, so it outlives the run folders."""
     start = time.time()
     summary, run_dirs, networks = run_method(method, seed, args, out, bar)
-    names, models, tests = networks or _run_networks(run_dirs)
+    names, models, tests = networks or run_networks(run_dirs)
     figure = out / 'figures' / f'correlation_{method}.png' if seed == 0 else None
     return dict(seed=seed, **run_record(summary, upper_bound=method == 'upper_bound'), networks=names,
-                correlation=_correlation(method, models, tests, figure),
+                correlation=correlation_record(method, models, tests, figure),
                 train_seconds=training_seconds(method, seed, args, out), machine=hardware(),
                 wall_seconds=round(time.time() - start, 1), run=[str(r) for r in run_dirs])
 
@@ -245,7 +245,7 @@ def main(argv=None):
     report(out, args, results)
 
 
-def _run_networks(runs):
+def run_networks(runs):
     """The networks of the run folders ``runs`` (extractor + head, loaded from disk), their names and test sets."""
     from timm_compat.build import load_network, load_task_data
     from timm_compat.config import load_config
@@ -258,7 +258,7 @@ def _run_networks(runs):
     return names, models, tests
 
 
-def _correlation(method: str, models, tests, figure: Optional[Path]) -> dict:
+def correlation_record(method: str, models, tests, figure: Optional[Path]) -> dict:
     """Fig. 3 / Li et al. 2016: both extractors on 1000 images of each test set. Returns the direct and permuted
     correlation, linear CKA and the kind of correlation the block shows; draws the block to ``figure`` if given."""
     import torch

@@ -105,7 +105,7 @@ def test_bad_arguments_are_refused_before_anything_runs(ablations, tmp_path, cap
 
 
 @pytest.mark.slow  # two short train.py runs of ResNet-8, then the same command again
-def test_common_classes_runs_end_to_end_and_a_resumed_rerun_trains_nothing(tmp_path):
+def test_common_classes_runs_end_to_end_and_a_resumed_rerun_trains_nothing(ablations, tmp_path):
     write_cifar10_copy(tmp_path / 'data', per_split=(400, 100), num_classes=10)
     out = tmp_path / 'out'
     argv = ('--ablation', 'common_classes', '--budget', 'cpu', '--counts', 2, 9, '--seeds', 1, '--epochs', 0.2,
@@ -120,6 +120,11 @@ def test_common_classes_runs_end_to_end_and_a_resumed_rerun_trains_nothing(tmp_p
         summary = json.loads((out / variant / 'dcc_seed0' / 'summary.json').read_text())['phases']['main']
         m = summary['recombination_matrix']
         assert runs[0]['recombination']['batch'] == pytest.approx(100 * (m[0][1] + m[1][0]) / 2)
+        # Fig. 3's correlation of the variant's own two extractors, as measured again from the saved components
+        _, models, tests = sys.modules['sec4_methods'].run_networks([out / variant / 'dcc_seed0'])
+        again = sys.modules['sec4_methods'].correlation_record('dcc', models, tests, None)
+        assert runs[0]['correlation']['kind'] == again.pop('kind') == 'direct'
+        assert {k: runs[0]['correlation'][k] for k in again} == pytest.approx(again)
     report = (out / 'report.md').read_text()
     assert '| 2 |' in report and '| 9 |' in report and '--counts 2 9' in report
     assert (out / 'figures' / 'common_classes.png').is_file()

@@ -86,7 +86,7 @@ def test_an_ablation_resumes_from_its_records_and_trains_only_the_variants_asked
     argv = ['--ablation', 'rp_head', '--budget', 'fast', '--seeds', '1', '--output', str(out), '--resume']
     ablations.main(argv + ['--variants', 'rp_conv'])
     report = (out / 'report.md').read_text()
-    assert '| conv head, width 256 | 15.0 | 10.0 | 83.0 | 83.0 | 1 |' in report
+    assert '| conv head, width 256 | 15.0 | 10.0 | 83.0 | 83.0 | 0.10 | 0.40 | 1 |' in report  # correlation too
     assert '--variants rp_conv --resume' in report and 'rp_tail' not in report
     with pytest.raises(SystemExit) as refusal:
         ablations.main(argv + ['--variants', 'rp_conv', 'rp_wide'])
