@@ -112,7 +112,7 @@ def measure(source: str, size: int, args, accelerator, device) -> list:
         streams = [stream_batches(s.images, (sampler.batch(i) for i in range(10 ** 9)))
                    for s, sampler in zip(sets, samplers)]
 
-        def stream():
+        def stream(streams=streams):  # this loop's streams
             for name, s, it in zip(model.networks, sets, streams):
                 index, images = next(it)
                 batches[name] = training_batch(s, index, *stats, images=images)
