@@ -20,6 +20,7 @@ from pathlib import Path
 
 from accelerate import Accelerator
 
+from timm_compat._hardware import hardware
 from timm_compat.build import Phase, build_phases, load_task_data
 from timm_compat.config import config_help, load_config
 from timm_compat.engine import (check_hub_credentials, claim_run_dir, evaluate_phase, fit_phase, make_accelerator,
@@ -68,7 +69,8 @@ def main(argv=None) -> dict:
         accelerator.end_training()
         summary = {'config': cfg.to_dict(), 'wall_seconds': round(time.time() - start, 1),
                    'device': str(accelerator.device), 'processes': accelerator.num_processes,
-                   'mixed_precision': accelerator.mixed_precision, 'phases': results}
+                   'mixed_precision': accelerator.mixed_precision, 'hardware': hardware(accelerator.device),
+                   'phases': results}  # hardware: the run's own threads, which a recipe's line would not give
         if accelerator.is_main_process:
             write_summary(out / 'summary.json', summary)
             print('\n' + '\n\n'.join(r['table'] for r in results.values()))

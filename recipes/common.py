@@ -166,6 +166,14 @@ def add_record(results: Dict[str, list], name: str, record: dict) -> None:
     results[name] = sorted(results.get(name, []) + [record], key=lambda r: r['seed'])
 
 
+def run_machine(run_dirs: Sequence[Path]) -> str:
+    """The machine line the runs' own summaries recorded (device, CPU, the run's torch threads, versions), each line
+    once; this process's for runs from before summaries kept it."""
+    from timm_compat._hardware import hardware
+    lines = [json.loads((Path(r) / 'summary.json').read_text()).get('hardware') for r in run_dirs]
+    return '; '.join(dict.fromkeys(line for line in lines if line)) or hardware()
+
+
 def write_json(path: Path, data) -> None:
     """Writes ``data`` to ``path`` atomically: a kill while writing leaves the previous file whole."""
     tmp = path.with_name(path.name + '.tmp')

@@ -36,7 +36,7 @@ from typing import List, NamedTuple
 from timm_compat.deployment import BN_MODES
 
 from common import (DATA_DIR_HELP, RECORDS_HELP, REPO, add_record, check_data_dir, data_note, load_results, mean_std,
-                    progress, recorded, save_results)
+                    progress, recorded, run_machine, save_results)
 from sec4_methods import (BUDGETS, SETTINGS, control_overrides, correlation_record, run_method, run_networks,
                           run_overrides, run_record, runs_of, setting_sources, training_seconds)
 
@@ -144,14 +144,13 @@ def parse_args(argv=None):
 def measure(variant: Variant, seed: int, args, out: Path, bar) -> dict:
     """Trains (or reads back) seed ``seed`` of ``variant``; returns its record (all the report needs), with Fig. 3's
     feature correlation of its two extractors (direct, permuted, linear CKA)."""
-    from timm_compat._hardware import hardware
     start = time.time()
     summary, run_dirs, networks = run_method(variant.method, seed, args, out / variant.name, bar, variant.extra)
     _, models, tests = networks or run_networks(run_dirs)
     return dict(seed=seed, **run_record(summary, upper_bound=variant.method == 'upper_bound'),
                 correlation=correlation_record(variant.method, models, tests, None),
                 train_seconds=training_seconds(variant.method, seed, args, out / variant.name, variant.extra),
-                machine=hardware(), wall_seconds=round(time.time() - start, 1), run=[str(r) for r in run_dirs])
+                machine=run_machine(run_dirs), wall_seconds=round(time.time() - start, 1), run=[str(r) for r in run_dirs])
 
 
 def main(argv=None):

@@ -34,10 +34,8 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
-from timm_compat._hardware import hardware
-
 from common import (DATA_DIR_HELP, RECORDS_HELP, REPO, add_record, as_overrides, by_bn, check_data_dir, data_note,
-                    fast_keys, fast_networks, launch, load_results, progress, recorded, save_results)
+                    fast_keys, fast_networks, launch, load_results, progress, recorded, run_machine, save_results)
 from sec4_report import ALL_METHODS, LABELS, write_report
 
 SETTINGS = sorted(p.stem for p in (REPO / 'configs' / 'sec4' / 'data').glob('*.yaml'))
@@ -196,7 +194,7 @@ def measure(method: str, seed: int, args, out: Path, bar) -> dict:
     figure = out / 'figures' / f'correlation_{method}.png' if seed == 0 else None
     return dict(seed=seed, **run_record(summary, upper_bound=method == 'upper_bound'), networks=names,
                 correlation=correlation_record(method, models, tests, figure),
-                train_seconds=training_seconds(method, seed, args, out), machine=hardware(),
+                train_seconds=training_seconds(method, seed, args, out), machine=run_machine(run_dirs),
                 wall_seconds=round(time.time() - start, 1), run=[str(r) for r in run_dirs])
 
 

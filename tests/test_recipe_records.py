@@ -112,3 +112,18 @@ def test_head_transfer_resume_keeps_recorded_seeds_and_refuses_another_budgets(i
     with pytest.raises(SystemExit) as refusal:
         head_transfer.main(['--budget', 'cpu', '--seeds', '1', '--output', str(tmp_path), '--resume'])
     assert refusal.value.code == 2 and 'is a record of --budget fast --epochs None' in capsys.readouterr().err
+
+
+def test_a_record_names_the_machine_its_runs_recorded(import_script, tmp_path):
+    """The machine line of a record is the one the runs' own summaries give (their threads, not the recipe's);
+    each line once; this process's only for runs whose summaries predate the field."""
+    common = import_script('recipes', 'common')
+    from timm_compat._hardware import hardware
+    lines = {'a': 'device cpu: AMD EPYC (family 23 model 1, avx2) x 2 cores, 1 torch threads',
+             'b': 'device cuda: NVIDIA H200; AMD EPYC x 16 cores, 16 torch threads', 'c': None}
+    for name, line in lines.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / 'summary.json').write_text(json.dumps({'phases': {}, **({'hardware': line} if line else {})}))
+    assert common.run_machine([tmp_path / 'a', tmp_path / 'b', tmp_path / 'a', tmp_path / 'c']) == \
+        f'{lines["a"]}; {lines["b"]}'
+    assert common.run_machine([tmp_path / 'c']) == hardware()

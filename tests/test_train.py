@@ -13,6 +13,7 @@ from accelerate import Accelerator
 import timm_compat as tc
 import train
 from timm_compat import build, engine
+from timm_compat._hardware import hardware
 from timm_compat.classes import common_classes
 from timm_compat.data import evaluation_batches
 from timm_compat.evaluation import evaluate_networks
@@ -60,6 +61,8 @@ def test_demo_config_runs_and_writes_everything(tmp_path):
     assert metrics[0].startswith('step,lr,time,a/task,a/rp,a/dcc') and len(metrics) == 3
     main = summary['phases']['main']
     assert len(main['recombination_matrix']) == 2 and set(main['own_accuracy']) == {'a', 'b'}
+    # The machine as the run had it (its torch threads), for records that outlive the run's folder.
+    assert json.loads((out / 'summary.json').read_text())['hardware'] == hardware(torch.device('cpu'))
     for part in ('interface', 'a/extractor', 'a/head', 'b/extractor', 'b/head'):
         assert (out / 'main' / 'components' / part / 'model.safetensors').is_file()
     extractor = tc.Extractor.from_pretrained(out / 'main' / 'components' / 'a' / 'extractor')
