@@ -36,9 +36,9 @@ from typing import List, NamedTuple
 from timm_compat.deployment import BN_MODES
 
 from common import (DATA_DIR_HELP, RECORDS_HELP, REPO, add_record, check_data_dir, data_note, load_results, mean_std,
-                    progress, recorded, run_machine, save_results)
-from sec4_methods import (BUDGETS, SETTINGS, control_overrides, correlation_record, run_method, run_networks,
-                          run_overrides, run_record, runs_of, setting_sources, training_seconds)
+                    progress, recorded, save_results)
+from sec4_methods import (BUDGETS, SETTINGS, control_overrides, correlation_record, method_machine, run_method,
+                          run_networks, run_overrides, run_record, runs_of, setting_sources, training_seconds)
 
 ABLATIONS = ('common_classes', 'split', 'control', 'rp_head')
 # The classes CIFAR-10 shares with STL-10 (and with side b of the halves stand-ins), in CIFAR-10's label order.
@@ -150,7 +150,8 @@ def measure(variant: Variant, seed: int, args, out: Path, bar) -> dict:
     return dict(seed=seed, **run_record(summary, upper_bound=variant.method == 'upper_bound'),
                 correlation=correlation_record(variant.method, models, tests, None),
                 train_seconds=training_seconds(variant.method, seed, args, out / variant.name, variant.extra),
-                machine=run_machine(run_dirs), wall_seconds=round(time.time() - start, 1), run=[str(r) for r in run_dirs])
+                machine=method_machine(variant.method, seed, args, out / variant.name, variant.extra),
+                wall_seconds=round(time.time() - start, 1), run=[str(r) for r in run_dirs])
 
 
 def main(argv=None):

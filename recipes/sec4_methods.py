@@ -163,6 +163,11 @@ def run_method(method: str, seed: int, args, out: Path, bar, extra: Sequence[str
                               tta=cfg.eval_tta), run_dirs, networks)
 
 
+def method_machine(method: str, seed: int, args, out: Path, extra: Sequence[str] = ()) -> str:
+    """The machine line(s) of every run of one seed of ``method`` (incremental's stage 1 too), from their summaries."""
+    return run_machine([run_dir for _, run_dir, _ in method_runs(method, seed, args, out, extra)])
+
+
 def training_seconds(method: str, seed: int, args, out: Path, extra: Sequence[str] = ()) -> float:
     """Training time of one seed of ``method``, every run and phase of it, from the runs' own summaries: a run
     read back by --resume takes no time in this process, and a resumed run counts each step once."""
@@ -194,7 +199,7 @@ def measure(method: str, seed: int, args, out: Path, bar) -> dict:
     figure = out / 'figures' / f'correlation_{method}.png' if seed == 0 else None
     return dict(seed=seed, **run_record(summary, upper_bound=method == 'upper_bound'), networks=names,
                 correlation=correlation_record(method, models, tests, figure),
-                train_seconds=training_seconds(method, seed, args, out), machine=run_machine(run_dirs),
+                train_seconds=training_seconds(method, seed, args, out), machine=method_machine(method, seed, args, out),
                 wall_seconds=round(time.time() - start, 1), run=[str(r) for r in run_dirs])
 
 
