@@ -199,7 +199,8 @@ def measure(method: str, seed: int, args, out: Path, bar) -> dict:
     figure = out / 'figures' / f'correlation_{method}.png' if seed == 0 else None
     return dict(seed=seed, **run_record(summary, upper_bound=method == 'upper_bound'), networks=names,
                 correlation=correlation_record(method, models, tests, figure),
-                train_seconds=training_seconds(method, seed, args, out), machine=method_machine(method, seed, args, out),
+                train_seconds=training_seconds(method, seed, args, out),
+                machine=method_machine(method, seed, args, out),
                 wall_seconds=round(time.time() - start, 1), run=[str(r) for r in run_dirs])
 
 
