@@ -17,7 +17,7 @@ from typing import Any, Dict, List, Optional, Tuple, Type, Union
 import torch
 import torch.nn as nn
 
-from timm.layers import create_classifier
+from timm.layers import create_classifier, get_device_dtype
 from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
@@ -25,12 +25,6 @@ __all__ = ['CifarResNet']
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
-
-
-def _device_dtype(module: nn.Module) -> Dict[str, Any]:
-    """Factory kwargs that put a rebuilt submodule where the model's parameters are (timm's ``get_device_dtype``)."""
-    param = next(module.parameters(), None)
-    return {'device': None, 'dtype': None} if param is None else {'device': param.device, 'dtype': param.dtype}
 
 
 def _projection(in_chs: int, out_chs: int, stride: int, **dd) -> Optional[nn.Module]:
@@ -217,7 +211,7 @@ class CifarResNet(nn.Module):
             num_classes: Outputs of the new classifier; 0 for none (the pooled features are returned).
             global_pool: New pooling type; ``''`` for none (the NCHW map is returned); None keeps the current one.
         """
-        dd = _device_dtype(self)
+        dd = get_device_dtype(self)
         self.num_classes = num_classes
         if global_pool is None:
             global_pool = self.global_pool.pool_type
