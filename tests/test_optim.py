@@ -48,6 +48,20 @@ def test_every_schedule_by_name_steps_and_resumes(schedule):
     assert lrs(resumed, 13) == lrs(first, 13)
 
 
+@pytest.mark.parametrize('schedule', SCHEDULES)
+def test_a_resume_with_more_steps_follows_the_longer_schedule(schedule):
+    # A resume may change `steps`: as timm's train.py rebuilds its scheduler for the new length and steps it to the
+    # resumed epoch, the restored schedule is the new one at the checkpoint's update, not the old one's tail at 0 lr.
+    first = make_scheduler(optimizer(), schedule, 10, 2)
+    lrs(first, 6)
+    longer = make_scheduler(optimizer(), schedule, 40, 2)
+    longer.load_state_dict(first.state_dict())
+    fresh = make_scheduler(optimizer(), schedule, 40, 2)
+    lrs(fresh, 5)
+    assert lrs(longer, 34) == pytest.approx(lrs(fresh, 35)[1:])
+    assert min(lrs(make_scheduler(optimizer(), schedule, 40, 2), 30)) > 0
+
+
 def test_warmup_rises_linearly_then_the_schedule_runs_over_the_rest():
     got = lrs(make_scheduler(optimizer(), 'cosine', 12, 2, warmup_lr=0.0), 12)
     assert got[:3] == pytest.approx([0.0, 0.05, 0.1]) and got[-1] == 0.0

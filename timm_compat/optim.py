@@ -279,7 +279,7 @@ class UpdateSchedule(torch.optim.lr_scheduler.LRScheduler):
             self.schedule.step_update(self.updates)
             self._ramp_lookahead()
 
-    def _ramp_lookahead(self) -> None:
+    def _ramp_lookahead(self, land: bool = True) -> None:
         """Set the alpha of the next update; after the last one, move the weights to the slow weights."""
         if self.lookahead_updates is None:
             return
@@ -287,7 +287,7 @@ class UpdateSchedule(torch.optim.lr_scheduler.LRScheduler):
         for group in self.optimizer.param_groups:
             group['lookahead_alpha'] = 0.0 if done else airbench_lookahead_alpha(
                 self.updates + 1, self.lookahead_updates, group['lookahead_k'])
-        if done:
+        if done and land:
             self._land_on_slow_weights()
 
     @torch.no_grad()
@@ -307,10 +307,13 @@ class UpdateSchedule(torch.optim.lr_scheduler.LRScheduler):
         return {'ticks': self.ticks, 'ticks_per_step': self.ticks_per_step, 'schedule': self.schedule.state_dict()}
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
+        # Only the position is restored: the schedule's shape comes from the config, as timm's train.py rebuilds
+        # its scheduler and steps it to the resumed epoch, so a resume that changes `steps` follows the new length
+        # (timm's own load_state_dict would bring back the old length and leave the added updates at min_lr).
         if 'last_epoch' in state:  # a checkpoint of the LambdaLR schedule before timm's: counted ticks the same way
             self.ticks = state['last_epoch']
         else:
             self.ticks = state['ticks'] * self.ticks_per_step // state.get('ticks_per_step', 1)
-            self.schedule.load_state_dict(state['schedule'])
         self.schedule.step_update(self.updates)
+        self._ramp_lookahead(land=False)  # a finished run already landed; its restored weights are the slow ones
 
