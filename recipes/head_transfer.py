@@ -187,12 +187,14 @@ def evaluate(model, test) -> dict:
     return scores
 
 
-def load_cifar10(data_dir, budget: dict):
-    """The CIFAR-10 train and test splits of the budget, from the Hub or the local copy in ``data_dir``."""
+def load_cifar10(data_dir, budget: dict, seed: int):
+    """The CIFAR-10 train and test splits of the budget, from the Hub or the local copy in ``data_dir``: the subsets
+    that the seed's train.py runs draw (with ``seed``), so that the head is fine-tuned on stage 1's images and the
+    upper bounds and the recombined networks are scored on the same test images."""
     from timm_compat.data import load_image_data, local_source
     source = local_source(CIFAR10_ID, data_dir)
-    return (load_image_data(source, 'train', limit=budget['train_limit']),
-            load_image_data(source, 'test', limit=budget['test_limit']))
+    return (load_image_data(source, 'train', limit=budget['train_limit'], seed=seed),
+            load_image_data(source, 'test', limit=budget['test_limit'], seed=seed))
 
 
 def run_seed(args, budget: dict, seed: int, out: Path, bar) -> dict:
@@ -210,7 +212,7 @@ def run_seed(args, budget: dict, seed: int, out: Path, bar) -> dict:
     start = time.time()
     device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
     torch.manual_seed(seed)
-    train, test = load_cifar10(args.data_dir, budget)
+    train, test = load_cifar10(args.data_dir, budget, seed)
     head = interface.dcc.extend_classes(CIFAR10).to(device)
     # The updated head still reads the interface's feature space: it belongs to the stage-1 interface.
     reference = extractors[budget['reference']].to(device)
