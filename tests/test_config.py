@@ -69,12 +69,16 @@ def test_every_shipped_config_resolves(path, preset):
 ISSUE13_SOURCES = {'parquet:DATA': 'uoft-cs/cifar10', 'parquet:DATA/cifar10': 'uoft-cs/cifar10',
                    'parquet:DATA/stl10': 'tanganke/stl10'}
 ISSUE13_PRESETS = {'parquet': 'cifar10_stl10'}
+# 2026-12-04: `contrast` became CIFAR-10-C's per-channel contrast; the old one, which the Sec. 4 presets keep, is
+# `gray_contrast` (timm_compat/shifts.py): the same pixels under a new name.
+RENAMED_SHIFTS = {'contrast:2': 'gray_contrast:2'}
 
 
 def _issue13(before):
     """A config as resolved before issue 13, translated by exactly the changes above."""
     if isinstance(before, dict):
-        return {k: ISSUE13_SOURCES.get(v, v) if k == 'source' else _issue13(v) for k, v in before.items()}
+        return {k: ISSUE13_SOURCES.get(v, v) if k == 'source' else
+                [RENAMED_SHIFTS.get(x, x) for x in v] if k == 'shift' and v else _issue13(v) for k, v in before.items()}
     if isinstance(before, list):
         return [_issue13(v) for v in before]
     if isinstance(before, str):
