@@ -35,9 +35,10 @@ from typing import NamedTuple, Optional
 import torch
 
 from timm_compat._hardware import hardware
+from timm_compat.data import DATA_VERSION
 from timm_compat.deployment import BN_MODES
-from common import (CIFAR10 as CIFAR10_ID, DATA_DIR_HELP, RECORDS_HELP, REPO, by_bn, check_data_dir, data_note,
-                    launch, mean_std, progress, write_json)
+from common import (CIFAR10 as CIFAR10_ID, DATA_DIR_HELP, RECORDS_HELP, REPO, by_bn, check_data_dir,
+                    check_data_version, data_note, launch, mean_std, progress, write_json)
 
 CIFAR10 = ['airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse', 'ship', 'truck']
 PAPER = {'resnet56': (91.7, 94.6), 'mobilenetv2': (91.6, 93.3)}  # (recombined, upper bound), Fig. 4
@@ -232,7 +233,7 @@ def run_seed(args, budget: dict, seed: int, out: Path, bar) -> dict:
         for bn, own in by_bn(summary, 'own_accuracy').items():
             results[name][bn]['upper_bound'] = 100 * own['net']
         seconds[f'upper_{name}'] = summary['train_seconds']
-    record = {'seed': seed, 'results': results, 'head_losses': losses, 'seconds': seconds,
+    record = {'seed': seed, 'data_version': DATA_VERSION, 'results': results, 'head_losses': losses, 'seconds': seconds,
               'wall_seconds': round(sum(seconds.values()), 1), 'stage1_seconds': seconds['stage1'],
               'hardware': hardware(), 'data_dir': args.data_dir, 'budget': args.budget, 'epochs': args.epochs}
     write_json(out / 'results.json', record)
@@ -261,6 +262,9 @@ def main(argv=None):
     todo = [seed for seed in range(args.seeds) if records.get(seed) is None]
     if args.report_only and todo:
         parser.error(f'--report-only: {out / f"seed{todo[0]}" / "results.json"} does not exist; run without it first.')
+    versions = sorted({r.get('data_version', 1) for r in records.values() if r})
+    if len(versions) > 1:
+        parser.error(f'The seeds\' records in {out} were made on data versions {versions}: a table pools one.')
     with progress(len(todo) * (1 + len(budget['upper_bound'])), 'head transfer: train.py runs') as bar:
         for seed in todo:
             records[seed] = run_seed(args, budget, seed, out / f'seed{seed}', bar)
@@ -269,10 +273,12 @@ def main(argv=None):
 
 def saved_record(parser, args, path: Path) -> Optional[dict]:
     """The record of one seed at ``path`` (None if there is none), refused if it is of another budget or --epochs,
-    or older than the running-statistics columns."""
+    or older than the running-statistics columns; one of another data version is only reported (--report-only)."""
     if not path.is_file():
         return None
     record = json.loads(path.read_text())
+    if not args.report_only:
+        check_data_version(record, path)
     if 'data_dir' not in record or 'budget' not in record:
         parser.error(f'{path} predates the running-statistics columns or the budget in records: train the seed again '
                      f'(move the file away).')

@@ -95,8 +95,9 @@ def test_one_config_set_reproduces_the_per_setting_copies(old):
     assert now == _with_added_keys(_issue13(BEFORE[old]), now, RunConfig().to_dict())
 
 
-def test_the_issue13_translation_changes_only_sources_and_parquet_run_folders():
-    """The translation above must not hide any other difference: it touches sources and runs/parquet paths only."""
+def test_the_issue13_translation_changes_only_sources_shift_names_and_parquet_run_folders():
+    """The translation above must not hide any other difference: it touches sources, the renamed shift and
+    runs/parquet paths only."""
     def changes(a, b, path=''):
         if isinstance(a, dict):
             return [c for k in a for c in changes(a[k], b[k], f'{path}.{k}')]
@@ -106,7 +107,9 @@ def test_the_issue13_translation_changes_only_sources_and_parquet_run_folders():
 
     for old, before in BEFORE.items():
         for path, a, b in changes(before, _issue13(before)):
-            assert path.endswith('.dataset.source') and ISSUE13_SOURCES[a] == b or 'runs/parquet' in a, (old, path)
+            renamed = '.dataset.shift.' in path and RENAMED_SHIFTS[a] == b
+            assert path.endswith('.dataset.source') and ISSUE13_SOURCES[a] == b or renamed or 'runs/parquet' in a, (
+                old, path)
     assert _issue13(BEFORE['configs/cifar10_stl10/rp.yaml']) == BEFORE['configs/cifar10_stl10/rp.yaml']
 
 

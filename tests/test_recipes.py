@@ -221,6 +221,11 @@ def test_head_transfer_report_draws_fig4_from_every_seed_with_the_papers_values(
     report = (tmp_path / 'report.md').read_text()
     assert '| resnet56 | batch | 82.0 ± 2.8 |' in report and '](figures/head_transfer_bars.png)' in report
     assert (tmp_path / 'figures' / 'head_transfer_bars.png').is_file()
+    # Records from before data versions are reported, but never in one table with a newer version's.
+    (tmp_path / 'seed1' / 'results.json').write_text(json.dumps({**records[1], 'data_version': 2}))
+    with pytest.raises(SystemExit):
+        head_transfer.main(['--report-only', '--seeds', '2', '--budget', 'cpu', '--output', str(tmp_path)])
+    assert (tmp_path / 'report.md').read_text() == report
 
 
 def test_head_transfer_fine_tunes_the_fast_head_by_stage1s_recipe_and_the_paper_head_by_sgd(import_script):

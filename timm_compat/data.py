@@ -24,8 +24,15 @@ from .shifts import apply_shift, shift_seed
 from .streaming import StreamedImages, choose_storage, materialize, stream_batches
 from .synthetic import make_synthetic
 
-__all__ = ['ImageData', 'load_image_data', 'local_source', 'augment', 'normalize', 'training_batch', 'EpochSampler',
-           'iterate_batches', 'evaluation_batches', 'random_subset', 'KNOWN_SCHEMAS']
+__all__ = ['DATA_VERSION', 'ImageData', 'load_image_data', 'local_source', 'augment', 'normalize', 'training_batch',
+           'EpochSampler', 'iterate_batches', 'evaluation_batches', 'random_subset', 'KNOWN_SCHEMAS']
+
+# What a run trains and is scored on, beyond its config. A run or record of another version is not resumed or
+# pooled with this one's. 1: before 2026-12-04. 2: networks that alternate index their data order and flips by
+# their own steps (they took every other batch of two permutations); each split draws its own shift noise;
+# `contrast` is CIFAR-10-C's per-channel contrast (the old one is `gray_contrast`).
+DATA_VERSION = 2
+
 
 @dataclass
 class ImageData:
