@@ -23,6 +23,7 @@ from accelerate import Accelerator
 from timm_compat._hardware import hardware
 from timm_compat.build import Phase, build_phases, load_task_data
 from timm_compat.config import config_help, load_config
+from timm_compat.data import DATA_VERSION
 from timm_compat.engine import (check_hub_credentials, claim_run_dir, evaluate_phase, fit_phase, make_accelerator,
                                 push_components, save_components, write_summary)
 from timm_compat.metrics_log import MetricsLog
@@ -67,10 +68,11 @@ def main(argv=None) -> dict:
     with claim_run_dir(accelerator, cfg, finished, args.resume, args.overwrite):
         results = {p.tag: run_phase(p, accelerator, out / p.tag, args.resume) for p in phases}
         accelerator.end_training()
+        # hardware: the run's own threads, which a recipe's line would not give
         summary = {'config': cfg.to_dict(), 'wall_seconds': round(time.time() - start, 1),
                    'device': str(accelerator.device), 'processes': accelerator.num_processes,
                    'mixed_precision': accelerator.mixed_precision, 'hardware': hardware(accelerator.device),
-                   'phases': results}  # hardware: the run's own threads, which a recipe's line would not give
+                   'data_version': DATA_VERSION, 'phases': results}
         if accelerator.is_main_process:
             write_summary(out / 'summary.json', summary)
             print('\n' + '\n\n'.join(r['table'] for r in results.values()))

@@ -35,7 +35,7 @@ import yaml
 
 import timm_compat as tc
 from timm_compat.adaptation import adapt, evaluate_adaptation
-from timm_compat.data import load_image_data, local_source
+from timm_compat.data import DATA_VERSION, load_image_data, local_source
 from timm_compat.classes import canonical_class_name
 from timm_compat.plots import ReportFigure, ReportTable, plot_accuracy_curves, write_report
 from timm_compat.synthetic import SYNTHETIC_CLASSES
@@ -215,7 +215,7 @@ def main(argv=None):
     bar.close()
     results = {'args': vars(args), 'argv': argv, 'adapt_steps': steps, 'scores': scores, 'history': result.history,
                'adapt_seconds': round(result.seconds, 1), 'wall_seconds': round(time.time() - start, 1),
-               'interface_id': interface.id, 'target_test_images': len(target_test)}
+               'interface_id': interface.id, 'target_test_images': len(target_test), 'data_version': DATA_VERSION}
     (out / 'results.json').write_text(json.dumps(results, indent=2))
     report(out, args, results, steps, argv)
     print(json.dumps(scores, indent=2))

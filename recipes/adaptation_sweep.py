@@ -23,7 +23,7 @@ import torch
 
 import adaptation
 from timm_compat.shifts import apply_shift
-from common import DATA_DIR_HELP, check_data_dir, data_note, mean_std, progress
+from common import DATA_DIR_HELP, check_data_dir, check_data_version, data_note, finished_run, mean_std, progress
 
 # CIFAR-10-C corruptions of timm_compat.shifts at its top severity, one per family: noise, blur, weather-free
 # digital (contrast, pixelate, JPEG).
@@ -65,7 +65,7 @@ def run_source(args, out: Path, seed: int) -> list:
     """Train (or read back; a killed run continues) the source of ``seed``; the ``--interface/--extractor/--head``
     arguments of its adaptations."""
     run = out / f'source{seed}'
-    if not (run / 'summary.json').is_file():
+    if not finished_run(run):
         config = adaptation.source_config(argparse.Namespace(seed=seed), adaptation.SETTINGS['cifar10_shift'])
         adaptation.launch_train(config, run, adaptation.BUDGETS[args.budget]['train'], data_dir=args.data_dir,
                                 resume=True)
@@ -80,6 +80,15 @@ def run_adaptation(args, source: list, seed: int, shift: str, adapt_seed: int, f
     argv += ['--data-dir', args.data_dir] if args.data_dir else []
     argv += ['--adapt-steps', str(args.adapt_steps)] if args.adapt_steps else []
     adaptation.main(argv)
+
+
+def recorded_adaptation(folder: Path) -> bool:
+    """Whether the adaptation in ``folder`` finished (its results.json); one of another data version is refused."""
+    path = folder / 'results.json'
+    if not path.is_file():
+        return False
+    check_data_version(json.loads(path.read_text()), path)
+    return True
 
 
 def collect(args, out: Path) -> dict:
@@ -121,7 +130,7 @@ def main(argv=None) -> dict:
         with progress(total, 'adaptation sweep: runs') as bar:
             for seed in range(args.source_seeds):
                 pending = [(shift, a) for shift in args.shifts for a in range(args.adapt_seeds)
-                           if not (adapt_folder(out, seed, shift, a) / 'results.json').is_file()]
+                           if not recorded_adaptation(adapt_folder(out, seed, shift, a))]
                 # A source whose adaptations are all recorded is not needed, nor trained again if its folder is gone.
                 source = run_source(args, out, seed) if pending else None
                 bar.update(1 + len(args.shifts) * args.adapt_seeds - len(pending))

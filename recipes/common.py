@@ -12,7 +12,7 @@ import yaml
 from tqdm.auto import tqdm
 
 from timm_compat.config import load_config
-from timm_compat.data import local_source
+from timm_compat.data import DATA_VERSION, local_source
 from timm_compat.deployment import BN_MODES
 from timm_compat.rundir import MARKER
 
@@ -149,12 +149,32 @@ def load_results(out: Path, args, keys: Sequence[str]) -> Dict[str, list]:
     if not getattr(args, 'resume', False) or not path.is_file():
         return {}
     saved = json.loads(path.read_text())
+    check_data_version(saved, path)
     changed = [f'--{k.replace("_", "-")} {saved["args"].get(k)} (now {getattr(args, k)})'
                for k in keys if saved['args'].get(k) != getattr(args, k)]
     if changed:
         raise SystemExit(f'{path} holds records of {", ".join(changed)}: give the same arguments to add to it, or '
                          f'another --output for a new table.')
     return saved['results']
+
+
+def check_data_version(saved: dict, path: Path) -> None:
+    """Refuse ``saved`` (a record or a run's summary, read from ``path``) if it was made on another data version
+    than this code's: its numbers are not pooled with new ones, nor its run read back as finished."""
+    version = saved.get('data_version', 1)
+    if version != DATA_VERSION:
+        raise SystemExit(f'{path} was made on data version {version}, this code makes version {DATA_VERSION} '
+                         f'(timm_compat.data.DATA_VERSION says what changed), so it is not kept: give another '
+                         f'--output, or move it away to train it again.')
+
+
+def finished_run(run: Path) -> bool:
+    """Whether ``run`` holds a finished train.py run (its summary.json); one of another data version is refused."""
+    path = run / 'summary.json'
+    if not path.is_file():
+        return False
+    check_data_version(json.loads(path.read_text()), path)
+    return True
 
 
 def recorded(results: Dict[str, list], name: str, seed: int) -> bool:
@@ -183,4 +203,4 @@ def write_json(path: Path, data) -> None:
 
 def save_results(out: Path, args, results: Dict[str, list]) -> None:
     """Writes OUTPUT/results.json, the recipe's arguments and records, atomically."""
-    write_json(out / 'results.json', {'args': vars(args), 'results': results})
+    write_json(out / 'results.json', {'args': vars(args), 'data_version': DATA_VERSION, 'results': results})

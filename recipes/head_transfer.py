@@ -35,9 +35,10 @@ from typing import NamedTuple, Optional
 import torch
 
 from timm_compat._hardware import hardware
+from timm_compat.data import DATA_VERSION
 from timm_compat.deployment import BN_MODES
-from common import (CIFAR10 as CIFAR10_ID, DATA_DIR_HELP, RECORDS_HELP, REPO, by_bn, check_data_dir, data_note,
-                    launch, mean_std, progress, write_json)
+from common import (CIFAR10 as CIFAR10_ID, DATA_DIR_HELP, RECORDS_HELP, REPO, by_bn, check_data_dir,
+                    check_data_version, data_note, launch, mean_std, progress, write_json)
 
 CIFAR10 = ['airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse', 'ship', 'truck']
 PAPER = {'resnet56': (91.7, 94.6), 'mobilenetv2': (91.6, 93.3)}  # (recombined, upper bound), Fig. 4
@@ -187,12 +188,14 @@ def evaluate(model, test) -> dict:
     return scores
 
 
-def load_cifar10(data_dir, budget: dict):
-    """The CIFAR-10 train and test splits of the budget, from the Hub or the local copy in ``data_dir``."""
+def load_cifar10(data_dir, budget: dict, seed: int):
+    """The CIFAR-10 train and test splits of the budget, from the Hub or the local copy in ``data_dir``: the subsets
+    that the seed's train.py runs draw (with ``seed``), so that the head is fine-tuned on stage 1's images and the
+    upper bounds and the recombined networks are scored on the same test images."""
     from timm_compat.data import load_image_data, local_source
     source = local_source(CIFAR10_ID, data_dir)
-    return (load_image_data(source, 'train', limit=budget['train_limit']),
-            load_image_data(source, 'test', limit=budget['test_limit']))
+    return (load_image_data(source, 'train', limit=budget['train_limit'], seed=seed),
+            load_image_data(source, 'test', limit=budget['test_limit'], seed=seed))
 
 
 def run_seed(args, budget: dict, seed: int, out: Path, bar) -> dict:
@@ -210,7 +213,7 @@ def run_seed(args, budget: dict, seed: int, out: Path, bar) -> dict:
     start = time.time()
     device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
     torch.manual_seed(seed)
-    train, test = load_cifar10(args.data_dir, budget)
+    train, test = load_cifar10(args.data_dir, budget, seed)
     head = interface.dcc.extend_classes(CIFAR10).to(device)
     # The updated head still reads the interface's feature space: it belongs to the stage-1 interface.
     reference = extractors[budget['reference']].to(device)
@@ -230,7 +233,7 @@ def run_seed(args, budget: dict, seed: int, out: Path, bar) -> dict:
         for bn, own in by_bn(summary, 'own_accuracy').items():
             results[name][bn]['upper_bound'] = 100 * own['net']
         seconds[f'upper_{name}'] = summary['train_seconds']
-    record = {'seed': seed, 'results': results, 'head_losses': losses, 'seconds': seconds,
+    record = {'seed': seed, 'data_version': DATA_VERSION, 'results': results, 'head_losses': losses, 'seconds': seconds,
               'wall_seconds': round(sum(seconds.values()), 1), 'stage1_seconds': seconds['stage1'],
               'hardware': hardware(), 'data_dir': args.data_dir, 'budget': args.budget, 'epochs': args.epochs}
     write_json(out / 'results.json', record)
@@ -259,6 +262,9 @@ def main(argv=None):
     todo = [seed for seed in range(args.seeds) if records.get(seed) is None]
     if args.report_only and todo:
         parser.error(f'--report-only: {out / f"seed{todo[0]}" / "results.json"} does not exist; run without it first.')
+    versions = sorted({r.get('data_version', 1) for r in records.values() if r})
+    if len(versions) > 1:
+        parser.error(f'The seeds\' records in {out} were made on data versions {versions}: a table pools one.')
     with progress(len(todo) * (1 + len(budget['upper_bound'])), 'head transfer: train.py runs') as bar:
         for seed in todo:
             records[seed] = run_seed(args, budget, seed, out / f'seed{seed}', bar)
@@ -267,10 +273,12 @@ def main(argv=None):
 
 def saved_record(parser, args, path: Path) -> Optional[dict]:
     """The record of one seed at ``path`` (None if there is none), refused if it is of another budget or --epochs,
-    or older than the running-statistics columns."""
+    or older than the running-statistics columns; one of another data version is only reported (--report-only)."""
     if not path.is_file():
         return None
     record = json.loads(path.read_text())
+    if not args.report_only:
+        check_data_version(record, path)
     if 'data_dir' not in record or 'budget' not in record:
         parser.error(f'{path} predates the running-statistics columns or the budget in records: train the seed again '
                      f'(move the file away).')

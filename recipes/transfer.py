@@ -42,7 +42,8 @@ from timm_compat.stitching import fit_stitch
 from timm_compat.transfer import transfer
 
 from adaptation import launch_train  # the sibling recipe: a script's own folder is on sys.path
-from common import CIFAR10, DATA_DIR_HELP, RESUME_HELP, check_data_dir, data_note, fast_keys, fast_networks, progress
+from common import (CIFAR10, DATA_DIR_HELP, RESUME_HELP, check_data_dir, data_note, fast_keys, fast_networks,
+                    finished_run, progress)
 
 SETTINGS = {
     'cifar10_halves': dict(
@@ -97,7 +98,7 @@ def train_network(args, budget, name: str, data: dict, init_seed: int, bar, inte
     """One network in its own run: against a new interface (its own RP head) or the frozen ``interface``; ``bar``
     counts it, also when ``--reuse`` keeps a finished run."""
     run = Path(args.output).resolve() / 'runs' / name
-    if not (args.reuse and (run / 'summary.json').exists()):
+    if not (args.reuse and finished_run(run)):
         config, overrides = network_config(args, budget, name, data, init_seed, interface)
         launch_train(config, run, overrides, args.threads, args.data_dir, bar, args.resume)
     else:

@@ -6,6 +6,8 @@ import sys
 
 import pytest
 
+from timm_compat.data import DATA_VERSION
+
 FAST = {'setting': 'cifar10_halves', 'data_dir': None, 'budget': 'fast', 'epochs': None, 'seeds': 1,
         'init': 'random', 'resume': True}
 
@@ -26,9 +28,24 @@ def fail_if_trained(*args, **kwargs):
     raise AssertionError('a recorded run was trained again')
 
 
-def write_results(out, results, **args):
+def write_results(out, results, data_version=DATA_VERSION, **args):
     out.mkdir(parents=True)
-    (out / 'results.json').write_text(json.dumps({'args': {**FAST, 'output': str(out), **args}, 'results': results}))
+    (out / 'results.json').write_text(json.dumps({'args': {**FAST, 'output': str(out), **args}, 'results': results,
+                                                  **({'data_version': data_version} if data_version else {})}))
+
+
+@pytest.mark.parametrize('data_version', [None, DATA_VERSION - 1])
+def test_sec4_resume_refuses_records_of_another_data_version_before_training(import_script, tmp_path, monkeypatch,
+                                                                             data_version):
+    """Records made before the data changed (no version: before versions were kept) are not pooled with new runs."""
+    sec4 = import_script('recipes', 'sec4_methods')
+    monkeypatch.setattr(sec4, 'launch', fail_if_trained)
+    out = tmp_path / 'out'
+    write_results(out, {'iiw': [record(0, 25.5)]}, data_version=data_version, methods=['iiw'])
+    with pytest.raises(SystemExit, match=f'made on data version {data_version or 1}, this code makes version '
+                                         f'{DATA_VERSION}'):
+        sec4.main(['--budget', 'fast', '--methods', 'iiw', '--seeds', '2', '--output', str(out), '--resume'])
+    assert json.loads((out / 'results.json').read_text())['results'] == {'iiw': [record(0, 25.5)]}
 
 
 def test_sec4_resume_trains_nothing_recorded_and_reports_every_record(import_script, tmp_path, monkeypatch):
@@ -102,7 +119,7 @@ def test_head_transfer_resume_keeps_recorded_seeds_and_refuses_another_budgets(i
     monkeypatch.setattr(head_transfer, 'run_seed', fail_if_trained)
     cells = {'recombined': 73.8, 'classes_0_4': 90.0, 'classes_5_9': 60.0, 'upper_bound': 88.2}
     saved = {'seed': 0, 'wall_seconds': 60.0, 'stage1_seconds': 30.0, 'hardware': 'device cpu: Zen 5',
-             'data_dir': None, 'budget': 'fast', 'epochs': None,
+             'data_dir': None, 'budget': 'fast', 'epochs': None, 'data_version': DATA_VERSION,
              'results': {'desktop': {bn: cells for bn in ('batch', 'running')}}}
     (tmp_path / 'seed0').mkdir()
     (tmp_path / 'seed0' / 'results.json').write_text(json.dumps(saved))
@@ -112,6 +129,10 @@ def test_head_transfer_resume_keeps_recorded_seeds_and_refuses_another_budgets(i
     with pytest.raises(SystemExit) as refusal:
         head_transfer.main(['--budget', 'cpu', '--seeds', '1', '--output', str(tmp_path), '--resume'])
     assert refusal.value.code == 2 and 'is a record of --budget fast --epochs None' in capsys.readouterr().err
+    del saved['data_version']  # a record from before the data changed
+    (tmp_path / 'seed0' / 'results.json').write_text(json.dumps(saved))
+    with pytest.raises(SystemExit, match=f'made on data version 1, this code makes version {DATA_VERSION}'):
+        head_transfer.main(['--budget', 'fast', '--seeds', '1', '--output', str(tmp_path), '--resume'])
 
 
 def test_a_record_names_the_machine_its_runs_recorded(import_script, tmp_path):
@@ -127,3 +148,15 @@ def test_a_record_names_the_machine_its_runs_recorded(import_script, tmp_path):
     assert common.run_machine([tmp_path / 'a', tmp_path / 'b', tmp_path / 'a', tmp_path / 'c']) == \
         f'{lines["a"]}; {lines["b"]}'
     assert common.run_machine([tmp_path / 'c']) == hardware()
+
+
+def test_a_finished_run_of_another_data_version_is_not_read_back(import_script, tmp_path):
+    """transfer.py --reuse and the adaptation sweep read a finished run back instead of training it: not one made
+    before the data changed (its summary has no version), whose numbers would be pooled with new ones."""
+    common = import_script('recipes', 'common')
+    assert not common.finished_run(tmp_path)
+    (tmp_path / 'summary.json').write_text(json.dumps({'phases': {}, 'data_version': DATA_VERSION}))
+    assert common.finished_run(tmp_path)
+    (tmp_path / 'summary.json').write_text(json.dumps({'phases': {}}))
+    with pytest.raises(SystemExit, match=f'made on data version 1, this code makes version {DATA_VERSION}'):
+        common.finished_run(tmp_path)

@@ -221,6 +221,11 @@ def test_head_transfer_report_draws_fig4_from_every_seed_with_the_papers_values(
     report = (tmp_path / 'report.md').read_text()
     assert '| resnet56 | batch | 82.0 ± 2.8 |' in report and '](figures/head_transfer_bars.png)' in report
     assert (tmp_path / 'figures' / 'head_transfer_bars.png').is_file()
+    # Records from before data versions are reported, but never in one table with a newer version's.
+    (tmp_path / 'seed1' / 'results.json').write_text(json.dumps({**records[1], 'data_version': 2}))
+    with pytest.raises(SystemExit):
+        head_transfer.main(['--report-only', '--seeds', '2', '--budget', 'cpu', '--output', str(tmp_path)])
+    assert (tmp_path / 'report.md').read_text() == report
 
 
 def test_head_transfer_fine_tunes_the_fast_head_by_stage1s_recipe_and_the_paper_head_by_sgd(import_script):
@@ -252,3 +257,20 @@ def test_head_transfer_fine_tunes_the_fast_head_by_stage1s_recipe_and_the_paper_
     # 16 updates, so that lookahead's slow weights (every 5), where the run ends, have moved.
     losses = head_transfer.finetune_head(extractor, head, data, 2, 8, fast, None, torch.device('cpu'))
     assert len(losses) == 16 and all(np.isfinite(losses)) and not torch.equal(head[4].weight, before)
+
+
+@pytest.mark.parametrize('seed', [0, 1])
+def test_head_transfer_scores_the_test_images_its_upper_bounds_are_scored_on(import_script, tmp_path, seed):
+    """With a test_limit, the recombined networks and the upper bounds (train.py runs of the seed) must see one
+    subset of the test split, and the head fine-tunes on the stage-1 run's training subset."""
+    from timm_compat.build import load_task_data
+    from timm_compat.config import load_config
+    head_transfer = import_script('recipes', 'head_transfer')
+    write_cifar10_copy(tmp_path, per_split=(60, 50), num_classes=10)
+    budget = dict(head_transfer.BUDGETS['tiny'], train_limit=30, test_limit=20)
+    cfg = load_config(str(budget['upper']),
+                      head_transfer.upper_bound_overrides(budget, 'resnet56', seed) + [f'data_dir={tmp_path}'])
+    train, test = load_task_data(cfg.networks[0], cfg)
+    ours_train, ours_test = head_transfer.load_cifar10(str(tmp_path), budget, seed)
+    assert torch.equal(ours_test.images, test.images) and torch.equal(ours_test.labels, test.labels)
+    assert torch.equal(ours_train.images, train.images)

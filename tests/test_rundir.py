@@ -9,6 +9,7 @@ import yaml
 
 from timm_compat._integrity import atomic_write_text
 from timm_compat.checkpoint import TrainState, latest_checkpoint, load_train_state
+from timm_compat.data import DATA_VERSION
 from timm_compat.metrics_log import MetricsLog
 from timm_compat.rundir import RunDir, RunDirError
 
@@ -83,6 +84,21 @@ def test_resume_may_extend_an_unfinished_run_and_records_it(tmp_path):
     assert yaml.safe_load((tmp_path / 'config.yaml').read_text())['steps'] == 8
     resumes = json.loads((tmp_path / 'run.json').read_text())['resumes']
     assert [r['changes'] for r in resumes] == [{'steps': [4, 8]}]
+
+
+def test_resume_refuses_a_run_of_another_data_version(tmp_path):
+    """A run started before the data changed (its marker has no version) would train on both if resumed."""
+    started(tmp_path)
+    marker = json.loads((tmp_path / 'run.json').read_text())
+    assert marker['data_version'] == DATA_VERSION
+    del marker['data_version']
+    (tmp_path / 'run.json').write_text(json.dumps(marker))
+    run = RunDir(tmp_path).acquire()
+    with pytest.raises(RunDirError, match=f'trained on data version 1, this code makes version {DATA_VERSION}'):
+        run.prepare(CONFIG, resume=True, overwrite=False, finished=[])
+    run.prepare(CONFIG, resume=False, overwrite=True, finished=[])  # a new run there is this version's
+    run.release()
+    assert json.loads((tmp_path / 'run.json').read_text())['data_version'] == DATA_VERSION
 
 
 def test_resume_needs_a_run(tmp_path):

@@ -306,6 +306,30 @@ def test_alternate_schedule_gives_each_network_its_epochs(tmp_path):
     assert {'a/task', 'a/rp', 'b/task', 'b/rp', 'loss'} <= set(rows[0].split(','))
 
 
+def test_alternating_networks_each_see_whole_epochs_and_both_flips(tmp_path, monkeypatch):
+    """Under the alternate schedule each network's epochs are permutations of its data, and airbench's alternating
+    flip shows every image both ways over two epochs: indexing the data order by the run's step took every other
+    batch of two permutations, seeing some images twice and others never."""
+    seen = {}
+    real = engine.training_batch
+
+    def spy(data, index, *args, flips=None, **kwargs):
+        seen.setdefault(id(data), []).append((index.tolist(), flips.tolist()))
+        return real(data, index, *args, flips=flips, **kwargs)
+
+    monkeypatch.setattr(engine, 'training_batch', spy)
+    run(tmp_path, '--set', 'steps=null', '--set', 'epochs=2', '--set', 'joint_schedule=alternate',
+        '--set', 'augment_flip=alternating', '--set', 'log_every=100', '--set', 'checkpoint_every=100')
+    assert len(seen) == 2
+    for batches in seen.values():
+        assert len(batches) == 10  # 80 images, batch 16: 5 steps an epoch, 2 epochs
+        epochs = [[(i, f) for index, flips in batches[e * 5:(e + 1) * 5] for i, f in zip(index, flips)]
+                  for e in range(2)]
+        assert [sorted(i for i, _ in epoch) for epoch in epochs] == [list(range(80))] * 2
+        first, second = (dict(epoch) for epoch in epochs)
+        assert all(first[i] != second[i] for i in range(80))
+
+
 def test_loaded_networks_and_interface_go_to_the_run_device(tmp_path):
     run(tmp_path, name='first')
     parts = tmp_path / 'first' / 'main' / 'components'

@@ -20,12 +20,19 @@ import numpy as np
 import torch
 
 from ._hf_source import KNOWN_SCHEMAS, columns, load_hf, local_source
-from .shifts import apply_shift
+from .shifts import apply_shift, shift_seed
 from .streaming import StreamedImages, choose_storage, materialize, stream_batches
 from .synthetic import make_synthetic
 
-__all__ = ['ImageData', 'load_image_data', 'local_source', 'augment', 'normalize', 'training_batch', 'EpochSampler',
-           'iterate_batches', 'evaluation_batches', 'random_subset', 'KNOWN_SCHEMAS']
+__all__ = ['DATA_VERSION', 'ImageData', 'load_image_data', 'local_source', 'augment', 'normalize', 'training_batch',
+           'EpochSampler', 'iterate_batches', 'evaluation_batches', 'random_subset', 'KNOWN_SCHEMAS']
+
+# What a run trains and is scored on, beyond its config. A run or record of another version is not resumed or
+# pooled with this one's. 1: before 2026-12-04. 2: networks that alternate index their data order and flips by
+# their own steps (they took every other batch of two permutations); each split draws its own shift noise;
+# `contrast` is CIFAR-10-C's per-channel contrast (the old one is `gray_contrast`).
+DATA_VERSION = 2
+
 
 @dataclass
 class ImageData:
@@ -98,7 +105,8 @@ def load_image_data(source: str, split: str, *, image_size: int = 32, image_colu
         shard: ``[index, count]``: keep examples ``index::count`` (disjoint parts of one split).
         shift: Corruptions applied once at load (see :func:`timm_compat.shifts.apply_shift`); in memory only.
         synthetic_per_class: Images per class for ``synthetic:`` sources.
-        seed: Seed of ``synthetic:`` sources, of the ``limit`` subset and of ``shift``.
+        seed: Seed of ``synthetic:`` sources, of the ``limit`` subset and, per split, of ``shift``
+            (:func:`~timm_compat.shifts.shift_seed`).
         storage: ``'memory'``, ``'stream'`` or ``'auto'`` (:func:`~timm_compat.streaming.choose_storage`);
             ``synthetic:`` sources are generated in memory.
         memory_budget_gb: The largest decoded split ``'auto'`` keeps in memory; default a quarter of the RAM.
@@ -127,7 +135,8 @@ def load_image_data(source: str, split: str, *, image_size: int = 32, image_colu
         index, count = shard
         data = ImageData(data.images[index::count], data.labels[index::count], data.class_names, data.name)
     if shift:
-        data = ImageData(apply_shift(data.images, shift, seed), data.labels, data.class_names, data.name)
+        data = ImageData(apply_shift(data.images, shift, shift_seed(seed, split)), data.labels, data.class_names,
+                         data.name)
     if len(data) == 0:
         raise ValueError(f'{name} is empty.')
     low, high = int(data.labels.min()), int(data.labels.max())

@@ -234,11 +234,19 @@ class TrainLoop:
         # With gradient accumulation every micro-batch of one optimiser update trains the same networks.
         return step // self.cfg.gradient_accumulation_steps
 
+    def _own_step(self, step: int) -> int:
+        # The steps the network training at `step` has trained before: under the alternate schedule each network
+        # walks its own data order one batch per turn, so its epochs are whole permutations, as when trained alone
+        # (indexed by the run's step, it took every other batch of twice as many permutations).
+        turns = len(self.phase.joint.networks) if self.phase.joint.schedule == 'alternate' else 1
+        accumulation = self.cfg.gradient_accumulation_steps
+        return self._update(step) // turns * accumulation + step % accumulation
+
     def _indices(self, name: str, sampler: EpochSampler) -> Iterator[torch.Tensor]:
         # The index batches batch_at will ask for, in order: what a streamed split's workers decode ahead.
         for step in range(self.state.step, self.total_steps):
             if name in self.phase.joint.networks_at(self._update(step)):
-                yield sampler.batch(step)
+                yield sampler.batch(self._own_step(step))
 
     def batch_at(self, step: int) -> Dict[str, Tuple[torch.Tensor, torch.Tensor]]:
         """The (augmented, normalised) batch of every network whose turn it is at ``step``."""
@@ -246,8 +254,9 @@ class TrainLoop:
         self.phase.joint.set_step(step)
         for name in self.phase.joint.networks_at(self._update(step)):
             train_set, sampler = self.data[name]
-            index, images = next(self.streams[name]) if name in self.streams else (sampler.batch(step), None)
-            flips = sampler.alternating_flips(step) if self.cfg.augment_flip == 'alternating' else None
+            own = self._own_step(step)
+            index, images = next(self.streams[name]) if name in self.streams else (sampler.batch(own), None)
+            flips = sampler.alternating_flips(own) if self.cfg.augment_flip == 'alternating' else None
             batches[name] = training_batch(train_set, index, *self.stats[name], self.cfg.augment, self.memory_format,
                                            images, pad=self.cfg.augment_translate,
                                            pad_mode=self.cfg.augment_pad_mode, flips=flips)

@@ -17,6 +17,7 @@ import yaml
 
 from ._integrity import atomic_write_text
 from .config import RESUME_MAY_CHANGE, config_changes, resume_conflicts
+from .data import DATA_VERSION
 from .data import local_source
 
 __all__ = ['RunDir', 'RunDirError', 'MARKER']
@@ -135,6 +136,12 @@ class RunDir:
             old = yaml.safe_load((self.path / CONFIG).read_text())
         except (OSError, yaml.YAMLError) as e:
             raise RunDirError(f'--resume: cannot read {self.path / CONFIG} ({e}); the run cannot be checked.') from e
+        version = self._read_marker().get('data_version', 1)
+        if version != DATA_VERSION:
+            raise RunDirError(f'--resume: {self.path} was trained on data version {version}, this code makes '
+                              f'version {DATA_VERSION} (timm_compat.data.DATA_VERSION says what changed); a resume '
+                              f'would train on both. Start a new run (--output-dir), or resume with the code that '
+                              f'started it.')
         changes = config_changes(old, config)
         refused = [k for k in resume_conflicts(old, config) if not _moved_data(old, config, k)]
         if refused:
@@ -151,7 +158,8 @@ class RunDir:
     def _record(self, config: Dict[str, Any], old: Optional[Dict[str, Any]]) -> None:
         """Write ``config`` and the marker; ``old`` is the config a resume continues (None for a new run)."""
         resume = old is not None
-        marker = self._read_marker() if resume else {'timm_compat_run': 1, 'created': time.time(), 'resumes': []}
+        marker = self._read_marker() if resume else {'timm_compat_run': 1, 'created': time.time(), 'resumes': [],
+                                                           'data_version': DATA_VERSION}
         if resume:
             marker['resumes'].append({'time': time.time(),
                                       'changes': {k: [_at(old, k), _at(config, k)]

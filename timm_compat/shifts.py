@@ -1,11 +1,16 @@
 """Fixed, documented domain shifts: CIFAR-10-C corruptions (Hendrycks & Dietterich, ICLR 2019) on ``uint8`` batches.
 
 The offline stand-ins for a second domain (CIFAR-10 vs. STL-10, Sec. 4; CIFAR-10 -> STL-10 adaptation, Sec. 5.1)
-apply these to a CIFAR-10 split. Severity parameters are those of the CIFAR-10-C code for 32x32 images. A shift
-is named ``"corruption:severity"``, e.g. ``"defocus_blur:2"``; noise is drawn from a fixed seed, so a shifted
-split is the same every time.
+apply these to a CIFAR-10 split. Formulas and severity parameters are those of the CIFAR-10-C code for 32x32
+images (``make_cifar_c.py``), with one difference: results are rounded to ``uint8`` where CIFAR-10-C truncates, so
+a pixel may be one level brighter. ``gray_contrast`` is not CIFAR-10-C's: it is this project's ``contrast`` before
+2026-12-04, which pulled every pixel towards one grey mean over all channels and so also desaturates; the Sec. 4
+presets keep it, so that the records made with it stay reproducible. A shift is named ``"corruption:severity"``,
+e.g. ``"defocus_blur:2"``; noise is drawn from a fixed seed (per split: :func:`shift_seed`), so a shifted split is
+the same every time.
 """
 import io
+import zlib
 from typing import Callable, Dict, Sequence
 
 import numpy as np
@@ -13,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-__all__ = ['CORRUPTIONS', 'apply_shift']
+__all__ = ['CORRUPTIONS', 'apply_shift', 'shift_seed']
 
 
 def _gaussian_noise(x: torch.Tensor, severity: int, g: torch.Generator) -> torch.Tensor:
@@ -45,17 +50,25 @@ def _defocus_blur(x: torch.Tensor, severity: int, g: torch.Generator) -> torch.T
     return F.conv2d(F.pad(x, [k.shape[0] // 2] * 4, mode='reflect'), weight, groups=x.shape[1])
 
 
-def _contrast(x: torch.Tensor, severity: int, g: torch.Generator) -> torch.Tensor:
+def _contrast(x: torch.Tensor, severity: int, g: torch.Generator, dim=(2, 3)) -> torch.Tensor:
     c = [0.75, 0.5, 0.4, 0.3, 0.15][severity - 1]
-    mean = x.mean(dim=(1, 2, 3), keepdim=True)
+    mean = x.mean(dim=dim, keepdim=True)  # per channel, as CIFAR-10-C's np.mean(x, axis=(0, 1)) on HWC images
     return (x - mean) * c + mean
 
 
+def _gray_contrast(x: torch.Tensor, severity: int, g: torch.Generator) -> torch.Tensor:
+    return _contrast(x, severity, g, dim=(1, 2, 3))
+
+
 def _pixelate(x: torch.Tensor, severity: int, g: torch.Generator) -> torch.Tensor:
+    # PIL's BOX filter down and back up, as CIFAR-10-C: torch's 'area' / 'nearest' place the pixels otherwise
     c = [0.95, 0.9, 0.85, 0.75, 0.65][severity - 1]
     h, w = x.shape[-2:]
-    small = F.interpolate(x, size=(int(h * c), int(w * c)), mode='area')
-    return F.interpolate(small, size=(h, w), mode='nearest')
+    out = []
+    for img in (x.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy():
+        small = Image.fromarray(img).resize((int(w * c), int(h * c)), Image.BOX)
+        out.append(np.asarray(small.resize((w, h), Image.BOX)))
+    return torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2).float() / 255
 
 
 def _jpeg_compression(x: torch.Tensor, severity: int, g: torch.Generator) -> torch.Tensor:
@@ -73,9 +86,20 @@ CORRUPTIONS: Dict[str, Callable[[torch.Tensor, int, torch.Generator], torch.Tens
     'shot_noise': _shot_noise,
     'defocus_blur': _defocus_blur,
     'contrast': _contrast,
+    'gray_contrast': _gray_contrast,
     'pixelate': _pixelate,
     'jpeg_compression': _jpeg_compression,
 }
+
+
+def shift_seed(seed: int, split: str) -> int:
+    """The noise seed of one split of a run seeded with ``seed``.
+
+    Each split draws its own noise: with one seed for all, test image ``i`` carried the very noise field of
+    training image ``i`` (and an adaptation run saw the test split's noise on its unlabelled images). The training
+    split keeps ``seed`` itself, so that training data is what the records made before 2026-12-04 trained on.
+    """
+    return seed if split == 'train' else seed + zlib.crc32(split.encode())
 
 
 def apply_shift(images: torch.Tensor, shift: Sequence[str], seed: int = 0, batch_size: int = 2048) -> torch.Tensor:

@@ -1,0 +1,94 @@
+"""The corruptions against CIFAR-10-C's definitions (hendrycks/robustness ``make_cifar_c.py``, written out below in
+numpy and PIL as that script computes them on one HWC image), and the noise of each split drawn on its own."""
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from timm_compat.data import load_image_data
+from timm_compat.shifts import CORRUPTIONS, apply_shift, shift_seed
+
+from .datasets_util import write_parquet
+
+
+def colourful(n=6, size=32, seed=0):
+    """Images whose channels differ in mean, the case where a grey mean and per-channel means part."""
+    rng = np.random.default_rng(seed)
+    base = rng.integers(0, 256, (n, size, size, 3)).astype(np.float64)
+    tint = np.array([1.0, 0.55, 0.25])  # red-heavy, as a sunset
+    return (base * tint).astype(np.uint8)
+
+
+def cifar_c_contrast(img, severity):
+    c = [.75, .5, .4, .3, 0.15][severity - 1]
+    x = img / 255.
+    means = np.mean(x, axis=(0, 1), keepdims=True)
+    return np.uint8(np.clip((x - means) * c + means, 0, 1) * 255)
+
+
+def cifar_c_pixelate(img, severity):
+    c = [0.95, 0.9, 0.85, 0.75, 0.65][severity - 1]
+    x = Image.fromarray(img).resize((int(32 * c), int(32 * c)), Image.BOX)
+    return np.uint8(x.resize((32, 32), Image.BOX))
+
+
+def cifar_c_jpeg(img, severity):
+    buffer = io.BytesIO()
+    Image.fromarray(img).save(buffer, 'JPEG', quality=[80, 65, 58, 50, 40][severity - 1])
+    return np.uint8(Image.open(buffer))
+
+
+def ours(images, shift, seed=0):
+    return apply_shift(torch.from_numpy(images).permute(0, 3, 1, 2), [shift], seed).permute(0, 2, 3, 1).numpy()
+
+
+@pytest.mark.parametrize('name, reference', [('contrast', cifar_c_contrast), ('pixelate', cifar_c_pixelate),
+                                             ('jpeg_compression', cifar_c_jpeg)])
+@pytest.mark.parametrize('severity', [1, 2, 5])
+def test_deterministic_corruptions_are_cifar_10_cs_up_to_rounding(name, reference, severity):
+    images = colourful()
+    want = np.stack([reference(img, severity) for img in images]).astype(int)
+    diff = ours(images, f'{name}:{severity}').astype(int) - want
+    assert diff.min() >= 0 and diff.max() <= 1  # rounded where CIFAR-10-C truncates: at most one level brighter
+
+
+def test_gray_contrast_is_the_old_contrast_towards_one_grey_and_desaturates():
+    images = colourful()
+    x = images / 255.
+    grey = x.mean(axis=(1, 2, 3), keepdims=True)
+    want = np.round(np.clip((x - grey) * 0.5 + grey, 0, 1) * 255)
+    assert np.abs(ours(images, 'gray_contrast:2') - want).max() <= 1
+    spread = lambda a: np.ptp(a.reshape(len(a), -1, 3).mean(1), axis=1).mean()  # channel means' spread
+    assert spread(ours(images, 'gray_contrast:2')) < 0.6 * spread(images)
+    assert spread(ours(images, 'contrast:2')) == pytest.approx(spread(images), abs=1.0)
+
+
+@pytest.mark.parametrize('severity, sigma', [(1, 0.04), (5, 0.10)])
+def test_gaussian_noise_has_cifar_10_cs_scale(severity, sigma):
+    grey = np.full((8, 32, 32, 3), 128, np.uint8)  # far from the clip at 0 and 255
+    noise = (ours(grey, f'gaussian_noise:{severity}').astype(float) - 128) / 255
+    assert noise.std() == pytest.approx(sigma, rel=0.05)
+
+
+def test_each_split_draws_its_own_noise_and_train_keeps_the_run_seed(tmp_path):
+    source = write_parquet(tmp_path / 'd', ['a', 'b'], per_split=(24, 24))
+    shift = ['gaussian_noise:5']
+
+    def noise(split):
+        clean = load_image_data(source, split, seed=3).images.float()
+        return (load_image_data(source, split, shift=shift, seed=3).images.float() - clean).flatten()
+
+    train, test = noise('train'), noise('test')
+    assert torch.corrcoef(torch.stack([train, test]))[0, 1].abs() < 0.05
+    clean_train = load_image_data(source, 'train', seed=3).images
+    assert torch.equal(load_image_data(source, 'train', shift=shift, seed=3).images, apply_shift(clean_train, shift, 3))
+    assert shift_seed(3, 'train') == 3 and len({shift_seed(3, s) for s in ('train', 'test', 'validation')}) == 3
+
+
+def test_every_corruption_keeps_uint8_images_in_range():
+    images = torch.from_numpy(colourful(2)).permute(0, 3, 1, 2)
+    for name in CORRUPTIONS:
+        out = apply_shift(images, [f'{name}:5'], 0)
+        assert out.dtype == torch.uint8 and out.shape == images.shape
