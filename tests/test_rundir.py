@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from timm_compat._integrity import atomic_write_text
-from timm_compat.checkpoint import TrainState, latest_checkpoint, load_train_state
+from timm_compat.checkpoint import TrainState, latest_checkpoint, load_train_state, save_checkpoint
 from timm_compat.data import DATA_VERSION
 from timm_compat.metrics_log import MetricsLog
 from timm_compat.rundir import RunDir, RunDirError
@@ -106,6 +106,22 @@ def test_resume_needs_a_run(tmp_path):
     with pytest.raises(RunDirError, match='holds no timm-compat run to resume'):
         run.prepare(CONFIG, resume=True, overwrite=False, finished=[])
     run.release()
+
+
+@pytest.mark.parametrize('keep, kept', [(1, ['step_00000006']), (2, ['step_00000004', 'step_00000006'])])
+def test_pruning_keeps_the_checkpoint_latest_names_and_drops_an_abandoned_later_one(tmp_path, fresh_accelerate,
+                                                                                   keep, kept):
+    """A kill between renaming step 10 into place and pointing ``latest`` at it leaves step 10 behind, and the
+    resumed run continues from step 4. Its next checkpoint (step 6) is the newest of its timeline: pruning by name
+    alone kept the abandoned step 10 and deleted the checkpoint ``latest`` had just been pointed at."""
+    from accelerate import Accelerator
+    accelerator, root = Accelerator(cpu=True), tmp_path / 'checkpoints'
+    for step in (4, 10):
+        save_checkpoint(accelerator, root, TrainState(step=step), keep=2)
+    (root / 'latest').write_text('step_00000004')  # the kill came before `latest` moved on to step 10
+    save_checkpoint(accelerator, root, TrainState(step=6), keep=keep)
+    assert sorted(p.name for p in root.glob('step_*')) == kept
+    assert load_train_state(latest_checkpoint(root)).step == 6
 
 
 @pytest.mark.parametrize('pointer', ['../../elsewhere', '/etc', 'step_1', 'step_00000002/..'])

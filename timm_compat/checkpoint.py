@@ -54,8 +54,9 @@ def save_checkpoint(accelerator, root: Path, state: TrainState, keep: int = 2) -
     """``accelerator.save_state`` plus ``train_state.json`` into ``root/step_XXXXXXXX``, atomically.
 
     The state is written to a hidden temporary folder, renamed into place, and only then does ``root/latest``
-    point at it, so a crash at any moment leaves ``latest`` naming a complete checkpoint. Checkpoints beyond the
-    newest ``keep`` are removed afterwards.
+    point at it, so a crash at any moment leaves ``latest`` naming a complete checkpoint. Afterwards only the newest
+    ``keep`` up to this one are kept: one of a later step is left by a kill before ``latest`` moved on to it, and
+    belongs to a timeline the resumed run abandoned.
     """
     root = Path(root)
     final, tmp = root / f'step_{state.step:08d}', root / f'.tmp-step_{state.step:08d}'
@@ -71,7 +72,9 @@ def save_checkpoint(accelerator, root: Path, state: TrainState, keep: int = 2) -
             shutil.rmtree(final)
         os.replace(tmp, final)
         atomic_write_text(root / LATEST, final.name)
-        for old in sorted(root.glob('step_*'))[:-keep]:
+        steps = sorted(root.glob('step_*'))
+        earlier = [p for p in steps if p.name < final.name]
+        for old in [p for p in steps if p.name > final.name] + earlier[:max(len(earlier) - keep + 1, 0)]:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
