@@ -207,6 +207,7 @@ BASE_AB = '''networks:
   - {name: a, backbone: resnet20_cifar, dataset: {source: "synthetic:A", train_limit: 10}}
   - {name: b, backbone: resnet20_cifar, dataset: {source: "synthetic:B"}}
 batch_size: 32
+baseline: null
 '''
 
 

@@ -18,7 +18,14 @@ def test_bad_configs():
     with pytest.raises(ConfigError, match='distinct names'):
         load_config(None, ['networks.1.name=a'])
     with pytest.raises(ConfigError, match='interface.dcc is false'):
-        load_config(None, ['networks.0.head=dcc', 'interface.dcc=false'])
+        load_config(None, ['networks.0.head=dcc', 'interface.dcc=false', 'baseline=null'])
+    # The independent baseline (on by default) crashed when it reached a shared DCC head or a loaded network.
+    with pytest.raises(ConfigError, match=r'baseline is independent .* networks\.1\.head: dcc has none to train: '
+                                          r'set baseline=null'):
+        load_config(None, ['networks.1.head=dcc'])
+    with pytest.raises(ConfigError, match=r'networks\.0\.load has none to train'):
+        load_config(None, ['networks.0.load=runs/x/main/components/a'])
+    assert load_config(None, ['networks.1.head=dcc', 'baseline=null']).networks[1].head == 'dcc'
     assert issubclass(ConfigError, ValueError)
 
 

@@ -241,7 +241,7 @@ class RunConfig(_Section):
                 n.dataset.source = n.dataset.source.replace('{data_dir}', self.data_dir)
             if '{data_dir}' in n.dataset.source:
                 problems.append(f'Network {n.name!r} reads {n.dataset.source!r}: pass --data-dir.')
-        problems += self._init_problems()
+        problems += self._init_problems() + self._baseline_problems()
         if self.augment and self.augment_pad_mode == 'reflect' and self.augment_translate >= self.image_size:
             problems.append(f'augment_translate={self.augment_translate} reflect-pads more than the image '
                             f'({self.image_size} px) has; set augment_translate below image_size.')
@@ -272,6 +272,17 @@ class RunConfig(_Section):
             problems.append('task_weight is 0 and interface.rp and interface.dcc are off: no loss would train '
                             'anything; set interface.rp=true (RP pre-training) or task_weight above 0.')
         return problems
+
+    def _baseline_problems(self) -> List[str]:
+        # The baseline trains every network anew with nothing shared: a shared DCC head or a network trained
+        # elsewhere has no such counterpart.
+        shared = [f'networks.{i}.{key}' for i, n in enumerate(self.networks)
+                  for key, used in (('head: dcc', n.head == 'dcc'), ('load', n.load)) if used]
+        if not self.baseline or not shared:
+            return []
+        return [f'baseline is independent (the default), which trains every network anew and alone, but '
+                f'{", ".join(shared)} has none to train: set baseline=null, and train the independent networks in '
+                f'a run of their own (head: tail, no load).']
 
     def independent(self) -> 'RunConfig':
         """The same networks trained independently: no shared aux heads, different initial weights."""
