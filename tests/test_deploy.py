@@ -76,6 +76,10 @@ def test_recombined_model_round_trips_bit_identically_through_timm_and_timm_comp
     # Without pretrained=True timm builds the architecture only, as it does for any model.
     fresh = timm.create_model(f'local-dir:{tmp_path}')
     assert not torch.equal(fresh.head.tail.fc.weight, pair.head.tail.fc.weight)
+    # timm's model arguments cannot rebuild a saved pair: refused, not silently dropped (the model had no dropout).
+    for pretrained in (True, False):
+        with pytest.raises(ValueError, match='compatible_model takes no argument drop_rate'):
+            timm.create_model(f'local-dir:{tmp_path}', pretrained=pretrained, drop_rate=0.5)
 
 
 def test_same_backbone_pair_loads_with_plain_timm_without_timm_compat(same_backbone, tmp_path):

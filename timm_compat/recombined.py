@@ -284,6 +284,11 @@ def compatible_model(pretrained: bool = False, *, extractor: Optional[Dict[str, 
     if extractor is None or head is None:
         raise ValueError('compatible_model is the architecture of a saved recombined model: load one with '
                          'timm.create_model("local-dir:DIR", pretrained=True), or give extractor= and head= configs.')
+    # Only what names the saved model may come through: anything else (drop_rate=...) would be silently dropped.
+    if unknown := sorted(set(kwargs) - {'pretrained_cfg', 'pretrained_cfg_overlay', 'pretrained_model_args',
+                                        'cache_dir', 'num_classes'}):
+        raise ValueError(f'compatible_model takes no argument {", ".join(unknown)}: a recombined model is built as its '
+                         f'extractor and head were saved. Load it as saved, then change it in Python.')
     cache_dir = kwargs.pop('cache_dir', None)
     kwargs.pop('pretrained_model_args', None)
     kwargs.setdefault('num_classes', head.get('num_classes'))  # not the registry's default of 0
