@@ -18,6 +18,7 @@ through RP, as mean ± std over every source x adaptation seed.
 import argparse
 import json
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -31,6 +32,10 @@ DEFAULT_SHIFTS = ['gaussian_noise:5', 'defocus_blur:5', 'contrast:5', 'pixelate:
 # Columns of the table: results.json score keys of recipes/adaptation.py.
 SCORES = {'source (BN=running)': 'source', 'test-time BN (BN=batch)': 'source_test_bn',
           'adapted through RP (BN=batch)': 'adapted', 'adapted (BN=running)': 'adapted_running_bn'}
+# Scores of the source model alone: one value per source seed, whatever the adaptation seed.
+SOURCE_SCORES = ('source', 'source_test_bn')
+# The arguments an adaptation's record depends on: records of others are not pooled.
+RECORD_KEYS = ('budget', 'adapt_lr', 'adapt_steps')
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -82,38 +87,51 @@ def run_adaptation(args, source: list, seed: int, shift: str, adapt_seed: int, f
     adaptation.main(argv)
 
 
-def recorded_adaptation(folder: Path) -> bool:
-    """Whether the adaptation in ``folder`` finished (its results.json); one of another data version is refused."""
+def recorded_adaptation(args, folder: Path) -> Optional[dict]:
+    """The record of the adaptation in ``folder`` (its results.json), or None while it has not finished; one of
+    another data version or other ``RECORD_KEYS`` arguments is refused."""
     path = folder / 'results.json'
     if not path.is_file():
-        return False
-    check_data_version(json.loads(path.read_text()), path)
-    return True
+        return None
+    record = json.loads(path.read_text())
+    check_data_version(record, path)
+    changed = [f'--{k.replace("_", "-")} {record["args"].get(k)} (now {getattr(args, k)})'
+               for k in RECORD_KEYS if record['args'].get(k) != getattr(args, k)]
+    if changed:
+        raise SystemExit(f'{path} is a record of {", ".join(changed)}: give the same arguments to add to its '
+                         f'sweep, or another --output.')
+    return record
 
 
 def collect(args, out: Path) -> dict:
-    """``{shift: [scores of each finished source x adaptation seed]}``."""
+    """``{shift: [(source seed, scores) of each finished source x adaptation seed]}``."""
     found = {}
     for shift in args.shifts:
-        files = [adapt_folder(out, s, shift, a) / 'results.json'
-                 for s in range(args.source_seeds) for a in range(args.adapt_seeds)]
-        found[shift] = [json.loads(f.read_text())['scores'] for f in files if f.is_file()]
+        records = [(s, recorded_adaptation(args, adapt_folder(out, s, shift, a)))
+                   for s in range(args.source_seeds) for a in range(args.adapt_seeds)]
+        found[shift] = [(s, r['scores']) for s, r in records if r is not None]
     return found
+
+
+def column(runs: list, key: str) -> str:
+    """``mean ± std`` of score ``key`` over the runs; a source score once per source seed (its adaptation seeds
+    repeat it, and would shrink the spread)."""
+    if key in SOURCE_SCORES:
+        return mean_std(list({seed: scores[key] for seed, scores in runs}.values()))
+    return mean_std([scores[key] for _, scores in runs])
 
 
 def report(args, out: Path, found: dict) -> None:
     from timm_compat._hardware import hardware
     from timm_compat.plots import ReportTable, write_report
-    rows = []
-    for shift, runs in found.items():
-        rows.append([shift, len(runs), *(mean_std([r[k] for r in runs]) for k in SCORES.values())] if runs
-                    else [shift, 0])
+    rows = [[shift, len(runs), *(column(runs, k) for k in SCORES.values())] if runs else [shift, 0]
+            for shift, runs in found.items()]
     write_report(out, 'Unsupervised domain adaptation through RP (Sec. 5.1, Tab. 2) over corruptions and seeds', {
         'Setup': (f'`python recipes/adaptation_sweep.py --budget {args.budget} --shifts {" ".join(args.shifts)} '
                   f'--source-seeds {args.source_seeds} --adapt-seeds {args.adapt_seeds}'
                   f'{f" --data-dir {args.data_dir}" if args.data_dir else ""}` on {hardware()}. Average class '
                   f'accuracy (%) on the corrupted CIFAR-10 test split, mean ± std over every source seed x '
-                  f'adaptation seed that finished. Each adaptation\'s own report is in its folder. '
+                  f'adaptation seed that finished (the source model\'s columns over its source seeds). Each adaptation\'s own report is in its folder. '
                   + data_note(args.data_dir)),
         'Target accuracy (%)': ReportTable(['corruption', 'runs', *SCORES], rows,
                                            caption='Paper (Tab. 2, CIFAR-10 -> STL-10 with a WRN-28): source 77.2, '
@@ -130,7 +148,7 @@ def main(argv=None) -> dict:
         with progress(total, 'adaptation sweep: runs') as bar:
             for seed in range(args.source_seeds):
                 pending = [(shift, a) for shift in args.shifts for a in range(args.adapt_seeds)
-                           if not recorded_adaptation(adapt_folder(out, seed, shift, a))]
+                           if recorded_adaptation(args, adapt_folder(out, seed, shift, a)) is None]
                 # A source whose adaptations are all recorded is not needed, nor trained again if its folder is gone.
                 source = run_source(args, out, seed) if pending else None
                 bar.update(1 + len(args.shifts) * args.adapt_seeds - len(pending))

@@ -160,3 +160,26 @@ def test_a_finished_run_of_another_data_version_is_not_read_back(import_script, 
     (tmp_path / 'summary.json').write_text(json.dumps({'phases': {}}))
     with pytest.raises(SystemExit, match=f'made on data version 1, this code makes version {DATA_VERSION}'):
         common.finished_run(tmp_path)
+
+
+def test_adaptation_sweep_counts_each_source_once_and_pools_only_its_own_arguments(import_script, tmp_path):
+    """Two sources x two adaptation seeds: the source model's score repeats across adaptation seeds, so its spread
+    is over the two sources (std 7.1), not four rows (5.8); a record of another --adapt-lr is not pooled."""
+    sweep = import_script('recipes', 'adaptation_sweep')
+    args = sweep.parse_args(['--shifts', 'contrast:5', '--source-seeds', '2', '--adapt-seeds', '2', '--report-only',
+                             '--output', str(tmp_path)])
+    for s in range(2):
+        for a in range(2):
+            folder = sweep.adapt_folder(tmp_path, s, 'contrast:5', a)
+            folder.mkdir(parents=True)
+            scores = {'source': 50.0 + 10 * s, 'source_test_bn': 55.0 + 10 * s, 'adapted': 60.0 + 10 * s + a,
+                      'adapted_running_bn': 58.0}
+            (folder / 'results.json').write_text(json.dumps({
+                'args': {'budget': 'cpu', 'adapt_lr': 0.01, 'adapt_steps': None}, 'scores': scores,
+                'data_version': DATA_VERSION}))
+    runs = sweep.collect(args, tmp_path)['contrast:5']
+    assert [sweep.column(runs, k) for k in sweep.SCORES.values()] == ['55.0 ± 7.1', '60.0 ± 7.1', '65.5 ± 5.8',
+                                                                      '58.0 ± 0.0']
+    args.adapt_lr = 0.1
+    with pytest.raises(SystemExit, match=r'is a record of --adapt-lr 0.01 \(now 0.1\): give the same arguments'):
+        sweep.collect(args, tmp_path)
