@@ -78,6 +78,9 @@ def test_extractor_and_head_load_with_timm_bit_identical(saved):
     _assert_same_as_components(extractor, head, components)
     assert (extractor.num_classes, extractor.num_features, head.num_classes) == (0, model.extractor.width, 3)
     assert extractor(_images()).shape == (4, model.extractor.width)
+    # timm finds a classifier by pretrained_cfg['classifier'] (reset, pretrained loading): the extractor has none.
+    assert extractor.pretrained_cfg.get('classifier') is None
+    assert isinstance(head.get_submodule(head.pretrained_cfg['classifier']), torch.nn.Linear)
     # timm's data config is the training input the component recorded (32 px, the backbone's mean and std).
     for timm_model in (extractor, head):
         data = timm.data.resolve_data_config(model=timm_model)

@@ -69,6 +69,8 @@ def test_recombined_model_round_trips_bit_identically_through_timm_and_timm_comp
     via_timm = timm.create_model(f'local-dir:{tmp_path}', pretrained=True)
     for loaded in (tc.load_recombined(tmp_path), tc.CompatibleModel.from_pretrained(tmp_path), via_timm):
         assert isinstance(loaded, tc.RecombinedModel) and loaded.head.class_names == NAMES
+        # timm finds the classifier by this path (reset_classifier, pretrained loading with other classes).
+        assert loaded.get_submodule(loaded.pretrained_cfg['classifier']) is loaded.head.tail.fc
         assert loaded.extractor.interface_id == pair.extractor.interface_id
         assert_same_logits(pair, loaded, size)
     # timm's own data config reads the recorded preprocessing.

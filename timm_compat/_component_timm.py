@@ -128,8 +128,11 @@ def _create(role: str, pretrained: bool, kwargs: Dict[str, Any]) -> nn.Module:
                                  pretrained_cfg=kwargs.get('pretrained_cfg'),
                                  pretrained_cfg_overlay=kwargs.get('pretrained_cfg_overlay'),
                                  pretrained_model_args=kwargs.get('pretrained_model_args'), feature_cfg=None)
-    if role == 'head' and model.pretrained_cfg.get('classifier'):  # the backbone's path, inside the tail here
+    # The recorded classifier is the backbone's path: inside the tail for a head; an extractor has none.
+    if role == 'head' and model.pretrained_cfg.get('classifier'):
         model.pretrained_cfg['classifier'] = f'tail.{model.pretrained_cfg["classifier"]}'
+    elif role == 'extractor':
+        model.pretrained_cfg.pop('classifier', None)
     return model.eval() if pretrained else model
 
 

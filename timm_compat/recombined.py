@@ -55,12 +55,18 @@ class RecombinedModel(CompatibleModel):
 
     def __init__(self, extractor: Extractor, head: Head, bn_calibration: Optional[Dict[str, Any]] = None):
         super().__init__(extractor, head, None)
-        self.pretrained_cfg = dict(extractor.pretrained_cfg)
+        self.pretrained_cfg = _with_classifier(extractor.pretrained_cfg, head.pretrained_cfg)
         self.bn_calibration = bn_calibration
 
     @property
     def num_classes(self) -> int:
         return self.head.num_classes
+
+
+def _with_classifier(cfg: Dict[str, Any], head_cfg: Dict[str, Any]) -> Dict[str, Any]:
+    """``cfg`` with timm's ``classifier`` path pointing at the head's classifier inside the pair (or none)."""
+    cfg = {k: v for k, v in cfg.items() if k != 'classifier'}
+    return {**cfg, 'classifier': f'head.tail.{head_cfg["classifier"]}'} if head_cfg.get('classifier') else cfg
 
 
 def _pair_configs(model: CompatibleModel) -> Tuple[Dict[str, Any], Dict[str, Any]]:
@@ -155,6 +161,8 @@ def recombined_config(model: CompatibleModel) -> Tuple[Dict[str, Any], Dict[str,
         'bn_calibration': getattr(model, 'bn_calibration', None),
         'weights_sha256': weights_digest(tensors),
     }
+    if plain is None:  # the recorded classifier is the backbone's path; here it is inside the head
+        config['pretrained_cfg'] = _with_classifier(config['pretrained_cfg'], hcfg.get('pretrained_cfg', {}))
     if hcfg.get('class_names'):
         config['label_names'] = list(hcfg['class_names'])
     return config, tensors
