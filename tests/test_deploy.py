@@ -117,6 +117,7 @@ def test_card_says_which_call_loads_the_model(pair, same_backbone, tmp_path):
     same_backbone.save_pretrained(tmp_path / 'b', repo_id='org/plain')
     mixed, plain = (ModelCard.load(tmp_path / n / 'README.md') for n in 'ab')
     assert mixed.data.library_name == 'timm-compat' and plain.data.library_name == 'timm'
+    assert mixed.data.pipeline_tag == plain.data.pipeline_tag == 'image-classification'
     assert 'import timm_compat  # registers compatible_model' in mixed.text
     assert 'plain timm without timm-compat cannot load it' in mixed.text
     assert 'plain timm loads it, without timm-compat' in plain.text and 'import timm_compat  #' not in plain.text

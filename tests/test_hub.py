@@ -59,6 +59,9 @@ def test_folder_format_config_metadata_and_card(saved):
         card = ModelCard.load(path / 'README.md')
         assert {'timm-compat', f'compat-interface-{iid}', f'compat-role-{role}'} <= set(card.data.tags)
         assert card.data.library_name == 'timm-compat' and card.data.license == 'apache-2.0'
+        # The Hub's task filter: an extractor gives features, a head classifies them; an interface does neither.
+        assert card.data.pipeline_tag == {'interface': None, 'extractor': 'image-feature-extraction',
+                                          'head': 'image-classification'}[role]
         assert 'timm_compat.' in card.text and '```python' in card.text
     extractor = json.loads((saved[0]['extractor'] / 'config.json').read_text())
     assert (extractor['backbone'], extractor['split'], extractor['model_args']) == ('resnet8_cifar', 'layer2', {})

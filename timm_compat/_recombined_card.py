@@ -45,7 +45,7 @@ def model_card(config: Dict[str, Any], repo_id: str) -> str:
     if config.get('interface_id'):
         tags.append(f'compat-interface-{config["interface_id"]}')
     data = ModelCardData(library_name='timm' if config['loads_with'] == 'timm' else 'timm-compat',
-                         license='apache-2.0', tags=tags)
+                         license='apache-2.0', tags=tags, pipeline_tag='image-classification')
     rows = [(role, config[role].get(k)) for role in ('extractor', 'head') for k in ('backbone', 'split')]
     body = [
         '# timm-compat recombined model', '',

@@ -273,6 +273,7 @@ class Component(
         card_data = ModelCardData(
             library_name='timm-compat', license='apache-2.0', tags=tags,
             base_model=config.get('base_model') or None,
+            pipeline_tag={'extractor': 'image-feature-extraction', 'head': 'image-classification'}.get(self.role),
         )
         body = [
             f'# timm-compat {self.role}', '', self._summary(iid), '',
