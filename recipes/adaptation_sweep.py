@@ -35,7 +35,7 @@ SCORES = {'source (BN=running)': 'source', 'test-time BN (BN=batch)': 'source_te
 # Scores of the source model alone: one value per source seed, whatever the adaptation seed.
 SOURCE_SCORES = ('source', 'source_test_bn')
 # The arguments an adaptation's record depends on: records of others are not pooled.
-RECORD_KEYS = ('budget', 'adapt_lr', 'adapt_steps')
+RECORD_KEYS = ('data_dir', 'budget', 'adapt_lr', 'adapt_steps')
 
 
 def parse_args(argv=None) -> argparse.Namespace:

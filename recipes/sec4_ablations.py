@@ -45,7 +45,7 @@ ABLATIONS = ('common_classes', 'split', 'control', 'rp_head')
 COMMON = ['airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'horse', 'ship', 'truck']
 PAPER_WIDTH = 32  # ResNet-56's channels after its second stage, the paper's split
 # The arguments a record depends on: --resume adds to OUTPUT/results.json only under the same ones.
-RECORD_KEYS = ('ablation', 'setting', 'budget', 'epochs')
+RECORD_KEYS = ('ablation', 'setting', 'data_dir', 'budget', 'epochs')
 
 
 class Variant(NamedTuple):

@@ -44,7 +44,7 @@ METHODS = ['independent', 'iiw', 'rp', 'dcc', 'iiw_rp_dcc', 'incremental', 'cont
 IIW_METHODS = {'iiw', 'iiw_dcc', 'iiw_rp_dcc', 'incremental', 'control'}
 INITS = ('random', 'rp_pretrained')
 # The arguments a record depends on: --resume adds to OUTPUT/results.json only under the same ones.
-RECORD_KEYS = ('setting', 'budget', 'epochs', 'init')
+RECORD_KEYS = ('setting', 'data_dir', 'budget', 'epochs', 'init')
 PRETRAINING_NOTE = ('Networks start from RP pre-trainings (stand-in for the paper\'s ILSVRC-12 rotation '
                     'pre-training): `configs/sec4/rp_pretraining.yaml`, labels unused, on all of the first '
                     'dataset\'s training images; IIW methods start both networks from pre-training 0, the others '

@@ -92,6 +92,13 @@ def test_records_of_other_arguments_are_refused_before_anything_runs(import_scri
         sec4.main(['--budget', 'cpu', '--methods', 'iiw', 'rp', '--seeds', '1', '--output', str(out), '--resume'])
     assert '--budget fast (now cpu)' in str(refusal.value) and 'another --output' in str(refusal.value)
     assert (out / 'results.json').read_text() == before and sorted(p.name for p in out.iterdir()) == ['results.json']
+    # Records of the Hub's CIFAR-10 are not pooled with runs on a local copy (here: a JPEG copy would be).
+    for split in ('train', 'test'):
+        (tmp_path / 'data' / 'cifar10').mkdir(parents=True, exist_ok=True)
+        (tmp_path / 'data' / 'cifar10' / f'{split}.parquet').touch()
+    with pytest.raises(SystemExit, match=r'--data-dir None \(now .*data\)'):
+        sec4.main(['--budget', 'fast', '--methods', 'iiw', '--seeds', '1', '--output', str(out), '--resume',
+                   '--data-dir', str(tmp_path / 'data')])
 
 
 def test_an_ablation_resumes_from_its_records_and_trains_only_the_variants_asked(import_script, tmp_path,
@@ -175,7 +182,7 @@ def test_adaptation_sweep_counts_each_source_once_and_pools_only_its_own_argumen
             scores = {'source': 50.0 + 10 * s, 'source_test_bn': 55.0 + 10 * s, 'adapted': 60.0 + 10 * s + a,
                       'adapted_running_bn': 58.0}
             (folder / 'results.json').write_text(json.dumps({
-                'args': {'budget': 'cpu', 'adapt_lr': 0.01, 'adapt_steps': None}, 'scores': scores,
+                'args': {'data_dir': None, 'budget': 'cpu', 'adapt_lr': 0.01, 'adapt_steps': None}, 'scores': scores,
                 'data_version': DATA_VERSION}))
     runs = sweep.collect(args, tmp_path)['contrast:5']
     assert [sweep.column(runs, k) for k in sweep.SCORES.values()] == ['55.0 ± 7.1', '60.0 ± 7.1', '65.5 ± 5.8',
