@@ -98,11 +98,10 @@ def train_network(args, budget, name: str, data: dict, init_seed: int, bar, inte
     """One network in its own run: against a new interface (its own RP head) or the frozen ``interface``; ``bar``
     counts it, also when ``--reuse`` keeps a finished run."""
     run = Path(args.output).resolve() / 'runs' / name
-    if not (args.reuse and finished_run(run)):
-        config, overrides = network_config(args, budget, name, data, init_seed, interface)
-        launch_train(config, run, overrides, args.threads, args.data_dir, bar, args.resume)
-    else:
-        bar.update(1)
+    config, overrides = network_config(args, budget, name, data, init_seed, interface)
+    # A kept run is read back by train.py --resume, which refuses it if its config is not this one's.
+    launch_train(config, run, overrides, args.threads, args.data_dir, bar,
+                 args.resume or (args.reuse and finished_run(run)))
     return run / 'main' / 'components'
 
 
@@ -128,7 +127,8 @@ def parse_args(argv) -> argparse.Namespace:
     parser.add_argument('--data-dir', default=None, help=DATA_DIR_HELP)
     parser.add_argument('--budget', default='cpu', choices=sorted(BUDGETS))
     parser.add_argument('--lr', type=float, default=0.01, help='fine-tuning learning rate (constant)')
-    parser.add_argument('--reuse', action='store_true', help='keep the runs that finished in OUTPUT/runs')
+    parser.add_argument('--reuse', action='store_true',
+                        help='keep the runs that finished in OUTPUT/runs (refused if their config is not this one\'s)')
     parser.add_argument('--resume', action='store_true', help=RESUME_HELP)
     parser.add_argument('--threads', type=int, default=None, help='CPU threads (1 on a shared machine)')
     parser.add_argument('--seed', type=int, default=0)

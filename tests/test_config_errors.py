@@ -26,6 +26,12 @@ def test_bad_configs():
     with pytest.raises(ConfigError, match=r'networks\.0\.load has none to train'):
         load_config(None, ['networks.0.load=runs/x/main/components/a'])
     assert load_config(None, ['networks.1.head=dcc', 'baseline=null']).networks[1].head == 'dcc'
+    # A run ending or checkpointing between the micro-batches of one update dropped their gradients.
+    with pytest.raises(ConfigError, match=r'steps=5 is not a multiple of gradient_accumulation_steps=2, .* set '
+                                          r'steps=6\.'):
+        load_config(None, ['gradient_accumulation_steps=2', 'steps=5', 'checkpoint_every=4'])
+    with pytest.raises(ConfigError, match=r'checkpoint_every=3 .* set checkpoint_every=4\.'):
+        load_config(None, ['gradient_accumulation_steps=2', 'steps=6', 'checkpoint_every=3'])
     assert issubclass(ConfigError, ValueError)
 
 

@@ -217,3 +217,15 @@ def test_call_frozen_passes_gradients_to_inputs_only():
     assert all(torch.equal(v, before[k]) for k, v in head.state_dict().items())
     with torch.no_grad():
         assert torch.equal(call_frozen(head, x), head(x))
+
+
+@pytest.mark.parametrize('schedule, networks, accumulation, expected', [
+    ('sum', 2, 1, 15), ('alternate', 2, 1, 30), ('sum', 2, 4, 16), ('alternate', 2, 4, 32), ('alternate', 3, 4, 48)])
+def test_epochs_make_whole_optimiser_updates(schedule, networks, accumulation, expected):
+    """1.5 epochs of 10 steps: under accumulation the last update gets all its micro-batches (15 micro-batch steps
+    under accumulation 4 made 3 updates and 3 stragglers never applied), and alternating networks each get theirs."""
+    from timm_compat.config import load_config
+    from timm_compat.engine import phase_steps
+    cfg = load_config(None, ['steps=null', 'epochs=1.5', f'joint_schedule={schedule}',
+                             f'gradient_accumulation_steps={accumulation}'])
+    assert phase_steps(cfg, 10, networks) == expected

@@ -197,6 +197,10 @@ def test_transfer_recipe_measures_and_marks_one_epoch_of_the_target_on_every_cur
     for kind in ('ours', 'independent'):
         assert all(c['steps'] == sorted({0, 1, 2, 5, epoch}) for c in results[kind]['curves'])
     assert f'(one epoch: {epoch} steps)' in (out / 'report.md').read_text()
+    # --reuse keeps a finished run only for the same config: another --seed trains other networks (it kept them).
+    proc = run_recipe('transfer.py', '--setting', 'synthetic', '--budget', 'tiny', '--threads', 1, '--output', out,
+                      '--reuse', '--seed', 1)
+    assert proc.returncode != 0 and "seed: 0 -> 1" in (out / 'runs' / 'target.log').read_text()
 
 
 def test_head_transfer_report_draws_fig4_from_every_seed_with_the_papers_values(import_script, tmp_path):

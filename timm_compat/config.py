@@ -241,7 +241,7 @@ class RunConfig(_Section):
                 n.dataset.source = n.dataset.source.replace('{data_dir}', self.data_dir)
             if '{data_dir}' in n.dataset.source:
                 problems.append(f'Network {n.name!r} reads {n.dataset.source!r}: pass --data-dir.')
-        problems += self._init_problems() + self._baseline_problems()
+        problems += self._init_problems() + self._baseline_problems() + self._accumulation_problems()
         if self.augment and self.augment_pad_mode == 'reflect' and self.augment_translate >= self.image_size:
             problems.append(f'augment_translate={self.augment_translate} reflect-pads more than the image '
                             f'({self.image_size} px) has; set augment_translate below image_size.')
@@ -271,6 +271,18 @@ class RunConfig(_Section):
         if self.task_weight == 0 and not (self.interface.rp or self.interface.dcc):
             problems.append('task_weight is 0 and interface.rp and interface.dcc are off: no loss would train '
                             'anything; set interface.rp=true (RP pre-training) or task_weight above 0.')
+        return problems
+
+    def _accumulation_problems(self) -> List[str]:
+        # Accelerate applies the gradients of gradient_accumulation_steps micro-batches at once: a run that ends or
+        # checkpoints between them would drop the last ones (and a resume their gradients).
+        accumulation, problems = self.gradient_accumulation_steps, []
+        for key in ('steps', 'checkpoint_every'):
+            value = getattr(self, key)
+            if value and value % accumulation:
+                problems.append(f'{key}={value} is not a multiple of gradient_accumulation_steps={accumulation}, so '
+                                f'it would fall between the micro-batches of one update; set {key}='
+                                f'{-(-value // accumulation) * accumulation}.')
         return problems
 
     def _baseline_problems(self) -> List[str]:

@@ -36,8 +36,8 @@ from .rundir import RunDir, RunDirError
 from .validation import Validator
 from .whitening import drop_whitening_bias_grads, frozen_whitening_biases
 
-__all__ = ['make_accelerator', 'check_hub_credentials', 'claim_run_dir', 'fit_phase', 'TrainLoop', 'evaluate_phase',
-           'save_components', 'push_components', 'write_summary']
+__all__ = ['make_accelerator', 'check_hub_credentials', 'claim_run_dir', 'fit_phase', 'phase_steps', 'TrainLoop',
+           'evaluate_phase', 'save_components', 'push_components', 'write_summary']
 
 TRACKERS_DIR = 'trackers'  # the trackers' project name: their logs go to OUT/trackers/
 
@@ -150,9 +150,7 @@ def fit_phase(phase: Phase, accelerator: Accelerator, out: Path, resume: bool) -
     data = {name: (phase.data[name][0].to(device),
                    EpochSampler(len(phase.data[name][0]), cfg.batch_size, cfg.seed + i, accelerator.process_index,
                                 accelerator.num_processes, device)) for i, name in enumerate(phase.trained)}
-    # Alternating, each step trains one network: `epochs` stays each network's number of epochs.
-    turns = len(phase.trained) if cfg.joint_schedule == 'alternate' else 1
-    total_steps = cfg.steps or math.ceil(cfg.epochs * max(s.steps_per_epoch for _, s in data.values()) * turns)
+    total_steps = phase_steps(cfg, max(s.steps_per_epoch for _, s in data.values()), len(phase.trained))
     if cfg.sync_batchnorm:
         sync_batchnorm(phase.joint, device, accelerator.num_processes)
     optimizer, scheduler = make_optim(phase, total_steps, accelerator.num_processes)
@@ -164,6 +162,14 @@ def fit_phase(phase: Phase, accelerator: Accelerator, out: Path, resume: bool) -
     loop.run(total_steps)
     fitted = {'train_seconds': round(state.train_seconds, 2), 'steps': total_steps}
     return fitted if loop.validator is None else {**fitted, 'best': loop.validator.best}
+
+
+def phase_steps(cfg: RunConfig, steps_per_epoch: int, networks: int) -> int:
+    """The phase's micro-batch steps: ``steps`` (whole updates: RunConfig.validate), or ``epochs`` of the largest
+    training set rounded up to whole optimiser updates (a last update short of micro-batches is never applied)."""
+    # Alternating, each step trains one network: `epochs` stays each network's number of epochs.
+    turns, accumulation = networks if cfg.joint_schedule == 'alternate' else 1, cfg.gradient_accumulation_steps
+    return cfg.steps or math.ceil(cfg.epochs * steps_per_epoch * turns / accumulation) * accumulation
 
 
 def make_optim(phase: Phase, total_steps: int, num_processes: int = 1):
