@@ -133,7 +133,12 @@ def test_loaded_networks_keep_their_whitening(tmp_path):
                               f'interface.load={components / "interface"}', 'interface.width=null')
     trained = _whitening(tc.Extractor.from_pretrained(components / 'a' / 'extractor'))[0]
     assert torch.equal(_whitening(phase.models['a'])[0], trained)
-    assert torch.allclose(_whitening(phase.models['b'])[0], _expected(cfg, data, ['b']))  # only b is trained
+    # Under IIW the network trained against a (incremental training) starts from a's whitening, as from its
+    # other initial weights; computed from b's sample alone, the two started from different first layers.
+    assert torch.equal(_whitening(phase.models['b'])[0], trained)
+    cfg, data, phase = _build('compatible_halves', f'networks.0.load={components / "a"}', 'iiw=false',
+                              f'interface.load={components / "interface"}', 'interface.width=null')
+    assert torch.allclose(_whitening(phase.models['b'])[0], _expected(cfg, data, ['b']))  # without IIW: its own
 
 
 def test_whitening_bias_steps_count_epochs_as_epochs_does():

@@ -30,7 +30,8 @@ __all__ = ['DATA_VERSION', 'ImageData', 'load_image_data', 'local_source', 'augm
 # What a run trains and is scored on, beyond its config. A run or record of another version is not resumed or
 # pooled with this one's. 1: before 2026-12-04. 2: networks that alternate index their data order and flips by
 # their own steps (they took every other batch of two permutations); each split draws its own shift noise;
-# `contrast` is CIFAR-10-C's per-channel contrast (the old one is `gray_contrast`).
+# `contrast` is CIFAR-10-C's per-channel contrast (the old one is `gray_contrast`); under IIW a network trained
+# against a loaded one starts from its whitening (timm_compat.whitening).
 DATA_VERSION = 2
 
 

@@ -7,7 +7,8 @@ whitening conv (:func:`~timm_compat.models.airbench.whitening_layers` finds none
 Under IIW every network must start from the same weights, and the whitening weight is part of them (it is frozen,
 so it stays the initial weight for the whole run). Computed from each network's own images the networks would start
 from different first layers; computed from one network's images it would whiten the other tasks' patches worse. So
-under IIW it is computed once from the union of every trained network's sample and set in each of them.
+under IIW it is computed once from the union of every trained network's sample and set in each of them; trained
+incrementally against a loaded network, they take its whitening, as IIW takes its initial weights.
 """
 import math
 from typing import List, Mapping, Sequence, Tuple
@@ -33,7 +34,7 @@ def init_run_whitening(cfg: RunConfig, models: Mapping[str, nn.Module],
 
     Each network's sample is a seeded random subset of its training set (seed ``cfg.seed``), so a rebuilt run (a
     resume) gets the same weights. Networks with ``load:`` or ``init:`` keep the whitening they were trained
-    with.
+    with; under IIW the trained networks take a loaded network's (still its initial weight: it is frozen).
 
     Args:
         cfg: The phase's config; ``whitening_init_examples`` None turns this off, ``iiw`` shares the whitening.
@@ -43,6 +44,13 @@ def init_run_whitening(cfg: RunConfig, models: Mapping[str, nn.Module],
     if cfg.whitening_init_examples is None:
         return
     trained = [n.name for n in cfg.networks if not n.load and not n.init and whitening_layers(models[n.name])]
+    loaded = [n.name for n in cfg.networks if n.load and whitening_layers(models[n.name])]
+    if cfg.iiw and loaded:
+        with torch.no_grad():
+            for name in trained:
+                for layer, source in zip(whitening_layers(models[name]), whitening_layers(models[loaded[0]])):
+                    layer.weight.copy_(source.weight)
+        return
     samples = {name: _sample(data[name][0].images, cfg.whitening_init_examples, cfg.seed) for name in trained}
     if cfg.iiw and samples:
         union = torch.cat(list(samples.values()))
