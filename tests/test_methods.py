@@ -47,6 +47,26 @@ def test_common_class_loss_masks():
     assert torch.allclose(loss, expected)
     none = common_class_loss(logits, torch.full((4,), -1))
     assert none.item() == 0 and none.requires_grad
+    # Eq. (2)'s form: the kept examples' sum over the whole batch, half the mean when half the batch is common.
+    assert torch.allclose(common_class_loss(logits, targets, 'batch'), expected / 2)
+    with pytest.raises(ValueError, match='reduction must be one of'):
+        common_class_loss(logits, targets, 'sum')
+
+
+@pytest.mark.parametrize('config, reduction', [('configs/sec4/dcc.yaml', 'batch'), (None, 'common')])
+def test_the_sec4_configs_train_dcc_in_eq2s_form(config, reduction):
+    """The reproduction configs reach the method with the paper's reduction; the default keeps the mean."""
+    from timm_compat.build import build_phase, load_task_data
+    from timm_compat.config import load_config
+    from tests.conftest import REPO
+    sets = ['steps=1', 'networks.0.backbone=resnet8_cifar', 'networks.1.backbone=resnet8_cifar']
+    cfg = load_config(config and str(REPO / config), sets + (
+        [f'networks.{i}.dataset.{k}' for i in (0, 1) for k in ('source=synthetic:A', 'shift=null', 'classes=null',
+                                                                  'train_shard=null', 'train_limit=null')]
+        + ['interface.dcc_classes=null', 'mixed_precision=no', 'channels_last=false'] if config else []))
+    data = {n.name: load_task_data(n, cfg) for n in cfg.networks}
+    methods = build_phase('main', cfg, data, torch.device('cpu')).joint.methods
+    assert [m.reduction for m in methods if m.name == 'dcc'] == [reduction]
 
 
 def test_one_extractor_pass_for_task_and_rp():

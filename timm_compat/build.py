@@ -195,7 +195,8 @@ def build_phase(tag: str, cfg: RunConfig, data: Dict[str, Tuple[ImageData, Image
     if interface is not None:
         interface.to(device)  # a loaded, frozen interface is not prepared by Accelerate
     methods = methods_for(interface, cfg.interface.rp_weight, cfg.interface.dcc_weight, rp_norm=cfg.interface.rp_norm,
-                          rp_rotations=cfg.interface.rp_rotations, seed=cfg.seed)
+                          rp_rotations=cfg.interface.rp_rotations, seed=cfg.seed,
+                          dcc_reduction=cfg.interface.dcc_reduction)
     joint = JointModel({n.name: models[n.name] for n in cfg.networks if not n.load}, interface, methods,
                        schedule=cfg.joint_schedule, label_smoothing=cfg.optim.label_smoothing,
                        task_weight=cfg.task_weight)

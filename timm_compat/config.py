@@ -69,6 +69,9 @@ class InterfaceConfig(_Section):
     rp_weight: Float = Field(1.0, ge=0)
     dcc: bool = True
     dcc_weight: Float = Field(1.0, ge=0)
+    # 'common': DCC's loss is the mean over the batch's common-class examples; 'batch': eq. (2)'s sum over them per
+    # batch example (the Sec. 4 configs; the same when every class is common). methods/dcc.py's card.
+    dcc_reduction: Literal['common', 'batch'] = 'common'
     dcc_classes: Optional[List[str]] = Field(None, examples=[['cat', 'dog']])  # None: classes common to all
     aux_head: HeadSpec = 'conv'
     rp_head: Optional[HeadSpec] = Field(None, examples=['conv'])  # overrides aux_head for the RP head

@@ -22,11 +22,12 @@ __all__ = ['CompatibilityMethod', 'compatibility_loss', 'methods_for', 'chunked_
 
 
 def methods_for(interface, rp_weight: float = 1.0, dcc_weight: float = 1.0, rp_norm: str = 'shared',
-                rp_rotations: str = 'all', seed: int = 0):
+                rp_rotations: str = 'all', seed: int = 0, dcc_reduction: str = 'common'):
     """The methods that train against ``interface``'s aux heads; a weight of 0 leaves a method out.
 
     ``rp_norm`` is how the extractor's BatchNorm treats the rotated copies, ``rp_rotations`` whether RP sees all four
-    rotations or the upright image and one drawn with ``seed`` (see :class:`RotationPrediction`).
+    rotations or the upright image and one drawn with ``seed`` (see :class:`RotationPrediction`);
+    ``dcc_reduction`` how DCC averages its loss (see :class:`CommonClassDiscrimination`).
     """
     if interface is None:
         return []
@@ -34,5 +35,5 @@ def methods_for(interface, rp_weight: float = 1.0, dcc_weight: float = 1.0, rp_n
     if interface.rp is not None and rp_weight:
         methods.append(RotationPrediction(rp_weight, norm=rp_norm, rotations=rp_rotations, seed=seed))
     if interface.dcc is not None and dcc_weight:
-        methods.append(CommonClassDiscrimination(dcc_weight))
+        methods.append(CommonClassDiscrimination(dcc_weight, reduction=dcc_reduction))
     return methods

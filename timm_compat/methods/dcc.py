@@ -7,7 +7,10 @@ METHOD CARD
     Equation (eq. 2): for each task t and example x_i, the task loss plus the shared head Theta_c's loss on the
         examples whose class lies in the common classes C:
         sum_t sum_i [ l_t(h(f(x_i; Phi_t); Theta_t), y_i) + l_c(h(f(x_i; Phi_t); Theta_c), y_i) * 1[y_i in C] ]
-    Hyperparameters (config key: default): weight ``interface.dcc_weight``: 1.0; common classes
+    Hyperparameters (config key: default): weight ``interface.dcc_weight``: 1.0; reduction
+        ``interface.dcc_reduction``: ``common`` (the mean over the batch's common-class examples) or ``batch``
+        (eq. 2's form: the sum over them, divided by the batch size as the task loss is; what the Sec. 4
+        reproduction configs use; the same when every class is common); common classes
         ``interface.dcc_classes``: the classes common to all networks' datasets, matched by name
         (:mod:`timm_compat.classes`); head ``interface.dcc_head`` / ``aux_head``: ``conv``. With ``head: dcc`` a
         network's classifier is the DCC head itself (Sec. 5.2).
@@ -31,18 +34,24 @@ import torch.nn.functional as F
 from ..classes import common_class_map
 from .base import CompatibilityMethod
 
-__all__ = ['common_class_loss', 'CommonClassDiscrimination']
+__all__ = ['common_class_loss', 'CommonClassDiscrimination', 'REDUCTIONS']
+
+REDUCTIONS = ('common', 'batch')
 
 
-def common_class_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy over examples whose target is a common class (``targets >= 0``); 0 if there are none.
+def common_class_loss(logits: torch.Tensor, targets: torch.Tensor, reduction: str = 'common') -> torch.Tensor:
+    """Cross-entropy of the examples whose target is a common class (``targets >= 0``); 0 if there are none.
 
-    Averaging over the kept examples, not the batch, keeps the loss scale independent of how many examples of
-    non-common classes a batch happens to hold.
+    ``reduction='common'`` averages over those examples, which keeps the loss scale independent of how many
+    examples of other classes a batch holds; ``'batch'`` divides their sum by the batch size, as eq. 2's indicator
+    does within a batch mean, so that with few common classes DCC weighs less against the task loss.
     """
+    if reduction not in REDUCTIONS:
+        raise ValueError(f'reduction must be one of {REDUCTIONS}, got {reduction!r}.')
     keep = targets >= 0
     per_example = F.cross_entropy(logits, targets.clamp(min=0), reduction='none')
-    return (per_example * keep).sum() / keep.sum().clamp(min=1)
+    count = keep.sum().clamp(min=1) if reduction == 'common' else len(targets)
+    return (per_example * keep).sum() / count
 
 
 class CommonClassDiscrimination(CompatibilityMethod):
@@ -53,12 +62,15 @@ class CommonClassDiscrimination(CompatibilityMethod):
     Args:
         weight: Factor of the DCC loss.
         synonyms: Replaces :data:`~timm_compat.classes.SYNONYMS` when matching class names.
+        reduction: ``'common'`` or ``'batch'`` (eq. 2), see :func:`common_class_loss`.
     """
     name = 'dcc'
 
-    def __init__(self, weight: float = 1.0, synonyms: Optional[Dict[str, str]] = None):
+    def __init__(self, weight: float = 1.0, synonyms: Optional[Dict[str, str]] = None, reduction: str = 'common'):
         super().__init__(weight)
-        self.synonyms = synonyms
+        if reduction not in REDUCTIONS:
+            raise ValueError(f'reduction must be one of {REDUCTIONS}, got {reduction!r}.')
+        self.synonyms, self.reduction = synonyms, reduction
         self._maps: Dict[tuple, torch.Tensor] = {}
 
     def _label_map(self, class_names: Sequence[str], common: Sequence[str], device) -> torch.Tensor:
@@ -79,4 +91,4 @@ class CommonClassDiscrimination(CompatibilityMethod):
         if model.head.class_names is None:
             raise ValueError('DCC maps labels to common classes by name: build the model with class_names=[...].')
         mapping = self._label_map(model.head.class_names, interface.dcc_classes, labels.device)
-        return common_class_loss(interface.dcc(features[:labels.shape[0]]), mapping[labels])
+        return common_class_loss(interface.dcc(features[:labels.shape[0]]), mapping[labels], self.reduction)
