@@ -236,6 +236,17 @@ def test_list_offline_says_so(hf_cache, capsys):
     assert 'HF_HUB_OFFLINE is set' in capsys.readouterr().err
 
 
+def test_a_crash_exits_as_an_error_not_as_components_that_do_not_fit(monkeypatch, capsys):
+    """Exit status 1 means "they do not fit" to a script; a lost connection (here, faked: the machine has no Hub)
+    exited 1 too, with Python's traceback."""
+    def unreachable(self, **kwargs):
+        raise ConnectionError('Failed to resolve huggingface.co')
+    monkeypatch.delenv('HF_HUB_OFFLINE', raising=False)
+    monkeypatch.setattr(HfApi, 'list_models', unreachable)
+    assert main(['list']) == 2
+    assert 'ConnectionError: Failed to resolve huggingface.co' in capsys.readouterr().err
+
+
 def test_cli_show_summarises_card_and_interface(saved, published, capsys):
     assert main(['show', 'org/i0-head']) == 0
     out = capsys.readouterr().out

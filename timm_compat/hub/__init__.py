@@ -7,7 +7,8 @@
     python -m timm_compat.hub check ORG/EXTRACTOR ORG/HEAD     # do they fit, and why not
 
 ``show`` and ``check`` also take local component folders. Exit status: 0 done (``check``: they fit), 1 they do
-not fit, 2 an error (bad arguments, or a component that cannot be found or loaded). What a component is, and
+not fit, 2 an error (bad arguments, a component that cannot be found or loaded, or a crash such as a lost
+connection, with its traceback). What a component is, and
 loading one, live in :mod:`timm_compat.component`; whether two fit, in :func:`timm_compat.compatible.fit_problems`.
 
 This is a package with a ``__main__`` rather than a module run with ``-m``, because ``timm_compat`` imports it:
@@ -16,6 +17,7 @@ running an already imported module as ``__main__`` makes Python warn and load it
 import argparse
 import re
 import sys
+import traceback
 from typing import Iterable, List, Optional, Sequence, Union
 
 from huggingface_hub import HfApi, ModelCard, ModelInfo
@@ -184,4 +186,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return {'list': _cmd_list, 'show': _cmd_show, 'check': _cmd_check}[args.command](args)
     except ComponentError as e:
         print(f'error: {e}', file=sys.stderr)
+        return 2
+    except Exception:  # a crash (the network, a bug) is an error too, never "they do not fit" (1)
+        traceback.print_exc()
         return 2
