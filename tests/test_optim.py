@@ -91,3 +91,21 @@ def test_a_checkpoint_of_the_old_lambda_schedule_resumes_at_its_step():
     scheduler = make_scheduler(optimizer(), 'cosine', 6)
     scheduler.load_state_dict(old.state_dict())
     assert scheduler.updates == 3 and scheduler.get_last_lr() == pytest.approx([0.05])
+
+
+def test_a_resume_with_more_steps_ramps_the_lookahead_alpha_over_the_new_length():
+    """airbench's lookahead alpha ramps over the run's updates: resumed with a longer run, the next update's alpha
+    is the longer run's at that update, and the weights do not land on the slow weights at the old end."""
+    def lookahead(total):
+        opt = optimizer('lookahead_sgd')
+        return opt, make_scheduler(opt, 'cosine', total, lookahead_schedule='airbench')
+
+    first_opt, first = lookahead(10)
+    lrs(first, 6)
+    opt, longer = lookahead(40)
+    longer.load_state_dict(first.state_dict())
+    fresh_opt, fresh = lookahead(40)
+    lrs(fresh, 6)
+    assert opt.param_groups[0]['lookahead_alpha'] == fresh_opt.param_groups[0]['lookahead_alpha'] > 0
+    assert opt.param_groups[0]['lookahead_alpha'] != first_opt.param_groups[0]['lookahead_alpha']
+    assert set(first.state_dict()) == {'ticks', 'ticks_per_step'}  # the shape comes from the config, not the file

@@ -304,7 +304,7 @@ class UpdateSchedule(torch.optim.lr_scheduler.LRScheduler):
         return [group['lr'] for group in self.optimizer.param_groups]
 
     def state_dict(self) -> Dict[str, Any]:
-        return {'ticks': self.ticks, 'ticks_per_step': self.ticks_per_step, 'schedule': self.schedule.state_dict()}
+        return {'ticks': self.ticks, 'ticks_per_step': self.ticks_per_step}  # the shape is the config's
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         # Only the position is restored: the schedule's shape comes from the config, as timm's train.py rebuilds
