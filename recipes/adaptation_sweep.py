@@ -24,7 +24,7 @@ import torch
 
 import adaptation
 from timm_compat.shifts import apply_shift
-from common import DATA_DIR_HELP, check_data_dir, check_data_version, data_note, finished_run, mean_std, progress
+from common import DATA_DIR_HELP, check_data_dir, check_record, data_note, finished_run, mean_std, progress
 
 # CIFAR-10-C corruptions of timm_compat.shifts at its top severity, one per family: noise, blur, weather-free
 # digital (contrast, pixelate, JPEG).
@@ -94,12 +94,7 @@ def recorded_adaptation(args, folder: Path) -> Optional[dict]:
     if not path.is_file():
         return None
     record = json.loads(path.read_text())
-    check_data_version(record, path)
-    changed = [f'--{k.replace("_", "-")} {record["args"].get(k)} (now {getattr(args, k)})'
-               for k in RECORD_KEYS if record['args'].get(k) != getattr(args, k)]
-    if changed:
-        raise SystemExit(f'{path} is a record of {", ".join(changed)}: give the same arguments to add to its '
-                         f'sweep, or another --output.')
+    check_record(record, path, args, RECORD_KEYS)
     return record
 
 

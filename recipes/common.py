@@ -149,13 +149,19 @@ def load_results(out: Path, args, keys: Sequence[str]) -> Dict[str, list]:
     if not getattr(args, 'resume', False) or not path.is_file():
         return {}
     saved = json.loads(path.read_text())
+    check_record(saved, path, args, keys)
+    return saved['results']
+
+
+def check_record(saved: dict, path: Path, args, keys: Sequence[str]) -> None:
+    """Refuse ``saved`` (records read from ``path``) if made on another data version, or with other ``keys``
+    arguments than ``args``."""
     check_data_version(saved, path)
     changed = [f'--{k.replace("_", "-")} {saved["args"].get(k)} (now {getattr(args, k)})'
                for k in keys if saved['args'].get(k) != getattr(args, k)]
     if changed:
         raise SystemExit(f'{path} holds records of {", ".join(changed)}: give the same arguments to add to it, or '
                          f'another --output for a new table.')
-    return saved['results']
 
 
 def check_data_version(saved: dict, path: Path) -> None:

@@ -188,5 +188,5 @@ def test_adaptation_sweep_counts_each_source_once_and_pools_only_its_own_argumen
     assert [sweep.column(runs, k) for k in sweep.SCORES.values()] == ['55.0 ± 7.1', '60.0 ± 7.1', '65.5 ± 5.8',
                                                                       '58.0 ± 0.0']
     args.adapt_lr = 0.1
-    with pytest.raises(SystemExit, match=r'is a record of --adapt-lr 0.01 \(now 0.1\): give the same arguments'):
+    with pytest.raises(SystemExit, match=r'holds records of --adapt-lr 0.01 \(now 0.1\): give the same arguments'):
         sweep.collect(args, tmp_path)
