@@ -225,7 +225,7 @@ def test_epochs_make_whole_optimiser_updates(schedule, networks, accumulation, e
     """1.5 epochs of 10 steps: under accumulation the last update gets all its micro-batches (15 micro-batch steps
     under accumulation 4 made 3 updates and 3 stragglers never applied), and alternating networks each get theirs."""
     from timm_compat.config import load_config
-    from timm_compat.engine import phase_steps
+    from timm_compat.optim import phase_steps
     cfg = load_config(None, ['steps=null', 'epochs=1.5', f'joint_schedule={schedule}',
                              f'gradient_accumulation_steps={accumulation}'])
     assert phase_steps(cfg, 10, networks) == expected

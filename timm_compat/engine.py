@@ -31,13 +31,13 @@ from .streaming import StreamedImages, stream_batches
 from .evaluation import evaluate_networks
 from .fit import fit
 from .metrics_log import MetricsLog, tracker_hparams
-from .optim import optim_from_config
+from .optim import optim_from_config, phase_steps
 from .rundir import RunDir, RunDirError
 from .validation import Validator
 from .whitening import drop_whitening_bias_grads, frozen_whitening_biases
 
-__all__ = ['make_accelerator', 'check_hub_credentials', 'claim_run_dir', 'fit_phase', 'phase_steps', 'TrainLoop',
-           'evaluate_phase', 'save_components', 'push_components', 'write_summary']
+__all__ = ['make_accelerator', 'check_hub_credentials', 'claim_run_dir', 'fit_phase', 'TrainLoop', 'evaluate_phase',
+           'save_components', 'push_components', 'write_summary']
 
 TRACKERS_DIR = 'trackers'  # the trackers' project name: their logs go to OUT/trackers/
 
@@ -162,14 +162,6 @@ def fit_phase(phase: Phase, accelerator: Accelerator, out: Path, resume: bool) -
     loop.run(total_steps)
     fitted = {'train_seconds': round(state.train_seconds, 2), 'steps': total_steps}
     return fitted if loop.validator is None else {**fitted, 'best': loop.validator.best}
-
-
-def phase_steps(cfg: RunConfig, steps_per_epoch: int, networks: int) -> int:
-    """The phase's micro-batch steps: ``steps`` (whole updates: RunConfig.validate), or ``epochs`` of the largest
-    training set rounded up to whole optimiser updates (a last update short of micro-batches is never applied)."""
-    # Alternating, each step trains one network: `epochs` stays each network's number of epochs.
-    turns, accumulation = networks if cfg.joint_schedule == 'alternate' else 1, cfg.gradient_accumulation_steps
-    return cfg.steps or math.ceil(cfg.epochs * steps_per_epoch * turns / accumulation) * accumulation
 
 
 def make_optim(phase: Phase, total_steps: int, num_processes: int = 1):

@@ -22,11 +22,11 @@ from timm.scheduler import create_scheduler_v2
 from torch import nn
 
 if TYPE_CHECKING:
-    from .config import OptimConfig
+    from .config import OptimConfig, RunConfig
 
 __all__ = ['SCHEDULES', 'NORM_TYPES', 'LOOKAHEAD_ARGS', 'LOOKAHEAD_SCHEDULES', 'make_optimizer', 'make_scheduler',
            'optim_from_config', 'param_groups', 'step_gain', 'check_optim', 'optimizer_names',
-           'airbench_lookahead_alpha', 'UpdateSchedule']
+           'airbench_lookahead_alpha', 'UpdateSchedule', 'phase_steps']
 
 # Layers whose bias norm_bias_lr_scale speeds up: torch's norms, and so timm's, which subclass them (BatchNormAct2d,
 # LayerNorm2d, GroupNorm1, ...).
@@ -210,6 +210,14 @@ def make_scheduler(optimizer: torch.optim.Optimizer, schedule: str, total_steps:
                                            step_on_epochs=False, updates_per_epoch=1)
     return UpdateSchedule(timm_schedule, ticks_per_step, total_steps if lookahead_schedule == 'airbench' else None,
                           lookahead_fixed)
+
+
+def phase_steps(cfg: 'RunConfig', steps_per_epoch: int, networks: int) -> int:
+    """A phase's micro-batch steps: ``steps`` (whole updates: RunConfig.validate), or ``epochs`` of the largest
+    training set rounded up to whole optimiser updates (a last update short of micro-batches is never applied)."""
+    # Alternating, each step trains one network: `epochs` stays each network's number of epochs.
+    turns, accumulation = networks if cfg.joint_schedule == 'alternate' else 1, cfg.gradient_accumulation_steps
+    return cfg.steps or math.ceil(cfg.epochs * steps_per_epoch * turns / accumulation) * accumulation
 
 
 def optim_from_config(model: nn.Module, optim: 'OptimConfig', examples_per_update: int, total_updates: int, *,
