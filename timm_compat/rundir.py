@@ -17,8 +17,7 @@ import yaml
 
 from ._integrity import atomic_write_text
 from .config import RESUME_MAY_CHANGE, config_changes, resume_conflicts
-from .data import DATA_VERSION
-from .data import local_source
+from .data import DATA_VERSION, local_source
 
 __all__ = ['RunDir', 'RunDirError', 'MARKER']
 
@@ -158,8 +157,8 @@ class RunDir:
     def _record(self, config: Dict[str, Any], old: Optional[Dict[str, Any]]) -> None:
         """Write ``config`` and the marker; ``old`` is the config a resume continues (None for a new run)."""
         resume = old is not None
-        marker = self._read_marker() if resume else {'timm_compat_run': 1, 'created': time.time(), 'resumes': [],
-                                                           'data_version': DATA_VERSION}
+        marker = self._read_marker() if resume else {
+            'timm_compat_run': 1, 'created': time.time(), 'resumes': [], 'data_version': DATA_VERSION}
         if resume:
             marker['resumes'].append({'time': time.time(),
                                       'changes': {k: [_at(old, k), _at(config, k)]
