@@ -11,12 +11,12 @@ then a target of its own, adapted from that source with each adaptation seed
 (``OUTPUT/source<S>/<shift>/adapt<A>``, one ``recipes/adaptation.py`` run with ``--interface/--extractor/--head``).
 A finished adaptation (its ``results.json``, the record) is read back, not rerun, a source is trained only while
 one of its adaptations is not recorded, and a killed source training continues from its checkpoint, so the sweep
-can be built over several sittings, from committed ``results.json`` files copied into OUTPUT. ``OUTPUT/report.md`` gives, for each corruption,
-the source model (running BN statistics, Tab. 2's "source"), with test-time BN (batch statistics) and adapted
-through RP, as mean ± std over every source x adaptation seed.
+can be built over several sittings, from committed ``results.json`` files copied into OUTPUT (records of another
+data version or other ``RECORD_KEYS`` arguments are refused). ``OUTPUT/report.md`` gives, for each corruption, the
+source model (running BN statistics, Tab. 2's "source"), with test-time BN (batch statistics) and adapted through
+RP, as mean ± std over every source x adaptation seed (the source model's columns over the source seeds).
 """
 import argparse
-import json
 from pathlib import Path
 from typing import Optional
 
@@ -24,7 +24,7 @@ import torch
 
 import adaptation
 from timm_compat.shifts import apply_shift
-from common import DATA_DIR_HELP, check_data_dir, check_record, data_note, finished_run, mean_std, progress
+from common import DATA_DIR_HELP, check_data_dir, data_note, finished_run, mean_std, progress, read_record
 
 # CIFAR-10-C corruptions of timm_compat.shifts at its top severity, one per family: noise, blur, weather-free
 # digital (contrast, pixelate, JPEG).
@@ -90,12 +90,7 @@ def run_adaptation(args, source: list, seed: int, shift: str, adapt_seed: int, f
 def recorded_adaptation(args, folder: Path) -> Optional[dict]:
     """The record of the adaptation in ``folder`` (its results.json), or None while it has not finished; one of
     another data version or other ``RECORD_KEYS`` arguments is refused."""
-    path = folder / 'results.json'
-    if not path.is_file():
-        return None
-    record = json.loads(path.read_text())
-    check_record(record, path, args, RECORD_KEYS)
-    return record
+    return read_record(folder / 'results.json', args, RECORD_KEYS)
 
 
 def collect(args, out: Path) -> dict:
@@ -126,7 +121,8 @@ def report(args, out: Path, found: dict) -> None:
                   f'--source-seeds {args.source_seeds} --adapt-seeds {args.adapt_seeds}'
                   f'{f" --data-dir {args.data_dir}" if args.data_dir else ""}` on {hardware()}. Average class '
                   f'accuracy (%) on the corrupted CIFAR-10 test split, mean ± std over every source seed x '
-                  f'adaptation seed that finished (the source model\'s columns over its source seeds). Each adaptation\'s own report is in its folder. '
+                  f'adaptation seed that finished (the source model\'s columns over its source seeds). Each '
+                  f'adaptation\'s own report is in its folder. '
                   + data_note(args.data_dir)),
         'Target accuracy (%)': ReportTable(['corruption', 'runs', *SCORES], rows,
                                            caption='Paper (Tab. 2, CIFAR-10 -> STL-10 with a WRN-28): source 77.2, '

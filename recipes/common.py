@@ -145,23 +145,23 @@ def load_results(out: Path, args, keys: Sequence[str]) -> Dict[str, list]:
     survives the loss of its run folders: copy the committed results.json into OUTPUT and resume. Records made
     with other ``keys`` (budget, setting, ...) than ``args`` are refused, as a changed config is.
     """
-    path = out / 'results.json'
-    if not getattr(args, 'resume', False) or not path.is_file():
-        return {}
+    saved = read_record(out / 'results.json', args, keys) if getattr(args, 'resume', False) else None
+    return saved['results'] if saved else {}
+
+
+def read_record(path: Path, args=None, keys: Sequence[str] = ()) -> Optional[dict]:
+    """The JSON record (or run summary) at ``path``, None if there is none; refused if it was made on another data
+    version, or with other ``keys`` arguments than ``args``."""
+    if not path.is_file():
+        return None
     saved = json.loads(path.read_text())
-    check_record(saved, path, args, keys)
-    return saved['results']
-
-
-def check_record(saved: dict, path: Path, args, keys: Sequence[str]) -> None:
-    """Refuse ``saved`` (records read from ``path``) if made on another data version, or with other ``keys``
-    arguments than ``args``."""
     check_data_version(saved, path)
     changed = [f'--{k.replace("_", "-")} {saved["args"].get(k)} (now {getattr(args, k)})'
                for k in keys if saved['args'].get(k) != getattr(args, k)]
     if changed:
         raise SystemExit(f'{path} holds records of {", ".join(changed)}: give the same arguments to add to it, or '
                          f'another --output for a new table.')
+    return saved
 
 
 def check_data_version(saved: dict, path: Path) -> None:
@@ -176,11 +176,7 @@ def check_data_version(saved: dict, path: Path) -> None:
 
 def finished_run(run: Path) -> bool:
     """Whether ``run`` holds a finished train.py run (its summary.json); one of another data version is refused."""
-    path = run / 'summary.json'
-    if not path.is_file():
-        return False
-    check_data_version(json.loads(path.read_text()), path)
-    return True
+    return read_record(run / 'summary.json') is not None
 
 
 def recorded(results: Dict[str, list], name: str, seed: int) -> bool:
