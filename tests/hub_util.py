@@ -41,7 +41,7 @@ def folder(saved, tmp_path):
     return copy
 
 
-def put_in_cache(cache: Path, repo_id: str, folder: Path, files=None) -> None:
+def put_in_cache(cache: Path, repo_id: str, folder: Path, files=None, commit: str = COMMIT) -> None:
     """Lay ``folder`` out as ``hf_hub_download`` leaves a downloaded repo: content-named blobs, snapshot
     symlinks to them, and ``refs/main`` naming the commit."""
     repo = cache / f'models--{repo_id.replace("/", "--")}'
@@ -50,11 +50,11 @@ def put_in_cache(cache: Path, repo_id: str, folder: Path, files=None) -> None:
         blob = repo / 'blobs' / hashlib.sha256(data).hexdigest()
         blob.parent.mkdir(parents=True, exist_ok=True)
         blob.write_bytes(data)
-        link = repo / 'snapshots' / COMMIT / name
+        link = repo / 'snapshots' / commit / name
         link.parent.mkdir(parents=True, exist_ok=True)
         link.symlink_to(os.path.relpath(blob, link.parent))
     (repo / 'refs').mkdir(exist_ok=True)
-    (repo / 'refs' / 'main').write_text(COMMIT)  # no newline: the library uses the file's text as the commit
+    (repo / 'refs' / 'main').write_text(commit)  # no newline: the library uses the file's text as the commit
 
 
 @pytest.fixture

@@ -18,6 +18,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import timm_compat as tc
+from timm_compat import _files as files
 from timm_compat.compatible import fit_problems
 from timm_compat.hub import main
 
@@ -92,6 +93,33 @@ def test_load_through_hf_cache_offline(saved, published):
     # The layout is one huggingface_hub itself recognises as a valid cache.
     cache = scan_cache_dir(published)
     assert not cache.warnings and len(cache.repos) == 6
+
+
+LOADERS = {'load_component': tc.load_component, 'from_pretrained': tc.Extractor.from_pretrained,
+           'timm': lambda repo: timm.create_model(f'hf-hub:{repo}', pretrained=True).eval()}
+
+
+@pytest.mark.parametrize('loader', LOADERS)
+def test_a_push_during_a_download_does_not_mix_two_commits(saved, hf_cache, monkeypatch, loader):
+    # A new version is pushed to main while one component downloads: each of huggingface_hub's downloads resolves
+    # main anew. The load must read every file at the commit its first file came from: the version of the moment
+    # it started, complete, not config and weights of two versions (a misleading digest error) or two versions'
+    # checks.
+    pushed = 'f' * 40
+    put_in_cache(hf_cache, 'org/moving', saved[1]['extractor'], commit=pushed)
+    put_in_cache(hf_cache, 'org/moving', saved[0]['extractor'])  # main names COMMIT
+    download = files.hf_hub_download
+
+    def download_then_push(*args, **kwargs):
+        path = download(*args, **kwargs)
+        (hf_cache / 'models--org--moving' / 'refs' / 'main').write_text(pushed)
+        return path
+    monkeypatch.setattr(files, 'hf_hub_download', download_then_push)
+    loaded = LOADERS[loader]('org/moving')
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        features = loaded.forward_features(x) if loader == 'timm' else loaded(x)
+        assert torch.equal(features, saved[0]['modules']['extractor'].eval()(x))
 
 
 def test_downloads_of_two_interfaces_are_refused_and_check_says_why(published, capsys):

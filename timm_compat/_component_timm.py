@@ -22,7 +22,7 @@ from torch import nn
 from timm.layers import SelectAdaptivePool2d
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
-from .component import Component, ComponentError, architecture_of, read_config
+from .component import Component, ComponentError, architecture_of, pinned, read_config
 from .components import Extractor, Head
 
 __all__ = ['ExtractorModel', 'HeadModel', 'timm_source']
@@ -114,7 +114,7 @@ def _create(role: str, pretrained: bool, kwargs: Dict[str, Any]) -> nn.Module:
     """The timm model of the saved ``role`` component timm was asked for, built and (if pretrained) loaded."""
     architecture = architecture_of(role)
     model_id, revision = timm_source(_cfg_dict(kwargs.get('pretrained_cfg')), architecture)
-    resolve = dict(revision=revision, cache_dir=kwargs.get('cache_dir'))
+    resolve = pinned(model_id, dict(revision=revision, cache_dir=kwargs.get('cache_dir')))
     config = read_config(model_id, **resolve)
     if config['role'] != role:
         raise ComponentError(f'{model_id} holds a component of role {config["role"]!r}, not {role!r}: its '

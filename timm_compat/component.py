@@ -13,99 +13,29 @@ stitch (:mod:`timm_compat.stitching`). Each is an ``nn.Module`` that saves to a 
 ``huggingface_hub.ModelHubMixin``'s idiom; :func:`load_component` loads any folder as the type its role names.
 Loading reads safetensors only, builds only architectures that the config's allow-listed ``model_args`` describe,
 and checks that config.json, the config recorded in the weights and the weights themselves (their digest and, for
-an interface, its id) agree (see :mod:`timm_compat._integrity`). Searching the Hub lives in :mod:`timm_compat.hub`.
+an interface, its id) agree (see :mod:`timm_compat._integrity`). Where files come from (a folder, or a Hub repo at
+one commit) is :mod:`timm_compat._files`; searching the Hub lives in :mod:`timm_compat.hub`.
 """
 import json
-import os
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 from torch import nn
-from huggingface_hub import CommitInfo, HfApi, ModelCard, ModelCardData, ModelHubMixin, constants, hf_hub_download
-from huggingface_hub.errors import (
-    EntryNotFoundError, HFValidationError, LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError)
+from huggingface_hub import CommitInfo, HfApi, ModelCard, ModelCardData, ModelHubMixin
 from huggingface_hub.utils import SoftTemporaryDirectory
 from safetensors import SafetensorError, safe_open
 
+from ._files import CONFIG_NAME, WEIGHTS_NAME, pinned, read_config, resolve_file
 from ._integrity import (
     FORMAT_VERSION, ComponentError, atomic_save_safetensors, atomic_write_bytes, config_metadata, config_text,
     recorded_config, weights_digest)
 
 __all__ = ['Component', 'ComponentError', 'CONFIG_NAME', 'WEIGHTS_NAME', 'FORMAT_VERSION', 'load_component',
-           'read_config', 'resolve_file']
+           'pinned', 'read_config', 'resolve_file']
 
-CONFIG_NAME = 'config.json'
-WEIGHTS_NAME = 'model.safetensors'
 CARD_NAME = 'README.md'
-PICKLE_SUFFIXES = ('.bin', '.pt', '.pth', '.ckpt', '.pkl', '.pickle')
 PAPER_URL = 'https://arxiv.org/abs/2004.03898'
-
-
-def resolve_file(model_id: str, filename: str, *, revision: Optional[str] = None, cache_dir=None,
-                 force_download: bool = False, local_files_only: bool = False, token=None) -> Path:
-    """Path of ``filename`` in a local folder, or in a Hub repo through ``hf_hub_download`` and its cache.
-
-    Raises:
-        ComponentError: The file is missing, only pickled weights are offered, or the repo cannot be found or
-            reached; the message says which.
-    """
-    if os.path.isdir(model_id):
-        path = Path(model_id) / filename
-        if not path.is_file():
-            pickles = sorted(p.name for p in Path(model_id).iterdir() if p.suffix in PICKLE_SUFFIXES)
-            if filename == WEIGHTS_NAME and pickles:
-                raise ComponentError(
-                    f'{model_id} holds {pickles[0]} but no {WEIGHTS_NAME}. Pickled weights are never loaded; '
-                    f'convert them to safetensors where you trust the file (safetensors.torch.save_file).')
-            raise ComponentError(f'{model_id} is not a timm-compat component: {filename} is missing. '
-                                 f'Save components with .save_pretrained(dir).')
-        return path
-    try:
-        return Path(hf_hub_download(model_id, filename, revision=revision, cache_dir=cache_dir,
-                                    force_download=force_download, local_files_only=local_files_only, token=token))
-    except HFValidationError as e:
-        raise ComponentError(f'{model_id!r} is neither a local folder nor a Hub repo id (ORG/NAME): '
-                             f'check the path.') from e
-    except RepositoryNotFoundError as e:
-        raise ComponentError(f'Hub repo {model_id!r} not found (and no local folder of that name). If it is private '
-                             f'or gated, log in with `hf auth login` or pass token=...') from e
-    except RevisionNotFoundError as e:
-        raise ComponentError(f'Hub repo {model_id!r} has no revision {revision!r}.') from e
-    except LocalEntryNotFoundError as e:  # before EntryNotFoundError, its base: a cache miss, not a missing file
-        if constants.is_offline_mode():
-            why = ('HF_HUB_OFFLINE is set, so the Hub was not asked (offline, a repo id that does not exist looks '
-                   'the same). Unset HF_HUB_OFFLINE to download it, or check the repo id')
-        elif local_files_only:
-            why = 'local_files_only=True: pass local_files_only=False to download it'
-        else:
-            why = (f'the Hub ({constants.ENDPOINT}) could not be reached. Check the connection, or set '
-                   f'HF_HUB_OFFLINE=1 to use cached components only')
-        raise ComponentError(f'{filename} of Hub repo {model_id!r} is not in the local cache, and {why}. '
-                             f'(There is no local folder {model_id!r} either.)') from e
-    except EntryNotFoundError as e:
-        raise ComponentError(f'Hub repo {model_id!r} has no {filename}: it is not a timm-compat component '
-                             f'(pickled weights are never loaded).') from e
-
-
-def read_config(model_id: str, **resolve: Any) -> Dict[str, Any]:
-    """The ``config.json`` of a component folder or repo, checked to be one this version can load.
-
-    Args:
-        model_id: Local folder or Hub repo id.
-        **resolve: ``revision``, ``cache_dir``, ``force_download``, ``local_files_only``, ``token``.
-    """
-    path = resolve_file(model_id, CONFIG_NAME, **resolve)
-    try:
-        config = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ComponentError(f'{path} is not valid JSON ({e}). Save the component again.') from e
-    if not isinstance(config, dict) or 'role' not in config:
-        raise ComponentError(f'{model_id}: {CONFIG_NAME} has no "role": it is not a timm-compat component.')
-    if config.get('format_version', 0) > FORMAT_VERSION:
-        raise ComponentError(f'{model_id} was saved in component format {config["format_version"]}, newer than '
-                             f'this timm-compat reads ({FORMAT_VERSION}): upgrade timm-compat.')
-    return config
 
 
 def write_folder(directory: Union[str, Path], tensors: Dict[str, torch.Tensor], config: Dict[str, Any],
@@ -155,6 +85,7 @@ def _interface_words(iid: Optional[str]) -> str:
 
 def read_verified(model_id: str, resolve: Dict[str, Any]) -> Tuple[Dict[str, Any], Dict[str, torch.Tensor]]:
     """The config saved with the weights, and the weights, once config.json, metadata and digest agree."""
+    resolve = pinned(model_id, resolve)
     config = read_config(model_id, **resolve)
     tensors, metadata = _read_safetensors(resolve_file(model_id, WEIGHTS_NAME, **resolve))
     config = recorded_config(model_id, config, metadata)
@@ -392,6 +323,7 @@ def load_component(repo_id_or_dir, *, revision: Optional[str] = None, cache_dir=
     """
     resolve = dict(revision=revision, cache_dir=cache_dir, force_download=force_download,
                    local_files_only=local_files_only, token=token)
+    resolve = pinned(str(repo_id_or_dir), resolve)  # the role read is that of the files loaded
     role = read_config(str(repo_id_or_dir), **resolve)['role']
     if role not in Component.registry:
         raise ComponentError(f'{repo_id_or_dir} holds a component of role {role!r}, which no imported module defines '
