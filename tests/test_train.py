@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from accelerate.utils import load as accelerate_load
 
 from accelerate import Accelerator
 
@@ -134,6 +135,11 @@ def test_two_process_ddp_on_cpu(tmp_path):
     assert summary['processes'] == 2
     ids = summary['phases']['main']['interface_id_per_rank']
     assert len(ids) == 2 and ids[0] == ids[1] == summary['phases']['main']['interface_id']
+    # Each rank crops and flips from its own RNG stream (seed + rank); with one shared seed, rank 1's i-th image of
+    # every batch took rank 0's crop and flip. Accelerate checkpoints each rank's RNG state (read as it reads them).
+    step = tmp_path / 'ddp' / 'main' / 'checkpoints' / 'step_00000002'
+    states = [accelerate_load(step / f'random_states_{rank}.pkl') for rank in range(2)]  # weights_only
+    assert not torch.equal(states[0]['torch_manual_seed'], states[1]['torch_manual_seed'])
     # accelerate steps a prepared scheduler once per process: the cosine must still end exactly at the last step.
     last = (tmp_path / 'ddp' / 'main' / 'metrics.csv').read_text().splitlines()[-1].split(',')
     assert last[0] == '4' and float(last[1]) == 0.0

@@ -146,7 +146,7 @@ def fit_phase(phase: Phase, accelerator: Accelerator, out: Path, resume: bool) -
         validation on, ``best`` too (``best.json``, on the main process; see :mod:`timm_compat.validation`).
     """
     cfg, device = phase.cfg, accelerator.device
-    set_seed(cfg.seed)
+    set_seed(cfg.seed, device_specific=True)  # augmentation draws: one stream per rank, not one shared by all
     data = {name: (phase.data[name][0].to(device),
                    EpochSampler(len(phase.data[name][0]), cfg.batch_size, cfg.seed + i, accelerator.process_index,
                                 accelerator.num_processes, device)) for i, name in enumerate(phase.trained)}
