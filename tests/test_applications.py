@@ -327,6 +327,20 @@ def test_unfitted_stitch_is_direct_recombination(interface, target, sources):
         assert torch.allclose(stitched(x), tc.recombine(sources['s1'], target.head)(x), atol=1e-5)
 
 
+def test_a_stitched_model_is_refused_by_the_recombination_matrix(interface, target, sources, test):
+    # A stitch that is not the identity: a matrix that paired the bare extractor and head would score another model.
+    stitch = Stitch(16, 16, False, interface.id, interface.id)
+    with torch.no_grad():
+        stitch.conv.weight.mul_(-1)
+    stitched = StitchedModel(sources['s1'], stitch, target.head)
+    bare = tc.recombine(sources['s1'], target.head)
+    x = torch.randn(4, 3, 16, 16)
+    with torch.no_grad(), tc.eval_mode(stitched, 'batch'), tc.eval_mode(bare, 'batch'):
+        assert not torch.allclose(stitched(x), bare(x), atol=1e-3)
+    with pytest.raises(ValueError, match=r'Models \[1\] pass features through a stitch.*accuracy\(\)'):
+        tc.recombination_matrix([target, stitched], [test, test])
+
+
 # Mixed precision: every application trains through timm_compat.fit.fit, so each takes mixed_precision.
 
 def test_applications_train_in_bf16_and_keep_their_invariants(interface, target, narrow, train, test):

@@ -132,6 +132,20 @@ def test_models_without_weights_are_refused_by_name():
         accuracy(on_meta, sorted_data())
 
 
+def test_data_whose_classes_the_head_orders_otherwise_is_refused_not_scored():
+    # Labels index the head's outputs: STL-10 and CIFAR-10 list shared classes in other orders, so data of the
+    # head's classes in another order would be scored against the wrong outputs (here every image, 0 %).
+    model, data = Net(), sorted_data()
+    assert accuracy(model, data, 50) == 1.0
+    relabelled = ImageData(data.images, 1 - data.labels, ['light', 'dark'])  # the same images, classes swapped
+    for score in (accuracy, per_class_accuracy, average_class_accuracy):
+        with pytest.raises(ValueError, match=r"lists its classes as \['light', 'dark'\], the head as \['dark', "
+                                             r"'light'\].*select_classes\(head.class_names\)"):
+            score(model, relabelled, 50)
+    synonyms = Net(BrightnessHead(['Dark', 'light']))  # canonical names match: scored as before
+    assert accuracy(synonyms, data, 50) == 1.0
+
+
 def test_a_small_test_set_is_one_batch_in_stored_order():
     assert [b.tolist() for b in evaluation_batches(5, 8)] == [[0, 1, 2, 3, 4]]
     assert evaluation_batches(0, 8) == []

@@ -46,6 +46,16 @@ def _check_loaded(models: Sequence[nn.Module]) -> None:
                          f'load them first (load_component, or to_empty() then load_state_dict()).')
 
 
+def _check_classes(model: nn.Module, data: ImageData) -> None:
+    """Labels index the head's outputs: refuse data whose classes the head names otherwise (or in another order)."""
+    names = getattr(getattr(model, 'head', None), 'class_names', None)
+    if names is not None and [canonical_class_name(c) for c in data.class_names] != [
+            canonical_class_name(c) for c in names]:
+        raise ValueError(f'The data lists its classes as {list(data.class_names)}, the head as {list(names)}: its '
+                         f'labels would be scored against other classes. Reorder the data with '
+                         f'data.select_classes(head.class_names), or score the head on its own task.')
+
+
 def _inputs(images: torch.Tensor, extractor: nn.Module, device) -> torch.Tensor:
     cfg = extractor.pretrained_cfg
     return normalize(images.to(device, non_blocking=True), cfg['mean'], cfg['std'])
@@ -65,8 +75,12 @@ def accuracy(model, data: ImageData, batch_size: int = 256, bn: str = 'batch', s
         tta: Test-time augmentation (:mod:`timm_compat.tta`): ``'none'`` (the paper's), ``'flip'`` or
             ``'flip_translate'``.
         shard: ``(rank, processes)`` of a multi-process run: see the module's docstring; every process calls it.
+
+    Raises:
+        ValueError: The head's ``class_names`` are not ``data``'s, in its order (up to synonyms).
     """
     _check_loaded([model])
+    _check_classes(model, data)
     device = _device(model.extractor)
     correct = torch.zeros((), dtype=torch.long, device=_device(model.head))  # no host sync per batch
     with eval_mode(model, bn):
@@ -87,9 +101,10 @@ def per_class_accuracy(model, data: ImageData, batch_size: int = 250, bn: str = 
                        seed: int = 0, tta: str = 'none') -> torch.Tensor:
     """Top-1 accuracy of each class of ``data``, a ``(num_classes,)`` CPU tensor; NaN for classes with no images.
 
-    Arguments as :func:`accuracy`.
+    Arguments and errors as :func:`accuracy`.
     """
     _check_loaded([model])
+    _check_classes(model, data)
     device = _device(model.extractor)
     num_classes = data.num_classes
     correct = torch.zeros(num_classes, device=device)
@@ -177,9 +192,16 @@ def recombination_matrix(models: Sequence, test_data: Sequence[ImageData], batch
 
     Returns:
         ``(N, N)`` tensor; entry ``[i, j]`` is extractor ``i`` + head ``j`` on test set ``i``.
+
+    Raises:
+        ValueError: A head without ``class_names``, a model with a stitch (one pair: score it with
+            :func:`accuracy`), no weights, or no common class.
     """
     if any(m.head.class_names is None for m in models):
         raise ValueError('Recombination matches classes by name: every head needs class_names.')
+    if stitched := [i for i, m in enumerate(models) if getattr(m, 'stitch', None) is not None]:
+        raise ValueError(f'Models {stitched} pass features through a stitch, which recombination would leave out '
+                         f'(it pairs bare extractors and heads): score a stitched model with accuracy().')
     _check_loaded(models)
     common = list(common) if common is not None else common_classes([d.class_names for d in test_data])
     if not common:
