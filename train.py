@@ -24,8 +24,8 @@ from timm_compat._hardware import hardware
 from timm_compat.build import Phase, build_phases, load_task_data
 from timm_compat.config import config_help, load_config
 from timm_compat.data import DATA_VERSION
-from timm_compat.engine import (check_hub_credentials, claim_run_dir, evaluate_phase, fit_phase, make_accelerator,
-                                push_components, save_components, write_summary)
+from timm_compat.engine import (PUSHED_NAME, check_hub_credentials, claim_run_dir, evaluate_phase, fit_phase,
+                                make_accelerator, push_components, save_components, write_summary)
 from timm_compat.metrics_log import MetricsLog
 from timm_compat.plots import plot_phase
 
@@ -79,9 +79,11 @@ def main(argv=None) -> dict:
             print(f'\nwall time {summary["wall_seconds"]} s on {accelerator.num_processes} process(es), '
                   f'{accelerator.device}; results in {out / "summary.json"}')
             # Last, after every collective: the other processes are done, none waits during the upload.
+            # Each phase that asks (the independent baseline never does) and has not pushed in an earlier
+            # invocation: a resume pushes a phase finished before a later one crashed, an --overwrite pushes anew.
             for p in phases:
-                if cfg.push_to_hub and p.tag not in finished:
-                    push_components(p, Path(results[p.tag]['components']))
+                if p.cfg.push_to_hub and not (out / p.tag / PUSHED_NAME).exists():
+                    push_components(p, Path(results[p.tag]['components']), out / p.tag / PUSHED_NAME)
     return summary
 
 

@@ -218,6 +218,40 @@ def test_save_components_and_push_to_hub(tmp_path, monkeypatch):
     assert files == ['README.md', 'config.json', 'model.safetensors'] and iid in message
 
 
+def recorded_uploads(monkeypatch):
+    """Repo ids the Hub would receive, in order; the credential check passes."""
+    from huggingface_hub import HfApi, constants
+    from huggingface_hub.hf_api import RepoUrl
+    uploads = []
+    monkeypatch.setattr(HfApi, 'create_repo', lambda self, repo_id, **kw: RepoUrl(f'{constants.ENDPOINT}/{repo_id}'))
+    monkeypatch.setattr(HfApi, 'upload_folder', lambda self, **kw: uploads.append(kw['repo_id']))
+    logged_in(monkeypatch)
+    return uploads
+
+
+def test_push_sends_each_compatible_phase_once_never_the_baseline(tmp_path, monkeypatch):
+    uploads = recorded_uploads(monkeypatch)
+    main_repos = ['org/demo-interface', 'org/demo-a-extractor', 'org/demo-a-head', 'org/demo-b-extractor',
+                  'org/demo-b-head']
+    # The independent baseline has no push_to_hub of its own: it was pushed to "None-a-extractor" etc.
+    run(tmp_path, '--set', 'baseline=independent', '--push-to-hub', 'org/demo')
+    assert uploads == main_repos and (tmp_path / 'run' / 'main' / 'pushed.json').is_file()
+    # The baseline crashed in an earlier invocation (its summary is missing): the resume trains it again and pushes
+    # main, which finished before the crash but was never pushed (pushes come last).
+    uploads.clear()
+    (tmp_path / 'run' / 'main' / 'pushed.json').unlink()
+    (tmp_path / 'run' / 'independent' / 'summary.json').unlink()
+    summary = run(tmp_path, '--set', 'baseline=independent', '--push-to-hub', 'org/demo', '--resume')
+    assert uploads == main_repos
+    pushed = tc.load_component(Path(summary['phases']['main']['components']) / 'a' / 'head')
+    assert pushed.interface_id == summary['phases']['main']['interface_id']  # the trained one, read back
+    uploads.clear()
+    run(tmp_path, '--set', 'baseline=independent', '--push-to-hub', 'org/demo', '--resume')
+    assert uploads == []  # pushed already
+    run(tmp_path, '--set', 'baseline=independent', '--push-to-hub', 'org/demo', '--overwrite')
+    assert uploads == main_repos  # retrained: pushed anew
+
+
 def logged_in(monkeypatch):
     import huggingface_hub
     monkeypatch.setattr(huggingface_hub, 'get_token', lambda: 'hf_test')

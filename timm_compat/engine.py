@@ -37,8 +37,9 @@ from .validation import Validator
 from .whitening import drop_whitening_bias_grads, frozen_whitening_biases
 
 __all__ = ['make_accelerator', 'check_hub_credentials', 'claim_run_dir', 'fit_phase', 'TrainLoop', 'evaluate_phase',
-           'save_components', 'push_components', 'write_summary']
+           'save_components', 'push_components', 'write_summary', 'PUSHED_NAME']
 
+PUSHED_NAME = 'pushed.json'  # in a phase's folder once its components are on the Hub
 TRACKERS_DIR = 'trackers'  # the trackers' project name: their logs go to OUT/trackers/
 
 
@@ -369,23 +370,29 @@ def save_components(phase: Phase, folder: Path) -> None:
         component.save_pretrained(folder / name)
 
 
-def push_components(phase: Phase, saved: Path) -> None:
-    """Push what ``phase`` trained to the Hub as ``<prefix>-interface`` and ``<prefix>-<network>-extractor|head``
-    (``prefix`` is ``phase.cfg.push_to_hub``). Main process only, after the run's last collective: no other process
-    waits in one (and may time out) during a slow upload.
+def push_components(phase: Phase, saved: Path, marker: Path) -> None:
+    """Push the components ``phase`` saved in ``saved`` to the Hub as ``<prefix>-interface`` and
+    ``<prefix>-<network>-extractor|head`` (``prefix`` is ``phase.cfg.push_to_hub``), then write ``marker``.
+
+    Each is read back, verified, from its folder: a phase finished by an earlier invocation (a resume after a later
+    phase crashed) holds no trained modules in memory, only its folders. Main process only, after the run's last
+    collective: no other process waits in one (and may time out) during a slow upload.
 
     Raises:
         ValueError: A push failed; it names ``saved``, where the components are kept.
     """
-    prefix, interface = phase.cfg.push_to_hub, phase.interface
-    message = f'timm-compat {phase.tag} run: interface {interface.id if interface is not None else "none"}'
-    for component, name in _trained_components(phase):
-        repo = f'{prefix}-{name.replace("/", "-")}'
+    from .component import load_component
+    repos = []
+    for _, name in _trained_components(phase):
+        component, repo = load_component(saved / name), f'{phase.cfg.push_to_hub}-{name.replace("/", "-")}'
         try:
-            component.push_to_hub(repo, commit_message=message)
+            component.push_to_hub(repo, commit_message=f'timm-compat {phase.tag} run: interface '
+                                                       f'{component.interface_id or "none"}')
         except Exception as e:  # the network, the Hub or the login: the results are safe either way
             raise ValueError(f'[{phase.tag}] pushing {repo} failed ({e}). Nothing is lost: the components '
                              f'are in {saved} and the summary is written; push them from there.') from None
+        repos.append(repo)
+    atomic_write_text(marker, json.dumps({'repos': repos}, indent=2))  # a later --resume does not push again
 
 
 def write_summary(path: Path, summary: Dict[str, Any]) -> None:
