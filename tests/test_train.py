@@ -218,6 +218,16 @@ def test_save_components_and_push_to_hub(tmp_path, monkeypatch):
     assert files == ['README.md', 'config.json', 'model.safetensors'] and iid in message
 
 
+def test_a_resume_with_fewer_steps_than_its_checkpoint_is_refused(tmp_path):
+    run(tmp_path)  # 4 steps, checkpoints every 2
+    for summary in (tmp_path / 'run' / 'main' / 'summary.json', tmp_path / 'run' / 'summary.json'):
+        summary.unlink()  # as if it crashed after its checkpoint of step 2
+    # Before, it trained nothing and reported the step-2 weights as those of a 1-step run.
+    with pytest.raises(ValueError, match=r'step_00000002, is at step 2, past the 1 steps .* set steps'):
+        run(tmp_path, '--set', 'steps=1', '--resume')
+    assert run(tmp_path, '--resume')['phases']['main']['steps'] == 4  # the run itself is intact
+
+
 def recorded_uploads(monkeypatch):
     """Repo ids the Hub would receive, in order; the credential check passes."""
     from huggingface_hub import HfApi, constants

@@ -114,7 +114,7 @@ def load_train_state(checkpoint: Path) -> TrainState:
     return state
 
 
-def resume_train_state(tag: str, accelerator, out: Path, resume: bool) -> TrainState:
+def resume_train_state(tag: str, accelerator, out: Path, resume: bool, total_steps: int) -> TrainState:
     """The train state a phase starts from: its newest checkpoint's (Accelerate state loaded) or a fresh one.
 
     ``metrics.csv`` is rewound to the checkpoint: rows logged after it are logged again.
@@ -124,9 +124,18 @@ def resume_train_state(tag: str, accelerator, out: Path, resume: bool) -> TrainS
         accelerator: The run's Accelerator, with the phase's objects prepared.
         out: The phase's folder: ``checkpoints/`` and ``metrics.csv``.
         resume: Continue from the newest checkpoint, if there is one.
+        total_steps: The phase's length now; a checkpoint past it is refused.
+
+    Raises:
+        ValueError: The newest checkpoint is past ``total_steps`` (``steps``/``epochs`` lowered on resume): the run
+            would train nothing and report weights of a later step as those of ``total_steps``.
     """
     state = TrainState()
     if resume and (last := latest_checkpoint(out / 'checkpoints')) is not None:
+        if (step := load_train_state(last).step) > total_steps:
+            raise ValueError(f'[{tag}] the newest checkpoint, {last}, is at step {step}, past the {total_steps} steps '
+                             f'the config now asks for: set steps (or epochs) to at least {step} to resume it, or '
+                             f'start a new run.')
         accelerator.load_state(str(last))
         state = load_train_state(last)
         accelerator.print(f'[{tag}] resumed from {last} at step {state.step}')

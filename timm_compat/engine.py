@@ -158,7 +158,7 @@ def fit_phase(phase: Phase, accelerator: Accelerator, out: Path, resume: bool) -
     if backend := compile_backend(cfg.compile):
         phase.joint.compile(backend=backend)
     joint, optimizer, scheduler = accelerator.prepare(phase.joint, optimizer, scheduler)
-    state = resume_train_state(phase.tag, accelerator, out, resume)
+    state = resume_train_state(phase.tag, accelerator, out, resume, total_steps)
     loop = TrainLoop(phase, accelerator, joint, optimizer, scheduler, state, out, data)
     loop.run(total_steps)
     fitted = {'train_seconds': round(state.train_seconds, 2), 'steps': total_steps}
