@@ -228,6 +228,15 @@ def test_a_resume_with_fewer_steps_than_its_checkpoint_is_refused(tmp_path):
     assert run(tmp_path, '--resume')['phases']['main']['steps'] == 4  # the run itself is intact
 
 
+def test_the_baseline_of_an_incremental_run_has_the_loaded_interfaces_width(tmp_path):
+    first = run(tmp_path, name='first')  # width 16 (tests/tiny.yaml)
+    summary = run(tmp_path, '--interface', str(Path(first['phases']['main']['components']) / 'interface'),
+                  '--set', 'interface.width=null', '--set', 'baseline=independent')
+    widths = {tag: tc.load_component(Path(summary['phases'][tag]['components']) / 'a' / 'extractor').width
+              for tag in ('main', 'independent')}
+    assert widths == {'main': 16, 'independent': 16}  # the baseline took the default, 64
+
+
 def recorded_uploads(monkeypatch):
     """Repo ids the Hub would receive, in order; the credential check passes."""
     from huggingface_hub import HfApi, constants

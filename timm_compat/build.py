@@ -207,5 +207,10 @@ def build_phase(tag: str, cfg: RunConfig, data: Dict[str, Tuple[ImageData, Image
 
 def build_phases(cfg: RunConfig, data: Dict[str, Tuple[ImageData, ImageData]], device: torch.device) -> List[Phase]:
     """The run's ``main`` phase and, when ``cfg.baseline`` asks for it, its ``independent`` baseline."""
-    phase_cfgs = [('main', cfg)] + ([('independent', cfg.independent())] if cfg.baseline else [])
-    return [build_phase(tag, phase_cfg, data, device) for tag, phase_cfg in phase_cfgs]
+    main = build_phase('main', cfg, data, device)
+    if not cfg.baseline:
+        return [main]
+    baseline = cfg.independent()
+    if main.interface is not None:  # a loaded interface sets main's width: the baseline's networks are the same
+        baseline.interface.width = main.interface.width
+    return [main, build_phase('independent', baseline, data, device)]
