@@ -218,6 +218,7 @@ def test_save_components_and_push_to_hub(tmp_path, monkeypatch):
     assert files == ['README.md', 'config.json', 'model.safetensors'] and iid in message
 
 
+@pytest.mark.slow  # end to end: several tiny runs
 def test_a_resume_with_fewer_steps_than_its_checkpoint_is_refused(tmp_path):
     run(tmp_path)  # 4 steps, checkpoints every 2
     for summary in (tmp_path / 'run' / 'main' / 'summary.json', tmp_path / 'run' / 'summary.json'):
@@ -228,6 +229,7 @@ def test_a_resume_with_fewer_steps_than_its_checkpoint_is_refused(tmp_path):
     assert run(tmp_path, '--resume')['phases']['main']['steps'] == 4  # the run itself is intact
 
 
+@pytest.mark.slow  # end to end: several tiny runs
 def test_the_baseline_of_an_incremental_run_has_the_loaded_interfaces_width(tmp_path):
     first = run(tmp_path, name='first')  # width 16 (tests/tiny.yaml)
     summary = run(tmp_path, '--interface', str(Path(first['phases']['main']['components']) / 'interface'),
@@ -248,6 +250,7 @@ def recorded_uploads(monkeypatch):
     return uploads
 
 
+@pytest.mark.slow  # end to end: several tiny runs
 def test_push_sends_each_compatible_phase_once_never_the_baseline(tmp_path, monkeypatch):
     uploads = recorded_uploads(monkeypatch)
     main_repos = ['org/demo-interface', 'org/demo-a-extractor', 'org/demo-a-head', 'org/demo-b-extractor',
