@@ -88,6 +88,16 @@ def test_recombination_matrix_does_not_depend_on_the_stored_order():
     assert matrix.tolist() == [[1.0, 1.0], [1.0, 1.0]]
 
 
+def test_common_classes_are_matched_up_to_synonyms_and_a_missing_one_is_named():
+    models, tests = [Net(), Net()], [sorted_data(), sorted_data()]
+    assert recombination_matrix(models, tests, 40, common=['Dark', 'LIGHT']).tolist() == [[1.0, 1.0], [1.0, 1.0]]
+    grey = sorted_data(class_names=['dark', 'grey'])  # network 1's test set has no 'light'
+    with pytest.raises(ValueError, match=r"test set 1 lacks \['light'\]: pass common= classes that all"):
+        recombination_matrix(models, [tests[0], grey], 40, common=['dark', 'light'])
+    with pytest.raises(ValueError, match=r"head 1 lacks \['grey'\]"):  # a head that cannot predict a common class
+        recombination_matrix([Net(BrightnessHead(['dark', 'grey'])), Net()], [grey, grey], 40)
+
+
 def test_diagonal_is_common_class_accuracy_and_own_accuracy_is_all_class():
     # Network 0 has a third class that its head always predicts; network 1 knows only the common two.
     three = ['dark', 'light', 'grey']

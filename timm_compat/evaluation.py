@@ -133,6 +133,17 @@ def _common_subset(data: ImageData, common: Sequence[str]) -> ImageData:
     return data.select_classes([by_name[c] for c in common])
 
 
+def _check_common(common: Sequence[str], test_data: Sequence[ImageData], heads: Sequence[nn.Module]) -> None:
+    """Every test set and every head must have every common class; the error names those that lack some."""
+    named = ([(f'test set {i}', d.class_names) for i, d in enumerate(test_data)]
+             + [(f'head {i}', h.class_names) for i, h in enumerate(heads)])
+    lacking = [f'{what} lacks {missing}' for what, names in named
+               if (missing := sorted(set(common) - {canonical_class_name(c) for c in names}))]
+    if lacking:
+        raise ValueError(f'Recombination scores the common classes with every head on every test set, but '
+                         f'{"; ".join(lacking)}: pass common= classes that all of them have.')
+
+
 def _head_columns(head, common: Sequence[str]) -> List[int]:
     names = [canonical_class_name(c) for c in head.class_names]
     return [names.index(c) for c in common]
@@ -185,7 +196,7 @@ def recombination_matrix(models: Sequence, test_data: Sequence[ImageData], batch
         test_data: Test split of each model's own task.
         batch_size: Evaluation batch size (it matters: BN uses batch statistics).
         bn: ``'batch'`` or ``'running'``.
-        common: Classes to evaluate on; default the classes (by name, up to synonyms) of every test set.
+        common: Classes to evaluate on (by name, up to synonyms); default the classes of every test set.
         seed: Seed of the order in which the images are batched (see :func:`~timm_compat.data.iterate_batches`).
         tta: Test-time augmentation, as in :func:`accuracy`.
         shard: As in :func:`accuracy`.
@@ -203,9 +214,11 @@ def recombination_matrix(models: Sequence, test_data: Sequence[ImageData], batch
         raise ValueError(f'Models {stitched} pass features through a stitch, which recombination would leave out '
                          f'(it pairs bare extractors and heads): score a stitched model with accuracy().')
     _check_loaded(models)
-    common = list(common) if common is not None else common_classes([d.class_names for d in test_data])
+    common = ([canonical_class_name(c) for c in common] if common is not None
+              else common_classes([d.class_names for d in test_data]))
     if not common:
         raise ValueError('The networks share no class names, so recombination accuracy is undefined.')
+    _check_common(common, test_data, [m.head for m in models])
     heads = [m.head for m in models]
     columns = [_head_columns(h, common) for h in heads]
     subsets = [_common_subset(data, common) for data in test_data]
