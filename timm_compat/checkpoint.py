@@ -132,12 +132,12 @@ def resume_train_state(tag: str, accelerator, out: Path, resume: bool, total_ste
     """
     state = TrainState()
     if resume and (last := latest_checkpoint(out / 'checkpoints')) is not None:
-        if (step := load_train_state(last).step) > total_steps:
-            raise ValueError(f'[{tag}] the newest checkpoint, {last}, is at step {step}, past the {total_steps} steps '
-                             f'the config now asks for: set steps (or epochs) to at least {step} to resume it, or '
-                             f'start a new run.')
-        accelerator.load_state(str(last))
         state = load_train_state(last)
+        if state.step > total_steps:
+            raise ValueError(f'[{tag}] the newest checkpoint, {last}, is at step {state.step}, past the {total_steps} '
+                             f'steps the config now asks for: set steps (or epochs) to at least {state.step} to resume '
+                             f'it, or start a new run.')
+        accelerator.load_state(str(last))
         accelerator.print(f'[{tag}] resumed from {last} at step {state.step}')
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
