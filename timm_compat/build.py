@@ -14,10 +14,10 @@ from accelerate.utils import set_seed
 from .classes import canonical_class_name, common_classes
 from .compatible import CompatibleModel, make_compatible, recombine
 from .components import Extractor, Head
-from .config import NetworkConfig, RunConfig
+from .config import InterfaceConfig, NetworkConfig, RunConfig
 from .data import ImageData, load_image_data, local_source
 from .streaming import default_workers
-from .interface import DEFAULT_WIDTH, Interface
+from .interface import DEFAULT_WIDTH, Interface, normalise_spec
 from .joint import JointModel
 from .methods import init_seed, methods_for
 from .validation import split_holdout
@@ -69,6 +69,7 @@ def build_interface(cfg: RunConfig, class_lists: Sequence[Sequence[str]]) -> Opt
         if icfg.width is not None and icfg.width != interface.width:
             raise ValueError(f'The frozen interface {icfg.load} has width {interface.width}, but the config asks for '
                              f'width {icfg.width}. Set interface.width to {interface.width} (or drop it).')
+        _check_loaded(icfg, interface)
         return interface
     dcc_classes = None
     if icfg.dcc:
@@ -78,6 +79,33 @@ def build_interface(cfg: RunConfig, class_lists: Sequence[Sequence[str]]) -> Opt
                              f'interface.dcc_classes or set interface.dcc=false.')
     return Interface(width=icfg.width or DEFAULT_WIDTH, rp=icfg.rp, dcc_classes=dcc_classes, aux_head=icfg.aux_head,
                      rp_head=icfg.rp_head, dcc_head=icfg.dcc_head)
+
+
+def _check_loaded(icfg: InterfaceConfig, interface: Interface) -> None:
+    """Refuse keys that describe an interface other than the loaded one: its heads and DCC classes are fixed.
+
+    A key at its default asks for nothing (the loaded interface decides); ``interface.rp``/``dcc: false`` are
+    honoured by training that method not at all (:func:`build_phase`).
+    """
+    asked = icfg.dcc_classes and [canonical_class_name(c) for c in icfg.dcc_classes]
+    if asked is not None and asked != [canonical_class_name(c) for c in interface.dcc_classes or []]:
+        _refuse_loaded(icfg, 'dcc_classes', icfg.dcc_classes, f'DCC classes {interface.dcc_classes}')
+    default = InterfaceConfig.model_fields['aux_head'].default
+    for head in ('rp', 'dcc'):
+        key = f'{head}_head' if getattr(icfg, f'{head}_head') is not None else 'aux_head'
+        value = getattr(icfg, key)
+        if key == 'aux_head' and (value == default or head not in interface.head_specs):
+            continue
+        if head not in interface.head_specs:
+            _refuse_loaded(icfg, key, value, f'no {head.upper()} head')
+        if normalise_spec(value) != interface.head_specs[head]:
+            _refuse_loaded(icfg, key, value, f'{head.upper()} head {interface.head_specs[head]}')
+
+
+def _refuse_loaded(icfg: InterfaceConfig, key: str, value, has: str) -> None:
+    raise ValueError(f'interface.{key}={value!r} describes another interface than the loaded interface '
+                     f'{icfg.load}, which has {has}; a loaded interface is trained against as it is: drop '
+                     f'interface.{key}, or train a new interface (drop interface.load).')
 
 
 def build_network(net: NetworkConfig, index: int, cfg: RunConfig, interface: Optional[Interface],
@@ -194,9 +222,10 @@ def build_phase(tag: str, cfg: RunConfig, data: Dict[str, Tuple[ImageData, Image
     init_run_whitening(cfg, models, data)  # after the holdout split: never from validation examples
     if interface is not None:
         interface.to(device)  # a loaded, frozen interface is not prepared by Accelerate
-    methods = methods_for(interface, cfg.interface.rp_weight, cfg.interface.dcc_weight, rp_norm=cfg.interface.rp_norm,
-                          rp_rotations=cfg.interface.rp_rotations, seed=cfg.seed,
-                          dcc_reduction=cfg.interface.dcc_reduction)
+    # rp/dcc false switch a method off, also against a loaded interface that has its head.
+    icfg = cfg.interface
+    methods = methods_for(interface, icfg.rp_weight * icfg.rp, icfg.dcc_weight * icfg.dcc, rp_norm=icfg.rp_norm,
+                          rp_rotations=icfg.rp_rotations, seed=cfg.seed, dcc_reduction=icfg.dcc_reduction)
     joint = JointModel({n.name: models[n.name] for n in cfg.networks if not n.load}, interface, methods,
                        schedule=cfg.joint_schedule, label_smoothing=cfg.optim.label_smoothing,
                        task_weight=cfg.task_weight)

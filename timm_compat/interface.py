@@ -12,7 +12,7 @@ from .component import Component, ComponentError
 from .components import _check_width, build_components, check_model_args
 from .methods.rp import NUM_ROTATIONS
 
-__all__ = ['Interface', 'build_aux_head', 'DEFAULT_AUX_HEAD', 'DEFAULT_WIDTH']
+__all__ = ['Interface', 'build_aux_head', 'normalise_spec', 'DEFAULT_AUX_HEAD', 'DEFAULT_WIDTH']
 
 DEFAULT_AUX_HEAD = {'type': 'conv', 'hidden': None}  # hidden=None: the interface width
 DEFAULT_WIDTH = 64
@@ -23,7 +23,7 @@ NONCE_BYTES = 8
 _SPEC_KEYS = {'conv': {'type', 'hidden', 'logit_scale'}, 'timm': {'type', 'backbone', 'split', 'model_args'}}
 
 
-def _normalise_spec(spec: Union[str, Dict[str, Any], None]) -> Dict[str, Any]:
+def normalise_spec(spec: Union[str, Dict[str, Any], None]) -> Dict[str, Any]:
     """The full aux head spec, checked: it is saved with the interface and rebuilds the head on load.
 
     Raises:
@@ -129,10 +129,10 @@ class Interface(Component):
         self.head_specs: Dict[str, Dict[str, Any]] = {}
         self.aux_heads = nn.ModuleDict()
         if rp:
-            self.head_specs['rp'] = _normalise_spec(rp_head or aux_head)
+            self.head_specs['rp'] = normalise_spec(rp_head or aux_head)
             self.aux_heads['rp'] = build_aux_head(self.head_specs['rp'], width, NUM_ROTATIONS)
         if dcc_classes is not None:
-            self.head_specs['dcc'] = _normalise_spec(dcc_head or aux_head)
+            self.head_specs['dcc'] = normalise_spec(dcc_head or aux_head)
             self.aux_heads['dcc'] = build_aux_head(self.head_specs['dcc'], width, len(dcc_classes), dcc_classes)
         # From the OS, not torch's RNG: a seed must not reproduce another user's id. DDP broadcasts rank 0's buffer.
         self.register_buffer('nonce', torch.frombuffer(bytearray(os.urandom(NONCE_BYTES)), dtype=torch.uint8))
