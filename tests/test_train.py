@@ -1,4 +1,5 @@
 import json
+import math
 import os
 import subprocess
 import sys
@@ -432,3 +433,13 @@ def test_compile_compiles_each_extractor_and_head_in_place_not_the_task(tmp_path
     for path in keys('eager'):
         with safe_open(tmp_path / 'compiled' / path, 'pt') as c, safe_open(tmp_path / 'eager' / path, 'pt') as e:
             assert sorted(c.keys()) == sorted(e.keys())
+
+
+def test_metrics_lr_is_the_lr_of_the_logged_update(tmp_path):
+    run(tmp_path, '--set', 'log_every=1', '--set', 'optim.lr=0.05', '--set', 'optim.schedule=cosine')
+    rows = (tmp_path / 'run' / 'main' / 'metrics.csv').read_text().splitlines()
+    header = rows[0].split(',')
+    logged = [float(r.split(',')[header.index('lr')]) for r in rows[1:]]
+    # timm's cosine over 4 updates, no warmup: update t (from 0) takes 0.05 * (1 + cos(pi t / 4)) / 2, so the first
+    # update is at the full lr and none at 0 (the lr after the last update, which the log showed before).
+    assert logged == pytest.approx([0.05 * (1 + math.cos(math.pi * t / 4)) / 2 for t in range(4)], rel=1e-6)

@@ -207,7 +207,7 @@ class TrainLoop:
                              for k in ('mean', 'std')] for name in phase.trained}
         self.memory_format = torch.channels_last if self.cfg.channels_last else torch.contiguous_format
         self.first_bad = torch.tensor(-1, device=device)
-        self.data, self.total_steps, self.streams = data, 0, {}
+        self.data, self.total_steps, self.streams, self.lr = data, 0, {}, None  # lr: of the last update
         self._clock = (0.0, 0.0)  # (wall time, state.train_seconds) when this process started training
         self.validator = (Validator(phase, accelerator, out, state.step, save_components)
                           if self.cfg.validation.every is not None else None)
@@ -262,6 +262,7 @@ class TrainLoop:
         return batches
 
     def before_optimizer_step(self, step: int) -> None:
+        self.lr = self.optimizer.param_groups[0]['lr']  # this update's: the scheduler steps after it
         # Resting networks (alternate schedule) lose their zero gradients: momentum and weight decay skip them.
         self.phase.joint.drop_inactive_grads(self._update(step))
         drop_whitening_bias_grads(self.phase.joint, step, self.cfg, [s.steps_per_epoch for _, s in self.data.values()])
@@ -306,8 +307,7 @@ class TrainLoop:
 
     def log(self, step: int, means: Dict[str, float]) -> None:
         """Write the mean losses since the last log (TensorBoard, ``metrics.csv``), then checkpoint if due."""
-        row = {'step': step, 'lr': self.scheduler.get_last_lr()[0], 'time': round(self.state.train_seconds, 2),
-               **means}
+        row = {'step': step, 'lr': self.lr, 'time': round(self.state.train_seconds, 2), **means}
         # Each phase under its own prefix: main/loss and independent/loss are two curves, not one.
         self.accelerator.log({f'{self.phase.tag}/{k}': v for k, v in row.items() if k != 'step'}, step=step)
         if self.accelerator.is_main_process:
