@@ -1,7 +1,7 @@
 import torch
 
 import timm_compat as tc
-from timm_compat.batchnorm import eval_mode
+from timm_compat.batchnorm import eval_mode, set_batch_statistics
 
 
 def _bn_state(model):
@@ -52,3 +52,39 @@ def test_recalibration_is_the_cumulative_average_of_batch_statistics():
     assert torch.allclose(bn.running_mean, mean, rtol=1e-6, atol=1e-7)
     assert torch.allclose(bn.running_var, var, rtol=1e-6, atol=1e-7)
     assert bn.num_batches_tracked.item() == 2 and bn.momentum == 0.3 and model.training
+
+
+def _stale():
+    bn = torch.nn.BatchNorm2d(2)
+    bn.running_mean.fill_(5.0)
+    bn.running_var.fill_(3.0)
+    bn.num_batches_tracked.fill_(7)
+    return torch.nn.Sequential(torch.nn.Conv2d(2, 2, 1), bn), bn
+
+
+def _failing(batches):
+    yield from batches
+    raise RuntimeError('the loader broke')
+
+
+def test_failed_recalibration_keeps_the_running_statistics():
+    """No batches, or a loader that breaks midway: the statistics of before are kept, not left reset or partial."""
+    import pytest
+    model, bn = _stale()
+    before = _bn_state(model)
+    with pytest.raises(ValueError, match='no batches'):
+        tc.recalibrate_bn(model, [])
+    with pytest.raises(RuntimeError, match='the loader broke'):
+        tc.recalibrate_bn(model, _failing([torch.randn(4, 2, 3, 3)]))
+    assert all(torch.equal(before[k], v) for k, v in _bn_state(model).items()) and bn.momentum == 0.1
+
+
+def test_recalibration_of_a_model_left_in_batch_statistics():
+    """Layers whose running statistics are switched off (set_batch_statistics) are recalibrated, and stay off."""
+    model, bn = _stale()
+    set_batch_statistics(model)
+    x = torch.randn(6, 2, 3, 3)
+    tc.recalibrate_bn(model, [x])
+    with torch.no_grad():
+        assert torch.allclose(bn.running_mean, model[0](x).mean((0, 2, 3)), atol=1e-6)
+    assert bn.num_batches_tracked.item() == 1 and not bn.track_running_stats

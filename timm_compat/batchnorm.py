@@ -80,6 +80,9 @@ def eval_mode(module: nn.Module, bn: str = 'batch') -> Iterator[nn.Module]:
 def recalibrate_bn(module: nn.Module, images: Iterable[torch.Tensor], num_batches: Optional[int] = None) -> nn.Module:
     """AdaBN: replace running statistics with the average statistics of ``module`` over ``images``.
 
+    Layers whose running statistics are switched off (:func:`set_batch_statistics`) are recalibrated too, and stay
+    switched off; layers built without running buffers always use batch statistics and are left as they are.
+
     Args:
         module: Any module taking image batches (a network or an extractor).
         images: Iterable of input batches (tensors already on the module's device).
@@ -87,14 +90,17 @@ def recalibrate_bn(module: nn.Module, images: Iterable[torch.Tensor], num_batche
 
     Returns:
         ``module``, with recalibrated running statistics, in the training mode it had before.
+
+    Raises:
+        ValueError: ``images`` has no batches. On any error the running statistics of before are kept.
     """
-    layers = list(_bn_layers(module))
-    if not layers:
-        return module
-    momenta = [bn.momentum for bn in layers]
+    layers = [bn for bn in _bn_layers(module) if bn.running_mean is not None]
+    saved = [(bn.momentum, bn.track_running_stats, [b.clone() for b in _running(bn)]) for bn in layers]
+    done = False
     with restored_modes(module):
         module.eval()
         for bn in layers:
+            bn.track_running_stats = True  # else reset_running_stats() and the forward leave the buffers alone
             bn.reset_running_stats()
             bn.momentum = None  # cumulative moving average: every batch weighs the same
             bn.train()
@@ -106,7 +112,15 @@ def recalibrate_bn(module: nn.Module, images: Iterable[torch.Tensor], num_batche
                     break
             if seen == 0:
                 raise ValueError('recalibrate_bn got no batches: pass a non-empty iterable of image tensors.')
+            done = True
         finally:
-            for bn, momentum in zip(layers, momenta):
-                bn.momentum = momentum
+            for bn, (momentum, track, buffers) in zip(layers, saved):
+                bn.momentum, bn.track_running_stats = momentum, track
+                if not done:
+                    for buffer, old in zip(_running(bn), buffers):
+                        buffer.copy_(old)
     return module
+
+
+def _running(bn: _BatchNorm):
+    return [b for b in (bn.running_mean, bn.running_var, bn.num_batches_tracked) if b is not None]
