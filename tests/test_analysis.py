@@ -75,6 +75,21 @@ def test_extractor_correlates_perfectly_with_itself(model, data):
     assert result.cka == pytest.approx(1.0, abs=1e-6)
 
 
+def test_extractors_of_two_widths_compare_in_either_order(model, data):
+    """A wider A is matched as B against A: every channel of the narrower extractor gets a distinct match."""
+    torch.manual_seed(2)
+    narrow = tc.make_compatible('resnet8_cifar', split='layer2', interface=tc.Interface(width=8), num_classes=10,
+                                class_names=CIFAR10).extractor
+    wide_first = compare_extractors(model.extractor, narrow, data, batch_size=16)
+    narrow_first = compare_extractors(narrow, model.extractor, data, batch_size=16)
+    assert wide_first.correlation.shape == (16, 8) and wide_first.direct is None
+    assert wide_first.permuted == pytest.approx(narrow_first.permuted, abs=1e-6)
+    assert wide_first.cka == pytest.approx(narrow_first.cka, abs=1e-6)
+    # The same pairs: A's channel matched to B's j is the one B's j was matched to; A's other 8 channels have none.
+    assert torch.equal(wide_first.assignment[narrow_first.assignment], torch.arange(8))
+    assert (wide_first.assignment == -1).sum() == 8
+
+
 def test_channel_permutation_breaks_direct_but_not_permuted_correlation(model, data):
     perm = torch.randperm(16, generator=torch.Generator().manual_seed(3))
     permuted = _permute_adapter_outputs(model.extractor, perm)

@@ -222,7 +222,8 @@ class FeatureComparison:
         correlation: ``(C_a, C_b)`` per-channel correlations.
         direct: Mean diagonal correlation (``None`` when the widths differ).
         permuted: Mean correlation under the optimal channel matching.
-        assignment: Channel of B matched to each channel of A.
+        assignment: Channel of B matched to each channel of A (-1 for the channels left unmatched when A is
+            wider than B).
         cka: Linear CKA.
     """
     correlation: torch.Tensor
@@ -238,6 +239,11 @@ def compare_extractors(extractor_a: nn.Module, extractor_b: nn.Module, data: Ima
     feats_a = extract_features(extractor_a, data, batch_size, bn)
     feats_b = extract_features(extractor_b, data, batch_size, bn)
     corr = feature_correlation(feats_a, feats_b)
-    permuted, assignment = permuted_correlation(corr)
+    if corr.shape[0] <= corr.shape[1]:
+        permuted, assignment = permuted_correlation(corr)
+    else:  # every channel of the narrower B gets a distinct match in A
+        permuted, matched = permuted_correlation(corr.T)
+        assignment = torch.full((corr.shape[0],), -1, dtype=torch.long)
+        assignment[matched] = torch.arange(corr.shape[1])
     direct = direct_correlation(corr) if corr.shape[0] == corr.shape[1] else None
     return FeatureComparison(corr, direct, permuted, assignment, linear_cka(feats_a, feats_b))

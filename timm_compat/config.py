@@ -176,7 +176,7 @@ class RunConfig(_Section):
     init_seed: Seed = 0
     # Sec. 3.4: each step sums all networks' losses or alternates networks (the paper's; `epochs`: each network's)
     joint_schedule: Literal['sum', 'alternate'] = 'sum'
-    task_weight: Float = Field(1.0, ge=0)  # of each network's task loss; 0: labels unused (RP pre-training)
+    task_weight: Float = Field(1.0, ge=0)  # of each network's task loss; 0: no gradient from labels (RP pre-training)
     networks: List[NetworkConfig] = Field(default_factory=_demo_networks, min_length=1,
                                           examples=[[{'name': 'a', 'dataset': {'source': 'synthetic:A'}}]])
     interface: InterfaceConfig = Field(default_factory=lambda: InterfaceConfig(width=_DEMO_WIDTH),

@@ -80,7 +80,9 @@ def compatibility_loss(model, images: torch.Tensor, labels: torch.Tensor,
         labels: Task labels ``(N,)``.
         methods: Compatibility methods; at most one may expand the batch.
         label_smoothing: Of the task cross-entropy only (torch's ``label_smoothing``; ``optim.label_smoothing``).
-        task_weight: Of the task cross-entropy; 0 leaves the labels unused (RP pre-training), its head untrained.
+        task_weight: Of the task cross-entropy; 0 (RP pre-training) gives the head and the extractor no gradient
+            from the labels, but the cross-entropy is still computed (the labels must be valid) and logged, and
+            weight decay still shrinks the head.
 
     Returns:
         ``{"task": ..., <method name>: ..., "loss": total}``, each a scalar tensor.
