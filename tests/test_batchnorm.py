@@ -88,3 +88,26 @@ def test_recalibration_of_a_model_left_in_batch_statistics():
     with torch.no_grad():
         assert torch.allclose(bn.running_mean, model[0](x).mean((0, 2, 3)), atol=1e-6)
     assert bn.num_batches_tracked.item() == 1 and not bn.track_running_stats
+
+
+def test_batch_statistics_never_sync_across_processes(tmp_path):
+    """SyncBatchNorm (and timm's SyncBatchNormAct) under eval_mode('batch'): each process's test batch is normalised
+    with its own statistics, as in a single-process pass; syncing would mix the ranks' different test batches (and
+    hang when their batch counts differ). Gloo stands in: the sync path refuses CPU tensors before it syncs."""
+    import torch.distributed as dist
+    from timm.layers import BatchNormAct2d, convert_sync_batchnorm
+    model = convert_sync_batchnorm(torch.nn.Sequential(torch.nn.Conv2d(2, 3, 1), torch.nn.BatchNorm2d(3),
+                                                       BatchNormAct2d(3, act_layer=torch.nn.ReLU)))
+    plain = torch.nn.Sequential(model[0], torch.nn.BatchNorm2d(3), BatchNormAct2d(3, act_layer=torch.nn.ReLU))
+    plain.load_state_dict(model.state_dict())
+    before, x = _bn_state(model), torch.randn(5, 2, 4, 4)
+    dist.init_process_group('gloo', init_method=f'file://{tmp_path / "pg"}', rank=0, world_size=1)
+    try:
+        with torch.no_grad(), eval_mode(model, bn='batch'):
+            out = model(x)
+    finally:
+        dist.destroy_process_group()
+    with torch.no_grad(), eval_mode(plain, bn='batch'):
+        assert torch.allclose(out, plain(x)) and (out == 0).any()  # the activation ran
+    assert isinstance(model[1], torch.nn.SyncBatchNorm) and model.training
+    assert _bn_state(model).keys() == before.keys() and all(torch.equal(before[k], v) for k, v in _bn_state(model).items())

@@ -38,14 +38,27 @@ def set_batch_statistics(module: nn.Module) -> None:
 
 @contextmanager
 def batch_statistics(module: nn.Module) -> Iterator[nn.Module]:
-    """Context in which ``module``'s BN layers use batch statistics; their previous state is restored after."""
+    """Context in which ``module``'s BN layers use batch statistics; their previous state is restored after.
+
+    A ``SyncBatchNorm`` layer normalises with its own process's batch, not the global one: in training mode it would
+    sync statistics across the ranks, which score different test batches (and would hang on uneven batch counts).
+    Eval mode without running buffers is the one state in which it takes batch statistics and does not sync, so its
+    buffers are set aside for the context.
+    """
     saved = [(bn, bn.training, bn.track_running_stats) for bn in _bn_layers(module)]
+    synced = [(bn, bn._buffers['running_mean'], bn._buffers['running_var'])
+              for bn in _bn_layers(module) if isinstance(bn, nn.SyncBatchNorm)]
     set_batch_statistics(module)
+    for bn, _, _ in synced:
+        bn.training = False
+        bn._buffers['running_mean'] = bn._buffers['running_var'] = None
     try:
         yield module
     finally:
         for bn, training, track in saved:
             bn.training, bn.track_running_stats = training, track
+        for bn, mean, var in synced:
+            bn._buffers['running_mean'], bn._buffers['running_var'] = mean, var
 
 
 @contextmanager
