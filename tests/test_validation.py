@@ -15,6 +15,7 @@ import train
 from timm_compat import engine
 from timm_compat.build import build_phases, load_task_data
 from timm_compat.config import ConfigError, load_config, resume_conflicts
+from timm_compat.evaluation import recombination_matrix
 from timm_compat.metrics_log import MetricsLog
 from timm_compat.validation import BEST_JSON, measure, read_best, split_holdout
 
@@ -208,3 +209,22 @@ def test_test_set_validation_gives_the_learning_curve_and_keeps_no_best(tmp_path
     times = [float(r['time']) for r in rows]
     assert 0 < times[0] < times[1] <= main['train_seconds']  # same rounding, so no slack is needed
     assert main['best'] is None and not (tmp_path / 'run' / 'main' / 'best').exists()
+
+
+def test_a_loaded_network_is_not_validated_on_its_own_training_set(tmp_path):
+    """Incremental: the loaded network's training set trained it (in the run that made it), so none of it is held
+    out; validation scores the trained network's rows, its extractor with every head (the loaded one's too)."""
+    first = tmp_path / 'first' / 'main' / 'components'
+    run(tmp_path / 'first')
+    cfg = load_config(TINY, ['validation.every=2', HOLDOUT, f'interface.load={first / "interface"}',
+                             'interface.width=null', f'networks.0.load={first / "a"}'])
+    data = {n.name: load_task_data(n, cfg) for n in cfg.networks}
+    phase = build_phases(cfg, data, torch.device('cpu'))[0]
+    assert list(phase.holdout) == ['b'] and phase.data['a'][0] is data['a'][0]
+    values = measure(phase.models, phase.holdout, cfg.eval_batch_size, cfg.eval_bn)
+    a, b = phase.models['a'], phase.models['b']
+    common = sorted(set(a.head.class_names) & set(b.head.class_names))
+    row = recombination_matrix([b, a], [phase.holdout['b']] * 2, cfg.eval_batch_size, cfg.eval_bn, common=common)[0]
+    assert values['mean'] == pytest.approx(row.mean().item())
+    assert values['recombination'] == pytest.approx(row[1].item())
+    assert values['own'] == values['b/own'] and 'a/own' not in values

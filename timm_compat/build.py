@@ -214,8 +214,10 @@ def build_phase(tag: str, cfg: RunConfig, data: Dict[str, Tuple[ImageData, Image
     holdout = {}
     if cfg.validation.every is not None and cfg.validation.data == 'test':
         holdout = {name: test for name, (_, test) in data.items()}
-    elif cfg.validation.every is not None:
-        data, holdout = split_holdout(data, cfg.validation.examples, cfg.seed)
+    elif cfg.validation.every is not None:  # a loaded network's training set trained it: none of it is held out
+        kept, holdout = split_holdout({n.name: data[n.name] for n in cfg.networks if not n.load},
+                                      cfg.validation.examples, cfg.seed)
+        data = {**data, **kept}
     interface = build_interface(cfg, [train.class_names for train, _ in data.values()])
     models = {n.name: build_network(n, i, cfg, interface, data[n.name][0].class_names).to(device)
               for i, n in enumerate(cfg.networks)}

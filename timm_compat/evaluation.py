@@ -135,7 +135,7 @@ def _common_subset(data: ImageData, common: Sequence[str]) -> ImageData:
 
 def _check_common(common: Sequence[str], test_data: Sequence[ImageData], heads: Sequence[nn.Module]) -> None:
     """Every test set and every head must have every common class; the error names those that lack some."""
-    named = ([(f'test set {i}', d.class_names) for i, d in enumerate(test_data)]
+    named = ([(f'test set {i}', d.class_names) for i, d in enumerate(test_data) if d is not None]
              + [(f'head {i}', h.class_names) for i, h in enumerate(heads)])
     lacking = [f'{what} lacks {missing}' for what, names in named
                if (missing := sorted(set(common) - {canonical_class_name(c) for c in names}))]
@@ -193,7 +193,8 @@ def recombination_matrix(models: Sequence, test_data: Sequence[ImageData], batch
     Args:
         models: :class:`~timm_compat.CompatibleModel` s whose heads have ``class_names``. Each component may be on
             its own device.
-        test_data: Test split of each model's own task.
+        test_data: Test split of each model's own task; ``None`` leaves that row unscored (NaN), the model's head
+            still scored in the other rows.
         batch_size: Evaluation batch size (it matters: BN uses batch statistics).
         bn: ``'batch'`` or ``'running'``.
         common: Classes to evaluate on (by name, up to synonyms); default the classes of every test set.
@@ -214,21 +215,24 @@ def recombination_matrix(models: Sequence, test_data: Sequence[ImageData], batch
         raise ValueError(f'Models {stitched} pass features through a stitch, which recombination would leave out '
                          f'(it pairs bare extractors and heads): score a stitched model with accuracy().')
     _check_loaded(models)
-    common = ([canonical_class_name(c) for c in common] if common is not None
-              else common_classes([d.class_names for d in test_data]))
+    heads = [m.head for m in models]
+    common = ([canonical_class_name(c) for c in common] if common is not None else common_classes(
+        [h.class_names if d is None else d.class_names for d, h in zip(test_data, heads)]))
     if not common:
         raise ValueError('The networks share no class names, so recombination accuracy is undefined.')
-    _check_common(common, test_data, [m.head for m in models])
-    heads = [m.head for m in models]
+    _check_common(common, test_data, heads)
     columns = [_head_columns(h, common) for h in heads]
-    subsets = [_common_subset(data, common) for data in test_data]
-    matrix = torch.zeros(len(models), len(models))
+    subsets = [None if data is None else _common_subset(data, common) for data in test_data]
+    matrix = torch.full((len(models), len(models)), float('nan'))
     # Local rank as Accelerate sets it: in a multi-process run only one process draws the bar.
-    with tqdm(total=sum(len(evaluation_batches(len(s), batch_size, seed)[shard[0]::shard[1]]) for s in subsets),
+    with tqdm(total=sum(len(evaluation_batches(len(s), batch_size, seed)[shard[0]::shard[1]])
+                        for s in subsets if s is not None),
               leave=False,
               desc=f'recombination matrix (BN={bn})', unit='batch',
               disable=int(os.environ.get('LOCAL_RANK', 0)) != 0) as progress:
         for i, (row_model, subset) in enumerate(zip(models, subsets)):
+            if subset is None:
+                continue
             correct = _row_correct(row_model, heads, columns, subset, batch_size, bn, seed, progress, tta, shard)
             matrix[i] = torch.tensor([int(c) for c in correct], dtype=torch.float64) / len(subset)
     return matrix

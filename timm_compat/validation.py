@@ -1,9 +1,11 @@
 """Validation during training, and the best step's components kept (as timm's ``train.py`` keeps ``model_best``).
 
-With ``validation.every`` set, :func:`split_holdout` holds ``validation.examples`` examples out of every network's
-training set (seeded, never trained on; never the test set, whose numbers would then be biased by the selection).
+With ``validation.every`` set, :func:`split_holdout` holds ``validation.examples`` examples out of every trained
+network's training set (seeded, never trained on; never the test set, whose numbers would then be biased by the
+selection). A loaded network (incremental training) has none: the run that made it trained on all of its set.
 Every ``every`` steps and at the last one, :class:`Validator` measures the networks on them (own accuracy and the
-recombination matrix, under the run's ``eval_bn`` and ``eval_tta``), logs ``<phase>/val/<metric>`` to the trackers
+recombination matrix's rows of the trained networks, each extractor with every head, under the run's ``eval_bn``
+and ``eval_tta``), logs ``<phase>/val/<metric>`` to the trackers
 and ``<phase>/validation.csv`` (with the training seconds so far), and on a new best of ``validation.metric``
 writes the phase's components and ``best.json`` to ``<phase>/best/``.
 
@@ -86,21 +88,26 @@ def measure(models: Dict[str, nn.Module], holdout: Dict[str, ImageData], batch_s
 
     Args:
         models: Networks by name, loaded ones included.
-        holdout: Each network's held-out examples, by the same names.
+        holdout: Held-out examples of the networks to score, by the same names: the trained ones (or, with
+            ``validation.data='test'``, every network's test set). A network without any is scored only through
+            its head, in the other networks' rows.
         batch_size: Evaluation batch size (it matters when ``bn='batch'``).
         bn: ``'batch'`` or ``'running'``.
         tta: Test-time augmentation (:mod:`timm_compat.tta`).
 
     Returns:
-        ``own``: mean own accuracy (all classes); ``mean``: mean of the recombination matrix (common classes);
-        ``recombination``: mean of its off-diagonal (with two networks or more); ``<name>/own`` per network.
+        ``own``: mean own accuracy (all classes); ``mean``: mean of the scored rows of the recombination matrix
+        (common classes); ``recombination``: mean of their off-diagonal entries (with two networks or more);
+        ``<name>/own`` per scored network.
     """
     names = list(models)
-    own = {n: accuracy(models[n], holdout[n], batch_size, bn, tta=tta) for n in names}
-    matrix = recombination_matrix([models[n] for n in names], [holdout[n] for n in names], batch_size, bn, tta=tta)
-    values = {'mean': matrix.mean().item(), 'own': sum(own.values()) / len(own)}
+    own = {n: accuracy(models[n], holdout[n], batch_size, bn, tta=tta) for n in names if n in holdout}
+    matrix = recombination_matrix([models[n] for n in names], [holdout.get(n) for n in names], batch_size, bn,
+                                  tta=tta)
+    scored = torch.tensor([n in holdout for n in names])
+    values = {'mean': matrix[scored].mean().item(), 'own': sum(own.values()) / len(own)}
     if len(names) > 1:
-        values['recombination'] = matrix[~torch.eye(len(names), dtype=torch.bool)].mean().item()
+        values['recombination'] = matrix[scored[:, None] & ~torch.eye(len(names), dtype=torch.bool)].mean().item()
     return {**values, **{f'{n}/own': v for n, v in own.items()}}
 
 
