@@ -74,6 +74,20 @@ def test_init_and_task_weight_conflicts_are_refused_at_config_time(overrides, na
         load_config(TINY, overrides + ['iiw=false'])  # two pre-trainings: the paper's non-IIW case
 
 
+@pytest.mark.parametrize('start', [['networks.0.init=x', 'networks.1.init=x'],
+                                   ['networks.0.pretrained=true', 'networks.1.pretrained=true']])
+def test_networks_from_the_same_weights_are_never_called_independent(start):
+    """Two networks of one backbone from one init (or timm's pretrained weights) start identical: that is IIW, so
+    neither iiw=false nor the independent baseline may claim different initial weights for them."""
+    with pytest.raises(ConfigError, match=r'iiw is false, but networks a and b start from the same weights'):
+        load_config(TINY, start + ['iiw=false'])
+    with pytest.raises(ConfigError, match=r'independent baseline would start networks a and b from the same '
+                                          r'weights.*baseline=null'):
+        load_config(TINY, start + ['baseline=independent'])
+    load_config(TINY, start)  # IIW from shared weights, without a baseline: what it says
+    load_config(TINY, start + ['iiw=false', 'networks.1.backbone=resnet20_cifar'])  # two architectures
+
+
 def test_task_weight_scales_the_task_loss_and_zero_leaves_the_head_untrained():
     interface = tc.Interface(width=16, rp=True)
     model = tc.make_compatible('resnet8_cifar', split='layer2', interface=interface, num_classes=3).train()

@@ -271,10 +271,28 @@ class RunConfig(_Section):
         if self.iiw and len(inits) > 1:
             problems.append(f'iiw is true (identical initial weights), but the trained networks start from different '
                             f'weights (init: {sorted(map(str, inits))}); give them one init, or set iiw=false.')
+        if shared := self._shared_start():
+            if not self.iiw:
+                problems.append(f'iiw is false, but {shared} start from the same weights, which is identical '
+                                f'initial weights: set iiw=true, or give each network its own init.')
+            if self.baseline:
+                problems.append(f'the independent baseline would start {shared} from the same weights, not from '
+                                f'different ones: set baseline=null, and train independent networks in a run of '
+                                f'their own, each from its own init.')
         if self.task_weight == 0 and not (self.interface.rp or self.interface.dcc):
             problems.append('task_weight is 0 and interface.rp and interface.dcc are off: no loss would train '
                             'anything; set interface.rp=true (RP pre-training) or task_weight above 0.')
         return problems
+
+    def _shared_start(self) -> str:
+        """'networks a and b' when trained networks of one backbone start from one ``init`` or from timm's
+        pretrained weights (so from identical weights, whatever the seeds), else ''."""
+        starts: Dict[tuple, List[str]] = {}
+        for n in self.networks:
+            if not n.load and (n.init or n.pretrained):
+                starts.setdefault((n.backbone, n.init or 'pretrained'), []).append(n.name)
+        shared = next((names for names in starts.values() if len(names) > 1), None)
+        return f'networks {", ".join(shared[:-1])} and {shared[-1]}' if shared else ''
 
     def _accumulation_problems(self) -> List[str]:
         # Accelerate applies the gradients of gradient_accumulation_steps micro-batches at once: a run that ends or
