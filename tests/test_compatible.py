@@ -164,6 +164,17 @@ def test_extend_classes_keeps_known_rows(tmp_path):
     assert torch.equal(loaded.tail.get_submodule('classifier').weight, new.weight)
 
 
+def test_extend_classes_matches_names_up_to_synonyms():
+    """STL-10's 'car' is CIFAR-10's 'automobile': its trained row is kept, as every other class match in the library
+    does (timm_compat.classes), not re-initialised."""
+    model = tc.make_compatible('mobilenetv2_100_cifar', split='blocks.4.0', interface=tc.Interface(width=16),
+                               num_classes=2, class_names=['automobile', 'cat'])
+    old = model.head.tail.get_submodule('classifier').weight.detach().clone()
+    model.head.extend_classes(['Car', 'cat', 'dog'])
+    new = model.head.tail.get_submodule('classifier').weight
+    assert torch.equal(new[0], old[0]) and torch.equal(new[1], old[1])
+
+
 def test_saved_config_survives_a_load(tmp_path):
     itf = tc.Interface(width=16)
     model = tc.make_compatible('resnet20_cifar', split='layer2', interface=itf, num_classes=10)

@@ -18,6 +18,7 @@ from torch import nn
 from timm.models._builder import _resolve_pretrained_source  # timm's own choice among file, Hub and URL
 
 from ._split import create_backbone, default_split, output_shape, resolve_split, split_model
+from .classes import canonical_class_name
 from .component import Component, ComponentError
 
 __all__ = ['ARCHITECTURE_ARGS', 'Adapter', 'Extractor', 'Head', 'build_components', 'check_model_args']
@@ -246,7 +247,8 @@ class Head(Component):
                                 model_args=check_model_args(config.get('model_args')), config=config)['head']
 
     def extend_classes(self, class_names: Sequence[str]) -> 'Head':
-        """Resize the classifier in place to ``class_names``, keeping the weights of classes it already knows.
+        """Resize the classifier in place to ``class_names``, keeping the weights of classes it already knows (by
+        name, up to synonyms: :func:`~timm_compat.classes.canonical_class_name`).
 
         The new classes' rows start from the classifier's own initialisation; used to grow a head to new classes
         (Gygli et al. 2021, Sec. 5.2) without retraining what it knows.
@@ -259,10 +261,10 @@ class Head(Component):
             raise ValueError(f'Cannot find this head\'s linear classifier (pretrained_cfg classifier={path!r}).')
         new = nn.Linear(old.in_features, len(class_names), bias=old.bias is not None,
                         device=old.weight.device, dtype=old.weight.dtype)
+        known = {canonical_class_name(c): j for j, c in enumerate(self.class_names)}
         with torch.no_grad():
             for i, name in enumerate(class_names):
-                if name in self.class_names:
-                    j = self.class_names.index(name)
+                if (j := known.get(canonical_class_name(name))) is not None:
                     new.weight[i] = old.weight[j]
                     if old.bias is not None:
                         new.bias[i] = old.bias[j]
