@@ -72,6 +72,19 @@ def test_default_forward_is_pinned(name):
     torch.testing.assert_close(logits[0], torch.tensor(_PINNED_LOGITS[name]), rtol=1e-4, atol=1e-5)
 
 
+def test_preact_block_adds_its_raw_input_as_identity_shortcut():
+    """A pre-activation block (He et al. 2016; WRN; timm's PreActBasic) is x + F(x) with F starting at BN-ReLU: the
+    identity shortcut carries x itself, only a projection shortcut sees the normalised input."""
+    from timm_compat.models.cifar_resnet import PreActBlock
+    torch.manual_seed(0)
+    block, x = PreActBlock(8, 8).eval(), torch.randn(2, 8, 6, 6)
+    with torch.no_grad():
+        for bn in (block.bn1, block.bn2):  # non-trivial statistics, so that BN-ReLU is not close to the identity
+            bn.running_mean.uniform_(-1, 1), bn.running_var.uniform_(0.5, 2)
+        branch = block.conv2(block.act2(block.bn2(block.conv1(block.act1(block.bn1(x.clone()))))))
+        torch.testing.assert_close(block(x.clone()), branch + x)
+
+
 def _small(name, **kwargs):
     """A small instance of each model family: post-activation and pre-activation (WRN) ResNets, MobileNetV2."""
     if name == 'wrn28_10_cifar':

@@ -81,11 +81,11 @@ class PreActBlock(nn.Module):
         nn.init.zeros_(self.conv2.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.act1(self.bn1(x))
-        # The projection shortcut sees the normalised input, as in the reference WRN code.
-        shortcut = x if self.downsample is None else self.downsample(x)
-        x = self.conv1(x)
-        x = self.conv2(self.drop(self.act2(self.bn2(x))))
+        pre = self.act1(self.bn1(x))
+        # The identity shortcut carries the raw input; a projection shortcut sees the normalised one, as in the
+        # reference WRN code.
+        shortcut = x if self.downsample is None else self.downsample(pre)
+        x = self.conv2(self.drop(self.act2(self.bn2(self.conv1(pre)))))
         return x + shortcut
 
 
