@@ -112,7 +112,8 @@ def aligned(head_classes, data_classes):
 
 def source_config(args, setting: dict) -> dict:
     """One network on the source domain with an RP head; the budget's keys are set on top by launch_train."""
-    return {'seed': args.seed, 'iiw': False, 'baseline': None, 'checkpoint_every': 100000, 'log_every': 50,
+    return {'seed': args.seed, 'init_seed': args.seed, 'iiw': False, 'baseline': None, 'checkpoint_every': 100000,
+            'log_every': 50,
               'mixed_precision': 'no', 'channels_last': False,
               'interface': {'rp': True, 'dcc': False},
               'optim': {'optimizer': 'sgd', 'lr': 0.1, 'momentum': 0.9, 'weight_decay': 5e-4,

@@ -26,7 +26,6 @@ stitches and the runs.
 """
 import argparse
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -36,7 +35,7 @@ import torch
 import timm_compat as tc
 from timm_compat.deployment import BN_MODES, bn_accuracy_report
 from timm_compat.evaluation import average_class_accuracy
-from timm_compat.data import load_image_data, local_source
+from timm_compat.data import EpochSampler, load_image_data, local_source
 from timm_compat.plots import ReportFigure, ReportTable, plot_accuracy_curves, write_report
 from timm_compat.stitching import fit_stitch
 from timm_compat.transfer import transfer
@@ -61,7 +60,7 @@ SETTINGS = {
 BUDGETS = {
     'tiny': dict(train={'networks.0.backbone': 'resnet8_cifar', 'interface.width': 32, 'steps': 30,
                         'batch_size': 32},
-                 train_limit=800, test_limit=300, synthetic_per_class=30, curve_steps=[0, 1, 2, 5],
+                 train_limit=800, test_limit=300, synthetic_per_class=30, curve_steps=[0, 1, 3, 5],
                  stitch_steps=10, stitch_images=100),
     'cpu': dict(train={'networks.0.backbone': 'resnet8_cifar', 'interface.width': 32, 'steps': 600,
                        'batch_size': 64},
@@ -80,6 +79,7 @@ BUDGETS = {
                  curve_steps=[0, 1, 3, 10, 30, 100, 300], stitch_steps=300, stitch_images=1000),
 }
 FINETUNE_BATCH = 64
+SEED_STRIDE = 100  # init seeds of --seed S: 100 S + the network's own (0, 1 + i, 10 + i)
 LABELS = {'recombined': 'target head (ours)', 'reinit_head': 're-initialised head',
           'independent': 'independent components'}
 
@@ -106,8 +106,11 @@ def train_network(args, budget, name: str, data: dict, init_seed: int, bar, inte
 
 
 def network_config(args, budget, name: str, data: dict, init_seed: int, interface=None):
-    """The config and overrides of one network's run (see :func:`train_network`), for ``launch_train``."""
-    config = {'seed': args.seed, 'init_seed': init_seed, 'iiw': False, 'baseline': None,
+    """The config and overrides of one network's run (see :func:`train_network`), for ``launch_train``.
+
+    ``init_seed`` tells the run's networks apart; ``--seed`` moves all of them to other initial weights.
+    """
+    config = {'seed': args.seed, 'init_seed': SEED_STRIDE * args.seed + init_seed, 'iiw': False, 'baseline': None,
               'checkpoint_every': 100000, 'log_every': 50, 'mixed_precision': 'no', 'channels_last': False,
               'interface': {'rp': True, 'dcc': False, 'load': str(interface) if interface else None},
               'networks': [{'name': name, 'split': 'layer2', 'dataset': data}]}
@@ -198,8 +201,9 @@ def main(argv=None):
     sources_ind = {name: load(independent[name], f'{name}_independent', device).extractor for name in sources}
     train, test = load_target(args, target_data, budget)
 
-    # Fig. 5 marks one epoch of the target's training set: the curve is measured there too.
-    epoch = math.ceil(len(train) / FINETUNE_BATCH)
+    # Fig. 5 marks one epoch of the target's training set: the curve is measured there too. The sampler drops the
+    # last partial batch, so an epoch is the whole batches.
+    epoch = EpochSampler(len(train), FINETUNE_BATCH).steps_per_epoch
     steps = sorted({*budget['curve_steps'], epoch})
     options = dict(steps=steps, lr=args.lr, seed=args.seed, mixed_precision=args.mixed_precision,
                    batch_size=FINETUNE_BATCH)
