@@ -24,7 +24,7 @@ import torch
 
 import adaptation
 from timm_compat.shifts import apply_shift
-from common import DATA_DIR_HELP, check_data_dir, data_note, finished_run, mean_std, progress, read_record
+from common import DATA_DIR_HELP, check_data_dir, data_note, mean_std, progress, read_record
 
 # CIFAR-10-C corruptions of timm_compat.shifts at its top severity, one per family: noise, blur, weather-free
 # digital (contrast, pixelate, JPEG).
@@ -70,10 +70,11 @@ def run_source(args, out: Path, seed: int) -> list:
     """Train (or read back; a killed run continues) the source of ``seed``; the ``--interface/--extractor/--head``
     arguments of its adaptations."""
     run = out / f'source{seed}'
-    if not finished_run(run):
-        config = adaptation.source_config(argparse.Namespace(seed=seed), adaptation.SETTINGS['cifar10_shift'])
-        adaptation.launch_train(config, run, adaptation.BUDGETS[args.budget]['train'], data_dir=args.data_dir,
-                                resume=True)
+    config = adaptation.source_config(argparse.Namespace(seed=seed), adaptation.SETTINGS['cifar10_shift'])
+    # Always through train.py --resume: it reads a finished source back only if it was trained with this config
+    # (another --budget or --data-dir is refused), and continues a killed one.
+    adaptation.launch_train(config, run, adaptation.BUDGETS[args.budget]['train'], data_dir=args.data_dir,
+                            resume=True)
     components = run / 'main' / 'components'
     return ['--interface', str(components / 'interface'), '--extractor', str(components / 'source' / 'extractor'),
             '--head', str(components / 'source' / 'head')]

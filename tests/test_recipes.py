@@ -96,6 +96,11 @@ def test_adaptation_sweep_adapts_one_source_to_each_corruption_and_seed_and_skip
     before = [r.stat().st_mtime_ns for r in runs]
     proc = run_recipe('adaptation_sweep.py', *args)  # everything finished: read back, nothing rerun
     assert proc.returncode == 0 and [r.stat().st_mtime_ns for r in runs] == before
+    # A new corruption under another budget needs the source: the tiny one is not adapted as if it were the cpu one.
+    other = ('--budget', 'cpu', '--shifts', 'pixelate:5', *args[5:])
+    proc = run_recipe('adaptation_sweep.py', *other)
+    assert proc.returncode != 0 and 'differs from the run' in (out / 'source0.log').read_text()
+    assert not list(out.glob('source0/pixelate_5/*/results.json'))
     # A later sitting with only the adaptations' records: the source is not needed, so not trained again.
     for item in (out / 'source0').iterdir():
         if not item.name.endswith('_5'):
