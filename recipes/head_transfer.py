@@ -142,8 +142,9 @@ def head_optimizer(head, cfg, head_optim: Optional[dict], batch_size: int, steps
 
 
 def finetune_head(extractor, head, data, epochs: float, batch_size: int, cfg, head_optim: Optional[dict],
-                  device) -> list:
+                  device, seed: int = 0) -> list:
     """Train only ``head`` on ``extractor``'s features; the extractor is frozen, its BN on batch statistics.
+    ``seed`` draws the data order and alternating flips (the crops come from torch's global generator).
 
     Stage 1's augmentation, precision and memory format (``cfg``, its run config); its optimisation too, or
     ``head_optim`` (``OptimConfig`` keys) in its place, clipped as stage 1 was.
@@ -152,7 +153,7 @@ def finetune_head(extractor, head, data, epochs: float, batch_size: int, cfg, he
     from timm_compat.batchnorm import eval_mode
     from timm_compat.data import EpochSampler, training_batch
     from timm_compat.fit import ClassificationTask, fit
-    sampler = EpochSampler(len(data), batch_size, device=device)
+    sampler = EpochSampler(len(data), batch_size, seed, device=device)
     steps = int(epochs * sampler.steps_per_epoch)
     optim, optimizer, scheduler = head_optimizer(head, cfg, head_optim, batch_size, steps)
     data, losses = data.to(device), []
@@ -219,7 +220,7 @@ def run_seed(args, budget: dict, seed: int, out: Path, bar) -> dict:
     reference = extractors[budget['reference']].to(device)
     head.config['interface_id'] = reference.interface_id
     losses = finetune_head(reference, head, train, budget['head_epochs'], budget['head_batch'],
-                           load_config(str(out / 'stage1' / 'config.yaml')), budget['head_optim'], device)
+                           load_config(str(out / 'stage1' / 'config.yaml')), budget['head_optim'], device, seed)
     head.save_pretrained(out / 'updated_head')
 
     results = {name: evaluate(timm_compat.recombine(extractor.to(device), head), test)
@@ -272,8 +273,8 @@ def main(argv=None):
 
 
 def saved_record(parser, args, path: Path) -> Optional[dict]:
-    """The record of one seed at ``path`` (None if there is none), refused if it is of another budget or --epochs,
-    or older than the running-statistics columns; one of another data version is only reported (--report-only)."""
+    """The record of one seed at ``path`` (None if there is none), refused if it is of another budget, --epochs or
+    --data-dir (as given), or older than the running-statistics columns; one of another data version is only reported (--report-only)."""
     if not path.is_file():
         return None
     record = json.loads(path.read_text())
@@ -282,9 +283,9 @@ def saved_record(parser, args, path: Path) -> Optional[dict]:
     if 'data_dir' not in record or 'budget' not in record:
         parser.error(f'{path} predates the running-statistics columns or the budget in records: train the seed again '
                      f'(move the file away).')
-    if (record['budget'], record['epochs']) != (args.budget, args.epochs):
-        parser.error(f'{path} is a record of --budget {record["budget"]} --epochs {record["epochs"]}: give the same '
-                     f'arguments, or another --output.')
+    if (record['budget'], record['epochs'], record['data_dir']) != (args.budget, args.epochs, args.data_dir):
+        parser.error(f'{path} is a record of --budget {record["budget"]} --epochs {record["epochs"]} --data-dir '
+                     f'{record["data_dir"]}: give the same arguments, or another --output.')
     return record
 
 

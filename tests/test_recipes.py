@@ -1,5 +1,6 @@
 """The recipes (recipes/*.py), run as a user runs them: CIFAR-10 by Hub id, read from a local copy with --data-dir,
 and reports that give every accuracy with BN batch statistics and with running statistics."""
+import copy
 import json
 import os
 import shutil
@@ -279,6 +280,28 @@ def test_head_transfer_fine_tunes_the_fast_head_by_stage1s_recipe_and_the_paper_
     # 16 updates, so that lookahead's slow weights (every 5), where the run ends, have moved.
     losses = head_transfer.finetune_head(extractor, head, data, 2, 8, fast, None, torch.device('cpu'))
     assert len(losses) == 16 and all(np.isfinite(losses)) and not torch.equal(head[4].weight, before)
+    # Each seed its own data order and flips: the same seed repeats, another differs (the crops follow torch's seed).
+    start = copy.deepcopy(head)
+
+    def seeded(seed):
+        torch.manual_seed(0)
+        return head_transfer.finetune_head(extractor, copy.deepcopy(start), data, 1, 8, fast, None,
+                                           torch.device('cpu'), seed=seed)
+    assert seeded(1) == seeded(1) != seeded(0)
+
+
+def test_head_transfer_keeps_a_seeds_record_only_for_the_same_data(import_script, tmp_path):
+    """A seed trained on the Hub's CIFAR-10 is not pooled with seeds trained on a local (here: JPEG) copy."""
+    import argparse
+    from timm_compat.data import DATA_VERSION
+    head_transfer = import_script('recipes', 'head_transfer')
+    record = {'data_version': DATA_VERSION, 'budget': 'fast', 'epochs': None, 'data_dir': '../shared/data'}
+    (tmp_path / 'results_seed0.json').write_text(json.dumps(record))
+    args = argparse.Namespace(budget='fast', epochs=None, data_dir='../shared/data', report_only=False)
+    assert head_transfer.saved_record(argparse.ArgumentParser(), args, tmp_path / 'results_seed0.json') == record
+    with pytest.raises(SystemExit):
+        head_transfer.saved_record(argparse.ArgumentParser(), argparse.Namespace(**{**vars(args), 'data_dir': None}),
+                                   tmp_path / 'results_seed0.json')
 
 
 @pytest.mark.parametrize('seed', [0, 1])
