@@ -274,7 +274,8 @@ def main(argv=None):
 
 def saved_record(parser, args, path: Path) -> Optional[dict]:
     """The record of one seed at ``path`` (None if there is none), refused if it is of another budget, --epochs or
-    --data-dir (as given), or older than the running-statistics columns; one of another data version is only reported (--report-only)."""
+    --data-dir (as given), or older than the running-statistics columns; one of another data version is only
+    reported (--report-only)."""
     if not path.is_file():
         return None
     record = json.loads(path.read_text())

@@ -108,6 +108,8 @@ def recalibrate_bn(module: nn.Module, images: Iterable[torch.Tensor], num_batche
         ValueError: ``images`` has no batches. On any error the running statistics of before are kept.
     """
     layers = [bn for bn in _bn_layers(module) if bn.running_mean is not None]
+    if not layers:
+        return module
     saved = [(bn.momentum, bn.track_running_stats, [b.clone() for b in _running(bn)]) for bn in layers]
     done = False
     with restored_modes(module):
