@@ -141,9 +141,11 @@ def test_two_process_ddp_on_cpu(tmp_path):
     step = tmp_path / 'ddp' / 'main' / 'checkpoints' / 'step_00000002'
     states = [accelerate_load(step / f'random_states_{rank}.pkl') for rank in range(2)]  # weights_only
     assert not torch.equal(states[0]['torch_manual_seed'], states[1]['torch_manual_seed'])
-    # accelerate steps a prepared scheduler once per process: the cosine must still end exactly at the last step.
-    last = (tmp_path / 'ddp' / 'main' / 'metrics.csv').read_text().splitlines()[-1].split(',')
-    assert last[0] == '4' and float(last[1]) == 0.0
+    # accelerate steps a prepared scheduler once per process: the cosine must still advance once per update, so the
+    # logged updates 2 and 4 (t = 1, 3 of 4) take 0.05 (1 + cos(pi t / 4)) / 2 (stepped twice: 0.025 and 0).
+    rows = [r.split(',') for r in (tmp_path / 'ddp' / 'main' / 'metrics.csv').read_text().splitlines()[1:]]
+    assert [r[0] for r in rows] == ['2', '4']
+    assert [float(r[1]) for r in rows] == pytest.approx([0.05 * (1 + math.cos(math.pi * t / 4)) / 2 for t in (1, 3)])
     # Each process scored its shard of the test batches: together, the numbers of one single-process pass.
     _, cfg = train.parse_args(['-c', TINY])
     components = tmp_path / 'ddp' / 'main' / 'components'
@@ -188,8 +190,9 @@ def test_bf16_and_gradient_accumulation(tmp_path):
     assert summary['mixed_precision'] == 'bf16'
     metrics = (tmp_path / 'run' / 'main' / 'metrics.csv').read_text().splitlines()
     lrs = [float(line.split(',')[1]) for line in metrics[1:]]
-    # The cosine schedule runs over optimiser steps (every second micro-step): half-way, then done.
-    assert lrs == pytest.approx([0.025, 0.0])
+    # The cosine schedule runs over optimiser steps (every second micro-step): the two updates take the full lr, then
+    # half of it (stepped per micro-step, the second would take 0).
+    assert lrs == pytest.approx([0.05, 0.025])
 
 
 def test_save_components_and_push_to_hub(tmp_path, monkeypatch):
