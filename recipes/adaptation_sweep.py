@@ -17,14 +17,17 @@ source model (running BN statistics, Tab. 2's "source"), with test-time BN (batc
 RP, as mean ± std over every source x adaptation seed (the source model's columns over the source seeds).
 """
 import argparse
+import tempfile
 from pathlib import Path
 from typing import Optional
 
 import torch
 
 import adaptation
+from timm_compat.config import load_config
 from timm_compat.shifts import apply_shift
-from common import DATA_DIR_HELP, check_data_dir, data_note, mean_std, progress, read_record
+from common import (DATA_DIR_HELP, check_configs, check_data_dir, config_fingerprint, data_note, mean_std, progress,
+                    read_record, write_json)
 
 # CIFAR-10-C corruptions of timm_compat.shifts at its top severity, one per family: noise, blur, weather-free
 # digital (contrast, pixelate, JPEG).
@@ -66,6 +69,37 @@ def adapt_folder(out: Path, source_seed: int, shift: str, adapt_seed: int) -> Pa
     return out / f'source{source_seed}' / shift.replace(':', '_') / f'adapt{adapt_seed}'
 
 
+def source_fingerprint(args, out: Path, seed: int, trained: bool = False) -> Optional[str]:
+    """The config fingerprint of the adaptations of source ``seed``: its train.py config (as it will resolve, or as
+    the run wrote it if ``trained``: None if it is gone) and the budget's adaptation keys (this code's, also for
+    records older than fingerprints, whose source config is read from its run)."""
+    budget, run = adaptation.BUDGETS[args.budget], out / f'source{seed}'
+    if trained:
+        if not (run / 'config.yaml').is_file():
+            return None
+        config = load_config(str(run / 'config.yaml')).to_dict()
+    else:
+        with tempfile.TemporaryDirectory() as tmp:  # the run's YAML, written only when it trains
+            source = adaptation.source_config(argparse.Namespace(seed=seed), adaptation.SETTINGS['cifar10_shift'])
+            path, sets = adaptation.write_run(source, Path(tmp) / 'source', budget['train'])
+            config = load_config(str(path), sets).to_dict()
+    return config_fingerprint([config, {k: v for k, v in budget.items() if k != 'train'}], run, seed)
+
+
+def check_sweep_configs(args, out: Path, pending: dict) -> None:
+    """Refuses, before anything trains, to pool the ``pending`` adaptations (``{source seed: [(shift, adaptation
+    seed)]}``) with recorded ones of a shift whose source or adaptation was configured otherwise."""
+    recorded = {shift: [] for shift in args.shifts}
+    for shift in args.shifts:
+        for s in range(args.source_seeds):
+            for a in range(args.adapt_seeds):
+                record = recorded_adaptation(args, adapt_folder(out, s, shift, a))
+                if record is not None:
+                    recorded[shift].append({'seed': s, **({'config': record['config']} if 'config' in record else {})})
+    planned = {(shift, s): source_fingerprint(args, out, s) for s, todo in pending.items() for shift, _ in todo}
+    check_configs(out, recorded, planned, lambda shift, s: source_fingerprint(args, out, s, trained=True))
+
+
 def run_source(args, out: Path, seed: int) -> list:
     """Train (or read back; a killed run continues) the source of ``seed``; the ``--interface/--extractor/--head``
     arguments of its adaptations."""
@@ -80,12 +114,14 @@ def run_source(args, out: Path, seed: int) -> list:
             '--head', str(components / 'source' / 'head')]
 
 
-def run_adaptation(args, source: list, seed: int, shift: str, adapt_seed: int, folder: Path) -> None:
+def run_adaptation(args, source: list, seed: int, shift: str, adapt_seed: int, folder: Path, out: Path) -> None:
     argv = ['--setting', 'cifar10_shift', '--budget', args.budget, '--shift', shift, '--seed', str(seed),
             '--adapt-seed', str(adapt_seed), '--adapt-lr', str(args.adapt_lr), '--output', str(folder), *source]
     argv += ['--data-dir', args.data_dir] if args.data_dir else []
     argv += ['--adapt-steps', str(args.adapt_steps)] if args.adapt_steps else []
     adaptation.main(argv)
+    record = read_record(folder / 'results.json')
+    write_json(folder / 'results.json', {**record, 'config': source_fingerprint(args, out, seed, trained=True)})
 
 
 def recorded_adaptation(args, folder: Path) -> Optional[dict]:
@@ -138,14 +174,17 @@ def main(argv=None) -> dict:
         out.mkdir(parents=True, exist_ok=True)
         total = args.source_seeds * (1 + len(args.shifts) * args.adapt_seeds)
         with progress(total, 'adaptation sweep: runs') as bar:
-            for seed in range(args.source_seeds):
-                pending = [(shift, a) for shift in args.shifts for a in range(args.adapt_seeds)
-                           if recorded_adaptation(args, adapt_folder(out, seed, shift, a)) is None]
+            pending = {seed: [(shift, a) for shift in args.shifts for a in range(args.adapt_seeds)
+                              if recorded_adaptation(args, adapt_folder(out, seed, shift, a)) is None]
+                       for seed in range(args.source_seeds)}
+            check_sweep_configs(args, out, pending)
+            for seed, todo in pending.items():
                 # A source whose adaptations are all recorded is not needed, nor trained again if its folder is gone.
-                source = run_source(args, out, seed) if pending else None
-                bar.update(1 + len(args.shifts) * args.adapt_seeds - len(pending))
-                for shift, adapt_seed in pending:
-                    run_adaptation(args, source, seed, shift, adapt_seed, adapt_folder(out, seed, shift, adapt_seed))
+                source = run_source(args, out, seed) if todo else None
+                bar.update(1 + len(args.shifts) * args.adapt_seeds - len(todo))
+                for shift, adapt_seed in todo:
+                    run_adaptation(args, source, seed, shift, adapt_seed, adapt_folder(out, seed, shift, adapt_seed),
+                                   out)
                     bar.update(1)
     found = collect(args, out)
     report(args, out, found)

@@ -1,12 +1,14 @@
 """What every recipe shares: running ``accelerate launch train.py`` as a user would, the ``fast`` budget's train.py
 keys, a bar counting the runs, the data note, both BN modes of a run's summary and mean ± std for the reports."""
+import hashlib
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import yaml
 from tqdm.auto import tqdm
@@ -21,11 +23,17 @@ CIFAR10 = 'uoft-cs/cifar10'
 RESUME_HELP = ('continue the train.py runs already in the output folder (a killed run from its last checkpoint, a '
                'finished one read back) instead of overwriting them; a changed config is refused')
 RECORDS_HELP = ('keep the records of OUTPUT/results.json (what finished, in an earlier sitting or another clone: copy '
-                'a committed results.json there) and ' + RESUME_HELP.replace('the output folder', 'OUTPUT'))
+                'a committed results.json there; a seed is added to them only if its runs resolve to the config they '
+                'were trained under) and ' + RESUME_HELP.replace('the output folder', 'OUTPUT'))
 DATA_DIR_HELP = ('folder of local Parquet copies of Hub datasets: Hub id ORG/NAME is read from '
                  'DIR/NAME/{split}.parquet (this workspace\'s CIFAR-10 copy: --data-dir ../shared/data); default: '
                  'download from the Hub')
 FAST_BUDGET = REPO / 'configs' / 'fast' / 'budget.yaml'
+# Keys of a resolved train.py config that a record's fingerprint leaves out: they differ by design between the seeds
+# of one record (seed, init_seed) or between copies of one table (output_dir; data_dir is a RECORD_KEYS argument), or
+# change nothing a run computes.
+UNFINGERPRINTED = ('output_dir', 'data_dir', 'seed', 'init_seed', 'log_every', 'checkpoint_every', 'keep_checkpoints',
+                   'trackers', 'push_to_hub', 'cpu_threads')
 
 
 def fast_networks(count: int) -> Dict[str, object]:
@@ -92,6 +100,56 @@ def launch(config: Path, out: Path, overrides: Sequence[str], data_dir: Optional
     if bar is not None:
         bar.update(1)
     return json.loads((out / 'summary.json').read_text())['phases']['main']
+
+
+def config_fingerprint(configs: Sequence[dict], out: Path, seed: int) -> str:
+    """The fingerprint of one seed's train.py runs, from their resolved configs (``Config.to_dict()``): a hash of
+    them less :data:`UNFINGERPRINTED`, the output folder ``out`` and the seed's run-folder suffix ``_seed<seed>``
+    made generic. It is the same for every seed of a record trained under one configuration, and differs when
+    anything else of it changed (a budget key, a config file, a code default), which ``--resume`` refuses to pool.
+    """
+    kept = [{k: v for k, v in c.items() if k not in UNFINGERPRINTED} for c in configs]
+    text = json.dumps(kept, sort_keys=True, default=str).replace(str(out), 'OUTPUT')
+    text = re.sub(rf'_seed{seed}(?![0-9])', '_seed*', text)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def planned_fingerprint(runs: Sequence[tuple], out: Path, seed: int) -> str:
+    """:func:`config_fingerprint` of runs not yet trained, ``(config file, run folder, overrides)`` as
+    :func:`launch` takes them: the configs train.py will resolve."""
+    return config_fingerprint([load_config(str(c), list(o)).to_dict() for c, _, o in runs], out, seed)
+
+
+def trained_fingerprint(run_dirs: Sequence[Path], out: Path, seed: int) -> Optional[str]:
+    """:func:`config_fingerprint` of trained runs, from the config.yaml each wrote; None if one is gone."""
+    paths = [Path(r) / 'config.yaml' for r in run_dirs]
+    if not all(p.is_file() for p in paths):
+        return None
+    return config_fingerprint([load_config(str(p)).to_dict() for p in paths], out, seed)
+
+
+def check_configs(path: Path, results: Dict[str, list], planned: Dict[tuple, str],
+                  trained: Callable[[str, int], Optional[str]]) -> None:
+    """Refuses, before anything trains, to add a seed to a record trained under another config.
+
+    ``planned`` maps each ``(name, seed)`` to be trained to its :func:`planned_fingerprint`. A record of ``name``
+    from before fingerprints were kept gets its fingerprint from its run folders (``trained(name, seed)``) if they
+    are still there, and is refused if they are not: the config it was trained under is unknown.
+    """
+    for (name, seed), fingerprint in planned.items():
+        for r in results.get(name, []):
+            if 'config' not in r:
+                r['config'] = trained(name, r['seed'])
+            if r['config'] is None:
+                raise SystemExit(f'{path}: the record of {name} seed {r["seed"]} does not say which config it was '
+                                 f'trained under (it predates config fingerprints, and its run folders, which would '
+                                 f'say, are gone), so seed {seed} is not added to it: give another --output for a new '
+                                 f'table.')
+            if r['config'] != fingerprint:
+                raise SystemExit(f'{path}: {name} seed {r["seed"]} was trained under another config than seed {seed} '
+                                 f'would be (fingerprint {r["config"]}, now {fingerprint}): a config file, budget '
+                                 f'key or code default changed since. Give another --output for a new table, or '
+                                 f'restore that config to add to this one.')
 
 
 def by_bn(summary: dict, key: str) -> Dict[str, object]:

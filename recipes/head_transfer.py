@@ -37,8 +37,8 @@ import torch
 from timm_compat._hardware import hardware
 from timm_compat.data import DATA_VERSION
 from timm_compat.deployment import BN_MODES
-from common import (CIFAR10 as CIFAR10_ID, DATA_DIR_HELP, RECORDS_HELP, REPO, by_bn, check_data_dir,
-                    check_data_version, data_note, launch, mean_std, progress, write_json)
+from common import (CIFAR10 as CIFAR10_ID, DATA_DIR_HELP, RECORDS_HELP, REPO, by_bn, check_configs, check_data_dir,
+                    check_data_version, config_fingerprint, data_note, launch, mean_std, progress, write_json)
 
 CIFAR10 = ['airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse', 'ship', 'truck']
 PAPER = {'resnet56': (91.7, 94.6), 'mobilenetv2': (91.6, 93.3)}  # (recombined, upper bound), Fig. 4
@@ -132,6 +132,22 @@ def upper_bound_overrides(budget: dict, name: str, seed: int = 0, epochs=None) -
         f'networks.0.backbone={net.backbone}', f'networks.0.split={net.split}', f'interface.width={net.width}']
 
 
+def seed_runs(args, budget: dict, seed: int, out: Path) -> list:
+    """The train.py runs of one seed, stage 1 then each upper bound, as (config file, run folder, overrides)."""
+    stage1 = (budget['stage1'], out / 'stage1', run_overrides(budget, budget['networks'], seed, args.epochs))
+    return [stage1] + [(budget['upper'], out / f'upper_{name}', upper_bound_overrides(budget, name, seed, args.epochs))
+                       for name in budget['upper_bound']]
+
+
+def seed_fingerprint(args, budget: dict, seed: int, out: Path) -> str:
+    """The config fingerprint of one seed (``common.config_fingerprint``): its train.py runs' configs as they
+    resolve, and the head's fine-tuning keys."""
+    from timm_compat.config import load_config
+    configs = [load_config(str(c), o).to_dict() for c, _, o in seed_runs(args, budget, seed, out)]
+    head = {k: budget[k] for k in ('head_epochs', 'head_batch', 'head_optim', 'reference')}
+    return config_fingerprint(configs + [head], out, seed)
+
+
 def head_optimizer(head, cfg, head_optim: Optional[dict], batch_size: int, steps: int) -> tuple:
     """``(optim, optimizer, schedule)`` of the head's fine-tuning: stage 1's ``optim`` section (``cfg.optim``), or
     ``head_optim`` (``OptimConfig`` keys) clipped as stage 1 was."""
@@ -205,8 +221,8 @@ def run_seed(args, budget: dict, seed: int, out: Path, bar) -> dict:
     from timm_compat.config import load_config
 
     out.mkdir(parents=True, exist_ok=True)
-    stage1 = launch(budget['stage1'], out / 'stage1', run_overrides(budget, budget['networks'], seed, args.epochs),
-                    args.data_dir, out / 'stage1.log', bar, args.resume)
+    (config, run_dir, overrides), *upper = seed_runs(args, budget, seed, out)
+    stage1 = launch(config, run_dir, overrides, args.data_dir, out / 'stage1.log', bar, args.resume)
     components = out / 'stage1' / 'main' / 'components'
     interface = timm_compat.Interface.from_pretrained(components / 'interface')
     extractors = {n: timm_compat.Extractor.from_pretrained(components / n / 'extractor') for n in budget['networks']}
@@ -227,16 +243,15 @@ def run_seed(args, budget: dict, seed: int, out: Path, bar) -> dict:
                for name, extractor in extractors.items()}
     # Training time of each train.py run (kept across resumes, so a seed read back counts each run once).
     seconds = {'stage1': stage1['train_seconds'], 'head': round(time.time() - start, 1)}
-    for name in budget['upper_bound']:
-        summary = launch(budget['upper'], out / f'upper_{name}',
-                         upper_bound_overrides(budget, name, seed, args.epochs), args.data_dir,
-                         out / f'upper_{name}.log', bar, args.resume)
+    for name, (config, run_dir, overrides) in zip(budget['upper_bound'], upper):
+        summary = launch(config, run_dir, overrides, args.data_dir, out / f'upper_{name}.log', bar, args.resume)
         for bn, own in by_bn(summary, 'own_accuracy').items():
             results[name][bn]['upper_bound'] = 100 * own['net']
         seconds[f'upper_{name}'] = summary['train_seconds']
     record = {'seed': seed, 'data_version': DATA_VERSION, 'results': results, 'head_losses': losses, 'seconds': seconds,
               'wall_seconds': round(sum(seconds.values()), 1), 'stage1_seconds': seconds['stage1'],
-              'hardware': hardware(), 'data_dir': args.data_dir, 'budget': args.budget, 'epochs': args.epochs}
+              'hardware': hardware(), 'data_dir': args.data_dir, 'budget': args.budget, 'epochs': args.epochs,
+              'config': seed_fingerprint(args, budget, seed, out)}
     write_json(out / 'results.json', record)
     return record
 
@@ -263,6 +278,10 @@ def main(argv=None):
     todo = [seed for seed in range(args.seeds) if records.get(seed) is None]
     if args.report_only and todo:
         parser.error(f'--report-only: {out / f"seed{todo[0]}" / "results.json"} does not exist; run without it first.')
+    if not args.report_only:  # a record older than fingerprints cannot say its head's fine-tuning keys: refused
+        check_configs(out, {'head_transfer': [r for r in records.values() if r]},
+                      {('head_transfer', s): seed_fingerprint(args, budget, s, out / f'seed{s}') for s in todo},
+                      lambda name, s: None)
     versions = sorted({r.get('data_version', 1) for r in records.values() if r})
     if len(versions) > 1:
         parser.error(f'The seeds\' records in {out} were made on data versions {versions}: a table pools one.')

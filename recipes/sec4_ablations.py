@@ -35,10 +35,11 @@ from typing import List, NamedTuple
 
 from timm_compat.deployment import BN_MODES
 
-from common import (DATA_DIR_HELP, RECORDS_HELP, REPO, add_record, check_data_dir, data_note, load_results, mean_std,
-                    progress, recorded, save_results)
-from sec4_methods import (BUDGETS, SETTINGS, control_overrides, correlation_record, method_machine, run_method,
-                          run_networks, run_overrides, run_record, runs_of, setting_sources, training_seconds)
+from common import (DATA_DIR_HELP, RECORDS_HELP, REPO, add_record, check_configs, check_data_dir, data_note,
+                    load_results, mean_std, progress, recorded, save_results)
+from sec4_methods import (BUDGETS, SETTINGS, control_overrides, correlation_record, method_fingerprint, method_machine,
+                          run_method, run_networks, run_overrides, run_record, runs_of, setting_sources,
+                          trained_method_fingerprint, training_seconds)
 
 ABLATIONS = ('common_classes', 'split', 'control', 'rp_head')
 # The classes CIFAR-10 shares with STL-10 (and with side b of the halves stand-ins), in CIFAR-10's label order.
@@ -148,6 +149,7 @@ def measure(variant: Variant, seed: int, args, out: Path, bar) -> dict:
     summary, run_dirs, networks = run_method(variant.method, seed, args, out / variant.name, bar, variant.extra)
     _, models, tests = networks or run_networks(run_dirs)
     return dict(seed=seed, **run_record(summary, upper_bound=variant.method == 'upper_bound'),
+                config=trained_method_fingerprint(variant.method, seed, args, out / variant.name, variant.extra),
                 correlation=correlation_record(variant.method, models, tests, None),
                 train_seconds=training_seconds(variant.method, seed, args, out / variant.name, variant.extra),
                 machine=method_machine(variant.method, seed, args, out / variant.name, variant.extra),
@@ -162,6 +164,11 @@ def main(argv=None):
     variants = VARIANTS[args.ablation](args)
     todo = [(v, seed) for v in variants if v.name in (args.variants or [v.name]) for seed in range(args.seeds)
             if not recorded(results, v.name, seed)]
+    by_name = {v.name: v for v in variants}
+    check_configs(out / 'results.json', results,
+                  {(v.name, s): method_fingerprint(v.method, s, args, out / v.name, v.extra) for v, s in todo},
+                  lambda name, s: trained_method_fingerprint(by_name[name].method, s, args, out / name,
+                                                             by_name[name].extra))
     with progress(sum(runs_of(v.method) for v, _ in todo), f'{args.ablation}: train.py runs') as bar:
         for variant, seed in todo:
             (out / variant.name).mkdir(exist_ok=True)

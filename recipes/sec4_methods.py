@@ -34,8 +34,9 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
-from common import (DATA_DIR_HELP, RECORDS_HELP, REPO, add_record, as_overrides, by_bn, check_data_dir, data_note,
-                    fast_keys, fast_networks, launch, load_results, progress, recorded, run_machine, save_results)
+from common import (DATA_DIR_HELP, RECORDS_HELP, REPO, add_record, as_overrides, by_bn, check_configs, check_data_dir,
+                    data_note, fast_keys, fast_networks, launch, load_results, planned_fingerprint, progress, recorded,
+                    run_machine, save_results, trained_fingerprint)
 from sec4_report import ALL_METHODS, LABELS, write_report
 
 SETTINGS = sorted(p.stem for p in (REPO / 'configs' / 'sec4' / 'data').glob('*.yaml'))
@@ -145,6 +146,16 @@ def method_runs(method: str, seed: int, args, out: Path, extra: Sequence[str] = 
     return [(configs / f'{method}.yaml', run_dir, budget)]
 
 
+def method_fingerprint(method: str, seed: int, args, out: Path, extra: Sequence[str] = ()) -> str:
+    """The config fingerprint of one seed of ``method`` (every run of it), before it trains."""
+    return planned_fingerprint(method_runs(method, seed, args, out, extra), out, seed)
+
+
+def trained_method_fingerprint(method: str, seed: int, args, out: Path, extra: Sequence[str] = ()) -> Optional[str]:
+    """The config fingerprint one seed of ``method`` was trained under, from its run folders; None if they are gone."""
+    return trained_fingerprint([run_dir for _, run_dir, _ in method_runs(method, seed, args, out, extra)], out, seed)
+
+
 def run_method(method: str, seed: int, args, out: Path, bar, extra: Sequence[str] = ()) -> tuple:
     """Trains ``method``'s runs one after the other; returns the last one's ``main`` phase summary, the run folders
     that hold the method's networks, and the networks if they were loaded (``(names, models, tests)``, else None).
@@ -198,6 +209,7 @@ def measure(method: str, seed: int, args, out: Path, bar) -> dict:
     names, models, tests = networks or run_networks(run_dirs)
     figure = out / 'figures' / f'correlation_{method}.png' if seed == 0 else None
     return dict(seed=seed, **run_record(summary, upper_bound=method == 'upper_bound'), networks=names,
+                config=trained_method_fingerprint(method, seed, args, out),
                 correlation=correlation_record(method, models, tests, figure),
                 train_seconds=training_seconds(method, seed, args, out),
                 machine=method_machine(method, seed, args, out),
@@ -234,6 +246,8 @@ def main(argv=None):
     check_data_dir(parser, args.data_dir, setting_sources(args.setting))
     out.mkdir(parents=True, exist_ok=True)
     todo = [(m, seed) for m in args.methods for seed in range(args.seeds) if not recorded(results, m, seed)]
+    check_configs(out / 'results.json', results, {(m, s): method_fingerprint(m, s, args, out) for m, s in todo},
+                  lambda m, s: trained_method_fingerprint(m, s, args, out))
     pretraining = pretraining_runs([m for m, _ in todo], args, out)
     with progress(len(pretraining) + sum(runs_of(m) for m, _ in todo), 'sec4: train.py runs') as bar:
         for config, run_dir, overrides in pretraining:

@@ -52,14 +52,15 @@ def own_accuracy_cost(results: dict, bn: str = 'batch') -> list:
 
 
 def method_figures(out: Path, method: str, runs: list) -> list:
-    """Seed 0's recombination matrix of ``method`` under each BN mode (from its record)."""
+    """The recombination matrix of ``method``'s first recorded seed under each BN mode (from its record)."""
     import torch
     from timm_compat.plots import ReportFigure, plot_recombination_matrix
-    names = runs[0].get('networks', ['a', 'b'])  # records before the names were kept: the configs' a and b
-    return [ReportFigure(plot_recombination_matrix(torch.tensor(runs[0]['matrix'][bn]), names,
+    first = runs[0]  # the records are in seed order
+    names = first.get('networks', ['a', 'b'])  # records before the names were kept: the configs' a and b
+    return [ReportFigure(plot_recombination_matrix(torch.tensor(first['matrix'][bn]), names,
                                                    out / 'figures' / f'{method}_{bn}.png',
-                                                   title=f'{LABELS[method]} (seed 0, BN={bn})'),
-                         f'{LABELS[method]}, seed 0: recombination accuracy (%), BN {bn} statistics')
+                                                   title=f'{LABELS[method]} (seed {first["seed"]}, BN={bn})'),
+                         f'{LABELS[method]}, seed {first["seed"]}: recombination accuracy (%), BN {bn} statistics')
             for bn in BN_MODES]
 
 

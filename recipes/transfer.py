@@ -155,7 +155,7 @@ def load_target(args, target_data: dict, budget: dict):
 def stitch_sources(args, budget, out: Path, head, sources: dict, sources_ind: dict, train, test) -> dict:
     """Per source: the target head on the compatible and on the independent extractor, directly and through a
     stitch fitted on a few labelled target images; average class accuracy under each BN mode."""
-    small, stitching = train.take(budget['stitch_images']), {}
+    small, stitching = train.take(budget['stitch_images'], seed=args.seed), {}
     with progress(2 * len(sources), 'stitching', unit='stitch') as bar:
         for name in sources:
             row = {}

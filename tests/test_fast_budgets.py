@@ -1,6 +1,7 @@
 """The recipes' ``fast`` budget (issue 16, part 5): every train.py run it launches resolves to a valid config of the
 fast CIFAR family under the fast recipe, on full data, with every CPU thread and checkpoints to resume from; the
 paper budgets keep the paper's architectures."""
+import argparse
 import functools
 import json
 import os
@@ -237,7 +238,7 @@ def test_sec4_fast_budget_runs_end_to_end_on_a_local_copy(tmp_path):
 
 
 @pytest.mark.slow  # six short train.py runs of ResNet-8 (two pre-trainings, the upper bound's two, IIW, RP)
-def test_sec4_upper_bound_and_rp_pretraining_run_end_to_end(tmp_path):
+def test_sec4_upper_bound_and_rp_pretraining_run_end_to_end(tmp_path, import_script):
     write_cifar10_copy(tmp_path / 'data', per_split=(400, 100), num_classes=10)
     out = tmp_path / 'out'
     proc = run_recipe('sec4_methods.py', '--setting', 'cifar10_halves', '--budget', 'cpu', '--methods', 'upper_bound',
@@ -248,6 +249,12 @@ def test_sec4_upper_bound_and_rp_pretraining_run_end_to_end(tmp_path):
     assert all((p / 'model.safetensors').is_file() for p in pre)
     inits = {m: [n.init for n in load_config(str(out / f'{m}_seed0' / 'config.yaml')).networks] for m in ('iiw', 'rp')}
     assert inits == {'iiw': [str(pre[0])] * 2, 'rp': [str(pre[0]), str(pre[1])]}
+    # Each record's fingerprint, from the config.yaml its runs wrote, is the one a next seed's runs are planned with.
+    sec4 = import_script('recipes', 'sec4_methods')
+    saved = json.loads((out / 'results.json').read_text())
+    args = argparse.Namespace(**saved['args'])
+    assert {m: r[0]['config'] for m, r in saved['results'].items()} == {
+        m: sec4.method_fingerprint(m, 1, args, out) for m in ('upper_bound', 'iiw', 'rp')}
     results = json.loads((out / 'results.json').read_text())['results']
     upper = results['upper_bound'][0]
     assert upper['run'] == [str(out / 'upper_bound_a_seed0'), str(out / 'upper_bound_b_seed0')]

@@ -205,3 +205,126 @@ def test_adaptation_sweep_counts_each_source_once_and_pools_only_its_own_argumen
     args.adapt_lr = 0.1
     with pytest.raises(SystemExit, match=r'holds records of --adapt-lr 0.01 \(now 0.1\): give the same arguments'):
         sweep.collect(args, tmp_path)
+
+
+def fingerprinted(sec4, out, seed, recombination, **args):
+    """A record of IIW as the recipe writes it now: with the fingerprint of the config it was trained under."""
+    namespace = sec4.argparse.Namespace(**{**FAST, 'data_dir': None, **args})
+    return {**record(seed, recombination), 'config': sec4.method_fingerprint('iiw', seed, namespace, out)}
+
+
+def test_sec4_adds_a_seed_only_to_records_trained_under_the_same_config(import_script, tmp_path, monkeypatch):
+    """A seed is pooled with the records of its method only if its runs resolve to the same config, seed and output
+    folder aside; a changed budget key is refused before anything trains, and the records are kept as they were."""
+    sec4 = import_script('recipes', 'sec4_methods')
+    trained = []
+    monkeypatch.setattr(sec4, 'measure', lambda m, seed, args, out, bar: trained.append((m, seed))
+                        or fingerprinted(sec4, out, seed, 30.0))
+    monkeypatch.setattr(sec4, 'launch', fail_if_trained)
+    out = tmp_path / 'out'
+    write_results(out, {'iiw': [fingerprinted(sec4, out, 0, 25.5)]}, methods=['iiw'])
+    argv = ['--budget', 'fast', '--methods', 'iiw', '--output', str(out), '--resume']
+    sec4.main(argv + ['--seeds', '2'])
+    assert trained == [('iiw', 1)]
+    before = (out / 'results.json').read_text()
+    monkeypatch.setitem(sec4.BUDGETS, 'fast', sec4.BUDGETS['fast'] + ['task_weight=0.5'])
+    with pytest.raises(SystemExit, match=r'iiw seed 0 was trained under another config than seed 2 would be .*'
+                                         r'another --output'):
+        sec4.main(argv + ['--seeds', '3'])
+    assert trained == [('iiw', 1)] and (out / 'results.json').read_text() == before
+
+
+def test_sec4_reads_an_old_records_config_from_its_run_folder_and_refuses_one_whose_folder_is_gone(
+        import_script, tmp_path, monkeypatch):
+    """Records from before fingerprints were kept: the config.yaml of its run, as train.py wrote it, says what it was
+    trained under; without its run folder, the record cannot be added to."""
+    import yaml
+    from timm_compat.config import load_config
+    sec4 = import_script('recipes', 'sec4_methods')
+    monkeypatch.setattr(sec4, 'measure', lambda m, seed, args, out, bar: fingerprinted(sec4, out, seed, 30.0))
+    out = tmp_path / 'out'
+    write_results(out, {'iiw': [record(0, 25.5)]}, methods=['iiw'])
+    argv = ['--budget', 'fast', '--methods', 'iiw', '--seeds', '2', '--output', str(out), '--resume']
+    with pytest.raises(SystemExit, match='the record of iiw seed 0 does not say which config it was trained under'):
+        sec4.main(argv)
+    args = sec4.argparse.Namespace(**FAST)
+    (config, run_dir, overrides), = sec4.method_runs('iiw', 0, args, out)
+    run_dir.mkdir()
+    written = {**load_config(str(config), overrides).to_dict(), 'output_dir': str(run_dir), 'data_dir': '/data'}
+    (run_dir / 'config.yaml').write_text(yaml.safe_dump(written, sort_keys=False))
+    sec4.main(argv)
+    configs = [r['config'] for r in json.loads((out / 'results.json').read_text())['results']['iiw']]
+    assert configs == [sec4.method_fingerprint('iiw', 1, args, out)] * 2
+
+
+def test_each_methods_fingerprint_is_the_same_for_every_seed_and_output_and_changes_with_its_config(import_script,
+                                                                                                  tmp_path):
+    """Incremental's second run names its first one's folder (``..._seed<k>``), pre-trained inits name theirs: the
+    fingerprint is the same for seeds 1 and 10 and for another output folder, and differs for any other key."""
+    sec4 = import_script('recipes', 'sec4_methods')
+    for init in ('random', 'rp_pretrained'):
+        args = sec4.argparse.Namespace(**{**FAST, 'init': init})
+        for method in sec4.ALL_METHODS:
+            seen = {sec4.method_fingerprint(method, seed, args, tmp_path / out) for seed in (1, 10)
+                    for out in ('a', 'b')}
+            assert len(seen) == 1, method
+            changed = sec4.method_fingerprint(method, 1, args, tmp_path / 'a', extra=['eval_batch_size=100'])
+            assert changed not in seen, method
+
+
+def test_adaptation_sweep_pools_an_adaptation_only_with_records_of_the_same_source_and_adaptation_config(
+        import_script, tmp_path, monkeypatch):
+    """Source seed 0's adaptation 0 is recorded; adaptation 1 is added under the same config, but not after the
+    budget's adaptation batch changed, nor to a record that predates fingerprints and whose source is gone."""
+    sweep = import_script('recipes', 'adaptation_sweep')
+    calls = []
+    monkeypatch.setattr(sweep, 'run_source', lambda args, out, seed: calls.append(('source', seed)) or [])
+    monkeypatch.setattr(sweep, 'run_adaptation', lambda *a: calls.append(('adapt', a[4])))
+    out = tmp_path / 'out'
+    argv = ['--budget', 'tiny', '--shifts', 'contrast:5', '--source-seeds', '1', '--adapt-seeds', '2',
+            '--output', str(out)]
+    args = sweep.parse_args(argv)
+    folder = sweep.adapt_folder(out, 0, 'contrast:5', 0)
+    folder.mkdir(parents=True)
+    scores = dict.fromkeys(sweep.SCORES.values(), 50.0)
+    saved = {'args': vars(args), 'scores': scores, 'data_version': DATA_VERSION}
+    (folder / 'results.json').write_text(json.dumps({**saved, 'config': sweep.source_fingerprint(args, out, 0)}))
+    sweep.main(argv)
+    assert calls == [('source', 0), ('adapt', 1)]
+    monkeypatch.setitem(sweep.adaptation.BUDGETS['tiny'], 'adapt_batch', 64)
+    with pytest.raises(SystemExit, match='contrast:5 seed 0 was trained under another config than seed 0 would be'):
+        sweep.main(argv)
+    monkeypatch.undo()
+    (folder / 'results.json').write_text(json.dumps(saved))
+    with pytest.raises(SystemExit, match='the record of contrast:5 seed 0 does not say which config'):
+        sweep.main(argv)
+    assert calls == [('source', 0), ('adapt', 1)]
+
+
+def test_head_transfer_adds_a_seed_only_to_records_of_the_same_stage1_upper_bound_and_head_config(
+        import_script, tmp_path, monkeypatch):
+    """Seed 0 recorded: seed 1 trains under the same config; after the head's fine-tuning epochs or an upper bound's
+    config changed, it is refused before it trains, as it is next to a record that predates fingerprints."""
+    head_transfer = import_script('recipes', 'head_transfer')
+    trained = []
+    monkeypatch.setattr(head_transfer, 'run_seed', lambda args, budget, seed, out, bar: trained.append(seed) or saved)
+    monkeypatch.setattr(head_transfer, 'write_report', lambda *a: None)
+    argv = ['--budget', 'fast', '--seeds', '2', '--output', str(tmp_path), '--resume']
+    args = head_transfer.argparse.Namespace(epochs=None)
+    fast = head_transfer.BUDGETS['fast']
+    saved = {'seed': 0, 'data_dir': None, 'budget': 'fast', 'epochs': None, 'data_version': DATA_VERSION,
+             'config': head_transfer.seed_fingerprint(args, fast, 0, tmp_path / 'seed0')}
+    (tmp_path / 'seed0').mkdir()
+    (tmp_path / 'seed0' / 'results.json').write_text(json.dumps(saved))
+    head_transfer.main(argv)
+    assert trained == [1]
+    for key, value in (('head_epochs', 2.0), ('upper', head_transfer.PAPER_CONFIGS['upper'])):
+        monkeypatch.setitem(fast, key, value)
+        with pytest.raises(SystemExit, match='head_transfer seed 0 was trained under another config than seed 1'):
+            head_transfer.main(argv)
+        monkeypatch.undo()
+        monkeypatch.setattr(head_transfer, 'run_seed', fail_if_trained)
+    del saved['config']
+    (tmp_path / 'seed0' / 'results.json').write_text(json.dumps(saved))
+    with pytest.raises(SystemExit, match='the record of head_transfer seed 0 does not say which config'):
+        head_transfer.main(argv)

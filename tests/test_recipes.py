@@ -75,7 +75,8 @@ def test_adaptation_recipe_reads_the_local_copy_and_reports_both_bn_modes(tmp_pa
 
 
 @pytest.mark.slow  # one tiny source training and four 2-step adaptations
-def test_adaptation_sweep_adapts_one_source_to_each_corruption_and_seed_and_skips_finished_runs(tmp_path):
+def test_adaptation_sweep_adapts_one_source_to_each_corruption_and_seed_and_skips_finished_runs(tmp_path,
+                                                                                               import_script):
     write_cifar10_copy(tmp_path / 'data')
     out = tmp_path / 'out'
     args = ('--budget', 'tiny', '--shifts', 'gaussian_noise:5', 'contrast:5', '--source-seeds', 1, '--adapt-seeds', 2,
@@ -90,6 +91,10 @@ def test_adaptation_sweep_adapts_one_source_to_each_corruption_and_seed_and_skip
     assert all(r['args']['extractor'] == source and r['args']['seed'] == 0 for r in results)  # one source, reused
     assert [r['args']['shift'] for r in results] == [['contrast:5']] * 2 + [['gaussian_noise:5']] * 2
     assert [r['args']['adapt_seed'] for r in results] == [0, 1, 0, 1]
+    # Each record carries the fingerprint its next seeds are planned with (source config and adaptation keys).
+    sweep = import_script('recipes', 'adaptation_sweep')
+    planned = sweep.source_fingerprint(sweep.parse_args([str(a) for a in args]), out, 0)
+    assert [r['config'] for r in results] == [planned] * 4
     # The source and its test-time BN do not depend on the adaptation seed.
     assert results[0]['scores']['source'] == results[1]['scores']['source']
     report = (out / 'report.md').read_text()
@@ -222,6 +227,19 @@ def test_a_recipes_seed_reaches_its_networks_initial_weights(import_script):
     assert [seeds[0, k] for k in (0, 1, 10)] == [0, 1, 10] and len(set(seeds.values())) == 6
 
 
+@pytest.mark.parametrize('seed', [0, 3])
+def test_sec53_stitches_are_fitted_on_the_labelled_images_its_seed_draws(import_script, monkeypatch, seed):
+    """--seed S draws the few labelled target images of the stitches too, not seed 0's whatever S."""
+    from argparse import Namespace
+    from timm_compat.data import ImageData
+    transfer = import_script('recipes', 'transfer')
+    train = ImageData(torch.zeros(50, 3, 4, 4, dtype=torch.uint8), torch.arange(50) % 5, list('abcde'))
+    drawn = []
+    monkeypatch.setattr(ImageData, 'take', lambda self, n, seed=0: drawn.append((n, seed)) or self)
+    transfer.stitch_sources(Namespace(seed=seed), {'stitch_images': 20}, None, None, {}, {}, train, None)
+    assert drawn == [(20, seed)]
+
+
 def test_head_transfer_report_draws_fig4_from_every_seed_with_the_papers_values(import_script, tmp_path):
     head_transfer = import_script('recipes', 'head_transfer')
 
@@ -319,3 +337,14 @@ def test_head_transfer_scores_the_test_images_its_upper_bounds_are_scored_on(imp
     ours_train, ours_test = head_transfer.load_cifar10(str(tmp_path), budget, seed)
     assert torch.equal(ours_test.images, test.images) and torch.equal(ours_test.labels, test.labels)
     assert torch.equal(ours_train.images, train.images)
+
+
+def test_sec4_matrix_figures_name_the_seed_they_draw(import_script, tmp_path):
+    """A method whose table holds seeds 2 and 3 only (seed 0 trained under another --output) draws seed 2's matrix,
+    and says so."""
+    sec4_report = import_script('recipes', 'sec4_report')
+    matrix = [[0.8, 0.3], [0.2, 0.7]]
+    runs = [{'seed': s, 'matrix': {'batch': matrix, 'running': matrix}, 'networks': ['a', 'b']} for s in (2, 3)]
+    (tmp_path / 'figures').mkdir()
+    captions = [f.caption for f in sec4_report.method_figures(tmp_path, 'iiw', runs)]
+    assert captions == [f'IIW, seed 2: recombination accuracy (%), BN {bn} statistics' for bn in ('batch', 'running')]
