@@ -129,18 +129,24 @@ def trained_fingerprint(run_dirs: Sequence[Path], out: Path, seed: int) -> Optio
 
 
 def check_configs(path: Path, results: Dict[str, list], planned: Dict[tuple, str],
-                  trained: Callable[[str, int], Optional[str]]) -> None:
+                  trained: Callable[[str, int], Optional[str]]) -> bool:
     """Refuses, before anything trains, to add a seed to a record trained under another config.
 
-    ``planned`` maps each ``(name, seed)`` to be trained to its :func:`planned_fingerprint`. A record of ``name``
-    from before fingerprints were kept gets its fingerprint from its run folders (``trained(name, seed)``) if they
-    are still there, and is refused if they are not: the config it was trained under is unknown.
+    ``planned`` maps each ``(name, seed)`` to be trained to its :func:`planned_fingerprint`. A record from before
+    fingerprints were kept gets its fingerprint from its run folders (``trained(name, seed)``) while they are there,
+    and is refused if a seed would join it after they are gone: the config it was trained under is unknown.
+
+    Returns:
+        Whether a record got its fingerprint here (save the records, so they keep it without their run folders).
     """
+    filled = False
+    for name, records in results.items():
+        for r in records:
+            if 'config' not in r and (found := trained(name, r['seed'])) is not None:
+                r['config'], filled = found, True
     for (name, seed), fingerprint in planned.items():
         for r in results.get(name, []):
             if 'config' not in r:
-                r['config'] = trained(name, r['seed'])
-            if r['config'] is None:
                 raise SystemExit(f'{path}: the record of {name} seed {r["seed"]} does not say which config it was '
                                  f'trained under (it predates config fingerprints, and its run folders, which would '
                                  f'say, are gone), so seed {seed} is not added to it: give another --output for a new '
@@ -150,6 +156,7 @@ def check_configs(path: Path, results: Dict[str, list], planned: Dict[tuple, str
                                  f'would be (fingerprint {r["config"]}, now {fingerprint}): a config file, budget '
                                  f'key or code default changed since. Give another --output for a new table, or '
                                  f'restore that config to add to this one.')
+    return filled
 
 
 def by_bn(summary: dict, key: str) -> Dict[str, object]:

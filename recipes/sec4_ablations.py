@@ -165,10 +165,11 @@ def main(argv=None):
     todo = [(v, seed) for v in variants if v.name in (args.variants or [v.name]) for seed in range(args.seeds)
             if not recorded(results, v.name, seed)]
     by_name = {v.name: v for v in variants}
-    check_configs(out / 'results.json', results,
-                  {(v.name, s): method_fingerprint(v.method, s, args, out / v.name, v.extra) for v, s in todo},
-                  lambda name, s: trained_method_fingerprint(by_name[name].method, s, args, out / name,
-                                                             by_name[name].extra))
+    if check_configs(out / 'results.json', results,
+                     {(v.name, s): method_fingerprint(v.method, s, args, out / v.name, v.extra) for v, s in todo},
+                     lambda name, s: trained_method_fingerprint(by_name[name].method, s, args, out / name,
+                                                                by_name[name].extra) if name in by_name else None):
+        save_results(out, args, results)
     with progress(sum(runs_of(v.method) for v, _ in todo), f'{args.ablation}: train.py runs') as bar:
         for variant, seed in todo:
             (out / variant.name).mkdir(exist_ok=True)

@@ -246,8 +246,9 @@ def main(argv=None):
     check_data_dir(parser, args.data_dir, setting_sources(args.setting))
     out.mkdir(parents=True, exist_ok=True)
     todo = [(m, seed) for m in args.methods for seed in range(args.seeds) if not recorded(results, m, seed)]
-    check_configs(out / 'results.json', results, {(m, s): method_fingerprint(m, s, args, out) for m, s in todo},
-                  lambda m, s: trained_method_fingerprint(m, s, args, out))
+    if check_configs(out / 'results.json', results, {(m, s): method_fingerprint(m, s, args, out) for m, s in todo},
+                     lambda m, s: trained_method_fingerprint(m, s, args, out)):
+        save_results(out, args, results)
     pretraining = pretraining_runs([m for m, _ in todo], args, out)
     with progress(len(pretraining) + sum(runs_of(m) for m, _ in todo), 'sec4: train.py runs') as bar:
         for config, run_dir, overrides in pretraining:

@@ -252,6 +252,10 @@ def test_sec4_reads_an_old_records_config_from_its_run_folder_and_refuses_one_wh
     run_dir.mkdir()
     written = {**load_config(str(config), overrides).to_dict(), 'output_dir': str(run_dir), 'data_dir': '/data'}
     (run_dir / 'config.yaml').write_text(yaml.safe_dump(written, sort_keys=False))
+    # With nothing to train, the record keeps the fingerprint its run folder gave it, for when the folder is gone.
+    sec4.main(['--budget', 'fast', '--methods', 'iiw', '--seeds', '1', '--output', str(out), '--resume'])
+    assert json.loads((out / 'results.json').read_text())['results']['iiw'][0]['config'] == (
+        sec4.method_fingerprint('iiw', 0, args, out))
     sec4.main(argv)
     configs = [r['config'] for r in json.loads((out / 'results.json').read_text())['results']['iiw']]
     assert configs == [sec4.method_fingerprint('iiw', 1, args, out)] * 2
