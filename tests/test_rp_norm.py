@@ -135,3 +135,22 @@ def test_two_expanding_methods_are_refused():
     with pytest.raises(ValueError, match='At most one method'):
         tc.compatibility_loss(model, torch.randn(2, 3, 16, 16), torch.tensor([0, 1]),
                               [tc.RotationPrediction(), tc.RotationPrediction()])
+
+
+def test_a_compiled_extractor_compiles_the_chunked_pass_once_not_every_step():
+    """The context puts a new ``forward`` on each BN layer at every step; torch.compile (as ``compile: true`` does,
+    on each extractor) must not recompile for each of them: two graphs in all, the chunked pass and the plain one.
+    The eager backend has the same guards as inductor, without its code generation."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    counters.clear()
+    extractor = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), BatchNormAct2d(8))
+    extractor.compile(backend='eager')
+    images = torch.randn(4, 3, 8, 8)
+    for _ in range(5):
+        with chunked_batch_norm(extractor, 4, running_chunk=0):
+            extractor(images).sum().backward()
+        extractor(images[:1]).sum().backward()
+    assert counters['stats']['unique_graphs'] == 2 and counters['frames']['ok'] == 2
+    torch._dynamo.reset()
