@@ -17,8 +17,9 @@ Every network is one ``accelerate launch train.py`` run:
 2. each source network, trained against that frozen interface (stage 2), so all sources fit the target head;
 3. the same target and sources trained independently, each with its own RP head (the paper's fair baseline).
 
-Then timm_compat.transfer swaps each source extractor under the target head and fine-tunes (Fig. 5), against a
-re-initialised head and against independently trained components; the step-0 accuracies rank the sources. Finally a
+Then timm_compat.transfer swaps each source extractor under the target head and fine-tunes (Fig. 5), against the
+paper's two baselines, both on the independent sources: a re-initialised head, and the independent target head;
+the step-0 accuracies rank the sources. Finally a
 1x1-conv stitch (timm_compat.stitching) is fitted on a small labelled set from each source to the target head, with
 both frozen, next to direct recombination. Every accuracy is measured with BN batch statistics (the paper's
 evaluation) and with running statistics (what a deployed model gets). Writes OUTPUT/report.md, results.json, curves,
@@ -208,8 +209,10 @@ def main(argv=None):
     options = dict(steps=steps, lr=args.lr, seed=args.seed, mixed_precision=args.mixed_precision,
                    batch_size=FINETUNE_BATCH)
     torch.manual_seed(args.seed)
-    ours = transfer(target, sources, train, test, reinit_head=True, **options)
-    baseline = transfer(target_ind, sources_ind, train, test, on_mismatch='force', **options)
+    ours = transfer(target, sources, train, test, **options)
+    # Both baselines start from the independently trained sources (Sec. 5.3: trained with RP too, "but initialize
+    # the weights of its head randomly for each network"): the independent target head, and a new random head.
+    baseline = transfer(target_ind, sources_ind, train, test, on_mismatch='force', reinit_head=True, **options)
 
     stitching = stitch_sources(args, budget, out, target.head, sources, sources_ind, train, test)
     results = {'args': vars(args), 'ours': ours.to_dict(), 'independent': baseline.to_dict(),
@@ -231,7 +234,7 @@ def report(out: Path, args, budget, ours, baseline, results: dict, argv) -> None
     figures = []
     for name in SETTINGS[args.setting]['sources']:
         curves = {f'{LABELS[mode]}, BN={bn}': (c.steps, c.accuracy_by_bn[bn]) for mode, c in (
-            ('recombined', ours.curve(name)), ('reinit_head', ours.curve(name, 'reinit_head')),
+            ('recombined', ours.curve(name)), ('reinit_head', baseline.curve(name, 'reinit_head')),
             ('independent', baseline.curve(name))) for bn in BN_MODES}
         path = plot_accuracy_curves(curves, out / f'curve_{name}.png', annotate_steps=(0, epoch, last),
                                     marks={'1 epoch': epoch}, title=f'source {name} -> target', xlabel='fine-tuning steps on the target')
@@ -240,7 +243,7 @@ def report(out: Path, args, budget, ours, baseline, results: dict, argv) -> None
     final = dict(results['ranking_final'])
     rows = []
     for i, (name, acc) in enumerate(results['ranking_step0']):
-        ours_curve, reinit, independent = ours.curve(name), ours.curve(name, 'reinit_head'), baseline.curve(name)
+        ours_curve, reinit, independent = ours.curve(name), baseline.curve(name, 'reinit_head'), baseline.curve(name)
         rows.append([i + 1, name, 100 * acc, 100 * ours_curve.accuracy_by_bn['running'][0], 100 * final[name],
                      100 * ours_curve.accuracy_by_bn['running'][-1],
                      [n for n, _ in results['ranking_final']].index(name) + 1,

@@ -287,6 +287,36 @@ def test_transfer_refuses_another_interface_unless_stitched_or_forced(target, so
     assert curve.accuracy == [average_class_accuracy(fitted, test)]
 
 
+def test_transfer_reinitialises_a_stitched_sources_head_at_the_sources_width(target, narrow, train, test):
+    """The re-initialised head of a source of another width reads that source's features directly: it is built at
+    the source's width (not the target head's), so the stitched curve's work is not lost to a crash after it."""
+    result = transfer(target, {'narrow': narrow}, train, test, steps=(0, 1), on_mismatch='stitch', stitch_steps=1,
+                      batch_size=16, reinit_head=True)
+    assert [(c.mode, c.steps) for c in result.curves] == [('stitched', [0, 1]), ('reinit_head', [0, 1])]
+
+
+def test_applications_check_mixed_precision_before_any_work(target, sources, train, test, source):
+    """An unknown precision is refused before the first evaluation, also when no step would train."""
+    for steps in ((0,), (0, 1)):
+        with pytest.raises(ValueError, match="Unknown mixed_precision 'fp8'"):
+            transfer(target, sources, train, test, steps=steps, mixed_precision='fp8')
+    with pytest.raises(ValueError, match="Unknown mixed_precision 'fp8'"):
+        adapt(source, train.images, steps=1, batch_size=16, mixed_precision='fp8')
+
+
+def test_stitching_accepts_the_heads_classes_up_to_synonyms(interface, train, test):
+    """A head trained on data that says 'ship' and task data that says 'boat' (the same class to evaluation) fit
+    a stitch and transfer; ``select_classes`` takes the head's names, synonyms and all. Another order is refused."""
+    head_names = ['ship' if c == 'boat' else c for c in CLASSES]
+    model = tc.make_compatible('resnet8_cifar', split='layer2', interface=interface, num_classes=len(CLASSES),
+                               class_names=head_names, init_seed=0)
+    fit_stitch(model.extractor, model.head, train, 1, batch_size=16)
+    transfer(model, {'self': model.extractor}, train, test, steps=(0,), batch_size=16)
+    assert train.select_classes(head_names).labels.tolist() == train.labels.tolist()
+    with pytest.raises(ValueError, match='select_classes'):
+        fit_stitch(model.extractor, model.head, train.select_classes(CLASSES[::-1]), 1, batch_size=16)
+
+
 def test_transfer_refuses_data_of_another_task(target, sources, train, test):
     shuffled = train.select_classes(CLASSES[::-1])
     with pytest.raises(ValueError, match='select_classes'):
@@ -318,6 +348,29 @@ def test_fit_stitch_trains_only_the_stitch(interface, target, sources, narrow, t
         assert torch.equal(loaded(x), model(x))
     with pytest.raises(ValueError, match='(?i)fit a stitch'):
         StitchedModel(sources['s1'], Stitch(16, 16, head_interface_id=interface.id), head)
+
+
+def test_a_stitched_model_is_saved_as_its_parts_not_as_a_pair_that_cannot_load(interface, target, narrow, tmp_path):
+    """The pair format has no place for a stitch: saving a StitchedModel is refused, naming how to save its parts,
+    and nothing is written."""
+    stitched = StitchedModel(narrow, Stitch(8, 16, False, None, interface.id), target.head)
+    for save in (lambda: stitched.save_pretrained(tmp_path / 'pair'), lambda: stitched.push_to_hub('me/pair')):
+        with pytest.raises(TypeError, match=r'model\.stitch\.save_pretrained'):
+            save()
+    assert not (tmp_path / 'pair').exists()
+
+
+def test_adapt_keeps_the_stitch_of_a_stitched_model(target, train):
+    """Adapting a stitched model (extractor of another interface -> stitch -> target head) adapts its extractor
+    through its own interface's RP head; the stitch stays between it and the head."""
+    other = tc.Interface(width=8, rp=True)
+    source = fit_stitch(network(other, seed=5, width=8).extractor, target.head, train, 1, batch_size=16)
+    adapted = adapt(source, train.images, steps=1, batch_size=16, interface=other).model
+    assert isinstance(adapted, StitchedModel) and adapted.stitch is source.stitch and adapted.head is source.head
+    x = torch.randn(4, 3, 16, 16)
+    with torch.no_grad(), tc.eval_mode(adapted, 'batch'):
+        expected = adapted.head(adapted.stitch(adapted.extractor(x)))
+        assert torch.equal(adapted(x), expected)
 
 
 def test_unfitted_stitch_is_direct_recombination(interface, target, sources):

@@ -207,6 +207,9 @@ def test_transfer_recipe_measures_and_marks_one_epoch_of_the_target_on_every_cur
     assert results['target_train'] % 64 and results['epoch_steps'] == epoch and epoch not in (0, 1, 3, 5)
     for kind in ('ours', 'independent'):
         assert all(c['steps'] == sorted({0, 1, 3, 5, epoch}) for c in results[kind]['curves'])
+    # The re-initialised head is a baseline: on the independent sources, as the paper's (Sec. 5.3).
+    modes = {kind: {c['mode'] for c in results[kind]['curves']} for kind in ('ours', 'independent')}
+    assert modes == {'ours': {'recombined'}, 'independent': {'recombined', 'reinit_head'}}
     assert f'(one epoch: {epoch} steps)' in (out / 'report.md').read_text()
     # --reuse keeps a finished run only for the same config: another --seed trains other networks (it kept them).
     proc = run_recipe('transfer.py', '--setting', 'synthetic', '--budget', 'tiny', '--threads', 1, '--output', out,

@@ -189,3 +189,19 @@ def test_a_two_process_streamed_run_is_the_in_memory_one(tmp_path):
     assert metrics(tmp_path, 'stream') == metrics(tmp_path, 'memory') and len(metrics(tmp_path, 'memory')) == 6
     for key in ('own_accuracy', 'recombination_matrix', 'own_accuracy_running', 'recombination_matrix_running'):
         assert stream[key] == memory[key], key
+
+
+def test_deploy_and_the_bn_report_take_a_streamed_split_as_its_in_memory_twin(tmp_path):
+    """AdaBN on unlabelled images of a streamed split decodes them as evaluation does: the deployed model and the
+    report are those of the same split held in memory."""
+    import timm_compat as tc
+    source = write_parquet_shards(tmp_path / 'data', n=(30, 12))
+    memory = load_image_data(source, 'train', image_size=64)
+    stream = load_image_data(source, 'train', image_size=64, storage='stream')
+    model = tc.make_compatible('resnet8_cifar', split='layer2', interface=tc.Interface(width=16), num_classes=3,
+                               class_names=CLASSES, init_seed=0)
+    deployed = {kind: tc.deploy(model, data, batch_size=10) for kind, data in (('memory', memory), ('stream', stream))}
+    for name, buffer in deployed['memory'].state_dict().items():
+        assert torch.equal(buffer, deployed['stream'].state_dict()[name]), name
+    assert (tc.bn_accuracy_report(model, memory, unlabeled=stream, batch_size=10)
+            == tc.bn_accuracy_report(model, memory, unlabeled=memory, batch_size=10))

@@ -21,10 +21,11 @@ from .compatible import CompatibleModel
 from .data import EpochSampler, ImageData, augment as augment_batch, normalize
 from .deployment import bn_accuracy_report
 from .evaluation import average_class_accuracy
-from .fit import call_frozen, fit
+from .fit import call_frozen, check_mixed_precision, fit
 from .interface import Interface
 from .methods.rp import rotate_batch, rotation_labels, rotation_loss
 from .optim import make_optimizer, make_scheduler
+from .stitching import StitchedModel
 
 __all__ = ['AdaptationResult', 'RotationTask', 'adapt', 'evaluate_adaptation']
 
@@ -155,6 +156,7 @@ def adapt(model: CompatibleModel, unlabeled_target: torch.Tensor, steps: int = 1
             whose interface has no RP head, an interface the extractor was not trained against, or an unknown
             ``mixed_precision``.
     """
+    check_mixed_precision(mixed_precision)
     images = _check_images(unlabeled_target, batch_size)
     interface = _rp_interface(model, interface)
     if steps < 1:
@@ -172,7 +174,9 @@ def adapt(model: CompatibleModel, unlabeled_target: torch.Tensor, steps: int = 1
     extractor.eval()
     history = {'step': [r['step'] for r in rows], 'rp_loss': [r['loss'] for r in rows],
                'rp_accuracy': [r['rp_accuracy'] for r in rows]}
-    return AdaptationResult(CompatibleModel(extractor, model.head, interface), history, time.time() - start)
+    adapted = (StitchedModel(extractor, model.stitch, model.head) if isinstance(model, StitchedModel)
+               else CompatibleModel(extractor, model.head, interface))
+    return AdaptationResult(adapted, history, time.time() - start)
 
 
 def evaluate_adaptation(source: CompatibleModel, adapted: CompatibleModel, target_test: ImageData,

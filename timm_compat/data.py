@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from ._hf_source import KNOWN_SCHEMAS, columns, load_hf, local_source
+from .classes import canonical_class_name
 from .shifts import apply_shift, shift_seed
 from .streaming import StreamedImages, choose_storage, materialize, stream_batches
 from .synthetic import make_synthetic
@@ -52,13 +53,15 @@ class ImageData:
         return len(self.class_names)
 
     def select_classes(self, classes: Sequence[str]) -> 'ImageData':
-        """Keep only ``classes`` (by name), relabelled in the given order."""
-        missing = [c for c in classes if c not in self.class_names]
+        """Keep only ``classes`` (by name, up to synonyms: 'car' finds 'automobile'), relabelled in the given
+        order and named as given."""
+        index = {canonical_class_name(c): i for i, c in enumerate(self.class_names)}
+        missing = [c for c in classes if canonical_class_name(c) not in index]
         if missing:
             raise ValueError(f'{self.name}: classes {missing} are not in the dataset; it has {self.class_names}.')
         new_label = torch.full((self.num_classes,), -1, dtype=torch.long)
         for i, c in enumerate(classes):
-            new_label[self.class_names.index(c)] = i
+            new_label[index[canonical_class_name(c)]] = i
         mapped = new_label[self.labels]
         keep = mapped >= 0
         return ImageData(self.images[keep], mapped[keep], list(classes), self.name)

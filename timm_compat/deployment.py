@@ -15,7 +15,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .batchnorm import recalibrate_bn
-from .data import ImageData, evaluation_batches, normalize
+from .data import ImageData, evaluation_batches, iterate_batches, normalize
 from .evaluation import accuracy
 
 __all__ = ['BN_MODES', 'deploy', 'bn_accuracy_report', 'format_bn_report']
@@ -42,7 +42,9 @@ def _batches(images: Images, model: nn.Module, batch_size: int, seed: int) -> It
         x = x.to(device)
         return normalize(x, cfg['mean'], cfg['std']) if x.dtype == torch.uint8 else x
 
-    if isinstance(images, ImageData):
+    if isinstance(images, ImageData) and not isinstance(images.images, torch.Tensor):  # streamed: decode batches
+        images = (x for x, _ in iterate_batches(images, batch_size, seed))
+    elif isinstance(images, ImageData):
         images = images.images
     if isinstance(images, torch.Tensor):
         for index in evaluation_batches(images.shape[0], batch_size, seed):

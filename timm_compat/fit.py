@@ -27,14 +27,19 @@ MIXED_PRECISION = {'no': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}
 Losses = Dict[str, torch.Tensor]
 
 
+def check_mixed_precision(mixed_precision: str) -> None:
+    """Refuses an unknown ``mixed_precision``: applications call it first, before any work that it would waste."""
+    if mixed_precision not in MIXED_PRECISION:
+        raise ValueError(f'Unknown mixed_precision {mixed_precision!r}: use one of {list(MIXED_PRECISION)}.')
+
+
 def autocast(device: torch.device, mixed_precision: str = 'no') -> contextlib.AbstractContextManager:
     """``torch.autocast`` on ``device`` for ``mixed_precision`` (``'no'``, ``'bf16'`` or ``'fp16'``).
 
     Raises:
         ValueError: An unknown ``mixed_precision``.
     """
-    if mixed_precision not in MIXED_PRECISION:
-        raise ValueError(f'Unknown mixed_precision {mixed_precision!r}: use one of {list(MIXED_PRECISION)}.')
+    check_mixed_precision(mixed_precision)
     dtype = MIXED_PRECISION[mixed_precision]
     return torch.autocast(torch.device(device).type, dtype=dtype, enabled=dtype is not None)
 

@@ -21,7 +21,8 @@ from .compatible import CompatibleModel, link_problems, mismatch_message
 from .component import PAPER_URL, Component
 from .components import Extractor, Head
 from .data import EpochSampler, ImageData, augment as augment_batch, normalize
-from .fit import call_frozen, fit
+from .classes import canonical_class_name
+from .fit import call_frozen, check_mixed_precision, fit
 from .optim import make_optimizer
 
 __all__ = ['Stitch', 'StitchTask', 'StitchedModel', 'fit_stitch']
@@ -116,6 +117,17 @@ class StitchedModel(CompatibleModel):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))
 
+    def save_pretrained(self, save_directory, *, repo_id=None) -> str:
+        """Refused: the saved pair format holds an extractor and a head, and a stitch between them would not load
+        back. Save the parts, and rebuild with ``StitchedModel(extractor, Stitch.from_pretrained(DIR), head)``."""
+        raise TypeError('A StitchedModel is saved as its parts: model.stitch.save_pretrained(DIR) (the extractor and '
+                        'head as the components they are); load with StitchedModel(extractor, '
+                        'Stitch.from_pretrained(DIR), head).')
+
+    def push_to_hub(self, repo_id: str, **kwargs: Any):
+        """Refused, as :meth:`save_pretrained`: push ``model.stitch`` (and the components) instead."""
+        self.save_pretrained(None)
+
 
 class StitchTask(nn.Module):
     """The stitch's objective: the head's task loss on stitched features of normalised ``(images, labels)``.
@@ -136,11 +148,13 @@ class StitchTask(nn.Module):
 
 
 def check_task_data(data: ImageData, head: Head, what: str) -> None:
-    """Refuse labelled data whose classes are not the head's, in the head's order."""
+    """Refuse labelled data whose classes are not the head's (up to synonyms, as evaluation matches them), in the
+    head's order."""
     if data.num_classes != head.num_classes:
         raise ValueError(f'{what} has {data.num_classes} classes {data.class_names}, but the head has '
                          f'{head.num_classes}: pass data of the head\'s task.')
-    if head.class_names is not None and list(data.class_names) != list(head.class_names):
+    canonical = lambda names: [canonical_class_name(c) for c in names]  # noqa: E731 ('car' is 'automobile')
+    if head.class_names is not None and canonical(data.class_names) != canonical(head.class_names):
         raise ValueError(f'{what} lists its classes as {data.class_names}, the head as {head.class_names}: '
                          f'reorder the data with data.select_classes(head.class_names).')
 
@@ -173,6 +187,7 @@ def fit_stitch(extractor: Extractor, head: Head, train_data: ImageData, steps: i
     Returns:
         The :class:`StitchedModel` of the given components and the fitted stitch (in eval mode).
     """
+    check_mixed_precision(mixed_precision)
     check_task_data(train_data, head, 'The stitch\'s training data')
     if steps < 1:
         raise ValueError(f'steps must be at least 1, got {steps}: an unfitted stitch is direct recombination.')

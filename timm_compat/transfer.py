@@ -23,7 +23,7 @@ from .components import Extractor, Head
 from .deployment import BN_MODES, bn_accuracy_report
 from .evaluation import average_class_accuracy
 from .data import EpochSampler, ImageData, augment as augment_batch, normalize
-from .fit import ClassificationTask, fit
+from .fit import ClassificationTask, check_mixed_precision, fit
 from .stitching import StitchedModel, check_task_data, fit_stitch
 from .optim import make_optimizer
 
@@ -97,12 +97,16 @@ def _copy(component: Component) -> Component:
     return copy.deepcopy(component, memo={id(interface): interface} if interface is not None else None)
 
 
-def _fresh_head(head: Head) -> Head:
-    """A head of the same architecture with new initial weights, on the same device."""
+def _fresh_head(head: Head, width: int) -> Head:
+    """A head of the same architecture with new initial weights, reading features ``width`` channels wide (a
+    stitched source's own), on the same device."""
     device = next(head.parameters()).device
     try:
-        return type(head).from_config(head.component_config()).to(device)
+        return type(head).from_config({**head.component_config(), 'width': width}).to(device)
     except ComponentError:  # a custom head module: no config rebuilds it, so reset every layer in place
+        if width != head.width:
+            raise ValueError(f'reinit_head: the head is a custom module that cannot be rebuilt for a source '
+                             f'{width} channels wide (it reads {head.width}): give sources of its width.') from None
         fresh = _copy(head)
         for module in fresh.modules():
             if hasattr(module, 'reset_parameters'):
@@ -193,7 +197,8 @@ def _source_curves(name: str, source: Extractor, head: Head, mode: str, compatib
 
     curves = [curve(mode, reuse_head)]
     if reinit_head:
-        curves.append(curve('reinit_head', lambda: CompatibleModel(_copy(source).to(device), _fresh_head(head))))
+        curves.append(curve('reinit_head', lambda: CompatibleModel(_copy(source).to(device),
+                                                                   _fresh_head(head, source.width))))
     return curves
 
 
@@ -243,6 +248,7 @@ def transfer(target_model: CompatibleModel, sources: Mapping[str, Extractor], tr
     """
     if bn not in BN_MODES:
         raise ValueError(f'Unknown bn {bn!r}: use one of {list(BN_MODES)}.')
+    check_mixed_precision(mixed_precision)
     head = target_model.head
     shared = _check_sources(sources, head, on_mismatch)
     steps = _check_steps(steps)
