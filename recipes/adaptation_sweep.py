@@ -88,16 +88,22 @@ def source_fingerprint(args, out: Path, seed: int, trained: bool = False) -> Opt
 
 def check_sweep_configs(args, out: Path, pending: dict) -> None:
     """Refuses, before anything trains, to pool the ``pending`` adaptations (``{source seed: [(shift, adaptation
-    seed)]}``) with recorded ones of a shift whose source or adaptation was configured otherwise."""
-    recorded = {shift: [] for shift in args.shifts}
+    seed)]}``) with recorded ones of a shift whose source or adaptation was configured otherwise. A record from
+    before fingerprints that gets its fingerprint from its source's run keeps it in its results.json."""
+    recorded, views = {shift: [] for shift in args.shifts}, []
     for shift in args.shifts:
         for s in range(args.source_seeds):
             for a in range(args.adapt_seeds):
-                record = recorded_adaptation(args, adapt_folder(out, s, shift, a))
+                folder = adapt_folder(out, s, shift, a)
+                record = recorded_adaptation(args, folder)
                 if record is not None:
                     recorded[shift].append({'seed': s, **({'config': record['config']} if 'config' in record else {})})
+                    views.append((folder, record, recorded[shift][-1]))
     planned = {(shift, s): source_fingerprint(args, out, s) for s, todo in pending.items() for shift, _ in todo}
-    check_configs(out, recorded, planned, lambda shift, s: source_fingerprint(args, out, s, trained=True))
+    if check_configs(out, recorded, planned, lambda shift, s: source_fingerprint(args, out, s, trained=True)):
+        for folder, record, view in views:
+            if 'config' not in record and 'config' in view:
+                write_json(folder / 'results.json', {**record, 'config': view['config']})
 
 
 def run_source(args, out: Path, seed: int) -> list:

@@ -303,6 +303,19 @@ def test_adaptation_sweep_pools_an_adaptation_only_with_records_of_the_same_sour
     with pytest.raises(SystemExit, match='the record of contrast:5 seed 0 does not say which config'):
         sweep.main(argv)
     assert calls == [('source', 0), ('adapt', 1)]
+    # With its source's run folder there, the old record gets its fingerprint from it, and keeps it.
+    import yaml
+    from timm_compat.config import load_config
+    monkeypatch.setattr(sweep, 'run_source', lambda args, out, seed: calls.append(('source', seed)) or [])
+    monkeypatch.setattr(sweep, 'run_adaptation', lambda *a: calls.append(('adapt', a[4])))
+    adaptation = sweep.adaptation
+    source = adaptation.source_config(sweep.argparse.Namespace(seed=0), adaptation.SETTINGS['cifar10_shift'])
+    path, sets = adaptation.write_run(source, tmp_path / 'plan' / 'source', adaptation.BUDGETS['tiny']['train'])
+    written = {**load_config(str(path), sets).to_dict(), 'output_dir': str(out / 'source0')}
+    (out / 'source0' / 'config.yaml').write_text(yaml.safe_dump(written, sort_keys=False))
+    sweep.main(argv)
+    assert calls[-2:] == [('source', 0), ('adapt', 1)]
+    assert json.loads((folder / 'results.json').read_text())['config'] == sweep.source_fingerprint(args, out, 0)
 
 
 def test_head_transfer_adds_a_seed_only_to_records_of_the_same_stage1_upper_bound_and_head_config(
