@@ -210,8 +210,7 @@ def transfer(target_model: CompatibleModel, sources: Mapping[str, Extractor], tr
     """Swap each source extractor under the target head; measure accuracy at step 0 and along fine-tuning.
 
     Every curve fine-tunes its own copies of the components (extractor, head and any stitch, all trained), so the
-    caller's components never change and the curves do not influence each other. Step 0 is measured before any
-    optimiser exists.
+    caller's components never change nor the curves influence each other. Step 0 comes before any optimiser exists.
 
     Args:
         target_model: The target task's model; only its head is used.
@@ -220,8 +219,8 @@ def transfer(target_model: CompatibleModel, sources: Mapping[str, Extractor], tr
         test_data: Labelled target test data, classes in the head's order.
         steps: Fine-tuning steps at which to measure accuracy; include 0 for the accuracy directly after
             recombination, which ranks the sources.
-        reinit_head: Also fine-tune each source with a freshly initialised head of the target head's architecture
-            (the standard transfer-learning baseline).
+        reinit_head: Also fine-tune each source with a new head of the target head's architecture, at the source's
+            width (the standard transfer-learning baseline; the paper's runs it on independent sources).
         on_mismatch: For sources that do not share the target head's interface: ``"error"`` (refuse, before any
             work is done), ``"stitch"`` (fit a 1x1-conv stitch with :func:`~timm_compat.stitching.fit_stitch` for
             ``stitch_steps`` steps on ``train_data`` first) or ``"force"`` (recombine directly, as for the baseline of
