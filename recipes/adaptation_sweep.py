@@ -24,10 +24,9 @@ from typing import Optional
 import torch
 
 import adaptation
-from timm_compat.config import load_config
 from timm_compat.shifts import apply_shift
-from common import (DATA_DIR_HELP, check_configs, check_data_dir, config_fingerprint, data_note, mean_std, progress,
-                    read_record, write_json)
+from common import (DATA_DIR_HELP, check_configs, check_data_dir, data_note, mean_std, planned_fingerprint, progress,
+                    read_record, trained_fingerprint, write_json)
 
 # CIFAR-10-C corruptions of timm_compat.shifts at its top severity, one per family: noise, blur, weather-free
 # digital (contrast, pixelate, JPEG).
@@ -74,16 +73,13 @@ def source_fingerprint(args, out: Path, seed: int, trained: bool = False) -> Opt
     the run wrote it if ``trained``: None if it is gone) and the budget's adaptation keys (this code's, also for
     records older than fingerprints, whose source config is read from its run)."""
     budget, run = adaptation.BUDGETS[args.budget], out / f'source{seed}'
+    adapt = [{k: v for k, v in budget.items() if k != 'train'}]
     if trained:
-        if not (run / 'config.yaml').is_file():
-            return None
-        config = load_config(str(run / 'config.yaml')).to_dict()
-    else:
-        with tempfile.TemporaryDirectory() as tmp:  # the run's YAML, written only when it trains
-            source = adaptation.source_config(argparse.Namespace(seed=seed), adaptation.SETTINGS['cifar10_shift'])
-            path, sets = adaptation.write_run(source, Path(tmp) / 'source', budget['train'])
-            config = load_config(str(path), sets).to_dict()
-    return config_fingerprint([config, {k: v for k, v in budget.items() if k != 'train'}], run, seed)
+        return trained_fingerprint([run], run, seed, adapt)
+    with tempfile.TemporaryDirectory() as tmp:  # the run's YAML, written only when it trains
+        source = adaptation.source_config(argparse.Namespace(seed=seed), adaptation.SETTINGS['cifar10_shift'])
+        path, sets = adaptation.write_run(source, Path(tmp) / 'source', budget['train'])
+        return planned_fingerprint([(path, run, sets)], run, seed, adapt)
 
 
 def check_sweep_configs(args, out: Path, pending: dict) -> None:

@@ -114,18 +114,19 @@ def config_fingerprint(configs: Sequence[dict], out: Path, seed: int) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def planned_fingerprint(runs: Sequence[tuple], out: Path, seed: int) -> str:
+def planned_fingerprint(runs: Sequence[tuple], out: Path, seed: int, extra: Sequence[dict] = ()) -> str:
     """:func:`config_fingerprint` of runs not yet trained, ``(config file, run folder, overrides)`` as
-    :func:`launch` takes them: the configs train.py will resolve."""
-    return config_fingerprint([load_config(str(c), list(o)).to_dict() for c, _, o in runs], out, seed)
+    :func:`launch` takes them: the configs train.py will resolve, and ``extra`` keys of the recipe's own work."""
+    return config_fingerprint([load_config(str(c), list(o)).to_dict() for c, _, o in runs] + list(extra), out, seed)
 
 
-def trained_fingerprint(run_dirs: Sequence[Path], out: Path, seed: int) -> Optional[str]:
-    """:func:`config_fingerprint` of trained runs, from the config.yaml each wrote; None if one is gone."""
+def trained_fingerprint(run_dirs: Sequence[Path], out: Path, seed: int, extra: Sequence[dict] = ()) -> Optional[str]:
+    """:func:`config_fingerprint` of trained runs, from the config.yaml each wrote (and ``extra``, as
+    :func:`planned_fingerprint`); None if one is gone."""
     paths = [Path(r) / 'config.yaml' for r in run_dirs]
     if not all(p.is_file() for p in paths):
         return None
-    return config_fingerprint([load_config(str(p)).to_dict() for p in paths], out, seed)
+    return config_fingerprint([load_config(str(p)).to_dict() for p in paths] + list(extra), out, seed)
 
 
 def check_configs(path: Path, results: Dict[str, list], planned: Dict[tuple, str],

@@ -38,7 +38,8 @@ from timm_compat._hardware import hardware
 from timm_compat.data import DATA_VERSION
 from timm_compat.deployment import BN_MODES
 from common import (CIFAR10 as CIFAR10_ID, DATA_DIR_HELP, RECORDS_HELP, REPO, by_bn, check_configs, check_data_dir,
-                    check_data_version, config_fingerprint, data_note, launch, mean_std, progress, write_json)
+                    check_data_version, data_note, launch, mean_std, planned_fingerprint, progress,
+                    write_json)
 
 CIFAR10 = ['airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse', 'ship', 'truck']
 PAPER = {'resnet56': (91.7, 94.6), 'mobilenetv2': (91.6, 93.3)}  # (recombined, upper bound), Fig. 4
@@ -142,10 +143,8 @@ def seed_runs(args, budget: dict, seed: int, out: Path) -> list:
 def seed_fingerprint(args, budget: dict, seed: int, out: Path) -> str:
     """The config fingerprint of one seed (``common.config_fingerprint``): its train.py runs' configs as they
     resolve, and the head's fine-tuning keys."""
-    from timm_compat.config import load_config
-    configs = [load_config(str(c), o).to_dict() for c, _, o in seed_runs(args, budget, seed, out)]
     head = {k: budget[k] for k in ('head_epochs', 'head_batch', 'head_optim', 'reference')}
-    return config_fingerprint(configs + [head], out, seed)
+    return planned_fingerprint(seed_runs(args, budget, seed, out), out, seed, [head])
 
 
 def head_optimizer(head, cfg, head_optim: Optional[dict], batch_size: int, steps: int) -> tuple:
