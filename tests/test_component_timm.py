@@ -6,6 +6,7 @@ Hub ids resolve through a real Hugging Face cache the tests fill, with ``HF_HUB_
 """
 import json
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -178,3 +179,18 @@ def test_folders_saved_before_the_timm_architecture_still_load(r8, tmp_path):
         # Saved again, it records the architecture and timm loads it.
         old.save_pretrained(tmp_path / 'new' / role)
         assert timm.create_model(f'local-dir:{tmp_path / "new" / role}').num_classes == (3 if role == 'head' else 0)
+
+
+def test_timm_refuses_a_config_json_older_than_the_weights(r8, tmp_path):
+    """timm reads pretrained_cfg from config.json, so a save stopped before config.json (which load_component takes
+    as the new component) would give the new weights the old preprocessing."""
+    root, _, components = r8
+    path = Path(shutil.copytree(root / 'extractor', tmp_path / 'extractor'))
+    old_config = (path / 'config.json').read_bytes()
+    extractor = tc.load_component(path)
+    extractor.config['pretrained_cfg']['input_size'] = [3, 16, 16]
+    extractor.save_pretrained(path)
+    (path / 'config.json').write_bytes(old_config)
+    assert tc.load_component(path).config['pretrained_cfg']['input_size'] == [3, 16, 16]
+    with pytest.raises(tc.ComponentError, match=r'config.json is older than its weights.*save.*again'):
+        timm.create_model(f'local-dir:{path}', pretrained=True)

@@ -163,3 +163,53 @@ def test_a_save_stopped_between_weights_and_config_loads_as_the_new_component(fo
     (path / 'config.json').write_bytes(configs[0])
     with pytest.raises(tc.ComponentError, match=r'config.json was changed after saving \(weights_sha256\)'):
         tc.load_component(path)
+
+
+@pytest.mark.parametrize('role', ['interface', 'extractor', 'head'])
+@pytest.mark.parametrize('dtype', [torch.float16, torch.bfloat16])
+def test_half_precision_components_load_back_in_their_dtype(saved, tmp_path, role, dtype):
+    component = tc.load_component(saved / role).to(dtype)
+    component.save_pretrained(tmp_path / role)
+    loaded = tc.load_component(tmp_path / role)
+    assert {p.dtype for p in loaded.state_dict().values() if p.is_floating_point()} == {dtype}
+    assert all(torch.equal(a, b) for a, b in zip(component.state_dict().values(), loaded.state_dict().values()))
+    if role == 'interface':
+        assert loaded.id == component.id
+
+
+def test_a_save_that_changed_the_role_and_stopped_loads_as_the_new_component(folder, saved):
+    path = folder('head')
+    old_config = (path / 'config.json').read_bytes()
+    extractor = tc.load_component(saved / 'extractor')
+    extractor.save_pretrained(path)
+    (path / 'config.json').write_bytes(old_config)  # a crash between the weights' rename and config.json's
+    assert isinstance(tc.load_component(path), tc.Extractor)
+    assert isinstance(tc.Component.from_pretrained(path), tc.Extractor)
+
+
+@pytest.mark.parametrize('role,cls', [('extractor', tc.Extractor), ('head', tc.Head), ('interface', tc.Interface)])
+def test_the_base_class_from_pretrained_loads_any_role(saved, role, cls):
+    assert type(tc.Component.from_pretrained(saved / role)) is cls
+
+
+def test_reshaped_weights_are_refused_as_a_component_error(folder):
+    path = folder('extractor')
+    tensors = load_file(path / 'model.safetensors')
+    key = next(k for k, v in sorted(tensors.items()) if v.dim() == 4 and v.shape[0] != v.shape[1])
+    tensors[key] = tensors[key].reshape(tensors[key].shape[1], tensors[key].shape[0], *tensors[key].shape[2:])
+    with safe_open(str(path / 'model.safetensors'), framework='pt') as f:
+        metadata = f.metadata()
+    save_file(tensors, path / 'model.safetensors', metadata=metadata)  # same bytes, another shape
+    with pytest.raises(tc.ComponentError, match=rf'{key}: shape .* not .*Download or save the component again'):
+        tc.load_component(path)
+
+
+def test_single_channel_extractors_build_save_and_load(tmp_path):
+    model = tc.make_compatible('resnet8_cifar', split='layer2', interface=None, width=16, num_classes=4,
+                               in_chans=1).eval()
+    assert model.extractor.config['pretrained_cfg']['input_size'][0] == 1
+    model.extractor.save_pretrained(tmp_path / 'extractor')
+    loaded = tc.load_component(tmp_path / 'extractor')
+    x = torch.randn(2, 1, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model.extractor(x))

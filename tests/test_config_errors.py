@@ -127,3 +127,9 @@ def test_assignment_is_checked_too():
     with pytest.raises(ValueError):
         cfg.networks[0].name = '/etc'
     assert NetworkConfig(name='x').dataset.source == 'synthetic:A'
+
+
+@pytest.mark.parametrize('override', ['data', 'data=', 'data=""'])
+def test_a_data_override_without_a_preset_name_is_refused(override):
+    with pytest.raises(ConfigError, match=r'names no data preset.*data=NAME'):
+        load_config(None, [override])

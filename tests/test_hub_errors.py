@@ -13,6 +13,7 @@ from safetensors.torch import load_file, save_file
 
 import timm_compat as tc
 from timm_compat._integrity import weights_digest
+from timm_compat.component import write_folder
 
 from tests.hub_util import (CLASSES, folder, hf_cache, put_in_cache, saved,  # noqa: F401 (fixtures)
                             write_pickle_that_leaves_a_trace)
@@ -45,6 +46,12 @@ def _resave(path: Path, change_tensors=None, **metadata) -> None:
     save_file(tensors, weights, metadata=meta)
 
 
+def _save_as_role(path: Path, role: str) -> None:
+    """The folder as a newer timm-compat with the component role ``role`` would save it (consistent files)."""
+    config = {**json.loads((path / 'config.json').read_text()), 'role': role}
+    write_folder(path, load_file(path / 'model.safetensors'), config, lambda: 'card')
+
+
 def _nudge_first(tensors):
     name = sorted(k for k in tensors if tensors[k].is_floating_point())[0]
     tensors[name] = tensors[name] + 1e-3
@@ -74,7 +81,7 @@ BAD_FOLDERS = {
     'no weights': ('head', lambda p: (p / 'model.safetensors').unlink(), 'model.safetensors is missing'),
     'config not json': ('head', lambda p: (p / 'config.json').write_text('{"role": '), 'not valid JSON'),
     'newer format': ('head', lambda p: _edit_json(p / 'config.json', format_version=99), 'upgrade timm-compat'),
-    'unknown role': ('head', lambda p: _edit_json(p / 'config.json', role='mystery'),
+    'unknown role': ('head', lambda p: _save_as_role(p, 'mystery'),
                      "role 'mystery', which no imported module defines"),
     'truncated weights': ('extractor', lambda p: (p / 'model.safetensors').write_bytes(
         (p / 'model.safetensors').read_bytes()[:-100]), 'truncated or corrupt'),

@@ -22,7 +22,7 @@ from torch import nn
 from timm.layers import SelectAdaptivePool2d
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
-from .component import Component, ComponentError, architecture_of, pinned, read_config
+from .component import Component, ComponentError, architecture_of, pinned, read_config, read_verified
 from .components import Extractor, Head
 
 __all__ = ['ExtractorModel', 'HeadModel', 'timm_source']
@@ -110,6 +110,19 @@ def _check_arguments(config: Dict[str, Any], model_id: str, kwargs: Dict[str, An
                              + (' (head.extend_classes(names) for other classes).' if key == 'num_classes' else '.'))
 
 
+def _verified(cls, model_id: str, config: Dict[str, Any], resolve: Dict[str, Any]) -> Component:
+    """The saved component, once its weights are known to be those of the ``config.json`` timm read its
+    ``pretrained_cfg`` from."""
+    verified, tensors = read_verified(model_id, resolve)
+    if {k: v for k, v in config.items() if k != 'weights_sha256'} != verified:
+        # load_component takes such a folder as the new component; timm would pair it with the old preprocessing.
+        raise ComponentError(
+            f'{model_id}: config.json is older than its weights (a save stopped between writing the two, or the '
+            f'repo changed while loading), so timm would preprocess for the old component. Save the component '
+            f'again, or load it with timm_compat.load_component().')
+    return cls.from_verified(model_id, config=verified, tensors=tensors)
+
+
 def _create(role: str, pretrained: bool, kwargs: Dict[str, Any]) -> nn.Module:
     """The timm model of the saved ``role`` component timm was asked for, built and (if pretrained) loaded."""
     architecture = architecture_of(role)
@@ -122,7 +135,7 @@ def _create(role: str, pretrained: bool, kwargs: Dict[str, Any]) -> nn.Module:
     _check_arguments(config, model_id, kwargs)
     cls = Component.registry[role]
     # Weights come verified from the folder; without pretrained=True the architecture is freshly initialised.
-    component = cls.from_pretrained(model_id, **resolve) if pretrained else cls.from_config(config)
+    component = _verified(cls, model_id, config, resolve) if pretrained else cls.from_config(config)
     wrap = ExtractorModel if role == 'extractor' else HeadModel
     model = build_model_with_cfg(lambda **ignored: wrap(component), architecture, pretrained=False,
                                  pretrained_cfg=kwargs.get('pretrained_cfg'),

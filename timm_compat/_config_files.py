@@ -50,7 +50,10 @@ def set_dotted(data: Dict[str, Any], dotted: str) -> None:
 
 def split_preset(overrides: Sequence[str]) -> Tuple[Optional[str], List[str]]:
     """The data preset that ``data=NAME`` overrides choose (the last wins), and the other overrides."""
-    chosen = [o.split('=', 1)[1].strip().strip('"\'') for o in overrides if o.split('=', 1)[0].strip() == PRESET_KEY]
+    chosen = [o.partition('=')[2].strip().strip('"\'') for o in overrides if o.split('=', 1)[0].strip() == PRESET_KEY]
+    if not all(chosen):
+        raise ConfigError(f'The override {PRESET_KEY!r} names no data preset: write {PRESET_KEY}=NAME (--set '
+                          f'{PRESET_KEY}=NAME), NAME.yaml a file of the {PRESET_DIR}/ folder beside the config.')
     rest = [o for o in overrides if o.split('=', 1)[0].strip() != PRESET_KEY]
     return (chosen[-1] if chosen else None), rest
 

@@ -64,9 +64,11 @@ def atomic_save_safetensors(tensors: Dict[str, torch.Tensor], path: Path, metada
 
 
 def weights_digest(tensors: Dict[str, torch.Tensor], prefix: bytes = b'') -> str:
-    """SHA-256 over ``prefix``, then every tensor's name, dtype, shape and bytes, in name order.
+    """SHA-256 over ``prefix``, then every tensor's name, dtype, element count and bytes, in name order.
 
     An interface's id is this digest over its spec and weights; a component's ``weights_sha256``, over its weights.
+    Shapes are not covered (each tensor is hashed flat, and ids of saved components depend on it): loading checks
+    them against the architecture the config rebuilds.
     """
     h = hashlib.sha256(prefix)
     for name, tensor in sorted(tensors.items()):

@@ -101,6 +101,17 @@ def read_verified(model_id: str, resolve: Dict[str, Any]) -> Tuple[Dict[str, Any
     return config, tensors
 
 
+def _check_shapes(module: nn.Module, tensors: Dict[str, torch.Tensor], model_id: str) -> None:
+    """Refuse weights of another shape than the architecture's (the digest covers bytes, not shapes)."""
+    expected = module.state_dict()
+    for name, tensor in tensors.items():
+        if name in expected and tensor.shape != expected[name].shape:
+            raise ComponentError(
+                f'{model_id}: {name}: shape {tuple(tensor.shape)} in {WEIGHTS_NAME}, not the '
+                f'{tuple(expected[name].shape)} of the architecture in {CONFIG_NAME}. The weights were changed '
+                f'after saving; do not use them. Download or save the component again.')
+
+
 def _read_safetensors(path: Path) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
     try:
         with safe_open(str(path), framework='pt') as f:
@@ -262,6 +273,8 @@ class Component(
                         map_location: Union[str, torch.device] = 'cpu') -> 'Component':
         """Load and verify a component from a local folder or a Hub repo (through the Hugging Face cache).
 
+        On a subclass it loads that role only; on ``Component`` itself, any role, as :func:`load_component`.
+
         ``ModelHubMixin.from_pretrained`` is not used: it feeds ``config.json`` to ``__init__`` (our modules are
         rebuilt by ``from_config``) and lets cache misses escape unexplained.
 
@@ -282,13 +295,28 @@ class Component(
         model_id = str(pretrained_model_name_or_path)
         resolve = dict(revision=revision, cache_dir=cache_dir, force_download=force_download,
                        local_files_only=local_files_only, token=token)
-        config, tensors = read_verified(model_id, resolve)
-        if cls.role and config['role'] != cls.role:
+        return cls.from_verified(model_id, *read_verified(model_id, resolve), map_location=map_location)
+
+    @classmethod
+    def from_verified(cls, model_id: str, config: Dict[str, Any], tensors: Dict[str, torch.Tensor], *,
+                      map_location: Union[str, torch.device] = 'cpu') -> 'Component':
+        """The component ``read_verified`` read, as the class its verified config names (``cls`` on a subclass).
+
+        The weights keep their saved dtypes: a half-precision component loads, and hashes, as it was saved.
+        """
+        role = config['role']
+        if cls.role and role != cls.role:
             raise ComponentError(
-                f'{model_id} holds a component of role {config["role"]!r}, not {cls.role!r}: '
+                f'{model_id} holds a component of role {role!r}, not {cls.role!r}: '
                 f'use timm_compat.load_component() to load any role.')
-        module = cls.from_config(config)
-        missing, unexpected = module.load_state_dict(tensors, strict=False)
+        if role not in Component.registry:
+            raise ComponentError(
+                f'{model_id} holds a component of role {role!r}, which no imported module defines (known: '
+                f'{sorted(Component.registry)}): import the module that defines it (e.g. timm_compat.stitching for '
+                f'"stitch"), or upgrade timm-compat.')
+        module = Component.registry[role].from_config(config)
+        _check_shapes(module, tensors, model_id)
+        missing, unexpected = module.load_state_dict(tensors, strict=False, assign=True)
         if missing or unexpected:
             raise ComponentError(
                 f'{model_id}: weights do not fit the architecture in config.json '
@@ -321,12 +349,6 @@ def load_component(repo_id_or_dir, *, revision: Optional[str] = None, cache_dir=
         >>> head = timm_compat.load_component('org/stl-mobilenetv2-head')
         >>> model = timm_compat.recombine(extractor, head)
     """
-    resolve = dict(revision=revision, cache_dir=cache_dir, force_download=force_download,
-                   local_files_only=local_files_only, token=token)
-    resolve = pinned(str(repo_id_or_dir), resolve)  # the role read is that of the files loaded
-    role = read_config(str(repo_id_or_dir), **resolve)['role']
-    if role not in Component.registry:
-        raise ComponentError(f'{repo_id_or_dir} holds a component of role {role!r}, which no imported module defines '
-                             f'(known: {sorted(Component.registry)}): import the module that defines it (e.g. '
-                             f'timm_compat.stitching for "stitch"), or upgrade timm-compat.')
-    return Component.registry[role].from_pretrained(repo_id_or_dir, map_location=map_location, **resolve)
+    return Component.from_pretrained(repo_id_or_dir, revision=revision, cache_dir=cache_dir,
+                                     force_download=force_download, local_files_only=local_files_only, token=token,
+                                     map_location=map_location)

@@ -101,13 +101,16 @@ def _loaded_from(cfg: Dict[str, Any]) -> Optional[str]:
     return location[0] if isinstance(location, tuple) else location  # (repo, filename) with hf_hub_filename
 
 
-def _recorded_cfg(cfg: Dict[str, Any], image_size: Optional[int]) -> Dict[str, Any]:
+def _recorded_cfg(cfg: Dict[str, Any], image_size: Optional[int], in_chans: Optional[int]) -> Dict[str, Any]:
     """The pretrained_cfg fields a component records; ``image_size`` replaces the backbone's input size.
 
     A component trained at ``image_size`` (train.py resizes whole images to ``image_size`` x ``image_size``) is
-    preprocessed that way: the same size at test time, no crop (``crop_pct`` 1, ``crop_mode`` squash).
+    preprocessed that way: the same size at test time, no crop (``crop_pct`` 1, ``crop_mode`` squash). A backbone
+    built with ``in_chans`` takes that many channels, whatever its pretrained_cfg says (as timm resolves it).
     """
     recorded = {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items() if k in _CFG_KEYS}
+    if in_chans is not None and len(recorded.get('input_size', [])) == 3:
+        recorded['input_size'] = [in_chans, *recorded['input_size'][1:]]
     if image_size is not None:
         size = [recorded.get('input_size', [3])[0], image_size, image_size]
         recorded.update(input_size=size, test_input_size=size, crop_pct=1.0, crop_mode='squash')
@@ -136,7 +139,7 @@ def _backbone_parts(backbone: str, split: Union[str, int, None], *, num_classes:
             model.reset_classifier(num_classes)
     split = resolve_split(model, default_split(model, backbone) if split is None else split)
     cfg = model.pretrained_cfg
-    recorded = _recorded_cfg(cfg, image_size)
+    recorded = _recorded_cfg(cfg, image_size, model_args.get('in_chans'))
     # Probed at the size the components will see: cheaper than timm's 224 px, and a size the model cannot take
     # is refused here, not in training.
     input_size = tuple(recorded.get('input_size', (3, 224, 224)))
