@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 import timm_compat as tc
@@ -111,3 +112,12 @@ def test_batch_statistics_never_sync_across_processes(tmp_path):
         assert torch.allclose(out, plain(x)) and (out == 0).any()  # the activation ran
     assert isinstance(model[1], torch.nn.SyncBatchNorm) and model.training
     assert _bn_state(model).keys() == before.keys() and all(torch.equal(before[k], v) for k, v in _bn_state(model).items())
+
+
+@pytest.mark.parametrize('num_batches', [0, -1])
+def test_recalibration_refuses_fewer_than_one_batch(num_batches):
+    model, bn = _stale()
+    before = _bn_state(model)
+    with pytest.raises(ValueError, match=f'num_batches={num_batches}.*at least 1'):
+        tc.recalibrate_bn(model, [torch.randn(4, 2, 3, 3)], num_batches=num_batches)
+    assert all(torch.equal(before[k], v) for k, v in _bn_state(model).items())

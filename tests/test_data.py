@@ -193,3 +193,24 @@ def test_limit_takes_a_random_subset_of_class_sorted_data(tmp_path):
     assert len(limited) == 10 and set(limited.labels.tolist()) == {0, 1}
     index = random_subset(20, 10)
     assert torch.equal(limited.images, full.images[index]) and torch.equal(limited.labels, full.labels[index])
+
+
+@pytest.mark.parametrize('classes,twice', [(['cat', 'airplane', 'cat'], 'cat'),
+                                           (['airplane', 'car', 'automobile'], 'automobile')])
+def test_select_classes_refuses_a_class_named_twice(tmp_path, classes, twice):
+    """A synonym or a repeat would empty one of the two labels and duplicate a head column without an error."""
+    data = load_image_data(write_parquet(tmp_path / 'c10', CIFAR10), 'train')
+    with pytest.raises(ValueError, match=rf"names the class '{twice}' twice"):
+        data.select_classes(classes)
+
+
+def test_a_limit_on_one_of_two_shards_of_a_split_is_refused():
+    """The limit draws a random subset before the shard is taken, so halves with other limits would overlap."""
+    from timm_compat.config import ConfigError, load_config
+    halves = ['networks.1.dataset.source=synthetic:A', 'networks.0.dataset.train_shard=[0, 2]',
+              'networks.1.dataset.train_shard=[1, 2]']
+    with pytest.raises(ConfigError, match=r'networks a and b .*train_shard .*train_limit.*overlap'):
+        load_config(None, halves + ['networks.1.dataset.train_limit=100'])
+    load_config(None, halves + ['networks.0.dataset.train_limit=100', 'networks.1.dataset.train_limit=100'])
+    load_config(None, halves)
+    load_config(None, halves[1:] + ['networks.1.dataset.train_limit=100'])  # shards of two sources

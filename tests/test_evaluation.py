@@ -159,3 +159,10 @@ def test_data_whose_classes_the_head_orders_otherwise_is_refused_not_scored():
 def test_a_small_test_set_is_one_batch_in_stored_order():
     assert [b.tolist() for b in evaluation_batches(5, 8)] == [[0, 1, 2, 3, 4]]
     assert evaluation_batches(0, 8) == []
+
+
+@pytest.mark.parametrize('common', [['dark', 'dark'], ['dark', 'light', 'Dark']])
+def test_recombination_refuses_a_class_named_twice_in_common(common):
+    models, data = [Net(), Net()], sorted_data()
+    with pytest.raises(ValueError, match=r"common names the class 'dark' twice"):
+        recombination_matrix(models, [data, data], 40, common=common)

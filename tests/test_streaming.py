@@ -205,3 +205,15 @@ def test_deploy_and_the_bn_report_take_a_streamed_split_as_its_in_memory_twin(tm
         assert torch.equal(buffer, deployed['stream'].state_dict()[name]), name
     assert (tc.bn_accuracy_report(model, memory, unlabeled=stream, batch_size=10)
             == tc.bn_accuracy_report(model, memory, unlabeled=memory, batch_size=10))
+
+
+def test_features_of_a_streamed_split_are_those_of_its_in_memory_twin(tmp_path):
+    """Fig. 3's correlations and CKA read features as evaluation reads images."""
+    import timm_compat as tc
+    from timm_compat.analysis import extract_features
+    source = write_parquet_shards(tmp_path / 'data', n=(30, 12))
+    memory = load_image_data(source, 'train', image_size=64)
+    stream = load_image_data(source, 'train', image_size=64, storage='stream')
+    model = tc.make_compatible('resnet8_cifar', split='layer2', interface=tc.Interface(width=16), num_classes=3,
+                               class_names=CLASSES, init_seed=0)
+    assert torch.equal(extract_features(model.extractor, stream, 7), extract_features(model.extractor, memory, 7))

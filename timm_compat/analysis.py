@@ -18,6 +18,7 @@ from torch import nn
 
 from .batchnorm import eval_mode
 from .data import ImageData, evaluation_batches, normalize
+from .streaming import materialize
 
 __all__ = ['extract_features', 'feature_correlation', 'direct_correlation', 'permuted_correlation',
            'sort_correlation', 'linear_cka', 'FeatureComparison', 'compare_extractors']
@@ -64,8 +65,8 @@ def extract_features(extractor: nn.Module, data: ImageData, batch_size: int = 25
     out = None
     with eval_mode(extractor, bn):
         for index in evaluation_batches(len(data), batch_size):
-            images = data.images[index.to(data.images.device)]
-            features = extractor(normalize(images.to(device, non_blocking=True), mean, std))
+            images = materialize(data.images[index.to(data.images.device)], device)  # decodes a streamed split
+            features = extractor(normalize(images, mean, std))
             per_image = _samples_by_channels(features).float().cpu().view(len(index), -1, features.shape[1])
             if out is None:
                 out = per_image.new_empty((len(data), *per_image.shape[1:]))

@@ -99,14 +99,17 @@ def recalibrate_bn(module: nn.Module, images: Iterable[torch.Tensor], num_batche
     Args:
         module: Any module taking image batches (a network or an extractor).
         images: Iterable of input batches (tensors already on the module's device).
-        num_batches: Stop after this many batches.
+        num_batches: Stop after this many batches (at least 1).
 
     Returns:
         ``module``, with recalibrated running statistics, in the training mode it had before.
 
     Raises:
-        ValueError: ``images`` has no batches. On any error the running statistics of before are kept.
+        ValueError: ``images`` has no batches, or ``num_batches`` is below 1. On any error the running statistics
+            of before are kept.
     """
+    if num_batches is not None and num_batches < 1:
+        raise ValueError(f'recalibrate_bn got num_batches={num_batches}: it needs at least 1 batch (None: all).')
     layers = [bn for bn in _bn_layers(module) if bn.running_mean is not None]
     if not layers:
         return module

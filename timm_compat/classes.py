@@ -9,7 +9,7 @@ from typing import Dict, Iterable, List, Optional, Sequence
 
 import torch
 
-__all__ = ['SYNONYMS', 'IGNORE', 'canonical_class_name', 'common_classes', 'common_class_map']
+__all__ = ['SYNONYMS', 'IGNORE', 'canonical_class_name', 'check_distinct', 'common_classes', 'common_class_map']
 
 IGNORE = -1  # the label of an example whose class is not a common class
 
@@ -29,6 +29,22 @@ def canonical_class_name(name: str, synonyms: Optional[Dict[str, str]] = None) -
     """
     key = re.sub(r'[\s\-]+', '_', name.strip().lower())
     return (SYNONYMS if synonyms is None else synonyms).get(key, key)
+
+
+def check_distinct(names: Sequence[str], what: str) -> None:
+    """Refuse a class list naming a class twice, up to synonyms: one label would be left empty and two outputs
+    would answer for one class.
+
+    Raises:
+        ValueError: Naming the class, the names given for it and ``what`` the list is.
+    """
+    seen: Dict[str, str] = {}
+    for name in names:
+        key = canonical_class_name(name)
+        if key in seen:
+            raise ValueError(f'{what} names the class {key!r} twice ({seen[key]!r} and {name!r}, synonyms or '
+                             f'repeats): list each class once, got {list(names)}.')
+        seen[key] = name
 
 
 def common_classes(class_lists: Iterable[Sequence[str]], synonyms: Optional[Dict[str, str]] = None) -> List[str]:

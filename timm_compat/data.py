@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from ._hf_source import KNOWN_SCHEMAS, columns, load_hf, local_source
-from .classes import canonical_class_name
+from .classes import canonical_class_name, check_distinct
 from .shifts import apply_shift, shift_seed
 from .streaming import StreamedImages, choose_storage, materialize, stream_batches
 from .synthetic import make_synthetic
@@ -59,7 +59,8 @@ class ImageData:
         missing = [c for c in classes if canonical_class_name(c) not in index]
         if missing:
             raise ValueError(f'{self.name}: classes {missing} are not in the dataset; it has {self.class_names}.')
-        new_label = torch.full((self.num_classes,), -1, dtype=torch.long)
+        check_distinct(classes, 'classes')
+        new_label = torch.full((self.num_classes,), -1, dtype=torch.long, device=self.labels.device)
         for i, c in enumerate(classes):
             new_label[index[canonical_class_name(c)]] = i
         mapped = new_label[self.labels]

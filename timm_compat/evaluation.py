@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from .batchnorm import eval_mode
 from .data import ImageData, evaluation_batches, iterate_batches, normalize
-from .classes import canonical_class_name, common_classes
+from .classes import canonical_class_name, check_distinct, common_classes
 from .tta import tta_logits, tta_views
 
 __all__ = ['accuracy', 'per_class_accuracy', 'average_class_accuracy', 'recombination_matrix', 'format_matrix',
@@ -216,6 +216,8 @@ def recombination_matrix(models: Sequence, test_data: Sequence[ImageData], batch
                          f'(it pairs bare extractors and heads): score a stitched model with accuracy().')
     _check_loaded(models)
     heads = [m.head for m in models]
+    if common is not None:
+        check_distinct(common, 'common')
     common = ([canonical_class_name(c) for c in common] if common is not None else common_classes(
         [h.class_names if d is None else d.class_names for d, h in zip(test_data, heads)]))
     if not common:
