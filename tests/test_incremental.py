@@ -59,3 +59,38 @@ def test_a_method_the_loaded_interface_lacks_is_refused_when_asked_for(tmp_path)
     with pytest.raises(ValueError, match=r'interface\.rp_head=.*has no RP head'):
         methods(tmp_path / 'dcc_only', 'interface.rp_head={type: conv, hidden: 8}')
     assert methods(tmp_path / 'dcc_only') == ['CommonClassDiscrimination']
+
+
+def test_a_run_without_an_interface_loads_an_independent_network_and_refuses_a_compatible_one(tmp_path, frozen):
+    """Re-evaluating independently trained networks: the run shares no interface, so neither does the network."""
+    classes = SYNTHETIC_CLASSES['A']
+    independent = tc.make_compatible('resnet8_cifar', split='layer2', interface=None, width=16,
+                                     num_classes=len(classes), class_names=classes, init_seed=1).eval()
+    compatible = tc.make_compatible('resnet8_cifar', split='layer2', interface=tc.Interface.from_pretrained(frozen),
+                                    num_classes=len(classes), class_names=classes, init_seed=1).eval()
+    for name, model in (('independent', independent), ('compatible', compatible)):
+        model.extractor.save_pretrained(tmp_path / name / 'extractor')
+        model.head.save_pretrained(tmp_path / name / 'head')
+    shares_nothing = ['iiw=false', 'interface.rp=false', 'interface.dcc=false']
+    cfg = load_config(TINY, [*shares_nothing, f'networks.0.load={tmp_path / "independent"}'])
+    assert build.build_interface(cfg, [classes, SYNTHETIC_CLASSES['B']]) is None
+    loaded = build.build_network(cfg.networks[0], 0, cfg, None, classes).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), independent(x))
+    cfg = load_config(TINY, [*shares_nothing, f'networks.0.load={tmp_path / "compatible"}'])
+    with pytest.raises(ValueError, match=r"fits interface .*, but this run shares no interface: load the interface"):
+        build.build_network(cfg.networks[0], 0, cfg, None, classes)
+
+
+@pytest.mark.parametrize('dcc_classes,named', [(['cat', 'catt'], "'catt'"), (['dgo'], "'dgo'"),
+                                                (['cat', 'horse'], "'horse'")])
+def test_dcc_classes_outside_the_common_classes_are_refused(dcc_classes, named):
+    """Eq. 2's classes are common to the tasks: a typo or a class of one task would train an output no network
+    (or only one) has examples of."""
+    a, b = ['cat', 'dog', 'frog', 'horse'], ['cat', 'dog', 'ship']
+    cfg = load_config(TINY, [f'interface.dcc_classes={dcc_classes}'])
+    with pytest.raises(ValueError, match=rf"interface.dcc_classes {named}.* not common to the tasks.*\['cat', 'dog'\]"):
+        build.build_interface(cfg, [a, b])
+    cfg = load_config(TINY, ["interface.dcc_classes=['Dog']"])
+    assert build.build_interface(cfg, [a, b]).dcc_classes == ['Dog']

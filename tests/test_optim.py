@@ -109,3 +109,26 @@ def test_a_resume_with_more_steps_ramps_the_lookahead_alpha_over_the_new_length(
     assert opt.param_groups[0]['lookahead_alpha'] == fresh_opt.param_groups[0]['lookahead_alpha'] > 0
     assert opt.param_groups[0]['lookahead_alpha'] != first_opt.param_groups[0]['lookahead_alpha']
     assert set(first.state_dict()) == {'ticks', 'ticks_per_step'}  # the shape comes from the config, not the file
+
+
+def test_a_resume_that_shortens_the_run_to_its_checkpoint_lands_on_the_slow_weights():
+    """A run is never checkpointed after landing, so a resume whose new length is the checkpoint's step (steps is a
+    key a resume may change) must land itself: else the run is evaluated and saved on the fast weights."""
+    def lookahead(total):
+        param = torch.nn.Parameter(torch.zeros(3))
+        opt = make_optimizer([param], 'lookahead_sgd', 0.1, 0.9, 5e-4)
+        return param, opt, make_scheduler(opt, 'cosine', total, lookahead_schedule='airbench')
+
+    param, opt, schedule = lookahead(12)
+    for i in range(7):
+        param.grad = torch.tensor([1.0, -2.0, 0.5]) * (i + 1)
+        opt.step()
+        schedule.step()
+    resumed_param, resumed_opt, resumed = lookahead(7)
+    with torch.no_grad():
+        resumed_param.copy_(param)
+    resumed_opt.load_state_dict(opt.state_dict())
+    resumed.load_state_dict(schedule.state_dict())
+    slow = resumed_opt._base_optimizer.state[resumed_param]['lookahead_slow_buff']
+    assert not torch.equal(param, slow)  # the checkpoint holds fast weights
+    assert torch.equal(resumed_param, slow)

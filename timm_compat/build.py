@@ -73,10 +73,15 @@ def build_interface(cfg: RunConfig, class_lists: Sequence[Sequence[str]]) -> Opt
         return interface
     dcc_classes = None
     if icfg.dcc:
-        dcc_classes = icfg.dcc_classes or common_classes(class_lists)
+        common = common_classes(class_lists)
+        dcc_classes = icfg.dcc_classes or common
         if not dcc_classes:
             raise ValueError(f'DCC needs common classes, but the datasets share none ({class_lists}). Give '
                              f'interface.dcc_classes or set interface.dcc=false.')
+        if outside := [c for c in dcc_classes if canonical_class_name(c) not in common]:
+            raise ValueError(f'interface.dcc_classes {", ".join(map(repr, outside))} are not common to the tasks, '
+                             f'whose common classes are {common}: eq. 2 discriminates classes every task has. '
+                             f'Choose interface.dcc_classes among them, or drop it for all of them.')
     return Interface(width=icfg.width or DEFAULT_WIDTH, rp=icfg.rp, dcc_classes=dcc_classes, aux_head=icfg.aux_head,
                      rp_head=icfg.rp_head, dcc_head=icfg.dcc_head)
 
@@ -118,10 +123,13 @@ def build_network(net: NetworkConfig, index: int, cfg: RunConfig, interface: Opt
     if net.load:
         model = load_network(net, cfg, Path(net.load).parent)
         fits = {model.extractor.interface_id, model.head.interface_id}
-        if fits != {interface.id}:
-            raise ValueError(f'Network {net.name!r} ({net.load}) fits interface {" and ".join(sorted(fits))}, but '
-                             f'this run uses interface {interface.id}: load the interface it was trained with '
-                             f'(interface.load) or train the network anew (drop networks.{index}.load).')
+        expected = None if interface is None else interface.id  # an independent network fits no interface
+        if fits != {expected}:
+            uses = 'shares no interface' if interface is None else f'uses interface {interface.id}'
+            raise ValueError(f'Network {net.name!r} ({net.load}) fits interface '
+                             f'{" and ".join(sorted(map(str, fits)))}, but this run {uses}: load the interface it '
+                             f'was trained with (interface.load) or train the network anew (drop '
+                             f'networks.{index}.load).')
         return model
     head = net.head
     if head == 'dcc':

@@ -323,5 +323,8 @@ class UpdateSchedule(torch.optim.lr_scheduler.LRScheduler):
         else:
             self.ticks = state['ticks'] * self.ticks_per_step // state.get('ticks_per_step', 1)
         self.schedule.step_update(self.updates)
-        self._ramp_lookahead(land=False)  # a finished run already landed; its restored weights are the slow ones
+        # No checkpoint is taken after landing, so a resume at or past the run's (possibly shortened) length lands
+        # here; landing weights that already are the slow ones would change nothing. Accelerate restores the
+        # optimizer, and with it the slow weights, before the scheduler.
+        self._ramp_lookahead()
 
