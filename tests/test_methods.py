@@ -139,3 +139,20 @@ def test_num_rotations_is_defined_once():
 def test_class_vocabulary_is_one_module():
     assert canonical_class_name(' Aero-plane ') == 'aero_plane' and canonical_class_name('Car') == 'automobile'
     assert not hasattr(dcc, 'canonical_class_name') and not hasattr(dcc, 'SYNONYMS')
+
+
+def test_dcc_counts_once_for_a_network_whose_classifier_is_the_dcc_head():
+    # Sec. 5.2: with head=interface.dcc the task loss already is eq. 2's DCC term; DCC must not add it a second time
+    # (with dcc_weight 1 that doubled the shared head's gradient).
+    torch.manual_seed(0)
+    itf = tc.Interface(width=32, dcc_classes=['cat', 'dog', 'ship'])
+    model = tc.make_compatible('resnet20_cifar', split='layer2', interface=itf, head=itf.dcc,
+                               num_classes=3, class_names=['cat', 'dog', 'ship'])
+    images, labels = torch.randn(4, 3, 32, 32), torch.tensor([0, 2, 1, 2])
+    losses = tc.compatibility_loss(model, images, labels, [tc.CommonClassDiscrimination()])
+    assert losses['dcc'].item() == 0
+    assert torch.equal(losses['loss'], losses['task'])
+    # Another network, with its own classifier, still trains the shared DCC head.
+    other = tc.make_compatible('resnet20_cifar', split='layer2', interface=itf, num_classes=3,
+                              class_names=['cat', 'dog', 'ship'])
+    assert tc.compatibility_loss(other, images, labels, [tc.CommonClassDiscrimination()])['dcc'].item() > 0

@@ -13,7 +13,7 @@ METHOD CARD
         reproduction configs use; the same when every class is common); common classes
         ``interface.dcc_classes``: the classes common to all networks' datasets, matched by name
         (:mod:`timm_compat.classes`); head ``interface.dcc_head`` / ``aux_head``: ``conv``. With ``head: dcc`` a
-        network's classifier is the DCC head itself (Sec. 5.2).
+        network's classifier is the DCC head itself (Sec. 5.2), and its task loss is its DCC term, counted once.
     Paper's numbers (recombination accuracy, CIFAR-10 + STL-10, ResNet-56 split after stage 2, 10 runs, Fig. 2):
         DCC 65.8 % from different random weights, the best single method (independent: 10.6 %, upper bound
         85.6 %); IIW+RP+DCC 76.7 %. From pre-trained weights: DCC 52.3 % from different ones, IIW+DCC 82.7 %
@@ -90,5 +90,8 @@ class CommonClassDiscrimination(CompatibilityMethod):
                              'Interface(..., dcc_classes=[...]).')
         if model.head.class_names is None:
             raise ValueError('DCC maps labels to common classes by name: build the model with class_names=[...].')
+        if getattr(model.head, 'tail', None) is interface.dcc:
+            # The classifier is the DCC head (head: dcc, Sec. 5.2): the task loss already is this term.
+            return features.new_zeros(())
         mapping = self._label_map(model.head.class_names, interface.dcc_classes, labels.device)
         return common_class_loss(interface.dcc(features[:labels.shape[0]]), mapping[labels], self.reduction)
