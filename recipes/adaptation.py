@@ -34,6 +34,7 @@ import torch
 import yaml
 
 import timm_compat as tc
+from timm_compat._hardware import hardware
 from timm_compat.adaptation import adapt, evaluate_adaptation
 from timm_compat.data import DATA_VERSION, load_image_data, local_source
 from timm_compat.classes import canonical_class_name
@@ -41,7 +42,7 @@ from timm_compat.plots import ReportFigure, ReportTable, plot_accuracy_curves, w
 from timm_compat.synthetic import SYNTHETIC_CLASSES
 
 from common import (CIFAR10, DATA_DIR_HELP, RESUME_HELP, as_overrides, check_data_dir, data_note, fast_keys,
-                    fast_networks, launch, progress)
+                    fast_networks, launch, progress, write_json)
 
 STL10 = 'tanganke/stl10'
 COMMON_CIFAR = ['airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'horse', 'ship', 'truck']
@@ -137,6 +138,12 @@ def load_target(args, setting: dict, budget: dict, head_classes):
     return train.images, test.select_classes(aligned(head_classes, test.class_names))
 
 
+def check_adapt_steps(parser, args) -> None:
+    """Refuse ``--adapt-steps`` below 1 before anything trains (0 would run the budget's steps)."""
+    if args.adapt_steps is not None and args.adapt_steps < 1:
+        parser.error(f'--adapt-steps {args.adapt_steps}: give at least one step, or leave it out for the budget\'s.')
+
+
 def parse_args(argv) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--setting', default='cifar10_shift', choices=sorted(SETTINGS))
@@ -157,6 +164,7 @@ def parse_args(argv) -> argparse.Namespace:
     parser.add_argument('--report-only', action='store_true', help='rebuild report.md from OUTPUT/results.json')
     parser.add_argument('--resume', action='store_true', help=RESUME_HELP)
     args = parser.parse_args(argv)
+    check_adapt_steps(parser, args)
     if args.report_only:
         if not (Path(args.output) / 'results.json').is_file():
             parser.error(f'--report-only: {Path(args.output) / "results.json"} does not exist; run without it first.')
@@ -216,8 +224,9 @@ def main(argv=None):
     bar.close()
     results = {'args': vars(args), 'argv': argv, 'adapt_steps': steps, 'scores': scores, 'history': result.history,
                'adapt_seconds': round(result.seconds, 1), 'wall_seconds': round(time.time() - start, 1),
-               'interface_id': interface.id, 'target_test_images': len(target_test), 'data_version': DATA_VERSION}
-    (out / 'results.json').write_text(json.dumps(results, indent=2))
+               'interface_id': interface.id, 'target_test_images': len(target_test), 'data_version': DATA_VERSION,
+               'machine': hardware()}
+    write_json(out / 'results.json', results)  # the record a sweep reads back: never half written
     report(out, args, results, steps, argv)
     print(json.dumps(scores, indent=2))
 

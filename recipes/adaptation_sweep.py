@@ -25,8 +25,8 @@ import torch
 
 import adaptation
 from timm_compat.shifts import apply_shift
-from common import (DATA_DIR_HELP, check_configs, check_data_dir, data_note, mean_std, planned_fingerprint, progress,
-                    read_record, trained_fingerprint, write_json)
+from common import (DATA_DIR_HELP, check_configs, check_data_dir, claim_output, data_note, mean_std,
+                    planned_fingerprint, progress, read_record, trained_fingerprint, write_json)
 
 # CIFAR-10-C corruptions of timm_compat.shifts at its top severity, one per family: noise, blur, weather-free
 # digital (contrast, pixelate, JPEG).
@@ -54,6 +54,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if min(args.source_seeds, args.adapt_seeds) < 1:
         parser.error('--source-seeds and --adapt-seeds must be at least 1.')
+    adaptation.check_adapt_steps(parser, args)
+    args.shifts = list(dict.fromkeys(args.shifts))
     for shift in args.shifts:  # before any source trains
         try:
             apply_shift(torch.zeros(1, 3, 8, 8, dtype=torch.uint8), [shift])
@@ -120,7 +122,7 @@ def run_adaptation(args, source: list, seed: int, shift: str, adapt_seed: int, f
     argv = ['--setting', 'cifar10_shift', '--budget', args.budget, '--shift', shift, '--seed', str(seed),
             '--adapt-seed', str(adapt_seed), '--adapt-lr', str(args.adapt_lr), '--output', str(folder), *source]
     argv += ['--data-dir', args.data_dir] if args.data_dir else []
-    argv += ['--adapt-steps', str(args.adapt_steps)] if args.adapt_steps else []
+    argv += ['--adapt-steps', str(args.adapt_steps)] if args.adapt_steps is not None else []
     adaptation.main(argv)
     record = read_record(folder / 'results.json')
     write_json(folder / 'results.json', {**record, 'config': source_fingerprint(args, out, seed, trained=True)})
@@ -133,12 +135,12 @@ def recorded_adaptation(args, folder: Path) -> Optional[dict]:
 
 
 def collect(args, out: Path) -> dict:
-    """``{shift: [(source seed, scores) of each finished source x adaptation seed]}``."""
+    """``{shift: [(source seed, record) of each finished source x adaptation seed]}``."""
     found = {}
     for shift in args.shifts:
         records = [(s, recorded_adaptation(args, adapt_folder(out, s, shift, a)))
                    for s in range(args.source_seeds) for a in range(args.adapt_seeds)]
-        found[shift] = [(s, r['scores']) for s, r in records if r is not None]
+        found[shift] = [(s, r) for s, r in records if r is not None]
     return found
 
 
@@ -146,19 +148,22 @@ def column(runs: list, key: str) -> str:
     """``mean ± std`` of score ``key`` over the runs; a source score once per source seed (its adaptation seeds
     repeat it, and would shrink the spread)."""
     if key in SOURCE_SCORES:
-        return mean_std(list({seed: scores[key] for seed, scores in runs}.values()))
-    return mean_std([scores[key] for _, scores in runs])
+        return mean_std(list({seed: r['scores'][key] for seed, r in runs}.values()))
+    return mean_std([r['scores'][key] for _, r in runs])
 
 
 def report(args, out: Path, found: dict) -> None:
-    from timm_compat._hardware import hardware
     from timm_compat.plots import ReportTable, write_report
-    rows = [[shift, len(runs), *(column(runs, k) for k in SCORES.values())] if runs else [shift, 0]
+    rows = [[shift, len(runs), *(column(runs, k) if runs else '–' for k in SCORES.values())]
             for shift, runs in found.items()]
+    records = [r for runs in found.values() for _, r in runs]
+    machines = '; '.join(sorted({r.get('machine', 'a machine not recorded') for r in records})) or 'no run yet'
+    steps = f' --adapt-steps {args.adapt_steps}' if args.adapt_steps is not None else ''
     write_report(out, 'Unsupervised domain adaptation through RP (Sec. 5.1, Tab. 2) over corruptions and seeds', {
         'Setup': (f'`python recipes/adaptation_sweep.py --budget {args.budget} --shifts {" ".join(args.shifts)} '
-                  f'--source-seeds {args.source_seeds} --adapt-seeds {args.adapt_seeds}'
-                  f'{f" --data-dir {args.data_dir}" if args.data_dir else ""}` on {hardware()}. Average class '
+                  f'--source-seeds {args.source_seeds} --adapt-seeds {args.adapt_seeds} --adapt-lr {args.adapt_lr}'
+                  f'{steps}{f" --data-dir {args.data_dir}" if args.data_dir else ""}`; adaptations run on '
+                  f'{machines} (each source\'s training machine is in its run\'s summary.json). Average class '
                   f'accuracy (%) on the corrupted CIFAR-10 test split, mean ± std over every source seed x '
                   f'adaptation seed that finished (the source model\'s columns over its source seeds). Each '
                   f'adaptation\'s own report is in its folder. '
@@ -169,25 +174,29 @@ def report(args, out: Path, found: dict) -> None:
     })
 
 
+def run_sweep(args, out: Path) -> None:
+    """Trains each source that has an adaptation to run, then runs its adaptations that are not recorded."""
+    total = args.source_seeds * (1 + len(args.shifts) * args.adapt_seeds)
+    with progress(total, 'adaptation sweep: runs') as bar:
+        pending = {seed: [(shift, a) for shift in args.shifts for a in range(args.adapt_seeds)
+                          if recorded_adaptation(args, adapt_folder(out, seed, shift, a)) is None]
+                   for seed in range(args.source_seeds)}
+        check_sweep_configs(args, out, pending)
+        for seed, todo in pending.items():
+            # A source whose adaptations are all recorded is not needed, nor trained again if its folder is gone.
+            source = run_source(args, out, seed) if todo else None
+            bar.update(1 + len(args.shifts) * args.adapt_seeds - len(todo))
+            for shift, adapt_seed in todo:
+                run_adaptation(args, source, seed, shift, adapt_seed, adapt_folder(out, seed, shift, adapt_seed), out)
+                bar.update(1)
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     out = Path(args.output).resolve()
     if not args.report_only:
-        out.mkdir(parents=True, exist_ok=True)
-        total = args.source_seeds * (1 + len(args.shifts) * args.adapt_seeds)
-        with progress(total, 'adaptation sweep: runs') as bar:
-            pending = {seed: [(shift, a) for shift in args.shifts for a in range(args.adapt_seeds)
-                              if recorded_adaptation(args, adapt_folder(out, seed, shift, a)) is None]
-                       for seed in range(args.source_seeds)}
-            check_sweep_configs(args, out, pending)
-            for seed, todo in pending.items():
-                # A source whose adaptations are all recorded is not needed, nor trained again if its folder is gone.
-                source = run_source(args, out, seed) if todo else None
-                bar.update(1 + len(args.shifts) * args.adapt_seeds - len(todo))
-                for shift, adapt_seed in todo:
-                    run_adaptation(args, source, seed, shift, adapt_seed, adapt_folder(out, seed, shift, adapt_seed),
-                                   out)
-                    bar.update(1)
+        with claim_output(out):  # one sitting at a time runs OUTPUT's adaptations
+            run_sweep(args, out)
     found = collect(args, out)
     report(args, out, found)
     return found

@@ -1,5 +1,6 @@
 """What every recipe shares: running ``accelerate launch train.py`` as a user would, the ``fast`` budget's train.py
 keys, a bar counting the runs, the data note, both BN modes of a run's summary and mean ± std for the reports."""
+import fcntl
 import hashlib
 import json
 import os
@@ -250,8 +251,43 @@ def recorded(results: Dict[str, list], name: str, seed: int) -> bool:
 
 
 def add_record(results: Dict[str, list], name: str, record: dict) -> None:
-    """Adds ``record`` (one seed of ``name``) to ``results``, the seeds kept in order."""
+    """Adds ``record`` (one seed of ``name``) to ``results``, the seeds kept in order.
+
+    Raises:
+        ValueError: ``name`` has a record of that seed already: a second one would count as another seed.
+    """
+    if recorded(results, name, record['seed']):
+        raise ValueError(f'{name} seed {record["seed"]} is recorded already; a second record of it would be counted '
+                         f'as another seed.')
     results[name] = sorted(results.get(name, []) + [record], key=lambda r: r['seed'])
+
+
+def claim_output(out: Path):
+    """Creates OUTPUT and locks it for this sitting of a recipe; returns the lock, held until it is closed or the
+    process ends (the kernel drops it even after a kill).
+
+    Two sittings on one OUTPUT would each write results.json from their own records, and the last would drop the
+    other's. train.py's runs lock their own folders, not OUTPUT.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    lock = open(out / '.recipe.lock', 'a')
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.close()
+        raise SystemExit(f'{out} is in use by another sitting of a recipe (it holds {out / ".recipe.lock"}): wait '
+                         f'for it to end, or give another --output. Both would write its records, and one would '
+                         f'lose the other\'s.') from None
+    return lock
+
+
+def check_counts(parser, args) -> None:
+    """Refuse, before anything runs, ``--seeds`` below 1 and ``--epochs`` of 0 or less (train.py would run the
+    budget's epochs while the record said 0)."""
+    if getattr(args, 'seeds', 1) < 1:
+        parser.error(f'--seeds {args.seeds}: give at least one seed.')
+    if getattr(args, 'epochs', None) is not None and args.epochs <= 0:
+        parser.error(f'--epochs {args.epochs}: give a positive number of epochs, or leave it out for the budget\'s.')
 
 
 def run_machine(run_dirs: Sequence[Path]) -> str:

@@ -37,9 +37,9 @@ import torch
 from timm_compat._hardware import hardware
 from timm_compat.data import DATA_VERSION
 from timm_compat.deployment import BN_MODES
-from common import (CIFAR10 as CIFAR10_ID, DATA_DIR_HELP, RECORDS_HELP, REPO, by_bn, check_configs, check_data_dir,
-                    check_data_version, data_note, launch, mean_std, planned_fingerprint, progress,
-                    write_json)
+from common import (CIFAR10 as CIFAR10_ID, DATA_DIR_HELP, RECORDS_HELP, REPO, by_bn, check_configs, check_counts,
+                    check_data_dir, check_data_version, claim_output, data_note, launch, mean_std,
+                    planned_fingerprint, progress, write_json)
 
 CIFAR10 = ['airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse', 'ship', 'truck']
 PAPER = {'resnet56': (91.7, 94.6), 'mobilenetv2': (91.6, 93.3)}  # (recombined, upper bound), Fig. 4
@@ -266,29 +266,46 @@ def main(argv=None):
     parser.add_argument('--resume', action='store_true', help=RECORDS_HELP.replace('OUTPUT/results.json',
                                                                                     'OUTPUT/seed*/results.json'))
     args = parser.parse_args(argv)
+    check_counts(parser, args)
     if not args.report_only:
         check_data_dir(parser, args.data_dir, [CIFAR10_ID])
     budget, out = BUDGETS[args.budget], Path(args.output).resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    if budget['threads'] and not torch.cuda.is_available():
-        torch.set_num_threads(budget['threads'])  # as the training runs: cpu_threads
-    records = {seed: saved_record(parser, args, out / f'seed{seed}' / 'results.json') for seed in range(args.seeds)
-               if args.report_only or args.resume}
-    todo = [seed for seed in range(args.seeds) if records.get(seed) is None]
-    if args.report_only and todo:
-        parser.error(f'--report-only: {out / f"seed{todo[0]}" / "results.json"} does not exist; run without it first.')
-    if not args.report_only:  # a record older than fingerprints cannot say its head's fine-tuning keys: refused
-        check_configs(out, {'head_transfer': [r for r in records.values() if r]},
-                      {('head_transfer', s): seed_fingerprint(args, budget, s, out / f'seed{s}') for s in todo},
-                      lambda name, s: None)
+    if args.report_only:
+        return write_report(out, args, budget, list(saved_records(parser, args, out).values()))
+    with claim_output(out):  # one sitting at a time writes OUTPUT's records
+        records = saved_records(parser, args, out)
+        train_missing(args, budget, out, records)
+    write_report(out, args, budget, [records[seed] for seed in range(args.seeds)])
+
+
+def saved_records(parser, args, out: Path) -> dict:
+    """``{seed: its record, or None}`` of the seeds ``args`` asks for, as ``--resume`` or ``--report-only`` keep
+    them: refused, before anything trains, if a record is missing for ``--report-only`` or their data versions
+    differ."""
+    records = {seed: saved_record(parser, args, out / f'seed{seed}' / 'results.json') if args.report_only or
+               args.resume else None for seed in range(args.seeds)}
+    missing = [seed for seed, r in records.items() if r is None]
+    if args.report_only and missing:
+        parser.error(f'--report-only: {out / f"seed{missing[0]}" / "results.json"} does not exist; run without it '
+                     f'first.')
     versions = sorted({r.get('data_version', 1) for r in records.values() if r})
     if len(versions) > 1:
         parser.error(f'The seeds\' records in {out} were made on data versions {versions}: a table pools one.')
+    return records
+
+
+def train_missing(args, budget: dict, out: Path, records: dict) -> None:
+    """Trains each seed that ``records`` lacks, adding its record; a record older than fingerprints cannot say its
+    head's fine-tuning keys, so no seed is added to it."""
+    if budget['threads'] and not torch.cuda.is_available():
+        torch.set_num_threads(budget['threads'])  # as the training runs: cpu_threads
+    todo = [seed for seed, r in records.items() if r is None]
+    check_configs(out, {'head_transfer': [r for r in records.values() if r]},
+                  {('head_transfer', s): seed_fingerprint(args, budget, s, out / f'seed{s}') for s in todo},
+                  lambda name, s: None)
     with progress(len(todo) * (1 + len(budget['upper_bound'])), 'head transfer: train.py runs') as bar:
         for seed in todo:
             records[seed] = run_seed(args, budget, seed, out / f'seed{seed}', bar)
-    write_report(out, args, budget, [records[seed] for seed in range(args.seeds)])
-
 
 def saved_record(parser, args, path: Path) -> Optional[dict]:
     """The record of one seed at ``path`` (None if there is none), refused if it is of another budget, --epochs or

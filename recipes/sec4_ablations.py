@@ -35,8 +35,8 @@ from typing import List, NamedTuple
 
 from timm_compat.deployment import BN_MODES
 
-from common import (DATA_DIR_HELP, RECORDS_HELP, REPO, add_record, check_configs, check_data_dir, data_note,
-                    load_results, mean_std, progress, recorded, save_results)
+from common import (DATA_DIR_HELP, RECORDS_HELP, REPO, add_record, check_configs, check_counts, check_data_dir,
+                    claim_output, data_note, load_results, mean_std, progress, recorded, save_results)
 from sec4_methods import (BUDGETS, SETTINGS, control_overrides, correlation_record, method_fingerprint, method_machine,
                           run_method, run_networks, run_overrides, run_record, runs_of, setting_sources,
                           trained_method_fingerprint, training_seconds)
@@ -122,6 +122,8 @@ def parse_args(argv=None):
                         help='train only these of the ablation\'s variants (their folder names; default: all)')
     parser.add_argument('--resume', action='store_true', help=RECORDS_HELP)
     args = parser.parse_args(argv)
+    check_counts(parser, args)
+    args.counts = sorted(set(args.counts))  # a repeat would train and record one seed twice
     bad = [k for k in args.counts if not 1 <= k <= len(COMMON)]
     if bad:
         parser.error(f'--counts {bad}: the tasks share {len(COMMON)} classes, so give numbers from 1 to {len(COMMON)}.')
@@ -130,8 +132,6 @@ def parse_args(argv=None):
             control_overrides(args.setting)
         except ValueError as e:
             parser.error(str(e))
-    if args.seeds < 1:
-        parser.error(f'--seeds {args.seeds}: give at least one seed.')
     check_data_dir(parser, args.data_dir, setting_sources(args.setting))
     args.init = 'random'  # sec4_methods' run keys; the ablations start from random weights
     args.output = args.output or f'runs/sec4_ablations/{args.ablation}'
@@ -156,11 +156,9 @@ def measure(variant: Variant, seed: int, args, out: Path, bar) -> dict:
                 wall_seconds=round(time.time() - start, 1), run=[str(r) for r in run_dirs])
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    out = Path(args.output).resolve()
-    results = load_results(out, args, RECORD_KEYS)
-    out.mkdir(parents=True, exist_ok=True)
+def train_missing(args, out: Path, results: dict) -> list:
+    """Trains each (variant, seed) of ``args`` that ``results`` lacks, adding its record as it finishes; returns
+    the ablation's variants."""
     variants = VARIANTS[args.ablation](args)
     todo = [(v, seed) for v in variants if v.name in (args.variants or [v.name]) for seed in range(args.seeds)
             if not recorded(results, v.name, seed)]
@@ -178,6 +176,15 @@ def main(argv=None):
             save_results(out, args, results)  # as each run finishes: a killed recipe keeps what it measured
             bar.write(f'{variant.label} seed {seed}: recombination {record["recombination"]["batch"]:.1f} % '
                       f'(BN=batch); own {record["own"]["batch"]:.1f} %')
+    return variants
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    out = Path(args.output).resolve()
+    results = load_results(out, args, RECORD_KEYS)
+    with claim_output(out):  # one sitting at a time writes OUTPUT's records
+        variants = train_missing(args, out, results)
     write_report(out, args, [v for v in variants if v.name in results], results)
 
 

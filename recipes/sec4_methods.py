@@ -34,9 +34,9 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
-from common import (DATA_DIR_HELP, RECORDS_HELP, REPO, add_record, as_overrides, by_bn, check_configs, check_data_dir,
-                    data_note, fast_keys, fast_networks, launch, load_results, planned_fingerprint, progress, recorded,
-                    run_machine, save_results, trained_fingerprint)
+from common import (DATA_DIR_HELP, RECORDS_HELP, REPO, add_record, as_overrides, by_bn, check_configs, check_counts,
+                    check_data_dir, claim_output, data_note, fast_keys, fast_networks, launch, load_results,
+                    planned_fingerprint, progress, recorded, run_machine, save_results, trained_fingerprint)
 from sec4_report import ALL_METHODS, LABELS, write_report
 
 SETTINGS = sorted(p.stem for p in (REPO / 'configs' / 'sec4' / 'data').glob('*.yaml'))
@@ -216,35 +216,8 @@ def measure(method: str, seed: int, args, out: Path, bar) -> dict:
                 wall_seconds=round(time.time() - start, 1), run=[str(r) for r in run_dirs])
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--setting', default='cifar10_halves', choices=SETTINGS,
-                        help='a data preset of configs/sec4/data/')
-    parser.add_argument('--data-dir', default=None, help=DATA_DIR_HELP)
-    parser.add_argument('--budget', default='cpu', choices=sorted(BUDGETS))
-    parser.add_argument('--epochs', type=float, default=None, help='override the budget\'s epochs')
-    parser.add_argument('--seeds', type=int, default=2)
-    parser.add_argument('--methods', nargs='+', default=METHODS, choices=ALL_METHODS)
-    parser.add_argument('--init', default='random', choices=INITS,
-                        help='random (Fig. 2 left) or rp_pretrained (Fig. 2 right: from RP pre-trainings)')
-    parser.add_argument('--output', default=None, help='default: runs/sec4, or runs/sec4_rp_pretrained')
-    parser.add_argument('--report-only', action='store_true', help='rebuild report.md from OUTPUT/results.json')
-    parser.add_argument('--resume', action='store_true', help=RECORDS_HELP)
-    args = parser.parse_args(argv)
-    args.output = args.output or ('runs/sec4' if args.init == 'random' else 'runs/sec4_rp_pretrained')
-    out = Path(args.output).resolve()
-    if args.report_only and not (out / 'results.json').is_file():
-        parser.error(f'--report-only: {out / "results.json"} does not exist; run without it first.')
-    saved = (json.loads((out / 'results.json').read_text()) if args.report_only
-             else {'args': vars(args), 'results': load_results(out, args, RECORD_KEYS)})
-    results = saved['results']
-    if any(not isinstance(r['recombination'], dict) or 'train_seconds' not in r for rs in results.values() for r in rs):
-        parser.error(f'{out / "results.json"} predates the running-statistics and training-time columns: train its '
-                     f'runs again under another --output.')
-    if args.report_only:
-        return report(out, argparse.Namespace(**saved['args']), results)
-    check_data_dir(parser, args.data_dir, setting_sources(args.setting))
-    out.mkdir(parents=True, exist_ok=True)
+def train_missing(args, out: Path, results: dict) -> None:
+    """Trains each (method, seed) of ``args`` that ``results`` lacks, adding its record as it finishes."""
     todo = [(m, seed) for m in args.methods for seed in range(args.seeds) if not recorded(results, m, seed)]
     if check_configs(out / 'results.json', results, {(m, s): method_fingerprint(m, s, args, out) for m, s in todo},
                      lambda m, s: trained_method_fingerprint(m, s, args, out)):
@@ -261,6 +234,54 @@ def main(argv=None):
             bar.write(f'{method} seed {seed}: recombination {rec["batch"]:.1f} % (BN=batch), '
                       f'{rec["running"]:.1f} % (BN=running); own {own["batch"]:.1f} % / {own["running"]:.1f} %; '
                       f'trained in {record["train_seconds"]} s')
+
+
+def check_methods(parser, args) -> None:
+    """``--seeds``, ``--epochs`` and ``--methods`` checked before anything runs; each method once, and the default
+    methods without the control where the setting has no two parts of one dataset."""
+    check_counts(parser, args)
+    if args.methods is None:
+        args.methods = [m for m in METHODS if m != 'control' or args.setting.startswith('cifar10_halves')]
+    args.methods = list(dict.fromkeys(args.methods))  # a repeat would train and record one seed twice
+    if 'control' in args.methods:
+        try:
+            control_overrides(args.setting)
+        except ValueError as e:
+            parser.error(f'--methods control: {e}')
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--setting', default='cifar10_halves', choices=SETTINGS,
+                        help='a data preset of configs/sec4/data/')
+    parser.add_argument('--data-dir', default=None, help=DATA_DIR_HELP)
+    parser.add_argument('--budget', default='cpu', choices=sorted(BUDGETS))
+    parser.add_argument('--epochs', type=float, default=None, help='override the budget\'s epochs')
+    parser.add_argument('--seeds', type=int, default=2)
+    parser.add_argument('--methods', nargs='+', default=None, choices=ALL_METHODS,
+                        help=f'default: {" ".join(METHODS)} (without control on a setting of two datasets)')
+    parser.add_argument('--init', default='random', choices=INITS,
+                        help='random (Fig. 2 left) or rp_pretrained (Fig. 2 right: from RP pre-trainings)')
+    parser.add_argument('--output', default=None, help='default: runs/sec4, or runs/sec4_rp_pretrained')
+    parser.add_argument('--report-only', action='store_true', help='rebuild report.md from OUTPUT/results.json')
+    parser.add_argument('--resume', action='store_true', help=RECORDS_HELP)
+    args = parser.parse_args(argv)
+    check_methods(parser, args)
+    args.output = args.output or ('runs/sec4' if args.init == 'random' else 'runs/sec4_rp_pretrained')
+    out = Path(args.output).resolve()
+    if args.report_only and not (out / 'results.json').is_file():
+        parser.error(f'--report-only: {out / "results.json"} does not exist; run without it first.')
+    saved = (json.loads((out / 'results.json').read_text()) if args.report_only
+             else {'args': vars(args), 'results': load_results(out, args, RECORD_KEYS)})
+    results = saved['results']
+    if any(not isinstance(r['recombination'], dict) or 'train_seconds' not in r for rs in results.values() for r in rs):
+        parser.error(f'{out / "results.json"} predates the running-statistics and training-time columns: train its '
+                     f'runs again under another --output.')
+    if args.report_only:
+        return report(out, argparse.Namespace(**saved['args']), results)
+    check_data_dir(parser, args.data_dir, setting_sources(args.setting))
+    with claim_output(out):  # one sitting at a time writes OUTPUT's records
+        train_missing(args, out, results)
     report(out, args, results)
 
 

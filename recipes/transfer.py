@@ -26,7 +26,6 @@ evaluation) and with running statistics (what a deployed model gets). Writes OUT
 stitches and the runs.
 """
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -43,7 +42,7 @@ from timm_compat.transfer import transfer
 
 from adaptation import launch_train  # the sibling recipe: a script's own folder is on sys.path
 from common import (CIFAR10, DATA_DIR_HELP, RESUME_HELP, check_data_dir, data_note, fast_keys, fast_networks,
-                    finished_run, progress)
+                    finished_run, progress, write_json)
 
 SETTINGS = {
     'cifar10_halves': dict(
@@ -220,7 +219,7 @@ def main(argv=None):
                'stitching': stitching, 'train_seconds': round(train_seconds, 1),
                'wall_seconds': round(time.time() - start, 1), 'target_train': len(train), 'target_test': len(test),
                'epoch_steps': epoch}
-    (out / 'results.json').write_text(json.dumps(results, indent=2))
+    write_json(out / 'results.json', results)
     report(out, args, budget, ours, baseline, results, argv)
     print('ranking by step-0 accuracy:', ', '.join(f'{n} {100 * a:.1f} %' for n, a in results['ranking_step0']))
 

@@ -1,0 +1,101 @@
+"""The recipes' arguments and records, checked before anything trains: a repeat counted once, counts that would
+train something other than what is recorded refused, one sitting per output folder, and a sweep report that names
+what its numbers were made with."""
+import json
+
+import pytest
+
+from timm_compat.data import DATA_VERSION
+
+from .test_recipe_records import fail_if_trained, record
+
+
+def test_a_repeated_method_is_trained_and_recorded_once(import_script, tmp_path, monkeypatch):
+    """`--methods iiw iiw` recorded seed 0 twice, and the table showed one seed as two with a spread."""
+    sec4 = import_script('recipes', 'sec4_methods')
+    trained = []
+    monkeypatch.setattr(sec4, 'measure',
+                        lambda m, seed, args, out, bar: trained.append((m, seed)) or record(seed, 20.0))
+    out = tmp_path / 'out'
+    sec4.main(['--budget', 'fast', '--methods', 'iiw', 'iiw', '--seeds', '1', '--output', str(out)])
+    assert trained == [('iiw', 0)]
+    assert [r['seed'] for r in json.loads((out / 'results.json').read_text())['results']['iiw']] == [0]
+    with pytest.raises(ValueError, match='iiw seed 0 is recorded already'):
+        sec4.add_record({'iiw': [record(0, 20.0)]}, 'iiw', record(0, 30.0))
+
+
+def test_an_ablation_trains_a_repeated_count_once(import_script):
+    ablations = import_script('recipes', 'sec4_ablations')
+    args = ablations.parse_args(['--ablation', 'common_classes', '--counts', '3', '1', '3'])
+    assert args.counts == [1, 3]
+    assert [v.name for v in ablations.VARIANTS['common_classes'](args)] == ['dcc_1_classes', 'dcc_3_classes']
+
+
+@pytest.mark.parametrize('script, argv', [
+    ('sec4_methods', ['--budget', 'fast', '--seeds', '0']),
+    ('sec4_methods', ['--budget', 'fast', '--epochs', '0']),
+    ('sec4_methods', ['--setting', 'cifar10_stl10', '--methods', 'control']),
+    ('head_transfer', ['--seeds', '0']),
+    ('head_transfer', ['--epochs', '-1']),
+    ('sec4_ablations', ['--ablation', 'split', '--epochs', '0']),
+    ('adaptation', ['--adapt-steps', '0']),
+    ('adaptation_sweep', ['--adapt-steps', '-5']),
+])
+def test_counts_that_would_train_other_than_recorded_are_refused_before_anything_runs(import_script, tmp_path,
+                                                                                      capsys, script, argv):
+    """`--epochs 0` trained the budget's epochs and recorded 0; `--seeds 0` crashed at the report; `--adapt-steps 0`
+    adapted the budget's steps; the control has no second half of a dataset in cifar10_stl10."""
+    module = import_script('recipes', script)
+    entry = module.main if script in ('sec4_methods', 'head_transfer') else module.parse_args
+    with pytest.raises(SystemExit) as exit_:
+        entry(argv + ['--output', str(tmp_path / 'out')])
+    assert exit_.value.code == 2
+    assert argv[-2] in capsys.readouterr().err
+    assert not (tmp_path / 'out').exists()
+
+
+def test_sec4s_default_methods_leave_out_the_control_where_the_setting_has_no_halves(import_script, tmp_path,
+                                                                                     monkeypatch):
+    """The documented `--setting cifar10_stl10` command crashed on the default methods' control."""
+    sec4 = import_script('recipes', 'sec4_methods')
+    trained = []
+    monkeypatch.setattr(sec4, 'measure', lambda m, seed, args, out, bar: trained.append(m) or record(seed, 20.0))
+    monkeypatch.setattr(sec4, 'pretraining_runs', lambda methods, args, out: [])
+    sec4.main(['--setting', 'cifar10_stl10', '--seeds', '1', '--output', str(tmp_path / 'out')])
+    assert trained == [m for m in sec4.METHODS if m != 'control']
+
+
+def test_a_second_sitting_on_one_output_is_refused(import_script, tmp_path, monkeypatch):
+    """Two sittings each wrote results.json from their own records: the last dropped the other's."""
+    sec4 = import_script('recipes', 'sec4_methods')
+    monkeypatch.setattr(sec4, 'launch', fail_if_trained)
+    out = tmp_path / 'out'
+    with sec4.claim_output(out):  # the other sitting, alive
+        with pytest.raises(SystemExit, match='in use by another sitting of a recipe'):
+            sec4.main(['--budget', 'fast', '--methods', 'iiw', '--seeds', '1', '--output', str(out)])
+    assert not (out / 'results.json').exists()
+    monkeypatch.setattr(sec4, 'measure', lambda m, seed, args, out, bar: record(seed, 20.0))
+    sec4.main(['--budget', 'fast', '--methods', 'iiw', '--seeds', '1', '--output', str(out)])  # the lock is gone
+    assert json.loads((out / 'results.json').read_text())['results']['iiw'] == [record(0, 20.0)]
+
+
+def test_the_sweep_report_names_its_adaptation_arguments_and_machines_and_shows_an_unfinished_corruption(
+        import_script, tmp_path):
+    """The report's command left out --adapt-lr / --adapt-steps (rerunning it was refused), named the machine of the
+    process writing the report, and --report-only crashed while a corruption had no finished run."""
+    sweep = import_script('recipes', 'adaptation_sweep')
+    argv = ['--shifts', 'contrast:5', 'pixelate:5', '--source-seeds', '1', '--adapt-seeds', '1', '--adapt-lr', '0.05',
+            '--adapt-steps', '7', '--output', str(tmp_path), '--report-only']
+    folder = sweep.adapt_folder(tmp_path, 0, 'contrast:5', 0)
+    folder.mkdir(parents=True)
+    scores = {'source': 50.0, 'source_test_bn': 55.0, 'adapted': 60.0, 'adapted_running_bn': 58.0}
+    (folder / 'results.json').write_text(json.dumps({
+        'args': {'data_dir': None, 'budget': 'cpu', 'adapt_lr': 0.05, 'adapt_steps': 7}, 'scores': scores,
+        'data_version': DATA_VERSION, 'machine': 'device cpu: a recorded machine'}))
+    sweep.main(argv)
+    report = (tmp_path / 'report.md').read_text()
+    assert '--adapt-lr 0.05 --adapt-steps 7' in report
+    assert 'adaptations run on device cpu: a recorded machine' in report
+    assert '| contrast:5 | 1 | 50.0 | 55.0 | 60.0 | 58.0 |' in report
+    assert '| pixelate:5 | 0 | – | – | – | – |' in report
+
