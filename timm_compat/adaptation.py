@@ -174,7 +174,7 @@ def adapt(model: CompatibleModel, unlabeled_target: torch.Tensor, steps: int = 1
     extractor.eval()
     history = {'step': [r['step'] for r in rows], 'rp_loss': [r['loss'] for r in rows],
                'rp_accuracy': [r['rp_accuracy'] for r in rows]}
-    adapted = (StitchedModel(extractor, model.stitch, model.head) if isinstance(model, StitchedModel)
+    adapted = (StitchedModel(extractor, model.stitch, model.head, force=True) if isinstance(model, StitchedModel)
                else CompatibleModel(extractor, model.head, interface))
     return AdaptationResult(adapted, history, time.time() - start)
 

@@ -7,7 +7,9 @@ what compatibility training saves: compatible components need no stitch and no l
 
 A fitted :class:`Stitch` is a component like any other (``save_pretrained`` / ``from_pretrained``, role
 ``"stitch"``). It records the interface ids of both sides: other extractors of the first interface and heads of
-the second are compatible with the pair it was fitted on, so it may serve them too.
+the second are compatible with the pair it was fitted on, so it may serve them too. A side without an interface
+(an independent component) fits no other, so the stitch records the digest of that component's parameters and
+serves it alone.
 """
 from typing import Any, Dict, Optional
 
@@ -22,10 +24,16 @@ from .component import PAPER_URL, Component
 from .components import Extractor, Head
 from .data import EpochSampler, ImageData, augment as augment_batch, normalize
 from .classes import canonical_class_name
+from ._integrity import weights_digest
 from .fit import call_frozen, check_mixed_precision, fit
 from .optim import make_optimizer
 
-__all__ = ['Stitch', 'StitchTask', 'StitchedModel', 'fit_stitch']
+__all__ = ['Stitch', 'StitchTask', 'StitchedModel', 'fit_stitch', 'parameters_digest']
+
+
+def parameters_digest(module: nn.Module) -> str:
+    """SHA-256 of a component's parameters as float32: which weights it has, whatever its device or dtype."""
+    return weights_digest({name: p.detach().float() for name, p in module.named_parameters()})
 
 
 class Stitch(Component):
@@ -40,14 +48,18 @@ class Stitch(Component):
         extractor_interface_id: Interface of the extractor side (``None`` for an independent extractor).
         head_interface_id: Interface of the head side; the stitch emits features of this interface, so it is the
             stitch's ``interface_id``.
+        fitted_on: ``{'extractor': digest, 'head': digest}`` (:func:`parameters_digest`) of the independent
+            components it was fitted on, which it serves alone; :func:`fit_stitch` fills it.
     """
     role = 'stitch'
 
     def __init__(self, in_width: int, out_width: int, batchnorm: bool = False,
-                 extractor_interface_id: Optional[str] = None, head_interface_id: Optional[str] = None):
+                 extractor_interface_id: Optional[str] = None, head_interface_id: Optional[str] = None,
+                 fitted_on: Optional[Dict[str, str]] = None):
         super().__init__()
         self.in_width, self.out_width, self.batchnorm = in_width, out_width, batchnorm
         self.extractor_interface_id, self.head_interface_id = extractor_interface_id, head_interface_id
+        self.fitted_on = dict(fitted_on or {})
         self.conv = nn.Conv2d(in_width, out_width, 1, bias=not batchnorm)
         self.bn = nn.BatchNorm2d(out_width) if batchnorm else nn.Identity()
         if in_width == out_width:
@@ -62,12 +74,12 @@ class Stitch(Component):
 
     def component_config(self) -> Dict[str, Any]:
         return {'in_width': self.in_width, 'out_width': self.out_width, 'batchnorm': self.batchnorm,
-                'extractor_interface_id': self.extractor_interface_id}
+                'extractor_interface_id': self.extractor_interface_id, 'fitted_on': self.fitted_on}
 
     @classmethod
     def from_config(cls, config: Dict[str, Any]) -> 'Stitch':
         return cls(config['in_width'], config['out_width'], config['batchnorm'],
-                   config.get('extractor_interface_id'), config.get('interface_id'))
+                   config.get('extractor_interface_id'), config.get('interface_id'), config.get('fitted_on'))
 
     def generate_model_card(self, repo_id: Optional[str] = None) -> ModelCard:
         """The base card's metadata, tagged with the extractor side's interface too, and a stitch's own text."""
@@ -96,16 +108,28 @@ class Stitch(Component):
 class StitchedModel(CompatibleModel):
     """``head(stitch(extractor(x)))``: a :class:`CompatibleModel` whose features pass through a stitch.
 
+    Args:
+        extractor: An extractor of the interface the stitch takes (or, independent, the one it was fitted on).
+        stitch: The fitted stitch.
+        head: A head of the interface the stitch emits (or, independent, the one it was fitted on).
+        force: Join an independent component other than the one the stitch was fitted on (its widths must still
+            match), e.g. the extractor after :func:`~timm_compat.adaptation.adapt` fine-tuned it.
+
     Raises:
-        ValueError: The stitch's widths or interface ids do not match the components.
+        ValueError: The stitch's widths or interface ids do not match the components, or, unless ``force``, an
+            independent component is not the one the stitch was fitted on.
     """
 
-    def __init__(self, extractor: Extractor, stitch: Stitch, head: Head):
+    def __init__(self, extractor: Extractor, stitch: Stitch, head: Head, force: bool = False):
         # The stitch joins components of two interfaces, so each side must match the one it was fitted for.
         problems = (link_problems('the extractor', (extractor.width, extractor.interface_id), 'the stitch',
                                   (stitch.in_width, stitch.extractor_interface_id))
                     + link_problems('the stitch', (stitch.out_width, stitch.head_interface_id), 'the head',
                                     (head.width, head.interface_id)))
+        if not force:
+            problems += [f'the stitch was fitted for another independent {role} (its parameters differ)'
+                         for role, component in (('extractor', extractor), ('head', head))
+                         if role in stitch.fitted_on and parameters_digest(component) != stitch.fitted_on[role]]
         if problems:
             raise ValueError(mismatch_message(problems, 'Use fit_stitch() to fit a stitch for these components.'))
         super().__init__(extractor, head, interface=None)
@@ -192,7 +216,10 @@ def fit_stitch(extractor: Extractor, head: Head, train_data: ImageData, steps: i
     if steps < 1:
         raise ValueError(f'steps must be at least 1, got {steps}: an unfitted stitch is direct recombination.')
     device = next(extractor.parameters()).device
-    stitch = Stitch(extractor.width, head.width, batchnorm, extractor.interface_id, head.interface_id).to(device)
+    fitted_on = {role: parameters_digest(c) for role, c in (('extractor', extractor), ('head', head))
+                 if c.interface_id is None}
+    stitch = Stitch(extractor.width, head.width, batchnorm, extractor.interface_id, head.interface_id,
+                    fitted_on).to(device)
     model = StitchedModel(extractor, stitch, head)
     opt = make_optimizer(list(stitch.parameters()), optimizer, lr, 0.9, weight_decay)
     images, labels = train_data.images.to(device), train_data.labels.to(device)
