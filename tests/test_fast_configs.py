@@ -12,7 +12,7 @@ from timm_compat.build import build_phase, load_task_data
 from timm_compat.config import load_config
 from timm_compat.data import random_subset
 from timm_compat.models.airbench import whitening_layers, whitening_weight
-from timm_compat.whitening import drop_whitening_bias_grads, whitening_bias_steps
+from timm_compat.whitening import drop_whitening_bias_grads, frozen_whitening_biases, whitening_bias_steps
 
 FAST = Path(__file__).resolve().parents[1] / 'configs' / 'fast'
 CONFIGS = ['plain', 'compatible_halves', 'head_transfer']
@@ -158,6 +158,15 @@ def test_whitening_bias_grad_dropped_from_its_last_step_on():
         assert (bias.grad is not None) == kept, step
         assert all(p.grad is not None for p in model.parameters() if p is not bias)
         model.zero_grad(set_to_none=True)
+
+
+@pytest.mark.parametrize('steps, frozen', [(5, False), (15, False), (16, True)])
+def test_a_whitening_bias_counts_as_frozen_only_if_a_step_freezes_it(steps, frozen):
+    """With `steps` shorter than the bias's 15 steps it trains all run long; counted as frozen, a lookahead run
+    ended it on its fast weight while every other parameter ended on its slow one."""
+    model = tc.make_compatible('airbench_mobile_cifar', split='stages.1', num_classes=3)
+    cfg = load_config(None, ['whitening_bias_epochs=1.5', f'steps={steps}'])
+    assert bool(frozen_whitening_biases(model, cfg, steps, [10])) == frozen
 
 
 @pytest.mark.slow  # trains airbench94 steps at its batch: about 9 s on a 2-core Zen 1

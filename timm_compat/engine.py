@@ -13,7 +13,7 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Sequence, Tuple
 
 import torch
 from accelerate import Accelerator, PartialState
@@ -151,10 +151,11 @@ def fit_phase(phase: Phase, accelerator: Accelerator, out: Path, resume: bool) -
     data = {name: (phase.data[name][0].to(device),
                    EpochSampler(len(phase.data[name][0]), cfg.batch_size, cfg.seed + i, accelerator.process_index,
                                 accelerator.num_processes, device)) for i, name in enumerate(phase.trained)}
-    total_steps = phase_steps(cfg, max(s.steps_per_epoch for _, s in data.values()), len(phase.trained))
+    steps_per_epoch = [s.steps_per_epoch for _, s in data.values()]
+    total_steps = phase_steps(cfg, max(steps_per_epoch), len(phase.trained))
     if cfg.sync_batchnorm:
         sync_batchnorm(phase.joint, device, accelerator.num_processes)
-    optimizer, scheduler = make_optim(phase, total_steps, accelerator.num_processes)
+    optimizer, scheduler = make_optim(phase, total_steps, steps_per_epoch, accelerator.num_processes)
     if backend := compile_backend(cfg.compile):
         phase.joint.compile(backend=backend)
     joint, optimizer, scheduler = accelerator.prepare(phase.joint, optimizer, scheduler)
@@ -165,18 +166,20 @@ def fit_phase(phase: Phase, accelerator: Accelerator, out: Path, resume: bool) -
     return fitted if loop.validator is None else {**fitted, 'best': loop.validator.best}
 
 
-def make_optim(phase: Phase, total_steps: int, num_processes: int = 1):
+def make_optim(phase: Phase, total_steps: int, steps_per_epoch: Sequence[int], num_processes: int = 1):
     """The optimiser of the phase's trainable parameters and its schedule, from ``phase.cfg.optim``.
 
     Args:
         phase: The built phase.
         total_steps: The phase's micro-batch steps (gradient accumulation turns them into fewer updates).
+        steps_per_epoch: Every trained network's steps per epoch.
         num_processes: Accelerate's prepared scheduler steps once per process for every optimiser update.
     """
     accumulation = phase.cfg.gradient_accumulation_steps
     return optim_from_config(phase.joint, phase.cfg.optim, phase.cfg.batch_size * accumulation * num_processes,
                              math.ceil(total_steps / accumulation), ticks_per_step=num_processes,
-                             lookahead_fixed=frozen_whitening_biases(phase.joint, phase.cfg))
+                             lookahead_fixed=frozen_whitening_biases(phase.joint, phase.cfg, total_steps,
+                                                                     steps_per_epoch))
 
 
 class TrainLoop:

@@ -88,14 +88,17 @@ def drop_whitening_bias_grads(module: nn.Module, step: int, cfg: RunConfig, step
         steps_per_epoch: Every trained network's steps per epoch.
     """
     if cfg.whitening_bias_epochs is not None and step >= whitening_bias_steps(cfg, steps_per_epoch):
-        for bias in frozen_whitening_biases(module, cfg):
-            bias.grad = None
+        for layer in whitening_layers(module):
+            if layer.bias is not None:
+                layer.bias.grad = None
 
 
-def frozen_whitening_biases(module: nn.Module, cfg: RunConfig) -> List[nn.Parameter]:
-    """The whitening biases that :func:`drop_whitening_bias_grads` freezes during the run (none when
-    ``whitening_bias_epochs`` is None): a lookahead run ends on their weights, not their stale slow weights."""
-    if cfg.whitening_bias_epochs is None or (cfg.steps is None and cfg.whitening_bias_epochs >= cfg.epochs):
+def frozen_whitening_biases(module: nn.Module, cfg: RunConfig, total_steps: int,
+                            steps_per_epoch: Sequence[int]) -> List[nn.Parameter]:
+    """The whitening biases that :func:`drop_whitening_bias_grads` freezes during a run of ``total_steps``: none
+    when ``whitening_bias_epochs`` is None or the run ends before their last step. A lookahead run ends on their
+    weights, not their stale slow weights."""
+    if cfg.whitening_bias_epochs is None or whitening_bias_steps(cfg, steps_per_epoch) >= total_steps:
         return []
     return [layer.bias for layer in whitening_layers(module) if layer.bias is not None]
 
