@@ -27,6 +27,7 @@ from .classes import canonical_class_name
 from ._integrity import weights_digest
 from .fit import call_frozen, check_mixed_precision, fit
 from .optim import make_optimizer
+from .streaming import StreamedImages, materialize
 
 __all__ = ['Stitch', 'StitchTask', 'StitchedModel', 'fit_stitch', 'parameters_digest']
 
@@ -222,13 +223,15 @@ def fit_stitch(extractor: Extractor, head: Head, train_data: ImageData, steps: i
                     fitted_on).to(device)
     model = StitchedModel(extractor, stitch, head)
     opt = make_optimizer(list(stitch.parameters()), optimizer, lr, 0.9, weight_decay)
-    images, labels = train_data.images.to(device), train_data.labels.to(device)
+    images, labels = train_data.images, train_data.labels.to(device)
+    images = images if isinstance(images, StreamedImages) else images.to(device)  # streamed rows decode per batch
     sampler = EpochSampler(len(train_data), batch_size, seed)
     cfg = extractor.pretrained_cfg
 
     def batch_at(step: int):
         index = sampler.batch(step).to(device)
-        batch = augment_batch(images[index]) if augment else images[index]
+        batch = materialize(images[index.to(images.device)], device)  # decodes a streamed split's rows
+        batch = augment_batch(batch) if augment else batch
         return normalize(batch, cfg['mean'], cfg['std']), labels[index]
 
     stitch.train()

@@ -26,6 +26,7 @@ from .data import EpochSampler, ImageData, augment as augment_batch, normalize
 from .fit import ClassificationTask, check_mixed_precision, fit
 from .stitching import StitchedModel, check_task_data, fit_stitch
 from .optim import make_optimizer
+from .streaming import materialize
 
 __all__ = ['TransferCurve', 'TransferResult', 'transfer', 'MISMATCH_POLICIES']
 
@@ -164,7 +165,8 @@ def _finetune_curve(model: CompatibleModel, train: ImageData, test: ImageData, s
 
     def batch_at(step: int):
         index = sampler.batch(step).to(train.images.device)
-        batch = augment_batch(train.images[index]) if augment else train.images[index]
+        batch = materialize(train.images[index], train.labels.device)  # decodes a streamed split's rows
+        batch = augment_batch(batch) if augment else batch
         return normalize(batch, cfg['mean'], cfg['std']), train.labels[index]
 
     model.train()
