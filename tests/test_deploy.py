@@ -201,6 +201,29 @@ def test_a_single_component_or_a_custom_module_is_refused_with_the_right_call(pa
                           num_classes=7)
 
 
+@pytest.mark.parametrize('which', ['pair', 'same_backbone'])
+def test_a_half_precision_recombined_model_saves_and_loads_in_its_dtype(request, which, tmp_path):
+    """bf16 same-backbone pairs crashed in the save's probe (fp32 input); pairs loaded back as fp32."""
+    model = copy.deepcopy(request.getfixturevalue(which)).to(torch.bfloat16)
+    model.save_pretrained(tmp_path / 'm')
+    loaded = tc.load_recombined(tmp_path / 'm')
+    assert {p.dtype for p in loaded.parameters()} == {torch.bfloat16}
+    x = torch.randn(2, *model.extractor.pretrained_cfg['input_size'], dtype=torch.bfloat16)
+    with torch.no_grad(), eval_mode(model, 'running'), eval_mode(loaded, 'running'):
+        assert torch.equal(loaded(x), model(x))
+
+
+def test_a_stitched_model_is_refused_by_save_recombined_too(pair, tmp_path):
+    """save_recombined(StitchedModel) wrote stitch.* tensors that neither route could load back."""
+    from timm_compat.recombined import save_recombined
+    from timm_compat.stitching import Stitch, StitchedModel
+    stitched = StitchedModel(pair.extractor, Stitch(24, 24, False, pair.extractor.interface_id,
+                                                    pair.head.interface_id), pair.head)
+    with pytest.raises(tc.ComponentError, match=r'stitch.*save it as its parts'):
+        save_recombined(stitched, tmp_path / 's')
+    assert not (tmp_path / 's').exists()
+
+
 # Deployment: AdaBN. One small network trained for a few seconds on synthetic domain A; network "b" is a copy of it
 # whose BN layers gathered their statistics on domain B, as a network trained there would: its head fits a's
 # features (one interface) but its running statistics describe other features, which is the recombined case.

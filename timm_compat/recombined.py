@@ -99,7 +99,7 @@ def _as_backbone(model: CompatibleModel, configs) -> Optional[Tuple[torch.nn.Mod
         with torch.random.fork_rng(devices=[]):
             backbone = timm.create_model(ecfg['backbone'], num_classes=hcfg['num_classes'],
                                          **ecfg.get('model_args', {}))
-        backbone.load_state_dict(state, strict=True)
+        backbone.load_state_dict(state, strict=True, assign=True)  # in the pair's dtype, as the probe runs it
     except (RuntimeError, ValueError, TypeError):
         return None
     return (backbone, state) if _same_logits(model, backbone, input_size) else None
@@ -107,7 +107,8 @@ def _as_backbone(model: CompatibleModel, configs) -> Optional[Tuple[torch.nn.Mod
 
 @torch.no_grad()
 def _same_logits(model: torch.nn.Module, other: torch.nn.Module, input_size) -> bool:
-    x = torch.randn(4, *input_size, generator=torch.Generator().manual_seed(0))
+    dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
+    x = torch.randn(4, *input_size, generator=torch.Generator().manual_seed(0)).to(dtype)
     interface = getattr(model, 'interface', None)  # not part of the forward pass: shared, not copied
     memo = {id(interface): interface} if interface is not None else {}
     model_copy = copy.deepcopy(model, memo).cpu()  # the probe must not move or touch the caller's model
@@ -142,6 +143,9 @@ def recombined_config(model: CompatibleModel) -> Tuple[Dict[str, Any], Dict[str,
     Raises:
         ComponentError: A component wraps a custom module, so nothing could rebuild it from a config.
     """
+    if parts := sorted({key.split('.')[0] for key in model.state_dict()} - {'extractor', 'head'}):
+        raise ComponentError(f'The model holds {", ".join(parts)} besides its extractor and head, which the pair '
+                             f'format has no place for: save it as its parts (a stitch: model.stitch.save_pretrained).')
     ecfg, hcfg = _pair_configs(model)
     plain = _as_backbone(model, (ecfg, hcfg))
     if plain is not None:
@@ -223,7 +227,7 @@ def _to_pair_names(config: Dict[str, Any], tensors: Dict[str, torch.Tensor], mod
 
 
 def _load_weights(model: RecombinedModel, tensors: Dict[str, torch.Tensor], model_id: str) -> RecombinedModel:
-    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    missing, unexpected = model.load_state_dict(tensors, strict=False, assign=True)  # in the saved dtype
     if missing or unexpected:
         raise ComponentError(f'{model_id}: weights do not fit the architecture in config.json (missing '
                              f'{missing[:5]}, unexpected {unexpected[:5]}). Save the recombined model again.')
