@@ -123,6 +123,9 @@ def test_card_says_which_call_loads_the_model(pair, same_backbone, tmp_path):
     assert 'plain timm loads it, without timm-compat' in plain.text and 'import timm_compat  #' not in plain.text
     assert 'timm.create_model("hf-hub:org/plain", pretrained=True)' in plain.text
     assert 'timm_compat.deploy(model' in mixed.text  # the running statistics are not the target's
+    # The plain pair was joined with force=True: its card must not call its parts compatible.
+    assert 'trained against one interface' in mixed.text and 'compatible' not in plain.text.split('## Loading')[0]
+    assert 'share no interface' in plain.text
 
 
 def test_hf_hub_route_through_an_offline_cache(pair, tmp_path, hf_cache):  # noqa: F811 (fixture)

@@ -92,3 +92,10 @@ def test_every_corruption_keeps_uint8_images_in_range():
     for name in CORRUPTIONS:
         out = apply_shift(images, [f'{name}:5'], 0)
         assert out.dtype == torch.uint8 and out.shape == images.shape
+
+
+@pytest.mark.parametrize('images', [torch.rand(2, 3, 8, 8), torch.randint(0, 255, (2, 3, 8, 8))])
+def test_a_shift_of_images_not_in_uint8_is_refused(images):
+    """Float images in [0, 1] were divided by 255 again and came out as black and white noise."""
+    with pytest.raises(ValueError, match=r'uint8 images.*got torch\.(float32|int64)'):
+        apply_shift(images, ['contrast:1'])

@@ -34,9 +34,18 @@ def _bn_words(config: Dict[str, Any]) -> str:
     if calibration:
         return (f'BN running statistics were recalibrated on {calibration.get("images")} unlabelled target images '
                 f'(AdaBN, `timm_compat.deploy`): `model.eval()` classifies single images.')
-    return ('BN running statistics are those each network gathered on its own training data. Recombined components '
-            'are evaluated with batch statistics (the paper\'s protocol, `timm_compat.eval_mode(model, "batch")`); to '
-            'classify single images, recalibrate first: `model = timm_compat.deploy(model, unlabelled_images)`.')
+    return ('BN running statistics are those the two components were saved with (each network\'s own). Recombined '
+            'components are evaluated with batch statistics (the paper\'s protocol, '
+            '`timm_compat.eval_mode(model, "batch")`); to classify single images, recalibrate first: '
+            '`model = timm_compat.deploy(model, unlabelled_images)`.')
+
+
+def _pair_words(config: Dict[str, Any]) -> str:
+    if config.get('interface_id'):
+        return (f'An extractor and a head trained against one interface, so compatible ([Gygli et al., AAAI 2021]'
+                f'({PAPER_URL})), joined and saved as one timm model.')
+    return ('An extractor and a head that share no interface, joined with `force=True` and saved as one timm model: '
+            'they were not trained to fit each other, so expect the accuracy measured for this pair, not their own.')
 
 
 def model_card(config: Dict[str, Any], repo_id: str) -> str:
@@ -49,8 +58,7 @@ def model_card(config: Dict[str, Any], repo_id: str) -> str:
     rows = [(role, config[role].get(k)) for role in ('extractor', 'head') for k in ('backbone', 'split')]
     body = [
         '# timm-compat recombined model', '',
-        f'An extractor and a head of compatible networks ([Gygli et al., AAAI 2021]({PAPER_URL})), joined with no '
-        f'fine-tuning, saved as one timm model.', '',
+        _pair_words(config), '',
         '| part | value |', '|---|---|',
         *[f'| {role} {key} | `{json.dumps(value)}` |' for (role, value), key in zip(rows, ['backbone', 'split'] * 2)],
         f'| interface | `{json.dumps(config.get("interface_id"))}` |',

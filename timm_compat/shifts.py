@@ -111,6 +111,9 @@ def apply_shift(images: torch.Tensor, shift: Sequence[str], seed: int = 0, batch
         seed: Seed of the noise corruptions.
         batch_size: Images processed at once, to bound memory.
     """
+    if images.dtype != torch.uint8:
+        raise ValueError(f'apply_shift corrupts uint8 images (0-255), got {images.dtype}: pass the images as loaded, '
+                         f'before normalisation (e.g. (x * 255).round().to(torch.uint8) for floats in [0, 1]).')
     steps = []
     for item in shift:
         name, _, severity = item.partition(':')
