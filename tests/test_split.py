@@ -220,3 +220,29 @@ def test_channels_last_read_from_which_dimensions_scale_with_the_image():
         features = trunk(x)
         assert torch.equal(features, model.mix(model.stem(x).permute(0, 2, 3, 1)).permute(0, 3, 1, 2))
         assert torch.equal(tail(features), model(x))
+
+
+@pytest.mark.parametrize('name, at', [('resnet8_cifar', 'bn1'), ('vgg11', 'features.0')])
+def test_a_tail_that_starts_in_place_leaves_the_trunks_features_alone(name, at):
+    """A ReLU(inplace=True) right after the split rewrote the extractor's features when the head ran, so RP and DCC,
+    scored after the head, saw post-ReLU features (check_split compared outputs only)."""
+    trunk, tail = timm_compat.split_model(name, at, input_size=(3, 32, 32))
+    trunk.eval(), tail.eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        features = trunk(x)
+        before = features.clone()
+        tail(features)
+    assert torch.equal(features, before)
+
+
+def test_rp_scores_the_extractors_features_when_the_head_starts_in_place():
+    itf = timm_compat.Interface(width=16, rp=True)
+    model = timm_compat.make_compatible('resnet8_cifar', split='bn1', interface=itf, num_classes=3)
+    model.eval()
+    images = torch.randn(2, 3, 32, 32)
+    rp = timm_compat.RotationPrediction()
+    losses = timm_compat.compatibility_loss(model, images, torch.tensor([0, 2]), [rp])
+    from timm_compat.methods import rotate_batch, rotation_loss
+    expected = rotation_loss(itf.rp(model.extractor(rotate_batch(images))))
+    assert torch.allclose(losses['rp'], expected)

@@ -26,7 +26,7 @@ from torch import fx, nn
 import timm
 from timm.layers import get_notrace_functions, get_notrace_modules
 
-from ._split_probe import channels_last, check_split, model_name as _model_name, probe
+from ._split_probe import channels_last, check_split, model_name as _model_name, probe, writes_input
 
 __all__ = ['split_model', 'split_points', 'resolve_split', 'default_split', 'default_num_classes', 'DEFAULT_SPLITS']
 
@@ -260,8 +260,9 @@ def _mode_refusal(model_name: str, what: str) -> str:
             f'module that branches with timm.layers.register_notrace_module.')
 
 
-def _cut(graph: fx.Graph, at: str, channels_last: bool) -> Tuple[fx.Graph, fx.Graph]:
-    """Trunk and tail graphs; with ``channels_last`` the trunk emits NCHW and the tail takes NCHW."""
+def _cut(graph: fx.Graph, at: str, channels_last: bool, clone_input: bool = False) -> Tuple[fx.Graph, fx.Graph]:
+    """Trunk and tail graphs; with ``channels_last`` the trunk emits NCHW and the tail takes NCHW; with
+    ``clone_input`` the tail works on a copy of its input."""
     nodes = list(graph.nodes)
     cuts = [n for n in nodes if n.op == 'call_module' and n.target == at]
     if len(cuts) != 1:
@@ -285,6 +286,8 @@ def _cut(graph: fx.Graph, at: str, channels_last: bool) -> Tuple[fx.Graph, fx.Gr
 
     tail_graph = fx.Graph()
     x = tail_graph.placeholder('x')
+    if clone_input:  # the tail writes its input in place (e.g. ReLU(inplace=True)): the extractor's features
+        x = tail_graph.call_method('clone', (x,))
     env = {cut: tail_graph.call_method('permute', (x, 0, 2, 3, 1)) if channels_last else x}
     for n in after:
         for a in n.all_input_nodes:
@@ -336,6 +339,8 @@ def split_model(model_or_name: Union[nn.Module, str], at: Union[str, int], *,
             setattr(model, k, v)
         trunk = fx.GraphModule(model, trunk_graph, class_name='Trunk')
         tail = fx.GraphModule(model, tail_graph, class_name='Tail')
+        if writes_input(trunk, tail, x):
+            tail = fx.GraphModule(model, _cut(graph, at, nhwc, clone_input=True)[1], class_name='Tail')
         check_split(model, trunk, tail, x, at, output)
     # Only the halves' own flags: their shared submodules keep whatever modes the model gave them.
     trunk.training = tail.training = model.training

@@ -79,6 +79,15 @@ def _run(modules: Sequence[nn.Module], x: torch.Tensor, training: bool):
         return x
 
 
+def writes_input(trunk: nn.Module, tail: nn.Module, x: torch.Tensor) -> bool:
+    """Whether ``tail`` changes the features it is given (an in-place op right after the split), which would
+    rewrite the extractor's output before the compatibility methods score it."""
+    features = _run([trunk], x, False)
+    before = features.clone()
+    _run([tail], features, False)
+    return not torch.equal(features, before)
+
+
 def _flatten(out) -> Optional[List[torch.Tensor]]:
     """The tensors of a model output (a tensor, or tuples and lists of them); None for anything else."""
     if isinstance(out, torch.Tensor):
