@@ -102,3 +102,13 @@ def test_the_machine_line_tells_apart_cpus_that_share_a_model_name():
     assert zen1 == 'AMD EPYC (family 23 model 1, avx2)'
     assert zen5 == 'AMD EPYC (family 26 model 2, avx512_bf16)'
     assert cpu_description('', {}) == 'unknown CPU (no AVX)'
+
+
+def test_auto_precision_picks_bf16_only_on_a_gpu_that_has_it_natively(monkeypatch):
+    """A T4 or V100 (compute capability 7.x) emulates bf16: torch's default check says yes, and auto picked it."""
+    from timm_compat._hardware import resolve_precision
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
+    for native in (False, True):
+        monkeypatch.setattr(torch.cuda, 'is_bf16_supported',
+                            lambda including_emulation=True: including_emulation or native)
+        assert resolve_precision('auto', 'cuda') == ('bf16' if native else 'no')

@@ -60,13 +60,14 @@ def hardware(device: Optional[torch.device] = None) -> str:
 def fast_bf16(device_type: str) -> bool:
     """Whether bf16 autocast is expected to train faster than fp32 on this machine's ``device_type``.
 
-    On CUDA where the GPU has bf16. On CPU with AMX tiles (``amx_bf16``), or on an AMD CPU with ``avx512_bf16``
+    On CUDA where the GPU has bf16 natively (compute capability 8.0 on). On CPU with AMX tiles (``amx_bf16``), or on an AMD CPU with ``avx512_bf16``
     (measured on Zen 5; Zen 4 has the same instruction, not measured). Not on an Intel CPU with ``avx512_bf16``
     alone, where a bf16 step of the fast family's larger members took 1.15-1.29x the fp32 one, while on a Zen 5
     EPYC it took 0.50-0.56x (``benchmarks/fast_family_precision.py``, docs/models.md).
     """
     if device_type == 'cuda':
-        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        # Natively only: compute capability 7.x (T4, V100) emulates bf16, far slower than fp16 or fp32.
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
     if device_type == 'cpu':
         caps = torch.cpu.get_capabilities()
         amd = 'AMD' in str(caps.get('cpu_name', ''))
