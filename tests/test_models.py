@@ -162,3 +162,16 @@ def test_features_only_default_levels_and_getter(name):
     assert [m.shape[1] for m in maps] == listed.feature_info.channels()
     for a, b in zip(maps, got):
         torch.testing.assert_close(b, a)
+
+
+def test_forward_intermediates_updates_the_final_norm_once():
+    """With the last level asked for, a pre-activation model ran its final BN twice, counting two batches."""
+    from timm_compat.models.cifar_resnet import CifarResNet
+    torch.manual_seed(0)
+    model = CifarResNet(layers=(1, 1, 1), widths=(8, 8, 8), preact=True, stem_width=8).train()
+    x = torch.randn(4, 3, 8, 8)
+    reference = copy.deepcopy(model)
+    final, intermediates = model.forward_intermediates(x)
+    assert model.norm.num_batches_tracked.item() == 1
+    assert torch.equal(final, reference.forward_features(x)) and torch.equal(intermediates[-1], final)
+    assert torch.equal(model.norm.running_mean, reference.norm.running_mean)

@@ -249,17 +249,18 @@ class CifarResNet(nn.Module):
         x = self.act1(self.bn1(self.conv1(x)))
         if 0 in take_indices:
             intermediates.append(x)
-        names = _STAGES[:max_index] if stop_early else _STAGES
+        names, normed = _STAGES[:max_index] if stop_early else _STAGES, None
         for i, name in enumerate(names, start=1):
             stage = getattr(self, name)  # not scriptable, as in timm's ResNet; forward() does not use it
             x = checkpoint_seq(stage, x) if self.grad_checkpointing else stage(x)
             if i in take_indices:
-                last = i == self.num_stages
-                intermediates.append(self.act(self.norm(x)) if last and (norm or self.preact) else x)
+                if i == self.num_stages and (norm or self.preact):
+                    normed = self.act(self.norm(x))  # once: in train mode each call updates the BN statistics
+                intermediates.append(x if normed is None else normed)
         if intermediates_only:
             return intermediates
         if len(names) == self.num_stages:
-            x = self.act(self.norm(x))
+            x = self.act(self.norm(x)) if normed is None else normed
         return x, intermediates
 
     def prune_intermediate_layers(
