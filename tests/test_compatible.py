@@ -1,3 +1,5 @@
+import copy
+
 import pytest
 import timm
 import torch
@@ -263,3 +265,15 @@ def test_fit_problems_names_roles_and_independent_networks():
         'the head was trained without an interface (an independent network), so nothing makes it compatible with '
         'another component']
     assert tc.fit_problems(model.extractor, independent.head, force=True) == []
+
+
+def test_half_precision_components_recombine_and_a_dtype_mismatch_is_named():
+    """The fit probes ran fp32 zeros: a bf16 extractor crashed recombine, a bf16 head was refused as taking other
+    channels."""
+    itf = tc.Interface(width=32)
+    a, b = (tc.make_compatible('resnet8_cifar', split='layer2', interface=itf, num_classes=3, init_seed=s)
+            for s in (0, 1))
+    extractor, head = copy.deepcopy(a.extractor).bfloat16(), copy.deepcopy(b.head).bfloat16()
+    assert tc.recombine(extractor, head)(torch.zeros(1, 3, 32, 32, dtype=torch.bfloat16)).dtype == torch.bfloat16
+    with pytest.raises(ValueError, match=r'extractor computes in torch\.bfloat16 but the head in torch\.float32'):
+        tc.recombine(extractor, b.head)

@@ -142,16 +142,21 @@ def _probe_problems(extractor: Extractor, head: Head) -> List[str]:
     param = next(iter(extractor.parameters()), None)
     if not input_size or param is None:  # a custom extractor: no input size to probe with
         return []
+    head_param = next((p for p in head.parameters() if p.is_floating_point()), None)
+    if head_param is not None and head_param.dtype != param.dtype:
+        return [f'the extractor computes in {param.dtype} but the head in {head_param.dtype}: convert one to the '
+                f'other\'s dtype (e.g. head.to({param.dtype}))']
     with torch.no_grad(), eval_mode(extractor, bn='running'):
-        features = extractor(torch.zeros(2, *input_size, device=param.device))
+        features = extractor(torch.zeros(2, *input_size, device=param.device, dtype=param.dtype))
     problem = _head_problem(head, extractor.width, features.shape[-2:])
     return [problem] if problem else []
 
 
 def _run_head(head: nn.Module, width: int, feature_hw: Sequence[int]) -> Union[torch.Tensor, Exception]:
     """``head``'s output on 2 zero feature maps of spatial size ``feature_hw`` (eval mode), or what it raised."""
-    param = next(iter(head.parameters()), None)
-    probe = torch.zeros(2, width, *feature_hw, device=param.device if param is not None else 'cpu')
+    param = next((p for p in head.parameters() if p.is_floating_point()), None)
+    probe = torch.zeros(2, width, *feature_hw, **(dict(device=param.device, dtype=param.dtype) if param is not None
+                                                  else {}))
     try:
         with torch.no_grad(), eval_mode(head, bn='running'):
             return head(probe)
