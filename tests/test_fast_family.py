@@ -191,6 +191,9 @@ def test_uint8_images_are_normalised_with_the_cfg_statistics():
     (lambda: init_whitening(torch.nn.ModuleList([timm.create_model('airbench_mobile_cifar'),
                                                  timm.create_model('airbench_mobile_cifar', in_chans=1)]), _batch()),
      'different shapes'),
+    # One-channel pixels with the 3-channel CIFAR-10 mean/std broadcast to 3 channels, then crashed the copy.
+    (lambda: init_whitening(timm.create_model('airbench_mobile_cifar', in_chans=1),
+                            torch.randint(0, 256, (4, 1, 8, 8), dtype=torch.uint8)), r'mean/std of 3 channels.*mean='),
 ])
 def test_init_whitening_refuses_bad_input(call, match):
     with pytest.raises(ValueError, match=match):

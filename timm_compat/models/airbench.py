@@ -287,6 +287,9 @@ def init_whitening(model: nn.Module, images: torch.Tensor, eps: float = 5e-4,
         cfg = getattr(model, 'pretrained_cfg', None) or {}
         mean = torch.tensor(cfg.get('mean', CIFAR10_MEAN) if mean is None else mean, device=images.device)
         std = torch.tensor(cfg.get('std', CIFAR10_STD) if std is None else std, device=images.device)
+        if {mean.numel(), std.numel()} - {1, images.shape[1]}:
+            raise ValueError(f'init_whitening got mean/std of {mean.numel()} channels for images of '
+                             f'{images.shape[1]}: pass mean= and std= with one value per channel.')
         images = (images.float() / 255 - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
     elif not images.is_floating_point():
         raise ValueError(f'images must be uint8 pixels or normalised floats; got {images.dtype}.')
