@@ -5,6 +5,7 @@ downloaded repos); only the upload and search calls, which need a live Hub, are 
 """
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -293,3 +294,17 @@ def test_cli_runs_as_module_offline(published):
     assert result.returncode == 0, result.stderr
     assert 'They fit' in result.stdout
     assert 'found in sys.modules' not in result.stderr  # the package is not imported twice
+
+
+@pytest.mark.parametrize('argv, message', [
+    (['list', '--limit', '0'], '--limit: 0 is not a positive integer'),
+    (['list', '--limit', '-3'], '--limit: -3 is not a positive integer'),
+    (['show', '{dir}', '--revision', 'v9'], '--revision v9: .* is a local folder'),
+    (['check', '{dir}', '{dir}', '--head-revision', 'main'], '--head-revision main: .* is a local folder'),
+])
+def test_the_cli_refuses_arguments_it_would_ignore_or_crash_on(tmp_path, capsys, argv, message):
+    """--limit 0 listed nothing and --limit -3 crashed; a revision of a local folder was silently ignored."""
+    with pytest.raises(SystemExit) as exit_:
+        main([a.format(dir=tmp_path) for a in argv])
+    assert exit_.value.code == 2
+    assert re.search(message, capsys.readouterr().err)

@@ -18,6 +18,7 @@ import argparse
 import re
 import sys
 import traceback
+from pathlib import Path
 from typing import Iterable, List, Optional, Sequence, Union
 
 from huggingface_hub import HfApi, ModelCard, ModelInfo
@@ -163,6 +164,12 @@ def _interface_arg(value: str) -> str:
         raise argparse.ArgumentTypeError(str(e)) from e
 
 
+def _positive(value: str) -> int:
+    if not value.lstrip('-').isdigit() or int(value) < 1:
+        raise argparse.ArgumentTypeError(f'{value} is not a positive integer')
+    return int(value)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the ``python -m timm_compat.hub`` command line; returns the exit status."""
     parser = argparse.ArgumentParser(prog='python -m timm_compat.hub',
@@ -172,7 +179,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument('--interface', type=_interface_arg, metavar='ID', help='only components of this interface id')
     p.add_argument('--role', choices=sorted(Component.registry), help='only components of this role')
     p.add_argument('--author', metavar='ORG', help='only repos of this user or organisation')
-    p.add_argument('--limit', type=int, default=100, help='at most this many (default: %(default)s)')
+    p.add_argument('--limit', type=_positive, default=100, help='at most this many (default: %(default)s)')
     p = sub.add_parser('show', help='card summary and interface of one component (no weights are downloaded)')
     p.add_argument('repo', metavar='REPO_OR_DIR')
     p.add_argument('--revision', help='branch, tag or commit')
@@ -182,6 +189,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument('--extractor-revision', metavar='REV')
     p.add_argument('--head-revision', metavar='REV')
     args = parser.parse_args(argv)
+    for flag, path in (('revision', 'repo'), ('extractor_revision', 'extractor'), ('head_revision', 'head')):
+        if getattr(args, flag, None) and Path(getattr(args, path)).is_dir():
+            parser.error(f'--{flag.replace("_", "-")} {getattr(args, flag)}: {getattr(args, path)} is a local '
+                         f'folder, which has no revisions; drop the revision or give a Hub repo id.')
     try:
         return {'list': _cmd_list, 'show': _cmd_show, 'check': _cmd_check}[args.command](args)
     except ComponentError as e:
