@@ -130,6 +130,20 @@ def test_base_inheritance_merges_mappings_and_replaces_lists(tmp_path):
     assert cfg.networks[1].backbone == 'resnet20_cifar'
 
 
+def test_edits_by_position_apply_in_order_down_a_base_chain(tmp_path):
+    """The files of a chain were merged together before the preset, so a child's {0: ...} patched the preset's
+    first network, which its base had removed, and a child's named list dropped its base's patch."""
+    (tmp_path / 'child_b.yaml').write_text(f'base: {SEC4 / "upper_bound_b.yaml"}\n'
+                                           'networks: {0: {backbone: resnet20_cifar}}\n')
+    cfg = load_config(str(tmp_path / 'child_b.yaml'), ['data=cifar10_halves'])
+    assert [(n.name, n.backbone) for n in cfg.networks] == [('b', 'resnet20_cifar')]
+    (tmp_path / 'child_inc.yaml').write_text(f'base: {SEC4 / "incremental.yaml"}\n'
+                                             'networks: [{name: b, backbone: resnet20_cifar}]\n')
+    cfg = load_config(str(tmp_path / 'child_inc.yaml'), ['data=cifar10_halves'])
+    assert cfg.networks[0].load == 'runs/cifar10_halves/incremental_stage1/main/components/a'
+    assert [(n.name, n.backbone) for n in cfg.networks] == [('a', 'resnet56_cifar'), ('b', 'resnet20_cifar')]
+
+
 def test_mixed_precision_no_survives_yaml():
     assert load_config(None, ['mixed_precision=no']).mixed_precision == 'no'
 

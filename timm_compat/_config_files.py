@@ -10,8 +10,11 @@ base:
   x}}`` refines the first item, ``{1: null}`` removes the second;
 * anything else (other lists too) is replaced.
 
-A file may choose a data preset, ``data: NAME``: the file ``data/NAME.yaml`` next to the config file that was
-loaded. The preset lies under the whole chain (it gives the networks, by name and dataset; the files refine them),
+The preset, then the root of the chain, then each file down to the one loaded, is merged over what came before
+it, so an edit by position applies to the list as the files above it left it.
+
+A file may choose a data preset, ``data: NAME``: the file ``data/NAME.yaml`` next to the nearest file of the chain
+that has one. The preset lies under the whole chain (it gives the networks, by name and dataset; the files refine them),
 ``--set data=NAME`` picks another one, and ``{data}`` in any string becomes NAME (output folders). In a network's
 strings ``{name}`` becomes the network's name.
 """
@@ -101,8 +104,8 @@ def _merge(base: Dict[str, Any], update: Dict[str, Any]) -> Dict[str, Any]:
     return out
 
 
-def _read_yaml(path: Path, seen: Sequence[Path] = ()) -> Dict[str, Any]:
-    """A config file, merged over the file its ``base:`` key names (relative to it), recursively."""
+def _read_chain(path: Path, seen: Sequence[Path] = ()) -> List[Tuple[Path, Dict[str, Any]]]:
+    """A config file and the files its ``base:`` keys name (relative to each), root first: ``(path, keys)``."""
     path = path.resolve()
     if path in seen:
         raise ConfigError(f'Config files include each other in a loop: {[str(p) for p in seen]} -> {path}.')
@@ -113,7 +116,16 @@ def _read_yaml(path: Path, seen: Sequence[Path] = ()) -> Dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f'{path} must hold a YAML mapping of config keys, e.g. "batch_size: 64".')
     base = data.pop('base', None)
-    return _merge(_read_yaml(path.parent / base, [*seen, path]), data) if base else data
+    return (_read_chain(path.parent / base, [*seen, path]) if base else []) + [(path, data)]
+
+
+def _read_yaml(path: Path) -> Dict[str, Any]:
+    """A config file merged over the files of its ``base:`` chain, each over the ones before it in turn (so that an
+    edit by position applies to the list as its base left it)."""
+    data = {}
+    for _, layer in _read_chain(path):
+        data = _merge(data, layer)
+    return data
 
 
 def _fill(value: Any, token: str, text: str) -> Any:
@@ -127,16 +139,18 @@ def _fill(value: Any, token: str, text: str) -> Any:
     return value
 
 
-def _preset(path: Path, name: str) -> Dict[str, Any]:
-    """The data preset ``name`` of the config file at ``path``."""
-    folder = path.resolve().parent / PRESET_DIR
-    choices = sorted(p.stem for p in folder.glob('*.yaml'))
-    if not re.fullmatch(r'[A-Za-z0-9][\w.-]*', name) or name not in choices:
-        where = f'choose one of {choices}' if choices else f'{path} has no data presets ({folder}/NAME.yaml)'
+def _preset(paths: Sequence[Path], name: str) -> Dict[str, Any]:
+    """The data preset ``name``: ``data/NAME.yaml`` beside the nearest file of the chain ``paths`` (child first)
+    that has one."""
+    folders = [p.parent / PRESET_DIR for p in paths]
+    found = next((f / f'{name}.yaml' for f in folders if (f / f'{name}.yaml').is_file()), None)
+    if not re.fullmatch(r'[A-Za-z0-9][\w.-]*', name) or found is None:
+        choices = sorted({p.stem for f in folders for p in f.glob('*.yaml')})
+        where = f'choose one of {choices}' if choices else f'{paths[0]} has no data presets ({folders[0]}/NAME.yaml)'
         raise ConfigError(f'data: {name!r} is no data preset; {where}, e.g. --set data={(choices or ["NAME"])[0]}.')
-    preset = _read_yaml(folder / f'{name}.yaml')
+    preset = _read_yaml(found)
     if PRESET_KEY in preset:
-        raise ConfigError(f'The data preset {folder / name}.yaml sets data: itself; a preset cannot choose another.')
+        raise ConfigError(f'The data preset {found} sets data: itself; a preset cannot choose another.')
     return preset
 
 
@@ -147,11 +161,13 @@ def read_config_file(path: Path, preset: Optional[str] = None) -> Dict[str, Any]
         path: A YAML config file.
         preset: A data preset replacing the one the files choose (``--set data=NAME``).
     """
-    data = _read_yaml(path)
-    name = preset or data.pop(PRESET_KEY, None)
-    data.pop(PRESET_KEY, None)
+    chain = _read_chain(path)
+    name = preset or next((layer[PRESET_KEY] for _, layer in reversed(chain) if PRESET_KEY in layer), None)
+    data = _preset([p for p, _ in reversed(chain)], str(name)) if name is not None else {}
+    for _, layer in chain:  # each file over the preset and the files before it, as the user reads the chain
+        data = _merge(data, {k: v for k, v in layer.items() if k != PRESET_KEY})
     if name is not None:
-        data = _fill(_merge(_preset(path, str(name)), data), '{data}', str(name))
+        data = _fill(data, '{data}', str(name))
     elif '{data}' in yaml.safe_dump(data):
         raise ConfigError(f'{path} writes {{data}} but chooses no data preset: set data: NAME in it or pass '
                           f'--set data=NAME.')
