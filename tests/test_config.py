@@ -166,7 +166,8 @@ def test_yaml_1_1_exponent_strings_are_floats(tmp_path):
 
 def test_valid_new_keys_and_alternatives():
     cfg = load_config(None, ['joint_schedule=alternate', 'interface.rp_norm=separate', 'mixed_precision=bf16',
-                             'networks.0.split=2', 'networks.0.head_split=-1', 'interface.width=null',
+                             'networks.0.split=2', 'networks.0.head=resnet20_cifar', 'networks.0.head_split=-1',
+                             'interface.width=null',
                              'steps=null', 'optim.momentum=0', 'interface.dcc_head={type: conv, hidden: 8}',
                              'networks.0.dataset.train_shard=[1, 2]', 'push_to_hub=my-org/compat_1.x'])
     assert cfg.joint_schedule == 'alternate' and cfg.interface.rp_norm == 'separate'

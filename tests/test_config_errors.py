@@ -133,3 +133,16 @@ def test_assignment_is_checked_too():
 def test_a_data_override_without_a_preset_name_is_refused(override):
     with pytest.raises(ConfigError, match=r'names no data preset.*data=NAME'):
         load_config(None, [override])
+
+
+@pytest.mark.parametrize('overrides, message', [
+    # The independent baseline of an RP pre-training trained nothing (loss 0) and reported chance as its accuracy.
+    (['task_weight=0'], r'task_weight is 0, .* the independent baseline .* set baseline=null'),
+    # head_split cuts a timm model named as head; with the network's own tail it was silently ignored.
+    (['networks.0.head_split=layer3'], r'networks\.0\.head_split .* head is tail'),
+    # Placeholders were filled only in files: --set output_dir=runs/{data}/x wrote to a folder named {data}.
+    (['output_dir=runs/{data}/x'], r'output_dir=runs/\{data\}/x: \{data\} is filled only in config files'),
+])
+def test_keys_that_would_be_ignored_or_train_nothing_are_refused(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, overrides)

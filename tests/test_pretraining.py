@@ -97,8 +97,12 @@ def test_task_weight_scales_the_task_loss_and_zero_leaves_the_head_untrained():
     full = compatibility_loss(model, images, labels, methods)
     torch.manual_seed(0)
     half = compatibility_loss(model, images, labels, methods, task_weight=0.5)
-    torch.testing.assert_close(half['task'], 0.5 * full['task'])
+    torch.testing.assert_close(half['loss'], 0.5 * full['task'] + full['rp'])
     torch.testing.assert_close(half['rp'], full['rp'])
+    # The task loss is logged as it is, whatever its weight: under 0 it still tells how the head does.
+    torch.testing.assert_close(half['task'], full['task'])
+    torch.manual_seed(0)
+    assert compatibility_loss(model, images, labels, methods, task_weight=0.0)['task'] > 0
     model.zero_grad(set_to_none=True)
     compatibility_loss(model, images, labels, methods, task_weight=0.0)['loss'].backward()
     assert all(p.grad is None or not p.grad.any() for p in model.head.parameters())

@@ -237,6 +237,9 @@ class RunConfig(_Section):
         if all(n.load for n in self.networks):
             problems.append('Every network has load: set; nothing would be trained.')
         for i, n in enumerate(self.networks):
+            if n.head_split is not None and n.head in ('tail', 'dcc'):
+                problems.append(f'networks.{i}.head_split cuts a timm model named as head, but head is {n.head}: '
+                                f'set networks.{i}.head to a timm model name, or drop head_split.')
             if n.head == 'dcc' and not self.interface.dcc and not self.interface.load:
                 problems.append(f'networks.{i}.head is dcc (the shared DCC head), but interface.dcc is false; '
                                 f'set interface.dcc=true or networks.{i}.head=tail.')
@@ -324,6 +327,9 @@ class RunConfig(_Section):
         # elsewhere has no such counterpart.
         shared = [f'networks.{i}.{key}' for i, n in enumerate(self.networks)
                   for key, used in (('head: dcc', n.head == 'dcc'), ('load', n.load)) if used]
+        if self.baseline and self.task_weight == 0:  # it keeps task_weight and drops RP and DCC: no loss left
+            return ['task_weight is 0, so the independent baseline (no RP, no DCC) would train nothing and report '
+                    'chance: set baseline=null.']
         if not self.baseline or not shared:
             return []
         return [f'baseline is independent (the default), which trains every network anew and alone, but '
@@ -369,6 +375,9 @@ def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> Ru
     elif preset is not None:
         raise ConfigError(f'data={preset} chooses a data preset of a config file; give the file too (-c CONFIG).')
     for dotted in overrides:
+        if token := next((t for t in ('{data}', '{name}') if t in dotted), None):
+            raise ConfigError(f'{dotted}: {token} is filled only in config files; write the '
+                              f'{"preset" if token == "{data}" else "network"}\'s name itself in --set.')
         set_dotted(data, dotted)
     return _parse(data).validate()
 

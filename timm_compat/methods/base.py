@@ -85,7 +85,8 @@ def compatibility_loss(model, images: torch.Tensor, labels: torch.Tensor,
             weight decay still shrinks the head.
 
     Returns:
-        ``{"task": ..., <method name>: ..., "loss": total}``, each a scalar tensor.
+        ``{"task": ..., <method name>: ..., "loss": total}``, each a scalar tensor: the task cross-entropy
+        unweighted, each method's loss weighted, as the total counts them.
     """
     _check_labels(model, labels)
     expander, inputs = _expanding_method(methods, images)
@@ -99,9 +100,11 @@ def compatibility_loss(model, images: torch.Tensor, labels: torch.Tensor,
         task_features = expanded_features[:images.shape[0]]
     # Only the task loss is smoothed: the aux losses train the interface's shared heads, which every network and
     # later incremental ones must fit as published, and the paper's eqs. (1)-(2) are plain cross-entropies.
-    losses = {'task': task_weight * F.cross_entropy(model.head(task_features), labels, label_smoothing=label_smoothing)}
+    task = F.cross_entropy(model.head(task_features), labels, label_smoothing=label_smoothing)
+    losses = {'task': task_weight * task}
     for method in methods:
         features = expanded_features if method is expander else task_features
         losses[method.name] = method.weight * method.loss(features, labels, model)
     losses['loss'] = torch.stack(list(losses.values())).sum()
+    losses['task'] = task  # logged unweighted: under task_weight 0 (RP pre-training) it still says how the head does
     return losses
