@@ -322,3 +322,15 @@ def test_a_run_started_before_keys_were_added_resumes():
     assert resume_conflicts(old, new) == []
     changed = load_config(None, ['optim.label_smoothing=0.1', 'interface.rp_rotations=one']).to_dict()
     assert sorted(resume_conflicts(old, changed)) == ['interface.rp_rotations', 'optim.label_smoothing']
+
+
+def test_exponent_numbers_inside_argument_mappings_are_floats():
+    """PyYAML reads 1e-5 as a string: top-level numbers were converted, the docs' own schedule_args/optimizer_args
+    examples were refused with a type error, and an aux head's logit_scale passed and crashed the build."""
+    cfg = load_config(None, ['optim.schedule_args={min_lr: 1e-5}', 'optim.optimizer=adamw',
+                             'optim.optimizer_args={eps: 1e-6}', 'interface.aux_head={type: conv, logit_scale: 1e-1}',
+                             'networks.0.model_args={drop_rate: 1e-1}'])
+    assert cfg.optim.schedule_args == {'min_lr': 1e-5} and cfg.optim.optimizer_args == {'eps': 1e-6}
+    assert cfg.interface.aux_head == {'type': 'conv', 'logit_scale': 0.1}
+    assert cfg.networks[0].model_args == {'drop_rate': 0.1}
+    assert load_config(None, ['networks.0.model_args={act_layer: 1e}']).networks[0].model_args == {'act_layer': '1e'}

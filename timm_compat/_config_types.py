@@ -1,5 +1,6 @@
 """The field types of the run config: numbers as YAML writes them, counts, seeds, model arguments, split points,
 aux head specs and shards, each with the words a bad value's error uses (``_config_errors.describe``)."""
+import re
 from typing import Any, Dict, List, Literal, Optional, Union
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, TypeAdapter, ValidationError
@@ -16,6 +17,21 @@ def _number(value: Any) -> Any:
     return value
 
 
+_EXPONENT = re.compile(r'[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+')
+
+
+def _exponents(value: Any) -> Any:
+    """``value`` with every string that YAML 1.1 left an exponent number (``1e-5``) as that float, in mappings and
+    lists too: argument mappings take any value, so no type check would convert it."""
+    if isinstance(value, str) and _EXPONENT.fullmatch(value):
+        return float(value)
+    if isinstance(value, dict):
+        return {k: _exponents(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_exponents(v) for v in value]
+    return value
+
+
 def _must(text: str, item: Optional[str] = None) -> Dict[str, Any]:
     """Field metadata: what a valid value (and one of its items) is, where pydantic's words would be vague."""
     return {'must': text, 'must_item': item}
@@ -26,8 +42,9 @@ Seed = Annotated[int, Field(ge=0, le=2 ** 32 - 1)]  # numpy's seed range, which 
 Count = Annotated[int, Field(ge=1)]
 _Leaf = Union[bool, int, float, str, None]
 ModelArg = TypeAliasType('ModelArg', Union[_Leaf, List['ModelArg']])
-ModelArgs = Annotated[Dict[str, ModelArg], Field(examples=[{'drop_rate': 0.1}], json_schema_extra=_must(
-    'a mapping of names to JSON values', 'a JSON scalar (string, number, true/false or null) or a list of them'))]
+ModelArgs = Annotated[Dict[str, ModelArg], BeforeValidator(_exponents), Field(
+    examples=[{'drop_rate': 0.1}], json_schema_extra=_must(
+        'a mapping of names to JSON values', 'a JSON scalar (string, number, true/false or null) or a list of them'))]
 Split = Annotated[Union[str, int], Field(json_schema_extra=_must('a module name (string) or a feature index'))]
 
 
@@ -62,6 +79,7 @@ _HEAD_MUST = ('"conv", a timm model name, {type: conv, hidden: 128} or '
 
 def _head_spec(value: Any) -> Any:
     """Check an aux head spec mapping, but keep it the plain dict that :class:`Interface` takes."""
+    value = _exponents(value)
     if isinstance(value, dict):
         try:
             _HEAD_SPEC.validate_python(value)

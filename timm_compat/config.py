@@ -18,7 +18,7 @@ from ._config_help import keys_help
 from ._config_resume import RESUME_MAY_CHANGE, config_changes
 from ._config_resume import resume_conflicts as _resume_conflicts
 from ._config_files import PRESET_DIR, read_config_file, set_dotted, split_preset
-from ._config_types import Count, Float, HeadSpec, ModelArg, ModelArgs, Seed, Split, _must, _Section, _shard
+from ._config_types import Count, Float, HeadSpec, ModelArg, ModelArgs, Seed, Split, _exponents, _must, _Section, _shard
 from .optim import SCHEDULES, check_optim, optimizer_names
 
 __all__ = ['ConfigError', 'DatasetConfig', 'NetworkConfig', 'InterfaceConfig', 'OptimConfig', 'ValidationConfig',
@@ -100,7 +100,7 @@ def _schedule(value: Any) -> Any:
 
 
 # Keyword arguments of timm's factories, checked by building them once (RunConfig.validate).
-_FactoryArgs = Annotated[Dict[str, ModelArg], Field(examples=[{'eps': 1e-6}])]
+_FactoryArgs = Annotated[Dict[str, ModelArg], BeforeValidator(_exponents), Field(examples=[{'eps': 1e-6}])]
 
 
 class OptimConfig(_Section):
