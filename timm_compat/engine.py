@@ -167,14 +167,9 @@ def fit_phase(phase: Phase, accelerator: Accelerator, out: Path, resume: bool) -
 
 
 def make_optim(phase: Phase, total_steps: int, steps_per_epoch: Sequence[int], num_processes: int = 1):
-    """The optimiser of the phase's trainable parameters and its schedule, from ``phase.cfg.optim``.
-
-    Args:
-        phase: The built phase.
-        total_steps: The phase's micro-batch steps (gradient accumulation turns them into fewer updates).
-        steps_per_epoch: Every trained network's steps per epoch.
-        num_processes: Accelerate's prepared scheduler steps once per process for every optimiser update.
-    """
+    """The optimiser of the phase's trainable parameters and its schedule, from ``phase.cfg.optim``, for
+    ``total_steps`` micro-batch steps (accumulation makes fewer updates) of networks of ``steps_per_epoch``; the
+    scheduler Accelerate prepares steps once per process (``num_processes``) for every optimiser update."""
     accumulation = phase.cfg.gradient_accumulation_steps
     return optim_from_config(phase.joint, phase.cfg.optim, phase.cfg.batch_size * accumulation * num_processes,
                              math.ceil(total_steps / accumulation), ticks_per_step=num_processes,
