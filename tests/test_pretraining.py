@@ -118,11 +118,14 @@ def _reset_accelerate():
 @pytest.mark.slow  # two train.py runs end to end: about 8 s on a 2-core Zen 1
 def test_rp_pretraining_then_training_from_it_end_to_end(tmp_path):
     pre = train.main(['-c', TINY, '--output-dir', str(tmp_path / 'pre'), '--set', 'task_weight=0',
+                      '--set', 'baseline=null',  # an independent baseline would have no loss left to train
                       '--set', 'interface.dcc=false', '--set', 'networks=[{name: p, backbone: resnet8_cifar, '
                       'split: layer2, dataset: {source: "synthetic:B", synthetic_per_class: 8}}]'])
     logged = (tmp_path / 'pre' / 'main' / 'metrics.csv').read_text().splitlines()
     header, last = logged[0].split(','), logged[-1].split(',')
-    assert float(last[header.index('p/task')]) == 0.0 and float(last[header.index('p/rp')]) > 0
+    # The task loss is logged as it is (the head's chance-level cross-entropy), though its weight is 0.
+    assert float(last[header.index('p/task')]) > 1.0 and float(last[header.index('p/rp')]) > 0
+    assert float(last[header.index('loss')]) == pytest.approx(float(last[header.index('p/rp')]), rel=1e-4)
     extractor = tmp_path / 'pre' / 'main' / 'components' / 'p' / 'extractor'
     _reset_accelerate()
     train.main(['-c', TINY, '--output-dir', str(tmp_path / 'run'), '--set', f'networks.0.init={extractor}',
