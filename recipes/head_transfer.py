@@ -307,6 +307,7 @@ def train_missing(args, budget: dict, out: Path, records: dict) -> None:
         for seed in todo:
             records[seed] = run_seed(args, budget, seed, out / f'seed{seed}', bar)
 
+
 def saved_record(parser, args, path: Path) -> Optional[dict]:
     """The record of one seed at ``path`` (None if there is none), refused if it is of another budget, --epochs or
     --data-dir (as given), or older than the running-statistics columns; one of another data version is only

@@ -7,6 +7,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, TypeAdapter,
 from pydantic_core import PydanticCustomError
 from typing_extensions import Annotated, TypeAliasType
 
+
 def _number(value: Any) -> Any:
     """YAML 1.1 (PyYAML) reads ``1e-3`` (no dot) as a string; take it as the number it was clearly meant to be."""
     if isinstance(value, str):
