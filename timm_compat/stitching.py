@@ -221,7 +221,7 @@ def fit_stitch(extractor: Extractor, head: Head, train_data: ImageData, steps: i
                  if c.interface_id is None}
     stitch = Stitch(extractor.width, head.width, batchnorm, extractor.interface_id, head.interface_id,
                     fitted_on).to(device)
-    model = StitchedModel(extractor, stitch, head)
+    model = StitchedModel(extractor, stitch, head, force=True)  # fitted on these very components: no digest again
     opt = make_optimizer(list(stitch.parameters()), optimizer, lr, 0.9, weight_decay)
     images, labels = train_data.images, train_data.labels.to(device)
     images = images if isinstance(images, StreamedImages) else images.to(device)  # streamed rows decode per batch
