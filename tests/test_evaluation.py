@@ -4,6 +4,8 @@ The models are tiny hand-built networks whose every prediction is known: an extr
 and a head that reads the sign of the normalised brightness. With batch statistics, a batch holding both classes
 is classified perfectly, while a batch of one class is normalised by its own mean and classified at chance.
 """
+import re
+
 import pytest
 import torch
 from torch import nn
@@ -166,3 +168,60 @@ def test_recombination_refuses_a_class_named_twice_in_common(common):
     models, data = [Net(), Net()], sorted_data()
     with pytest.raises(ValueError, match=r"common names the class 'dark' twice"):
         recombination_matrix(models, [data, data], 40, common=common)
+
+
+class ForwardOnly(nn.Module):
+    """A model with an extractor and a forward but no ``head`` attribute, as the docstring of accuracy allows."""
+
+    def __init__(self):
+        super().__init__()
+        self.extractor, self._head = BrightnessExtractor(), BrightnessHead()
+
+    def forward(self, x):
+        return self._head(self.extractor(x))
+
+
+def test_accuracy_scores_a_model_that_has_no_head_attribute():
+    assert accuracy(ForwardOnly(), sorted_data(), 40) == 1.0
+
+
+def test_recombination_refuses_a_test_set_count_other_than_the_model_count():
+    data = sorted_data()
+    with pytest.raises(ValueError, match=r'3 models but 2 test sets'):
+        recombination_matrix([Net(), Net(), Net()], [data, data], 40)
+
+
+def test_recombination_refuses_a_test_set_without_images_of_the_common_classes():
+    data = sorted_data()
+    only_light = data.select_classes(['light'])
+    two = ImageData(only_light.images, only_light.labels + 1, CLASSES)  # names both classes, holds only 'light'
+    with pytest.raises(ValueError, match=r'test set 0 has no images of the common classes'):
+        recombination_matrix([Net(), Net()], [two, data], 40, common=['dark'])
+
+
+def test_accuracy_refuses_empty_data():
+    empty = ImageData(torch.zeros(0, 3, 4, 4, dtype=torch.uint8), torch.zeros(0, dtype=torch.long), CLASSES)
+    with pytest.raises(ValueError, match=r'no images'):
+        accuracy(Net(), empty, 40)
+
+
+def test_format_matrix_refuses_a_matrix_of_another_size_than_names():
+    with pytest.raises(ValueError, match=r'2 x 2 matrix for 1 names'):
+        format_matrix(torch.eye(2), ['a'])
+
+
+def test_format_matrix_aligns_long_names_with_their_columns():
+    names = ['a_network_with_a_long_name', 'b']
+    lines = format_matrix(torch.eye(2), names).splitlines()
+    # Each value ends where its column's header ends: a name longer than the label column shifted its row right.
+    header, row = lines[0], lines[1]
+    ends = [header.index(n, len('extractor \\ head')) + len(n) for n in names]
+    assert [m.end() for m in re.finditer(r'\d+\.\d', row[len(names[0]):])] == [e - len(names[0]) for e in ends]
+
+
+def test_recombination_benchmark_runs_and_its_two_ways_agree(import_script):
+    # benchmarks/recombination_eval.py scores its naive way through accuracy() on a model without a head attribute.
+    result = import_script('benchmarks', 'recombination_eval').main(
+        ['--networks', '2', '--per-class', '3', '--train-steps', '1', '--repeats', '1', '--batch-size', '8',
+         '--threads', '1', '--device', 'cpu'])
+    assert result['difference'] == 0.0 and result['ideal'] > 1.0

@@ -1,8 +1,8 @@
 """Own-task accuracy and the N x N recombination matrix (Gygli et al. 2021, Sec. 4).
 
 Recombination accuracy of row ``i``, column ``j``: the extractor of network ``i`` with the head of network ``j``,
-on network ``i``'s test images of the classes common to both, predicting among those common classes, with no
-fine-tuning. BN uses batch statistics by default. Each extractor's features are computed once per batch and fed to
+on network ``i``'s test images of the classes common to all networks (or those given as ``common``), predicting
+among those classes, with no fine-tuning. BN uses batch statistics by default. Each extractor's features are computed once per batch and fed to
 every head, so an N x N matrix costs N extractor passes, not N^2.
 
 With batch statistics a prediction depends on the rest of its batch, so every function here batches the test set in
@@ -81,8 +81,11 @@ def accuracy(model, data: ImageData, batch_size: int = 256, bn: str = 'batch', s
     """
     _check_loaded([model])
     _check_classes(model, data)
+    if not len(data):
+        raise ValueError('The test data has no images, so accuracy is undefined: pass a non-empty split.')
     device = _device(model.extractor)
-    correct = torch.zeros((), dtype=torch.long, device=_device(model.head))  # no host sync per batch
+    # On the head's device, where the logits are (a model without a head attribute: its own), no host sync per batch.
+    correct = torch.zeros((), dtype=torch.long, device=_device(getattr(model, 'head', model)))
     with eval_mode(model, bn):
         for images, labels in iterate_batches(data, batch_size, seed, shard):
             logits = tta_logits(model, _inputs(images, model.extractor, device), tta)
@@ -207,8 +210,12 @@ def recombination_matrix(models: Sequence, test_data: Sequence[ImageData], batch
 
     Raises:
         ValueError: A head without ``class_names``, a model with a stitch (one pair: score it with
-            :func:`accuracy`), no weights, or no common class.
+            :func:`accuracy`), no weights, no common class, a test set count other than the model count, or a test
+            set with no images of the common classes.
     """
+    if len(test_data) != len(models):
+        raise ValueError(f'{len(models)} models but {len(test_data)} test sets: give one test set (or None, to '
+                         f'leave its row unscored) per model, in the order of the models.')
     if any(m.head.class_names is None for m in models):
         raise ValueError('Recombination matches classes by name: every head needs class_names.')
     if stitched := [i for i, m in enumerate(models) if getattr(m, 'stitch', None) is not None]:
@@ -225,6 +232,9 @@ def recombination_matrix(models: Sequence, test_data: Sequence[ImageData], batch
     _check_common(common, test_data, heads)
     columns = [_head_columns(h, common) for h in heads]
     subsets = [None if data is None else _common_subset(data, common) for data in test_data]
+    if empty := [i for i, s in enumerate(subsets) if s is not None and not len(s)]:
+        raise ValueError(f'test set {", ".join(map(str, empty))} has no images of the common classes {common}: '
+                         f'pass None for it to leave its row unscored, or a test set that has them.')
     matrix = torch.full((len(models), len(models)), float('nan'))
     # Local rank as Accelerate sets it: in a multi-process run only one process draws the bar.
     with tqdm(total=sum(len(evaluation_batches(len(s), batch_size, seed)[shard[0]::shard[1]])
@@ -251,16 +261,20 @@ def format_matrix(matrix: torch.Tensor, names: Sequence[str], title: str = '',
         own: Each network's all-class own accuracy (:func:`accuracy`), shown as a last column and averaged next
             to the common-class diagonal, so that own accuracy compares to the paper's.
     """
+    if tuple(matrix.shape) != (len(names), len(names)):
+        raise ValueError(f'{" x ".join(map(str, matrix.shape))} matrix for {len(names)} names: give one name per '
+                         f'row (extractor) and column (head), in the matrix\'s order.')
     if own is not None and len(own) != len(names):
         raise ValueError(f'own has {len(own)} accuracies for {len(names)} networks: give one per network, '
                          f'in the order of names.')
     width = max(8, *(len(n) + 2 for n in names))
+    label = max(18, *(len(n) + 2 for n in names))
     own_header = 'own, all classes'.rjust(20) if own is not None else ''
     lines = [title] if title else []
-    lines.append('extractor \\ head'.ljust(18) + ''.join(n.rjust(width) for n in names) + own_header)
+    lines.append('extractor \\ head'.ljust(label) + ''.join(n.rjust(width) for n in names) + own_header)
     for i, (name, row) in enumerate(zip(names, matrix.tolist())):
         own_cell = f'{100 * own[i]:.1f}'.rjust(20) if own is not None else ''
-        lines.append(name.ljust(18) + ''.join(f'{100 * v:.1f}'.rjust(width) for v in row) + own_cell)
+        lines.append(name.ljust(label) + ''.join(f'{100 * v:.1f}'.rjust(width) for v in row) + own_cell)
     off = [matrix[i, j].item() for i in range(len(names)) for j in range(len(names)) if i != j]
     summary = []
     if off:
