@@ -20,7 +20,7 @@ from pathlib import Path
 
 from accelerate import Accelerator
 
-from timm_compat._hardware import hardware
+from timm_compat._hardware import hardware, local_processes
 from timm_compat.build import Phase, build_phases, load_task_data
 from timm_compat.config import config_help, load_config
 from timm_compat.data import DATA_VERSION
@@ -59,7 +59,8 @@ def main(argv=None) -> dict:
     accelerator = make_accelerator(cfg)
     # Everything is built, and so validated, before the output folder is touched.
     with accelerator.main_process_first():
-        data = {n.name: load_task_data(n, cfg, accelerator.num_processes) for n in cfg.networks}
+        processes = local_processes(accelerator.num_processes)
+        data = {n.name: load_task_data(n, cfg, processes, accelerator.device) for n in cfg.networks}
     phases = build_phases(cfg, data, accelerator.device)
     if cfg.push_to_hub:
         check_hub_credentials(accelerator, cfg.push_to_hub)

@@ -100,13 +100,15 @@ def write_report(out: Path, args, results: list, host: str) -> Path:
     return path
 
 
-def main(argv=None) -> int:
+STEPS = ('tests', 'train_step', 'loader_share', 'stream_loader', 'sec5_2')
+
+
+def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--data-dir', default=None, help='folder of local Hub dataset copies (DIR/cifar10/...)')
     parser.add_argument('--output', default='runs/device_check')
     parser.add_argument('--dry-run', action='store_true', help='CPU, smallest sizes: check that every step runs')
-    parser.add_argument('--steps', nargs='+', default=None, choices=['tests', 'train_step', 'loader_share', 'sec5_2'],
-                        help='run only these steps')
+    parser.add_argument('--steps', nargs='+', default=None, choices=STEPS, help='run only these steps')
     args = parser.parse_args(argv)
     if args.data_dir and not (Path(args.data_dir) / 'cifar10' / 'train.parquet').is_file():
         parser.error(f'--data-dir {args.data_dir}: no cifar10/train.parquet there; give the folder that holds '
@@ -114,6 +116,11 @@ def main(argv=None) -> int:
     import torch
     if not args.dry_run and not torch.cuda.is_available():
         parser.error('No CUDA device here: run it on a GPU machine, or with --dry-run to check the steps on the CPU.')
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     out = Path(args.output).resolve()
     out.mkdir(parents=True, exist_ok=True)
     host, results = machine(), []

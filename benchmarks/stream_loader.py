@@ -86,9 +86,15 @@ def decode_rate(data, batch_size: int, batches: int = 4) -> float:
     return batches * batch_size / (time.perf_counter() - start)
 
 
-def measure(source: str, size: int, args, accelerator, device) -> list:
-    sets = [load_image_data(source, 'train', image_size=size, storage='stream', class_names=names)
+def streamed_sets(source: str, size: int, device) -> list:
+    """Each network's streamed split, its labels on ``device`` as train.py puts them: a batch is gathered where
+    its labels are, so labels left on the host would send a GPU model host tensors."""
+    return [load_image_data(source, 'train', image_size=size, storage='stream', class_names=names).to(device)
             for names in CLASS_NAMES]
+
+
+def measure(source: str, size: int, args, accelerator, device) -> list:
+    sets = streamed_sets(source, size, device)
     rate = decode_rate(sets[0], args.batch_size)
     model = build_compat(args.backbone, 64).to(device)
     stats = [torch.tensor(model.networks['a'].pretrained_cfg[k], device=device) for k in ('mean', 'std')]

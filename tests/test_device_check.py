@@ -31,6 +31,13 @@ def test_a_data_dir_without_cifar10_is_refused_before_anything_runs(device_check
     assert not (tmp_path / 'out').exists()
 
 
+def test_steps_accepts_every_step_the_check_has(device_check, tmp_path):
+    import argparse
+    names = [name for name, _, _ in device_check.steps(argparse.Namespace(dry_run=True, data_dir=None), tmp_path)]
+    for name in names:
+        assert device_check.parse_args(['--dry-run', '--steps', name]).steps == [name]
+
+
 def test_gpu_steps_fit_the_eight_minutes_and_use_the_gpu(device_check, tmp_path):
     import argparse
     plan = device_check.steps(argparse.Namespace(dry_run=False, data_dir=None), tmp_path)

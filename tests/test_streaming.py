@@ -128,6 +128,43 @@ def test_auto_streams_only_a_split_above_the_memory_budget(tmp_path):
                                                           streaming._physical_memory() / 4 else 'memory')
 
 
+def test_the_default_budget_is_shared_by_this_machines_processes_and_bounded_by_the_gpu(monkeypatch):
+    monkeypatch.setattr(streaming, '_physical_memory', lambda: 2 ** 40)  # a 1 TiB node with 8 x 80 GB GPUs
+    assert streaming.memory_budget_gb(1) == pytest.approx(2 ** 40 / 4 / 1e9)
+    assert streaming.memory_budget_gb(8) == pytest.approx(2 ** 40 / 32 / 1e9)
+
+    class Properties:
+        total_memory = 80 * 10 ** 9
+    monkeypatch.setattr(torch.cuda, 'get_device_properties', lambda device: Properties())
+    assert streaming.memory_budget_gb(8, torch.device('cuda', 3)) == pytest.approx(20)
+    imagenet = 1_281_167  # ImageNet's training images, 193 GB at 224 px: streamed there, not copied 8 times
+    assert choose_storage('auto', imagenet, 224, streaming.memory_budget_gb(8, torch.device('cuda'))) == 'stream'
+
+
+def test_workers_and_threads_divide_this_machines_cores_not_the_whole_runs(monkeypatch):
+    from timm_compat import _hardware, build
+    from timm_compat.config import load_config
+    monkeypatch.setattr(streaming, 'cpu_cores', lambda: 64)
+    monkeypatch.setenv('LOCAL_WORLD_SIZE', '8')  # two machines of 8 processes each
+    assert streaming.default_workers(_hardware.local_processes(16)) == 7
+    monkeypatch.setattr(_hardware, 'cpu_cores', lambda: 64)
+    threads = torch.get_num_threads()
+    try:
+        _hardware.configure_device(torch.device('cpu'), False, 16, None)
+        assert torch.get_num_threads() == 8
+    finally:
+        torch.set_num_threads(threads)
+    monkeypatch.delenv('LOCAL_WORLD_SIZE')
+    assert _hardware.local_processes(4) == 4  # a single-machine launch without torchrun's variable
+
+
+def test_the_stream_loader_benchmark_puts_its_labels_where_the_model_is(tmp_path, import_script):
+    bench = import_script('benchmarks', 'stream_loader')
+    source = bench.write_jpeg_parquet(tmp_path / 'jpeg', 8, (40, 30), shards=2)
+    for data in bench.streamed_sets(source, 32, torch.device('meta')):  # a device other than the host's
+        assert isinstance(data.images, StreamedImages) and data.labels.device.type == 'meta'
+
+
 def test_a_shift_of_a_streamed_split_is_refused(tmp_path):
     with pytest.raises(ValueError, match='shift corrupts a split once, in memory.*storage: memory'):
         load_image_data(write_parquet_shards(tmp_path / 'data'), 'train', storage='stream',

@@ -11,13 +11,19 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from ._cpu import keep_freed_memory
 from .models.airbench_groups import freeze_weight
 
-__all__ = ['hardware', 'cpu_description', 'cpu_cores', 'fast_bf16', 'resolve_precision', 'configure_device', 'configure_cuda',
+__all__ = ['hardware', 'cpu_description', 'cpu_cores', 'local_processes', 'fast_bf16', 'resolve_precision', 'configure_device', 'configure_cuda',
            'check_launch', 'compile_backend', 'check_sync_batchnorm', 'sync_batchnorm']
 
 
 def cpu_cores() -> int:
     """The cores this process may run on (its affinity mask where the OS has one, else every core)."""
     return len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
+
+
+def local_processes(processes: int) -> int:
+    """The processes of a run of ``processes`` that share this machine's cores and memory: ``LOCAL_WORLD_SIZE`` as
+    ``accelerate launch`` (torchrun) sets it, so that a multi-node run does not divide one machine by all of them."""
+    return int(os.environ.get('LOCAL_WORLD_SIZE', processes))
 
 
 # The widest vector / matrix extension is named: it decides CPU training speed and whether bf16 pays (fast_bf16).
@@ -85,12 +91,12 @@ def resolve_precision(mixed_precision: Optional[str], device_type: str) -> Optio
 
 def configure_device(device: torch.device, deterministic: bool, processes: int, cpu_threads: Optional[int]) -> None:
     """Backend settings of one of ``processes`` processes running on ``device``: :func:`configure_cuda` on CUDA; on
-    CPU ``cpu_threads`` threads (default: this process's share of the cores, since ``accelerate launch`` leaves
+    CPU ``cpu_threads`` threads (default: this process's share of this machine's cores, since ``accelerate launch`` leaves
     OMP_NUM_THREADS=1 unless told otherwise) and glibc told to keep freed activation memory."""
     if device.type == 'cuda':
         configure_cuda(deterministic)
     elif device.type == 'cpu':
-        torch.set_num_threads(cpu_threads or max(1, cpu_cores() // processes))
+        torch.set_num_threads(cpu_threads or max(1, cpu_cores() // local_processes(processes)))
         keep_freed_memory()
 
 

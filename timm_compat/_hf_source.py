@@ -32,10 +32,20 @@ _LOCAL_PREFIXES = ('parquet:', 'imagefolder:', 'synthetic:')
 
 
 def _parquet_files(root: str, split: str) -> List[str]:
-    """``root/{split}.parquet`` and ``root/{split}-*.parquet`` (the Hub's sharded layout), sorted."""
-    root = glob.escape(root)
-    return sorted(glob.glob(os.path.join(root, f'{split}.parquet')) +
-                  glob.glob(os.path.join(root, f'{split}-*.parquet')))
+    """``root/{split}.parquet``, or the Hub's shards ``root/{split}-00000-of-00002[-HASH].parquet``, sorted.
+
+    Only the Hub's shard names count, so that ``test-fog.parquet`` beside ``test.parquet`` is not read as part of it.
+
+    Raises:
+        ValueError: Both a whole-split file and shards of it: one of them is a copy of the other, or another split.
+    """
+    shard = '[0-9]' * 5
+    whole = glob.glob(os.path.join(glob.escape(root), f'{glob.escape(split)}.parquet'))
+    shards = sorted(glob.glob(os.path.join(glob.escape(root), f'{glob.escape(split)}-{shard}-of-{shard}*.parquet')))
+    if whole and shards:
+        raise ValueError(f'{root!r} holds both {split}.parquet and the shards {", ".join(map(os.path.basename, shards))} '
+                         f'of split {split!r}: reading all of them would count images twice. Keep one of the two.')
+    return whole or shards
 
 
 def local_source(source: str, data_dir: Optional[str], splits: Sequence[str] = ('train', 'test')) -> str:
@@ -82,13 +92,10 @@ def load_hf(source: str, split: str):
         root = source[len('parquet:'):]
         files = _parquet_files(root, split)
         if not files:
-            raise FileNotFoundError(f'No {split}.parquet or {split}-*.parquet in {root!r}.')
+            raise FileNotFoundError(f'No {split}.parquet or {split}-00000-of-0000N.parquet shards in {root!r}.')
         return datasets.load_dataset('parquet', data_files={split: files}, split=split)
     if source.startswith('imagefolder:'):
-        root = source[len('imagefolder:'):]
-        if not os.path.isdir(os.path.join(root, split)):
-            raise FileNotFoundError(f'imagefolder source {root!r} has no {split}/ folder of class folders.')
-        return datasets.load_dataset('imagefolder', data_dir=root, split=split)
+        return _load_imagefolder(source[len('imagefolder:'):], split)
     try:
         return datasets.load_dataset(source, split=split)
     except (ConnectionError, OSError, ValueError) as e:
@@ -96,6 +103,22 @@ def load_hf(source: str, split: str):
             f'Could not load Hub dataset {source!r} (split {split!r}): {e}. Without network access, put a local '
             f'Parquet copy in DIR/{_hub_name(source)}/{split}.parquet and pass --data-dir DIR (config key data_dir).'
         ) from e
+
+
+def _load_imagefolder(root: str, split: str):
+    """``root/{split}/{class}/*``, with one label map over all split folders (a class missing from one keeps its label).
+
+    Every split folder is named explicitly: left to itself, ``datasets`` infers splits from folder-name keywords,
+    so ``val/`` became ``validation`` and ``test_fog/`` was merged into ``test``.
+    """
+    import datasets
+    folders = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d))) if os.path.isdir(root) else []
+    if split not in folders:
+        raise FileNotFoundError(f'imagefolder source {root!r} has no {split}/ folder of class folders (it has '
+                                f'{folders}).')
+    # Split names must be identifiers to datasets; the keys only tell the folders apart.
+    files = {f'split{i}': os.path.join(glob.escape(os.path.join(root, d)), '**') for i, d in enumerate(folders)}
+    return datasets.load_dataset('imagefolder', data_files=files, split=f'split{folders.index(split)}')
 
 
 def columns(ds, source: str, image_column: Optional[str], label_column: Optional[str]) -> Tuple[str, str]:

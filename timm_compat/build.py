@@ -16,7 +16,7 @@ from .compatible import CompatibleModel, make_compatible, recombine
 from .components import Extractor, Head
 from .config import InterfaceConfig, NetworkConfig, RunConfig
 from .data import ImageData, load_image_data, local_source
-from .streaming import default_workers
+from .streaming import default_workers, memory_budget_gb
 from .interface import DEFAULT_WIDTH, Interface, normalise_spec
 from .joint import JointModel
 from .methods import init_seed, methods_for
@@ -26,13 +26,22 @@ from .whitening import init_run_whitening
 __all__ = ['Phase', 'load_task_data', 'build_interface', 'build_network', 'start_from', 'load_network', 'build_phase', 'build_phases']
 
 
-def load_task_data(net: NetworkConfig, cfg: RunConfig, processes: int = 1) -> Tuple[ImageData, ImageData]:
+def load_task_data(net: NetworkConfig, cfg: RunConfig, processes: int = 1,
+                   device: Optional[torch.device] = None) -> Tuple[ImageData, ImageData]:
     """The (train, test) data of one network's task, as its dataset config describes them.
 
     A Hub id is read from its local Parquet copy in ``cfg.data_dir`` when that is set (:func:`local_source`).
     Every network's copy is checked on each call (a few file lookups), so that a missing one refuses the run before
     minutes are spent decoding another network's data. A split is streamed as ``cfg.data_storage`` says, decoded by
-    ``cfg.loader_workers`` processes (default: :func:`~timm_compat.streaming.default_workers` of ``processes``).
+    ``cfg.loader_workers`` processes (default: :func:`~timm_compat.streaming.default_workers` of ``processes``),
+    and ``auto`` streams a split larger than ``cfg.data_memory_gb`` (default:
+    :func:`~timm_compat.streaming.memory_budget_gb` of ``processes`` and ``device``).
+
+    Args:
+        net: The network whose task it is.
+        cfg: The run's config.
+        processes: The run's processes on this machine (:func:`~timm_compat._hardware.local_processes`).
+        device: Where training runs.
 
     Raises:
         FileNotFoundError: ``cfg.data_dir`` is set but lacks the local copy of some network's Hub dataset.
@@ -44,7 +53,9 @@ def load_task_data(net: NetworkConfig, cfg: RunConfig, processes: int = 1) -> Tu
     source = local_source(d.source, cfg.data_dir, (d.train_split, d.test_split))
     common = dict(image_size=cfg.image_size, image_column=d.image_column, label_column=d.label_column,
                   class_names=d.class_names, classes=d.classes, shift=d.shift, seed=cfg.seed,
-                  storage=cfg.data_storage, memory_budget_gb=cfg.data_memory_gb, workers=workers)
+                  storage=cfg.data_storage, workers=workers,
+                  memory_budget_gb=(memory_budget_gb(processes, device) if cfg.data_memory_gb is None
+                                    else cfg.data_memory_gb))
     train = load_image_data(source, d.train_split, limit=d.train_limit, shard=d.train_shard,
                             synthetic_per_class=d.synthetic_per_class, **common)
     test = load_image_data(source, d.test_split, limit=d.test_limit,

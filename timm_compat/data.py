@@ -9,8 +9,9 @@ Sources:
 
 * a Hub dataset id (``uoft-cs/cifar10``, ``tanganke/stl10``, ``uoft-cs/cifar100``), downloaded by ``datasets``,
   or read from a local Parquet copy in ``DATA_DIR/cifar10/`` when a run sets ``data_dir`` (:func:`local_source`);
-* ``parquet:DIR`` with ``DIR/{split}.parquet`` (or ``{split}-*.parquet``) in the same schema;
-* ``imagefolder:DIR`` with ``DIR/{split}/{class}/*.png``;
+* ``parquet:DIR`` with ``DIR/{split}.parquet`` (or the Hub's shards ``{split}-00000-of-00004.parquet``, ...) in the
+  same schema;
+* ``imagefolder:DIR`` with ``DIR/{split}/{class}/*.png`` (any split folder name, ``val`` included);
 * ``synthetic:A`` / ``synthetic:B``, the built-in two-domain dataset (:mod:`timm_compat.synthetic`).
 """
 from dataclasses import dataclass
@@ -137,8 +138,7 @@ def load_image_data(source: str, split: str, *, image_size: int = 32, image_colu
         else:
             data.images = data.images.decode_cached()
     if shard is not None:
-        index, count = shard
-        data = ImageData(data.images[index::count], data.labels[index::count], data.class_names, data.name)
+        data = _shard(data, *shard)
     if shift:
         data = ImageData(apply_shift(data.images, shift, shift_seed(seed, split)), data.labels, data.class_names,
                          data.name)
@@ -151,19 +151,47 @@ def load_image_data(source: str, split: str, *, image_size: int = 32, image_colu
     return data.select_classes(classes) if classes else data
 
 
+def _shard(data: ImageData, index: int, count: int) -> ImageData:
+    images = data.images[index::count]
+    # A strided view of a decoded split would keep all of it alive for the whole run: copy out the shard.
+    images = images.clone() if isinstance(images, torch.Tensor) else images
+    return ImageData(images, data.labels[index::count].clone(), data.class_names, data.name)
+
+
 def _load_split(source, split, name, image_size, image_column, label_column, class_names, limit, seed) -> ImageData:
     """The split with its labels read and its images still on disk (:class:`StreamedImages`)."""
     ds = load_hf(source, split)
     image_column, label_column = columns(ds, source, image_column, label_column)
     if limit is not None and limit < len(ds):  # before decoding, so that a small limit decodes little
         ds = ds.select(random_subset(len(ds), limit, seed).tolist())
-    feature = ds.features[label_column]
-    names = list(class_names) if class_names is not None else getattr(feature, 'names', None)
-    if not names:
-        raise ValueError(f'{name}: label column {label_column!r} is not a ClassLabel, so the class names are '
-                         f'unknown. Give them with class_names: [...].')
-    labels = torch.as_tensor(np.asarray(ds[label_column]), dtype=torch.long)
+    names = _class_names(ds.features[label_column], label_column, class_names, name)
+    values = np.asarray(ds[label_column])
+    if not np.issubdtype(values.dtype, np.integer):
+        kind = 'string' if values.dtype.kind in 'USO' else values.dtype
+        raise ValueError(f'{name}: label column {label_column!r} holds {kind} values, not class indices. Give the '
+                         f'column of integer labels with label_column: ..., or convert the labels to integers.')
+    labels = torch.as_tensor(values, dtype=torch.long)
     return ImageData(StreamedImages(ds, image_column, image_size), labels, list(names), name)
+
+
+def _class_names(feature, label_column: str, class_names: Optional[Sequence[str]], name: str) -> List[str]:
+    """The ``ClassLabel``'s names, or ``class_names``: these may name an unnamed ``ClassLabel`` of as many classes
+    (its names are ``'0'``, ``'1'``, ...), never rename a named one (DCC matches classes by name)."""
+    own = getattr(feature, 'names', None)
+    if class_names is None or own is None:
+        if not (class_names or own):
+            raise ValueError(f'{name}: label column {label_column!r} is not a ClassLabel, so the class names are '
+                             f'unknown. Give them with class_names: [...].')
+        return list(class_names or own)
+    if len(class_names) != len(own):
+        raise ValueError(f'{name}: label column {label_column!r} is a ClassLabel of {len(own)} classes but '
+                         f'class_names names {len(class_names)}: drop class_names, or give one name per class.')
+    if own != [str(i) for i in range(len(own))] and \
+            [canonical_class_name(c) for c in own] != [canonical_class_name(c) for c in class_names]:
+        raise ValueError(f'{name}: label column {label_column!r} is a ClassLabel with the names {own}, which '
+                         f'class_names {list(class_names)} would rename: drop class_names (it is for label columns '
+                         f'that are not ClassLabels).')
+    return list(class_names)
 
 
 def augment(images: torch.Tensor, pad: int = 4, flip: bool = True, pad_mode: str = 'constant',

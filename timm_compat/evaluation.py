@@ -147,6 +147,18 @@ def _check_common(common: Sequence[str], test_data: Sequence[ImageData], heads: 
                          f'{"; ".join(lacking)}: pass common= classes that all of them have.')
 
 
+def _check_recombinable(models: Sequence, test_data: Sequence[Optional[ImageData]]) -> None:
+    if len(test_data) != len(models):
+        raise ValueError(f'{len(models)} models but {len(test_data)} test sets: give one test set (or None, to '
+                         f'leave its row unscored) per model, in the order of the models.')
+    if any(m.head.class_names is None for m in models):
+        raise ValueError('Recombination matches classes by name: every head needs class_names.')
+    if stitched := [i for i, m in enumerate(models) if getattr(m, 'stitch', None) is not None]:
+        raise ValueError(f'Models {stitched} pass features through a stitch, which recombination would leave out '
+                         f'(it pairs bare extractors and heads): score a stitched model with accuracy().')
+    _check_loaded(models)
+
+
 def _head_columns(head, common: Sequence[str]) -> List[int]:
     names = [canonical_class_name(c) for c in head.class_names]
     return [names.index(c) for c in common]
@@ -213,15 +225,7 @@ def recombination_matrix(models: Sequence, test_data: Sequence[ImageData], batch
             :func:`accuracy`), no weights, no common class, a test set count other than the model count, or a test
             set with no images of the common classes.
     """
-    if len(test_data) != len(models):
-        raise ValueError(f'{len(models)} models but {len(test_data)} test sets: give one test set (or None, to '
-                         f'leave its row unscored) per model, in the order of the models.')
-    if any(m.head.class_names is None for m in models):
-        raise ValueError('Recombination matches classes by name: every head needs class_names.')
-    if stitched := [i for i, m in enumerate(models) if getattr(m, 'stitch', None) is not None]:
-        raise ValueError(f'Models {stitched} pass features through a stitch, which recombination would leave out '
-                         f'(it pairs bare extractors and heads): score a stitched model with accuracy().')
-    _check_loaded(models)
+    _check_recombinable(models, test_data)
     heads = [m.head for m in models]
     if common is not None:
         check_distinct(common, 'common')

@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 from ._hardware import cpu_cores
 from ._hf_source import decode_cached, pixels, with_images
 
-__all__ = ['StreamedImages', 'materialize', 'stream_batches', 'choose_storage', 'default_workers']
+__all__ = ['StreamedImages', 'materialize', 'stream_batches', 'choose_storage', 'memory_budget_gb', 'default_workers']
 
 
 class StreamedImages:
@@ -137,11 +137,17 @@ def choose_storage(storage: str, num_images: int, size: int, budget_gb: Optional
     Args:
         storage: ``'memory'``, ``'stream'``, or ``'auto'``: stream when the decoded split (``3 * size**2`` bytes an
             image) would exceed ``budget_gb``.
-        num_images: The split's images, after any limit or shard.
+        num_images: The split's images, after any limit or shard (a shard is copied out of the whole decoded split,
+            which is held only while it is).
         size: Their decoded size.
         budget_gb: The largest decoded split to hold in memory, in GB; default a quarter of the physical memory
-            (the split is held once on the host, and again on the GPU when there is one).
+            (train.py gives :func:`memory_budget_gb` of its processes and device).
+
+    Raises:
+        ValueError: An unknown ``storage``.
     """
+    if storage not in ('memory', 'stream', 'auto'):
+        raise ValueError(f"storage {storage!r} is none of 'memory', 'stream' or 'auto'.")
     if storage != 'auto':
         return storage
     if budget_gb is None:
@@ -149,10 +155,23 @@ def choose_storage(storage: str, num_images: int, size: int, budget_gb: Optional
     return 'stream' if num_images * 3 * size * size > budget_gb * 1e9 else 'memory'
 
 
+def memory_budget_gb(processes: int = 1, device: Optional[torch.device] = None) -> float:
+    """The largest decoded split one of ``processes`` processes on this machine keeps in memory, in GB.
+
+    A quarter of the RAM, shared by the machine's processes (each holds its own copy), and no more than a quarter
+    of the GPU's memory when ``device`` is a GPU, where the training splits are held again.
+    """
+    budget = _physical_memory() / 4 / processes
+    if device is not None and torch.device(device).type == 'cuda':
+        budget = min(budget, torch.cuda.get_device_properties(device).total_memory / 4)
+    return budget / 1e9
+
+
 def _physical_memory() -> int:
     return os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
 
 
 def default_workers(processes: int) -> int:
-    """Decoding workers per process: its share of the cores, one left to the training step, between 1 and 8."""
+    """Decoding workers of one of ``processes`` processes on this machine: its share of the cores, one left to the
+    training step, between 1 and 8."""
     return max(1, min(8, cpu_cores() // processes - 1))
