@@ -5,6 +5,7 @@
     python benchmarks/train_step.py --threads 1 --backbones resnet56_cifar --breakdown --profile
     python benchmarks/train_step.py --device cuda --channels-last --bf16 --batch-size 128
     python benchmarks/train_step.py --threads 1 --rp-rotations all one                # also the cheap RP form
+    python benchmarks/train_step.py --threads 1 --rp-norm shared                      # the step of the older figures
 
 For each backbone, both steps train two networks with one optimizer, through the same ``Accelerator``:
 
@@ -15,9 +16,11 @@ For each backbone, both steps train two networks with one optimizer, through the
 
 The FLOP-ideal ratio is (FLOPs of one compatibility forward+backward) / (FLOPs of one plain forward+backward),
 counted with ``torch.utils.flop_counter.FlopCounterMode``. RP runs each extractor on the 4 rotations of the batch
-(4N images), the head on the 0-degree copy (N) and the aux heads on 4N (RP) and N (DCC) feature maps, so a step
-costs about ``(4 E + H + A) / (E + H)`` times a plain one, where E, H and A are the extractor's, head's and aux
-heads' FLOPs per image; the script prints E, H and A. The target is ``measured ratio <= 1.15 x FLOP-ideal
+(4N images), the head on the 0-degree copy (N) and the aux heads on 4N (RP) and N (DCC) feature maps. Under
+``--rp-norm separate`` (train.py's default) the task loss gets an upright extractor pass of its own (N more
+images), so a step costs about ``(5 E + H + A) / (E + H)`` times a plain one; under ``--rp-norm shared`` (the
+measurements before 2026-12-05) the upright rows of the rotated batch are reused, ``(4 E + H + A) / (E + H)``. E, H
+and A are the extractor's, head's and aux heads' FLOPs per image; the script prints them. The target is ``measured ratio <= 1.15 x FLOP-ideal
 ratio``: the compatibility machinery (rotation, concatenation, label mapping, extra small kernels) may add at most
 15 % on top of the arithmetic it must do. With ``--rp-rotations one`` (RP's cheap form, ``interface.rp_rotations:
 one``: the upright image plus one random rotation) the extractor and the RP head see 2N images instead of 4N, and
@@ -44,7 +47,8 @@ from torch.utils.flop_counter import FlopCounterMode, conv_flop_count
 
 import timm_compat
 from timm_compat.classes import common_classes
-from timm_compat.methods import RP_ROTATIONS, RotationPrediction, compatibility_loss, methods_for, rotate_batch
+from timm_compat.config import InterfaceConfig
+from timm_compat.methods import RP_NORMS, RP_ROTATIONS, RotationPrediction, compatibility_loss, methods_for, rotate_batch
 from timm_compat.joint import JointModel
 from timm_compat.optim import make_optimizer
 from common import interleaved, load_average, setup  # benchmarks/ is on sys.path
@@ -58,6 +62,8 @@ CLASS_NAMES = [
     ['airplane', 'bird', 'car', 'cat', 'deer', 'dog', 'horse', 'monkey', 'ship', 'truck'],
 ]
 IMAGE_SIZE = 32
+# train.py's default: the step a default run takes.
+RP_NORM = InterfaceConfig.model_fields['rp_norm'].default
 
 
 def parse_args(argv=None):
@@ -78,11 +84,15 @@ def parse_args(argv=None):
     parser.add_argument('--rp-rotations', nargs='+', default=['all'], choices=list(RP_ROTATIONS),
                         help="RP's rotations per image, one table row per backbone and choice: 'all' (eq. 1) or "
                              "'one' (the upright image plus one random rotation)")
+    parser.add_argument('--rp-norm', default=RP_NORM, choices=list(RP_NORMS),
+                        help=f"how the extractor's BatchNorm sees RP's rotations (interface.rp_norm); default "
+                             f"{RP_NORM!r}, train.py's; 'shared' is the mode of the figures before 2026-12-05")
     parser.add_argument('--default-malloc', action='store_true',
                         help="on CPU, skip train.py's keep_freed_memory() and use glibc's defaults")
     parser.add_argument('--breakdown', action='store_true',
                         help='also time the parts of one network (extractor on N and 4N, head, aux heads) to see '
-                             'where a ratio above the FLOP ideal comes from (four-rotation rows only)')
+                             'where a ratio above the FLOP ideal comes from (four-rotation rows of --rp-norm '
+                             'shared only)')
     parser.add_argument('--profile', action='store_true', help='also print a torch.profiler op table, plain vs compat')
     return parser.parse_args(argv)
 
@@ -101,24 +111,29 @@ class PlainPair(nn.Module):
         return {'loss': total}
 
 
-def build_plain(backbone: str, width: int, rp_rotations: str = 'all') -> nn.Module:
-    # ``width`` and ``rp_rotations`` are unused: a plain network has no interface. The signature matches build_compat.
+def build_plain(backbone: str, width: int, rp_rotations: str = 'all', rp_norm: str = RP_NORM) -> nn.Module:
+    # Only ``backbone`` is used: a plain network has no interface. The signature matches build_compat.
     return PlainPair({name: timm.create_model(backbone, num_classes=len(names))
                       for name, names in zip('ab', CLASS_NAMES)})
 
 
-def build_compat(backbone: str, width: int, rp_rotations: str = 'all') -> nn.Module:
+def build_compat(backbone: str, width: int, rp_rotations: str = 'all', rp_norm: str = RP_NORM) -> nn.Module:
     interface = timm_compat.Interface(width=width, rp=True, dcc_classes=common_classes(CLASS_NAMES))
     networks = {name: timm_compat.make_compatible(backbone, split=BACKBONES[backbone], interface=interface,
                                                   num_classes=len(names), class_names=names)
                 for name, names in zip('ab', CLASS_NAMES)}
-    return JointModel(networks, interface, methods_for(interface, rp_rotations=rp_rotations))
+    return JointModel(networks, interface, methods_for(interface, rp_norm=rp_norm, rp_rotations=rp_rotations))
 
 
 def rp_copies(model: nn.Module) -> int:
-    """Images the extractor and the RP head see per input image: 4 rotations, or upright + one (cheap form)."""
+    """Images the RP head sees per input image: 4 rotations, or upright + one (cheap form)."""
     return next((2 if m.rotations == 'one' else 4 for m in getattr(model, 'methods', ())
                  if isinstance(m, RotationPrediction)), 1)
+
+
+def task_passes(model: nn.Module) -> int:
+    """Extra upright extractor passes per input image: 1 under ``rp_norm: separate`` with four rotations."""
+    return int(any(getattr(m, 'separate_task_pass', False) for m in getattr(model, 'methods', ())))
 
 
 def conv_backward_flop(grad_out_shape, x_shape, w_shape, bias, stride, padding, dilation, transposed,
@@ -290,9 +305,9 @@ def measure_backbone(backbone: str, args, accelerator: Accelerator, memory_forma
                for name, names in zip('ab', CLASS_NAMES)}
     steps, flops = {}, {}
     for kind, build in (('plain', build_plain), ('compat', build_compat)):
-        model = build(backbone, args.width, rp_rotations).to(device=device, memory_format=memory_format)
+        model = build(backbone, args.width, rp_rotations, args.rp_norm).to(device=device, memory_format=memory_format)
         if kind == 'compat':
-            parts, copies = forward_breakdown(model, batches['a'][0]), rp_copies(model)
+            parts, copies, extra = forward_breakdown(model, batches['a'][0]), rp_copies(model), task_passes(model)
         steps[kind], flops[kind] = make_step(accelerator, model, batches, args.compile)
         for _ in range(args.warmup):
             steps[kind]()
@@ -311,13 +326,15 @@ def measure_backbone(backbone: str, args, accelerator: Accelerator, memory_forma
     row['over'] = row['measured'] / ideal
     row['noisy'] = row['spread'] > 0.2 or abs(row['min_ratio'] / row['measured'] - 1) > 0.1
     print(f'{label}: forward MFLOP/image E={parts["E"] / 1e6:.1f} H={parts["H"] / 1e6:.1f} '
-          f'A={parts["A"] / 1e6:.1f} (rp on {copies} images per image + dcc), forward ({copies}E+H+A)/(E+H) = '
-          f'{(copies * parts["E"] + parts["H"] + parts["A"]) / (parts["E"] + parts["H"]):.2f}')
+          f'A={parts["A"] / 1e6:.1f} (rp on {copies} images per image + dcc; rp_norm {args.rp_norm}), forward '
+          f'({copies + extra}E+H+A)/(E+H) = '
+          f'{((copies + extra) * parts["E"] + parts["H"] + parts["A"]) / (parts["E"] + parts["H"]):.2f}')
     print(f'{label}: paired compat/plain ratios, wall ' + ' '.join(f'{x:.2f}' for x in ratios) +
           (', CPU time ' + ' '.join(f'{x:.2f}' for x in cpu_ratios) if device.type == 'cpu' else ''))
     if args.profile:
         profile_ops(steps, device)
-    if args.breakdown and rp_rotations == 'all':  # the breakdown's parts are those of the four-rotation form
+    # The breakdown's parts are those of the four-rotation form that reuses the upright rows for the task loss.
+    if args.breakdown and rp_rotations == 'all' and args.rp_norm == 'shared':
         breakdown(backbone, args, batches, accelerator, memory_format)
     return row
 

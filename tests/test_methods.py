@@ -69,14 +69,16 @@ def test_the_sec4_configs_train_dcc_in_eq2s_form(config, reduction):
     assert [m.reduction for m in methods if m.name == 'dcc'] == [reduction]
 
 
-def test_one_extractor_pass_for_task_and_rp():
+@pytest.mark.parametrize('norm, passes', [('shared', [16]), ('per_rotation', [16]), ('separate', [16, 4])])
+def test_one_extractor_pass_for_task_and_rp_unless_the_task_gets_its_own(norm, passes):
+    # 'separate' (the default) gives the task loss an upright pass of its own, normalised as at test time.
     itf = tc.Interface(width=32, rp=True, dcc_classes=common_classes([CIFAR10, STL10]))
     model = tc.make_compatible('resnet20_cifar', split='layer2', interface=itf, num_classes=10, class_names=STL10)
     calls = []
     model.extractor.register_forward_hook(lambda m, i, o: calls.append(o.shape[0]))
     losses = tc.compatibility_loss(model, torch.randn(4, 3, 32, 32), torch.tensor([0, 2, 7, 9]),
-                                   [tc.RotationPrediction(0.5), tc.CommonClassDiscrimination()])
-    assert calls == [16]
+                                   [tc.RotationPrediction(0.5, norm=norm), tc.CommonClassDiscrimination()])
+    assert calls == passes
     assert set(losses) == {'task', 'rp', 'dcc', 'loss'}
     assert torch.allclose(losses['loss'], losses['task'] + losses['rp'] + losses['dcc'])
 

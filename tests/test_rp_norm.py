@@ -10,6 +10,7 @@ from torch import nn
 import timm_compat as tc
 from timm_compat.batchnorm import set_batch_statistics
 from timm_compat.methods import chunked_batch_norm, methods_for, rotation_loss
+from timm_compat.config import InterfaceConfig
 
 CHANNELS_LAST = torch.channels_last
 
@@ -124,7 +125,9 @@ def test_group_and_layer_norm_are_left_alone():
 
 def test_methods_for_passes_rp_norm():
     interface = tc.Interface(width=16, rp=True)
-    assert methods_for(interface)[0].norm == 'shared'  # the old call keeps today's behaviour
+    # One default everywhere, the config's: the API's used to be 'shared', which mixes the rotations' BN statistics.
+    assert methods_for(interface)[0].norm == tc.RotationPrediction().norm == InterfaceConfig.model_fields['rp_norm'].default
+    assert InterfaceConfig.model_fields['rp_norm'].default == 'separate'
     assert methods_for(interface, 0.5, 1.0, rp_norm='per_rotation')[0].norm == 'per_rotation'
     with pytest.raises(ValueError, match='rp_norm'):
         methods_for(interface, rp_norm='rotation')
@@ -154,3 +157,13 @@ def test_a_compiled_extractor_compiles_the_chunked_pass_once_not_every_step():
         extractor(images[:1]).sum().backward()
     assert counters['stats']['unique_graphs'] == 2 and counters['frames']['ok'] == 2
     torch._dynamo.reset()
+
+
+def test_the_step_benchmark_times_the_step_train_py_takes(import_script):
+    bench = import_script('benchmarks', 'train_step')
+    default = bench.build_compat('resnet56_cifar', 16)
+    assert {m.norm for m in default.methods if isinstance(m, tc.RotationPrediction)} == \
+        {InterfaceConfig.model_fields['rp_norm'].default}
+    assert bench.task_passes(default) == 1  # 'separate' adds an upright pass the FLOP ideal must count
+    assert bench.task_passes(bench.build_compat('resnet56_cifar', 16, rp_norm='shared')) == 0
+    assert bench.parse_args(['--rp-norm', 'shared']).rp_norm == 'shared'

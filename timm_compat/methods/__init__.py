@@ -21,7 +21,7 @@ __all__ = ['CompatibilityMethod', 'compatibility_loss', 'methods_for', 'chunked_
            'init_seed']
 
 
-def methods_for(interface, rp_weight: float = 1.0, dcc_weight: float = 1.0, rp_norm: str = 'shared',
+def methods_for(interface, rp_weight: float = 1.0, dcc_weight: float = 1.0, rp_norm: str = 'separate',
                 rp_rotations: str = 'all', seed: int = 0, dcc_reduction: str = 'common'):
     """The methods that train against ``interface``'s aux heads; a weight of 0 leaves a method out.
 

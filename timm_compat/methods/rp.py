@@ -34,7 +34,7 @@ How BatchNorm in the extractor treats the four rotations (``norm``):
   get exactly what an upright-only pass would give, and only the upright chunk updates running statistics.
 * ``'separate'``: an extra upright pass for the task loss (eq. 1 has a separate task term); the rotated pass is
   normalised as one 4N batch, for the RP loss only, and leaves running statistics alone. About 5/4 the extractor
-  compute of the others.
+  compute of the others. The default, here as in ``interface.rp_norm``.
 
 Only the extractor is concerned: the RP head normalises the 4N features as one batch in every mode, since no task
 or recombination ever uses it on upright images alone.
@@ -172,7 +172,7 @@ class RotationPrediction(CompatibilityMethod):
     """
     name = 'rp'
 
-    def __init__(self, weight: float = 1.0, norm: str = 'shared', rotations: str = 'all', seed: int = 0):
+    def __init__(self, weight: float = 1.0, norm: str = 'separate', rotations: str = 'all', seed: int = 0):
         super().__init__(weight)
         if norm not in RP_NORMS:
             raise ValueError(f'Unknown rp_norm {norm!r}: use one of {RP_NORMS}.')
