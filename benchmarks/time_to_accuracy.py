@@ -120,9 +120,11 @@ def measure_run(args, name: str, root: Path) -> dict:
     out, record_path = root / name, root / f'{name}.json'
     if record_path.is_file():
         record = json.loads(record_path.read_text())
-        if record['overrides'][:-2] != run_overrides(args, name):  # the last two: its validation interval
-            raise SystemExit(f'{record_path} was measured with other settings ({record["overrides"]}); give this '
-                             f'one another --output.')
+        # The last two overrides are the validation interval in steps; --every is compared as given, since how
+        # often accuracy is measured decides when a threshold is seen (records before 2026-12-05 lack it).
+        if record['overrides'][:-2] != run_overrides(args, name) or record.get('every', args.every) != args.every:
+            raise SystemExit(f'{record_path} was measured with other settings ({record["overrides"]}, every '
+                             f'{record.get("every")} epochs); give this one another --output.')
         return record
     setup = prepare(args, name)
     if not (out / 'main' / 'summary.json').is_file():
@@ -132,7 +134,8 @@ def measure_run(args, name: str, root: Path) -> dict:
     matrix = main['recombination_matrix']
     off = [matrix[i][j] for i in range(len(matrix)) for j in range(len(matrix)) if i != j]
     own = list(main['own_accuracy'].values())
-    record = {'run': name, 'seed': args.seed, 'tta': args.tta, 'overrides': setup['overrides'], 'curve': points,
+    record = {'run': name, 'seed': args.seed, 'tta': args.tta, 'every': args.every, 'overrides': setup['overrides'],
+              'curve': points,
               'time_to': {str(t): time_to(points, t) for t in THRESHOLDS}, 'train_seconds': main['train_seconds'],
               'steps': main['steps'], 'images_per_step': setup['images_per_step'],
               'flops_per_image': setup['flops_per_image'], 'own_accuracy': main['own_accuracy'],

@@ -229,3 +229,49 @@ def test_epochs_make_whole_optimiser_updates(schedule, networks, accumulation, e
     cfg = load_config(None, ['steps=null', 'epochs=1.5', f'joint_schedule={schedule}',
                              f'gradient_accumulation_steps={accumulation}'])
     assert phase_steps(cfg, 10, networks) == expected
+
+
+def test_a_gradient_the_hook_drops_does_not_count_in_the_clipped_norm():
+    a, b = nn.Parameter(torch.zeros(3)), nn.Parameter(torch.zeros(3))
+    optimizer = torch.optim.SGD([a, b], lr=1.0)
+
+    def task(_):
+        return {'loss': (a * torch.tensor([3.0, 0.0, 4.0])).sum() + (b * torch.tensor([30.0, 0.0, 40.0])).sum()}
+
+    def freeze_b(step):
+        b.grad = None
+
+    fit(task, lambda step: None, 1, optimizer, clip_grad_norm=1.0, before_optimizer_step=freeze_b)
+    assert torch.equal(b, torch.zeros(3))
+    assert a.norm().item() == pytest.approx(1.0)  # a's gradient (norm 5) clipped to 1, not to 5 / 50.2
+
+
+def test_a_lookahead_run_ends_on_its_slow_weights_when_an_fp16_update_was_skipped():
+    from timm_compat.optim import make_optimizer, make_scheduler
+
+    class TicksWithTheOptimizer:
+        """As Accelerate's AcceleratedScheduler: no tick for an update the fp16 scaler skipped."""
+
+        def __init__(self, scheduler, optimizer):
+            self.scheduler, self.updates = scheduler, 0
+            optimizer.register_step_post_hook(lambda *_: setattr(self, 'updates', self.updates + 1))
+
+        def step(self):
+            while self.scheduler.ticks < self.updates:
+                self.scheduler.step()
+
+    net = model()
+    inner = ClassificationTask(net)
+
+    def task(step_and_batch):
+        step, batch = step_and_batch
+        losses = inner(batch)
+        return {'loss': losses['loss'] * (float('inf') if step == 0 else 1.0)}  # update 0 overflows
+
+    optimizer = make_optimizer(list(net.parameters()), 'lookahead_sgd', 0.1, 0.9, 5e-4)
+    schedule = make_scheduler(optimizer, 'cosine', 8, lookahead_schedule='airbench')
+    fit(task, lambda step: (step, batch_at(step)), 8, optimizer, TicksWithTheOptimizer(schedule, optimizer),
+        mixed_precision='fp16')
+    state = optimizer._base_optimizer.state
+    assert schedule.updates == 7  # one update skipped: the schedule's last update never came
+    assert all(torch.equal(p, state[p]['lookahead_slow_buff']) for p in net.parameters())

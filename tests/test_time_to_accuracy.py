@@ -78,3 +78,6 @@ def test_benchmark_end_to_end_on_synthetic_runs(bench, tmp_path, capsys):
     assert f'plain: {plain:.3f} GFLOP per training image (1.00x plain)' in capsys.readouterr().out
     with pytest.raises(SystemExit, match='measured with other settings'):
         bench.main(['--runs', 'plain', '--output', out, '--seed', '0', '--set', 'optim.lr=1.0'])
+    # Measured every 0.2 epochs: not reused for a comparison measured at another interval.
+    with pytest.raises(SystemExit, match=r'measured with other settings.*every 0\.2 epochs'):
+        bench.main(['--runs', 'plain', '--output', out, '--every', '1.0', *plain_sets])

@@ -100,7 +100,7 @@ class _Meter:
 
 
 class _Stepper:
-    """One training step: forward under autocast, backward, clipping, the hook, optimiser and scheduler steps."""
+    """One training step: forward under autocast, backward, the hook, clipping, optimiser and scheduler steps."""
     sync_gradients = True
 
     def __init__(self, optimizer, scheduler, clip_grad_norm: Optional[float],
@@ -114,10 +114,10 @@ class _Stepper:
             with self.autocast():
                 losses = task(batch)
             self.backward(losses['loss'])
+            if self.before_optimizer_step is not None:  # before clipping: a gradient it drops is not applied
+                self.before_optimizer_step(step)
             if self.clip_grad_norm and self.sync_gradients:
                 self.clip()
-            if self.before_optimizer_step is not None:
-                self.before_optimizer_step(step)
             self.optimizer_step()
             if self.scheduler is not None:
                 self.scheduler.step()
@@ -190,6 +190,12 @@ def _stepper(task, accelerator, mixed_precision: str, *args) -> _Stepper:
     return _Accelerated(accelerator, task, *args)
 
 
+def _finish(scheduler) -> None:
+    scheduler = getattr(scheduler, 'scheduler', scheduler)  # inside Accelerate's AcceleratedScheduler
+    if hasattr(scheduler, 'finish'):
+        scheduler.finish()
+
+
 def fit(task: Callable[[object], Losses], batch_at: Callable[[int], object], steps: int,
         optimizer: torch.optim.Optimizer, scheduler=None, *, accelerator=None, mixed_precision: str = 'no',
         start_step: int = 0, clip_grad_norm: Optional[float] = None,
@@ -199,9 +205,12 @@ def fit(task: Callable[[object], Losses], batch_at: Callable[[int], object], ste
         log_every: int = 0, desc: Optional[str] = None) -> List[Dict[str, float]]:
     """Train ``task`` for steps ``start_step .. steps - 1`` and return the logged loss means.
 
-    Each step: ``batch_at(step)``, ``task(batch)`` under autocast, backward of ``'loss'``, gradient clipping over the
-    optimiser's parameters (on the steps that update, with accumulation), ``before_optimizer_step(step)``, optimiser
-    and scheduler steps, ``zero_grad(set_to_none=True)``. Train/eval modes are the caller's: :func:`fit` sets none.
+    Each step: ``batch_at(step)``, ``task(batch)`` under autocast, backward of ``'loss'``,
+    ``before_optimizer_step(step)``, gradient clipping over the optimiser's parameters (on the steps that update, with
+    accumulation), optimiser and scheduler steps, ``zero_grad(set_to_none=True)``. After the last step the
+    scheduler's ``finish()`` runs, if it has one (:class:`~timm_compat.optim.UpdateSchedule`: a lookahead run ends
+    on its slow weights even when an fp16 update was skipped). Train/eval modes are the caller's: :func:`fit` sets
+    none.
 
     Callbacks before the update receive the index of the step being taken, ``step``; those after it receive the
     number of steps done, ``step + 1``.
@@ -216,7 +225,8 @@ def fit(task: Callable[[object], Losses], batch_at: Callable[[int], object], ste
         mixed_precision: ``'no'``, ``'bf16'`` or ``'fp16'`` autocast without an accelerator (with one: ``'no'``).
         start_step: Steps already done (a resume).
         clip_grad_norm: Clip the gradients' total norm to this value.
-        before_optimizer_step: Called with ``step`` after clipping, right before the optimiser step.
+        before_optimizer_step: Called with ``step`` after backward, before clipping and the optimiser step: a
+            gradient it sets to None counts in neither.
         on_step: Called with ``step + 1`` and the step's detached losses after each step.
         on_log: Called with ``step + 1`` and the per-key loss means since the last log, every ``log_every`` steps
             and after the last step.
@@ -231,6 +241,8 @@ def fit(task: Callable[[object], Losses], batch_at: Callable[[int], object], ste
     meter, rows = _Meter(), []
     for step in range(start_step, steps):
         losses = stepper.step(task, batch_at(step), step)
+        if step + 1 == steps:
+            _finish(scheduler)
         meter.add(losses)
         progress.update(1)
         if on_step is not None:

@@ -287,6 +287,12 @@ class UpdateSchedule(torch.optim.lr_scheduler.LRScheduler):
             self.schedule.step_update(self.updates)
             self._ramp_lookahead()
 
+    def finish(self) -> None:
+        """End the run on the slow weights, as the last update does: under fp16 a skipped update (inf gradients)
+        is not ticked (Accelerate steps the schedule only with the optimiser), so the last update never came."""
+        if self.lookahead_updates is not None:
+            self._land_on_slow_weights()
+
     def _ramp_lookahead(self, land: bool = True) -> None:
         """Set the alpha of the next update; after the last one, move the weights to the slow weights."""
         if self.lookahead_updates is None:
