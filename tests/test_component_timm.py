@@ -108,6 +108,23 @@ def test_hf_hub_ids_load_through_the_offline_cache(r8, hf_cache):  # noqa: F811 
     _assert_same_as_components(extractor, head, components)
 
 
+def test_hf_hub_ids_never_read_a_local_folder_of_the_same_name(r8, hf_cache, tmp_path, monkeypatch):  # noqa: F811
+    """Saved to ORG/NAME before the push, loaded as hf-hub:ORG/NAME from the same directory: timm reads the
+    Hub's config; the weights must be the Hub's too, not the local folder's."""
+    root, model, components = r8
+    put_in_cache(hf_cache, 'org/c-extractor', root / 'extractor')
+    other = tc.make_compatible('resnet8_cifar', split='layer2', interface=tc.Interface(width=16, rp=True),
+                               num_classes=3, class_names=NAMES, image_size=32)
+    with torch.no_grad():
+        for p in other.extractor.parameters():
+            p.add_(1.0)
+    other.extractor.save_pretrained(tmp_path / 'org' / 'c-extractor')
+    monkeypatch.chdir(tmp_path)
+    extractor = timm.create_model('hf-hub:org/c-extractor', pretrained=True)
+    with torch.no_grad():
+        assert torch.equal(extractor.forward_features(_images()), components['extractor'](_images()))
+
+
 def test_docs_one_liner_runs_offline(r8, hf_cache):  # noqa: F811 (fixture)
     root, _, components = r8
     text = (REPO / 'docs' / 'hub.md').read_text()

@@ -213,3 +213,33 @@ def test_single_channel_extractors_build_save_and_load(tmp_path):
     x = torch.randn(2, 1, 32, 32)
     with torch.no_grad():
         assert torch.equal(loaded(x), model.extractor(x))
+
+
+def test_a_revision_for_a_local_folder_is_refused_not_ignored(saved):
+    # A revision pins a commit of a Hub repo; a local folder has none, so a pin there would silently not pin.
+    with pytest.raises(tc.ComponentError, match=r"revision='main'.*is a local folder, which has no revisions"):
+        tc.load_component(saved / 'head', revision='main')
+
+
+@pytest.mark.parametrize('version', ['2', 2.0, None, [2]])
+def test_a_format_version_of_another_type_is_a_component_error(folder, version):
+    path = folder('head')
+    _forge(path, format_version=version)
+    with pytest.raises(tc.ComponentError, match=r'format_version .* is not an integer'):
+        tc.load_component(path)
+
+
+def test_a_recombined_folder_loaded_as_a_component_names_load_recombined(saved, tmp_path):
+    extractor, head = tc.load_component(saved / 'extractor'), tc.load_component(saved / 'head')
+    from timm_compat.recombined import save_recombined
+    save_recombined(tc.recombine(extractor, head), tmp_path / 'pair')
+    with pytest.raises(tc.ComponentError, match=r'load it with timm_compat\.load_recombined'):
+        tc.load_component(tmp_path / 'pair')
+
+
+@pytest.mark.parametrize('role', ['extractor', 'head', 'interface'])
+def test_a_loaded_component_saves_with_the_current_format_version(saved, role, monkeypatch, tmp_path):
+    from timm_compat import component
+    loaded = tc.load_component(saved / role)
+    monkeypatch.setattr(component, 'FORMAT_VERSION', component.FORMAT_VERSION + 1)
+    assert loaded.full_config()['format_version'] == component.FORMAT_VERSION

@@ -127,7 +127,8 @@ def _create(role: str, pretrained: bool, kwargs: Dict[str, Any]) -> nn.Module:
     """The timm model of the saved ``role`` component timm was asked for, built and (if pretrained) loaded."""
     architecture = architecture_of(role)
     model_id, revision = timm_source(_cfg_dict(kwargs.get('pretrained_cfg')), architecture)
-    resolve = pinned(model_id, dict(revision=revision, cache_dir=kwargs.get('cache_dir')))
+    hub_only = _cfg_dict(kwargs.get('pretrained_cfg')).get('source') == 'hf-hub'  # hf-hub: never a local folder
+    resolve = pinned(model_id, dict(revision=revision, cache_dir=kwargs.get('cache_dir'), hub_only=hub_only))
     config = read_config(model_id, **resolve)
     if config['role'] != role:
         raise ComponentError(f'{model_id} holds a component of role {config["role"]!r}, not {role!r}: its '

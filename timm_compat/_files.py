@@ -24,14 +24,18 @@ PICKLE_SUFFIXES = ('.bin', '.pt', '.pth', '.ckpt', '.pkl', '.pickle')
 
 
 def resolve_file(model_id: str, filename: str, *, revision: Optional[str] = None, cache_dir=None,
-                 force_download: bool = False, local_files_only: bool = False, token=None) -> Path:
+                 force_download: bool = False, local_files_only: bool = False, token=None,
+                 hub_only: bool = False) -> Path:
     """Path of ``filename`` in a local folder, or in a Hub repo through ``hf_hub_download`` and its cache.
 
     Raises:
         ComponentError: The file is missing, only pickled weights are offered, or the repo cannot be found or
             reached; the message says which.
     """
-    if os.path.isdir(model_id):
+    if not hub_only and os.path.isdir(model_id):
+        if revision is not None:
+            raise ComponentError(f'revision={revision!r}: {model_id} is a local folder, which has no revisions; '
+                                 f'drop revision= or give a Hub repo id.')
         path = Path(model_id) / filename
         if not path.is_file():
             pickles = sorted(p.name for p in Path(model_id).iterdir() if p.suffix in PICKLE_SUFFIXES)
@@ -83,7 +87,11 @@ def read_config(model_id: str, **resolve: Any) -> Dict[str, Any]:
         raise ComponentError(f'{path} is not valid JSON ({e}). Save the component again.') from e
     if not isinstance(config, dict) or 'role' not in config:
         raise ComponentError(f'{model_id}: {CONFIG_NAME} has no "role": it is not a timm-compat component.')
-    if config.get('format_version', 0) > FORMAT_VERSION:
+    version = config.get('format_version', 0)
+    if type(version) is not int:
+        raise ComponentError(f'{model_id}: {CONFIG_NAME} format_version {version!r} is not an integer: the folder was '
+                             f'not written by timm-compat, or was edited. Save the component again.')
+    if version > FORMAT_VERSION:
         raise ComponentError(f'{model_id} was saved in component format {config["format_version"]}, newer than '
                              f'this timm-compat reads ({FORMAT_VERSION}): upgrade timm-compat.')
     return config
@@ -97,7 +105,7 @@ def pinned(model_id: str, resolve: Dict[str, Any]) -> Dict[str, Any]:
     then report as tampering. Every later file of the load is read at this commit. Local folders are returned as
     they are.
     """
-    if os.path.isdir(model_id):
+    if not resolve.get('hub_only') and os.path.isdir(model_id):
         return resolve
     commit = resolve_file(model_id, CONFIG_NAME, **resolve).parent.name
     # The cache keeps a downloaded file under snapshots/<commit sha>/; any other layout names no commit to pin.

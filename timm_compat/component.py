@@ -156,7 +156,8 @@ class Component(
         raise NotImplementedError
 
     def full_config(self) -> Dict[str, Any]:
-        return {'role': self.role, 'format_version': FORMAT_VERSION, **self.component_config(),
+        # After component_config(): a loaded component's config still holds the keys it was loaded with.
+        return {**self.component_config(), 'role': self.role, 'format_version': FORMAT_VERSION,
                 'interface_id': self.interface_id, 'architecture': architecture_of(self.role)}
 
     def save_pretrained(self, save_directory: Union[str, Path], *, repo_id: Optional[str] = None) -> None:
@@ -241,8 +242,9 @@ class Component(
         if not iid:
             return (f'{a_role} of an independent network, trained without an interface ({paper}): no other '
                     f'component is compatible with it.')
+        partner = {'extractor': 'head', 'head': 'extractor'}.get(self.role, 'extractor or head')
         return (f'{a_role} trained to be compatible with interface `{iid}` ({paper}): recombine it with any '
-                f'extractor or head of the same interface, with no fine-tuning.')
+                f'{partner} of the same interface, with no fine-tuning.')
 
     def _usage(self, repo_id: str, iid: Optional[str]) -> List[str]:
         if self.role == 'interface':
@@ -309,6 +311,9 @@ class Component(
             raise ComponentError(
                 f'{model_id} holds a component of role {role!r}, not {cls.role!r}: '
                 f'use timm_compat.load_component() to load any role.')
+        if role == 'recombined':
+            raise ComponentError(f'{model_id} is a recombined model (an extractor and a head saved as one): load it '
+                                 f'with timm_compat.load_recombined().')
         if role not in Component.registry:
             raise ComponentError(
                 f'{model_id} holds a component of role {role!r}, which no imported module defines (known: '

@@ -309,7 +309,8 @@ def compatible_model(pretrained: bool = False, *, extractor: Optional[Dict[str, 
     if not pretrained:
         return model
     model_id, revision = timm_source(model.pretrained_cfg, ARCHITECTURE)
-    config, tensors = _verified(model_id, dict(revision=revision, cache_dir=cache_dir))
+    config, tensors = _verified(model_id, dict(revision=revision, cache_dir=cache_dir,
+                                               hub_only=model.pretrained_cfg.get('source') == 'hf-hub'))
     if (config.get('extractor'), config.get('head')) != (extractor, head):
         raise ComponentError(f'{model_id}: the extractor/head configs timm passed differ from the verified ones '
                              f'saved with the weights; load the folder as saved.')
