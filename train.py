@@ -99,7 +99,7 @@ def run_phase(phase: Phase, accelerator: Accelerator, out: Path, resume: bool) -
     components = Path(cfg.save_components) / phase.tag if cfg.save_components else out / 'components'
     if accelerator.is_main_process:
         save_components(phase, components)
-        summary['components'] = str(components)
+        summary['components'] = str(components.resolve())  # a run read from another directory finds them
     summary.update(fitted)
     if accelerator.is_main_process:
         # Written before any push (main() pushes last): a failed push loses nothing; a resume skips the phase.

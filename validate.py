@@ -52,13 +52,17 @@ def run_config(run: Path, data_dir=None) -> RunConfig:
     return load_config(str(run / 'config.yaml'), [f'data_dir={data_dir}'] if data_dir else [])
 
 
-def components_folder(run: Path, phase: str) -> Path:
-    """Where the phase saved its components, as its ``summary.json`` records."""
+def components_folder(run: Path, phase: str, cfg) -> Path:
+    """Where the phase saved its components: inside the run folder, where train.py puts them unless
+    ``save_components`` named another folder (then as its ``summary.json`` records), so that a run moved, copied
+    or read from another directory is scored from its own components."""
     summary = run / phase / 'summary.json'
     if not summary.is_file():
         found = sorted(p.parent.name for p in run.glob('*/summary.json'))
         raise SystemExit(f'{run} has no finished phase {phase!r} ({summary} is missing); finished: {found or "none"}. '
                          f'Finish the run (train.py --resume) or pick another --phase.')
+    if cfg.save_components is None:
+        return run / phase / 'components'
     return Path(json.loads(summary.read_text())['components'])
 
 
@@ -67,7 +71,7 @@ def main(argv=None) -> Dict:
     run = Path(args.run)
     cfg = run_config(run, args.data_dir)
     phase_cfg = cfg.independent() if args.phase == 'independent' else cfg  # as build_phases makes the baseline
-    components = components_folder(run, args.phase)
+    components = components_folder(run, args.phase, cfg)
     models = {n.name: load_network(n, phase_cfg, components) for n in phase_cfg.networks}
     tests = {n.name: load_task_data(n, phase_cfg)[1] for n in phase_cfg.networks}
     settings = {'tta': args.tta or cfg.eval_tta, 'bn': args.bn or cfg.eval_bn,

@@ -277,3 +277,19 @@ def test_half_precision_components_recombine_and_a_dtype_mismatch_is_named():
     assert tc.recombine(extractor, head)(torch.zeros(1, 3, 32, 32, dtype=torch.bfloat16)).dtype == torch.bfloat16
     with pytest.raises(ValueError, match=r'extractor computes in torch\.bfloat16 but the head in torch\.float32'):
         tc.recombine(extractor, b.head)
+
+
+def test_class_names_other_than_a_given_heads_are_refused():
+    interface = tc.Interface(width=16)
+    trained = tc.make_compatible('resnet8_cifar', interface=interface, num_classes=2, class_names=['cat', 'dog'])
+    with pytest.raises(ValueError, match=r"class_names=\['dog', 'cat'\], but the given head classifies"):
+        tc.make_compatible('resnet8_cifar', interface=interface, head=trained.head, class_names=['dog', 'cat'])
+    again = tc.make_compatible('resnet8_cifar', interface=interface, head=trained.head, class_names=['Cat', 'dog'])
+    assert again.head is trained.head
+
+
+@pytest.mark.parametrize('names', [['car', 'automobile', 'cat'], ['house', 'House', 'tree']])
+def test_dcc_classes_naming_one_class_twice_are_refused(names):
+    # One DCC output would never get a target, yet compete in every softmax.
+    with pytest.raises(ValueError, match=r'dcc_classes names the class .* twice'):
+        tc.Interface(width=16, dcc_classes=names)

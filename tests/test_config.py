@@ -124,7 +124,8 @@ def test_the_default_data_preset_is_the_papers():
 def test_base_inheritance_merges_mappings_and_replaces_lists(tmp_path):
     (tmp_path / 'base.yaml').write_text('batch_size: 32\ninterface: {width: 8, rp: true}\noptim: {lr: 0.5}\n')
     (tmp_path / 'child.yaml').write_text('base: base.yaml\ninterface: {dcc: false}\n')
-    cfg = load_config(str(tmp_path / 'child.yaml'), ['optim.momentum=0.5', 'networks.1.backbone=resnet20_cifar'])
+    cfg = load_config(str(tmp_path / 'child.yaml'), ['optim.momentum=0.5', 'networks.1.backbone=resnet20_cifar',
+                                                   'iiw=false'])
     assert cfg.batch_size == 32 and cfg.interface.width == 8 and cfg.interface.rp and not cfg.interface.dcc
     assert cfg.optim.lr == 0.5 and cfg.optim.momentum == 0.5
     assert cfg.networks[1].backbone == 'resnet20_cifar'
@@ -231,7 +232,8 @@ baseline: null
 
 def test_networks_merge_by_name(tmp_path):
     (tmp_path / 'base.yaml').write_text(BASE_AB)
-    (tmp_path / 'child.yaml').write_text('base: base.yaml\nnetworks:\n  - {name: b, dataset: {train_limit: 5}}\n'
+    (tmp_path / 'child.yaml').write_text('base: base.yaml\niiw: false\nnetworks:\n'
+                                         '  - {name: b, dataset: {train_limit: 5}}\n'
                                          '  - {name: c, dataset: {source: "synthetic:A"}}\n')
     cfg = load_config(str(tmp_path / 'child.yaml'))
     base = load_config(str(tmp_path / 'base.yaml'))
@@ -334,3 +336,11 @@ def test_exponent_numbers_inside_argument_mappings_are_floats():
     assert cfg.interface.aux_head == {'type': 'conv', 'logit_scale': 0.1}
     assert cfg.networks[0].model_args == {'drop_rate': 0.1}
     assert load_config(None, ['networks.0.model_args={act_layer: 1e}']).networks[0].model_args == {'act_layer': '1e'}
+
+
+def test_iiw_with_networks_of_different_architectures_is_refused():
+    # The shared seed gives no identical weights to different architectures, yet the run would be recorded as IIW.
+    for override in ('networks.1.backbone=resnet20_cifar', 'networks.1.backbone=airbench_mobile_cifar'):
+        with pytest.raises(ConfigError, match=r'iiw is true, but the trained networks have different backbones'):
+            load_config(str(ROOT / 'tests' / 'tiny.yaml'), [override])
+        assert not load_config(str(ROOT / 'tests' / 'tiny.yaml'), [override, 'iiw=false']).iiw

@@ -1,5 +1,6 @@
 """validate.py: a finished run's saved components measured again, under the run's or other evaluation settings."""
 import json
+from pathlib import Path
 
 import pytest
 from accelerate.state import AcceleratorState, GradientState, PartialState
@@ -61,3 +62,17 @@ def test_bad_input_is_refused_before_anything_is_measured(finished_run, tmp_path
     with pytest.raises(SystemExit):  # argparse's error: exit status 2, message on stderr
         validate.main([str(run), '--results-file', str(taken)])
     assert taken.read_text() == '{"kept": true}'
+
+
+def test_a_run_copied_elsewhere_is_scored_from_its_own_components(finished_run, tmp_path, monkeypatch):
+    # train.py with a relative --output-dir recorded a relative components path: read from another directory, or
+    # after the run was moved, it named nothing, or another run's components.
+    import shutil
+    run, summary = finished_run
+    copy = Path(shutil.copytree(run, tmp_path / 'archive' / 'run'))
+    recorded = json.loads((copy / 'main' / 'summary.json').read_text())
+    (copy / 'main' / 'summary.json').write_text(json.dumps({**recorded, 'components': 'run/main/components'}))
+    monkeypatch.chdir(tmp_path)
+    result = validate.main([str(copy)])
+    for key in ('own_accuracy', 'recombination_matrix'):
+        assert result[key] == summary[key], key

@@ -13,6 +13,7 @@ from torch import nn
 from ._references import FRESH_INTERFACE, as_component, as_head, as_interface
 from ._split import default_num_classes
 from .batchnorm import eval_mode
+from .classes import canonical_class_name
 from .component import Component
 from .components import Extractor, Head, build_components
 from .interface import DEFAULT_WIDTH, Interface
@@ -228,6 +229,10 @@ def make_compatible(backbone: str, *, head: Union[str, Path, nn.Module] = 'tail'
     width = interface.width if interface is not None else width or DEFAULT_WIDTH
     given = isinstance(head, Head)
     num_classes = _classes(num_classes, head if given else None, backbone)
+    if given and class_names is not None and head.class_names is not None and \
+            [canonical_class_name(c) for c in class_names] != [canonical_class_name(c) for c in head.class_names]:
+        raise ValueError(f'class_names={list(class_names)}, but the given head classifies {head.class_names}, in '
+                         f'that order: drop class_names, or give a head of those classes.')
     _check_image_size(image_size)
     with torch.random.fork_rng(devices=[], enabled=init_seed is not None):
         if init_seed is not None:

@@ -287,6 +287,11 @@ class RunConfig(_Section):
         if self.iiw and len(inits) > 1:
             problems.append(f'iiw is true (identical initial weights), but the trained networks start from different '
                             f'weights (init: {sorted(map(str, inits))}); give them one init, or set iiw=false.')
+        built = [n for n in self.networks if not (n.load or n.init)]  # from the seed: IIW needs one architecture
+        if self.iiw and len({n.backbone for n in built}) > 1:
+            archs = ', '.join(f'{n.name}: {n.backbone}' for n in built)
+            problems.append(f'iiw is true, but the trained networks have different backbones ({archs}): identical '
+                            f'initial weights need one architecture (Sec. 3.3); set iiw=false.')
         if shared := self._shared_start():
             if not self.iiw:
                 problems.append(f'iiw is false, but {shared} start from the same weights, which is identical '

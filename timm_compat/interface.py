@@ -8,6 +8,7 @@ from torch import nn
 
 from ._integrity import weights_digest
 from .batchnorm import set_batch_statistics
+from .classes import check_distinct
 from .component import Component, ComponentError
 from .components import _check_width, build_components, check_model_args
 from .methods.rp import NUM_ROTATIONS
@@ -123,8 +124,7 @@ class Interface(Component):
             if not dcc_classes:
                 raise ValueError('A DCC head needs common classes, got an empty list: name the classes the tasks '
                                  'share (dcc_classes=[...]) or drop DCC (dcc_classes=None).')
-            if len(set(dcc_classes)) != len(dcc_classes):
-                raise ValueError(f'dcc_classes has duplicates: {dcc_classes}.')
+            check_distinct(dcc_classes, 'dcc_classes')  # 'car' and 'automobile' would leave one output untrained
         self.dcc_classes: Optional[List[str]] = dcc_classes
         self.head_specs: Dict[str, Dict[str, Any]] = {}
         self.aux_heads = nn.ModuleDict()
