@@ -20,9 +20,9 @@ counted with ``torch.utils.flop_counter.FlopCounterMode``. RP runs each extracto
 ``--rp-norm separate`` (train.py's default) the task loss gets an upright extractor pass of its own (N more
 images), so a step costs about ``(5 E + H + A) / (E + H)`` times a plain one; under ``--rp-norm shared`` (the
 measurements before 2026-12-05) the upright rows of the rotated batch are reused, ``(4 E + H + A) / (E + H)``. E, H
-and A are the extractor's, head's and aux heads' FLOPs per image; the script prints them. The target is ``measured ratio <= 1.15 x FLOP-ideal
-ratio``: the compatibility machinery (rotation, concatenation, label mapping, extra small kernels) may add at most
-15 % on top of the arithmetic it must do. With ``--rp-rotations one`` (RP's cheap form, ``interface.rp_rotations:
+and A are the extractor's, head's and aux heads' FLOPs per image; the script prints them. The target is
+``measured ratio <= 1.15 x FLOP-ideal ratio``: the compatibility machinery (rotation, concatenation, label
+mapping, extra small kernels) may add at most 15 % on top of the arithmetic it must do. With ``--rp-rotations one`` (RP's cheap form, ``interface.rp_rotations:
 one``: the upright image plus one random rotation) the extractor and the RP head see 2N images instead of 4N, and
 the row is named ``<backbone> (rp one)``.
 

@@ -9,7 +9,8 @@ from typing import Dict, Iterable, List, Optional, Sequence
 
 import torch
 
-__all__ = ['SYNONYMS', 'IGNORE', 'canonical_class_name', 'check_distinct', 'common_classes', 'common_class_map']
+__all__ = ['SYNONYMS', 'IGNORE', 'canonical_class_name', 'same_classes', 'check_distinct', 'common_classes',
+           'common_class_map']
 
 IGNORE = -1  # the label of an example whose class is not a common class
 
@@ -29,6 +30,11 @@ def canonical_class_name(name: str, synonyms: Optional[Dict[str, str]] = None) -
     """
     key = re.sub(r'[\s\-]+', '_', name.strip().lower())
     return (SYNONYMS if synonyms is None else synonyms).get(key, key)
+
+
+def same_classes(a: Sequence[str], b: Sequence[str]) -> bool:
+    """Whether two class lists name the same classes in the same order, up to synonyms and case."""
+    return [canonical_class_name(c) for c in a] == [canonical_class_name(c) for c in b]
 
 
 def check_distinct(names: Sequence[str], what: str) -> None:

@@ -13,7 +13,7 @@ from torch import nn
 from ._references import FRESH_INTERFACE, as_component, as_head, as_interface
 from ._split import default_num_classes
 from .batchnorm import eval_mode
-from .classes import canonical_class_name
+from .classes import same_classes
 from .component import Component
 from .components import Extractor, Head, build_components
 from .interface import DEFAULT_WIDTH, Interface
@@ -230,7 +230,7 @@ def make_compatible(backbone: str, *, head: Union[str, Path, nn.Module] = 'tail'
     given = isinstance(head, Head)
     num_classes = _classes(num_classes, head if given else None, backbone)
     if given and class_names is not None and head.class_names is not None and \
-            [canonical_class_name(c) for c in class_names] != [canonical_class_name(c) for c in head.class_names]:
+            not same_classes(class_names, head.class_names):
         raise ValueError(f'class_names={list(class_names)}, but the given head classifies {head.class_names}, in '
                          f'that order: drop class_names, or give a head of those classes.')
     _check_image_size(image_size)

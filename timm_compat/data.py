@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from ._hf_source import KNOWN_SCHEMAS, columns, load_hf, local_source
-from .classes import canonical_class_name, check_distinct
+from .classes import canonical_class_name, check_distinct, same_classes
 from .shifts import apply_shift, shift_seed
 from .streaming import StreamedImages, choose_storage, materialize, stream_batches
 from .synthetic import make_synthetic
@@ -186,8 +186,7 @@ def _class_names(feature, label_column: str, class_names: Optional[Sequence[str]
     if len(class_names) != len(own):
         raise ValueError(f'{name}: label column {label_column!r} is a ClassLabel of {len(own)} classes but '
                          f'class_names names {len(class_names)}: drop class_names, or give one name per class.')
-    if own != [str(i) for i in range(len(own))] and \
-            [canonical_class_name(c) for c in own] != [canonical_class_name(c) for c in class_names]:
+    if own != [str(i) for i in range(len(own))] and not same_classes(own, class_names):
         raise ValueError(f'{name}: label column {label_column!r} is a ClassLabel with the names {own}, which '
                          f'class_names {list(class_names)} would rename: drop class_names (it is for label columns '
                          f'that are not ClassLabels).')

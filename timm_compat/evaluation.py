@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from .batchnorm import eval_mode
 from .data import ImageData, evaluation_batches, iterate_batches, normalize
-from .classes import canonical_class_name, check_distinct, common_classes
+from .classes import canonical_class_name, check_distinct, common_classes, same_classes
 from .tta import tta_logits, tta_views
 
 __all__ = ['accuracy', 'per_class_accuracy', 'average_class_accuracy', 'recombination_matrix', 'format_matrix',
@@ -49,8 +49,7 @@ def _check_loaded(models: Sequence[nn.Module]) -> None:
 def _check_classes(model: nn.Module, data: ImageData) -> None:
     """Labels index the head's outputs: refuse data whose classes the head names otherwise (or in another order)."""
     names = getattr(getattr(model, 'head', None), 'class_names', None)
-    if names is not None and [canonical_class_name(c) for c in data.class_names] != [
-            canonical_class_name(c) for c in names]:
+    if names is not None and not same_classes(data.class_names, names):
         raise ValueError(f'The data lists its classes as {list(data.class_names)}, the head as {list(names)}: its '
                          f'labels would be scored against other classes. Reorder the data with '
                          f'data.select_classes(head.class_names), or score the head on its own task.')

@@ -23,7 +23,7 @@ from .compatible import CompatibleModel, link_problems, mismatch_message
 from .component import PAPER_URL, Component
 from .components import Extractor, Head
 from .data import EpochSampler, ImageData, augment as augment_batch, normalize
-from .classes import canonical_class_name
+from .classes import same_classes
 from ._integrity import weights_digest
 from .fit import call_frozen, check_mixed_precision, fit
 from .optim import make_optimizer
@@ -178,8 +178,7 @@ def check_task_data(data: ImageData, head: Head, what: str) -> None:
     if data.num_classes != head.num_classes:
         raise ValueError(f'{what} has {data.num_classes} classes {data.class_names}, but the head has '
                          f'{head.num_classes}: pass data of the head\'s task.')
-    canonical = lambda names: [canonical_class_name(c) for c in names]  # noqa: E731 ('car' is 'automobile')
-    if head.class_names is not None and canonical(data.class_names) != canonical(head.class_names):
+    if head.class_names is not None and not same_classes(data.class_names, head.class_names):
         raise ValueError(f'{what} lists its classes as {data.class_names}, the head as {head.class_names}: '
                          f'reorder the data with data.select_classes(head.class_names).')
 
