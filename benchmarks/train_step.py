@@ -22,8 +22,9 @@ images), so a step costs about ``(5 E + H + A) / (E + H)`` times a plain one; un
 measurements before 2026-12-05) the upright rows of the rotated batch are reused, ``(4 E + H + A) / (E + H)``. E, H
 and A are the extractor's, head's and aux heads' FLOPs per image; the script prints them. The target is
 ``measured ratio <= 1.15 x FLOP-ideal ratio``: the compatibility machinery (rotation, concatenation, label
-mapping, extra small kernels) may add at most 15 % on top of the arithmetic it must do. With ``--rp-rotations one`` (RP's cheap form, ``interface.rp_rotations:
-one``: the upright image plus one random rotation) the extractor and the RP head see 2N images instead of 4N, and
+mapping, extra small kernels) may add at most 15 % on top of the arithmetic it must do. With ``--rp-rotations
+one`` (RP's cheap form, ``interface.rp_rotations: one``: the upright image plus one random rotation) the extractor
+and the RP head see 2N images instead of 4N, and
 the row is named ``<backbone> (rp one)``.
 
 Timing is interleaved: after a warmup, blocks of ``--steps`` plain steps and ``--steps`` compatibility steps
@@ -48,7 +49,8 @@ from torch.utils.flop_counter import FlopCounterMode, conv_flop_count
 import timm_compat
 from timm_compat.classes import common_classes
 from timm_compat.config import InterfaceConfig
-from timm_compat.methods import RP_NORMS, RP_ROTATIONS, RotationPrediction, compatibility_loss, methods_for, rotate_batch
+from timm_compat.methods import (
+    RP_NORMS, RP_ROTATIONS, RotationPrediction, compatibility_loss, methods_for, rotate_batch)
 from timm_compat.joint import JointModel
 from timm_compat.optim import make_optimizer
 from common import interleaved, load_average, setup  # benchmarks/ is on sys.path
