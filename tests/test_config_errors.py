@@ -41,6 +41,18 @@ def test_overrides_that_name_no_key(override):
         load_config(None, [override])
 
 
+@pytest.mark.parametrize('overrides, message', [
+    (['baseline.epochs=2'], r"'baseline' is null in this config, .* \(--set baseline=VALUE\)\.$"),
+    (['interface.aux_head=conv', 'interface.aux_head.hidden=64'],
+     r"'interface\.aux_head' is 'conv', not a section: 'interface\.aux_head\.hidden' names no config key"),
+    (['batch_size.x=3'], r"'batch_size' is 16, not a section"),
+])
+def test_overrides_into_a_value_that_is_not_a_section_say_so(overrides, message):
+    # The generic message suggested an unrelated key (networks.0.dataset.train_limit) for these.
+    with pytest.raises(ConfigError, match=message):
+        load_config('tests/tiny.yaml', overrides)
+
+
 def test_loop_in_bases(tmp_path):
     (tmp_path / 'x.yaml').write_text('base: y.yaml\n')
     (tmp_path / 'y.yaml').write_text('base: x.yaml\n')

@@ -39,16 +39,29 @@ def set_dotted(data: Dict[str, Any], dotted: str) -> None:
     path, raw = dotted.split('=', 1)
     keys, node = path.split('.'), data
     try:
-        for key in keys[:-1]:
+        for depth, key in enumerate(keys[:-1]):
             node = node[int(key)] if isinstance(node, list) else node.setdefault(key, {})
+            _must_be_section(node, '.'.join(keys[:depth + 1]), dotted)
         value = yaml.safe_load(raw)
         if isinstance(node, list):
             node[int(keys[-1])] = value
         else:
             node[keys[-1]] = value
+    except ConfigError:
+        raise
     except (ValueError, IndexError, TypeError, AttributeError, yaml.YAMLError) as e:
         raise ConfigError(f'Override {dotted!r}: {path!r} names no config key that can be set to {raw!r} ({e}); '
                           f'e.g. networks.0.dataset.train_limit=1000.') from None
+
+
+def _must_be_section(node: Any, section: str, dotted: str) -> None:
+    # Without this a null or scalar value fails with Python's own TypeError, which names no way out.
+    if node is None:
+        raise ConfigError(f'Override {dotted!r}: {section!r} is null in this config, so it has no keys to set: set '
+                          f'{section} itself (--set {section}=VALUE).')
+    if not isinstance(node, (dict, list)):
+        raise ConfigError(f'Override {dotted!r}: {section!r} is {node!r}, not a section: {dotted.split("=")[0]!r} '
+                          f'names no config key; set {section} itself (--set {section}=VALUE).')
 
 
 def split_preset(overrides: Sequence[str]) -> Tuple[Optional[str], List[str]]:
