@@ -43,8 +43,9 @@ def parse_args(argv=None):
                         help='train incrementally against this frozen interface')
     parser.add_argument('--save-components', default=None, metavar='DIR', help='write every trained component here')
     parser.add_argument('--push-to-hub', default=None, metavar='ORG/PREFIX', help='push every component to the Hub')
-    parser.add_argument('--resume', action='store_true', help='continue from the last checkpoint in the output dir')
-    parser.add_argument('--overwrite', action='store_true', help='delete an earlier run in the output dir first')
+    claim = parser.add_mutually_exclusive_group()  # together, one of the two would be ignored without a word
+    claim.add_argument('--resume', action='store_true', help='continue from the last checkpoint in the output dir')
+    claim.add_argument('--overwrite', action='store_true', help='delete an earlier run in the output dir first')
     args = parser.parse_args(argv)
     flags = {'output_dir': args.output_dir, 'data_dir': args.data_dir, 'interface.load': args.interface,
              'save_components': args.save_components, 'push_to_hub': args.push_to_hub}
@@ -66,16 +67,20 @@ def main(argv=None) -> dict:
         check_hub_credentials(accelerator, cfg.push_to_hub)
     out = Path(cfg.output_dir)
     finished = [p.tag for p in phases if (out / p.tag / 'summary.json').exists()]
+    # A resume of a finished run trains nothing: its summary (wall time, machine, threads) stays the training's.
+    done = len(finished) == len(phases) and args.resume and (out / 'summary.json').exists()
     with claim_run_dir(accelerator, cfg, finished, args.resume, args.overwrite):
         results = {p.tag: run_phase(p, accelerator, out / p.tag, args.resume) for p in phases}
         accelerator.end_training()
         # hardware: the run's own threads, which a recipe's line would not give
-        summary = {'config': cfg.to_dict(), 'wall_seconds': round(time.time() - start, 1),
-                   'device': str(accelerator.device), 'processes': accelerator.num_processes,
-                   'mixed_precision': accelerator.mixed_precision, 'hardware': hardware(accelerator.device),
-                   'data_version': DATA_VERSION, 'phases': results}
+        summary = json.loads((out / 'summary.json').read_text()) if done else {
+            'config': cfg.to_dict(), 'wall_seconds': round(time.time() - start, 1),
+            'device': str(accelerator.device), 'processes': accelerator.num_processes,
+            'mixed_precision': accelerator.mixed_precision, 'hardware': hardware(accelerator.device),
+            'data_version': DATA_VERSION, 'phases': results}
         if accelerator.is_main_process:
-            write_summary(out / 'summary.json', summary)
+            if not done:
+                write_summary(out / 'summary.json', summary)
             print('\n' + '\n\n'.join(r['table'] for r in results.values()))
             print(f'\nwall time {summary["wall_seconds"]} s on {accelerator.num_processes} process(es), '
                   f'{accelerator.device}; results in {out / "summary.json"}')

@@ -91,6 +91,21 @@ def test_refuses_earlier_run_unless_resume_or_overwrite(tmp_path):
     run(tmp_path, '--overwrite', '--set', 'steps=2', name='done')
 
 
+def test_resume_of_a_finished_run_keeps_its_summary(tmp_path):
+    first = run(tmp_path, '--set', 'steps=2')
+    written = (tmp_path / 'run' / 'summary.json').read_text()
+    # cpu_threads may change on resume; a run that trains nothing must not record it, nor its own wall time.
+    again = run(tmp_path, '--set', 'steps=2', '--set', 'cpu_threads=1', '--resume')
+    assert (tmp_path / 'run' / 'summary.json').read_text() == written
+    assert again['wall_seconds'] == first['wall_seconds'] and again['config']['cpu_threads'] == 2
+
+
+def test_resume_and_overwrite_together_are_refused(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        run(tmp_path, '--resume', '--overwrite')
+    assert 'not allowed with argument' in capsys.readouterr().err and not (tmp_path / 'run').exists()
+
+
 def test_overwrite_validates_everything_before_deleting(tmp_path):
     run(tmp_path, '--set', 'steps=2')
     before = sorted(p.relative_to(tmp_path) for p in (tmp_path / 'run').rglob('*'))
