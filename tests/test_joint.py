@@ -117,6 +117,24 @@ def test_drop_inactive_grads_keeps_a_head_shared_with_the_active_network():
     assert all(p.grad is not None and p.grad.any() for p in joint.interface.dcc.parameters())
 
 
+def test_a_dcc_head_no_method_trains_rests_with_its_network():
+    # a's head is the interface's DCC head, b's its own, dcc_weight 0: on b's step nothing trains the DCC head.
+    torch.manual_seed(0)
+    interface = tc.Interface(width=16, rp=True, dcc_classes=COMMON)
+    heads = {'a': (COMMON, interface.dcc), 'b': (CLASSES['b'], 'tail')}
+    networks = {name: tc.make_compatible('resnet8_cifar', split='layer1', interface=interface, init_seed=0,
+                                         num_classes=len(names), class_names=names, head=head)
+                for name, (names, head) in heads.items()}
+    joint = JointModel(networks, interface, methods_for(interface, 1.0, 0.0), schedule='alternate').train()
+    optimizer = _sgd(joint)
+    _train(joint, joint, optimizer, 1)  # step 0 trains a, and gives its head momentum
+    head = _params(interface.dcc)
+    joint({'b': _batch(7)})['loss'].backward()
+    joint.drop_inactive_grads(1)
+    optimizer.step()
+    assert all(torch.equal(x, y) for x, y in zip(head, _params(interface.dcc)))  # no momentum, no decay
+
+
 def test_aux_heads_no_method_trains_get_no_gradient():
     joint = _joint(rp_weight=0)
     assert not any(p.requires_grad for p in joint.interface.rp.parameters())

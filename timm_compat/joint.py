@@ -165,9 +165,14 @@ class JointModel(TrainingTask):
         would keep moving the resting network. A no-op for the 'sum' schedule.
         """
         active = set(self.networks_at(step))
-        # A resting network may share parameters with one that trained (head: dcc is the interface's DCC head).
-        keep = {id(p) for p in self.interface.parameters()} if self.interface is not None else set()
-        keep.update(id(p) for name in active for p in self.networks[name].parameters())
+        # A resting network may share parameters with one that trained (head: dcc is the interface's DCC head), and
+        # the aux heads the methods train are trained by the active network's loss. Anything else keeps no gradient:
+        # an aux head that is only a resting network's head (dcc_weight 0) rests with it.
+        keep = {id(p) for name in active for p in self.networks[name].parameters()}
+        if self.interface is not None:
+            trained = {key for method in self.methods for key in method.aux_heads}
+            keep.update(id(p) for key, head in self.interface.aux_heads.items() if key in trained
+                        for p in head.parameters())
         for name, network in self.networks.items():
             for p in network.parameters():
                 if name not in active and id(p) not in keep:
