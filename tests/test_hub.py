@@ -287,6 +287,16 @@ def test_cli_show_summarises_card_and_interface(saved, published, capsys):
     assert 'rp head:' in capsys.readouterr().out
 
 
+def test_cli_show_refuses_a_config_changed_after_saving(folder, capsys):
+    """show printed config.json as it was, so reordered class names were shown for a head that loading refuses."""
+    head = folder('head')
+    config = json.loads((head / 'config.json').read_text())
+    config['class_names'] = config['class_names'][::-1]
+    (head / 'config.json').write_text(json.dumps(config))
+    assert main(['show', str(head)]) == 2
+    assert 'config.json was changed after saving (class_names)' in capsys.readouterr().err
+
+
 def test_cli_runs_as_module_offline(published):
     env = dict(os.environ, HF_HOME=str(published.parent), HF_HUB_OFFLINE='1')
     result = subprocess.run([sys.executable, '-m', 'timm_compat.hub', 'check', 'org/i0-extractor', 'org/i0-head'],

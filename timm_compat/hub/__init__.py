@@ -25,7 +25,7 @@ from huggingface_hub import HfApi, ModelCard, ModelInfo
 from huggingface_hub.errors import OfflineModeIsEnabled
 
 from ..compatible import fit_problems
-from ..component import CARD_NAME, Component, ComponentError, load_component, read_config, resolve_file
+from ..component import CARD_NAME, Component, ComponentError, load_component, read_verified, resolve_file
 from ..interface import Interface
 
 __all__ = ['component_tags', 'list_components', 'main']
@@ -107,7 +107,8 @@ def _classes(names: Optional[Sequence[str]], n: Optional[int] = None) -> str:
 
 
 def _cmd_show(args) -> int:
-    config = read_config(args.repo, revision=args.revision)
+    # The config the weights were saved with, as loading checks it: an edited config.json is refused, not shown.
+    config, _ = read_verified(args.repo, {'revision': args.revision})
     iid = config.get('interface_id')
     rows = [('repo', args.repo), ('role', config['role']),
             ('interface', iid or 'none: an independent network, compatible with nothing else')]
