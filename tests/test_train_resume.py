@@ -100,6 +100,16 @@ def test_resume_of_a_finished_run_keeps_its_summary(tmp_path):
     assert again['wall_seconds'] == first['wall_seconds'] and again['config']['cpu_threads'] == 2
 
 
+def test_a_new_run_refuses_a_component_folder_another_run_saved_to(tmp_path):
+    shared = str(tmp_path / 'shared')
+    run(tmp_path, '--set', 'steps=2', '--save-components', shared, name='first')
+    saved = {p: p.read_bytes() for p in (tmp_path / 'shared').rglob('*') if p.is_file()}
+    with pytest.raises(ValueError, match='save_components: .* already holds components'):
+        run(tmp_path, '--set', 'steps=2', '--save-components', shared, name='second')
+    assert {p: p.read_bytes() for p in (tmp_path / 'shared').rglob('*') if p.is_file()} == saved
+    assert not (tmp_path / 'second' / 'main').exists()  # refused before training
+
+
 def test_resume_and_overwrite_together_are_refused(tmp_path, capsys):
     with pytest.raises(SystemExit):
         run(tmp_path, '--resume', '--overwrite')

@@ -30,6 +30,13 @@ class RunDirError(ValueError):
     """The output folder cannot be used as asked; the message says what to do instead."""
 
 
+def _check_component_folder(folder: Any, claimed: bool) -> None:
+    # Components are saved when a run ends: a run started on another's folder would replace them hours later.
+    if folder and not claimed and Path(folder).is_dir() and any(Path(folder).iterdir()):
+        raise RunDirError(f'save_components: {folder} already holds components (of another run?), which this run '
+                          f'would replace when it ends. Choose another folder, or pass --overwrite to replace them.')
+
+
 class RunDir:
     """Claim ``path`` for a run: lock it, then check that it may be started, resumed or overwritten.
 
@@ -113,6 +120,7 @@ class RunDir:
             RunDirError: Before anything is deleted or written, when the request does not fit the folder.
         """
         entries, old = self._entries(), None
+        _check_component_folder(config.get('save_components'), resume or overwrite)
         if resume:
             if not self.is_run():
                 raise RunDirError(f'--resume: {self.path} holds no timm-compat run to resume. Drop --resume to start '
