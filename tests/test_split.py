@@ -236,6 +236,47 @@ def test_a_tail_that_starts_in_place_leaves_the_trunks_features_alone(name, at):
     assert torch.equal(features, before)
 
 
+class _InPlaceDropoutAfterSplit(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.drop, self.b = nn.Conv2d(3, 4, 1), nn.Dropout(0.5, inplace=True), nn.Conv2d(4, 4, 1)
+
+    def forward(self, x):
+        return self.b(self.drop(self.a(x)))
+
+
+def test_a_tail_that_writes_in_place_only_in_training_leaves_the_features_alone():
+    """The in-place check ran in eval mode only, where dropout is the identity: in training the tail zeroed half of
+    the extractor's features before RP and DCC scored them."""
+    trunk, tail = timm_compat.split_model(_InPlaceDropoutAfterSplit(), 'a', input_size=(3, 8, 8))
+    trunk.train(), tail.train()
+    with torch.no_grad():
+        features = trunk(torch.randn(2, 3, 8, 8))
+        before = features.clone()
+        tail(features)
+    assert torch.equal(features, before)
+
+
+class _ConstantInForward(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 4, 1), nn.Conv2d(4, 4, 1)
+
+    def forward(self, x):
+        return self.b(self.a(x)) * torch.tensor([1., 2., 3., 4.]).view(1, -1, 1, 1)
+
+
+def test_a_tensor_made_in_forward_does_not_look_like_a_mode_branch():
+    """The train trace left its _tensor_constant0 on the model, so the eval trace named its own _tensor_constant1
+    and the split was refused as 'different code in train and eval mode'."""
+    model = _ConstantInForward().eval()
+    trunk, tail = timm_compat.split_model(model, 'a', input_size=(3, 8, 8))
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(tail.eval()(trunk.eval()(x)), model(x))
+    assert not any(k.startswith('_tensor_constant') for k in vars(model))  # the model keeps no trace's leftovers
+
+
 def test_rp_scores_the_extractors_features_when_the_head_starts_in_place():
     itf = timm_compat.Interface(width=16, rp=True)
     model = timm_compat.make_compatible('resnet8_cifar', split='bn1', interface=itf, num_classes=3)

@@ -191,6 +191,8 @@ def _trace(model: nn.Module, at: str, training: bool) -> Tuple[fx.Graph, Dict[st
             f'Cannot trace {_model_name(model)} with torch.fx to split it at {at!r}: {e}. '
             f'Register the offending module with timm.layers.register_notrace_module.') from e
     constants = {k: getattr(model, k) for k in set(vars(model)) - before}
+    for k in constants:  # so the other mode's trace gives its constants the same names (_tensor_constant0, ...)
+        delattr(model, k)
     _drop_specialised_inputs(graph)
     return graph, constants
 

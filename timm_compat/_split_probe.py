@@ -81,11 +81,22 @@ def _run(modules: Sequence[nn.Module], x: torch.Tensor, training: bool):
 
 def writes_input(trunk: nn.Module, tail: nn.Module, x: torch.Tensor) -> bool:
     """Whether ``tail`` changes the features it is given (an in-place op right after the split), which would
-    rewrite the extractor's output before the compatibility methods score it."""
-    features = _run([trunk], x, False)
-    before = features.clone()
-    _run([tail], features, False)
-    return not torch.equal(features, before)
+    rewrite the extractor's output before the compatibility methods score it. Both modes: an in-place dropout
+    writes only in training."""
+    buffers = [b for m in (trunk, tail) for b in m.buffers()]
+    kept = [b.clone() for b in buffers]  # the training pass moves BN statistics, which check_split then uses
+    try:
+        for training in (False, True):
+            features = _run([trunk], x, training)
+            before = features.clone()
+            _run([tail], features, training)
+            if not torch.equal(features, before):
+                return True
+        return False
+    finally:
+        with torch.no_grad():
+            for b, k in zip(buffers, kept):
+                b.copy_(k)
 
 
 def _flatten(out) -> Optional[List[torch.Tensor]]:
