@@ -10,6 +10,7 @@ step-time ratio, measured in the same run. bf16 pays off only where the CPU mult
 avx512_bf16 alone it may cost more than fp32.
 """
 import argparse
+import statistics
 import time
 
 import torch
@@ -47,7 +48,7 @@ def measure(name: str, batch_size: int, steps: int, repeats: int) -> dict:
             for _ in range(steps):
                 step(bf16, cl)
             times[k].append((time.perf_counter() - start) / steps)
-    return {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+    return {k: statistics.median(v) for k, v in times.items()}  # an even count: the mean of the middle two
 
 
 def main() -> None:
