@@ -27,7 +27,7 @@ from timm_compat.adaptation import adapt
 from timm_compat.data import ImageData
 from timm_compat.stitching import fit_stitch
 from timm_compat.synthetic import make_synthetic
-from common import interleaved, load_average  # benchmarks/ is on sys.path
+from common import interleaved, load_average, require_device  # benchmarks/ is on sys.path
 
 
 def parse_args(argv=None):
@@ -72,6 +72,7 @@ def application(args, device: torch.device):
 
 def main(argv=None):
     args = parse_args(argv)
+    require_device(args.device)
     device = torch.device(args.device)
     if device.type == 'cpu':
         torch.set_num_threads(args.threads)

@@ -37,12 +37,23 @@ def oversubscribed(threads: int, cores: int) -> bool:
     return threads > 1 and load + threads > cores + 0.5
 
 
+def require_device(device: str) -> None:
+    """Refuse ``--device cuda`` where no GPU is visible, before anything is built or printed.
+
+    Raises:
+        SystemExit: ``device`` is ``'cuda'`` and torch sees no CUDA device (torch's own error would come later, as a
+            raw RuntimeError from wherever the GPU is first touched).
+    """
+    if device == 'cuda' and not torch.cuda.is_available():
+        raise SystemExit('--device cuda: no CUDA device is visible on this machine; use --device cpu, or run on a '
+                         'machine with a GPU.')
+
+
 def setup(args) -> Tuple[Accelerator, torch.device]:
     """The Accelerator and device of a benchmark run; on CPU, threads and allocator set as train.py sets them."""
+    require_device(args.device)
     accelerator = Accelerator(cpu=args.device == 'cpu', mixed_precision='bf16' if getattr(args, 'bf16', False) else 'no')
     device = accelerator.device
-    if args.device == 'cuda' and device.type != 'cuda':
-        raise SystemExit('--device cuda: no CUDA device is visible.')
     cores = cpu_cores()
     if device.type == 'cpu':
         torch.set_num_threads(args.threads or cores)
