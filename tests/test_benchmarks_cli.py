@@ -27,3 +27,25 @@ def test_applications_precision_refuses_cuda_without_a_gpu_before_anything_runs(
     monkeypatch.setattr(bench, 'application', lambda *a: pytest.fail('built the application before refusing'))
     with pytest.raises(SystemExit, match=r'--device cuda: no CUDA device is visible.*--device cpu'):
         bench.main(['--device', 'cuda'])
+
+
+def test_eval_order_refuses_a_training_batch_larger_than_the_training_set_before_training(import_script,
+                                                                                         monkeypatch, capsys):
+    # The training batch was hard-coded to 64: --per-class 6 (60 images) crashed in EpochSampler with "lower the
+    # batch size", a size no flag could set.
+    bench = import_script('benchmarks', 'eval_order')
+    monkeypatch.setattr(bench, 'train', lambda *a, **k: pytest.fail('trained before refusing'))
+    with pytest.raises(SystemExit) as exit_:
+        bench.main(['--per-class', '6'])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and '--train-batch-size 64' in err and '60 training images' in err
+
+
+def test_eval_order_trains_with_the_training_batch_it_is_given(import_script, monkeypatch, capsys):
+    bench = import_script('benchmarks', 'eval_order')
+    sizes = []
+    sampler = bench.EpochSampler
+    monkeypatch.setattr(bench, 'EpochSampler', lambda n, batch_size, **k: sizes.append(batch_size) or sampler(
+        n, batch_size, **k))
+    bench.main(['--per-class', '2', '--train-batch-size', '8', '--steps', '1', '--batch-size', '5'])
+    assert sizes == [8] and '| sorted by class |' in capsys.readouterr().out
