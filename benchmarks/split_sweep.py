@@ -170,11 +170,16 @@ def _alarm(signum, frame):
     raise FamilyTimeout(f'family took over {_FAMILY_SECONDS} s')
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('--families', nargs='*', help='timm modules to sweep (default: all)')
     parser.add_argument('--points', type=int, default=3, help='split points per family')
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    # An unknown name has no models: swept, it would count as a family error and the sweep would still exit 0.
+    unknown = [m for m in args.families or [] if m not in timm.list_modules()]
+    if unknown:
+        parser.error(f'--families: no timm module named {", ".join(unknown)}; give names from timm.list_modules(), '
+                     f'e.g. resnet, vision_transformer.')
     torch.set_num_threads(2)
     # timm's own families only: importing timm_compat also registers its CIFAR models with timm.
     families = args.families or [m for m in timm.list_modules() if timm.models.model_entrypoint(

@@ -49,3 +49,15 @@ def test_eval_order_trains_with_the_training_batch_it_is_given(import_script, mo
         n, batch_size, **k))
     bench.main(['--per-class', '2', '--train-batch-size', '8', '--steps', '1', '--batch-size', '5'])
     assert sizes == [8] and '| sorted by class |' in capsys.readouterr().out
+
+
+def test_split_sweep_refuses_an_unknown_family_before_sweeping(import_script, monkeypatch, capsys):
+    # An unknown --families name was swept, counted as a family error ("min() arg is an empty sequence") and the
+    # sweep exited 0.
+    bench = import_script('benchmarks', 'split_sweep')
+    monkeypatch.setattr(bench, 'sweep_family', lambda *a: pytest.fail('swept before refusing'))
+    monkeypatch.setattr('sys.argv', ['split_sweep.py', '--families', 'resnet', 'squeezenet'])
+    with pytest.raises(SystemExit) as exit_:
+        bench.main()
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and 'no timm module named squeezenet;' in err and 'timm.list_modules()' in err
