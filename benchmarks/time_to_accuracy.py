@@ -26,10 +26,19 @@ over the plain run's, beside the FLOP-ideal ratio, the training FLOPs per image 
 ``torch.utils.flop_counter`` on the run's own model; convolutions and matmuls) over the plain run's. Both train on
 50,000 images per epoch: the pair 25,000 per network. The runs are sequential, so the machine should be otherwise
 idle: the load average is printed with each run's start.
+
+A ratio is printed only for two records that agree in everything but their RP form (:func:`mismatch`): the other
+settings, the measurement interval, the mixed precision the run trained in (what ``auto`` chose), the hardware
+line and the data folder. Otherwise the line says what differs and gives no ratio, in a re-run and under
+``--report-only`` alike, and a run that would be trained beside a record of another machine or precision is refused
+before it starts. A record written before a field was recorded does not count as agreeing in it: its ratio is
+refused and the line names the field, since a number that may compare two machines is worse than none. A
+``data_dir`` recorded as given (before it was recorded resolved) is compared as written.
 """
 import argparse
 import csv
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -37,7 +46,7 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from timm_compat._hardware import hardware
+from timm_compat._hardware import hardware, resolve_precision
 from timm_compat.build import build_phases, load_task_data
 from timm_compat.config import load_config
 from timm_compat.rundir import MARKER
@@ -52,12 +61,18 @@ RUNS = {
     'compatible_one': (FAST / 'compatible_halves.yaml', ['interface.rp_rotations=one']),
 }
 THRESHOLDS = (90.0, 93.0)
+_UNKNOWN = object()  # a field that a record written before it was recorded does not hold
 
 
 def run_overrides(args, name: str) -> list:
     """The run's config overrides (its RP form, seed, epochs); validation is added once the epoch length is known."""
     overrides = RUNS[name][1] + [f'seed={args.seed}', f'init_seed={args.seed}', f'eval_tta={args.tta}']
     return overrides + ([f'epochs={args.epochs}'] if args.epochs else []) + args.set
+
+
+def data_dir_of(args):
+    """``--data-dir`` resolved (None: the Hub): a relative path names another folder from another directory."""
+    return str(Path(args.data_dir).resolve()) if args.data_dir else None
 
 
 def flops_per_image(cfg, data, batch_size: int = 32) -> float:
@@ -77,7 +92,7 @@ def flops_per_image(cfg, data, batch_size: int = 32) -> float:
 def prepare(args, name: str) -> dict:
     """Config, validation interval and FLOPs per image of run ``name`` (loads its data once)."""
     config, _ = RUNS[name]
-    overrides = run_overrides(args, name) + ([f'data_dir={Path(args.data_dir).resolve()}'] if args.data_dir else [])
+    overrides = run_overrides(args, name) + ([f'data_dir={data_dir_of(args)}'] if args.data_dir else [])
     cfg = load_config(str(config), overrides)
     data = {n.name: load_task_data(n, cfg) for n in cfg.networks}
     turns = len(cfg.networks) if cfg.joint_schedule == 'alternate' else 1
@@ -115,16 +130,32 @@ def time_to(points: list, threshold: float):
     return next((t for t, acc in points if acc >= threshold), None)
 
 
+def read_record(args, name: str, root: Path):
+    """Run ``name``'s finished record in ``root`` (None if there is none), checked against this command's settings.
+
+    Raises:
+        SystemExit: The record was measured with other overrides, interval or data folder.
+    """
+    path = root / f'{name}.json'
+    if not path.is_file():
+        return None
+    record = json.loads(path.read_text())
+    # The last two overrides are the validation interval in steps; --every is compared as given, since how
+    # often accuracy is measured decides when a threshold is seen (records before 2026-12-05 lack it). A data_dir
+    # recorded before it was resolved is compared as it was given.
+    data_dir = record.get('data_dir', 'not recorded')
+    if (record['overrides'][:-2] != run_overrides(args, name) or record.get('every', args.every) != args.every
+            or data_dir not in (args.data_dir, data_dir_of(args))):
+        raise SystemExit(f'{path} was measured with other settings ({record["overrides"]}, every '
+                         f'{record.get("every")} epochs, data_dir {data_dir}); give this one another --output.')
+    return record
+
+
 def measure_run(args, name: str, root: Path) -> dict:
     """Train (or read) run ``name``; its curve, times to the thresholds and final accuracies."""
     out, record_path = root / name, root / f'{name}.json'
-    if record_path.is_file():
-        record = json.loads(record_path.read_text())
-        # The last two overrides are the validation interval in steps; --every is compared as given, since how
-        # often accuracy is measured decides when a threshold is seen (records before 2026-12-05 lack it).
-        if record['overrides'][:-2] != run_overrides(args, name) or record.get('every', args.every) != args.every:
-            raise SystemExit(f'{record_path} was measured with other settings ({record["overrides"]}, every '
-                             f'{record.get("every")} epochs); give this one another --output.')
+    record = read_record(args, name, root)
+    if record is not None:
         return record
     setup = prepare(args, name)
     if not (out / 'main' / 'summary.json').is_file():
@@ -142,13 +173,73 @@ def measure_run(args, name: str, root: Path) -> dict:
               'recombination_matrix': matrix,
               'recombination_over_own': (sum(off) / len(off)) / (sum(own) / len(own)) if off else None,
               'mixed_precision': json.loads((out / 'summary.json').read_text())['mixed_precision'],
-              'hardware': hardware(), 'data_dir': args.data_dir}
+              'hardware': hardware(), 'data_dir': data_dir_of(args)}
     record_path.write_text(json.dumps(record, indent=2))
     return record
 
 
 def minutes(seconds) -> str:
     return 'not reached' if seconds is None else f'{seconds / 60:.1f} min'
+
+
+def conditions(record: dict) -> dict:
+    """What two records must share for a ratio of their times: all but the RP form, which tells the runs apart.
+
+    A field the record does not hold is ``_UNKNOWN``, except where its overrides still say it: the precision a
+    ``--set mixed_precision`` forced, and, for a record without ``every``, the measurement interval in steps.
+    """
+    overrides = record.get('overrides', [])
+    given = {o.split('=', 1)[0]: o.split('=', 1)[1] for o in overrides}
+    forced = given.get('mixed_precision', 'auto')
+    hardware_line = record.get('hardware')
+    return {
+        'settings': [o for o in overrides if not o.startswith(('interface.rp_rotations=', 'validation.every='))],
+        'measurement interval': (f'every {record["every"]} epochs' if 'every' in record
+                                 else f'every {given.get("validation.every")} steps'),
+        'mixed_precision': record.get('mixed_precision', _UNKNOWN if forced == 'auto' else forced),
+        # The benchmark process's own torch threads, not the run's: train.py sets its own.
+        'hardware': _UNKNOWN if hardware_line is None else re.sub(r', \d+ torch threads', '', hardware_line),
+        'data_dir': record.get('data_dir', _UNKNOWN),
+    }
+
+
+def mismatch(records: dict) -> str:
+    """Why ``records`` (label: record) cannot be compared with each other; '' when they can."""
+    named, labels = {label: conditions(r) for label, r in records.items()}, list(records)
+    problems = []
+    for field in next(iter(named.values())):
+        values = {label: c[field] for label, c in named.items()}
+        unknown = [label for label, v in values.items() if v is _UNKNOWN]
+        if unknown:
+            problems.append(f'{field} is not recorded in {", ".join(unknown)} (a record older than the field)')
+        elif field == 'settings' and len({json.dumps(v) for v in values.values()}) > 1:
+            shared = [o for o in values[labels[0]] if all(o in v for v in values.values())]
+            problems.append('settings differ: ' + ', '.join(
+                f'{[o for o in v if o not in shared]} only in {label}' for label, v in values.items()))
+        elif len({json.dumps(v) for v in values.values()}) > 1:
+            problems.append(f'{field} differs: ' + ', '.join(f'{v!r} in {label}' for label, v in values.items()))
+    return '; '.join(problems)
+
+
+def check_before_training(args, found: dict) -> None:
+    """Refuse, before anything trains, to add runs of this machine to records that a ratio could not use.
+
+    Raises:
+        SystemExit: A run of ``args.runs`` has no record yet, and the records ``found`` differ from what it
+            would record here in hardware, mixed precision (what ``auto`` chooses here) or other conditions.
+    """
+    device = 'cuda' if torch.cuda.is_available() else 'cpu'
+    planned = {}
+    for name in [n for n in args.runs if n not in found]:
+        precision = resolve_precision(load_config(str(RUNS[name][0]), run_overrides(args, name)).mixed_precision,
+                                      device)
+        planned[f'{name} (to run here)'] = {'overrides': run_overrides(args, name), 'every': args.every,
+                                            'mixed_precision': precision or 'no', 'hardware': hardware(),
+                                            'data_dir': data_dir_of(args)}
+    problem = mismatch({**{f'{n}.json': r for n, r in found.items()}, **planned}) if found and planned else ''
+    if problem:
+        raise SystemExit(f'{problem}. Runs measured here could not be compared with these records: give this '
+                         f'command another --output, or run it where the records were measured.')
 
 
 def report(records: dict) -> None:
@@ -163,6 +254,10 @@ def report(records: dict) -> None:
     plain = records.get('plain')
     for name, r in records.items():
         if plain is None or name == 'plain':
+            continue
+        problem = mismatch({'plain': plain, name: r})
+        if problem:
+            print(f'{name} / plain: no ratio ({problem}); measure both alike, on one machine.')
             continue
         per_image = [x['train_seconds'] / (x['steps'] * x['images_per_step']) for x in (r, plain)]
         to90 = [x['time_to']['90.0'] for x in (r, plain)]
@@ -199,11 +294,13 @@ def main(argv=None) -> None:
             ratio = f' ({value / flops["plain"]:.2f}x plain)' if 'plain' in flops else ''
             print(f'{name}: {value / 1e9:.3f} GFLOP per training image{ratio}')
         return None
-    if args.report_only:
+    if args.report_only:  # the records' own settings, whatever this command's: report() compares them
         found = {n: json.loads((root / f'{n}.json').read_text()) for n in args.runs if (root / f'{n}.json').is_file()}
         if not found:
             parser.error(f'--report-only: no finished run in {root}; run without it first.')
         return report(found)
+    found = {n: r for n in args.runs if (r := read_record(args, n, root)) is not None}
+    check_before_training(args, found)
     report({name: measure_run(args, name, root) for name in args.runs})
 
 

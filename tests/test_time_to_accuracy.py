@@ -68,7 +68,9 @@ def test_benchmark_end_to_end_on_synthetic_runs(bench, tmp_path, capsys):
     capsys.readouterr()
     bench.main(['--runs', 'plain', 'compatible_one', '--output', out, '--report-only'])
     printed = capsys.readouterr().out
-    assert 'compatible_one / plain: seconds per training image' in printed and 'FLOP-ideal' in printed
+    # The runs' own synthetic data are set differently (the pair's second network has overrides plain lacks), so
+    # no ratio: report() compares only records measured alike.
+    assert "compatible_one / plain: no ratio (settings differ: [] only in plain, ['networks.1." in printed
     assert (root / 'compatible_one' / 'main' / 'summary.json').stat().st_mtime_ns == before
     # --flops-only counts what the runs counted.
     capsys.readouterr()
@@ -81,3 +83,104 @@ def test_benchmark_end_to_end_on_synthetic_runs(bench, tmp_path, capsys):
     # Measured every 0.2 epochs: not reused for a comparison measured at another interval.
     with pytest.raises(SystemExit, match=r'measured with other settings.*every 0\.2 epochs'):
         bench.main(['--runs', 'plain', '--output', out, '--every', '1.0', *plain_sets])
+
+
+def _record(run, **changes):
+    """A finished run's record as measure_run writes it, bf16 on one machine; ``changes`` replace fields."""
+    rp = {'plain': [], 'compatible_one': ['interface.rp_rotations=one']}[run]
+    record = {'run': run, 'seed': 0, 'tta': 'none', 'every': 1.0, 'curve': [[60.0, 50.0]],
+              'overrides': rp + ['seed=0', 'init_seed=0', 'eval_tta=none', 'validation.every=48',
+                                 'validation.data=test'],
+              'time_to': {'90.0': None, '93.0': None}, 'train_seconds': 600.0 if run == 'plain' else 1500.0,
+              'steps': 476, 'images_per_step': 1024, 'flops_per_image': 1e9 if run == 'plain' else 2e9,
+              'own_accuracy': {'a': 0.5}, 'recombination_matrix': [[0.5]], 'recombination_over_own': None,
+              'mixed_precision': 'bf16', 'hardware': 'device cpu: AMD EPYC x 2 cores, 2 torch threads; torch 2',
+              'data_dir': '/data'}
+    record.update(changes)
+    return {k: v for k, v in record.items() if v is not _DROP}
+
+
+_DROP = object()
+
+
+@pytest.mark.parametrize('change, reason', [
+    ({'mixed_precision': 'no'}, "mixed_precision differs: 'bf16' in plain, 'no' in compatible_one"),
+    ({'hardware': 'device cpu: Intel Xeon x 2 cores, 2 torch threads; torch 2'}, 'hardware differs'),
+    ({'data_dir': '/elsewhere'}, 'data_dir differs'),
+    ({'overrides': ['interface.rp_rotations=one', 'seed=0', 'init_seed=0', 'eval_tta=none', 'optim.lr=1.0',
+                    'validation.every=48', 'validation.data=test']}, "settings differ: [] only in plain, ['optim.lr"),
+    ({'every': 0.5}, 'measurement interval differs'),
+    ({'every': _DROP}, "'every 1.0 epochs' in plain, 'every 48 steps' in compatible_one"),
+    ({'mixed_precision': _DROP}, 'mixed_precision is not recorded in compatible_one'),
+])
+def test_report_refuses_a_ratio_of_records_measured_differently(bench, capsys, change, reason):
+    # A bf16 EPYC pair over an fp32 Xeon plain run printed "7.01x" as if it were the cost of compatibility.
+    bench.report({'plain': _record('plain'), 'compatible_one': _record('compatible_one', **change)})
+    printed = capsys.readouterr().out
+    assert 'seconds per training image' not in printed and 'FLOP-ideal' not in printed
+    assert f'compatible_one / plain: no ratio' in printed and reason in printed
+
+
+def test_report_gives_the_ratio_of_records_measured_alike(bench, capsys):
+    # The torch threads of the benchmark's own process are not the run's (train.py sets its own): not compared.
+    pair = _record('compatible_one', hardware='device cpu: AMD EPYC x 2 cores, 1 torch threads; torch 2')
+    bench.report({'plain': _record('plain'), 'compatible_one': pair})
+    assert 'compatible_one / plain: seconds per training image 2.50x' in capsys.readouterr().out
+
+
+def test_report_only_refuses_mixed_records_and_reads_the_committed_ones(bench, tmp_path, capsys):
+    root = tmp_path / 'seed0'
+    root.mkdir()
+    (root / 'plain.json').write_text(json.dumps(_record('plain', mixed_precision='no')))
+    (root / 'compatible_one.json').write_text(json.dumps(_record('compatible_one')))
+    bench.main(['--report-only', '--output', str(tmp_path), '--runs', 'plain', 'compatible_one'])
+    assert 'compatible_one / plain: no ratio (mixed_precision differs' in capsys.readouterr().out
+    # The committed bf16 EPYC records (before --every and a resolved data_dir were recorded) agree in everything
+    # else, so their ratios are the ones docs/performance.md quotes.
+    bench.main(['--report-only', '--output', str(bench.REPO / 'docs' / 'results' / 'time_to_accuracy_bf16_epyc')])
+    printed = capsys.readouterr().out
+    assert 'compatible_one / plain: seconds per training image 2.27x' in printed
+    assert 'compatible_four / plain: seconds per training image 5.17x' in printed
+
+
+def _args(bench, *argv):
+    fields = dict(seed=0, tta='none', epochs=None, set=[], every=1.0, data_dir=None, runs=list(bench.RUNS))
+    return bench.argparse.Namespace(**{**fields, **dict(zip(argv[::2], argv[1::2]))})
+
+
+def test_a_run_to_train_beside_a_record_of_another_machine_is_refused_before_training(bench, tmp_path, monkeypatch):
+    root = tmp_path / 'seed0'
+    root.mkdir()
+    other = _record('plain', hardware='device cpu: Some Other CPU x 64 cores, 2 torch threads; torch 2')
+    other['overrides'] = ['seed=0', 'init_seed=0', 'eval_tta=none', 'validation.every=48', 'validation.data=test']
+    other['data_dir'] = None
+    (root / 'plain.json').write_text(json.dumps(other))
+    monkeypatch.setattr(bench, 'prepare', lambda *a: pytest.fail('prepared a run before refusing'))
+    monkeypatch.setattr(bench, 'train', lambda *a: pytest.fail('trained before refusing'))
+    with pytest.raises(SystemExit, match=r"hardware differs: 'device cpu: Some Other CPU.*' in plain\.json"):
+        bench.main(['--runs', 'plain', 'compatible_one', '--output', str(tmp_path)])
+
+
+def _finished_run(out, config):
+    """A finished train.py run folder of ``config`` (a dict), as measure_run reads it."""
+    (out / 'main').mkdir(parents=True)
+    (out / 'main' / 'summary.json').write_text(json.dumps({
+        'recombination_matrix': [[0.5]], 'own_accuracy': {'net': 0.5}, 'train_seconds': 60.0, 'steps': 4}))
+    (out / 'main' / 'validation.csv').write_text('step,time,net/own\n4,60.0,0.5\n')
+    (out / 'summary.json').write_text(json.dumps({'mixed_precision': 'no', 'config': config}))
+
+
+def _setup(overrides):
+    return {'overrides': overrides, 'flops_per_image': 1.0, 'images_per_step': 8, 'steps_per_epoch': 1}
+
+
+def test_the_record_holds_the_resolved_data_dir(bench, tmp_path, monkeypatch):
+    # A relative --data-dir names another folder from another working directory: recorded as resolved.
+    monkeypatch.chdir(tmp_path)
+    args = _args(bench, 'data_dir', 'data')
+    overrides = bench.run_overrides(args, 'plain') + ['validation.every=1', 'validation.data=test']
+    monkeypatch.setattr(bench, 'prepare', lambda *a: _setup(overrides))
+    monkeypatch.setattr(bench, 'train', lambda args, name, out, o: _finished_run(out, {}))
+    record = bench.measure_run(args, 'plain', tmp_path / 'seed0')
+    assert record['data_dir'] == str(tmp_path / 'data')
+
