@@ -48,7 +48,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from timm_compat._hardware import hardware, resolve_precision
 from timm_compat.build import build_phases, load_task_data
-from timm_compat.config import load_config
+from timm_compat.config import config_changes, load_config
 from timm_compat.rundir import MARKER
 
 from common import load_average
@@ -151,6 +151,22 @@ def read_record(args, name: str, root: Path):
     return record
 
 
+def check_finished_run(args, name: str, out: Path, overrides: list) -> None:
+    """Refuse a finished train.py run in ``out`` that has no record and was not run ``name`` of this command.
+
+    Raises:
+        SystemExit: The config in ``out/summary.json`` differs from the one :func:`train` would give train.py.
+    """
+    flags = [f'output_dir={json.dumps(str(out))}'] + ([f'data_dir={json.dumps(data_dir_of(args))}']
+                                                       if args.data_dir else [])
+    expected = load_config(str(RUNS[name][0]), flags + overrides).to_dict()
+    ran = json.loads((out / 'summary.json').read_text())['config']
+    changes = [k for k in config_changes(ran, expected) if k != 'output_dir']  # the folder may have moved
+    if changes:
+        raise SystemExit(f'{out} is a finished run of other settings ({", ".join(changes)}) and has no {name}.json; '
+                         f'give this one another --output, or move {out} away to measure it anew.')
+
+
 def measure_run(args, name: str, root: Path) -> dict:
     """Train (or read) run ``name``; its curve, times to the thresholds and final accuracies."""
     out, record_path = root / name, root / f'{name}.json'
@@ -158,7 +174,9 @@ def measure_run(args, name: str, root: Path) -> dict:
     if record is not None:
         return record
     setup = prepare(args, name)
-    if not (out / 'main' / 'summary.json').is_file():
+    if (out / 'summary.json').is_file():  # finished, its record lost: read back only if it ran these settings
+        check_finished_run(args, name, out, setup['overrides'])
+    else:  # a new or killed run; train.py itself refuses to resume one of other settings
         train(args, name, out, setup['overrides'])
     main = json.loads((out / 'main' / 'summary.json').read_text())
     points = curve(out)

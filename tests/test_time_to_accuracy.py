@@ -184,3 +184,19 @@ def test_the_record_holds_the_resolved_data_dir(bench, tmp_path, monkeypatch):
     record = bench.measure_run(args, 'plain', tmp_path / 'seed0')
     assert record['data_dir'] == str(tmp_path / 'data')
 
+
+def test_a_finished_run_without_its_record_is_read_only_if_it_ran_these_settings(bench, tmp_path, monkeypatch):
+    # A run folder whose record is missing was read back as this command's run whatever config it had trained.
+    args = _args(bench)
+    overrides = bench.run_overrides(args, 'plain') + ['validation.every=1', 'validation.data=test']
+    out = tmp_path / 'seed0' / 'plain'
+    other = [o.replace('seed=0', 'seed=5') for o in overrides]
+    _finished_run(out, load_config(str(FAST / 'plain.yaml'), other + [f'output_dir={out}']).to_dict())
+    monkeypatch.setattr(bench, 'prepare', lambda *a: _setup(overrides))
+    monkeypatch.setattr(bench, 'train', lambda *a: pytest.fail('trained a finished run'))
+    with pytest.raises(SystemExit, match=r'finished run of other settings \(seed, init_seed\)'):
+        bench.measure_run(args, 'plain', tmp_path / 'seed0')
+    # The same folder of this command's settings is read back, not retrained.
+    (out / 'summary.json').write_text(json.dumps({'mixed_precision': 'no', 'config': load_config(
+        str(FAST / 'plain.yaml'), overrides + [f'output_dir={out}']).to_dict()}))
+    assert bench.measure_run(args, 'plain', tmp_path / 'seed0')['own_accuracy'] == {'net': 0.5}
