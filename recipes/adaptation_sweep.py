@@ -12,11 +12,14 @@ then a target of its own, adapted from that source with each adaptation seed
 A finished adaptation (its ``results.json``, the record) is read back, not rerun, a source is trained only while
 one of its adaptations is not recorded, and a killed source training continues from its checkpoint, so the sweep
 can be built over several sittings, from committed ``results.json`` files copied into OUTPUT (records of another
-data version or other ``RECORD_KEYS`` arguments are refused). ``OUTPUT/report.md`` gives, for each corruption, the
+data version or other ``RECORD_KEYS`` arguments are refused). A source with recorded adaptations is only read back
+from its run folder, never trained again (another network; refused once the folder is gone): add adaptation seeds
+or corruptions to it only while ``OUTPUT/source<S>`` is there. ``OUTPUT/report.md`` gives, for each corruption, the
 source model (running BN statistics, Tab. 2's "source"), with test-time BN (batch statistics) and adapted through
 RP, as mean ± std over every source x adaptation seed (the source model's columns over the source seeds).
 """
 import argparse
+import json
 import tempfile
 from pathlib import Path
 from typing import Optional
@@ -104,6 +107,46 @@ def check_sweep_configs(args, out: Path, pending: dict) -> None:
                 write_json(folder / 'results.json', {**record, 'config': view['config']})
 
 
+def source_interface(out: Path, seed: int) -> Optional[str]:
+    """The interface id of the network in source ``seed``'s run folder, None while it holds no trained network."""
+    path = out / f'source{seed}' / 'main' / 'components' / 'interface' / 'config.json'
+    return json.loads(path.read_text()).get('interface_id') if path.is_file() else None
+
+
+def recorded_interfaces(out: Path, seed: int) -> list:
+    """The interface ids (None for a record without one) of every recorded adaptation of source ``seed``, of any
+    corruption or adaptation seed: all of them were made from the network of its run folder."""
+    records = sorted((out / f'source{seed}').glob('*/adapt*/results.json'))
+    return [json.loads(path.read_text()).get('interface_id') for path in records]
+
+
+def check_sources_kept(out: Path, pending: dict) -> None:
+    """Refuses, before anything trains, to train a source again whose adaptations are recorded: its run folders are
+    not committed with the records, and a second training makes another network, whose adaptations would be pooled
+    under one source seed with those of the first."""
+    for seed, todo in pending.items():
+        ids, current = recorded_interfaces(out, seed), source_interface(out, seed)
+        known = sorted({i for i in ids if i is not None})
+        if not todo or not ids or (current is not None and (not known or current in known)):
+            continue  # nothing to adapt, nothing recorded, or its recorded network is there to be read back
+        state = ('is gone' if current is None else f'holds another network (interface {current})')
+        raise SystemExit(f'{out / f"source{seed}"}: source seed {seed} would be trained again (its run folder '
+                         f'{state}), but {len(ids)} adaptation(s) of it are recorded, made from interface '
+                         f'{", ".join(known) or "(not recorded)"}; the new source would be another network, pooled '
+                         f'with them under one seed. Add adaptation seeds or corruptions only while the source\'s run '
+                         f'folder is there, or give a fresh --output to run the whole sweep anew.')
+
+
+def check_source_trained(out: Path, seed: int, interface_id: Optional[str]) -> None:
+    """Refuses, before its adaptations run, a source trained into another network than its recorded adaptations
+    were made from (train.py reads a finished source back: this only happens if its folder was replaced)."""
+    known = sorted({i for i in recorded_interfaces(out, seed) if i is not None})
+    if known and interface_id not in known:
+        raise SystemExit(f'{out / f"source{seed}"}: source seed {seed} was trained into interface {interface_id}, '
+                         f'but its recorded adaptations were made from interface {", ".join(known)}: its run folder '
+                         f'was replaced. Restore that run folder, or give a fresh --output to run the sweep anew.')
+
+
 def run_source(args, out: Path, seed: int) -> list:
     """Train (or read back; a killed run continues) the source of ``seed``; the ``--interface/--extractor/--head``
     arguments of its adaptations."""
@@ -111,8 +154,9 @@ def run_source(args, out: Path, seed: int) -> list:
     config = adaptation.source_config(argparse.Namespace(seed=seed), adaptation.SETTINGS['cifar10_shift'])
     # Always through train.py --resume: it reads a finished source back only if it was trained with this config
     # (another --budget or --data-dir is refused), and continues a killed one.
-    adaptation.launch_train(config, run, adaptation.BUDGETS[args.budget]['train'], data_dir=args.data_dir,
-                            resume=True)
+    summary = adaptation.launch_train(config, run, adaptation.BUDGETS[args.budget]['train'], data_dir=args.data_dir,
+                                      resume=True)
+    check_source_trained(out, seed, summary.get('interface_id'))
     components = run / 'main' / 'components'
     return ['--interface', str(components / 'interface'), '--extractor', str(components / 'source' / 'extractor'),
             '--head', str(components / 'source' / 'head')]
@@ -144,9 +188,24 @@ def collect(args, out: Path) -> dict:
     return found
 
 
+def check_one_source(runs: list) -> None:
+    """Refuses runs of one source seed made from more than one source network (their interface ids or source scores
+    differ): their source columns would keep one network's score, and the adapted ones pool two networks'."""
+    for seed in sorted({s for s, _ in runs}):
+        mine = [r for s, r in runs if s == seed]
+        ids = sorted({str(r.get('interface_id')) for r in mine})
+        scores = {k: sorted({r['scores'][k] for r in mine}) for k in SOURCE_SCORES}
+        if len(ids) > 1 or any(len(v) > 1 for v in scores.values()):
+            raise SystemExit(f'The adaptations of source seed {seed} were made from more than one source network '
+                             f'(interfaces {", ".join(ids)}; source scores {scores}): its source was trained again '
+                             f'after some were recorded. Move away the adaptations not made from the network in '
+                             f'OUTPUT/source{seed}, or run the sweep anew in a fresh --output.')
+
+
 def column(runs: list, key: str) -> str:
     """``mean ± std`` of score ``key`` over the runs; a source score once per source seed (its adaptation seeds
-    repeat it, and would shrink the spread)."""
+    repeat it, and would shrink the spread). Runs of a source seed made from two networks are refused."""
+    check_one_source(runs)
     if key in SOURCE_SCORES:
         return mean_std(list({seed: r['scores'][key] for seed, r in runs}.values()))
     return mean_std([r['scores'][key] for _, r in runs])
@@ -181,9 +240,11 @@ def run_sweep(args, out: Path) -> None:
         pending = {seed: [(shift, a) for shift in args.shifts for a in range(args.adapt_seeds)
                           if recorded_adaptation(args, adapt_folder(out, seed, shift, a)) is None]
                    for seed in range(args.source_seeds)}
+        check_sources_kept(out, pending)
         check_sweep_configs(args, out, pending)
         for seed, todo in pending.items():
             # A source whose adaptations are all recorded is not needed, nor trained again if its folder is gone.
+            # One with some recorded is trained only to be read back (check_sources_kept).
             source = run_source(args, out, seed) if todo else None
             bar.update(1 + len(args.shifts) * args.adapt_seeds - len(todo))
             for shift, adapt_seed in todo:

@@ -99,3 +99,68 @@ def test_the_sweep_report_names_its_adaptation_arguments_and_machines_and_shows_
     assert '| contrast:5 | 1 | 50.0 | 55.0 | 60.0 | 58.0 |' in report
     assert '| pixelate:5 | 0 | – | – | – | – |' in report
 
+
+
+def sweep_record(sweep, args, out, seed, adapt_seed, interface_id, source=50.0):
+    """The record of one adaptation of source ``seed`` as the sweep writes it, made from interface ``interface_id``."""
+    folder = sweep.adapt_folder(out, seed, 'contrast:5', adapt_seed)
+    folder.mkdir(parents=True)
+    scores = {**dict.fromkeys(sweep.SCORES.values(), 60.0), 'source': source, 'source_test_bn': source + 5}
+    (folder / 'results.json').write_text(json.dumps({
+        'args': {**vars(args), 'adapt_seed': adapt_seed}, 'scores': scores, 'interface_id': interface_id,
+        'data_version': DATA_VERSION, 'config': sweep.source_fingerprint(args, out, seed)}))
+
+
+def trained_source(out, seed, interface_id):
+    """Source ``seed``'s run folder as train.py leaves it: its interface component names its id."""
+    folder = out / f'source{seed}' / 'main' / 'components' / 'interface'
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / 'config.json').write_text(json.dumps({'interface_id': interface_id}))
+    return {'interface_id': interface_id}
+
+
+def test_the_sweep_retrains_no_source_whose_adaptations_are_recorded(import_script, tmp_path, monkeypatch):
+    """Adding an adaptation seed once the source's run folder was gone trained another source network and pooled its
+    adaptations with those of the first one under one source seed; a source trained again into another network
+    (its folder replaced) is refused too, before its adaptations run."""
+    sweep = import_script('recipes', 'adaptation_sweep')
+    calls = []
+    monkeypatch.setattr(sweep.adaptation, 'launch_train', lambda config, out, *a, **k: calls.append('train')
+                        or trained_source(out.parent, 0, 'NEW'))
+    monkeypatch.setattr(sweep, 'run_adaptation', lambda *a: calls.append(('adapt', a[4])))
+    out = tmp_path / 'out'
+    argv = ['--budget', 'tiny', '--shifts', 'contrast:5', '--source-seeds', '1', '--adapt-seeds', '2',
+            '--output', str(out)]
+    args = sweep.parse_args(argv)
+    sweep_record(sweep, args, out, 0, 0, 'OLD')
+    with pytest.raises(SystemExit, match=r'source seed 0 .*gone.*1 adaptation.*fresh --output'):
+        sweep.main(argv)
+    trained_source(out, 0, 'OTHER')  # a folder that holds another network than the recorded one
+    with pytest.raises(SystemExit, match=r'source seed 0 .*interface OTHER.*OLD'):
+        sweep.main(argv)
+    assert calls == []
+    trained_source(out, 0, 'OLD')  # train.py would read it back; here it trains another one
+    with pytest.raises(SystemExit, match=r'source seed 0 .*trained into interface NEW.*OLD'):
+        sweep.main(argv)
+    assert calls == ['train']
+    trained_source(out, 0, 'OLD')  # the run folder restored: read back, and its adaptations run
+    monkeypatch.setattr(sweep.adaptation, 'launch_train', lambda config, out, *a, **k: calls.append('read back')
+                        or trained_source(out.parent, 0, 'OLD'))
+    sweep.main(argv)
+    assert calls == ['train', 'read back', ('adapt', 1)]
+
+
+def test_the_sweep_report_refuses_one_source_seed_of_two_source_networks(import_script, tmp_path):
+    """column() kept one of the two source scores of a source seed whose adaptations came from two networks."""
+    sweep = import_script('recipes', 'adaptation_sweep')
+    argv = ['--budget', 'tiny', '--shifts', 'contrast:5', '--source-seeds', '1', '--adapt-seeds', '2',
+            '--output', str(tmp_path), '--report-only']
+    args = sweep.parse_args(argv)
+    sweep_record(sweep, args, tmp_path, 0, 0, 'OLD', source=50.0)
+    sweep_record(sweep, args, tmp_path, 0, 1, 'NEW', source=60.0)
+    with pytest.raises(SystemExit, match=r'source seed 0 .*interfaces? .*NEW.*OLD'):
+        sweep.main(argv)
+    record = tmp_path / 'source0' / 'contrast_5' / 'adapt1' / 'results.json'
+    record.write_text(record.read_text().replace('"NEW"', '"OLD"'))
+    with pytest.raises(SystemExit, match=r'source seed 0 .*source scores? .*50.0.*60.0'):
+        sweep.main(argv)

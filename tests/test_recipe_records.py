@@ -293,6 +293,9 @@ def test_adaptation_sweep_pools_an_adaptation_only_with_records_of_the_same_sour
     scores = dict.fromkeys(sweep.SCORES.values(), 50.0)
     saved = {'args': vars(args), 'scores': scores, 'data_version': DATA_VERSION}
     (folder / 'results.json').write_text(json.dumps({**saved, 'config': sweep.source_fingerprint(args, out, 0)}))
+    interface = out / 'source0' / 'main' / 'components' / 'interface'  # the source is there: it is read back
+    interface.mkdir(parents=True)
+    (interface / 'config.json').write_text(json.dumps({'interface_id': 'abc'}))
     sweep.main(argv)
     assert calls == [('source', 0), ('adapt', 1)]
     monkeypatch.setitem(sweep.adaptation.BUDGETS['tiny'], 'adapt_batch', 64)
