@@ -39,12 +39,14 @@ from timm_compat.adaptation import adapt, evaluate_adaptation
 from timm_compat.data import DATA_VERSION, load_image_data, local_source
 from timm_compat.classes import canonical_class_name
 from timm_compat.plots import ReportFigure, ReportTable, plot_accuracy_curves, write_report
+from timm_compat.shifts import apply_shift
 from timm_compat.synthetic import SYNTHETIC_CLASSES
 
 from common import (CIFAR10, DATA_DIR_HELP, RESUME_HELP, as_overrides, check_data_dir, data_note, fast_keys,
                     fast_networks, launch, progress, write_json)
 
 STL10 = 'tanganke/stl10'
+DEFAULT_SHIFT = ('gaussian_noise:5',)  # cifar10_shift's target corruption
 COMMON_CIFAR = ['airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'horse', 'ship', 'truck']
 COMMON_STL = ['airplane', 'bird', 'car', 'cat', 'deer', 'dog', 'horse', 'ship', 'truck']
 SETTINGS = {
@@ -144,12 +146,28 @@ def check_adapt_steps(parser, args) -> None:
         parser.error(f'--adapt-steps {args.adapt_steps}: give at least one step, or leave it out for the budget\'s.')
 
 
+def check_shift(parser, args) -> None:
+    """Refuse, before the source trains, a ``--shift`` that apply_shift would refuse after it, or one given to a
+    setting without a corruption (it would be ignored); a shifted setting without one gets the default."""
+    if not SETTINGS[args.setting].get('shifted'):
+        if args.shift is not None:
+            parser.error(f'--shift {" ".join(args.shift)}: setting {args.setting} has no corruption (its target is a '
+                         f'second dataset); leave --shift out, or use --setting cifar10_shift.')
+        return
+    args.shift = args.shift or list(DEFAULT_SHIFT)
+    try:  # at CIFAR-10's size, as the target's images will be
+        apply_shift(torch.zeros(1, 3, 32, 32, dtype=torch.uint8), args.shift)
+    except ValueError as e:
+        parser.error(f'--shift: {e}')
+
+
 def parse_args(argv) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--setting', default='cifar10_shift', choices=sorted(SETTINGS))
     parser.add_argument('--data-dir', default=None, help=DATA_DIR_HELP)
     parser.add_argument('--budget', default='cpu', choices=sorted(BUDGETS))
-    parser.add_argument('--shift', nargs='+', default=['gaussian_noise:5'], help='target corruption (cifar10_shift)')
+    parser.add_argument('--shift', nargs='+', default=None,
+                        help=f'target corruption NAME:SEVERITY (cifar10_shift only; default {" ".join(DEFAULT_SHIFT)})')
     parser.add_argument('--interface', help='source interface folder or Hub repo (skips training)')
     parser.add_argument('--extractor', help='source extractor folder or Hub repo')
     parser.add_argument('--head', help='source head folder or Hub repo')
@@ -169,6 +187,7 @@ def parse_args(argv) -> argparse.Namespace:
         if not (Path(args.output) / 'results.json').is_file():
             parser.error(f'--report-only: {Path(args.output) / "results.json"} does not exist; run without it first.')
         return args
+    check_shift(parser, args)
     setting = SETTINGS[args.setting]
     given = [args.interface, args.extractor, args.head]
     check_data_dir(parser, args.data_dir, [setting['target']['source']] + ([] if any(given) else

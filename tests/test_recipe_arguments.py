@@ -164,3 +164,24 @@ def test_the_sweep_report_refuses_one_source_seed_of_two_source_networks(import_
     record.write_text(record.read_text().replace('"NEW"', '"OLD"'))
     with pytest.raises(SystemExit, match=r'source seed 0 .*source scores? .*50.0.*60.0'):
         sweep.main(argv)
+
+
+@pytest.mark.parametrize('argv, error', [
+    (['--shift', 'gaussian_noise:6'], "--shift: Unknown shift 'gaussian_noise:6'"),
+    (['--shift', 'contrast:5', 'fog'], "--shift: Unknown shift 'fog'"),
+    (['--setting', 'synthetic', '--shift', 'contrast:5'], '--shift contrast:5: setting synthetic has no corruption'),
+    (['--setting', 'cifar10_stl10', '--shift', 'gaussian_noise:5'], 'setting cifar10_stl10 has no corruption'),
+])
+def test_adaptation_refuses_a_shift_it_cannot_apply_before_the_source_trains(import_script, tmp_path, monkeypatch,
+                                                                             capsys, argv, error):
+    """A bad --shift was refused only after the source network had trained (hours at the paper budget); one given
+    to a setting without a corruption was ignored."""
+    adaptation = import_script('recipes', 'adaptation')
+    monkeypatch.setattr(adaptation, 'launch_train', fail_if_trained)
+    with pytest.raises(SystemExit) as exit_:
+        adaptation.main(argv + ['--output', str(tmp_path / 'out')])
+    assert exit_.value.code == 2 and error in capsys.readouterr().err
+    assert not (tmp_path / 'out').exists()
+    assert adaptation.parse_args(['--shift', 'contrast:5', 'pixelate:2']).shift == ['contrast:5', 'pixelate:2']
+    assert adaptation.parse_args([]).shift == ['gaussian_noise:5']
+    assert adaptation.parse_args(['--setting', 'synthetic']).shift is None
