@@ -22,8 +22,10 @@ OUTPUT/seed<k>/, the table (mean +- std over seeds) to OUTPUT/report.md, every a
 (the paper's evaluation) and with running statistics (what a deployed model gets).
 
 ``--resume`` keeps every seed whose OUTPUT/seed<k>/results.json exists (its record: an earlier sitting's, or a
-committed one copied there, e.g. docs/results/head_transfer_fast/results_seed0.json) without its run folders, and
-continues the others' train.py runs, so seeds are added one sitting at a time.
+committed one copied there) without its run folders, and continues the others' train.py runs, so seeds are added
+one sitting at a time. A record is kept only if it was made on this code's data version and names the config it
+was trained under: docs/results/head_transfer_fast/results_seed0.json is of data version 1 and predates config
+records, so a multi-seed fast table retrains seed 0 too (``--seeds 3`` into a fresh OUTPUT).
 """
 import argparse
 import json

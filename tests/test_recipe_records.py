@@ -157,6 +157,23 @@ def test_head_transfer_resume_keeps_recorded_seeds_and_refuses_another_budgets(i
         head_transfer.main(['--budget', 'fast', '--seeds', '1', '--output', str(tmp_path), '--resume'])
 
 
+def test_the_docs_add_no_seed_to_the_committed_fast_head_transfer_record(import_script, tmp_path, monkeypatch):
+    """The docs said to copy the committed seed-0 record of Sec. 5.2's fast table into OUTPUT and --resume with
+    --seeds 3; that record is of data version 1 and has no config fingerprint, so it is refused."""
+    import shutil
+    from tests.conftest import REPO
+    head_transfer = import_script('recipes', 'head_transfer')
+    monkeypatch.setattr(head_transfer, 'run_seed', fail_if_trained)
+    committed = REPO / 'docs' / 'results' / 'head_transfer_fast' / 'results_seed0.json'
+    (tmp_path / 'seed0').mkdir()
+    shutil.copy(committed, tmp_path / 'seed0' / 'results.json')
+    with pytest.raises(SystemExit, match='made on data version 1'):
+        head_transfer.main(['--budget', 'fast', '--seeds', '3', '--output', str(tmp_path), '--resume'])
+    for doc in (head_transfer.__doc__, (REPO / 'docs' / 'results.md').read_text()):
+        for advice in ('cp docs/results/head_transfer_fast/results_seed0.json', 'e.g. docs/results/head_transfer_fast'):
+            assert advice not in doc
+
+
 def test_a_record_names_the_machine_its_runs_recorded(import_script, tmp_path):
     """The machine line of a record is the one the runs' own summaries give (their threads, not the recipe's);
     each line once; this process's only for runs whose summaries predate the field."""
