@@ -22,12 +22,13 @@ the paper's 50.1 %) because it is small, or because the interface is wide?
 Every run is one ``accelerate launch train.py`` run of recipes/sec4_methods.py's method, with the variant's keys set
 on top (``--budget``, ``--setting`` and ``--data-dir`` as there), in OUTPUT/VARIANT/; ``--variants`` picks some of
 the ablation's. Each finished (variant, seed) adds its record to OUTPUT/results.json at once, and report.md is built
-from the records at the end. ``--resume`` keeps the records already there (an earlier sitting's, or committed ones
-copied into OUTPUT) and trains only what they lack, continuing a killed run from its checkpoint, so a table is built
-over several sittings.
+at the end from every record there, whichever variants this sitting's ``--counts`` and ``--variants`` picked.
+``--resume`` keeps the records already there (an earlier sitting's, or committed ones copied into OUTPUT) and trains
+only what they lack, continuing a killed run from its checkpoint, so a table is built over several sittings.
 """
 import argparse
 import json
+import shlex
 import statistics
 import time
 from pathlib import Path
@@ -156,9 +157,8 @@ def measure(variant: Variant, seed: int, args, out: Path, bar) -> dict:
                 wall_seconds=round(time.time() - start, 1), run=[str(r) for r in run_dirs])
 
 
-def train_missing(args, out: Path, results: dict) -> list:
-    """Trains each (variant, seed) of ``args`` that ``results`` lacks, adding its record as it finishes; returns
-    the ablation's variants."""
+def train_missing(args, out: Path, results: dict) -> None:
+    """Trains each (variant, seed) of ``args`` that ``results`` lacks, adding its record as it finishes."""
     variants = VARIANTS[args.ablation](args)
     todo = [(v, seed) for v in variants if v.name in (args.variants or [v.name]) for seed in range(args.seeds)
             if not recorded(results, v.name, seed)]
@@ -176,7 +176,6 @@ def train_missing(args, out: Path, results: dict) -> list:
             save_results(out, args, results)  # as each run finishes: a killed recipe keeps what it measured
             bar.write(f'{variant.label} seed {seed}: recombination {record["recombination"]["batch"]:.1f} % '
                       f'(BN=batch); own {record["own"]["batch"]:.1f} %')
-    return variants
 
 
 def main(argv=None):
@@ -184,8 +183,18 @@ def main(argv=None):
     out = Path(args.output).resolve()
     results = load_results(out, args, RECORD_KEYS)
     with claim_output(out):  # one sitting at a time writes OUTPUT's records
-        variants = train_missing(args, out, results)
-    write_report(out, args, [v for v in variants if v.name in results], results)
+        train_missing(args, out, results)
+    write_report(out, args, recorded_variants(args, results), results)
+
+
+def recorded_variants(args, results: dict) -> List[Variant]:
+    """Every variant ``results`` holds records of, in the ablation's order, whatever this sitting's ``--counts``
+    and ``--variants`` picked: the report is of OUTPUT's records, not of one sitting's. A record of a variant this
+    code no longer has keeps its row, under its folder name."""
+    every = VARIANTS[args.ablation](argparse.Namespace(**{**vars(args), 'counts': list(range(1, len(COMMON) + 1))}))
+    known = [v for v in every if v.name in results]
+    names = {v.name for v in every}
+    return known + [Variant(name, name, '', []) for name in sorted(results) if name not in names]
 
 
 CORRELATION_NOTE = ('Correlation: Fig. 3\'s mean per-channel correlation of the two extractors\' features, channel i '
@@ -210,11 +219,12 @@ def write_report(out: Path, args, variants: List[Variant], results: dict) -> Pat
     figure = plot_bars(bars, out / 'figures' / f'{args.ablation}.png', title=TITLES[args.ablation])
     seeds = max(len(results[v.name]) for v in variants)
     machines = sorted({r.get('machine', 'a machine not recorded') for v in variants for r in results[v.name]})
+    known = [v for v in variants if v.method]  # the command can name only variants this code has
     command = (f'python recipes/sec4_ablations.py --ablation {args.ablation} --setting {args.setting} --budget '
                f'{args.budget} --seeds {seeds}' + (f' --data-dir {args.data_dir}' if args.data_dir else '')
                + (f' --epochs {args.epochs}' if args.epochs else '')
-               + (f' --counts {" ".join(map(str, args.counts))}' if args.ablation == 'common_classes' else '')
-               + f' --variants {" ".join(v.name for v in variants)} --resume')
+               + (f' --counts {" ".join(v.label for v in known)}' if args.ablation == 'common_classes' else '')
+               + f' --output {shlex.quote(args.output)} --variants {" ".join(v.name for v in known)} --resume')
     upper = ' The upper bound row is each network\'s own accuracy on the common classes.' * (args.ablation == 'control')
     return write(out, TITLES[args.ablation], {
         'Setup': (f'Command: `{command}` (`--resume` keeps the records of OUTPUT/results.json and trains only what '

@@ -139,3 +139,24 @@ def test_common_classes_runs_end_to_end_and_a_resumed_rerun_trains_nothing(ablat
         return {v: [{k: x for k, x in r.items() if k != 'wall_seconds'} for r in runs] for v, runs in res.items()}
     assert all(r['train_seconds'] > 0 for runs in again.values() for r in runs)  # the runs' own, not the read-back's
     assert drop(again) == drop(results)
+
+
+def test_a_sitting_on_some_counts_reports_every_recorded_variant_and_names_its_output(ablations, tmp_path,
+                                                                                      monkeypatch):
+    """`--counts 3 --resume` rewrote report.md and the figure with the K = 3 row alone while results.json kept all
+    nine, and the report's command had no --output: run as printed, it resumed from the default folder."""
+    import shlex
+    from tests.test_recipe_records import fail_if_trained, record, write_results
+    monkeypatch.setattr(sys.modules['sec4_methods'], 'launch', fail_if_trained)
+    out = tmp_path / 'out'
+    write_results(out, {f'dcc_{k}_classes': [record(0, 10.0 + k)] for k in (9, 2, 5, 1, 3, 4, 6, 8, 7)},
+                  ablation='common_classes')
+    ablations.main(['--ablation', 'common_classes', '--budget', 'fast', '--seeds', '1', '--counts', '3',
+                    '--output', str(out), '--resume'])
+    report = (out / 'report.md').read_text()
+    rows = [line.split('|')[1].strip() for line in report.splitlines() if line.startswith('| ') and '|' in line[2:]]
+    assert [r for r in rows if r.isdigit()] == [str(k) for k in range(1, 10)]
+    command = shlex.split(report.split('Command: `')[1].split('`')[0])
+    assert command[:2] == ['python', 'recipes/sec4_ablations.py']
+    again = ablations.parse_args(command[2:])
+    assert again.output == str(out) and again.counts == list(range(1, 10)) and again.resume
