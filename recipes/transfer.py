@@ -26,6 +26,7 @@ evaluation) and with running statistics (what a deployed model gets). Writes OUT
 stitches and the runs.
 """
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -119,6 +120,14 @@ def network_config(args, budget, name: str, data: dict, init_seed: int, interfac
     return config, overrides
 
 
+def training_seconds(components: list) -> float:
+    """The networks' training time, every phase of each run, from the runs' own summaries (``components`` are
+    their ``main/components`` folders): a run that --resume or --reuse reads back took no training here, and a
+    resumed one counts each step once."""
+    summaries = [json.loads((c.parent.parent / 'summary.json').read_text()) for c in components]
+    return round(sum(phase['train_seconds'] for summary in summaries for phase in summary['phases'].values()), 1)
+
+
 def load(components: Path, name: str, device):
     return tc.recombine(tc.Extractor.from_pretrained(components / name / 'extractor', map_location=device),
                         tc.Head.from_pretrained(components / name / 'head', map_location=device))
@@ -192,7 +201,8 @@ def main(argv=None):
                         for i, (name, data) in enumerate(source_data.items())}
         independent = {name: train_network(args, budget, f'{name}_independent', data, 10 + i, bar)
                        for i, (name, data) in enumerate({'target': target_data, **source_data}.items())}
-    train_seconds = time.time() - start
+    train_wall_seconds = time.time() - start  # this sitting's: a run read back or resumed counts only its part here
+    train_seconds = training_seconds([compatible, *sources_dirs.values(), *independent.values()])
 
     device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
     target = load(compatible, 'target', device)
@@ -216,7 +226,8 @@ def main(argv=None):
     stitching = stitch_sources(args, budget, out, target.head, sources, sources_ind, train, test)
     results = {'args': vars(args), 'ours': ours.to_dict(), 'independent': baseline.to_dict(),
                'ranking_step0': ours.ranking(0), 'ranking_final': ours.ranking(steps[-1]),
-               'stitching': stitching, 'train_seconds': round(train_seconds, 1),
+               'stitching': stitching, 'train_seconds': train_seconds,
+               'train_wall_seconds': round(train_wall_seconds, 1),
                'wall_seconds': round(time.time() - start, 1), 'target_train': len(train), 'target_test': len(test),
                'epoch_steps': epoch}
     write_json(out / 'results.json', results)
@@ -272,7 +283,8 @@ def report(out: Path, args, budget, ours, baseline, results: dict, argv) -> None
              f'accuracy is the average over classes, with BN batch statistics (test-time BN, the paper\'s '
              f'evaluation) and with running statistics (plain eval mode, what a deployed model gets). '
              f'{data_note(args.data_dir, _sources(SETTINGS[args.setting]))} '
-             f'Training the networks took {results["train_seconds"]} s, the whole recipe {results["wall_seconds"]} s.')
+             f'Training the networks took {results["train_seconds"]} s (their runs\' own time, summed), the whole '
+             f'recipe {results["wall_seconds"]} s in this sitting.')
     write_report(out, f'Faster transfer learning with compatible components (Sec. 5.3): {args.setting}', {
         'Setup': setup,
         'Ranking of source extractors': ranking,

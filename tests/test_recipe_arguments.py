@@ -185,3 +185,31 @@ def test_adaptation_refuses_a_shift_it_cannot_apply_before_the_source_trains(imp
     assert adaptation.parse_args(['--shift', 'contrast:5', 'pixelate:2']).shift == ['contrast:5', 'pixelate:2']
     assert adaptation.parse_args([]).shift == ['gaussian_noise:5']
     assert adaptation.parse_args(['--setting', 'synthetic']).shift is None
+
+
+def test_transfer_records_its_networks_training_time_from_their_runs_not_this_sittings_wall_time(
+        import_script, tmp_path, monkeypatch):
+    """`train_seconds` was the wall time around the train.py launches: a run that --resume read back counted the
+    seconds of reading it, a resumed one only its remainder; the runs' summaries hold their own training time."""
+    import types
+    transfer = import_script('recipes', 'transfer')
+
+    def read_back(config, run, overrides, threads, data_dir, bar, resume):  # train.py --resume on a finished run
+        run.mkdir(parents=True, exist_ok=True)
+        phases = {'pre': {'train_seconds': 100.0}, 'main': {'train_seconds': 3000.0}}
+        (run / 'summary.json').write_text(json.dumps({'phases': phases, 'data_version': DATA_VERSION}))
+        bar.update(1)
+    fake = types.SimpleNamespace(to_dict=lambda: {}, ranking=lambda step=0: [])
+    monkeypatch.setattr(transfer, 'launch_train', read_back)
+    monkeypatch.setattr(transfer, 'load', lambda *a: types.SimpleNamespace(extractor=None, head=None))
+    monkeypatch.setattr(transfer, 'load_target', lambda *a: (list(range(640)), list(range(100))))
+    monkeypatch.setattr(transfer, 'transfer', lambda *a, **k: fake)
+    monkeypatch.setattr(transfer, 'stitch_sources', lambda *a: {})
+    monkeypatch.setattr(transfer, 'report', lambda *a: None)
+    out = tmp_path / 'out'
+    transfer.main(['--setting', 'synthetic', '--budget', 'tiny', '--output', str(out), '--resume'])
+    results = json.loads((out / 'results.json').read_text())
+    runs = sorted((out / 'runs').glob('*/summary.json'))
+    assert len(runs) == 2 * (1 + len(transfer.SETTINGS['synthetic']['sources']))
+    assert results['train_seconds'] == 3100.0 * len(runs)
+    assert 0 <= results['train_wall_seconds'] < 3100.0  # this sitting's, kept apart
