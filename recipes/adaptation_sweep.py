@@ -2,7 +2,7 @@
 
     python recipes/adaptation_sweep.py --budget fast --data-dir ../shared/data       # 3 sources x 3 adaptations
     python recipes/adaptation_sweep.py --budget cpu --shifts gaussian_noise:5 contrast:5 --source-seeds 2
-    python recipes/adaptation_sweep.py --output runs/adaptation_sweep --report-only
+    python recipes/adaptation_sweep.py --budget fast --data-dir ../shared/data --report-only  # the first's report
 
 The ``cifar10_shift`` setting of ``recipes/adaptation.py``: a source network (extractor + head + RP head) on one
 half of CIFAR-10, and as target the other half and the test split under one corruption. Each source seed trains one
@@ -17,6 +17,8 @@ from its run folder, never trained again (another network; refused once the fold
 or corruptions to it only while ``OUTPUT/source<S>`` is there. ``OUTPUT/report.md`` gives, for each corruption, the
 source model (running BN statistics, Tab. 2's "source"), with test-time BN (batch statistics) and adapted through
 RP, as mean ± std over every source x adaptation seed (the source model's columns over the source seeds).
+``--report-only`` rebuilds it from the records: give it the run's arguments (its ``--budget``, ``--data-dir``,
+``--shifts``, seeds, ``--adapt-lr``/``--adapt-steps`` and ``--output``), or records of others are refused.
 """
 import argparse
 import json

@@ -213,3 +213,28 @@ def test_transfer_records_its_networks_training_time_from_their_runs_not_this_si
     assert len(runs) == 2 * (1 + len(transfer.SETTINGS['synthetic']['sources']))
     assert results['train_seconds'] == 3100.0 * len(runs)
     assert 0 <= results['train_wall_seconds'] < 3100.0  # this sitting's, kept apart
+
+
+def test_the_sweeps_report_only_example_reads_the_records_of_its_run_example(import_script, tmp_path):
+    """The docstring's `--output runs/adaptation_sweep --report-only` refused the records of its first example
+    (`--budget fast --data-dir ../shared/data`): --budget and --data-dir default to cpu and none."""
+    import shlex
+    sweep = import_script('recipes', 'adaptation_sweep')
+    examples = [shlex.split(line.split('#')[0])[2:] for line in sweep.__doc__.splitlines()
+                if line.strip().startswith('python recipes/adaptation_sweep.py')]
+
+    def elsewhere(argv):  # the example's arguments, writing into tmp_path
+        i = argv.index('--output') if '--output' in argv else len(argv)
+        return argv[:i] + argv[i + 2:] + ['--output', str(tmp_path)]
+    report_only = [e for e in examples if '--report-only' in e]
+    assert report_only
+    for example in report_only:
+        run = [a for a in elsewhere(example) if a != '--report-only']
+        assert run in [elsewhere(e) for e in examples if e not in report_only], example
+        args = sweep.parse_args(run + ['--report-only'])  # the run's arguments, as its records keep them
+        folder = sweep.adapt_folder(tmp_path, 0, args.shifts[0], 0)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / 'results.json').write_text(json.dumps({
+            'args': vars(args), 'scores': dict.fromkeys(sweep.SCORES.values(), 50.0), 'data_version': DATA_VERSION}))
+        sweep.main(elsewhere(example))
+        assert f'| {args.shifts[0]} | 1 | 50.0 |' in (tmp_path / 'report.md').read_text()
