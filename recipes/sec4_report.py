@@ -47,7 +47,7 @@ def own_accuracy_cost(results: dict, bn: str = 'batch') -> list:
         own, independent = zip(*pairs)
         p = ttest_rel(own, independent).pvalue if len(pairs) > 1 else float('nan')  # nan: no spread to test
         rows.append([LABELS[method], statistics.mean(own), statistics.mean(independent),
-                     mean_std([a - b for a, b in pairs], signed=True), '–' if p != p else f'{p:.2f}'])
+                     mean_std([a - b for a, b in pairs], signed=True), '–' if p != p else f'{p:.2g}'])
     return rows
 
 
