@@ -47,6 +47,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from timm_compat._hardware import hardware, resolve_precision
+from timm_compat._integrity import atomic_write_text
 from timm_compat.build import build_phases, load_task_data
 from timm_compat.config import config_changes, load_config
 from timm_compat.rundir import MARKER
@@ -192,7 +193,7 @@ def measure_run(args, name: str, root: Path) -> dict:
               'recombination_over_own': (sum(off) / len(off)) / (sum(own) / len(own)) if off else None,
               'mixed_precision': json.loads((out / 'summary.json').read_text())['mixed_precision'],
               'hardware': hardware(), 'data_dir': data_dir_of(args)}
-    record_path.write_text(json.dumps(record, indent=2))
+    atomic_write_text(record_path, json.dumps(record, indent=2))  # a killed write leaves no half record
     return record
 
 
