@@ -29,7 +29,6 @@ from common import load_average  # benchmarks/ is on sys.path
 _SMALL_WORDS = ('atto', 'femto', 'pico', 'nano', 'tiny', 'mini', 'small', 'lite', 'light')
 _SMALL_TOKENS = ('xxs', 'xs', 's', 't', 'b0')
 _MAX_BYTES = 2 * 1024 ** 3
-_FAMILY_SECONDS = 120
 
 
 def pick_model(module: str) -> str:
@@ -167,14 +166,18 @@ class FamilyTimeout(BaseException):
 
 
 def _alarm(signum, frame):
-    raise FamilyTimeout(f'family took over {_FAMILY_SECONDS} s')
+    raise FamilyTimeout('family took over --family-seconds')
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('--families', nargs='*', help='timm modules to sweep (default: all)')
     parser.add_argument('--points', type=int, default=3, help='split points per family')
+    parser.add_argument('--family-seconds', type=int, default=120,
+                        help='time limit per family; raise it on a loaded machine (default: 120)')
     args = parser.parse_args(argv)
+    if args.family_seconds < 1:
+        parser.error(f'--family-seconds must be at least 1, got {args.family_seconds}.')
     # An unknown name has no models: swept, it would count as a family error and the sweep would still exit 0.
     unknown = [m for m in args.families or [] if m not in timm.list_modules()]
     if unknown:
@@ -188,7 +191,7 @@ def main(argv=None):
     stats, reasons, start = collections.Counter(), collections.Counter(), time.time()
     signal.signal(signal.SIGALRM, _alarm)
     for module in families:
-        signal.alarm(_FAMILY_SECONDS)
+        signal.alarm(args.family_seconds)
         try:
             print(sweep_family(module, args.points, stats, reasons), flush=True)
         except (Exception, FamilyTimeout) as e:  # creation failures and timeouts are reported; the sweep goes on

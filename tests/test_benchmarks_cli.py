@@ -61,3 +61,17 @@ def test_split_sweep_refuses_an_unknown_family_before_sweeping(import_script, mo
         bench.main()
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and 'no timm module named squeezenet;' in err and 'timm.list_modules()' in err
+
+
+def test_split_sweep_family_time_limit_is_a_flag(import_script, monkeypatch, capsys):
+    # The per-family limit was a fixed 120 s: on a loaded machine no family finished within it and nothing could
+    # raise it.
+    bench = import_script('benchmarks', 'split_sweep')
+    alarms = []
+    monkeypatch.setattr(bench.signal, 'alarm', alarms.append)
+    monkeypatch.setattr(bench, 'sweep_family', lambda *a: 'swept')
+    bench.main(['--families', 'resnet', '--family-seconds', '900'])
+    assert alarms == [900, 0] and 'swept' in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_:
+        bench.main(['--families', 'resnet', '--family-seconds', '0'])
+    assert exit_.value.code == 2 and '--family-seconds' in capsys.readouterr().err
