@@ -146,7 +146,8 @@ def plot_accuracy_curves(curves: Mapping[str, Tuple[Sequence[float], Sequence[fl
         ax.annotate(label, (step, 0), xycoords=('data', 'axes fraction'), xytext=(3, 4), textcoords='offset points',
                     fontsize=8, color='grey')
     if log_x:
-        ax.set_xscale('symlog', linthresh=1.0, linscale=1.0)
+        # matplotlib stretches the linear part by 1 / (1 - 1/base): linscale 0.9 makes [0, 1] exactly one decade.
+        ax.set_xscale('symlog', linthresh=1.0, linscale=0.9)
         ax.set_xlim(left=-0.2)  # keeps the step-0 markers off the frame
         ax.xaxis.set_major_formatter(FuncFormatter(lambda step, _: f'{step:g}'))
     ax.set_xlabel(xlabel)
