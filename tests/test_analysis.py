@@ -178,9 +178,25 @@ def test_linear_cka_invariances():
     assert abs(linear_cka(x @ stretch, y) - reference) > 1e-2
 
 
-def test_linear_cka_of_constant_features_is_an_error():
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float64])
+def test_linear_cka_of_constant_features_is_an_error(dtype):
+    # In float64 the computed mean of 1000 x 0.3 is not 0.3: the centred residue gave a CKA of 8e-34, not an error.
     with pytest.raises(ValueError, match='constant'):
-        linear_cka(torch.ones(10, 3), torch.randn(10, 3))
+        linear_cka(torch.full((1000, 3), 0.3, dtype=dtype), torch.randn(1000, 3, dtype=dtype))
+    with pytest.raises(ValueError, match='constant'):
+        linear_cka(torch.randn(1000, 3, dtype=dtype), torch.full((1000, 2), 0.3, dtype=dtype))
+
+
+def test_sort_correlation_permutes_a_wider_a_as_compare_extractors_does():
+    # compare_extractors takes a wider A, but the permuted Fig. 3 plot of its matrix refused it.
+    b = _random_features(channels=5)
+    a = torch.cat([b[:, [3, 0, 4, 1, 2]], _random_features(channels=3, seed=4)], 1) + 0.1 * _random_features(
+        channels=8, seed=9)
+    corr = feature_correlation(a, b)
+    ordered, mean = sort_correlation(corr, 'permuted')
+    assert ordered.shape == (5, 5) and mean == pytest.approx(permuted_correlation(corr.T)[0])
+    assert mean == pytest.approx(ordered.diagonal().mean().item()) and mean > 0.9
+    assert torch.all(ordered.diagonal()[:-1] >= ordered.diagonal()[1:])
 
 
 def _labelled_by(model, data, batch_size):
@@ -269,3 +285,13 @@ def test_extract_features_keeps_data_order_across_shuffled_batches(model, data):
     with torch.no_grad(), eval_mode(model.extractor, 'running'):
         expected = model.extractor(normalize(data.images, cfg['mean'], cfg['std']))
     assert torch.allclose(feats, expected.permute(0, 2, 3, 1).reshape(-1, expected.shape[1]), atol=1e-5)
+
+
+def test_accuracy_curves_give_step_0_to_1_the_width_of_a_decade(tmp_path, monkeypatch):
+    # The docstring's layout; with linscale=1 matplotlib made the linear part 1.11 decades wide.
+    import timm_compat.plots as plots
+    figures = []
+    monkeypatch.setattr(plots, '_save', lambda fig, path: figures.append(fig) or path)
+    plot_accuracy_curves({'ours': ([0, 1, 10, 100], [0.5, 0.6, 0.7, 0.8])}, tmp_path / 'f.png')
+    x = figures[0].axes[0].xaxis.get_transform().transform([0.0, 1.0, 10.0, 100.0])
+    assert x[1] - x[0] == pytest.approx(x[2] - x[1]) and x[2] - x[1] == pytest.approx(x[3] - x[2])

@@ -175,8 +175,8 @@ def sort_correlation(corr: torch.Tensor, mode: str = 'direct') -> Tuple[torch.Te
     """Reorder a correlation matrix for display as in the paper's Fig. 3, with its mean.
 
     ``'direct'``: rows and columns both reordered by decreasing diagonal value (channel ``i`` stays paired with
-    channel ``i``). ``'permuted'``: B's columns first put in the order of the optimal assignment, so that matched
-    pairs lie on the diagonal (B's unmatched channels dropped when ``C_a < C_b``), then sorted likewise.
+    channel ``i``). ``'permuted'``: the matrix is first cut to the optimal one-to-one matching, so that matched
+    pairs lie on the diagonal (the wider extractor's unmatched channels dropped), then sorted likewise.
 
     Returns:
         ``(sorted_matrix, mean)``, ``mean`` being the direct or permuted correlation (the mean of the new diagonal).
@@ -185,9 +185,12 @@ def sort_correlation(corr: torch.Tensor, mode: str = 'direct') -> Tuple[torch.Te
         raise ValueError(f'Unknown correlation mode {mode!r}: use one of {CORRELATION_MODES}.')
     if mode == 'direct':
         mean = direct_correlation(corr)
-    else:
+    elif corr.shape[0] <= corr.shape[1]:
         mean, assignment = permuted_correlation(corr)
         corr = corr[:, assignment.to(corr.device)]
+    else:  # A wider: match every channel of B, as compare_extractors does, and keep A's matched rows
+        mean, matched = permuted_correlation(corr.T)
+        corr = corr[matched.to(corr.device)]
     order = corr.diagonal().argsort(descending=True)
     return corr[order][:, order], mean
 
@@ -209,7 +212,8 @@ def linear_cka(x: torch.Tensor, y: torch.Tensor, chunk_size: int = 65536) -> flo
     _check_pair(x, y)
     xx, yy, xy = _centered_products(x, y, chunk_size)
     norm_x, norm_y = torch.linalg.matrix_norm(xx), torch.linalg.matrix_norm(yy)
-    if norm_x == 0 or norm_y == 0:
+    # The exact test, as in feature_correlation: a constant float64 column leaves a tiny centred residue.
+    if bool(_constant_channels(x).all()) or bool(_constant_channels(y).all()):
         raise ValueError('CKA is undefined when a representation is constant over all samples (its centered '
                          'features are zero); check the features, e.g. for an all-dead ReLU layer.')
     return ((xy ** 2).sum() / (norm_x * norm_y)).item()
