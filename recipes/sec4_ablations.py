@@ -41,6 +41,7 @@ from common import (DATA_DIR_HELP, RECORDS_HELP, REPO, add_record, check_configs
 from sec4_methods import (BUDGETS, SETTINGS, control_overrides, correlation_record, method_fingerprint, method_machine,
                           run_method, run_networks, run_overrides, run_record, runs_of, setting_sources,
                           trained_method_fingerprint, training_seconds)
+from sec4_report import comparable
 
 ABLATIONS = ('common_classes', 'split', 'control', 'rp_head')
 # The classes CIFAR-10 shares with STL-10 (and with side b of the halves stand-ins), in CIFAR-10's label order.
@@ -150,6 +151,7 @@ def measure(variant: Variant, seed: int, args, out: Path, bar) -> dict:
     summary, run_dirs, networks = run_method(variant.method, seed, args, out / variant.name, bar, variant.extra)
     _, models, tests = networks or run_networks(run_dirs)
     return dict(seed=seed, **run_record(summary, upper_bound=variant.method == 'upper_bound'),
+                **({'distinct_init': True} if variant.method == 'upper_bound' else {}),
                 config=trained_method_fingerprint(variant.method, seed, args, out / variant.name, variant.extra),
                 correlation=correlation_record(variant.method, models, tests, None),
                 train_seconds=training_seconds(variant.method, seed, args, out / variant.name, variant.extra),
@@ -202,7 +204,8 @@ CORRELATION_NOTE = ('Correlation: Fig. 3\'s mean per-channel correlation of the 
                     'networks that share no heads, whose channels need be in no common order), and linear CKA; on '
                     '1000 test images of each task, over the seeds whose records have it (paper: RP 0.38, DCC 0.19, '
                     'permuted independent 0.34). The upper bound\'s two networks, trained in two runs of one seed, '
-                    'start from identical weights where their architectures match, so their channels start aligned.')
+                    'start from the weights of an independent pair; recorded before 2026-12-05 they started from '
+                    'identical weights, an IIW pair\'s, and their correlation is left out.')
 
 
 def write_report(out: Path, args, variants: List[Variant], results: dict) -> Path:
@@ -211,7 +214,8 @@ def write_report(out: Path, args, variants: List[Variant], results: dict) -> Pat
     for v in variants:
         runs = results[v.name]
         cells = [[r[k][bn] for r in runs] for k in ('recombination', 'own') for bn in BN_MODES]
-        measured = [r['correlation'] for r in runs if 'correlation' in r]  # records before it lack it
+        # Records before it lack it; upper-bound sides recorded before 2026-12-05 started from identical weights.
+        measured = [r['correlation'] for r in runs if 'correlation' in r and comparable(v.method, r)]
         rows.append([v.label, *map(mean_std, cells), *(mean_std([c[k] for c in measured], digits=2)
                                                        for k in ('direct', 'permuted', 'cka')),
                      len(runs), statistics.mean(r['train_seconds'] for r in runs)])

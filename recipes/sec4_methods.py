@@ -141,8 +141,10 @@ def method_runs(method: str, seed: int, args, out: Path, extra: Sequence[str] = 
     if method == 'iiw_dcc':
         return [(configs / 'dcc.yaml', run_dir, budget + ['iiw=true'])]
     if method == 'upper_bound':
+        # Each side trains as its run's network 0: side b would draw network a's init seed. It gets the one of
+        # network b in a non-IIW joint run (init_seed + 1000 * (index + 1)), so the two start apart.
         return [(configs / f'upper_bound_{side}.yaml', out / f'upper_bound_{side}_seed{seed}',
-                 single_network(budget, i)) for i, side in enumerate('ab')]
+                 single_network(budget, i) + [f'init_seed={seed + 1000 * i}']) for i, side in enumerate('ab')]
     return [(configs / f'{method}.yaml', run_dir, budget)]
 
 
@@ -209,6 +211,7 @@ def measure(method: str, seed: int, args, out: Path, bar) -> dict:
     names, models, tests = networks or run_networks(run_dirs)
     figure = out / 'figures' / f'correlation_{method}.png' if seed == 0 else None
     return dict(seed=seed, **run_record(summary, upper_bound=method == 'upper_bound'), networks=names,
+                **({'distinct_init': True} if method == 'upper_bound' else {}),
                 config=trained_method_fingerprint(method, seed, args, out),
                 correlation=correlation_record(method, models, tests, figure),
                 train_seconds=training_seconds(method, seed, args, out),

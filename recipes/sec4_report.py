@@ -51,10 +51,19 @@ def own_accuracy_cost(results: dict, bn: str = 'batch') -> list:
     return rows
 
 
+def comparable(method: str, record: dict) -> bool:
+    """Whether a record's matrix and correlation describe its method's pair: upper-bound sides recorded before
+    2026-12-05 (no ``distinct_init``) started from identical weights, an IIW pair's; their own accuracy stands."""
+    return method != 'upper_bound' or bool(record.get('distinct_init'))
+
+
 def method_figures(out: Path, method: str, runs: list) -> list:
     """The recombination matrix of ``method``'s first recorded seed under each BN mode (from its record)."""
     import torch
     from timm_compat.plots import ReportFigure, plot_recombination_matrix
+    runs = [r for r in runs if comparable(method, r)]
+    if not runs:
+        return []
     first = runs[0]  # the records are in seed order
     names = first.get('networks', ['a', 'b'])  # records before the names were kept: the configs' a and b
     return [ReportFigure(plot_recombination_matrix(torch.tensor(first['matrix'][bn]), names,
@@ -69,7 +78,7 @@ def correlation_section(out: Path, results: dict) -> list:
     from timm_compat.plots import ReportFigure, ReportTable
     rows, points = [], {}
     for method, runs in results.items():
-        measured = [r['correlation'] for r in runs if 'correlation' in r]
+        measured = [r['correlation'] for r in runs if 'correlation' in r and comparable(method, r)]
         if not measured:
             continue
         rows.append([LABELS[method], *(mean_std([c[k] for c in measured if c[k] is not None], digits=2)
@@ -78,7 +87,9 @@ def correlation_section(out: Path, results: dict) -> list:
             points[method] = (statistics.mean(c[c['kind']] for c in measured),
                               statistics.mean(r['recombination']['batch'] for r in runs))
     blocks = [ReportFigure(out / 'figures' / f'correlation_{m}.png', f'{LABELS[m]}, seed 0: per-channel correlations, '
-                           f'sorted (Fig. 3 style)') for m in results if (out / 'figures' / f'correlation_{m}.png').is_file()]
+                           f'sorted (Fig. 3 style)') for m, runs in results.items()
+              if (out / 'figures' / f'correlation_{m}.png').is_file()
+              and runs[0]['seed'] == 0 and comparable(m, runs[0])]  # seed 0 draws the block
     return [ReportTable(['method', 'direct', 'permuted', 'linear CKA', 'seeds'], rows, digits=2,
                         caption='1000 test images of each task. Paper: permuted independent 0.34, RP + random IIW '
                                 '0.38, DCC 0.19, yet DCC recombines better than RP (65.8 against 50.1 %): higher '
@@ -87,7 +98,8 @@ def correlation_section(out: Path, results: dict) -> list:
 
 
 UPPER_BOUND_NOTE = (f'Upper bound: each network trained alone with its own RP head, its accuracy on the common classes '
-                    f'(paper, batch statistics: {PAPER["upper_bound"]} %). ')
+                    f'(paper, batch statistics: {PAPER["upper_bound"]} %); its two networks recorded before '
+                    f'2026-12-05 started from identical weights, so only their own accuracy is shown. ')
 
 
 def orderings(results: dict, paper: dict) -> str:

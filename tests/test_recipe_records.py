@@ -125,6 +125,7 @@ def test_ablation_reports_give_the_permuted_correlation_beside_the_direct_one(im
     monkeypatch.setattr(sys.modules['sec4_methods'], 'launch', fail_if_trained)
     upper = record(0, 80.0)
     upper['correlation'] = {'direct': 0.02, 'permuted': 0.31, 'cka': 0.5, 'kind': 'permuted'}
+    upper['distinct_init'] = True  # sides that started apart (the correlation of older ones is left out)
     write_results(tmp_path / 'out', {'iiw_rp': [record(0, 70.0)], 'upper_bound': [upper]}, ablation='control')
     ablations.main(['--ablation', 'control', '--budget', 'fast', '--seeds', '1', '--output', str(tmp_path / 'out'),
                     '--resume', '--variants', 'iiw_rp', 'upper_bound'])

@@ -354,3 +354,39 @@ def test_sec4_matrix_figures_name_the_seed_they_draw(import_script, tmp_path):
     (tmp_path / 'figures').mkdir()
     captions = [f.caption for f in sec4_report.method_figures(tmp_path, 'iiw', runs)]
     assert captions == [f'IIW, seed 2: recombination accuracy (%), BN {bn} statistics' for bn in ('batch', 'running')]
+
+
+def test_sec4_upper_bound_sides_start_from_the_weights_of_an_independent_pair(import_script, tmp_path):
+    """Each side of the upper bound trains alone as its run's network 0, so both drew init seed ``seed + 1000``:
+    the two "independent" networks started from identical weights, and their matrix and correlation were an IIW
+    pair's. Side b now starts where network b of a non-IIW joint run does."""
+    import argparse
+    from timm_compat.config import load_config
+    from timm_compat.methods.iiw import init_seed
+    sec4 = import_script('recipes', 'sec4_methods')
+    args = argparse.Namespace(budget='cpu', setting='cifar10_halves', epochs=None, init='random')
+    for seed in (0, 3):
+        (a, _, sets_a), (b, _, sets_b) = sec4.method_runs('upper_bound', seed, args, tmp_path)
+        seeds = [init_seed(load_config(str(path), sets).init_seed, 0, False)  # each side is its run's network 0
+                 for path, sets in ((a, sets_a), (b, sets_b))]
+        assert seeds == [init_seed(seed, i, False) for i in (0, 1)]
+
+
+def test_sec4_report_leaves_out_the_pair_measures_of_upper_bounds_from_identical_weights(import_script, tmp_path):
+    """Upper-bound records from before the sides started apart keep their own accuracy; their matrix and
+    correlation, an IIW pair's, are not shown as an independent pair's."""
+    sec4_report = import_script('recipes', 'sec4_report')
+    matrix = [[0.8, 0.6], [0.6, 0.8]]
+    old = {'seed': 0, 'matrix': {'batch': matrix, 'running': matrix}, 'networks': ['a', 'b'],
+           'recombination': {'batch': 80.0, 'running': 80.0}, 'correlation': {'direct': 0.5, 'permuted': 0.6,
+                                                                               'cka': 0.7, 'kind': 'permuted'}}
+    new = {**old, 'seed': 1, 'distinct_init': True, 'correlation': {'direct': 0.0, 'permuted': 0.2, 'cka': 0.3,
+                                                                     'kind': 'permuted'}}
+    (tmp_path / 'figures').mkdir()
+    captions = [f.caption for f in sec4_report.method_figures(tmp_path, 'upper_bound', [old, new])]
+    assert captions and all('seed 1' in c for c in captions)
+    assert sec4_report.method_figures(tmp_path, 'upper_bound', [old]) == []
+    assert sec4_report.method_figures(tmp_path, 'iiw', [old])  # other methods' records need no marker
+    (tmp_path / 'figures' / 'correlation_upper_bound.png').write_bytes(b'')
+    table, *blocks = sec4_report.correlation_section(tmp_path, {'upper_bound': [old, new]})
+    assert table.rows == [['Upper bound', '0.00', '0.20', '0.30', 1]] and blocks == []
