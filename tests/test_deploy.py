@@ -204,6 +204,19 @@ def test_a_single_component_or_a_custom_module_is_refused_with_the_right_call(pa
                           num_classes=7)
 
 
+def test_compatible_model_built_by_name_takes_the_pairs_preprocessing_and_classifier(pair):
+    """Without a folder, timm gave the registry's placeholder cfg: ImageNet mean/std, 224 px, no classifier."""
+    configs = dict(extractor=pair.extractor.full_config(), head=pair.head.full_config())
+    model = timm.create_model('compatible_model', **configs)
+    data, cfg = timm.data.resolve_data_config(model=model), pair.extractor.pretrained_cfg
+    assert [tuple(data[k]) for k in ('input_size', 'mean', 'std')] == [cfg['input_size'], cfg['mean'], cfg['std']]
+    assert model.get_submodule(model.pretrained_cfg['classifier']) is model.head.tail.fc
+    assert model.pretrained_cfg['num_classes'] == 4
+    # The caller's overlay still wins over the pair's own.
+    resized = timm.create_model('compatible_model', **configs, pretrained_cfg_overlay=dict(input_size=(3, 40, 40)))
+    assert tuple(timm.data.resolve_data_config(model=resized)['input_size']) == (3, 40, 40)
+
+
 @pytest.mark.parametrize('which', ['pair', 'same_backbone'])
 def test_a_half_precision_recombined_model_saves_and_loads_in_its_dtype(request, which, tmp_path):
     """bf16 same-backbone pairs crashed in the save's probe (fp32 input); pairs loaded back as fp32."""

@@ -279,6 +279,13 @@ def _timm_build(extractor: Dict[str, Any], head: Dict[str, Any], num_classes: Op
     return _build_pair(_check_pair({'extractor': extractor, 'head': head}, ARCHITECTURE)[0], head)
 
 
+def _own_pretrained_cfg(extractor: Dict[str, Any], head: Dict[str, Any]) -> Dict[str, Any]:
+    """The pretrained_cfg a saved folder would record for this pair: the extractor's preprocessing (timm's data
+    config reads it) and the head's classifier (timm's ``reset_classifier`` and weight loading find it by path)."""
+    cfg = _timm_pretrained_cfg({}, extractor.get('pretrained_cfg', {}), head.get('num_classes'))
+    return _with_classifier(cfg, head.get('pretrained_cfg', {}))
+
+
 # The registry's config: no weights of its own (a saved folder's config.json gives them, and its pretrained_cfg).
 default_cfgs = generate_default_cfgs({f'{ARCHITECTURE}.untrained': {'url': '', 'num_classes': 0}})
 
@@ -291,7 +298,8 @@ def compatible_model(pretrained: bool = False, *, extractor: Optional[Dict[str, 
     Reached through ``timm.create_model('local-dir:DIR' or 'hf-hub:ORG/NAME', pretrained=True)`` on a folder
     saved by :func:`save_recombined`; with ``pretrained=True`` the weights are read and verified by
     :func:`load_recombined`'s checks, and must be the folder's own (model_args overriding the architecture are
-    refused).
+    refused). Built by name (``timm.create_model('compatible_model', extractor=..., head=...)``), its
+    ``pretrained_cfg`` is what a saved folder would record: the extractor's preprocessing and the head's classifier.
     """
     if extractor is None or head is None:
         raise ValueError('compatible_model is the architecture of a saved recombined model: load one with '
@@ -304,6 +312,9 @@ def compatible_model(pretrained: bool = False, *, extractor: Optional[Dict[str, 
     cache_dir = kwargs.pop('cache_dir', None)
     kwargs.pop('pretrained_model_args', None)
     kwargs.setdefault('num_classes', head.get('num_classes'))  # not the registry's default of 0
+    if kwargs.get('pretrained_cfg') is None:  # built by name, no folder: the registry's cfg is a placeholder
+        kwargs['pretrained_cfg_overlay'] = {**_own_pretrained_cfg(extractor, head),
+                                            **(kwargs.get('pretrained_cfg_overlay') or {})}
     model = build_model_with_cfg(_timm_build, ARCHITECTURE, pretrained=False, extractor=extractor, head=head,
                                  feature_cfg=None, **kwargs)
     if not pretrained:
