@@ -246,6 +246,23 @@ def test_transfer_step_zero_does_no_optimizer_step(target, sources, train, test,
     assert_unchanged(target.head, head_before)
 
 
+def test_transfer_fine_tunes_components_the_caller_froze(target, sources, train, test):
+    """The copies kept the caller's requires_grad=False: a frozen extractor was silently not fine-tuned, and with
+    the head frozen too the optimiser had nothing to train."""
+    untrained = []  # per optimiser step: how many of its parameters got no gradient, of how many
+    handle = register_optimizer_step_pre_hook(lambda opt, args, kwargs: untrained.append(
+        (sum(p.grad is None for g in opt.param_groups for p in g['params']),
+         sum(len(g['params']) for g in opt.param_groups))))
+    frozen, head_only = copy.deepcopy(sources['s1']).requires_grad_(False), copy.deepcopy(target)
+    try:
+        transfer(target, {'s1': frozen}, train, test, steps=(0, 1), reinit_head=True, batch_size=8)
+        transfer(head_only.requires_grad_(False), {'s1': frozen}, train, test, steps=(0, 1), batch_size=8)
+    finally:
+        handle.remove()
+    assert len(untrained) == 3 and all(none == 0 and total > 0 for none, total in untrained), untrained
+    assert not any(p.requires_grad for p in [*frozen.parameters(), *head_only.parameters()])
+
+
 def test_transfer_ranks_sources_by_step_zero_accuracy():
     curves = [TransferCurve('weak', 'recombined', True, [0, 10], [0.2, 0.9], 1.0),
               TransferCurve('weak', 'reinit_head', True, [0, 10], [0.95, 0.95], 1.0),

@@ -159,6 +159,9 @@ def _finetune_curve(model: CompatibleModel, train: ImageData, test: ImageData, s
     evaluate(0)
     if steps[-1] == 0:
         return accuracies
+    # model is built of copies: a component the caller froze (requires_grad=False) is fine-tuned here all the same,
+    # as the other curves' components are, and the caller's own flags stay as they were.
+    model.requires_grad_(True)
     optimizer = make_optimizer(list(model.parameters()), 'sgd', lr, momentum, weight_decay)
     sampler = EpochSampler(len(train), batch_size, seed)
     cfg = model.extractor.pretrained_cfg
@@ -211,8 +214,8 @@ def transfer(target_model: CompatibleModel, sources: Mapping[str, Extractor], tr
              bn: str = 'batch', seed: int = 0, mixed_precision: str = 'no') -> TransferResult:
     """Swap each source extractor under the target head; measure accuracy at step 0 and along fine-tuning.
 
-    Every curve fine-tunes its own copies of the components (extractor, head and any stitch, all trained), so the
-    caller's components never change nor the curves influence each other. Step 0 comes before any optimiser exists.
+    Every curve fine-tunes its own copies of the components (extractor, head and any stitch, all trained, frozen or
+    not), so the caller's components (``requires_grad`` included) never change nor the curves influence each other.
 
     Args:
         target_model: The target task's model; only its head is used.
@@ -220,7 +223,7 @@ def transfer(target_model: CompatibleModel, sources: Mapping[str, Extractor], tr
         train_data: Labelled target training data, classes in the head's order.
         test_data: Labelled target test data, classes in the head's order.
         steps: Fine-tuning steps at which to measure accuracy; include 0 for the accuracy directly after
-            recombination, which ranks the sources.
+            recombination (before any optimiser exists), which ranks the sources.
         reinit_head: Also fine-tune each source with a new head of the target head's architecture, at the source's
             width (the standard transfer-learning baseline; the paper's runs it on independent sources).
         on_mismatch: For sources that do not share the target head's interface: ``"error"`` (refuse, before any
