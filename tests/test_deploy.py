@@ -309,6 +309,21 @@ def test_deployed_model_classifies_single_images_as_in_a_batch(recombined, shift
             assert not torch.allclose(recombined(x[:1]), recombined(x)[:1], atol=1e-2)
 
 
+def test_a_half_precision_model_is_deployed_and_evaluated_from_uint8_images(recombined, shifted):
+    """uint8 images were normalised to float32 and fed to the bf16 weights (bf16 pairs save and load as bf16)."""
+    half = copy.deepcopy(recombined).to(torch.bfloat16)
+    unlabeled = shifted.images[:200]
+    deployed = {torch.float32: tc.deploy(recombined, unlabeled), torch.bfloat16: tc.deploy(half, unlabeled)}
+    cfg = recombined.extractor.pretrained_cfg
+    x = normalize(shifted.images, cfg['mean'], cfg['std'])
+    with torch.no_grad():
+        full, low = (deployed[dtype](x.to(dtype)).argmax(1) for dtype in deployed)
+    assert (full == low).float().mean() > 0.9
+    expected = tc.bn_accuracy_report(recombined, shifted, unlabeled=unlabeled)
+    report = tc.bn_accuracy_report(half, shifted, unlabeled=unlabeled)  # accuracy() for 'batch' and 'running'
+    assert all(abs(report[bn] - expected[bn]) < 0.05 for bn in expected), (report, expected)
+
+
 def test_deploy_leaves_the_original_untouched_and_shares_its_interface(recombined, shifted, tmp_path):
     before = {k: v.clone() for k, v in recombined.state_dict().items()}
     recombined.train()

@@ -16,7 +16,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from .batchnorm import recalibrate_bn
 from .data import ImageData, evaluation_batches, iterate_batches, normalize
-from .evaluation import accuracy
+from .evaluation import accuracy, input_dtype
 
 __all__ = ['BN_MODES', 'deploy', 'bn_accuracy_report', 'format_bn_report']
 
@@ -33,14 +33,15 @@ def _device(model: nn.Module) -> torch.device:
 
 def _batches(images: Images, model: nn.Module, batch_size: int, seed: int) -> Iterator[torch.Tensor]:
     """Model inputs from ``images``: ``uint8`` images are normalised with the extractor's mean and std, float
-    tensors are taken as inputs already; a tensor or :class:`ImageData` is cut into seeded shuffled batches (a
-    class-sorted store would otherwise give batches of one class, whose variance is too small)."""
+    tensors are taken as inputs already; both in the model's floating dtype (a bf16 model takes bf16 inputs). A
+    tensor or :class:`ImageData` is cut into seeded shuffled batches (a class-sorted store would otherwise give
+    batches of one class, whose variance is too small)."""
     cfg = model.extractor.pretrained_cfg
-    device = _device(model)
+    device, dtype = _device(model), input_dtype(model.extractor)
 
     def prepare(x: torch.Tensor) -> torch.Tensor:
         x = x.to(device)
-        return normalize(x, cfg['mean'], cfg['std']) if x.dtype == torch.uint8 else x
+        return (normalize(x, cfg['mean'], cfg['std']) if x.dtype == torch.uint8 else x).to(dtype)
 
     if isinstance(images, ImageData) and not isinstance(images.images, torch.Tensor):  # streamed: decode batches
         images = (x for x, _ in iterate_batches(images, batch_size, seed))
@@ -72,7 +73,7 @@ def deploy(model: nn.Module, unlabeled: Images, *, batch_size: int = 256, num_ba
         model: A :class:`~timm_compat.CompatibleModel` (anything with ``extractor.pretrained_cfg`` mean and std).
         unlabeled: Target-domain images without labels: an :class:`~timm_compat.data.ImageData`, a ``uint8``
             ``(N, 3, H, W)`` tensor (normalised with the model's mean/std), a float tensor of model inputs, or an
-            iterable of such batches.
+            iterable of such batches; all are cast to the dtype of the model's weights (bf16 for a bf16 model).
         batch_size: Images per recalibration batch, when ``unlabeled`` is not already batches.
         num_batches: Stop after this many batches.
         seed: Seed of the order in which a tensor of images is batched.

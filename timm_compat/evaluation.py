@@ -55,9 +55,15 @@ def _check_classes(model: nn.Module, data: ImageData) -> None:
                          f'data.select_classes(head.class_names), or score the head on its own task.')
 
 
+def input_dtype(module: nn.Module) -> torch.dtype:
+    """The dtype ``module`` takes its inputs in: that of its floating parameters (float32 if it has none)."""
+    return next((p.dtype for p in module.parameters() if p.is_floating_point()), torch.float32)
+
+
 def _inputs(images: torch.Tensor, extractor: nn.Module, device) -> torch.Tensor:
+    # normalize gives float32, which a bf16 or fp16 extractor refuses: inputs take the weights' dtype.
     cfg = extractor.pretrained_cfg
-    return normalize(images.to(device, non_blocking=True), cfg['mean'], cfg['std'])
+    return normalize(images.to(device, non_blocking=True), cfg['mean'], cfg['std']).to(input_dtype(extractor))
 
 
 @torch.no_grad()
