@@ -338,6 +338,21 @@ def test_deploy_leaves_the_original_untouched_and_shares_its_interface(recombine
     assert tc.load_recombined(tmp_path).bn_calibration == {'method': 'adabn', 'images': 128}
 
 
+def test_deploy_shares_the_interfaces_of_a_stitched_or_force_joined_models_parts(pair):
+    """Only model.interface was shared: the parts of a StitchedModel (or of a force-joined pair, whose own
+    interface is None) got private copies of their interfaces."""
+    from timm_compat.stitching import Stitch, StitchedModel
+    other = tc.make_compatible('resnet8_cifar', split='layer2', interface=tc.Interface(width=24), num_classes=4,
+                               class_names=NAMES)
+    stitched = StitchedModel(pair.extractor, Stitch(24, 24, False, pair.extractor.interface_id,
+                                                    other.head.interface_id), other.head)
+    images = torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    for model in (stitched, tc.recombine(pair.extractor, other.head, force=True)):
+        deployed = tc.deploy(model, images)
+        assert deployed.extractor.interface is pair.extractor.interface
+        assert deployed.head.interface is other.head.interface and deployed.head is not other.head
+
+
 def test_deploy_refuses_bn_without_running_statistics_and_empty_data(recombined):
     model = copy.deepcopy(recombined)
     model.head.tail.get_submodule('layer3.0').bn1 = torch.nn.BatchNorm2d(64, track_running_stats=False)

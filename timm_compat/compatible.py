@@ -279,6 +279,16 @@ def _classes(num_classes: Optional[int], head: Optional[Head], backbone: str) ->
     return num_classes
 
 
+def shared_interfaces(model: nn.Module) -> Dict[int, Interface]:
+    """A ``copy.deepcopy`` memo that keeps every interface ``model`` or one of its parts references shared.
+
+    An interface is held by reference (its aux heads are what other models are trained against), not as a weight
+    of the model: a copy of a stitched or force-joined model, whose parts reference interfaces that the model itself
+    does not, must not copy them either.
+    """
+    return {id(i): i for module in model.modules() if (i := module.__dict__.get('interface')) is not None}
+
+
 def recombine(extractor: Union[Extractor, str, Path], head: Union[Head, str, Path],
               force: bool = False) -> CompatibleModel:
     """Join an extractor and a head, refusing components of different interfaces.

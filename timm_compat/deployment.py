@@ -15,6 +15,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .batchnorm import recalibrate_bn
+from .compatible import shared_interfaces
 from .data import ImageData, evaluation_batches, iterate_batches, normalize
 from .evaluation import accuracy, input_dtype
 
@@ -66,8 +67,9 @@ def deploy(model: nn.Module, unlabeled: Images, *, batch_size: int = 256, num_ba
     """A copy of ``model`` whose BN running statistics are re-estimated on ``unlabeled`` (AdaBN), in eval mode.
 
     The copy's predictions no longer depend on the batch: ``deployed(x[:1])`` equals ``deployed(x)[:1]``. The
-    model given is not changed; an interface it references is shared, not copied. The copy records what it was
-    calibrated on in ``bn_calibration``, which ``save_pretrained`` writes to the folder and its model card.
+    model given is not changed; an interface it or one of its parts references is shared, not copied. The copy
+    records what it was calibrated on in ``bn_calibration``, which ``save_pretrained`` writes to the folder and its
+    model card.
 
     Args:
         model: A :class:`~timm_compat.CompatibleModel` (anything with ``extractor.pretrained_cfg`` mean and std).
@@ -84,9 +86,7 @@ def deploy(model: nn.Module, unlabeled: Images, *, batch_size: int = 256, num_ba
     Raises:
         ValueError: A BN layer keeps no running statistics, so there is nothing to recalibrate; or no images.
     """
-    interface = getattr(model, 'interface', None)
-    memo = {id(interface): interface} if interface is not None else {}
-    deployed = copy.deepcopy(model, memo)
+    deployed = copy.deepcopy(model, shared_interfaces(model))
     for name, bn in deployed.named_modules():
         if isinstance(bn, _BatchNorm):
             if bn.running_mean is None:

@@ -30,7 +30,7 @@ from ._component_timm import timm_source
 from ._integrity import ComponentError, weights_digest
 from ._recombined_card import model_card
 from .batchnorm import eval_mode
-from .compatible import CompatibleModel
+from .compatible import CompatibleModel, shared_interfaces
 from .component import FORMAT_VERSION, push_folder, read_verified, write_folder
 from .components import Extractor, Head
 
@@ -109,9 +109,8 @@ def _as_backbone(model: CompatibleModel, configs) -> Optional[Tuple[torch.nn.Mod
 def _same_logits(model: torch.nn.Module, other: torch.nn.Module, input_size) -> bool:
     dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
     x = torch.randn(4, *input_size, generator=torch.Generator().manual_seed(0)).to(dtype)
-    interface = getattr(model, 'interface', None)  # not part of the forward pass: shared, not copied
-    memo = {id(interface): interface} if interface is not None else {}
-    model_copy = copy.deepcopy(model, memo).cpu()  # the probe must not move or touch the caller's model
+    # The probe must not move or touch the caller's model; interfaces are not part of the forward pass.
+    model_copy = copy.deepcopy(model, shared_interfaces(model)).cpu()
     for bn in ('running', 'batch'):
         with eval_mode(model_copy, bn), eval_mode(other, bn):
             if not torch.equal(model_copy(x), other(x)):
