@@ -128,6 +128,18 @@ def test_card_says_which_call_loads_the_model(pair, same_backbone, tmp_path):
     assert 'share no interface' in plain.text
 
 
+def test_card_says_force_only_where_the_parts_may_have_been_forced(pair, tmp_path):
+    """Every pair without one interface id was called force-joined, also one independent network saved whole."""
+    network = tc.make_compatible('resnet8_cifar', split='layer2', interface=None, width=24, num_classes=4)
+    other = tc.make_compatible('resnet8_cifar', split='layer2', interface=tc.Interface(width=24), num_classes=4,
+                               class_names=NAMES)
+    network.save_pretrained(tmp_path / 'one')
+    tc.recombine(pair.extractor, other.head, force=True).save_pretrained(tmp_path / 'forced')
+    one, forced = ((tmp_path / name / 'README.md').read_text().split('## Loading')[0] for name in ('one', 'forced'))
+    assert 'force=True' not in one and 'trained without one (parts of independent networks)' in one
+    assert 'joined with `force=True` and saved' in forced and 'independent networks' not in forced
+
+
 def test_hf_hub_route_through_an_offline_cache(pair, tmp_path, hf_cache):  # noqa: F811 (fixture)
     pair.save_pretrained(tmp_path / 'm')
     put_in_cache(hf_cache, 'org/mixed', tmp_path / 'm')

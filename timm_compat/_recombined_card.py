@@ -44,8 +44,16 @@ def _pair_words(config: Dict[str, Any]) -> str:
     if config.get('interface_id'):
         return (f'An extractor and a head trained against one interface, so compatible ([Gygli et al., AAAI 2021]'
                 f'({PAPER_URL})), joined and saved as one timm model.')
-    return ('An extractor and a head that share no interface, joined with `force=True` and saved as one timm model: '
-            'they were not trained to fit each other, so expect the accuracy measured for this pair, not their own.')
+    ids = [config[role].get('interface_id') for role in ('extractor', 'head')]
+    if any(ids):  # different interfaces, or one part without: only recombine(force=True) joins those
+        return ('An extractor and a head that share no interface, joined with `force=True` and saved as one timm '
+                'model: they were not trained to fit each other, so expect the accuracy measured for this pair, not '
+                'their own.')
+    # Neither was trained against an interface: one network saved whole, or parts of two joined with force=True.
+    # Nothing saved tells these apart, so the card claims neither.
+    return ('An extractor and a head that share no interface: both were trained without one (parts of independent '
+            'networks), and are saved as one timm model. If they come from two networks, they were not trained to fit '
+            'each other: expect the accuracy measured for this pair, not their own.')
 
 
 def model_card(config: Dict[str, Any], repo_id: str) -> str:
