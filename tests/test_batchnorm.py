@@ -80,6 +80,14 @@ def test_failed_recalibration_keeps_the_running_statistics():
     assert all(torch.equal(before[k], v) for k, v in _bn_state(model).items()) and bn.momentum == 0.1
 
 
+def test_recalibration_refuses_no_batches_also_without_a_bn_layer():
+    """A module with nothing to recalibrate returned early, before the empty data was noticed."""
+    for model in (torch.nn.Conv2d(2, 2, 1), torch.nn.BatchNorm2d(2, track_running_stats=False)):
+        with pytest.raises(ValueError, match='no batches'):
+            tc.recalibrate_bn(model, iter([]))
+        assert tc.recalibrate_bn(model, [torch.randn(4, 2, 3, 3)]) is model
+
+
 def test_recalibration_of_a_model_left_in_batch_statistics():
     """Layers whose running statistics are switched off (set_batch_statistics) are recalibrated, and stay off."""
     model, bn = _stale()

@@ -374,6 +374,22 @@ def test_deploy_refuses_bn_without_running_statistics_and_empty_data(recombined)
         tc.deploy(recombined, [])
 
 
+def test_deploy_of_a_model_without_bn_refuses_empty_data_and_records_that_it_has_no_bn(pair, tmp_path):
+    """A model without BN took no images silently and recorded an AdaBN calibration on 0 images."""
+    model = copy.deepcopy(pair)
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, torch.nn.BatchNorm2d):
+                setattr(module, name, torch.nn.Identity())
+    with pytest.raises(ValueError, match='no batches'):
+        tc.deploy(model, [])
+    deployed = tc.deploy(model, torch.zeros(4, 3, 32, 32, dtype=torch.uint8))
+    assert deployed.bn_calibration == {'method': 'no_bn', 'images': 0}
+    deployed.save_pretrained(tmp_path)
+    card = (tmp_path / 'README.md').read_text()
+    assert 'has no BatchNorm layer' in card and 'recalibrate' not in card and 'AdaBN' not in card
+
+
 def test_a_pair_of_a_backbone_timm_compat_registers_needs_the_import_and_says_so(tmp_path):
     nets = [tc.make_compatible('resnet8_cifar', split='layer2', interface=None, width=32, num_classes=4,
                                init_seed=seed) for seed in (1, 2)]

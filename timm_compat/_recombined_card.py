@@ -31,6 +31,9 @@ def _loading(config: Dict[str, Any], repo_id: str) -> List[str]:
 
 def _bn_words(config: Dict[str, Any]) -> str:
     calibration = config.get('bn_calibration')
+    if calibration and calibration.get('method') == 'no_bn':
+        return ('The model has no BatchNorm layer (checked by `timm_compat.deploy`): its predictions do not depend on '
+                'the rest of the batch, so `model.eval()` classifies single images as saved.')
     if calibration:
         return (f'BN running statistics were recalibrated on {calibration.get("images")} unlabelled target images '
                 f'(AdaBN, `timm_compat.deploy`): `model.eval()` classifies single images.')

@@ -89,12 +89,16 @@ def eval_mode(module: nn.Module, bn: str = 'batch') -> Iterator[nn.Module]:
             yield module
 
 
+_NO_BATCHES = 'recalibrate_bn got no batches: pass a non-empty iterable of image tensors.'
+
+
 @torch.no_grad()
 def recalibrate_bn(module: nn.Module, images: Iterable[torch.Tensor], num_batches: Optional[int] = None) -> nn.Module:
     """AdaBN: replace running statistics with the average statistics of ``module`` over ``images``.
 
     Layers whose running statistics are switched off (:func:`set_batch_statistics`) are recalibrated too, and stay
-    switched off; layers built without running buffers always use batch statistics and are left as they are.
+    switched off; layers built without running buffers always use batch statistics and are left as they are. A
+    module with no layer to recalibrate is returned as it is, once ``images`` is known to hold a batch.
 
     Args:
         module: Any module taking image batches (a network or an extractor).
@@ -111,7 +115,9 @@ def recalibrate_bn(module: nn.Module, images: Iterable[torch.Tensor], num_batche
     if num_batches is not None and num_batches < 1:
         raise ValueError(f'recalibrate_bn got num_batches={num_batches}: it needs at least 1 batch (None: all).')
     layers = [bn for bn in _bn_layers(module) if bn.running_mean is not None]
-    if not layers:
+    if not layers:  # nothing to recalibrate; no images is the caller's mistake all the same
+        if next(iter(images), None) is None:
+            raise ValueError(_NO_BATCHES)
         return module
     saved = [(bn.momentum, bn.track_running_stats, [b.clone() for b in _running(bn)]) for bn in layers]
     done = False
@@ -129,7 +135,7 @@ def recalibrate_bn(module: nn.Module, images: Iterable[torch.Tensor], num_batche
                 if num_batches is not None and seen >= num_batches:
                     break
             if seen == 0:
-                raise ValueError('recalibrate_bn got no batches: pass a non-empty iterable of image tensors.')
+                raise ValueError(_NO_BATCHES)
             done = True
         finally:
             for bn, (momentum, track, buffers) in zip(layers, saved):

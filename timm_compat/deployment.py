@@ -69,7 +69,8 @@ def deploy(model: nn.Module, unlabeled: Images, *, batch_size: int = 256, num_ba
     The copy's predictions no longer depend on the batch: ``deployed(x[:1])`` equals ``deployed(x)[:1]``. The
     model given is not changed; an interface it or one of its parts references is shared, not copied. The copy
     records what it was calibrated on in ``bn_calibration``, which ``save_pretrained`` writes to the folder and its
-    model card.
+    model card: ``{'method': 'adabn', 'images': n}``, or ``{'method': 'no_bn', 'images': 0}`` for a model without
+    BN layers, whose predictions never depended on the batch (the copy is made all the same).
 
     Args:
         model: A :class:`~timm_compat.CompatibleModel` (anything with ``extractor.pretrained_cfg`` mean and std).
@@ -87,15 +88,17 @@ def deploy(model: nn.Module, unlabeled: Images, *, batch_size: int = 256, num_ba
         ValueError: A BN layer keeps no running statistics, so there is nothing to recalibrate; or no images.
     """
     deployed = copy.deepcopy(model, shared_interfaces(model))
-    for name, bn in deployed.named_modules():
-        if isinstance(bn, _BatchNorm):
-            if bn.running_mean is None:
-                raise ValueError(f'BN layer {name!r} was built without running statistics (track_running_stats='
-                                 f'False), so it cannot classify single images: it always uses batch statistics.')
-            bn.track_running_stats = True  # a model left in batch-statistics mode gathers statistics again
+    layers = [(name, bn) for name, bn in deployed.named_modules() if isinstance(bn, _BatchNorm)]
+    for name, bn in layers:
+        if bn.running_mean is None:
+            raise ValueError(f'BN layer {name!r} was built without running statistics (track_running_stats='
+                             f'False), so it cannot classify single images: it always uses batch statistics.')
+        bn.track_running_stats = True  # a model left in batch-statistics mode gathers statistics again
     seen = {'images': 0}
     recalibrate_bn(deployed, _counted(_batches(unlabeled, deployed, batch_size, seed), seen), num_batches)
-    deployed.bn_calibration = {'method': 'adabn', 'images': seen['images']}
+    # Without BN nothing was recalibrated: an AdaBN record would claim images that were never used.
+    calibration = {'method': 'adabn', 'images': seen['images']} if layers else {'method': 'no_bn', 'images': 0}
+    deployed.bn_calibration = calibration
     return deployed.eval()
 
 
