@@ -33,7 +33,8 @@ __all__ = ['Stitch', 'StitchTask', 'StitchedModel', 'fit_stitch', 'parameters_di
 
 
 def parameters_digest(module: nn.Module) -> str:
-    """SHA-256 of a component's parameters as float32: which weights it has, whatever its device or dtype."""
+    """SHA-256 of a component's parameters as float32: which weights it has, on any device and in any dtype that
+    holds them exactly (float64 of float32 weights keeps the digest; a lossy cast to bf16 or fp16 changes it)."""
     return weights_digest({name: p.detach().float() for name, p in module.named_parameters()})
 
 
