@@ -141,7 +141,8 @@ def adapt(model: CompatibleModel, unlabeled_target: torch.Tensor, steps: int = 1
         lr: Peak learning rate of SGD with Nesterov momentum and a cosine schedule.
         momentum: SGD momentum.
         weight_decay: SGD weight decay.
-        augment: Pad-and-crop and flip the target images, as during training.
+        augment: Augment the target images as the paper did (zero-pad 4 px, random crop, fair-coin flip per image),
+            also for a source trained otherwise (the fast configs: reflect-pad 2 px, alternating flips).
         seed: Seed of the order in which target images are drawn. Augmentation draws from the global RNG
             (``torch.manual_seed`` for a reproducible run).
         log_every: Steps per entry of the history.

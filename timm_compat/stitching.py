@@ -204,7 +204,8 @@ def fit_stitch(extractor: Extractor, head: Head, train_data: ImageData, steps: i
         optimizer: ``"adamw"`` or ``"sgd"`` (with Nesterov momentum 0.9).
         lr: Learning rate (constant).
         weight_decay: Weight decay of the stitch.
-        augment: Pad-and-crop and flip the training images.
+        augment: Augment the training images as the paper did (zero-pad 4 px, random crop, fair-coin flip per image),
+            whatever the components trained with.
         seed: Seed of the order in which images are drawn; augmentation uses the global RNG.
         mixed_precision: ``"no"``, ``"bf16"`` or ``"fp16"``: autocast of the training steps (the stitch's weights
             and optimiser state stay fp32).

@@ -235,7 +235,7 @@ def transfer(target_model: CompatibleModel, sources: Mapping[str, Extractor], tr
         lr: Constant learning rate of SGD with Nesterov momentum.
         momentum: SGD momentum.
         weight_decay: SGD weight decay.
-        augment: Pad-and-crop and flip the training images.
+        augment: Augment the training images as the paper did (zero-pad 4 px, random crop, fair-coin flip per image).
         eval_batch_size: Evaluation batch size (it matters with ``bn="batch"``).
         bn: BN statistics of each curve's ``accuracy`` and of the ranking: ``"batch"`` (test-time, the paper's
             choice for recombined components) or ``"running"``. Both are measured (``accuracy_by_bn``).
