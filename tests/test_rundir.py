@@ -40,6 +40,18 @@ def test_lock_refuses_a_second_live_process_and_names_it(tmp_path):
     RunDir(tmp_path).acquire().release()  # the kernel dropped the dead holder's lock
 
 
+def test_a_refused_claim_leaves_no_folder_it_created(tmp_path):
+    # acquire() creates the folder to lock it; a run refused before it started left that folder behind, with .lock.
+    run = RunDir(tmp_path / 'new' / 'run').acquire()
+    with pytest.raises(RunDirError, match='holds no timm-compat run'):
+        run.prepare(CONFIG, resume=True, overwrite=False, finished=[])
+    run.release()
+    assert not (tmp_path / 'new').exists()
+    (tmp_path / 'kept').mkdir()
+    RunDir(tmp_path / 'kept').acquire().release()  # a folder it did not create stays, and so does a started run
+    assert (tmp_path / 'kept').is_dir() and (started(tmp_path / 'run') / 'run.json').is_file()
+
+
 def test_overwrite_deletes_only_a_marked_run(tmp_path):
     (tmp_path / 'thesis.tex').write_text('years of work')
     run = RunDir(tmp_path).acquire()

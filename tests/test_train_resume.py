@@ -107,7 +107,7 @@ def test_a_new_run_refuses_a_component_folder_another_run_saved_to(tmp_path):
     with pytest.raises(ValueError, match='save_components: .* already holds components'):
         run(tmp_path, '--set', 'steps=2', '--save-components', shared, name='second')
     assert {p: p.read_bytes() for p in (tmp_path / 'shared').rglob('*') if p.is_file()} == saved
-    assert not (tmp_path / 'second' / 'main').exists()  # refused before training
+    assert not (tmp_path / 'second').exists()  # refused before anything, even the locked folder, was written
 
 
 def test_resume_and_overwrite_together_are_refused(tmp_path, capsys):

@@ -46,7 +46,7 @@ class RunDir:
 
     def __init__(self, path: Path):
         self.path = Path(path)
-        self._lock_file = None
+        self._lock_file, self._created = None, None
 
     def acquire(self) -> 'RunDir':
         """Take the folder's lock, creating the folder if needed.
@@ -54,6 +54,8 @@ class RunDir:
         Raises:
             RunDirError: Another live process holds the lock.
         """
+        # The first missing ancestor: what release() removes again if the run never started.
+        self._created = next((p for p in [*reversed(self.path.parents), self.path] if not p.exists()), None)
         self.path.mkdir(parents=True, exist_ok=True)
         f = open(self.path / LOCK, 'a+')
         try:
@@ -72,9 +74,20 @@ class RunDir:
         return self
 
     def release(self) -> None:
+        """Drop the lock; a folder that :meth:`acquire` created and that holds nothing else is removed, so that a
+        run refused before it started leaves nothing behind."""
         if self._lock_file is not None:
             self._lock_file.close()  # closing drops the flock
             self._lock_file = None
+            if self._created is not None and not self._entries():
+                (self.path / LOCK).unlink(missing_ok=True)
+                for folder in [self.path, *self.path.parents]:
+                    try:
+                        folder.rmdir()
+                    except OSError:  # something else was written there meanwhile: keep it
+                        break
+                    if folder == self._created:
+                        break
 
     def abandon_untrained(self, *logs: str) -> bool:
         """Undo the claim of a new run that failed before its first step: delete what :meth:`prepare` and an
