@@ -181,7 +181,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument('--role', choices=sorted(Component.registry), help='only components of this role')
     p.add_argument('--author', metavar='ORG', help='only repos of this user or organisation')
     p.add_argument('--limit', type=_positive, default=100, help='at most this many (default: %(default)s)')
-    p = sub.add_parser('show', help='card summary and interface of one component (no weights are downloaded)')
+    p = sub.add_parser('show', help='card summary and interface of one component (downloads and verifies it as '
+                                    'loading does)')
     p.add_argument('repo', metavar='REPO_OR_DIR')
     p.add_argument('--revision', help='branch, tag or commit')
     p = sub.add_parser('check', help='whether an extractor and a head fit, and why not')
