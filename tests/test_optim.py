@@ -5,7 +5,8 @@ import torch
 from timm.optim import list_optimizers
 
 from timm_compat.config import ConfigError, load_config
-from timm_compat.optim import SCHEDULES, check_optim, make_optimizer, make_scheduler
+from timm_compat.optim import (SCHEDULES, UpdateSchedule, airbench_lookahead_alpha, check_optim, make_optimizer,
+                               make_scheduler)
 
 
 def optimizer(name='sgd', momentum=0.9, **kwargs):
@@ -132,3 +133,42 @@ def test_a_resume_that_shortens_the_run_to_its_checkpoint_lands_on_the_slow_weig
     slow = resumed_opt._base_optimizer.state[resumed_param]['lookahead_slow_buff']
     assert not torch.equal(param, slow)  # the checkpoint holds fast weights
     assert torch.equal(resumed_param, slow)
+
+
+@pytest.mark.parametrize('name', ['sgd', 'adamw', 'lamb'])
+def test_airbench_lookahead_starts_at_the_initial_weights_and_lands_on_the_slow_ones_for_any_base_optimizer(name):
+    """The slow weights start as the initial weights (airbench's), not as the weights of the first sync (timm's),
+    and an Adam-family base optimiser still makes its own state on its first step."""
+    init = torch.tensor([1.0, -2.0, 0.5])
+    param, fast = torch.nn.Parameter(init.clone()), torch.nn.Parameter(init.clone())
+    opt = make_optimizer([param], f'lookahead_{name}', 0.1, 0.9, 5e-4, lookahead_k=2)
+    schedule = make_scheduler(opt, 'constant', 7, lookahead_schedule='airbench')
+    base, slow = make_optimizer([fast], name, 0.1, 0.9, 5e-4), init.clone()
+    for t in range(1, 8):
+        param.grad, fast.grad = torch.tensor([1.0, -2.0, 0.5]) * t, torch.tensor([1.0, -2.0, 0.5]) * t
+        opt.step()
+        schedule.step()
+        base.step()
+        if t % 2 == 0:
+            with torch.no_grad():
+                slow += airbench_lookahead_alpha(t, 7, 2) * (fast - slow)
+                fast.copy_(slow)
+    assert not torch.allclose(fast, slow)  # the last update was not a sync: the run lands on the slow weights
+    assert torch.allclose(param, slow, rtol=1e-6, atol=0)
+
+
+def test_an_optimizer_that_fails_at_its_first_update_is_refused_at_config_time(monkeypatch):
+    """check_optim steps and resumes a dummy run: a slow buffer written into an Adam state before its first step
+    (the old airbench start) built fine and failed only once the run folder was claimed."""
+    sets = ['optim.optimizer=lookahead_adamw', 'optim.lookahead_schedule=airbench',
+            'optim.optimizer_args={lookahead_k: 5}']
+    assert load_config(None, sets).optim.optimizer == 'lookahead_adamw'
+
+    def slow_buffers_at_build(self):
+        for group in self.optimizer.param_groups:
+            for p in group['params']:
+                self.optimizer._base_optimizer.state[p]['lookahead_slow_buff'] = p.detach().clone()
+
+    monkeypatch.setattr(UpdateSchedule, '_start_slow_weights', slow_buffers_at_build)
+    with pytest.raises(ConfigError, match="first update.*exp_avg"):
+        load_config(None, sets)

@@ -21,6 +21,8 @@ from timm.optim import Lookahead, create_optimizer_v2, list_optimizers
 from timm.scheduler import create_scheduler_v2
 from torch import nn
 
+from ._optim_checks import try_a_resumed_update
+
 if TYPE_CHECKING:
     from .config import OptimConfig, RunConfig
 
@@ -52,7 +54,8 @@ def check_optim(optimizer: str, schedule: str, optimizer_args: Optional[Dict[str
                 schedule_args: Optional[Dict[str, Any]] = None, *, lr_reference_batch: Optional[int] = None,
                 warmup_steps: int = 1, warmup_fraction: float = 0.0, lookahead_schedule: str = 'constant',
                 turns: int = 1) -> None:
-    """Build the optimiser and schedule once on a dummy parameter, so a bad name or argument fails before a run.
+    """Build the optimiser and schedule on a dummy parameter and step them through a checkpoint round trip, so
+    that a bad name or argument, or an optimiser failing at its first update, fails before a run.
 
     Args:
         turns: Networks that take turns, one per update (the alternate joint schedule); a lookahead optimiser then
@@ -80,13 +83,18 @@ def check_optim(optimizer: str, schedule: str, optimizer_args: Optional[Dict[str
         raise ValueError(f'lookahead_k {k} with {turns} networks taking turns: timm\'s lookahead syncs only the '
                          f'network whose turn it is, so some networks would never be synced; set optimizer_args '
                          f'lookahead_k to a number coprime with {turns} (airbench: 5)')
-    param = torch.nn.Parameter(torch.zeros(1))
-    try:
+
+    def build():
+        param = torch.nn.Parameter(torch.zeros(1))
         opt = make_optimizer([param], optimizer, 0.1, 0.9, 0.0, **(optimizer_args or {}))
-        make_scheduler(opt, schedule, 10, warmup_steps, warmup_fraction=warmup_fraction,
-                       lookahead_schedule=lookahead_schedule, **(schedule_args or {}))
+        return param, opt, make_scheduler(opt, schedule, 10, warmup_steps, warmup_fraction=warmup_fraction,
+                                          lookahead_schedule=lookahead_schedule, **(schedule_args or {}))
+
+    try:
+        build()
     except (TypeError, ValueError, AssertionError, ImportError) as e:
         raise ValueError(f'optimizer {optimizer!r} / schedule {schedule!r} refuse their arguments: {e}') from None
+    try_a_resumed_update(build, f'optimizer {optimizer!r} / schedule {schedule!r}')
 
 
 def step_gain(momentum: float) -> float:
@@ -264,24 +272,46 @@ class UpdateSchedule(torch.optim.lr_scheduler.LRScheduler):
         self.optimizer = schedule.optimizer
         self.lookahead_updates = lookahead_updates
         self.lookahead_fixed = {id(p) for p in lookahead_fixed}
+        self._slow_hooks: List[Any] = []
         self._step_count = 1  # read and bumped by Accelerate while gradients accumulate
         if lookahead_updates is not None:
             self._start_slow_weights()
             self._ramp_lookahead()
 
-    @torch.no_grad()
     def _start_slow_weights(self) -> None:
-        # airbench's slow weights start as the initial weights; timm's would start as the weights of the first sync
+        # airbench's slow weights start as the initial weights; timm's would start as the weights of the first sync.
+        # They enter the base optimiser's state only after its own first step for that parameter: Adam-family
+        # optimisers fill a parameter's state only while it is empty, so a slow buffer put there at build time
+        # made them skip it (KeyError 'exp_avg'). A parameter without a slow buffer has not been stepped, so its
+        # weights just before its first step are the initial ones, on a resume too.
         base = self.optimizer._base_optimizer
-        for group in self.optimizer.param_groups:
-            for p in group['params']:
-                base.state[p].setdefault('lookahead_slow_buff', p.detach().clone())
+        self._first_weights: Dict[torch.Tensor, torch.Tensor] = {}
+        self._slow_started = False
+        self._slow_hooks = [base.register_step_pre_hook(self._keep_first_weights),
+                            base.register_step_post_hook(self._store_first_weights)]
+
+    @torch.no_grad()
+    def _keep_first_weights(self, base: torch.optim.Optimizer, *_: Any) -> None:
+        missing = [p for group in base.param_groups for p in group['params']
+                   if 'lookahead_slow_buff' not in base.state.get(p, {})]
+        # The grad test is the one the base step and timm's sync use to skip a parameter (alternate schedule).
+        self._first_weights = {p: p.detach().clone() for p in missing if p.grad is not None}
+        self._slow_started = len(self._first_weights) == len(missing)
+
+    def _store_first_weights(self, base: torch.optim.Optimizer, *_: Any) -> None:
+        for p, weights in self._first_weights.items():
+            base.state[p].setdefault('lookahead_slow_buff', weights)
+        self._first_weights = {}
 
     @property
     def updates(self) -> int:
         return self.ticks // self.ticks_per_step
 
     def step(self, epoch=None) -> None:
+        if self._slow_hooks and self._slow_started:  # not from the hooks: torch is iterating over them there
+            for hook in self._slow_hooks:
+                hook.remove()
+            self._slow_hooks = []
         self.ticks += 1
         if self.ticks % self.ticks_per_step == 0:
             self.schedule.step_update(self.updates)
