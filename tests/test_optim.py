@@ -172,3 +172,21 @@ def test_an_optimizer_that_fails_at_its_first_update_is_refused_at_config_time(m
     monkeypatch.setattr(UpdateSchedule, '_start_slow_weights', slow_buffers_at_build)
     with pytest.raises(ConfigError, match="first update.*exp_avg"):
         load_config(None, sets)
+
+
+@pytest.mark.parametrize('overrides', [
+    ['optim.schedule=wsd', 'optim.warmup_steps=20', 'steps=1000'],
+    ['optim.schedule=wsd', 'optim.schedule_args={decay_epochs: 100}', 'steps=1000'],
+    ['optim.schedule=rsqrt', 'optim.warmup_steps=50', 'steps=1000'],
+    ['optim.schedule=wsd', 'optim.schedule_args={decay_epochs: 250}', 'steps=1000', 'gradient_accumulation_steps=4'],
+    ['optim.schedule=wsd', 'optim.schedule_args={decay_epochs: 100}', 'steps=null', 'epochs=2']])
+def test_a_schedule_is_checked_over_the_runs_length_not_a_dummy_one(overrides):
+    load_config(None, overrides)
+
+
+@pytest.mark.parametrize('overrides', [
+    ['optim.schedule=wsd', 'optim.schedule_args={decay_epochs: 2000}', 'steps=1000'],
+    ['optim.schedule=wsd', 'optim.schedule_args={decay_epochs: 300}', 'steps=1000', 'gradient_accumulation_steps=4']])
+def test_a_schedule_longer_than_the_runs_known_updates_is_refused_at_config_time(overrides):
+    with pytest.raises(ConfigError, match='decay_epochs'):
+        load_config(None, overrides)

@@ -19,7 +19,7 @@ from ._config_resume import RESUME_MAY_CHANGE, config_changes
 from ._config_resume import resume_conflicts as _resume_conflicts
 from ._config_files import PRESET_DIR, read_config_file, set_dotted, split_preset
 from ._config_types import Count, Float, HeadSpec, ModelArg, ModelArgs, Seed, Split, _exponents, _must, _Section, _shard
-from .optim import SCHEDULES, check_optim, optimizer_names
+from .optim import SCHEDULES, check_config_optim, optimizer_names
 
 __all__ = ['ConfigError', 'DatasetConfig', 'NetworkConfig', 'InterfaceConfig', 'OptimConfig', 'ValidationConfig',
            'RunConfig', 'load_config', 'config_help', 'config_changes', 'resume_conflicts', 'RESUME_MAY_CHANGE']
@@ -256,11 +256,7 @@ class RunConfig(_Section):
             problems.append('validation.metric is recombination, which needs two networks or more; set '
                             'validation.metric=mean or own.')
         try:
-            o = self.optim
-            check_optim(o.optimizer, o.schedule, o.optimizer_args, o.schedule_args,
-                        lr_reference_batch=o.lr_reference_batch, warmup_steps=o.warmup_steps,
-                        warmup_fraction=o.warmup_fraction, lookahead_schedule=o.lookahead_schedule,
-                        turns=sum(not n.load for n in self.networks) if self.joint_schedule == 'alternate' else 1)
+            check_config_optim(self)
         except ValueError as e:
             problems.append(f'optim: {e}.')
         if problems:

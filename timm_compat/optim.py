@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 
 __all__ = ['SCHEDULES', 'NORM_TYPES', 'LOOKAHEAD_ARGS', 'LOOKAHEAD_SCHEDULES', 'make_optimizer', 'make_scheduler',
            'optim_from_config', 'param_groups', 'step_gain', 'check_optim', 'optimizer_names',
-           'airbench_lookahead_alpha', 'UpdateSchedule', 'phase_steps']
+           'airbench_lookahead_alpha', 'UpdateSchedule', 'phase_steps', 'check_config_optim']
 
 # Layers whose bias norm_bias_lr_scale speeds up: torch's norms, and so timm's, which subclass them (BatchNormAct2d,
 # LayerNorm2d, GroupNorm1, ...).
@@ -43,6 +43,9 @@ _SGD_NAMES = ('sgd', 'nesterov')
 # create_scheduler_v2's names that are stepped per update; 'plateau' needs a validation metric every epoch, which
 # a run does not measure while training.
 SCHEDULES = ('cosine', 'tanh', 'step', 'multistep', 'poly', 'wsd', 'rsqrt', 'constant')
+# The updates a schedule is checked over while the run's length is not known (`epochs`: it waits for the datasets):
+# so many that only lengths no run fits are refused; make_optim judges the real length when the run starts.
+_UNKNOWN_UPDATES = 10 ** 9
 
 
 def optimizer_names() -> List[str]:
@@ -53,13 +56,14 @@ def optimizer_names() -> List[str]:
 def check_optim(optimizer: str, schedule: str, optimizer_args: Optional[Dict[str, Any]] = None,
                 schedule_args: Optional[Dict[str, Any]] = None, *, lr_reference_batch: Optional[int] = None,
                 warmup_steps: int = 1, warmup_fraction: float = 0.0, lookahead_schedule: str = 'constant',
-                turns: int = 1) -> None:
+                turns: int = 1, total_updates: Optional[int] = None) -> None:
     """Build the optimiser and schedule on a dummy parameter and step them through a checkpoint round trip, so
     that a bad name or argument, or an optimiser failing at its first update, fails before a run.
 
     Args:
         turns: Networks that take turns, one per update (the alternate joint schedule); a lookahead optimiser then
             needs a ``lookahead_k`` coprime with it, or some networks would never be synced.
+        total_updates: The run's optimiser updates, which the schedule's lengths must fit; None: not known yet.
 
     Raises:
         ValueError: Naming the problem and, for an unknown name, every valid one.
@@ -87,14 +91,31 @@ def check_optim(optimizer: str, schedule: str, optimizer_args: Optional[Dict[str
     def build():
         param = torch.nn.Parameter(torch.zeros(1))
         opt = make_optimizer([param], optimizer, 0.1, 0.9, 0.0, **(optimizer_args or {}))
-        return param, opt, make_scheduler(opt, schedule, 10, warmup_steps, warmup_fraction=warmup_fraction,
-                                          lookahead_schedule=lookahead_schedule, **(schedule_args or {}))
+        return param, opt, make_scheduler(opt, schedule, total_updates or _UNKNOWN_UPDATES, warmup_steps,
+                                          warmup_fraction=warmup_fraction, lookahead_schedule=lookahead_schedule,
+                                          **(schedule_args or {}))
 
     try:
         build()
     except (TypeError, ValueError, AssertionError, ImportError) as e:
-        raise ValueError(f'optimizer {optimizer!r} / schedule {schedule!r} refuse their arguments: {e}') from None
+        length = f' (the run has {total_updates} updates; *_epochs count updates)' if total_updates else ''
+        raise ValueError(f'optimizer {optimizer!r} / schedule {schedule!r} refuse their arguments: '
+                         f'{str(e).rstrip(".")}{length}') from None
     try_a_resumed_update(build, f'optimizer {optimizer!r} / schedule {schedule!r}')
+
+
+def check_config_optim(cfg: 'RunConfig') -> None:
+    """:func:`check_optim` of a run config's ``optim`` section, over the run's updates where ``steps`` gives them.
+
+    Raises:
+        ValueError: As :func:`check_optim`.
+    """
+    o = cfg.optim
+    check_optim(o.optimizer, o.schedule, o.optimizer_args, o.schedule_args,
+                lr_reference_batch=o.lr_reference_batch, warmup_steps=o.warmup_steps,
+                warmup_fraction=o.warmup_fraction, lookahead_schedule=o.lookahead_schedule,
+                turns=sum(not n.load for n in cfg.networks) if cfg.joint_schedule == 'alternate' else 1,
+                total_updates=math.ceil(cfg.steps / cfg.gradient_accumulation_steps) if cfg.steps else None)
 
 
 def step_gain(momentum: float) -> float:
