@@ -190,3 +190,15 @@ def test_a_schedule_is_checked_over_the_runs_length_not_a_dummy_one(overrides):
 def test_a_schedule_longer_than_the_runs_known_updates_is_refused_at_config_time(overrides):
     with pytest.raises(ConfigError, match='decay_epochs'):
         load_config(None, overrides)
+
+
+@pytest.mark.parametrize('key, value', [('cycle_limit', 2), ('cycle_mul', 2.0), ('cycle_decay', 0.5),
+                                        ('cooldown_epochs', 30)])
+def test_cycles_and_cooldown_that_would_act_past_the_runs_end_are_refused_naming_the_key(key, value):
+    """make_scheduler hands timm one cycle as long as the run, so extra cycles and a cooldown never came."""
+    with pytest.raises(ConfigError, match=f'{key}={value}.*steps or epochs'):
+        load_config(None, [f'optim.schedule_args={{{key}: {value}}}'])
+
+
+def test_cycle_and_cooldown_values_that_change_nothing_are_accepted():
+    load_config(None, ['optim.schedule_args={cycle_limit: 1, cycle_mul: 1.0, cooldown_epochs: 0}'])

@@ -1,5 +1,5 @@
 """Checks of an ``optim`` config section that :func:`timm_compat.optim.check_optim` runs before anything else."""
-from typing import Any, Callable, Tuple
+from typing import Any, Callable, Dict, Tuple
 
 import torch
 
@@ -27,3 +27,21 @@ def try_a_resumed_update(build: Callable[[], Tuple[torch.Tensor, Any, Any]], wha
     except Exception:
         # What a dummy CPU step cannot give, the run may have: a GPU (capturable), a second-order graph (adahessian).
         pass
+
+
+# schedule_args of create_scheduler_v2 that act only after the first cycle of a schedule, with the value that does
+# nothing: a run is one cycle over its updates (make_scheduler's num_epochs), so they would be silently ignored.
+_AFTER_THE_RUN = {'cycle_limit': 1, 'cycle_mul': 1, 'cycle_decay': None, 'cooldown_epochs': 0}
+
+
+def check_one_cycle(schedule_args: Dict[str, Any]) -> None:
+    """Refuse ``schedule_args`` that would act only past the run's end (timm's cycles and cooldown).
+
+    Raises:
+        ValueError: Naming the key and the fix.
+    """
+    for key, no_op in _AFTER_THE_RUN.items():
+        if key in schedule_args and schedule_args[key] != no_op:
+            raise ValueError(f'schedule_args {key}={schedule_args[key]!r} would have no effect: the run is one '
+                             f'cycle of its schedule, as long as steps or epochs say (timm\'s cycles and cooldown '
+                             f'come after it); drop {key} and set the run\'s length with steps or epochs')

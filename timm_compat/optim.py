@@ -21,7 +21,7 @@ from timm.optim import Lookahead, create_optimizer_v2, list_optimizers
 from timm.scheduler import create_scheduler_v2
 from torch import nn
 
-from ._optim_checks import try_a_resumed_update
+from ._optim_checks import check_one_cycle, try_a_resumed_update
 
 if TYPE_CHECKING:
     from .config import OptimConfig, RunConfig
@@ -224,10 +224,15 @@ def make_scheduler(optimizer: torch.optim.Optimizer, schedule: str, total_steps:
             :func:`airbench_lookahead_alpha`, and the last update ends on the slow weights; ``'constant'`` leaves it.
         lookahead_fixed: Parameters frozen during the run (a whitening bias) that keep their weights at the end.
         **kwargs: Passed to ``create_scheduler_v2``, e.g. ``min_lr``, ``decay_rate``, ``decay_milestones``;
-            its ``*_epochs`` durations count optimiser updates here.
+            its ``*_epochs`` durations count optimiser updates here. Not its cycles (``cycle_limit``,
+            ``cycle_mul``, ``cycle_decay``) or ``cooldown_epochs``: the schedule is one cycle over the run.
+
+    Raises:
+        ValueError: An unknown schedule, both warmups, or arguments that would act only past the run's end.
     """
     if schedule not in SCHEDULES:
         raise ValueError(f'unknown schedule {schedule!r}; use one of: {", ".join(SCHEDULES)}')
+    check_one_cycle(kwargs)
     if warmup_steps and warmup_fraction:
         raise ValueError(f'warmup_steps ({warmup_steps}) and warmup_fraction ({warmup_fraction}) both give the '
                          f'warmup; set one of them to 0')
