@@ -4,9 +4,10 @@ import pytest
 import torch
 from timm.optim import list_optimizers
 
+from tests.conftest import REPO
 from timm_compat.config import ConfigError, load_config
 from timm_compat.optim import (SCHEDULES, UpdateSchedule, airbench_lookahead_alpha, check_optim, make_optimizer,
-                               make_scheduler)
+                               make_scheduler, optim_from_config)
 
 
 def optimizer(name='sgd', momentum=0.9, **kwargs):
@@ -202,3 +203,25 @@ def test_cycles_and_cooldown_that_would_act_past_the_runs_end_are_refused_naming
 
 def test_cycle_and_cooldown_values_that_change_nothing_are_accepted():
     load_config(None, ['optim.schedule_args={cycle_limit: 1, cycle_mul: 1.0, cooldown_epochs: 0}'])
+
+
+def test_a_resume_on_more_processes_takes_the_lr_scale_of_its_own_examples_per_update():
+    """torch's optimizer load_state_dict restores each group's entries, lr_scale too, which lr_reference_batch
+    derives from the examples per update: resumed on 2 processes, the run kept the 1-process step size."""
+    optim = load_config(str(REPO / 'configs/fast/recipe.yaml')).optim
+
+    def build(processes):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4))
+        return optim_from_config(model, optim, 512 * processes, 100, ticks_per_step=processes)
+
+    opt, schedule = build(1)
+    lrs(schedule, 10)
+    resumed_opt, resumed = build(2)
+    resumed_opt.load_state_dict(opt.state_dict())  # Accelerate's order: the optimizer, then the schedule
+    resumed.load_state_dict(schedule.state_dict())
+    fresh_opt, fresh = build(2)
+    lrs(fresh, 20)
+    assert [g['lr_scale'] for g in resumed_opt.param_groups] == [g['lr_scale'] for g in fresh_opt.param_groups]
+    assert resumed.get_last_lr() == fresh.get_last_lr()
+    assert resumed_opt.param_groups[0]['lr_scale'] == 2 * opt.param_groups[0]['lr_scale']

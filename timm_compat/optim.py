@@ -298,6 +298,9 @@ class UpdateSchedule(torch.optim.lr_scheduler.LRScheduler):
         self.optimizer = schedule.optimizer
         self.lookahead_updates = lookahead_updates
         self.lookahead_fixed = {id(p) for p in lookahead_fixed}
+        # What param_groups derived from this run, not the checkpoint's: lr_scale follows the processes.
+        self._group_settings = [{k: g[k] for k in ('lr_scale', 'weight_decay') if k in g}
+                                for g in self.optimizer.param_groups]
         self._slow_hooks: List[Any] = []
         self._step_count = 1  # read and bumped by Accelerate while gradients accumulate
         if lookahead_updates is not None:
@@ -384,6 +387,10 @@ class UpdateSchedule(torch.optim.lr_scheduler.LRScheduler):
             self.ticks = state['last_epoch']
         else:
             self.ticks = state['ticks'] * self.ticks_per_step // state.get('ticks_per_step', 1)
+        # torch's optimizer load_state_dict brought back the checkpoint's groups, whose lr_scale is for its
+        # examples per update: a resume on other processes would keep the old run's step size.
+        for group, settings in zip(self.optimizer.param_groups, self._group_settings):
+            group.update(settings)
         self.schedule.step_update(self.updates)
         # No checkpoint is taken after landing, so a resume at or past the run's (possibly shortened) length lands
         # here; landing weights that already are the slow ones would change nothing. Accelerate restores the
