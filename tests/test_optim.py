@@ -225,3 +225,12 @@ def test_a_resume_on_more_processes_takes_the_lr_scale_of_its_own_examples_per_u
     assert [g['lr_scale'] for g in resumed_opt.param_groups] == [g['lr_scale'] for g in fresh_opt.param_groups]
     assert resumed.get_last_lr() == fresh.get_last_lr()
     assert resumed_opt.param_groups[0]['lr_scale'] == 2 * opt.param_groups[0]['lr_scale']
+
+
+@pytest.mark.parametrize('schedule, key, value', [('step', 'decay_epochs', '300'),
+                                                   ('multistep', 'decay_milestones', '[300, 600]')])
+def test_step_schedules_must_say_when_to_decay_in_updates(schedule, key, value):
+    """timm's defaults (every 90; at 90, 180, 270) are epochs; stepped per update they left the lr near 0 early."""
+    with pytest.raises(ConfigError, match=f'{key}.*e.g. optim.schedule_args='):
+        load_config(None, [f'optim.schedule={schedule}'])
+    load_config(None, [f'optim.schedule={schedule}', f'optim.schedule_args={{{key}: {value}}}'])

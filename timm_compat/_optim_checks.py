@@ -45,3 +45,22 @@ def check_one_cycle(schedule_args: Dict[str, Any]) -> None:
             raise ValueError(f'schedule_args {key}={schedule_args[key]!r} would have no effect: the run is one '
                              f'cycle of its schedule, as long as steps or epochs say (timm\'s cycles and cooldown '
                              f'come after it); drop {key} and set the run\'s length with steps or epochs')
+
+
+# schedule_args that a schedule has no sensible default for here: timm's are epochs, but a schedule is stepped per
+# update, so it would decay after 90 updates.
+_DECAY_NEEDS = {'step': ('decay_epochs', 'every 90', '{decay_epochs: 300, decay_rate: 0.1}'),
+                'multistep': ('decay_milestones', 'at 90, 180 and 270',
+                              '{decay_milestones: [300, 600], decay_rate: 0.1}')}
+
+
+def check_decay_given(schedule: str, schedule_args: Dict[str, Any]) -> None:
+    """Refuse a step or multistep schedule that leaves when to decay to timm's defaults, which count epochs.
+
+    Raises:
+        ValueError: Naming the key and an example.
+    """
+    key, default, example = _DECAY_NEEDS.get(schedule, (None, '', ''))
+    if key is not None and key not in schedule_args:
+        raise ValueError(f'schedule {schedule} needs schedule_args {key}, in optimiser updates (timm\'s default, '
+                         f'in epochs, would decay {default} updates here); e.g. optim.schedule_args={example}')

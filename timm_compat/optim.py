@@ -21,7 +21,7 @@ from timm.optim import Lookahead, create_optimizer_v2, list_optimizers
 from timm.scheduler import create_scheduler_v2
 from torch import nn
 
-from ._optim_checks import check_one_cycle, try_a_resumed_update
+from ._optim_checks import check_decay_given, check_one_cycle, try_a_resumed_update
 
 if TYPE_CHECKING:
     from .config import OptimConfig, RunConfig
@@ -74,6 +74,7 @@ def check_optim(optimizer: str, schedule: str, optimizer_args: Optional[Dict[str
                          f'(each also as lookahead_<name>)')
     if schedule not in SCHEDULES:
         raise ValueError(f'unknown schedule {schedule!r}; use one of: {", ".join(SCHEDULES)}')
+    check_decay_given(schedule, schedule_args or {})
     if lr_reference_batch is not None and name not in _SGD_NAMES:
         raise ValueError(f'lr_reference_batch is airbench\'s rule for Nesterov SGD, but the optimizer is {optimizer!r}; '
                          f'use optimizer sgd or lookahead_sgd, or set lr_reference_batch=null')
