@@ -234,3 +234,15 @@ def test_step_schedules_must_say_when_to_decay_in_updates(schedule, key, value):
     with pytest.raises(ConfigError, match=f'{key}.*e.g. optim.schedule_args='):
         load_config(None, [f'optim.schedule={schedule}'])
     load_config(None, [f'optim.schedule={schedule}', f'optim.schedule_args={{{key}: {value}}}'])
+
+
+@pytest.mark.parametrize('name', ['lookahaed_sgd', 'adamw_sgd', 'lookahead_lookahead_sgd', 'lookahead_'])
+def test_an_optimizer_is_a_timm_name_or_lookahead_of_one_and_nothing_else(name):
+    """timm reads only what follows the last '_': a misspelt prefix silently trained plain SGD."""
+    with pytest.raises(ConfigError, match=f"lookahead_<.*got '{name}'"):
+        load_config(None, [f'optim.optimizer={name}'])
+    with pytest.raises(ValueError, match='unknown optimizer'):
+        check_optim(name, 'cosine')
+    with pytest.raises(ValueError, match='unknown optimizer'):
+        optimizer(name)
+    assert type(optimizer('LookAhead_SGD')).__name__ == 'Lookahead'

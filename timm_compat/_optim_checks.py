@@ -2,6 +2,24 @@
 from typing import Any, Callable, Dict, Tuple
 
 import torch
+from timm.optim import list_optimizers
+
+LOOKAHEAD_PREFIX = 'lookahead_'
+
+
+def base_optimizer(name: str) -> str:
+    """The timm optimiser that ``name``, ``<name>`` or ``lookahead_<name>``, wraps (lower case).
+
+    Raises:
+        ValueError: Any other name, listing the valid ones: timm's own parsing reads only the part after the last
+            ``_``, so ``lookahaed_sgd`` would silently be plain SGD.
+    """
+    lowered = name.lower()
+    base = lowered[len(LOOKAHEAD_PREFIX):] if lowered.startswith(LOOKAHEAD_PREFIX) else lowered
+    if base not in list_optimizers():
+        raise ValueError(f'unknown optimizer {name!r}; timm has: {", ".join(list_optimizers())} (each also as '
+                         f'{LOOKAHEAD_PREFIX}<name>)')
+    return base
 
 
 def try_a_resumed_update(build: Callable[[], Tuple[torch.Tensor, Any, Any]], what: str) -> None:

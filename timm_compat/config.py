@@ -88,8 +88,9 @@ class InterfaceConfig(_Section):
 
 def _optimizer(value: Any) -> Any:
     """A timm optimiser name (``timm.optim.list_optimizers()``, optionally ``lookahead_``-prefixed)."""
-    if isinstance(value, str) and value.lower().split('_')[-1] not in optimizer_names():
-        raise PydanticCustomError('config', '{must}', {'must': f'a timm optimizer: {", ".join(optimizer_names())}'})
+    if isinstance(value, str) and not any(value.lower() in (n, f'lookahead_{n}') for n in optimizer_names()):
+        must = f'a timm optimizer, or lookahead_<optimizer>: {", ".join(optimizer_names())}'
+        raise PydanticCustomError('config', '{must}', {'must': must})
     return value
 
 

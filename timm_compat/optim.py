@@ -21,14 +21,14 @@ from timm.optim import Lookahead, create_optimizer_v2, list_optimizers
 from timm.scheduler import create_scheduler_v2
 from torch import nn
 
-from ._optim_checks import check_decay_given, check_one_cycle, try_a_resumed_update
+from ._optim_checks import base_optimizer, check_decay_given, check_one_cycle, try_a_resumed_update
 
 if TYPE_CHECKING:
     from .config import OptimConfig, RunConfig
 
 __all__ = ['SCHEDULES', 'NORM_TYPES', 'LOOKAHEAD_ARGS', 'LOOKAHEAD_SCHEDULES', 'make_optimizer', 'make_scheduler',
            'optim_from_config', 'param_groups', 'step_gain', 'check_optim', 'optimizer_names',
-           'airbench_lookahead_alpha', 'UpdateSchedule', 'phase_steps', 'check_config_optim']
+           'airbench_lookahead_alpha', 'UpdateSchedule', 'phase_steps', 'check_config_optim', 'base_optimizer']
 
 # Layers whose bias norm_bias_lr_scale speeds up: torch's norms, and so timm's, which subclass them (BatchNormAct2d,
 # LayerNorm2d, GroupNorm1, ...).
@@ -68,10 +68,7 @@ def check_optim(optimizer: str, schedule: str, optimizer_args: Optional[Dict[str
     Raises:
         ValueError: Naming the problem and, for an unknown name, every valid one.
     """
-    name = optimizer.lower().split('_')[-1]
-    if name not in optimizer_names():
-        raise ValueError(f'unknown optimizer {optimizer!r}; timm has: {", ".join(optimizer_names())} '
-                         f'(each also as lookahead_<name>)')
+    name = base_optimizer(optimizer)
     if schedule not in SCHEDULES:
         raise ValueError(f'unknown schedule {schedule!r}; use one of: {", ".join(SCHEDULES)}')
     check_decay_given(schedule, schedule_args or {})
@@ -190,17 +187,18 @@ def make_optimizer(params: Iterable[Union[torch.nn.Parameter, Dict[str, Any]]], 
             (:data:`LOOKAHEAD_ARGS`) to ``Lookahead``, for a ``lookahead_<name>`` optimiser only.
 
     Raises:
-        ValueError: Lookahead arguments for an optimiser without lookahead, or out of range.
+        ValueError: An unknown name (:func:`~timm_compat._optim_checks.base_optimizer`), or lookahead arguments
+            for an optimiser without lookahead, or out of range.
     """
+    base = base_optimizer(name)
     lookahead = {LOOKAHEAD_ARGS[k]: kwargs.pop(k) for k in list(kwargs) if k in LOOKAHEAD_ARGS}
     if lookahead:
-        prefix, _, base = name.partition('_')
-        if prefix.lower() != 'lookahead' or not base:
+        if base == name.lower():
             raise ValueError(f'{sorted(LOOKAHEAD_ARGS)} are arguments of lookahead; use optimizer '
                              f'lookahead_{name}, or leave them out')
         # create_optimizer_v2 wraps with Lookahead's defaults (alpha 0.5, k 6) and takes no arguments for it.
         return Lookahead(make_optimizer(params, base, lr, momentum, weight_decay, **kwargs), **lookahead)
-    if name.lower().split('_')[-1] in ('sgd', 'nesterov') and momentum == 0:
+    if base in _SGD_NAMES and momentum == 0:
         kwargs.setdefault('nesterov', False)  # torch's Nesterov SGD needs momentum; plain SGD is what 0 means
     return create_optimizer_v2(list(params), opt=name, lr=lr, weight_decay=weight_decay, momentum=momentum,
                                **kwargs)
