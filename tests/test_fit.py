@@ -231,6 +231,16 @@ def test_epochs_make_whole_optimiser_updates(schedule, networks, accumulation, e
     assert phase_steps(cfg, 10, networks) == expected
 
 
+@pytest.mark.parametrize('epochs, steps_per_epoch, accumulation, expected', [
+    (1.1, 50, 1, 55), (2.2, 50, 2, 110), (0.7, 10, 1, 7), (9.9, 48, 1, 476), (9.9, 48, 4, 476), (1.15, 10, 1, 12)])
+def test_epochs_round_up_to_whole_steps_only_past_float_rounding(epochs, steps_per_epoch, accumulation, expected):
+    """1.1 x 50 is 55.00000000000001 in floats: its ceil made a 56th step; 9.9 epochs of 48 stay 476 (475.2)."""
+    from timm_compat.config import load_config
+    from timm_compat.optim import phase_steps
+    cfg = load_config(None, ['steps=null', f'epochs={epochs}', f'gradient_accumulation_steps={accumulation}'])
+    assert phase_steps(cfg, steps_per_epoch, 1) == expected
+
+
 def test_a_gradient_the_hook_drops_does_not_count_in_the_clipped_norm():
     a, b = nn.Parameter(torch.zeros(3)), nn.Parameter(torch.zeros(3))
     optimizer = torch.optim.SGD([a, b], lr=1.0)

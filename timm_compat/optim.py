@@ -250,7 +250,8 @@ def phase_steps(cfg: 'RunConfig', steps_per_epoch: int, networks: int) -> int:
     training set rounded up to whole optimiser updates (a last update short of micro-batches is never applied)."""
     # Alternating, each step trains one network: `epochs` stays each network's number of epochs.
     turns, accumulation = networks if cfg.joint_schedule == 'alternate' else 1, cfg.gradient_accumulation_steps
-    return cfg.steps or math.ceil(cfg.epochs * steps_per_epoch * turns / accumulation) * accumulation
+    # Rounded before the ceil: 1.1 epochs of 50 steps is 55.00000000000001 in floats, which made 56 steps.
+    return cfg.steps or math.ceil(round(cfg.epochs * steps_per_epoch * turns / accumulation, 9)) * accumulation
 
 
 def optim_from_config(model: nn.Module, optim: 'OptimConfig', examples_per_update: int, total_updates: int, *,
