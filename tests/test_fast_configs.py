@@ -146,6 +146,8 @@ def test_whitening_bias_steps_count_epochs_as_epochs_does():
     assert whitening_bias_steps(cfg, [10, 4]) == 15
     cfg.joint_schedule = 'alternate'  # each network's epochs: twice the steps for two networks
     assert whitening_bias_steps(cfg, [10, 4]) == 30
+    cfg.whitening_bias_epochs, cfg.joint_schedule = 1.1, 'sum'  # 55.00000000000001 in floats: 55 steps, not 56
+    assert whitening_bias_steps(cfg, [50]) == 55
 
 
 def test_whitening_bias_grad_dropped_from_its_last_step_on():

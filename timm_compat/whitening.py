@@ -70,7 +70,8 @@ def whitening_bias_steps(cfg: RunConfig, steps_per_epoch: Sequence[int]) -> int:
         steps_per_epoch: Every trained network's steps per epoch.
     """
     turns = len(steps_per_epoch) if cfg.joint_schedule == 'alternate' else 1
-    return math.ceil(cfg.whitening_bias_epochs * max(steps_per_epoch) * turns)
+    # Rounded before the ceil, as optim.phase_steps: float error must not add a step.
+    return math.ceil(round(cfg.whitening_bias_epochs * max(steps_per_epoch) * turns, 9))
 
 
 def drop_whitening_bias_grads(module: nn.Module, step: int, cfg: RunConfig, steps_per_epoch: Sequence[int]) -> None:
