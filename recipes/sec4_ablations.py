@@ -151,7 +151,6 @@ def measure(variant: Variant, seed: int, args, out: Path, bar) -> dict:
     summary, run_dirs, networks = run_method(variant.method, seed, args, out / variant.name, bar, variant.extra)
     _, models, tests = networks or run_networks(run_dirs)
     return dict(seed=seed, **run_record(summary, upper_bound=variant.method == 'upper_bound'),
-                **({'distinct_init': True} if variant.method == 'upper_bound' else {}),
                 config=trained_method_fingerprint(variant.method, seed, args, out / variant.name, variant.extra),
                 correlation=correlation_record(variant.method, models, tests, None),
                 train_seconds=training_seconds(variant.method, seed, args, out / variant.name, variant.extra),

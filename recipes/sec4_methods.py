@@ -199,7 +199,8 @@ def run_record(summary: dict, upper_bound: bool = False) -> dict:
     matrices, own = by_bn(summary, 'recombination_matrix'), by_bn(summary, 'own_accuracy')
     value = (lambda m: 100 * (m[0][0] + m[1][1]) / 2) if upper_bound else recombination
     return {'recombination': {bn: value(m) for bn, m in matrices.items()},
-            'own': {bn: 100 * statistics.mean(o.values()) for bn, o in own.items()}, 'matrix': matrices}
+            'own': {bn: 100 * statistics.mean(o.values()) for bn, o in own.items()}, 'matrix': matrices,
+            **({'distinct_init': True} if upper_bound else {})}  # its sides start apart (sec4_report.comparable)
 
 
 def measure(method: str, seed: int, args, out: Path, bar) -> dict:
@@ -211,7 +212,6 @@ def measure(method: str, seed: int, args, out: Path, bar) -> dict:
     names, models, tests = networks or run_networks(run_dirs)
     figure = out / 'figures' / f'correlation_{method}.png' if seed == 0 else None
     return dict(seed=seed, **run_record(summary, upper_bound=method == 'upper_bound'), networks=names,
-                **({'distinct_init': True} if method == 'upper_bound' else {}),
                 config=trained_method_fingerprint(method, seed, args, out),
                 correlation=correlation_record(method, models, tests, figure),
                 train_seconds=training_seconds(method, seed, args, out),

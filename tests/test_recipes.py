@@ -390,3 +390,13 @@ def test_sec4_report_leaves_out_the_pair_measures_of_upper_bounds_from_identical
     (tmp_path / 'figures' / 'correlation_upper_bound.png').write_bytes(b'')
     table, *blocks = sec4_report.correlation_section(tmp_path, {'upper_bound': [old, new]})
     assert table.rows == [['Upper bound', '0.00', '0.20', '0.30', 1]] and blocks == []
+
+
+def test_sec4_upper_bound_records_say_their_sides_started_apart(import_script):
+    sec4 = import_script('recipes', 'sec4_methods')
+    m = [[0.8, 0.2], [0.3, 0.7]]
+    summary = {'recombination_matrix': m, 'recombination_matrix_running': m, 'own_accuracy': {'a': 0.8, 'b': 0.7},
+               'own_accuracy_running': {'a': 0.8, 'b': 0.7}}
+    assert sec4.run_record(summary, upper_bound=True)['distinct_init'] is True
+    assert sec4.run_record(summary, upper_bound=True)['recombination']['batch'] == pytest.approx(75.0)
+    assert 'distinct_init' not in sec4.run_record(summary)
