@@ -12,7 +12,7 @@ import timm_compat as tc
 from timm_compat.adaptation import adapt, evaluate_adaptation
 from timm_compat.evaluation import average_class_accuracy, per_class_accuracy
 from timm_compat.data import ImageData
-from timm_compat.stitching import Stitch, StitchedModel, fit_stitch
+from timm_compat.stitching import Stitch, fit_stitch
 from timm_compat.synthetic import SYNTHETIC_CLASSES, make_synthetic
 from timm_compat.transfer import TransferCurve, TransferResult, transfer
 
@@ -321,94 +321,10 @@ def test_applications_check_mixed_precision_before_any_work(target, sources, tra
         adapt(source, train.images, steps=1, batch_size=16, mixed_precision='fp8')
 
 
-def test_stitching_accepts_the_heads_classes_up_to_synonyms(interface, train, test):
-    """A head trained on data that says 'ship' and task data that says 'boat' (the same class to evaluation) fit
-    a stitch and transfer; ``select_classes`` takes the head's names, synonyms and all. Another order is refused."""
-    head_names = ['ship' if c == 'boat' else c for c in CLASSES]
-    model = tc.make_compatible('resnet8_cifar', split='layer2', interface=interface, num_classes=len(CLASSES),
-                               class_names=head_names, init_seed=0)
-    fit_stitch(model.extractor, model.head, train, 1, batch_size=16)
-    transfer(model, {'self': model.extractor}, train, test, steps=(0,), batch_size=16)
-    assert train.select_classes(head_names).labels.tolist() == train.labels.tolist()
-    with pytest.raises(ValueError, match='select_classes'):
-        fit_stitch(model.extractor, model.head, train.select_classes(CLASSES[::-1]), 1, batch_size=16)
-
-
 def test_transfer_refuses_data_of_another_task(target, sources, train, test):
     shuffled = train.select_classes(CLASSES[::-1])
     with pytest.raises(ValueError, match='select_classes'):
         transfer(target, sources, shuffled, test, steps=(0,))
-
-
-# Stitching
-
-def test_fit_stitch_trains_only_the_stitch(interface, target, sources, narrow, train, optimizer_steps, tmp_path):
-    head, extractor = target.head, narrow
-    before = {'extractor': snapshot(extractor), 'head': snapshot(head)}
-    with pytest.raises(ValueError, match='width'):
-        tc.recombine(extractor, head, force=True)
-
-    model = fit_stitch(extractor, head, train, steps=3, batch_size=16, batchnorm=True)
-    stitch = model.stitch
-    assert len(optimizer_steps) == 3
-    assert all(ids == {id(p) for p in stitch.parameters()} for ids in optimizer_steps)
-    assert_unchanged(extractor, before['extractor'])
-    assert_unchanged(head, before['head'])
-    assert all(p.grad is None for p in [*extractor.parameters(), *head.parameters()])
-    assert (stitch.extractor_interface_id, stitch.interface_id) == (None, interface.id)
-
-    stitch.save_pretrained(tmp_path / 'stitch')
-    assert f'compat-interface-{interface.id}' in (tmp_path / 'stitch' / 'README.md').read_text()
-    loaded = StitchedModel(extractor, Stitch.from_pretrained(tmp_path / 'stitch'), head)
-    x = torch.randn(4, 3, 16, 16)
-    with torch.no_grad(), tc.eval_mode(model, 'batch'), tc.eval_mode(loaded, 'batch'):
-        assert torch.equal(loaded(x), model(x))
-    with pytest.raises(ValueError, match='(?i)fit a stitch'):
-        StitchedModel(sources['s1'], Stitch(16, 16, head_interface_id=interface.id), head)
-
-
-def test_a_stitched_model_is_saved_as_its_parts_not_as_a_pair_that_cannot_load(interface, target, narrow, tmp_path):
-    """The pair format has no place for a stitch: saving a StitchedModel is refused, naming how to save its parts,
-    and nothing is written."""
-    stitched = StitchedModel(narrow, Stitch(8, 16, False, None, interface.id), target.head)
-    for save in (lambda: stitched.save_pretrained(tmp_path / 'pair'), lambda: stitched.push_to_hub('me/pair')):
-        with pytest.raises(TypeError, match=r'model\.stitch\.save_pretrained'):
-            save()
-    assert not (tmp_path / 'pair').exists()
-
-
-def test_adapt_keeps_the_stitch_of_a_stitched_model(target, train):
-    """Adapting a stitched model (extractor of another interface -> stitch -> target head) adapts its extractor
-    through its own interface's RP head; the stitch stays between it and the head."""
-    other = tc.Interface(width=8, rp=True)
-    source = fit_stitch(network(other, seed=5, width=8).extractor, target.head, train, 1, batch_size=16)
-    adapted = adapt(source, train.images, steps=1, batch_size=16, interface=other).model
-    assert isinstance(adapted, StitchedModel) and adapted.stitch is source.stitch and adapted.head is source.head
-    x = torch.randn(4, 3, 16, 16)
-    with torch.no_grad(), tc.eval_mode(adapted, 'batch'):
-        expected = adapted.head(adapted.stitch(adapted.extractor(x)))
-        assert torch.equal(adapted(x), expected)
-
-
-def test_unfitted_stitch_is_direct_recombination(interface, target, sources):
-    stitched = StitchedModel(sources['s1'], Stitch(16, 16, False, interface.id, interface.id), target.head)
-    x = torch.randn(4, 3, 16, 16)
-    with torch.no_grad(), tc.eval_mode(stitched, 'batch'):
-        assert torch.allclose(stitched(x), tc.recombine(sources['s1'], target.head)(x), atol=1e-5)
-
-
-def test_a_stitched_model_is_refused_by_the_recombination_matrix(interface, target, sources, test):
-    # A stitch that is not the identity: a matrix that paired the bare extractor and head would score another model.
-    stitch = Stitch(16, 16, False, interface.id, interface.id)
-    with torch.no_grad():
-        stitch.conv.weight.mul_(-1)
-    stitched = StitchedModel(sources['s1'], stitch, target.head)
-    bare = tc.recombine(sources['s1'], target.head)
-    x = torch.randn(4, 3, 16, 16)
-    with torch.no_grad(), tc.eval_mode(stitched, 'batch'), tc.eval_mode(bare, 'batch'):
-        assert not torch.allclose(stitched(x), bare(x), atol=1e-3)
-    with pytest.raises(ValueError, match=r'Models \[1\] pass features through a stitch.*accuracy\(\)'):
-        tc.recombination_matrix([target, stitched], [test, test])
 
 
 # Mixed precision: every application trains through timm_compat.fit.fit, so each takes mixed_precision.
