@@ -224,11 +224,19 @@ def read_record(path: Path, args=None, keys: Sequence[str] = ()) -> Optional[dic
     saved = json.loads(path.read_text())
     check_data_version(saved, path)
     changed = [f'--{k.replace("_", "-")} {saved["args"].get(k)} (now {getattr(args, k)})'
-               for k in keys if saved['args'].get(k) != getattr(args, k)]
+               for k in keys if not same_argument(k, saved['args'].get(k), getattr(args, k))]
     if changed:
         raise SystemExit(f'{path} holds records of {", ".join(changed)}: give the same arguments to add to it, or '
                          f'another --output for a new table.')
     return saved
+
+
+def same_argument(key: str, saved, now) -> bool:
+    """Whether a record's argument ``saved`` is ``now``. A record keeps ``--data-dir`` as it was typed, so a folder
+    compares as the folder it names: ``../shared/data`` from the repository and ``/work/shared/data`` are one."""
+    if key == 'data_dir' and saved and now:
+        return Path(saved).resolve() == Path(now).resolve()
+    return saved == now
 
 
 def check_data_version(saved: dict, path: Path) -> None:

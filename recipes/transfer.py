@@ -36,7 +36,7 @@ import torch
 import timm_compat as tc
 from timm_compat.deployment import BN_MODES, bn_accuracy_report
 from timm_compat.evaluation import average_class_accuracy
-from timm_compat.data import EpochSampler, load_image_data, local_source
+from timm_compat.data import DATA_VERSION, EpochSampler, load_image_data, local_source
 from timm_compat.plots import ReportFigure, ReportTable, plot_accuracy_curves, write_report
 from timm_compat.stitching import fit_stitch
 from timm_compat.transfer import transfer
@@ -146,7 +146,8 @@ def parse_args(argv) -> argparse.Namespace:
     parser.add_argument('--seed', type=int, default=0)
     parser.add_argument('--output', default='runs/transfer')
     parser.add_argument('--mixed-precision', default='no', choices=['no', 'bf16', 'fp16'],
-                        help='autocast of fine-tuning and stitch fitting (the training runs keep mixed_precision=no)')
+                        help='autocast of fine-tuning and stitch fitting (the training runs take their '
+                             'budget\'s mixed_precision: no at tiny and cpu, bf16 at gpu, auto at fast)')
     args = parser.parse_args(argv)
     check_data_dir(parser, args.data_dir, [SETTINGS[args.setting]['data']])
     return args
@@ -229,7 +230,7 @@ def main(argv=None):
                'stitching': stitching, 'train_seconds': train_seconds,
                'train_wall_seconds': round(train_wall_seconds, 1),
                'wall_seconds': round(time.time() - start, 1), 'target_train': len(train), 'target_test': len(test),
-               'epoch_steps': epoch}
+               'epoch_steps': epoch, 'data_version': DATA_VERSION}
     write_json(out / 'results.json', results)
     report(out, args, budget, ours, baseline, results, argv)
     print('ranking by step-0 accuracy:', ', '.join(f'{n} {100 * a:.1f} %' for n, a in results['ranking_step0']))

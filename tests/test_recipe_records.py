@@ -1,6 +1,7 @@
 """The records of the Sec. 4 recipes (recipes/common.py's load_results / save_results): a table built over several
 sittings from OUTPUT/results.json alone, after the run folders are gone; each record saved as its run finishes;
 records of other arguments refused before anything runs."""
+import argparse
 import json
 import sys
 
@@ -366,3 +367,19 @@ def test_head_transfer_adds_a_seed_only_to_records_of_the_same_stage1_upper_boun
     (tmp_path / 'seed0' / 'results.json').write_text(json.dumps(saved))
     with pytest.raises(SystemExit, match='the record of head_transfer seed 0 does not say which config'):
         head_transfer.main(argv)
+
+
+def test_a_record_of_one_data_folder_resumes_under_another_spelling_of_it(import_script, tmp_path, monkeypatch):
+    """Records store --data-dir as given: ``../shared/data`` and ``/work/shared/data`` name one folder, so either
+    resumes the other's records; another folder is still refused."""
+    common = import_script('recipes', 'common')
+    (tmp_path / 'data').mkdir()
+    (tmp_path / 'other').mkdir()
+    (tmp_path / 'run').mkdir()
+    monkeypatch.chdir(tmp_path / 'run')
+    path = tmp_path / 'results.json'
+    path.write_text(json.dumps({'args': {'data_dir': '../data'}, 'data_version': DATA_VERSION, 'results': {}}))
+    spelled = argparse.Namespace(data_dir=str(tmp_path / 'data'))
+    assert common.read_record(path, spelled, ['data_dir'])['args'] == {'data_dir': '../data'}
+    with pytest.raises(SystemExit, match=r'holds records of --data-dir \.\./data \(now .*other\)'):
+        common.read_record(path, argparse.Namespace(data_dir=str(tmp_path / 'other')), ['data_dir'])

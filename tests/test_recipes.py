@@ -208,6 +208,7 @@ def test_transfer_recipe_measures_and_marks_one_epoch_of_the_target_on_every_cur
     results = json.loads((out / 'results.json').read_text())
     epoch = results['target_train'] // 64  # the sampler's whole batches: a partial last batch is dropped
     assert results['target_train'] % 64 and results['epoch_steps'] == epoch and epoch not in (0, 1, 3, 5)
+    assert results['data_version'] == tc.data.DATA_VERSION  # what --resume and results.md's versions go by
     for kind in ('ours', 'independent'):
         assert all(c['steps'] == sorted({0, 1, 3, 5, epoch}) for c in results[kind]['curves'])
     # The re-initialised head is a baseline: on the independent sources, as the paper's (Sec. 5.3).
