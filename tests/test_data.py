@@ -214,3 +214,37 @@ def test_a_limit_on_one_of_two_shards_of_a_split_is_refused():
     load_config(None, halves + ['networks.0.dataset.train_limit=100', 'networks.1.dataset.train_limit=100'])
     load_config(None, halves)
     load_config(None, halves[1:] + ['networks.1.dataset.train_limit=100'])  # shards of two sources
+
+
+@pytest.mark.parametrize('first, other', [([0, 2], [4, 10]), ([0, 2], [0, 2]), ([0, 2], [2, 4]), ([0, 3], [1, 2]),
+                                          ([4, 10], [0, 2])])
+def test_overlapping_shards_of_one_split_are_refused(first, other):
+    """Shard [index, count] is examples index::count: [0, 2] and [4, 10] share every tenth image (4, 14, ...), and
+    [0, 3] and [1, 2] every sixth (3, 9, ...); both networks would train on them."""
+    from timm_compat.config import ConfigError, load_config
+    shards = [f'networks.0.dataset.train_shard={first}', f'networks.1.dataset.train_shard={other}']
+    assert set(range(first[0], 600, first[1])) & set(range(other[0], 600, other[1]))
+    with pytest.raises(ConfigError, match=rf'networks\.0\.dataset\.train_shard=\[{first[0]}, {first[1]}\] and '
+                                          rf'networks\.1\.dataset\.train_shard=\[{other[0]}, {other[1]}\] overlap'):
+        load_config(None, shards + ['networks.1.dataset.source=synthetic:A'])
+    load_config(None, shards)  # shards of two sources
+
+
+@pytest.mark.parametrize('other', [[1, 2], [1, 10], [3, 4], [5, 6]])
+def test_disjoint_shards_of_one_split_are_accepted(other):
+    from timm_compat.config import load_config
+    images = set(range(0, 600, 2)) & set(range(other[0], 600, other[1]))
+    assert not images  # the claim the config check makes, on the indices data._shard takes
+    load_config(None, ['networks.1.dataset.source=synthetic:A', 'networks.0.dataset.train_shard=[0, 2]',
+                       f'networks.1.dataset.train_shard={other}'])
+
+
+def test_one_folder_named_two_ways_is_one_split(tmp_path, monkeypatch):
+    """A Hub id read from data_dir is its Parquet copy there; ./x and x are one folder."""
+    from timm_compat.config import ConfigError, load_config
+    monkeypatch.chdir(tmp_path)
+    shards = ['networks.0.dataset.train_shard=[0, 2]', 'networks.1.dataset.train_shard=[0, 2]']
+    for sources in (['parquet:data/cifar10', 'parquet:./data/cifar10/'], ['uoft-cs/cifar10', 'parquet:data/cifar10']):
+        with pytest.raises(ConfigError, match='overlap'):
+            load_config(None, shards + ['data_dir=data'] + [f'networks.{i}.dataset.source={s}'
+                                                             for i, s in enumerate(sources)])

@@ -13,6 +13,7 @@ from pydantic import BeforeValidator, Field, ValidationError
 from pydantic_core import PydanticCustomError
 from typing_extensions import Annotated
 
+from ._config_data import shard_problems
 from ._config_errors import REMOVED_PRESETS, ConfigError, describe
 from ._config_help import keys_help
 from ._config_resume import RESUME_MAY_CHANGE, config_changes
@@ -249,7 +250,7 @@ class RunConfig(_Section):
             if '{data_dir}' in n.dataset.source:
                 problems.append(f'Network {n.name!r} reads {n.dataset.source!r}: pass --data-dir.')
         problems += (self._init_problems() + self._baseline_problems() + self._accumulation_problems()
-                     + self._shard_problems())
+                     + shard_problems(self.networks, self.data_dir))
         if self.augment and self.augment_pad_mode == 'reflect' and self.augment_translate >= self.image_size:
             problems.append(f'augment_translate={self.augment_translate} reflect-pads more than the image '
                             f'({self.image_size} px) has; set augment_translate below image_size.')
@@ -263,18 +264,6 @@ class RunConfig(_Section):
         if problems:
             raise ConfigError('\n'.join(problems))
         return self
-
-    def _shard_problems(self) -> List[str]:
-        # load_image_data draws train_limit's random subset before taking the shard: disjoint shards of one split
-        # stay disjoint only over the same subset.
-        trained = [n for n in self.networks if not n.load and n.dataset.train_shard]
-        return [f'networks {a.name} and {b.name} take train_shard parts of {a.dataset.source} with train_limit '
-                f'{a.dataset.train_limit} and {b.dataset.train_limit}: the limit draws its images before the '
-                f'shard, so their training images would overlap. Give both the same train_limit, or a finer shard '
-                f'(e.g. train_shard: [1, 10]) instead of a limit.'
-                for i, a in enumerate(trained) for b in trained[i + 1:]
-                if (a.dataset.source, a.dataset.train_split) == (b.dataset.source, b.dataset.train_split)
-                and a.dataset.train_limit != b.dataset.train_limit]
 
     def _init_problems(self) -> List[str]:
         problems = [f'networks.{i}.init and networks.{i}.{key} both give its weights; keep one.'
