@@ -120,12 +120,32 @@ def test_auto_streams_only_a_split_above_the_memory_budget(tmp_path):
     small = load_image_data(source, 'train', image_size=64, storage='auto', memory_budget_gb=0.0004)
     large = load_image_data(source, 'train', image_size=64, storage='auto', memory_budget_gb=0.0003)
     assert isinstance(small.images, torch.Tensor) and isinstance(large.images, StreamedImages)
-    # The budget counts the images kept: a shard of half the split fits where the whole did not.
+    # The in-memory path decodes the whole split, then copies a shard out: a shard is held in memory only where the
+    # whole split fits, and a limit (drawn before decoding) counts.
     half = load_image_data(source, 'train', image_size=64, storage='auto', memory_budget_gb=0.0003, shard=[0, 2])
-    assert isinstance(half.images, torch.Tensor) and len(half) == 15
+    assert isinstance(half.images, StreamedImages) and len(half) == 15
+    limited = load_image_data(source, 'train', image_size=64, storage='auto', memory_budget_gb=0.0003, limit=20)
+    assert isinstance(limited.images, torch.Tensor) and len(limited) == 20
     assert choose_storage('memory', 10 ** 9, 224, 1) == 'memory' and choose_storage('stream', 1, 8, None) == 'stream'
     assert choose_storage('auto', 10 ** 6, 224, None) == ('stream' if 10 ** 6 * 3 * 224 ** 2 >
                                                           streaming._physical_memory() / 4 else 'memory')
+
+
+def test_auto_never_decodes_more_than_the_memory_budget(tmp_path, monkeypatch):
+    """A shard under the budget of a split above it was decoded whole into memory: the budget was not kept."""
+    source = write_parquet_shards(tmp_path / 'data')  # 30 images at 64 px: 0.37 MB; a half shard 0.18 MB
+    decoded, decode = [], streaming.decode_cached
+
+    def spy(*args):
+        decoded.append(decode(*args).nbytes)
+        return decode(*args)
+    monkeypatch.setattr(streaming, 'decode_cached', spy)
+    for shard in ([0, 2], [1, 2], None):
+        load_image_data(source, 'train', image_size=64, storage='auto', memory_budget_gb=0.0003, shard=shard)
+    data = load_image_data(source, 'train', image_size=64, storage='auto', memory_budget_gb=0.0003, limit=20,
+                           shard=[0, 2])
+    assert isinstance(data.images, torch.Tensor) and len(data) == 10
+    assert decoded == [20 * 3 * 64 * 64] and max(decoded) <= 0.0003e9
 
 
 def test_the_default_budget_is_shared_by_this_machines_processes_and_bounded_by_the_gpu(monkeypatch):

@@ -115,7 +115,8 @@ def load_image_data(source: str, split: str, *, image_size: int = 32, image_colu
             (:func:`~timm_compat.shifts.shift_seed`).
         storage: ``'memory'``, ``'stream'`` or ``'auto'`` (:func:`~timm_compat.streaming.choose_storage`);
             ``synthetic:`` sources are generated in memory.
-        memory_budget_gb: The largest decoded split ``'auto'`` keeps in memory; default a quarter of the RAM.
+        memory_budget_gb: The largest decoded split ``'auto'`` keeps in memory; default a quarter of the RAM. It
+            counts the split after ``limit`` and before ``shard``: a shard is copied out of the whole decoded split.
         workers: Decoding processes of a streamed split.
 
     Raises:
@@ -129,14 +130,7 @@ def load_image_data(source: str, split: str, *, image_size: int = 32, image_colu
         data = ImageData(images, labels, names, name).take(limit, seed)
     else:
         data = _load_split(source, split, name, image_size, image_column, label_column, class_names, limit, seed)
-        kept = len(data) if shard is None else len(range(shard[0], len(data), shard[1]))
-        if choose_storage(storage, kept, image_size, memory_budget_gb) == 'stream':
-            if shift:
-                raise ValueError(f'{name}: shift corrupts a split once, in memory, but this one is streamed '
-                                 f'(storage: {storage}). Set storage: memory, or raise memory_budget_gb.')
-            data.images.workers = workers
-        else:
-            data.images = data.images.decode_cached()
+        _place(data, storage, image_size, memory_budget_gb, workers, shift)
     if shard is not None:
         data = _shard(data, *shard)
     if shift:
@@ -149,6 +143,20 @@ def load_image_data(source: str, split: str, *, image_size: int = 32, image_colu
         raise ValueError(f'{name}: labels range over [{low}, {high}] but there are {data.num_classes} classes '
                          f'{data.class_names}. Fix the labels or the class names.')
     return data.select_classes(classes) if classes else data
+
+
+def _place(data: ImageData, storage: str, image_size: int, memory_budget_gb: Optional[float], workers: int,
+           shift: Optional[Sequence[str]]) -> None:
+    """Decode ``data``'s images into memory, or leave them on disk to stream with ``workers`` processes."""
+    # The in-memory path decodes the whole (limited) split, through the decode cache, and copies a shard out:
+    # what it would decode, not the shard, must fit the budget.
+    if choose_storage(storage, len(data), image_size, memory_budget_gb) == 'stream':
+        if shift:
+            raise ValueError(f'{data.name}: shift corrupts a split once, in memory, but this one is streamed '
+                             f'(storage: {storage}). Set storage: memory, or raise memory_budget_gb.')
+        data.images.workers = workers
+    else:
+        data.images = data.images.decode_cached()
 
 
 def _shard(data: ImageData, index: int, count: int) -> ImageData:

@@ -137,8 +137,8 @@ def choose_storage(storage: str, num_images: int, size: int, budget_gb: Optional
     Args:
         storage: ``'memory'``, ``'stream'``, or ``'auto'``: stream when the decoded split (``3 * size**2`` bytes an
             image) would exceed ``budget_gb``.
-        num_images: The split's images, after any limit or shard (a shard is copied out of the whole decoded split,
-            which is held only while it is).
+        num_images: The split's images after any limit, before any shard: the in-memory path decodes the whole
+            split and copies a shard out of it, so the whole split is what must fit.
         size: Their decoded size.
         budget_gb: The largest decoded split to hold in memory, in GB; default a quarter of the physical memory
             (train.py gives :func:`memory_budget_gb` of its processes and device).
