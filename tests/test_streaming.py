@@ -191,6 +191,14 @@ def test_a_shift_of_a_streamed_split_is_refused(tmp_path):
                         shift=['defocus_blur:2'])
 
 
+def test_a_shift_of_a_split_auto_streams_names_the_config_keys(tmp_path):
+    """The message named load_image_data's arguments (storage, memory_budget_gb) as if they were config keys."""
+    with pytest.raises(ValueError, match=r'\(data_storage: auto\)\. Set data_storage: memory, or raise '
+                                         r'data_memory_gb to at least 0\.000369 GB'):
+        load_image_data(write_parquet_shards(tmp_path / 'data'), 'train', image_size=64, storage='auto',
+                        memory_budget_gb=0.0003, shift=['defocus_blur:2'])
+
+
 def tiny_parquet_run(tmp_path, name, *args):
     source = write_parquet_shards(tmp_path / 'data', n=(48, 24)) if not (tmp_path / 'data').exists() else \
         f'parquet:{tmp_path / "data"}'

@@ -151,9 +151,11 @@ def _place(data: ImageData, storage: str, image_size: int, memory_budget_gb: Opt
     # The in-memory path decodes the whole (limited) split, through the decode cache, and copies a shard out:
     # what it would decode, not the shard, must fit the budget.
     if choose_storage(storage, len(data), image_size, memory_budget_gb) == 'stream':
-        if shift:
+        if shift:  # named by their config keys: a run's config is where they are set
             raise ValueError(f'{data.name}: shift corrupts a split once, in memory, but this one is streamed '
-                             f'(storage: {storage}). Set storage: memory, or raise memory_budget_gb.')
+                             f'(data_storage: {storage}). Set data_storage: memory, or raise data_memory_gb to at '
+                             f'least {len(data) * 3 * image_size ** 2 / 1e9:.3g} GB (load_image_data: storage, '
+                             f'memory_budget_gb).')
         data.images.workers = workers
     else:
         data.images = data.images.decode_cached()
