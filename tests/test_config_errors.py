@@ -85,6 +85,10 @@ BAD = [
     ('networks.0.dataset.train_shard=[2, 2]', 'networks.0.dataset.train_shard', '[2, 2]'),
     ('networks.0.dataset.train_shard=[-1, 2]', 'networks.0.dataset.train_shard', '[-1, 2]'),
     ('networks.0.dataset.train_shard=[0]', 'networks.0.dataset.train_shard', '[0]'),
+    ('networks.1.dataset.shift=[gaussian_noise:6]', 'networks.1.dataset.shift', "['gaussian_noise:6']"),
+    ('networks.1.dataset.shift=[defocus_blur:0]', 'networks.1.dataset.shift', "['defocus_blur:0']"),
+    ('networks.1.dataset.shift=[fog:1]', 'networks.1.dataset.shift', "['fog:1']"),
+    ('networks.1.dataset.shift=[contrast]', 'networks.1.dataset.shift', "['contrast']"),
     ('image_size=4', 'image_size', '4'), ('eval_bn=running_mean', 'eval_bn', "'running_mean'"),
     ('optim.optimizer=adamm', 'optim.optimizer', "'adamm'"), ('optim.schedule=steps', 'optim.schedule', "'steps'"),
     ('mixed_precision=fp32', 'mixed_precision', "'fp32'"), ('mixed_precision=yes', 'mixed_precision', 'True'),
@@ -158,3 +162,25 @@ def test_a_data_override_without_a_preset_name_is_refused(override):
 def test_keys_that_would_be_ignored_or_train_nothing_are_refused(overrides, message):
     with pytest.raises(ConfigError, match=message):
         load_config(None, overrides)
+
+
+def test_a_bad_shift_is_refused_at_load_not_after_decoding():
+    """docs/training.md: an out-of-range value is a ConfigError before anything runs; a bad shift was refused only
+    by apply_shift, once the split was decoded."""
+    shift = 'networks.1.dataset.shift=[defocus_blur:2, gray_contrast:2, gaussian_noise:6]'
+    with pytest.raises(ConfigError, match=r"networks\.1\.dataset\.shift must be .*severity 1 to 5.*gaussian_noise.*"
+                                          r"'gaussian_noise:6' is not"):
+        load_config(None, [shift])
+    from timm_compat.shifts import CORRUPTIONS
+    load_config(None, [f'networks.1.dataset.shift={[f"{name}:{s}" for name in CORRUPTIONS for s in (1, 5)]}'])
+
+
+def test_a_shift_of_a_streamed_split_is_refused_at_load():
+    """Under data_storage: stream the shift was refused only when the split was loaded, after the config and
+    possibly after other networks' data had been decoded. Synthetic sources are generated in memory: they may."""
+    shift = 'networks.1.dataset.shift=[defocus_blur:2]'
+    with pytest.raises(ConfigError, match=r'networks\.1\.dataset\.shift .* data_storage is stream.*'
+                                          r'data_storage=memory'):
+        load_config(None, [shift, 'data_storage=stream', 'networks.1.dataset.source=parquet:data/x'])
+    load_config(None, [shift, 'data_storage=stream'])  # synthetic:B
+    load_config(None, [shift, 'data_storage=auto', 'networks.1.dataset.source=parquet:data/x'])

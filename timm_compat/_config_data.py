@@ -1,4 +1,5 @@
-"""Checks of the run config's datasets that no single key can make: which trained networks share training images.
+"""Checks of the run config's datasets that no single key can make: which trained networks share training images,
+and which shifted splits would be streamed.
 
 ``train_shard: [index, count]`` keeps the examples ``index::count`` of a split (``data._shard``), so two shards
 ``[i1, c1]`` and ``[i2, c2]`` of one split share an example exactly when some ``n`` has ``n = i1 (mod c1)`` and
@@ -8,7 +9,7 @@ import math
 import os
 from typing import Any, List, Optional, Tuple
 
-__all__ = ['shard_problems']
+__all__ = ['shard_problems', 'shift_problems']
 
 _LOCAL_PREFIXES = ('parquet:', 'imagefolder:', 'synthetic:')
 
@@ -56,3 +57,14 @@ def shard_problems(networks: List[Any], data_dir: Optional[str]) -> List[str]:
                     f'[i2, c2] are disjoint exactly when i1 and i2 differ modulo gcd(c1, c2): e.g. [0, 2] and '
                     f'[1, 2], or [0, 2] and [1, 10].')
     return problems
+
+
+def shift_problems(networks: List[Any], data_storage: str) -> List[str]:
+    """A shift corrupts a split once, in memory: under ``data_storage: stream`` load_image_data would refuse it
+    only once the run had started. Synthetic sources are always generated in memory, so they may be shifted."""
+    if data_storage != 'stream':
+        return []
+    return [f'networks.{i}.dataset.shift corrupts its splits once, in memory, but data_storage is stream, which '
+            f'keeps them on disk: set data_storage=memory (or auto, which holds a split in memory up to '
+            f'data_memory_gb), or drop networks.{i}.dataset.shift.'
+            for i, n in enumerate(networks) if n.dataset.shift and not n.dataset.source.startswith('synthetic:')]

@@ -1,11 +1,13 @@
 """The field types of the run config: numbers as YAML writes them, counts, seeds, model arguments, split points,
-aux head specs and shards, each with the words a bad value's error uses (``_config_errors.describe``)."""
+aux head specs, shards and shifts, each with the words a bad value's error uses (``_config_errors.describe``)."""
 import re
 from typing import Any, Dict, List, Literal, Optional, Union
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, TypeAdapter, ValidationError
 from pydantic_core import PydanticCustomError
 from typing_extensions import Annotated, TypeAliasType
+
+from .shifts import CORRUPTIONS, parse_shift
 
 
 def _number(value: Any) -> Any:
@@ -100,3 +102,26 @@ def _shard(value: Any) -> Any:
         if not 0 <= value[0] < value[1]:
             raise PydanticCustomError('config', '{must}', {'must': '[index, count] with 0 <= index < count'})
     return value
+
+
+_SHIFT_MUST = (f'a list of "corruption:severity" with severity 1 to 5 and corruption one of '
+               f'{", ".join(sorted(CORRUPTIONS))}')
+
+
+def _shift(value: Any) -> Any:
+    """Check each shift as apply_shift will, so that a bad one is refused at load, not after its split is decoded
+    (a value that is no list of strings is the type's to name)."""
+    if isinstance(value, list):
+        bad = []
+        for item in value:
+            try:
+                parse_shift(item) if isinstance(item, str) else None
+            except ValueError:
+                bad.append(item)
+        if bad:
+            raise PydanticCustomError('config', '{must}', {'must': f'{_SHIFT_MUST} ({", ".join(map(repr, bad))} '
+                                                                   f'{"is" if len(bad) == 1 else "are"} not)'})
+    return value
+
+
+Shift = Annotated[List[str], BeforeValidator(_shift), Field(json_schema_extra=_must(_SHIFT_MUST))]

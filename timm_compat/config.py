@@ -13,13 +13,14 @@ from pydantic import BeforeValidator, Field, ValidationError
 from pydantic_core import PydanticCustomError
 from typing_extensions import Annotated
 
-from ._config_data import shard_problems
+from ._config_data import shard_problems, shift_problems
 from ._config_errors import REMOVED_PRESETS, ConfigError, describe
 from ._config_help import keys_help
 from ._config_resume import RESUME_MAY_CHANGE, config_changes
 from ._config_resume import resume_conflicts as _resume_conflicts
 from ._config_files import PRESET_DIR, read_config_file, set_dotted, split_preset
-from ._config_types import Count, Float, HeadSpec, ModelArg, ModelArgs, Seed, Split, _exponents, _must, _Section, _shard
+from ._config_types import (Count, Float, HeadSpec, ModelArg, ModelArgs, Seed, Shift, Split, _exponents, _must,
+                            _Section, _shard)
 from .optim import SCHEDULES, check_config_optim, optimizer_names
 
 __all__ = ['ConfigError', 'DatasetConfig', 'NetworkConfig', 'InterfaceConfig', 'OptimConfig', 'ValidationConfig',
@@ -41,7 +42,7 @@ class DatasetConfig(_Section):
     train_shard: Annotated[Optional[List[int]], BeforeValidator(_shard)] = Field(
         None, min_length=2, max_length=2, examples=[[0, 2]],
         json_schema_extra=_must('[index, count] with 0 <= index < count'))
-    shift: Optional[List[str]] = Field(None, examples=[['defocus_blur:2']])  # fixed corruptions of this domain
+    shift: Optional[Shift] = Field(None, examples=[['defocus_blur:2']])  # fixed corruptions of this domain
     synthetic_per_class: Count = 400
     synthetic_test_per_class: Count = 100
 
@@ -250,7 +251,7 @@ class RunConfig(_Section):
             if '{data_dir}' in n.dataset.source:
                 problems.append(f'Network {n.name!r} reads {n.dataset.source!r}: pass --data-dir.')
         problems += (self._init_problems() + self._baseline_problems() + self._accumulation_problems()
-                     + shard_problems(self.networks, self.data_dir))
+                     + shard_problems(self.networks, self.data_dir) + shift_problems(self.networks, self.data_storage))
         if self.augment and self.augment_pad_mode == 'reflect' and self.augment_translate >= self.image_size:
             problems.append(f'augment_translate={self.augment_translate} reflect-pads more than the image '
                             f'({self.image_size} px) has; set augment_translate below image_size.')

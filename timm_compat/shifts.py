@@ -11,14 +11,14 @@ the same every time.
 """
 import io
 import zlib
-from typing import Callable, Dict, Sequence
+from typing import Callable, Dict, Sequence, Tuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
-__all__ = ['CORRUPTIONS', 'apply_shift', 'shift_seed']
+__all__ = ['CORRUPTIONS', 'apply_shift', 'parse_shift', 'shift_seed']
 
 
 def _gaussian_noise(x: torch.Tensor, severity: int, g: torch.Generator) -> torch.Tensor:
@@ -102,6 +102,19 @@ def shift_seed(seed: int, split: str) -> int:
     return seed if split == 'train' else seed + zlib.crc32(split.encode())
 
 
+def parse_shift(item: str) -> Tuple[Callable[[torch.Tensor, int, torch.Generator], torch.Tensor], int]:
+    """A shift ``"corruption:severity"`` as its corruption and severity; the run config checks shifts with it.
+
+    Raises:
+        ValueError: An unknown corruption, or a severity outside 1-5.
+    """
+    name, _, severity = item.partition(':')
+    if name not in CORRUPTIONS or severity not in ('1', '2', '3', '4', '5'):
+        raise ValueError(f'Unknown shift {item!r}: use "name:severity" with severity 1-5 and name one of '
+                         f'{sorted(CORRUPTIONS)}.')
+    return CORRUPTIONS[name], int(severity)
+
+
 def apply_shift(images: torch.Tensor, shift: Sequence[str], seed: int = 0, batch_size: int = 2048) -> torch.Tensor:
     """Apply corruptions in order to a ``uint8`` batch ``(N, 3, H, W)``; returns ``uint8``.
 
@@ -114,13 +127,7 @@ def apply_shift(images: torch.Tensor, shift: Sequence[str], seed: int = 0, batch
     if images.dtype != torch.uint8:
         raise ValueError(f'apply_shift corrupts uint8 images (0-255), got {images.dtype}: pass the images as loaded, '
                          f'before normalisation (e.g. (x * 255).round().to(torch.uint8) for floats in [0, 1]).')
-    steps = []
-    for item in shift:
-        name, _, severity = item.partition(':')
-        if name not in CORRUPTIONS or severity not in ('1', '2', '3', '4', '5'):
-            raise ValueError(f'Unknown shift {item!r}: use "name:severity" with severity 1-5 and name one of '
-                             f'{sorted(CORRUPTIONS)}.')
-        steps.append((CORRUPTIONS[name], int(severity)))
+    steps = [parse_shift(item) for item in shift]
     g = torch.Generator().manual_seed(seed)
     out = torch.empty_like(images)
     for start in range(0, images.shape[0], batch_size):
