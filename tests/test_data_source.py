@@ -129,3 +129,14 @@ def test_offline_train_py_prints_one_error_line_not_a_traceback(tmp_path):
     assert result.returncode == 2 and 'Traceback' not in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith('error: Could not load Hub dataset')
     assert not (tmp_path / 'run').exists()
+
+
+def test_a_split_the_dataset_lacks_is_a_value_error_naming_its_splits(tmp_path):
+    """datasets' "Unknown split" was re-raised as a ConnectionError with advice to work offline."""
+    from timm_compat._hf_source import load_hf
+    write_cifar10_copy(tmp_path / 'cifar10')  # a local folder that datasets loads as it would a Hub id
+    with pytest.raises(ValueError) as error:
+        load_hf(str(tmp_path / 'cifar10'), 'validation')
+    message = str(error.value)
+    assert not isinstance(error.value, ConnectionError) and 'Without network access' not in message
+    assert "has no split 'validation'" in message and "['train', 'test']" in message and 'test_split' in message

@@ -98,7 +98,13 @@ def load_hf(source: str, split: str):
         return _load_imagefolder(source[len('imagefolder:'):], split)
     try:
         return datasets.load_dataset(source, split=split)
-    except (ConnectionError, OSError, ValueError) as e:
+    except ValueError as e:
+        if not str(e).startswith('Unknown split'):  # not the download's fault: offline advice would mislead
+            raise
+        # datasets names the splits the dataset has ("Should be one of [...]")
+        raise ValueError(f'Hub dataset {source!r} has no split {split!r}: {e} Set networks.N.dataset.train_split '
+                         f'or test_split to one of them.') from e
+    except (ConnectionError, OSError) as e:
         raise ConnectionError(
             f'Could not load Hub dataset {source!r} (split {split!r}): {e}. Without network access, put a local '
             f'Parquet copy in DIR/{_hub_name(source)}/{split}.parquet and pass --data-dir DIR (config key data_dir).'
