@@ -7,7 +7,9 @@ a pixel may be one level brighter. ``gray_contrast`` is not CIFAR-10-C's: it is 
 2026-12-04, which pulled every pixel towards one grey mean over all channels and so also desaturates; the Sec. 4
 presets keep it, so that the records made with it stay reproducible. A shift is named ``"corruption:severity"``,
 e.g. ``"defocus_blur:2"``; noise is drawn from a fixed seed (per split: :func:`shift_seed`), so a shifted split is
-the same every time.
+the same on every x86 machine with AVX2 or AVX-512 (torch's generic CPU path, ``ATEN_CPU_CAPABILITY=default``, draws
+``torch.randn`` otherwise: a few pixels differ by one level). The noise stays torch's: another generator would change
+the shifted images of the data-version-2 records (``data.DATA_VERSION``).
 """
 import io
 import zlib
