@@ -211,3 +211,31 @@ def test_timm_refuses_a_config_json_older_than_the_weights(r8, tmp_path):
     assert tc.load_component(path).config['pretrained_cfg']['input_size'] == [3, 16, 16]
     with pytest.raises(tc.ComponentError, match=r'config.json is older than its weights.*save.*again'):
         timm.create_model(f'local-dir:{path}', pretrained=True)
+
+
+def test_a_push_after_timm_read_config_json_gives_one_commits_preprocessing_and_weights(hf_cache, tmp_path,
+                                                                                          monkeypatch):  # noqa: F811
+    """timm downloads config.json (its pretrained_cfg and model_args) itself, before timm_compat pins a commit for the
+    weights: a push landing between the two paired the old version's preprocessing with the new version's weights."""
+    _saved(tmp_path / 'old', 'test_resnet')  # saved with model_args drop_rate=0.25, which timm passes back
+    new = tc.load_component(tmp_path / 'old' / 'extractor')
+    with torch.no_grad():
+        for p in new.parameters():
+            p.add_(1.0)
+    new.config['pretrained_cfg'] = {**new.config['pretrained_cfg'], 'input_size': [3, 24, 24]}
+    new.config['model_args'] = {'drop_rate': 0.125}
+    new.save_pretrained(tmp_path / 'new')
+    pushed = 'f' * 40
+    put_in_cache(hf_cache, 'org/moving', tmp_path / 'new', commit=pushed)
+    put_in_cache(hf_cache, 'org/moving', tmp_path / 'old' / 'extractor')  # main names the old version
+    download = timm.models._hub.hf_hub_download
+
+    def download_then_push(*args, **kwargs):
+        path = download(*args, **kwargs)
+        (hf_cache / 'models--org--moving' / 'refs' / 'main').write_text(pushed)
+        return path
+    monkeypatch.setattr(timm.models._hub, 'hf_hub_download', download_then_push)
+    model = timm.create_model('hf-hub:org/moving', pretrained=True)
+    assert tuple(timm.data.resolve_data_config(model=model)['input_size']) == (3, 24, 24)
+    with torch.no_grad():
+        assert torch.equal(model.forward_features(_images()), new.eval()(_images()))

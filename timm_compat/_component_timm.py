@@ -15,12 +15,14 @@ own ``timm.create_model`` arguments, as in every component, so timm passes them 
 The timm models hold the component's own modules under the component's parameter names, so their outputs are the
 component's bit for bit and ``model.safetensors`` is their state dict.
 """
+import copy
 from typing import Any, Dict, Optional, Tuple
 
 import torch
 from torch import nn
 from timm.layers import SelectAdaptivePool2d
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models._hub import _parse_model_cfg  # timm's own reading of a config.json, for the config verified here
 
 from .component import Component, ComponentError, architecture_of, pinned, read_config, read_verified
 from .components import Extractor, Head
@@ -97,11 +99,28 @@ def _cfg_dict(cfg: Any) -> Dict[str, Any]:
     return cfg.to_dict() if hasattr(cfg, 'to_dict') else dict(cfg) if isinstance(cfg, dict) else {}
 
 
+def _timm_pretrained_cfg(config: Dict[str, Any], read_by_timm: Dict[str, Any]) -> Dict[str, Any]:
+    """timm's ``pretrained_cfg`` of ``config``, parsed as timm parses a ``config.json``, with the source timm named.
+
+    timm downloads ``config.json`` itself before this load pins a commit: a push in between would give the new
+    weights the old preprocessing, so the cfg timm read is replaced by the one of the config actually loaded.
+    """
+    source = {k: read_by_timm[k] for k in ('source', 'hf_hub_id', 'file') if k in read_by_timm}
+    return _parse_model_cfg(copy.deepcopy(config), source)[0]
+
+
 def _check_arguments(config: Dict[str, Any], model_id: str, kwargs: Dict[str, Any]) -> None:
-    """Refuse arguments that would build something else than the saved component (timm passes its model_args)."""
+    """Refuse arguments that would build something else than the saved component.
+
+    timm passes back the ``model_args`` of the ``config.json`` it read (``pretrained_model_args``); those are not the
+    caller's, and after a push they may be another commit's, so only the caller's own arguments are checked.
+    """
     saved = {**config.get('model_args', {}), 'num_classes': config.get('num_classes', 0)}
+    passed_back = kwargs.get('pretrained_model_args') or {}
     for key, value in kwargs.items():
         if key in ('pretrained_cfg', 'pretrained_cfg_overlay', 'pretrained_model_args', 'cache_dir'):
+            continue
+        if key in passed_back and passed_back[key] == value:
             continue
         if key not in saved or saved[key] != value:
             what = f'saved with {key}={saved[key]!r}' if key in saved else f'takes no argument {key!r}'
@@ -139,7 +158,7 @@ def _create(role: str, pretrained: bool, kwargs: Dict[str, Any]) -> nn.Module:
     component = _verified(cls, model_id, config, resolve) if pretrained else cls.from_config(config)
     wrap = ExtractorModel if role == 'extractor' else HeadModel
     model = build_model_with_cfg(lambda **ignored: wrap(component), architecture, pretrained=False,
-                                 pretrained_cfg=kwargs.get('pretrained_cfg'),
+                                 pretrained_cfg=_timm_pretrained_cfg(config, _cfg_dict(kwargs.get('pretrained_cfg'))),
                                  pretrained_cfg_overlay=kwargs.get('pretrained_cfg_overlay'),
                                  pretrained_model_args=kwargs.get('pretrained_model_args'), feature_cfg=None)
     # The recorded classifier is the backbone's path: inside the tail for a head; an extractor has none.
