@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import timm
 import torch
@@ -222,6 +223,28 @@ def test_push_to_hub_uploads_the_component_folder(saved, monkeypatch, tmp_path):
     with pytest.raises(tc.ComponentError, match='cannot be rebuilt from a config'):
         tc.Head(torch.nn.Identity(), 16, 16, 4).push_to_hub('org/custom-head')  # wraps a custom module
     assert calls == []  # no empty repo is created for a component that cannot be saved
+
+
+def test_push_checks_the_config_before_creating_a_repo_and_takes_numpy_strings(saved, monkeypatch):
+    """push_to_hub created the Hub repo, then found a config value that is not plain JSON; and it refused the NumPy
+    strings that ``np.unique(labels)`` gives as class names, which JSON holds as they are."""
+    calls = []
+
+    def create_repo(self, repo_id, **kwargs):
+        calls.append('create_repo')
+        return RepoUrl(f'{constants.ENDPOINT}/{repo_id}')
+    monkeypatch.setattr(HfApi, 'create_repo', create_repo)
+    monkeypatch.setattr(HfApi, 'upload_folder', lambda self, **kwargs: calls.append(
+        json.loads((Path(kwargs['folder_path']) / 'config.json').read_text())))
+    head = tc.load_component(saved[0]['head'])
+    head.config['pretrained_cfg'] = {**head.config['pretrained_cfg'], 'mean': torch.tensor([0.5, 0.5, 0.5])}
+    with pytest.raises(tc.ComponentError, match=r'config.pretrained_cfg.mean = tensor.*is not plain JSON'):
+        head.push_to_hub('org/r8-head')
+    assert calls == []  # refused before any repo was created
+    model = tc.make_compatible('resnet8_cifar', split='layer2', interface=tc.Interface(width=16), num_classes=4,
+                               class_names=np.unique(np.array(CLASSES)))
+    model.head.push_to_hub('org/r8-head')
+    assert calls[0] == 'create_repo' and calls[1]['class_names'] == CLASSES
 
 
 def test_failed_save_leaves_the_previous_component_loadable(folder):

@@ -91,7 +91,9 @@ def _non_json(value: Any, where: str) -> Optional[Tuple[str, Any]]:
                 return found
     elif isinstance(value, float) and not math.isfinite(value):
         return where, value
-    elif value is not None and type(value) not in (str, int, float, bool):
+    elif isinstance(value, str):  # a str subclass (np.str_ from np.unique) is written as the plain string it holds
+        return None
+    elif value is not None and type(value) not in (int, float, bool):
         return where, value
     return None
 

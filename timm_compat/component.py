@@ -58,13 +58,16 @@ def write_folder(directory: Union[str, Path], tensors: Dict[str, torch.Tensor], 
     atomic_write_bytes(directory / CARD_NAME, card_text.encode())
 
 
-def push_folder(save, repo_id: str, commit_message, *, private: Optional[bool] = None,
+def push_folder(save, repo_id: str, commit_message, *, config: Dict[str, Any], private: Optional[bool] = None,
                 token: Optional[str] = None, branch: Optional[str] = None,
                 create_pr: Optional[bool] = None) -> CommitInfo:
     """Create the Hub model repo if needed, ``save(tmp, repo_id)`` a folder and upload it in one commit.
 
-    ``commit_message`` is a string, or a function of what ``save`` returned.
+    ``config`` (what ``save`` will write as ``config.json``) is checked to be plain JSON first: a component that cannot
+    be saved must not leave an empty repo behind. ``commit_message`` is a string, or a function of what ``save``
+    returned.
     """
+    config_text(config)  # raises ComponentError naming the bad key, before anything is created
     api = HfApi(token=token)
     repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
     with SoftTemporaryDirectory() as tmp:
@@ -196,10 +199,14 @@ class Component(
 
         Returns:
             The ``huggingface_hub.CommitInfo`` of the upload.
+
+        Raises:
+            ComponentError: The component cannot be rebuilt from a config, or its config holds a value that is not
+                plain JSON; no repo is created then.
         """
         config = self.full_config()  # fail before creating a repo for a component that cannot be saved
         message = commit_message or f'Upload timm-compat {self.role} ({_interface_words(config["interface_id"])})'
-        return push_folder(lambda tmp, repo: self.save_pretrained(tmp, repo_id=repo), repo_id, message,
+        return push_folder(lambda tmp, repo: self.save_pretrained(tmp, repo_id=repo), repo_id, message, config=config,
                            private=private, token=token, branch=branch, create_pr=create_pr)
 
     def generate_model_card(self, repo_id: Optional[str] = None) -> ModelCard:

@@ -199,7 +199,8 @@ def push_recombined(model: CompatibleModel, repo_id: str, *, commit_message: Opt
     return push_folder(lambda tmp, repo: save_recombined(model, tmp, repo_id=repo), repo_id,
                        commit_message or (lambda loads_with: f'Upload timm-compat recombined model '
                                                              f'(loads with {loads_with})'),
-                       private=private, token=token, branch=branch, create_pr=create_pr)
+                       config=recombined_config(model)[0], private=private, token=token, branch=branch,
+                       create_pr=create_pr)
 
 
 def _check_pair(config: Dict[str, Any], model_id: str) -> Tuple[Dict[str, Any], Dict[str, Any]]:
