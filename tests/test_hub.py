@@ -310,6 +310,25 @@ def test_cli_show_summarises_card_and_interface(saved, published, capsys):
     assert 'rp head:' in capsys.readouterr().out
 
 
+def test_cli_show_reads_the_card_at_the_commit_it_verified(saved, hf_cache, monkeypatch, capsys):
+    """show verified config and weights at one commit but read README.md (license, base model, tags) at the branch:
+    a push landing meanwhile printed one version's interface beside another version's tags."""
+    pushed = 'f' * 40
+    put_in_cache(hf_cache, 'org/moving', saved[1]['extractor'], commit=pushed)
+    put_in_cache(hf_cache, 'org/moving', saved[0]['extractor'])  # main names COMMIT
+    download = files.hf_hub_download
+
+    def download_then_push(*args, **kwargs):
+        path = download(*args, **kwargs)
+        (hf_cache / 'models--org--moving' / 'refs' / 'main').write_text(pushed)
+        return path
+    monkeypatch.setattr(files, 'hf_hub_download', download_then_push)
+    assert main(['show', 'org/moving']) == 0
+    out = capsys.readouterr().out
+    ids = [saved[n]['modules']['interface'].id for n in (0, 1)]
+    assert f'interface:   {ids[0]}' in out and f'compat-interface-{ids[0]}' in out and ids[1] not in out
+
+
 def test_cli_show_refuses_a_config_changed_after_saving(folder, capsys):
     """show printed config.json as it was, so reordered class names were shown for a head that loading refuses."""
     head = folder('head')

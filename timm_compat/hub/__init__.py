@@ -25,7 +25,7 @@ from huggingface_hub import HfApi, ModelCard, ModelInfo
 from huggingface_hub.errors import OfflineModeIsEnabled
 
 from ..compatible import fit_problems
-from ..component import CARD_NAME, Component, ComponentError, load_component, read_verified, resolve_file
+from ..component import CARD_NAME, Component, ComponentError, load_component, pinned, read_verified, resolve_file
 from ..interface import Interface
 
 __all__ = ['component_tags', 'list_components', 'main']
@@ -107,8 +107,10 @@ def _classes(names: Optional[Sequence[str]], n: Optional[int] = None) -> str:
 
 
 def _cmd_show(args) -> int:
-    # The config the weights were saved with, as loading checks it: an edited config.json is refused, not shown.
-    config, _ = read_verified(args.repo, {'revision': args.revision})
+    # The config the weights were saved with, as loading checks it: an edited config.json is refused, not shown. The
+    # card is read at the same commit, so a push landing meanwhile cannot show another version's license and tags.
+    resolve = pinned(args.repo, {'revision': args.revision})
+    config, _ = read_verified(args.repo, resolve)
     iid = config.get('interface_id')
     rows = [('repo', args.repo), ('role', config['role']),
             ('interface', iid or 'none: an independent network, compatible with nothing else')]
@@ -127,7 +129,7 @@ def _cmd_show(args) -> int:
         else:
             rows.append(('classes', _classes(config.get('class_names'), config.get('num_classes'))))
     try:
-        card = ModelCard.load(resolve_file(args.repo, CARD_NAME, revision=args.revision)).data
+        card = ModelCard.load(resolve_file(args.repo, CARD_NAME, **resolve)).data
         rows += [('license', card.license), ('base model', card.base_model or '-'),
                  ('tags', ', '.join(card.tags or []))]
     except ComponentError as e:
