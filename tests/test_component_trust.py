@@ -243,3 +243,34 @@ def test_a_loaded_component_saves_with_the_current_format_version(saved, role, m
     loaded = tc.load_component(saved / role)
     monkeypatch.setattr(component, 'FORMAT_VERSION', component.FORMAT_VERSION + 1)
     assert loaded.full_config()['format_version'] == component.FORMAT_VERSION
+
+
+@pytest.mark.parametrize('backbone,split,input_size,recorded', [
+    ('test_maxvit', 1, (3, 64, 64), {'img_size': 64}),  # fixed input size: timm builds it at the overlay's size
+    ('resnet8_cifar', 'layer2', (1, 32, 32), {'in_chans': 1}),
+    ('resnet8_cifar', 'layer2', (3, 40, 40), {}),  # any size: nothing about the architecture changes
+])
+def test_an_overlay_input_size_is_recorded_as_the_model_args_timm_built_from(tmp_path, backbone, split, input_size,
+                                                                              recorded):
+    """timm builds in_chans (and img_size for a fixed-input-size model) from pretrained_cfg_overlay's input_size; the
+    overlay is not recorded, so such a component saved, then could not be rebuilt."""
+    model = tc.make_compatible(backbone, split=split, interface=tc.Interface(width=16), num_classes=4,
+                               pretrained_cfg_overlay=dict(input_size=input_size)).eval()
+    assert model.extractor.config['model_args'] == recorded
+    assert model.extractor.config['pretrained_cfg']['input_size'] == list(input_size)
+    model.extractor.save_pretrained(tmp_path / 'extractor')
+    x = torch.randn(2, *input_size)
+    with torch.no_grad():
+        assert torch.equal(tc.load_component(tmp_path / 'extractor')(x), model.extractor(x))
+
+
+def test_an_architecture_that_cannot_be_rebuilt_is_a_component_error(tmp_path):
+    model = tc.make_compatible('test_maxvit', split=1, interface=tc.Interface(width=16), num_classes=4,
+                               pretrained_cfg_overlay=dict(input_size=(3, 64, 64)))
+    model.extractor.save_pretrained(tmp_path / 'extractor')
+    _forge(tmp_path / 'extractor', model_args={})  # as saved before: built at 64 px, rebuilt at timm's default size
+    with pytest.raises(tc.ComponentError, match=r'cannot rebuild the architecture in config.json.*64'):
+        tc.load_component(tmp_path / 'extractor')
+    with pytest.raises(tc.ComponentError, match=r'input_size=\(3, 64, 48\).*square'):
+        tc.make_compatible('test_maxvit', split=1, interface=tc.Interface(width=16), num_classes=4,
+                           pretrained_cfg_overlay=dict(input_size=(3, 64, 48)))

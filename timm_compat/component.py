@@ -326,7 +326,16 @@ class Component(
                 f'{model_id} holds a component of role {role!r}, which no imported module defines (known: '
                 f'{sorted(Component.registry)}): import the module that defines it (e.g. timm_compat.stitching for '
                 f'"stitch"), or upgrade timm-compat.')
-        module = Component.registry[role].from_config(config)
+        try:
+            module = Component.registry[role].from_config(config)
+        except ComponentError:
+            raise
+        except ValueError as e:  # timm or the split probe refusing the recorded architecture
+            raise ComponentError(
+                f'{model_id}: cannot rebuild the architecture in {CONFIG_NAME}: {e} The config does not describe a '
+                f'model this timm builds (an older timm-compat did not record the img_size/in_chans a '
+                f'pretrained_cfg_overlay input_size built it with): build the component again with make_compatible '
+                f'and save it.') from e
         _check_shapes(module, tensors, model_id)
         missing, unexpected = module.load_state_dict(tensors, strict=False, assign=True)
         if missing or unexpected:

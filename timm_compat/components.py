@@ -12,6 +12,7 @@ backbone name: ``make_compatible``, ``from_config`` (on load) and timm aux heads
 """
 from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
+import timm
 import torch
 from torch import nn
 
@@ -66,8 +67,8 @@ def check_model_args(model_args: Optional[Dict[str, Any]], *, allow_overlay: boo
 
     Args:
         model_args: Keyword arguments for ``timm.create_model``.
-        allow_overlay: Also accept ``pretrained_cfg_overlay``, which ``make_compatible`` uses to load a local
-            pretrained file and never records in a component.
+        allow_overlay: Also accept ``pretrained_cfg_overlay``, which ``make_compatible`` takes (a local pretrained
+            file, an input size) and never records in a component (see :func:`_overlay_model_args`).
 
     Raises:
         ComponentError: A key is not allow-listed, or its value is not of the allowed type and range.
@@ -90,6 +91,34 @@ def check_model_args(model_args: Optional[Dict[str, Any]], *, allow_overlay: boo
         if not typed or not ok(value):
             raise ComponentError(f'model_args {key}={value!r} is invalid: it must be {what}.')
     return model_args
+
+
+def _overlay_model_args(backbone: str, model_args: Dict[str, Any]) -> Dict[str, Any]:
+    """``model_args`` plus the arguments timm's builder derives from ``pretrained_cfg_overlay``'s ``input_size``.
+
+    timm builds a backbone with ``in_chans`` from a pretrained_cfg's ``input_size``, and a fixed-input-size one (ViT,
+    MaxViT) with ``img_size`` too. The overlay is never recorded (it may name a local file), so these are passed, and
+    recorded, as the allow-listed model_args that rebuild the same architecture on load; the caller's own win.
+
+    Raises:
+        ComponentError: A fixed-input-size backbone given a non-square size (``img_size`` is one integer).
+    """
+    overlay = model_args.get('pretrained_cfg_overlay') or {}
+    if overlay.get('input_size') is None:
+        return model_args
+    chans, height, width = overlay['input_size']
+    default = timm.models.get_pretrained_cfg(backbone)
+    cfg = {**(default.to_dict() if default is not None else {}), **overlay}
+    default_chans = default.input_size[0] if default is not None and default.input_size else 3
+    derived = {'in_chans': chans} if chans != default_chans else {}
+    if cfg.get('fixed_input_size') and 'img_size' not in model_args:
+        if height != width:
+            raise ComponentError(
+                f'pretrained_cfg_overlay input_size={tuple(overlay["input_size"])}: {backbone} has a fixed input size, '
+                f'recorded as model_args img_size, one integer for a square input. Give a square size, e.g. '
+                f'input_size=({chans}, {height}, {height}).')
+        derived['img_size'] = height
+    return check_model_args({**derived, **model_args}, allow_overlay=True)
 
 
 def _loaded_from(cfg: Dict[str, Any]) -> Optional[str]:
@@ -128,9 +157,10 @@ def _backbone_parts(backbone: str, split: Union[str, int, None], *, num_classes:
     ``base_model``, the Hub repo the pretrained weights came from (or None).
 
     Raises:
-        ComponentError: ``model_args`` holds a key :func:`check_model_args` refuses.
+        ComponentError: ``model_args`` holds a key :func:`check_model_args` refuses, or an overlay input size
+            that model_args cannot record (see :func:`_overlay_model_args`).
     """
-    model_args = check_model_args(model_args, allow_overlay=True)
+    model_args = _overlay_model_args(backbone, check_model_args(model_args, allow_overlay=True))
     model = create_backbone(backbone, pretrained=pretrained, **model_args)
     if num_classes is not None and num_classes != model.num_classes:
         # Resized after creation and from a forked RNG, so the classifier's size cannot shift the stream that
