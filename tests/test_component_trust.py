@@ -177,6 +177,23 @@ def test_half_precision_components_load_back_in_their_dtype(saved, tmp_path, rol
         assert loaded.id == component.id
 
 
+@pytest.mark.parametrize('dtype', [torch.float16, torch.bfloat16])
+def test_half_precision_components_with_non_persistent_buffers_run_after_loading(tmp_path, dtype):
+    """Non-persistent float buffers (timm's BlurPool2d filter) are rebuilt, not loaded: they stayed float32 beside the
+    half-precision weights, so the loaded component could not run."""
+    model = tc.make_compatible('resnetblur18', split='layer1', interface=tc.Interface(width=16), num_classes=4,
+                               image_size=32).eval()
+    for role in ('extractor', 'head'):
+        getattr(model, role).to(dtype).save_pretrained(tmp_path / role)
+    loaded = {role: tc.load_component(tmp_path / role) for role in ('extractor', 'head')}
+    for component in loaded.values():
+        assert {b.dtype for b in component.buffers() if b.is_floating_point()} == {dtype}
+    if dtype is torch.bfloat16:  # CPU convolutions take bfloat16, not float16
+        x = torch.randn(2, 3, 32, 32, dtype=dtype)
+        with torch.no_grad():
+            assert torch.equal(loaded['head'](loaded['extractor'](x)), model.head(model.extractor(x)))
+
+
 def test_a_save_that_changed_the_role_and_stopped_loads_as_the_new_component(folder, saved):
     path = folder('head')
     old_config = (path / 'config.json').read_bytes()

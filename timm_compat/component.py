@@ -115,6 +115,24 @@ def _check_shapes(module: nn.Module, tensors: Dict[str, torch.Tensor], model_id:
                 f'after saving; do not use them. Download or save the component again.')
 
 
+def _cast_rebuilt_buffers(module: nn.Module, tensors: Dict[str, torch.Tensor]) -> None:
+    """Give the floating buffers that the file does not hold the dtype of the floating tensors it does.
+
+    Non-persistent buffers (timm's BlurPool2d filter) are rebuilt by the architecture in float32, while
+    ``load_state_dict(assign=True)`` keeps the saved dtype of everything else: a component saved after
+    ``.to(torch.bfloat16)``, which cast every floating buffer, could not run. Weights of several floating dtypes name
+    no one dtype; such buffers are left as built.
+    """
+    dtypes = {t.dtype for t in tensors.values() if t.is_floating_point()}
+    if len(dtypes) != 1:
+        return
+    dtype = dtypes.pop()
+    for name, buffer in list(module.named_buffers()):
+        if name not in tensors and buffer.is_floating_point() and buffer.dtype != dtype:
+            parent, _, leaf = name.rpartition('.')
+            module.get_submodule(parent).register_buffer(leaf, buffer.to(dtype), persistent=False)
+
+
 def _read_safetensors(path: Path) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
     try:
         with safe_open(str(path), framework='pt') as f:
@@ -311,7 +329,8 @@ class Component(
                       map_location: Union[str, torch.device] = 'cpu') -> 'Component':
         """The component ``read_verified`` read, as the class its verified config names (``cls`` on a subclass).
 
-        The weights keep their saved dtypes: a half-precision component loads, and hashes, as it was saved.
+        The weights keep their saved dtypes: a half-precision component loads, and hashes, as it was saved, and its
+        rebuilt non-persistent buffers take the weights' dtype.
         """
         role = config['role']
         if cls.role and role != cls.role:
@@ -342,6 +361,7 @@ class Component(
             raise ComponentError(
                 f'{model_id}: weights do not fit the architecture in config.json '
                 f'(missing {missing[:5]}, unexpected {unexpected[:5]}). Save the component again.')
+        _cast_rebuilt_buffers(module, tensors)  # every buffer not in the file is a non-persistent one (none missing)
         module.verify_loaded(config, model_id)
         module.to(map_location)
         module.eval()
