@@ -166,6 +166,25 @@ def test_arguments_that_change_the_saved_component_are_refused(r8):
         timm.create_model(f'local-dir:{root / "extractor"}', pretrained=True, features_only=True)
 
 
+def test_global_pool_sets_the_extractors_pooling_and_refusals_say_why(r8):
+    """timm's ``global_pool=''`` idiom (unpooled feature maps) was refused, in a garbled sentence ("the extractor was
+    takes no argument"), though the extractor's pooling is not part of the saved component."""
+    root, _, components = r8
+    x = _images()
+    with torch.no_grad():
+        features = components['extractor'](x)
+        unpooled = timm.create_model(f'local-dir:{root / "extractor"}', pretrained=True, global_pool='')
+        assert torch.equal(unpooled(x), features)
+        maxed = timm.create_model(f'local-dir:{root / "extractor"}', pretrained=True, global_pool='max')
+        assert torch.equal(maxed(x), features.amax((2, 3)))
+        maxed.reset_classifier(0, '')
+        assert torch.equal(maxed(x), features)
+    with pytest.raises(ValueError, match=r"the extractor takes no argument 'features_only', so features_only=True"):
+        timm.create_model(f'local-dir:{root / "extractor"}', pretrained=True, features_only=True)
+    with pytest.raises(ValueError, match=r"the head takes no argument 'global_pool'"):
+        timm.create_model(f'local-dir:{root / "head"}', pretrained=True, global_pool='')
+
+
 def test_asked_for_by_name_it_says_it_needs_a_saved_folder():
     with pytest.raises(tc.ComponentError, match='no weights of its own.*local-dir:DIR'):
         timm.create_model('compatible_extractor')

@@ -8,7 +8,8 @@ it. What is built is read from the folder itself, verified as :func:`~timm_compa
 own ``timm.create_model`` arguments, as in every component, so timm passes them back and they must be the saved ones.
 
 * ``compatible_extractor``: :class:`ExtractorModel`, a timm feature model (``num_classes`` 0):
-  ``forward_features`` is the extractor's feature map at the interface width, ``forward`` its global average pool.
+  ``forward_features`` is the extractor's feature map at the interface width, ``forward`` its global pool (average,
+  or timm's ``global_pool`` argument: ``''`` for the feature map itself).
 * ``compatible_head``: :class:`HeadModel`, interface-width feature maps to logits.
 * ``compatible_interface``, ``compatible_stitch``: not models; timm is refused with a message saying what to load.
 
@@ -30,11 +31,17 @@ from .components import Extractor, Head
 __all__ = ['ExtractorModel', 'HeadModel', 'timm_source']
 
 
+def _global_pool(pool_type: str) -> SelectAdaptivePool2d:
+    # As timm's own classifiers: no pooling ('') leaves the (N, C, H, W) map unflattened.
+    return SelectAdaptivePool2d(pool_type=pool_type, flatten=bool(pool_type))
+
+
 class ExtractorModel(nn.Module):
     """An :class:`~timm_compat.Extractor` as a timm feature model: images -> pooled ``(N, width)`` features.
 
-    ``forward_features`` gives the extractor's ``(N, width, H, W)`` interface features. To recombine, load the
-    component itself (:func:`~timm_compat.load_component`): a head takes feature maps, not pooled features.
+    ``forward_features`` gives the extractor's ``(N, width, H, W)`` interface features; ``global_pool`` (timm's pool
+    types, ``''`` for none) how ``forward`` pools them. To recombine, load the component itself
+    (:func:`~timm_compat.load_component`): a head takes feature maps, not pooled features.
     """
     num_classes = 0
     pretrained_cfg = None  # set by timm's builder
@@ -43,7 +50,7 @@ class ExtractorModel(nn.Module):
         super().__init__()
         self.trunk, self.adapter = extractor.trunk, extractor.adapter
         self.num_features = self.head_hidden_size = extractor.width
-        self.global_pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=True)
+        self.global_pool = _global_pool(global_pool)
 
     def get_classifier(self) -> nn.Module:
         return nn.Identity()
@@ -54,7 +61,7 @@ class ExtractorModel(nn.Module):
             raise ValueError('A compatible extractor has no classifier (num_classes=0): recombine it with a head '
                              '(timm_compat.recombine), or put a classifier on its pooled features.')
         if global_pool is not None:
-            self.global_pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=True)
+            self.global_pool = _global_pool(global_pool)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.adapter(self.trunk(x))
@@ -113,18 +120,21 @@ def _check_arguments(config: Dict[str, Any], model_id: str, kwargs: Dict[str, An
     """Refuse arguments that would build something else than the saved component.
 
     timm passes back the ``model_args`` of the ``config.json`` it read (``pretrained_model_args``); those are not the
-    caller's, and after a push they may be another commit's, so only the caller's own arguments are checked.
+    caller's, and after a push they may be another commit's, so only the caller's own arguments are checked. An
+    extractor's ``global_pool`` is the timm model's pooling (:class:`ExtractorModel`), not part of the component.
     """
     saved = {**config.get('model_args', {}), 'num_classes': config.get('num_classes', 0)}
     passed_back = kwargs.get('pretrained_model_args') or {}
     for key, value in kwargs.items():
         if key in ('pretrained_cfg', 'pretrained_cfg_overlay', 'pretrained_model_args', 'cache_dir'):
             continue
+        if key == 'global_pool' and config['role'] == 'extractor':
+            continue
         if key in passed_back and passed_back[key] == value:
             continue
         if key not in saved or saved[key] != value:
-            what = f'saved with {key}={saved[key]!r}' if key in saved else f'takes no argument {key!r}'
-            raise ValueError(f'{model_id}: the {config["role"]} was {what}, so {key}={value!r} cannot be applied on '
+            what = f'was saved with {key}={saved[key]!r}' if key in saved else f'takes no argument {key!r}'
+            raise ValueError(f'{model_id}: the {config["role"]} {what}, so {key}={value!r} cannot be applied on '
                              f'load. Load it as saved, then change it in Python'
                              + (' (head.extend_classes(names) for other classes).' if key == 'num_classes' else '.'))
 
@@ -156,8 +166,9 @@ def _create(role: str, pretrained: bool, kwargs: Dict[str, Any]) -> nn.Module:
     cls = Component.registry[role]
     # Weights come verified from the folder; without pretrained=True the architecture is freshly initialised.
     component = _verified(cls, model_id, config, resolve) if pretrained else cls.from_config(config)
-    wrap = ExtractorModel if role == 'extractor' else HeadModel
-    model = build_model_with_cfg(lambda **ignored: wrap(component), architecture, pretrained=False,
+    pool = kwargs.get('global_pool', 'avg')
+    wrap = (lambda: ExtractorModel(component, pool)) if role == 'extractor' else (lambda: HeadModel(component))
+    model = build_model_with_cfg(lambda **ignored: wrap(), architecture, pretrained=False,
                                  pretrained_cfg=_timm_pretrained_cfg(config, _cfg_dict(kwargs.get('pretrained_cfg'))),
                                  pretrained_cfg_overlay=kwargs.get('pretrained_cfg_overlay'),
                                  pretrained_model_args=kwargs.get('pretrained_model_args'), feature_cfg=None)
