@@ -114,6 +114,21 @@ def test_base_model_is_what_was_loaded(hf_cache, tmp_path):  # noqa: F811
     assert ModelCard.load(tmp_path / 'hub' / 'README.md').data.base_model == 'org/r8-weights'
 
 
+def test_the_card_carries_the_licence_of_the_pretrained_weights(tmp_path):
+    """Cards always said apache-2.0, even for components fine-tuned from weights timm licenses otherwise (the
+    pycls RegNets: mit; some ResNet-18s: cc-by-nc-4.0)."""
+    tag = 'regnetx_002.pycls_in1k'
+    weights = tmp_path / 'model.safetensors'  # timm's weights for the tag, as a local file: no download
+    save_file(timm.create_model('regnetx_002').state_dict(), weights)
+    pretrained = tc.make_compatible(tag, width=16, num_classes=4, image_size=32, pretrained=True,
+                                    pretrained_cfg_overlay=dict(file=str(weights)))
+    scratch = tc.make_compatible(tag, width=16, num_classes=4, image_size=32)
+    for name, model, licence in (('pretrained', pretrained, 'mit'), ('scratch', scratch, 'apache-2.0')):
+        model.head.save_pretrained(tmp_path / name)
+        assert ModelCard.load(tmp_path / name / 'README.md').data.license == licence
+    assert tc.load_component(tmp_path / 'pretrained').pretrained_cfg['license'] == 'mit'
+
+
 def test_pretrained_cfg_records_the_training_resolution(tmp_path):
     model = tc.make_compatible('mobilenetv2_100', head='tail', num_classes=4, image_size=32)
     model.extractor.save_pretrained(tmp_path / 'e')

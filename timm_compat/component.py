@@ -228,7 +228,11 @@ class Component(
                            private=private, token=token, branch=branch, create_pr=create_pr)
 
     def generate_model_card(self, repo_id: Optional[str] = None) -> ModelCard:
-        """Model card whose YAML tags make the component findable by interface and role on the Hub."""
+        """Model card whose YAML tags make the component findable by interface and role on the Hub.
+
+        Its ``license`` is that of the pretrained weights the component started from, as timm records it
+        (``pretrained_cfg['license']``), else apache-2.0.
+        """
         config = self.full_config()
         iid = config['interface_id']
         tags = ['timm-compat', f'compat-role-{self.role}']
@@ -239,7 +243,8 @@ class Component(
         if config.get('backbone'):
             tags.append(f'timm-backbone-{config["backbone"]}')
         card_data = ModelCardData(
-            library_name='timm-compat', license='apache-2.0', tags=tags,
+            library_name='timm-compat', license=config.get('pretrained_cfg', {}).get('license') or 'apache-2.0',
+            tags=tags,
             base_model=config.get('base_model') or None,
             pipeline_tag={'extractor': 'image-feature-extraction', 'head': 'image-classification'}.get(self.role),
         )

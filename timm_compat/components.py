@@ -153,8 +153,9 @@ def _backbone_parts(backbone: str, split: Union[str, int, None], *, num_classes:
     ``(trunk, tail, info)``.
 
     ``info`` holds the resolved split, the trunk's output ``feature_shape`` ``[C, H, W]`` at the recorded input size,
-    the head's ``num_classes``, the JSON-able ``model_args``, the ``pretrained_cfg`` fields a component records and
-    ``base_model``, the Hub repo the pretrained weights came from (or None).
+    the head's ``num_classes``, the JSON-able ``model_args``, the ``pretrained_cfg`` fields a component records (with
+    timm's ``license`` of the pretrained weights, when they are loaded) and ``base_model``, the Hub repo the
+    pretrained weights came from (or None).
 
     Raises:
         ComponentError: ``model_args`` holds a key :func:`check_model_args` refuses, or an overlay input size
@@ -170,6 +171,8 @@ def _backbone_parts(backbone: str, split: Union[str, int, None], *, num_classes:
     split = resolve_split(model, default_split(model, backbone) if split is None else split)
     cfg = model.pretrained_cfg
     recorded = _recorded_cfg(cfg, image_size, model_args.get('in_chans'))
+    if pretrained and cfg.get('license'):  # the weights' licence binds what is trained from them; the card says it
+        recorded['license'] = cfg['license']
     # Probed at the size the components will see: cheaper than timm's 224 px, and a size the model cannot take
     # is refused here, not in training.
     input_size = tuple(recorded.get('input_size', (3, 224, 224)))
