@@ -291,3 +291,26 @@ def test_an_architecture_that_cannot_be_rebuilt_is_a_component_error(tmp_path):
     with pytest.raises(tc.ComponentError, match=r'input_size=\(3, 64, 48\).*square'):
         tc.make_compatible('test_maxvit', split=1, interface=tc.Interface(width=16), num_classes=4,
                            pretrained_cfg_overlay=dict(input_size=(3, 64, 48)))
+
+
+def test_save_refuses_another_librarys_config_and_keeps_a_readme_it_did_not_write(saved, tmp_path):
+    """save_pretrained silently replaced another library's config.json and overwrote any README.md (huggingface_hub's
+    ModelHubMixin never overwrites a README.md)."""
+    head = tc.load_component(saved / 'head')
+    bert = tmp_path / 'bert'
+    bert.mkdir()
+    (bert / 'config.json').write_text(json.dumps({'model_type': 'bert', 'hidden_size': 768}))
+    with pytest.raises(tc.ComponentError, match=r'config.json that timm-compat did not write.*another folder'):
+        head.save_pretrained(bert)
+    assert [p.name for p in bert.iterdir()] == ['config.json']  # refused before anything was written
+    notes = tmp_path / 'notes'
+    notes.mkdir()
+    (notes / 'README.md').write_text('# My notes\n')
+    with pytest.warns(UserWarning, match=r'README.md.*not written by timm-compat.*kept'):
+        head.save_pretrained(notes)
+    assert (notes / 'README.md').read_text() == '# My notes\n'
+    assert isinstance(tc.load_component(notes), tc.Head)
+    # The card timm-compat wrote is its own: saved over, it describes the component saved now.
+    tc.load_component(saved / 'extractor').save_pretrained(folder_ := tmp_path / 'own')
+    head.save_pretrained(folder_)
+    assert 'compat-role-head' in (folder_ / 'README.md').read_text()

@@ -247,6 +247,29 @@ def test_push_checks_the_config_before_creating_a_repo_and_takes_numpy_strings(s
     assert calls[0] == 'create_repo' and calls[1]['class_names'] == CLASSES
 
 
+def test_save_pretrained_pushes_as_model_hub_mixin_does(saved, monkeypatch, tmp_path):
+    """save_pretrained(dir, push_to_hub=True) was a TypeError, unlike huggingface_hub's ModelHubMixin."""
+    calls = []
+
+    def create_repo(self, repo_id, **kwargs):
+        calls.append(('create_repo', repo_id, kwargs))
+        return RepoUrl(f'{constants.ENDPOINT}/{repo_id if "/" in repo_id else "user/" + repo_id}')
+    monkeypatch.setattr(HfApi, 'create_repo', create_repo)
+    monkeypatch.setattr(HfApi, 'upload_folder', lambda self, **kwargs: calls.append(
+        ('upload_folder', kwargs['repo_id'], kwargs['commit_message'])) or 'commit-info')
+    head = saved[0]['modules']['head']
+    with pytest.raises(TypeError, match="unexpected keyword argument 'privat'"):
+        head.save_pretrained(tmp_path / 'typo', push_to_hub=True, privat=True)
+    assert calls == [] and not (tmp_path / 'typo').exists()
+    # As ModelHubMixin: the repo defaults to the folder's name; the other arguments are push_to_hub's.
+    assert head.save_pretrained(tmp_path / 'r8-head', push_to_hub=True, private=True, commit_message='m') == 'commit-info'
+    assert calls == [('create_repo', 'r8-head', {'private': True, 'exist_ok': True}),
+                     ('upload_folder', 'user/r8-head', 'm')]
+    assert isinstance(tc.load_component(tmp_path / 'r8-head'), tc.Head)
+    assert head.save_pretrained(tmp_path / 'local', repo_id='org/r8-head') is None and len(calls) == 2
+    assert 'load_component("org/r8-head")' in (tmp_path / 'local' / 'README.md').read_text()
+
+
 def test_failed_save_leaves_the_previous_component_loadable(folder):
     path = folder('head')
     custom = tc.Head(torch.nn.Identity(), 16, 16, 4)

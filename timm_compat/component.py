@@ -14,67 +14,27 @@ stitch (:mod:`timm_compat.stitching`). Each is an ``nn.Module`` that saves to a 
 Loading reads safetensors only, builds only architectures that the config's allow-listed ``model_args`` describe,
 and checks that config.json, the config recorded in the weights and the weights themselves (their digest and, for
 an interface, its id) agree (see :mod:`timm_compat._integrity`). Where files come from (a folder, or a Hub repo at
-one commit) is :mod:`timm_compat._files`; searching the Hub lives in :mod:`timm_compat.hub`.
+one commit) is :mod:`timm_compat._files`; writing a folder, beside files it may already hold, is
+:mod:`timm_compat._folder`; searching the Hub lives in :mod:`timm_compat.hub`.
 """
+import inspect
 import json
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 from torch import nn
-from huggingface_hub import CommitInfo, HfApi, ModelCard, ModelCardData, ModelHubMixin
-from huggingface_hub.utils import SoftTemporaryDirectory
+from huggingface_hub import CommitInfo, ModelCard, ModelCardData, ModelHubMixin
 from safetensors import SafetensorError, safe_open
 
 from ._files import CONFIG_NAME, WEIGHTS_NAME, pinned, read_config, resolve_file
-from ._integrity import (
-    FORMAT_VERSION, ComponentError, atomic_save_safetensors, atomic_write_bytes, config_metadata, config_text,
-    recorded_config, weights_digest)
+from ._folder import CARD_NAME, push_folder, write_folder  # noqa: F401 (CARD_NAME: where hub and tests find it)
+from ._integrity import FORMAT_VERSION, ComponentError, recorded_config, weights_digest
 
 __all__ = ['Component', 'ComponentError', 'CONFIG_NAME', 'WEIGHTS_NAME', 'FORMAT_VERSION', 'load_component',
            'pinned', 'read_config', 'resolve_file']
 
-CARD_NAME = 'README.md'
 PAPER_URL = 'https://arxiv.org/abs/2004.03898'
-
-
-def write_folder(directory: Union[str, Path], tensors: Dict[str, torch.Tensor], config: Dict[str, Any],
-                 card: Callable[[], str]) -> None:
-    """Write a component-format folder: ``model.safetensors``, ``config.json``, ``README.md``.
-
-    Everything is serialised before anything is written, each file is replaced atomically, and the weights, written
-    first, carry the new config (``timm_compat._integrity``), so the folder loads as the old or the new content at
-    every instant. ``card`` is called once the config is known to be plain JSON, which ``config_text`` checks with
-    an error naming the bad key.
-    """
-    text = config_text(config)
-    card_text = card()
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    metadata = {'format': 'pt', 'role': config['role'], 'interface_id': str(config['interface_id']),
-                **config_metadata(text, previous=directory / CONFIG_NAME)}
-    atomic_save_safetensors(tensors, directory / WEIGHTS_NAME, metadata)
-    atomic_write_bytes(directory / CONFIG_NAME, text.encode())
-    atomic_write_bytes(directory / CARD_NAME, card_text.encode())
-
-
-def push_folder(save, repo_id: str, commit_message, *, config: Dict[str, Any], private: Optional[bool] = None,
-                token: Optional[str] = None, branch: Optional[str] = None,
-                create_pr: Optional[bool] = None) -> CommitInfo:
-    """Create the Hub model repo if needed, ``save(tmp, repo_id)`` a folder and upload it in one commit.
-
-    ``config`` (what ``save`` will write as ``config.json``) is checked to be plain JSON first: a component that cannot
-    be saved must not leave an empty repo behind. ``commit_message`` is a string, or a function of what ``save``
-    returned.
-    """
-    config_text(config)  # raises ComponentError naming the bad key, before anything is created
-    api = HfApi(token=token)
-    repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
-    with SoftTemporaryDirectory() as tmp:
-        saved = save(tmp, repo_id)
-        message = commit_message(saved) if callable(commit_message) else commit_message
-        return api.upload_folder(repo_id=repo_id, repo_type='model', folder_path=tmp, revision=branch,
-                                 create_pr=create_pr, commit_message=message)
 
 
 def architecture_of(role: str) -> str:
@@ -181,26 +141,44 @@ class Component(
         return {**self.component_config(), 'role': self.role, 'format_version': FORMAT_VERSION,
                 'interface_id': self.interface_id, 'architecture': architecture_of(self.role)}
 
-    def save_pretrained(self, save_directory: Union[str, Path], *, repo_id: Optional[str] = None) -> None:
-        """Write the component folder: ``config.json``, ``model.safetensors`` and ``README.md``.
+    def save_pretrained(self, save_directory: Union[str, Path], *, repo_id: Optional[str] = None,
+                        push_to_hub: bool = False, **push_to_hub_kwargs: Any) -> Optional[CommitInfo]:
+        """Write the component folder: ``config.json``, ``model.safetensors`` and ``README.md``; optionally push it.
 
         Unlike ``ModelHubMixin.save_pretrained``, which deletes ``config.json`` first, the folder stays loadable as
         the previous or the new component at every instant: everything is serialised before anything is written,
         each file is replaced atomically, and the weights, written first, carry the new config (see
-        ``timm_compat._integrity``). Files get the mode a plain ``open()`` would give them under the umask.
+        ``timm_compat._integrity``). Files get the mode a plain ``open()`` would give them under the umask. As
+        ``ModelHubMixin``, a ``README.md`` that timm-compat did not write is kept (with a warning); a card it wrote is
+        replaced.
 
         Args:
             save_directory: Folder to write, created if missing.
-            repo_id: The Hub repo the folder is for, named in the model card's usage snippet.
+            repo_id: The Hub repo the folder is for, named in the model card's usage snippet; with ``push_to_hub``,
+                the repo to push to (default: the folder's name, as ``ModelHubMixin``).
+            push_to_hub: Also upload the component with :meth:`push_to_hub`.
+            **push_to_hub_kwargs: :meth:`push_to_hub`'s other arguments (``private``, ``commit_message``, ...).
+
+        Returns:
+            The ``huggingface_hub.CommitInfo`` of the upload with ``push_to_hub``, else None.
 
         Raises:
-            ComponentError: The component cannot be rebuilt from a config, or its config holds a value that is
-                not plain JSON; nothing is written then.
+            ComponentError: The component cannot be rebuilt from a config, its config holds a value that is not
+                plain JSON, or the folder holds a ``config.json`` that timm-compat did not write; nothing is written.
+            TypeError: An argument ``push_to_hub`` does not take, or one given without ``push_to_hub=True``.
         """
+        if push_to_hub_kwargs:  # checked before writing: a typo must not leave a saved but unpushed folder
+            inspect.signature(self.push_to_hub).bind('repo', **push_to_hub_kwargs)
+            if not push_to_hub:
+                raise TypeError(f'{sorted(push_to_hub_kwargs)} are push_to_hub arguments: pass push_to_hub=True to '
+                                f'push, or drop them.')
         config = self.full_config()
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
         config['weights_sha256'] = weights_digest(state)
         write_folder(save_directory, state, config, lambda: str(self.generate_model_card(repo_id)))
+        if push_to_hub:
+            return self.push_to_hub(repo_id or Path(save_directory).name, **push_to_hub_kwargs)
+        return None
 
     def push_to_hub(self, repo_id: str, *, commit_message: Optional[str] = None, private: Optional[bool] = None,
                     token: Optional[str] = None, branch: Optional[str] = None,

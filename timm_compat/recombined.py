@@ -27,11 +27,12 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from huggingface_hub import CommitInfo
 
 from ._component_timm import timm_source
+from ._folder import push_folder, write_folder
 from ._integrity import ComponentError, weights_digest
 from ._recombined_card import model_card
 from .batchnorm import eval_mode
 from .compatible import CompatibleModel, shared_interfaces
-from .component import FORMAT_VERSION, push_folder, read_verified, write_folder
+from .component import FORMAT_VERSION, read_verified
 from .components import Extractor, Head
 
 __all__ = ['ARCHITECTURE', 'RecombinedModel', 'recombined_config', 'save_recombined', 'push_recombined',
