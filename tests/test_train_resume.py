@@ -233,3 +233,25 @@ def test_refused_launch_prints_one_message(tmp_path):
     assert 'Traceback' not in proc.stderr
     errors = [line for line in proc.stderr.splitlines() if line.startswith('error:')]
     assert len(errors) == 1 and 'holds no timm-compat run' in errors[0], proc.stderr[-2000:]
+
+
+@pytest.mark.slow  # end to end: three full tiny runs
+def test_a_shared_dcc_head_resumes_as_if_never_killed(tmp_path, monkeypatch):
+    # head: dcc registers the DCC head twice (interface.aux_heads.dcc, networks.a.head); its checkpoint has one name.
+    from safetensors.torch import load_file
+    classes = '["house","tree","arrow","mushroom"]'
+    sets = ['--set', 'iiw=false', '--set', 'networks.0.head=dcc', '--set', 'networks.1.dataset.source=synthetic:A',
+            '--set', f'networks.0.dataset.classes={classes}', '--set', f'networks.1.dataset.classes={classes}']
+    reference = run(tmp_path, *sets, name='reference')['phases']['main']
+    crash_at_checkpoint(monkeypatch, 2)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path, *sets, name='killed')
+    monkeypatch.undo()
+    resumed = run(tmp_path, *sets, '--resume', name='killed')['phases']['main']
+    weights = [{str(f.relative_to(tmp_path / name)): load_file(f)
+                for f in (tmp_path / name / 'main' / 'components').rglob('model.safetensors')}
+               for name in ('reference', 'killed')]
+    assert weights[0].keys() == weights[1].keys() and 'main/components/interface/model.safetensors' in weights[0]
+    # All but the interface's nonce: each run draws its own (its id), as test_resume_continues_from_checkpoint_step.
+    assert all(torch.equal(t, weights[1][f][k]) for f in weights[0] for k, t in weights[0][f].items() if k != 'nonce')
+    assert resumed['recombination_matrix'] == reference['recombination_matrix']

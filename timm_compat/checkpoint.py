@@ -7,7 +7,10 @@ complete one. What a resume reads is constrained, because a run folder may come 
   would unpickle it with ``weights_only=False``;
 * ``latest`` must name a ``step_\\d{8}`` folder directly inside the phase's own ``checkpoints/`` folder;
 * model weights are safetensors (``save_state``'s default); the optimizer, scheduler and RNG files are read by
-  Accelerate with ``weights_only=True``, which builds tensors and plain containers only.
+  Accelerate with ``weights_only=True``, which builds tensors and plain containers only;
+* a module registered under two names (``head: dcc``: the shared DCC head is ``interface.aux_heads.dcc`` and
+  ``networks.<name>.head``) is saved under one of them, so weights load non-strictly, after
+  :func:`check_saved_keys` has refused any key that is neither in the file nor an alias of a tensor that is.
 """
 import json
 import os
@@ -15,16 +18,17 @@ import re
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Iterable, List, Optional
 
 import torch
+from safetensors import safe_open
 from torch import nn
 
 from ._integrity import atomic_write_text
 from .metrics_log import MetricsLog
 
 __all__ = ['TrainState', 'save_checkpoint', 'latest_checkpoint', 'load_train_state', 'resume_train_state',
-           'check_finite', 'STATE_NAME']
+           'check_finite', 'check_saved_keys', 'STATE_NAME']
 
 LATEST = 'latest'
 STATE_NAME = 'train_state.json'
@@ -137,10 +141,46 @@ def resume_train_state(tag: str, accelerator, out: Path, resume: bool, total_ste
             raise ValueError(f'[{tag}] the newest checkpoint, {last}, is at step {state.step}, past the {total_steps} '
                              f'steps the config now asks for: set steps (or epochs) to at least {state.step} to resume '
                              f'it, or start a new run.')
-        accelerator.load_state(str(last))
+        # Strict loading fails on the names Accelerate dropped as duplicates; check_saved_keys makes up for it.
+        check = accelerator.register_load_state_pre_hook(check_saved_keys)
+        try:
+            accelerator.load_state(str(last), strict=False)
+        finally:
+            check.remove()
         accelerator.print(f'[{tag}] resumed from {last} at step {state.step}')
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         MetricsLog(out / 'metrics.csv').rewind(state.step)
     accelerator.wait_for_everyone()
     return state
+
+
+def _tensor_identity(tensor: torch.Tensor):
+    # One tensor seen under two names: the same view of the same memory.
+    return (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape), tuple(tensor.stride()),
+            tensor.dtype, tensor.device)
+
+
+def check_saved_keys(models: List[nn.Module], checkpoint: str) -> None:
+    """``Accelerator.load_state`` pre-hook: refuse, before anything is loaded, a checkpoint whose weights do not
+    fill every model exactly. A key the file lacks must be an alias (same tensor) of one it holds; Accelerate's
+    safetensors save keeps one name per shared tensor, and loading that name fills every alias.
+
+    Raises:
+        ValueError: The weights file is missing, holds a key the model lacks, or lacks one that is no alias.
+    """
+    for i, model in enumerate(models):
+        path = Path(checkpoint) / f'model{f"_{i}" if i else ""}.safetensors'  # Accelerate's names
+        if not path.is_file():
+            raise ValueError(f'{path} is missing: {checkpoint} is incomplete. Resume from another checkpoint (edit '
+                             f'its latest file) or start the run again with --overwrite.')
+        with safe_open(str(path), 'pt') as f:
+            saved = set(f.keys())
+        state = model.state_dict()
+        loaded = {_tensor_identity(state[k]) for k in saved if k in state}
+        missing = [k for k in state if k not in saved and _tensor_identity(state[k]) not in loaded]
+        unexpected = sorted(saved - state.keys())
+        if missing or unexpected:
+            raise ValueError(f'{path} does not fit the model being resumed (missing: {", ".join(missing) or "none"}; '
+                             f'unexpected: {", ".join(unexpected) or "none"}): it holds weights of another model. '
+                             f'Resume with the config that wrote it, or start a new run (--overwrite).')
