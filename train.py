@@ -62,7 +62,7 @@ def main(argv=None) -> dict:
     with accelerator.main_process_first():
         processes = local_processes(accelerator.num_processes)
         data = {n.name: load_task_data(n, cfg, processes, accelerator.device) for n in cfg.networks}
-    phases = build_phases(cfg, data, accelerator.device)
+    phases = build_phases(cfg, data, accelerator.device, accelerator.num_processes)
     if cfg.push_to_hub:
         check_hub_credentials(accelerator, cfg.push_to_hub)
     out = Path(cfg.output_dir)

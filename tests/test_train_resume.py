@@ -124,6 +124,18 @@ def test_overwrite_validates_everything_before_deleting(tmp_path):
     assert sorted(p.relative_to(tmp_path) for p in (tmp_path / 'run').rglob('*')) == before
 
 
+# A training set shorter than one batch (itself, or after the validation holdout) was refused only once training
+# started: --overwrite had deleted the earlier run by then.
+@pytest.mark.parametrize('sets', [['batch_size=100'], ['validation.every=2', 'validation.examples=70']],
+                         ids=['batch', 'holdout'])
+def test_overwrite_refuses_a_training_set_shorter_than_a_batch_before_deleting(tmp_path, sets):
+    run(tmp_path, '--set', 'steps=2')
+    before = sorted(p.relative_to(tmp_path) for p in (tmp_path / 'run').rglob('*'))
+    with pytest.raises(ValueError, match=r"network 'a'.*fewer than one batch of \d+.*lower batch_size"):
+        run(tmp_path, '--overwrite', '--set', 'steps=2', *[a for s in sets for a in ('--set', s)])
+    assert sorted(p.relative_to(tmp_path) for p in (tmp_path / 'run').rglob('*')) == before
+
+
 def test_a_live_run_blocks_resume_and_overwrite(tmp_path):
     from timm_compat.rundir import RunDir
     run(tmp_path, '--set', 'steps=2')

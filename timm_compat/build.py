@@ -15,7 +15,7 @@ from .classes import canonical_class_name, common_classes
 from .compatible import CompatibleModel, make_compatible, recombine
 from .components import Extractor, Head
 from .config import InterfaceConfig, NetworkConfig, RunConfig
-from .data import ImageData, load_image_data, local_source
+from .data import ImageData, load_image_data, local_source, steps_per_epoch
 from .streaming import default_workers, memory_budget_gb
 from .interface import DEFAULT_WIDTH, Interface, normalise_spec
 from .joint import JointModel
@@ -23,7 +23,8 @@ from .methods import init_seed, methods_for
 from .validation import split_holdout
 from .whitening import init_run_whitening
 
-__all__ = ['Phase', 'load_task_data', 'build_interface', 'build_network', 'start_from', 'load_network', 'build_phase', 'build_phases']
+__all__ = ['Phase', 'load_task_data', 'build_interface', 'build_network', 'start_from', 'load_network', 'build_phase',
+           'build_phases', 'check_phase_length']
 
 
 def load_task_data(net: NetworkConfig, cfg: RunConfig, processes: int = 1,
@@ -227,8 +228,9 @@ class Phase:
 
 
 def build_phase(tag: str, cfg: RunConfig, data: Dict[str, Tuple[ImageData, ImageData]],
-                device: torch.device) -> Phase:
-    """Interface, networks and joint model of a phase; every backbone, split and head is built (and so checked)."""
+                device: torch.device, processes: int = 1) -> Phase:
+    """Interface, networks and joint model of a phase; every backbone, split and head is built (and so checked),
+    and every trained network's training set holds a batch on each of ``processes`` (:func:`check_phase_length`)."""
     set_seed(cfg.seed)
     holdout = {}
     if cfg.validation.every is not None and cfg.validation.data == 'test':
@@ -252,15 +254,33 @@ def build_phase(tag: str, cfg: RunConfig, data: Dict[str, Tuple[ImageData, Image
                        task_weight=cfg.task_weight)
     if cfg.channels_last:
         joint = joint.to(memory_format=torch.channels_last)
-    return Phase(tag, cfg, interface, models, joint, data, holdout)
+    phase = Phase(tag, cfg, interface, models, joint, data, holdout)
+    check_phase_length(phase, processes)
+    return phase
 
 
-def build_phases(cfg: RunConfig, data: Dict[str, Tuple[ImageData, ImageData]], device: torch.device) -> List[Phase]:
-    """The run's ``main`` phase and, when ``cfg.baseline`` asks for it, its ``independent`` baseline."""
-    main = build_phase('main', cfg, data, device)
+def check_phase_length(phase: Phase, processes: int = 1) -> None:
+    """Refuse a phase that training would refuse only once started (after ``--overwrite`` deleted the earlier
+    run): a trained network whose training set, less its validation holdout, holds less than one batch per process.
+
+    Raises:
+        ValueError: Naming the network and the fix.
+    """
+    held_out = phase.cfg.validation.data == 'holdout'  # validation.data='test' takes nothing from training
+    for name in phase.trained:
+        held = f' less the {len(phase.holdout[name])} validation examples' if held_out and name in phase.holdout else ''
+        steps_per_epoch(len(phase.data[name][0]), phase.cfg.batch_size, processes,
+                        f'[{phase.tag}] the training set of network {name!r}{held}')
+
+
+def build_phases(cfg: RunConfig, data: Dict[str, Tuple[ImageData, ImageData]], device: torch.device,
+                 processes: int = 1) -> List[Phase]:
+    """The run's ``main`` phase and, when ``cfg.baseline`` asks for it, its ``independent`` baseline, each checked
+    for training on ``processes`` processes (:func:`build_phase`)."""
+    main = build_phase('main', cfg, data, device, processes)
     if not cfg.baseline:
         return [main]
     baseline = cfg.independent()
     if main.interface is not None:  # a loaded interface sets main's width: the baseline's networks are the same
         baseline.interface.width = main.interface.width
-    return [main, build_phase('independent', baseline, data, device)]
+    return [main, build_phase('independent', baseline, data, device, processes)]

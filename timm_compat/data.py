@@ -27,7 +27,7 @@ from .streaming import StreamedImages, choose_storage, materialize, stream_batch
 from .synthetic import make_synthetic
 
 __all__ = ['DATA_VERSION', 'ImageData', 'load_image_data', 'local_source', 'augment', 'normalize', 'training_batch',
-           'EpochSampler', 'iterate_batches', 'evaluation_batches', 'random_subset', 'KNOWN_SCHEMAS']
+           'EpochSampler', 'steps_per_epoch', 'iterate_batches', 'evaluation_batches', 'random_subset', 'KNOWN_SCHEMAS']
 
 # What a run trains and is scored on, beyond its config. A run or record of another version is not resumed or
 # pooled with this one's. 1: before 2026-12-04. 2: networks that alternate index their data order and flips by
@@ -253,6 +253,19 @@ def training_batch(data: ImageData, index: torch.Tensor, mean, std, augment_imag
     return normalize(images, mean, std, memory_format), data.labels[index]
 
 
+def steps_per_epoch(num_examples: int, batch_size: int, world_size: int = 1, what: str = 'the training set') -> int:
+    """Whole batches of ``batch_size`` per process in one epoch of ``num_examples`` (:class:`EpochSampler`'s).
+
+    Raises:
+        ValueError: Not one batch; ``what`` names the examples in the message.
+    """
+    steps = num_examples // (batch_size * world_size)
+    if steps == 0:
+        raise ValueError(f'{what}: {num_examples} examples are fewer than one batch of {batch_size} on each of '
+                         f'{world_size} process(es): lower batch_size, or give it more examples.')
+    return steps
+
+
 class EpochSampler:
     """Index batches for step ``s`` of a run, the same on every resume, sharded over processes.
 
@@ -264,10 +277,7 @@ class EpochSampler:
                  device=None):
         self.num_examples, self.batch_size = num_examples, batch_size
         self.seed, self.rank, self.world_size, self.device = seed, rank, world_size, device
-        self.steps_per_epoch = num_examples // (batch_size * world_size)
-        if self.steps_per_epoch == 0:
-            raise ValueError(f'{num_examples} examples are fewer than one batch of {batch_size} on each of '
-                             f'{world_size} processes: lower the batch size.')
+        self.steps_per_epoch = steps_per_epoch(num_examples, batch_size, world_size)
         self._epoch, self._order, self._coins = -1, None, None
 
     def batch(self, step: int) -> torch.Tensor:
