@@ -246,3 +246,34 @@ def test_an_optimizer_is_a_timm_name_or_lookahead_of_one_and_nothing_else(name):
     with pytest.raises(ValueError, match='unknown optimizer'):
         optimizer(name)
     assert type(optimizer('LookAhead_SGD')).__name__ == 'Lookahead'
+
+
+# A warm-up as long as the run never reaches optim.lr; a step/multistep decay at or past the run's last update after
+# warm-up never decays. Both were accepted: steps=4 with warmup_steps=100 trained the whole run in warm-up.
+@pytest.mark.parametrize('overrides, named', [
+    (['optim.warmup_steps=100'], 'warmup_steps 100'), (['optim.warmup_steps=4'], 'warmup_steps 4'),
+    (['optim.schedule=step', 'optim.schedule_args={decay_epochs: 300}'], r'decay_epochs \[300\]'),
+    (['optim.schedule=multistep', 'optim.schedule_args={decay_milestones: [1, 300]}'], r'decay_milestones \[300\]'),
+    (['optim.warmup_steps=2', 'optim.schedule=step', 'optim.schedule_args={decay_epochs: 2}'], r'decay_epochs \[2\]'),
+    (['steps=8', 'gradient_accumulation_steps=2', 'optim.warmup_steps=4'], 'warmup_steps 4')])
+def test_a_schedule_longer_than_the_runs_steps_is_refused_at_config_time(overrides, named):
+    with pytest.raises(ConfigError, match=rf'{named}.*4 updates'):
+        load_config(None, ['steps=4', *overrides])
+
+
+@pytest.mark.parametrize('overrides', [
+    ['optim.warmup_steps=3'], ['optim.schedule=step', 'optim.schedule_args={decay_epochs: 3}'],
+    ['optim.schedule=multistep', 'optim.schedule_args={decay_milestones: [1, 3]}'],
+    ['optim.warmup_steps=2', 'optim.schedule=step', 'optim.schedule_args={decay_epochs: 1}']])
+def test_a_schedule_that_acts_within_the_runs_steps_is_accepted(overrides):
+    load_config(None, ['steps=4', *overrides])
+
+
+@pytest.mark.usefixtures('fresh_accelerate')
+def test_a_schedule_longer_than_a_run_in_epochs_is_refused_before_the_folder_is_claimed(tmp_path):
+    import train
+    # tests/tiny.yaml: 80 examples per task in batches of 16, so epochs=1 is 5 updates, known once data is loaded.
+    with pytest.raises(ValueError, match=r'warmup_steps 5.*5 updates'):
+        train.main(['-c', str(REPO / 'tests' / 'tiny.yaml'), '--output-dir', str(tmp_path / 'run'),
+                    '--set', 'steps=null', '--set', 'epochs=1', '--set', 'optim.warmup_steps=5'])
+    assert not (tmp_path / 'run').exists()

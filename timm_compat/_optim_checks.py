@@ -65,6 +65,34 @@ def check_one_cycle(schedule_args: Dict[str, Any]) -> None:
                              f'come after it); drop {key} and set the run\'s length with steps or epochs')
 
 
+# The schedule_args key of a schedule's decay points, in updates after the warm-up (timm's warmup_prefix).
+_DECAY_POINTS = {'step': 'decay_epochs', 'multistep': 'decay_milestones'}
+
+
+def check_schedule_fits(schedule: str, schedule_args: Dict[str, Any], total_updates: int, warmup_steps: int) -> None:
+    """Refuse a schedule that does not fit the run's ``total_updates``: cycles or a cooldown
+    (:func:`check_one_cycle`), a warm-up as long as the run (it would never reach the learning rate), or a step or
+    multistep decay point at or after the run's last update after warm-up (the learning rate would never decay
+    there; a multistep milestone right at the end would decay the last update only).
+
+    Raises:
+        ValueError: Naming the key, the run's length and the fix.
+    """
+    check_one_cycle(schedule_args)
+    lengthen = 'or lengthen the run (steps or epochs)'
+    if warmup_steps >= total_updates:
+        raise ValueError(f'warmup_steps {warmup_steps} do not fit the run\'s {total_updates} updates: the whole run '
+                         f'would be warm-up, never at optim.lr; set optim.warmup_steps below {total_updates}, '
+                         f'{lengthen}')
+    key, after = _DECAY_POINTS.get(schedule), total_updates - warmup_steps
+    points = schedule_args.get(key, [])
+    points = points if isinstance(points, (list, tuple)) else [points]
+    if late := [p for p in points if isinstance(p, (int, float)) and p >= after]:
+        raise ValueError(f'{key} {late} fall at or after the end of the run\'s {total_updates} updates ({key} count '
+                         f'the {after} updates after the {warmup_steps} of warm-up), so the learning rate would never '
+                         f'decay there; set {key} below {after}, {lengthen}')
+
+
 # schedule_args that a schedule has no sensible default for here: timm's are epochs, but a schedule is stepped per
 # update, so it would decay after 90 updates.
 _DECAY_NEEDS = {'step': ('decay_epochs', 'every 90', '{decay_epochs: 300, decay_rate: 0.1}'),

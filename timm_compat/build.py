@@ -4,6 +4,7 @@ Everything a run trains is built here, and so validated, before the run touches 
 split point, a frozen interface of the wrong width or datasets without common classes refuse the run while an
 earlier run in the folder is still intact.
 """
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -20,6 +21,7 @@ from .streaming import default_workers, memory_budget_gb
 from .interface import DEFAULT_WIDTH, Interface, normalise_spec
 from .joint import JointModel
 from .methods import init_seed, methods_for
+from .optim import check_config_optim, phase_steps
 from .validation import split_holdout
 from .whitening import init_run_whitening
 
@@ -261,16 +263,25 @@ def build_phase(tag: str, cfg: RunConfig, data: Dict[str, Tuple[ImageData, Image
 
 def check_phase_length(phase: Phase, processes: int = 1) -> None:
     """Refuse a phase that training would refuse only once started (after ``--overwrite`` deleted the earlier
-    run): a trained network whose training set, less its validation holdout, holds less than one batch per process.
+    run): a trained network whose training set, less its validation holdout, holds less than one batch per process,
+    or, for a run in ``epochs``, a schedule that does not fit the updates they make (``steps`` were checked with
+    the config).
 
     Raises:
-        ValueError: Naming the network and the fix.
+        ValueError: Naming the network or the schedule's key, and the fix.
     """
-    held_out = phase.cfg.validation.data == 'holdout'  # validation.data='test' takes nothing from training
+    cfg, per_epoch = phase.cfg, []
+    held_out = cfg.validation.data == 'holdout'  # validation.data='test' takes nothing from training
     for name in phase.trained:
         held = f' less the {len(phase.holdout[name])} validation examples' if held_out and name in phase.holdout else ''
-        steps_per_epoch(len(phase.data[name][0]), phase.cfg.batch_size, processes,
-                        f'[{phase.tag}] the training set of network {name!r}{held}')
+        per_epoch.append(steps_per_epoch(len(phase.data[name][0]), cfg.batch_size, processes,
+                                         f'[{phase.tag}] the training set of network {name!r}{held}'))
+    if not cfg.steps:
+        steps = phase_steps(cfg, max(per_epoch), len(per_epoch))  # as fit_phase counts them
+        try:
+            check_config_optim(cfg, math.ceil(steps / cfg.gradient_accumulation_steps))
+        except ValueError as e:
+            raise ValueError(f'[{phase.tag}] epochs={cfg.epochs} make {steps} steps; optim: {e}') from None
 
 
 def build_phases(cfg: RunConfig, data: Dict[str, Tuple[ImageData, ImageData]], device: torch.device,

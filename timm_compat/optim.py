@@ -21,7 +21,7 @@ from timm.optim import Lookahead, create_optimizer_v2, list_optimizers
 from timm.scheduler import create_scheduler_v2
 from torch import nn
 
-from ._optim_checks import base_optimizer, check_decay_given, check_one_cycle, try_a_resumed_update
+from ._optim_checks import base_optimizer, check_decay_given, check_schedule_fits, try_a_resumed_update
 
 if TYPE_CHECKING:
     from .config import OptimConfig, RunConfig
@@ -102,18 +102,18 @@ def check_optim(optimizer: str, schedule: str, optimizer_args: Optional[Dict[str
     try_a_resumed_update(build, f'optimizer {optimizer!r} / schedule {schedule!r}')
 
 
-def check_config_optim(cfg: 'RunConfig') -> None:
-    """:func:`check_optim` of a run config's ``optim`` section, over the run's updates where ``steps`` gives them.
+def check_config_optim(cfg: 'RunConfig', total_updates: Optional[int] = None) -> None:
+    """:func:`check_optim` of a run config's ``optim`` section, over ``total_updates`` or ``steps``'s updates.
 
     Raises:
         ValueError: As :func:`check_optim`.
     """
-    o = cfg.optim
+    o, steps = cfg.optim, cfg.steps and math.ceil(cfg.steps / cfg.gradient_accumulation_steps)
     check_optim(o.optimizer, o.schedule, o.optimizer_args, o.schedule_args,
                 lr_reference_batch=o.lr_reference_batch, warmup_steps=o.warmup_steps,
                 warmup_fraction=o.warmup_fraction, lookahead_schedule=o.lookahead_schedule,
                 turns=sum(not n.load for n in cfg.networks) if cfg.joint_schedule == 'alternate' else 1,
-                total_updates=math.ceil(cfg.steps / cfg.gradient_accumulation_steps) if cfg.steps else None)
+                total_updates=total_updates or steps or None)
 
 
 def step_gain(momentum: float) -> float:
@@ -227,15 +227,15 @@ def make_scheduler(optimizer: torch.optim.Optimizer, schedule: str, total_steps:
             ``cycle_mul``, ``cycle_decay``) or ``cooldown_epochs``: the schedule is one cycle over the run.
 
     Raises:
-        ValueError: An unknown schedule, both warmups, or arguments that would act only past the run's end.
+        ValueError: An unknown schedule, both warmups, or lengths that do not fit the run (check_schedule_fits).
     """
     if schedule not in SCHEDULES:
         raise ValueError(f'unknown schedule {schedule!r}; use one of: {", ".join(SCHEDULES)}')
-    check_one_cycle(kwargs)
     if warmup_steps and warmup_fraction:
         raise ValueError(f'warmup_steps ({warmup_steps}) and warmup_fraction ({warmup_fraction}) both give the '
                          f'warmup; set one of them to 0')
     warmup_steps = warmup_steps or int(warmup_fraction * total_steps)
+    check_schedule_fits(schedule, kwargs, total_steps, warmup_steps)
     warmup = dict(warmup_epochs=warmup_steps, warmup_prefix=True) if warmup_steps else {}
     timm_schedule, _ = create_scheduler_v2(optimizer, sched=schedule,
                                            num_epochs=max(1, total_steps - warmup_steps),
