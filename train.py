@@ -69,7 +69,7 @@ def main(argv=None) -> dict:
     finished = [p.tag for p in phases if (out / p.tag / 'summary.json').exists()]
     # A resume of a finished run trains nothing: its summary (wall time, machine, threads) stays the training's.
     done = len(finished) == len(phases) and args.resume and (out / 'summary.json').exists()
-    with claim_run_dir(accelerator, cfg, finished, args.resume, args.overwrite):
+    with claim_run_dir(accelerator, cfg, finished, args.resume, args.overwrite, {p.tag: p.steps for p in phases}):
         results = {p.tag: run_phase(p, accelerator, out / p.tag, args.resume) for p in phases}
         accelerator.end_training()
         # hardware: the run's own threads, which a recipe's line would not give

@@ -136,6 +136,19 @@ def test_overwrite_refuses_a_training_set_shorter_than_a_batch_before_deleting(t
     assert sorted(p.relative_to(tmp_path) for p in (tmp_path / 'run').rglob('*')) == before
 
 
+def test_a_resume_refused_for_a_checkpoint_past_its_steps_changes_nothing(tmp_path, monkeypatch):
+    # fit_phase refused it only after claim_run_dir had recorded the new steps in config.yaml and run.json.
+    crash_at_checkpoint(monkeypatch, 4)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path, '--set', 'steps=6')
+    monkeypatch.undo()
+    record = {f: (tmp_path / 'run' / f).read_bytes() for f in ('config.yaml', 'run.json')}
+    with pytest.raises(ValueError, match=r'\[main\].*step_00000004, is at step 4, past the 2 steps.*at least 4'):
+        run(tmp_path, '--set', 'steps=2', '--resume')
+    assert {f: (tmp_path / 'run' / f).read_bytes() for f in record} == record
+    run(tmp_path, '--set', 'steps=6', '--resume')  # the run still resumes as it was
+
+
 def test_a_live_run_blocks_resume_and_overwrite(tmp_path):
     from timm_compat.rundir import RunDir
     run(tmp_path, '--set', 'steps=2')

@@ -222,6 +222,7 @@ class Phase:
     joint: JointModel
     data: Dict[str, Tuple[ImageData, ImageData]]
     holdout: Dict[str, ImageData] = field(default_factory=dict)
+    steps: int = 0  # of its training, as fit_phase counts them (check_phase_length); a resume checks them first
 
     @property
     def trained(self) -> List[str]:
@@ -257,15 +258,18 @@ def build_phase(tag: str, cfg: RunConfig, data: Dict[str, Tuple[ImageData, Image
     if cfg.channels_last:
         joint = joint.to(memory_format=torch.channels_last)
     phase = Phase(tag, cfg, interface, models, joint, data, holdout)
-    check_phase_length(phase, processes)
+    phase.steps = check_phase_length(phase, processes)
     return phase
 
 
-def check_phase_length(phase: Phase, processes: int = 1) -> None:
+def check_phase_length(phase: Phase, processes: int = 1) -> int:
     """Refuse a phase that training would refuse only once started (after ``--overwrite`` deleted the earlier
     run): a trained network whose training set, less its validation holdout, holds less than one batch per process,
     or, for a run in ``epochs``, a schedule that does not fit the updates they make (``steps`` were checked with
     the config).
+
+    Returns:
+        The phase's micro-batch steps, as :func:`~timm_compat.engine.fit_phase` counts them.
 
     Raises:
         ValueError: Naming the network or the schedule's key, and the fix.
@@ -276,12 +280,13 @@ def check_phase_length(phase: Phase, processes: int = 1) -> None:
         held = f' less the {len(phase.holdout[name])} validation examples' if held_out and name in phase.holdout else ''
         per_epoch.append(steps_per_epoch(len(phase.data[name][0]), cfg.batch_size, processes,
                                          f'[{phase.tag}] the training set of network {name!r}{held}'))
+    steps = phase_steps(cfg, max(per_epoch), len(per_epoch))  # as fit_phase counts them
     if not cfg.steps:
-        steps = phase_steps(cfg, max(per_epoch), len(per_epoch))  # as fit_phase counts them
         try:
             check_config_optim(cfg, math.ceil(steps / cfg.gradient_accumulation_steps))
         except ValueError as e:
             raise ValueError(f'[{phase.tag}] epochs={cfg.epochs} make {steps} steps; optim: {e}') from None
+    return steps
 
 
 def build_phases(cfg: RunConfig, data: Dict[str, Tuple[ImageData, ImageData]], device: torch.device,

@@ -13,7 +13,7 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from accelerate import Accelerator, PartialState
@@ -70,7 +70,7 @@ def make_accelerator(cfg: RunConfig) -> Accelerator:
 
 @contextlib.contextmanager
 def claim_run_dir(accelerator: Accelerator, cfg: RunConfig, finished: List[str], resume: bool,
-                  overwrite: bool) -> Iterator[RunDir]:
+                  overwrite: bool, lengths: Optional[Dict[str, int]] = None) -> Iterator[RunDir]:
     """Hold ``cfg.output_dir`` while the body runs: locked, started, resumed or overwritten as asked, its config
     recorded and the trackers started.
 
@@ -80,13 +80,15 @@ def claim_run_dir(accelerator: Accelerator, cfg: RunConfig, finished: List[str],
         finished: Phases whose summary already exists (a resume may not extend them).
         resume: Continue the run in the folder.
         overwrite: Delete the run in the folder first.
+        lengths: Each phase's steps now: a resume from a later checkpoint is refused before anything is written.
 
     Raises:
         RunDirError: On every process, when the folder cannot be used as asked.
     """
     run_dir, claimed = RunDir(Path(cfg.output_dir)), False
     try:
-        _on_main_process(accelerator, lambda: run_dir.acquire().prepare(cfg.to_dict(), resume, overwrite, finished))
+        _on_main_process(accelerator, lambda: run_dir.acquire().prepare(cfg.to_dict(), resume, overwrite, finished,
+                                                                        lengths))
         claimed = True
         if accelerator.log_with:
             accelerator.init_trackers(TRACKERS_DIR, config=tracker_hparams(cfg.to_dict()))

@@ -16,6 +16,7 @@ from typing import Any, Dict, List, Optional
 import yaml
 
 from ._integrity import atomic_write_text
+from .checkpoint import latest_checkpoint, load_train_state
 from .config import RESUME_MAY_CHANGE, config_changes, resume_conflicts
 from .data import DATA_VERSION, local_source
 
@@ -120,7 +121,8 @@ class RunDir:
         except (OSError, ValueError, AttributeError):
             return False
 
-    def prepare(self, config: Dict[str, Any], resume: bool, overwrite: bool, finished: List[str]) -> None:
+    def prepare(self, config: Dict[str, Any], resume: bool, overwrite: bool, finished: List[str],
+                lengths: Optional[Dict[str, int]] = None) -> None:
         """Start, resume or overwrite the run in the (locked) folder, then record ``config``.
 
         Args:
@@ -128,6 +130,7 @@ class RunDir:
             resume: Continue the run in the folder.
             overwrite: Delete the run in the folder first.
             finished: Phases whose summary already exists (a resume may not extend them).
+            lengths: Each phase's steps under ``config``, by phase; a resume may not start from a later checkpoint.
 
         Raises:
             RunDirError: Before anything is deleted or written, when the request does not fit the folder.
@@ -139,6 +142,7 @@ class RunDir:
                 raise RunDirError(f'--resume: {self.path} holds no timm-compat run to resume. Drop --resume to start '
                                   f'one (in an empty folder or with --output-dir).')
             old = self._check_resume(config, finished)
+            self._check_checkpoints(lengths or {}, finished)
         elif entries:
             if not self.is_run():
                 raise RunDirError(f'{self.path} is not empty and holds no timm-compat run ({MARKER} is missing), so it '
@@ -174,6 +178,16 @@ class RunDir:
             raise RunDirError(f'--resume changes {extended}, but phase(s) {finished} already finished; a finished '
                               f'phase is not extended. Start a new run (--output-dir) with the longer budget.')
         return old
+
+    def _check_checkpoints(self, lengths: Dict[str, int], finished: List[str]) -> None:
+        """Refuse, before the record is rewritten, a resume whose shortened ``steps``/``epochs`` end before a
+        phase's newest checkpoint: it would train nothing and report a later step's weights as the last step's."""
+        for tag, steps in lengths.items():
+            last = None if tag in finished else latest_checkpoint(self.path / tag / 'checkpoints')
+            if last is not None and (step := load_train_state(last).step) > steps:
+                raise RunDirError(f'--resume: [{tag}] the newest checkpoint, {last}, is at step {step}, past the '
+                                  f'{steps} steps the config now asks for: set steps (or epochs) to at least {step} '
+                                  f'to resume it, or start a new run (--output-dir). Nothing in the folder changed.')
 
     def _record(self, config: Dict[str, Any], old: Optional[Dict[str, Any]]) -> None:
         """Write ``config`` and the marker; ``old`` is the config a resume continues (None for a new run)."""
