@@ -78,6 +78,9 @@ def test_a_run_without_an_interface_loads_an_independent_network_and_refuses_a_c
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(loaded(x), independent(x))
+    with pytest.raises(ValueError, match=r"head's classes \['house'.*dataset's \['tree', 'house'"):
+        build.build_network(cfg.networks[0], 0, cfg, None, [classes[1], classes[0], *classes[2:]])
+    build.build_network(cfg.networks[0], 0, cfg, None, [c.upper() for c in classes])  # the same classes
     cfg = load_config(TINY, [*shares_nothing, f'networks.0.load={tmp_path / "compatible"}'])
     with pytest.raises(ValueError, match=r"fits interface .*, but this run shares no interface: load the interface"):
         build.build_network(cfg.networks[0], 0, cfg, None, classes)

@@ -98,6 +98,14 @@ def test_incremental_leaves_frozen_interface_bit_identical(tmp_path):
     new_extractor = tc.Extractor.from_pretrained(tmp_path / 'second' / 'main' / 'components' / 'b' / 'extractor')
     assert new_extractor.interface_id == frozen.id
     assert not (tmp_path / 'second' / 'main' / 'components' / 'a').exists()  # loaded, not retrained
+    # A loaded head scores its own classes, in its order: other dataset classes are refused before the folder is claimed
+    # (they were refused only by the evaluation, after training).
+    reordered = list(reversed(SYNTHETIC_CLASSES['A']))
+    with pytest.raises(ValueError, match=r"Network 'a'.*head.*classes.*networks\.0\.dataset\.classes"):
+        run(tmp_path, '--interface', str(interface_dir), '--set', 'interface.width=null',
+            '--set', f'networks.0.load={tmp_path / "first" / "main" / "components" / "a"}',
+            '--set', f'networks.0.dataset.classes={reordered}', name='third')
+    assert not (tmp_path / 'third').exists()
 
 
 def test_dcc_without_common_classes(tmp_path):

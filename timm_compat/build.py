@@ -12,7 +12,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from accelerate.utils import set_seed
 
-from .classes import canonical_class_name, common_classes
+from .classes import canonical_class_name, common_classes, same_classes
 from .compatible import CompatibleModel, make_compatible, recombine
 from .components import Extractor, Head
 from .config import InterfaceConfig, NetworkConfig, RunConfig
@@ -132,7 +132,8 @@ def build_network(net: NetworkConfig, index: int, cfg: RunConfig, interface: Opt
     """Network ``index`` of the run: loaded from its saved components, or made from its timm backbone.
 
     Raises:
-        ValueError: A loaded network fits another interface, or ``head: dcc`` with classes other than DCC's.
+        ValueError: A loaded network fits another interface or has a head of other classes than its dataset's, or
+            ``head: dcc`` with classes other than DCC's.
     """
     if net.load:
         model = load_network(net, cfg, Path(net.load).parent)
@@ -144,6 +145,12 @@ def build_network(net: NetworkConfig, index: int, cfg: RunConfig, interface: Opt
                              f'{" and ".join(sorted(map(str, fits)))}, but this run {uses}: load the interface it '
                              f'was trained with (interface.load) or train the network anew (drop '
                              f'networks.{index}.load).')
+        # Labels index the head's outputs: checked here, before training, not only by the evaluation after it.
+        if not same_classes(model.head.class_names, class_names):
+            raise ValueError(f'Network {net.name!r} ({net.load}): its head\'s classes {list(model.head.class_names)} '
+                             f'are not its dataset\'s {list(class_names)}, in that order, so its labels would be '
+                             f'scored against other classes. Set networks.{index}.dataset.classes to the head\'s '
+                             f'classes, or train the network anew (drop networks.{index}.load).')
         return model
     head = net.head
     if head == 'dcc':
