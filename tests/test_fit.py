@@ -64,7 +64,9 @@ def test_fit_equals_a_hand_written_loop():
         ref_optimizer.zero_grad(set_to_none=True)
         losses.append(loss.detach())
     assert_same_weights(net, ref)  # BN running statistics included
-    assert rows == [{'step': STEPS, 'loss': torch.stack(losses).mean().item()}]
+    # The log's running mean adds the losses one by one, stack().mean() pairwise: float32 may round them 1e-7 apart
+    # (torch 2.4 does); the weights above are the exact check.
+    assert rows == [{'step': STEPS, 'loss': pytest.approx(torch.stack(losses).mean().item(), rel=1e-6)}]
     assert all(p.grad is None for p in net.parameters())
 
 

@@ -1,6 +1,7 @@
 """``_hardware.configure_cuda``: fast cuDNN and TF32 settings by default, bit-identical reruns with
 ``deterministic: true``; a CPU run leaves them alone. ``sync_batchnorm``: timm's ``--sync-bn``."""
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -112,3 +113,16 @@ def test_auto_precision_picks_bf16_only_on_a_gpu_that_has_it_natively(monkeypatc
         monkeypatch.setattr(torch.cuda, 'is_bf16_supported',
                             lambda including_emulation=True: including_emulation or native)
         assert resolve_precision('auto', 'cuda') == ('bf16' if native else 'no')
+
+
+@pytest.mark.skipif(not hasattr(torch.cpu, 'get_capabilities') or not Path('/proc/cpuinfo').is_file(),
+                    reason='compares torch >= 2.11 with /proc/cpuinfo')
+def test_without_torchs_capabilities_cpuinfo_gives_the_same_machine_line_and_precision(monkeypatch):
+    """torch before 2.11 has no torch.cpu.get_capabilities: /proc/cpuinfo's flags stand in, under torch's names."""
+    from timm_compat._hardware import CPUINFO_FLAGS, cpu_capabilities, fast_bf16, hardware, read_cpuinfo
+    torchs = {key: bool(torch.cpu.get_capabilities().get(key)) for key in CPUINFO_FLAGS}
+    line, bf16 = hardware(torch.device('cpu')), fast_bf16('cpu')
+    monkeypatch.delattr(torch.cpu, 'get_capabilities')
+    assert {key: cpu_capabilities(read_cpuinfo())[key] for key in CPUINFO_FLAGS} == torchs
+    assert (hardware(torch.device('cpu')), fast_bf16('cpu')) == (line, bf16)
+

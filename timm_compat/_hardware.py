@@ -30,9 +30,37 @@ def local_processes(processes: int) -> int:
 SIMD_LEVELS = ('amx_bf16', 'avx512_bf16', 'avx512_f', 'avx2', 'avx', 'sve2', 'sve', 'neon')
 
 
+# /proc/cpuinfo's flag for each capability torch.cpu.get_capabilities() names (torch >= 2.11; arm64 says asimd).
+CPUINFO_FLAGS = {'amx_bf16': 'amx_bf16', 'avx512_bf16': 'avx512_bf16', 'avx512_f': 'avx512f', 'avx2': 'avx2',
+                 'avx': 'avx', 'sve2': 'sve2', 'sve': 'sve', 'neon': 'asimd'}
+
+
+def cpu_capabilities(cpuinfo: str) -> dict:
+    """``torch.cpu.get_capabilities()`` where torch has it (2.11 on), else the same keys read from ``/proc/cpuinfo``'s
+    flags (its ``cpuinfo`` text) and model name: enough for :func:`cpu_description` and :func:`fast_bf16`."""
+    if hasattr(torch.cpu, 'get_capabilities'):
+        return torch.cpu.get_capabilities()
+    fields = {}
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(':')
+        fields.setdefault(key.strip(), value.strip())
+    flags = set((fields.get('flags') or fields.get('Features') or '').split())
+    return {'cpu_name': fields.get('model name', fields.get('vendor_id', '')),
+            **{key: flag in flags for key, flag in CPUINFO_FLAGS.items()}}
+
+
+def read_cpuinfo() -> str:
+    """``/proc/cpuinfo``'s text, empty where there is none (macOS, Windows)."""
+    try:
+        with open('/proc/cpuinfo') as f:
+            return f.read()
+    except OSError:
+        return ''
+
+
 def cpu_description(cpuinfo: str, capabilities: dict) -> str:
     """The CPU's model name, family/model numbers and widest SIMD extension, from ``/proc/cpuinfo``'s text and
-    ``torch.cpu.get_capabilities()``. A model name alone can hide a 5x speed difference: a Zen 1 with AVX2 and a
+    ``cpu_capabilities``. A model name alone can hide a 5x speed difference: a Zen 1 with AVX2 and a
     Zen 5 with avx512_bf16 both call themselves "AMD EPYC" under KVM."""
     fields = {}
     for line in cpuinfo.splitlines():
@@ -52,12 +80,8 @@ def hardware(device: Optional[torch.device] = None) -> str:
     """
     if device is None:
         device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
-    try:
-        with open('/proc/cpuinfo') as f:
-            cpuinfo = f.read()
-    except OSError:
-        cpuinfo = ''
-    name = cpu_description(cpuinfo, torch.cpu.get_capabilities())
+    cpuinfo = read_cpuinfo()
+    name = cpu_description(cpuinfo, cpu_capabilities(cpuinfo))
     gpu = f'{torch.cuda.get_device_name(device)}; ' if device.type == 'cuda' else ''
     return (f'device {device.type}: {gpu}{name} x {cpu_cores()} cores, {torch.get_num_threads()} torch threads; '
             f'torch {torch.__version__}, timm {timm.__version__}')
@@ -75,7 +99,7 @@ def fast_bf16(device_type: str) -> bool:
         # Natively only: compute capability 7.x (T4, V100) emulates bf16, far slower than fp16 or fp32.
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
     if device_type == 'cpu':
-        caps = torch.cpu.get_capabilities()
+        caps = cpu_capabilities(read_cpuinfo())
         amd = 'AMD' in str(caps.get('cpu_name', ''))
         return bool(caps.get('amx_bf16', False) or (amd and caps.get('avx512_bf16', False)))
     return False
