@@ -101,12 +101,9 @@ LOADERS = {'load_component': tc.load_component, 'from_pretrained': tc.Extractor.
            'timm': lambda repo: timm.create_model(f'hf-hub:{repo}', pretrained=True).eval()}
 
 
-@pytest.mark.parametrize('loader', LOADERS)
-def test_a_push_during_a_download_does_not_mix_two_commits(saved, hf_cache, monkeypatch, loader):
-    # A new version is pushed to main while one component downloads: each of huggingface_hub's downloads resolves
-    # main anew. The load must read every file at the commit its first file came from: the version of the moment
-    # it started, complete, not config and weights of two versions (a misleading digest error) or two versions'
-    # checks.
+def push_during_first_download(saved, hf_cache, monkeypatch):
+    """'org/moving' holds network 0's extractor on main (COMMIT); the first file downloaded from it moves main to a
+    push of network 1's extractor, as a push landing mid-load would."""
     pushed = 'f' * 40
     put_in_cache(hf_cache, 'org/moving', saved[1]['extractor'], commit=pushed)
     put_in_cache(hf_cache, 'org/moving', saved[0]['extractor'])  # main names COMMIT
@@ -117,6 +114,15 @@ def test_a_push_during_a_download_does_not_mix_two_commits(saved, hf_cache, monk
         (hf_cache / 'models--org--moving' / 'refs' / 'main').write_text(pushed)
         return path
     monkeypatch.setattr(files, 'hf_hub_download', download_then_push)
+
+
+@pytest.mark.parametrize('loader', LOADERS)
+def test_a_push_during_a_download_does_not_mix_two_commits(saved, hf_cache, monkeypatch, loader):
+    # A new version is pushed to main while one component downloads: each of huggingface_hub's downloads resolves
+    # main anew. The load must read every file at the commit its first file came from: the version of the moment
+    # it started, complete, not config and weights of two versions (a misleading digest error) or two versions'
+    # checks.
+    push_during_first_download(saved, hf_cache, monkeypatch)
     loaded = LOADERS[loader]('org/moving')
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
@@ -336,16 +342,7 @@ def test_cli_show_summarises_card_and_interface(saved, published, capsys):
 def test_cli_show_reads_the_card_at_the_commit_it_verified(saved, hf_cache, monkeypatch, capsys):
     """show verified config and weights at one commit but read README.md (license, base model, tags) at the branch:
     a push landing meanwhile printed one version's interface beside another version's tags."""
-    pushed = 'f' * 40
-    put_in_cache(hf_cache, 'org/moving', saved[1]['extractor'], commit=pushed)
-    put_in_cache(hf_cache, 'org/moving', saved[0]['extractor'])  # main names COMMIT
-    download = files.hf_hub_download
-
-    def download_then_push(*args, **kwargs):
-        path = download(*args, **kwargs)
-        (hf_cache / 'models--org--moving' / 'refs' / 'main').write_text(pushed)
-        return path
-    monkeypatch.setattr(files, 'hf_hub_download', download_then_push)
+    push_during_first_download(saved, hf_cache, monkeypatch)
     assert main(['show', 'org/moving']) == 0
     out = capsys.readouterr().out
     ids = [saved[n]['modules']['interface'].id for n in (0, 1)]
