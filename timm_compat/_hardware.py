@@ -40,13 +40,19 @@ def cpu_capabilities(cpuinfo: str) -> dict:
     flags (its ``cpuinfo`` text) and model name: enough for :func:`cpu_description` and :func:`fast_bf16`."""
     if hasattr(torch.cpu, 'get_capabilities'):
         return torch.cpu.get_capabilities()
+    fields = cpuinfo_fields(cpuinfo)
+    flags = set((fields.get('flags') or fields.get('Features') or '').split())
+    return {'cpu_name': fields.get('model name', fields.get('vendor_id', '')),
+            **{key: flag in flags for key, flag in CPUINFO_FLAGS.items()}}
+
+
+def cpuinfo_fields(cpuinfo: str) -> dict:
+    """``/proc/cpuinfo``'s ``key: value`` lines as a dict, the first processor's value of each key."""
     fields = {}
     for line in cpuinfo.splitlines():
         key, _, value = line.partition(':')
         fields.setdefault(key.strip(), value.strip())
-    flags = set((fields.get('flags') or fields.get('Features') or '').split())
-    return {'cpu_name': fields.get('model name', fields.get('vendor_id', '')),
-            **{key: flag in flags for key, flag in CPUINFO_FLAGS.items()}}
+    return fields
 
 
 def read_cpuinfo() -> str:
@@ -62,10 +68,7 @@ def cpu_description(cpuinfo: str, capabilities: dict) -> str:
     """The CPU's model name, family/model numbers and widest SIMD extension, from ``/proc/cpuinfo``'s text and
     ``cpu_capabilities``. A model name alone can hide a 5x speed difference: a Zen 1 with AVX2 and a
     Zen 5 with avx512_bf16 both call themselves "AMD EPYC" under KVM."""
-    fields = {}
-    for line in cpuinfo.splitlines():
-        key, _, value = line.partition(':')
-        fields.setdefault(key.strip(), value.strip())
+    fields = cpuinfo_fields(cpuinfo)
     simd = next((level for level in SIMD_LEVELS if capabilities.get(level)), 'no AVX')
     family = f'family {fields["cpu family"]} model {fields["model"]}, ' if 'cpu family' in fields else ''
     return f'{fields.get("model name", "unknown CPU")} ({family}{simd})'
