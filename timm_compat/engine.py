@@ -31,7 +31,7 @@ from .streaming import StreamedImages, stream_batches
 from .evaluation import evaluate_networks
 from .fit import fit
 from .metrics_log import MetricsLog, tracker_hparams
-from .optim import optim_from_config, phase_steps
+from .optim import optim_from_config
 from .rundir import RunDir, RunDirError
 from .validation import Validator
 from .whitening import drop_whitening_bias_grads, frozen_whitening_biases
@@ -154,7 +154,7 @@ def fit_phase(phase: Phase, accelerator: Accelerator, out: Path, resume: bool) -
                    EpochSampler(len(phase.data[name][0]), cfg.batch_size, cfg.seed + i, accelerator.process_index,
                                 accelerator.num_processes, device)) for i, name in enumerate(phase.trained)}
     steps_per_epoch = [s.steps_per_epoch for _, s in data.values()]
-    total_steps = phase_steps(cfg, max(steps_per_epoch), len(phase.trained))
+    total_steps = phase.steps  # counted, for these processes, by build_phase before anything was written
     if cfg.sync_batchnorm:
         sync_batchnorm(phase.joint, device, accelerator.num_processes)
     optimizer, scheduler = make_optim(phase, total_steps, steps_per_epoch, accelerator.num_processes)
