@@ -298,12 +298,18 @@ def check_counts(parser, args) -> None:
         parser.error(f'--epochs {args.epochs}: give a positive number of epochs, or leave it out for the budget\'s.')
 
 
+PRECISION_NAMES = {'no': 'fp32', 'bf16': 'bf16 mixed precision', 'fp16': 'fp16 mixed precision'}
+
+
 def run_machine(run_dirs: Sequence[Path]) -> str:
-    """The machine line the runs' own summaries recorded (device, CPU, the run's torch threads, versions), each line
-    once; this process's for runs from before summaries kept it."""
+    """The machine line the runs' own summaries recorded (device, CPU, the run's torch threads, versions), with the
+    precision they trained in (``mixed_precision: auto`` differs by CPU), each line once; this process's for runs from
+    before summaries kept it."""
     from timm_compat._hardware import hardware
-    lines = [json.loads((Path(r) / 'summary.json').read_text()).get('hardware') for r in run_dirs]
-    return '; '.join(dict.fromkeys(line for line in lines if line)) or hardware()
+    summaries = [json.loads((Path(r) / 'summary.json').read_text()) for r in run_dirs]
+    lines = [s['hardware'] + (f', in {PRECISION_NAMES.get(s["mixed_precision"], s["mixed_precision"])}'
+                              if s.get('mixed_precision') else '') for s in summaries if s.get('hardware')]
+    return '; '.join(dict.fromkeys(lines)) or hardware()
 
 
 def write_json(path: Path, data) -> None:

@@ -177,17 +177,20 @@ def test_the_docs_add_no_seed_to_the_committed_fast_head_transfer_record(import_
 
 
 def test_a_record_names_the_machine_its_runs_recorded(import_script, tmp_path):
-    """The machine line of a record is the one the runs' own summaries give (their threads, not the recipe's);
-    each line once; this process's only for runs whose summaries predate the field."""
+    """The machine line of a record is the one the runs' own summaries give (their threads, not the recipe's), with
+    the precision each trained in (``auto`` is bf16 on one CPU and fp32 on another); each line once; this process's
+    only for runs whose summaries predate the field."""
     common = import_script('recipes', 'common')
     from timm_compat._hardware import hardware
-    lines = {'a': 'device cpu: AMD EPYC (family 23 model 1, avx2) x 2 cores, 1 torch threads',
-             'b': 'device cuda: NVIDIA H200; AMD EPYC x 16 cores, 16 torch threads', 'c': None}
-    for name, line in lines.items():
+    lines = {'a': ('device cpu: AMD EPYC (family 23 model 1, avx2) x 2 cores, 1 torch threads', 'no'),
+             'b': ('device cuda: NVIDIA H200; AMD EPYC x 16 cores, 16 torch threads', 'bf16'),
+             'd': ('device cpu: AMD EPYC (family 23 model 1, avx2) x 2 cores, 1 torch threads', None), 'c': (None, None)}
+    for name, (line, precision) in lines.items():
         (tmp_path / name).mkdir()
-        (tmp_path / name / 'summary.json').write_text(json.dumps({'phases': {}, **({'hardware': line} if line else {})}))
-    assert common.run_machine([tmp_path / 'a', tmp_path / 'b', tmp_path / 'a', tmp_path / 'c']) == \
-        f'{lines["a"]}; {lines["b"]}'
+        (tmp_path / name / 'summary.json').write_text(json.dumps(
+            {'phases': {}, **({'hardware': line} if line else {}), **({'mixed_precision': precision} if precision else {})}))
+    assert common.run_machine([tmp_path / 'a', tmp_path / 'b', tmp_path / 'a', tmp_path / 'c', tmp_path / 'd']) == \
+        f'{lines["a"][0]}, in fp32; {lines["b"][0]}, in bf16 mixed precision; {lines["d"][0]}'
     assert common.run_machine([tmp_path / 'c']) == hardware()
 
 
