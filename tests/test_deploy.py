@@ -257,3 +257,21 @@ def test_a_pair_of_a_backbone_timm_compat_registers_needs_the_import_and_says_so
     assert json.loads((tmp_path / 'config.json').read_text())['architecture'] == 'resnet8_cifar'
     assert 'once `import timm_compat` has registered `resnet8_cifar`' in (tmp_path / 'README.md').read_text()
     assert_same_logits(model, timm.create_model(f'local-dir:{tmp_path}', pretrained=True), (3, 32, 32))
+
+
+def test_a_recombined_model_saves_and_pushes_as_model_hub_mixin_does(pair, monkeypatch, tmp_path):
+    """save_pretrained(dir, push_to_hub=True) was a TypeError for a recombined model, as it was for components."""
+    from huggingface_hub import HfApi, RepoUrl, constants
+    calls = []
+    monkeypatch.setattr(HfApi, 'create_repo', lambda self, repo_id, **kwargs: calls.append(
+        ('create_repo', repo_id, kwargs)) or RepoUrl(f'{constants.ENDPOINT}/user/{repo_id}'))
+    monkeypatch.setattr(HfApi, 'upload_folder', lambda self, **kwargs: calls.append(
+        ('upload_folder', kwargs['repo_id'], kwargs['commit_message'])) or 'commit-info')
+    with pytest.raises(TypeError, match="unexpected keyword argument 'privat'"):
+        pair.save_pretrained(tmp_path / 'typo', push_to_hub=True, privat=True)
+    with pytest.raises(TypeError, match='pass push_to_hub=True'):
+        pair.save_pretrained(tmp_path / 'unpushed', private=True)
+    assert calls == [] and not (tmp_path / 'typo').exists() and not (tmp_path / 'unpushed').exists()
+    assert pair.save_pretrained(tmp_path / 'pair', push_to_hub=True, private=True, commit_message='m') == 'commit-info'
+    assert calls == [('create_repo', 'pair', {'private': True, 'exist_ok': True}), ('upload_folder', 'user/pair', 'm')]
+    assert_same_logits(tc.load_recombined(tmp_path / 'pair'), pair, pair.extractor.pretrained_cfg['input_size'])

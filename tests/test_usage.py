@@ -127,6 +127,12 @@ def test_the_card_carries_the_licence_of_the_pretrained_weights(tmp_path):
         model.head.save_pretrained(tmp_path / name)
         assert ModelCard.load(tmp_path / name / 'README.md').data.license == licence
     assert tc.load_component(tmp_path / 'pretrained').pretrained_cfg['license'] == 'mit'
+    # A recombined model's card said apache-2.0 whatever its parts' weights were under.
+    for name, head, licence in (('both', pretrained.head, 'mit'), ('mixed', scratch.head, 'other')):
+        tc.recombine(pretrained.extractor, head, force=True).save_pretrained(tmp_path / name)
+        card = ModelCard.load(tmp_path / name / 'README.md')
+        assert card.data.license == licence
+        assert ('the extractor `mit`, the head `apache-2.0`' in card.text) == (licence == 'other')
 
 
 def test_pretrained_cfg_records_the_training_resolution(tmp_path):

@@ -5,6 +5,7 @@ writes into a folder that may hold files of its own: a ``config.json`` that timm
 before anything is written, and a ``README.md`` it did not write is kept, as ``huggingface_hub.ModelHubMixin``
 keeps any existing one; a card timm-compat wrote is replaced, so that its tags name the component saved now.
 """
+import inspect
 import json
 import warnings
 from pathlib import Path
@@ -18,9 +19,18 @@ from ._files import CONFIG_NAME, WEIGHTS_NAME
 from ._integrity import (
     ComponentError, atomic_save_safetensors, atomic_write_bytes, config_metadata, config_text)
 
-__all__ = ['CARD_NAME', 'push_folder', 'write_folder']
+__all__ = ['CARD_NAME', 'check_push_arguments', 'push_folder', 'write_folder']
 
 CARD_NAME = 'README.md'
+
+
+def check_push_arguments(push_to_hub_method: Callable, push_to_hub: bool, kwargs: Dict[str, Any]) -> None:
+    """Refuse, before a save writes anything, ``save_pretrained`` arguments meant for ``push_to_hub`` that it does not
+    take, or that come without ``push_to_hub=True``: a typo must not leave a saved but unpushed folder."""
+    if kwargs:
+        inspect.signature(push_to_hub_method).bind('repo', **kwargs)
+        if not push_to_hub:
+            raise TypeError(f'{sorted(kwargs)} are push_to_hub arguments: pass push_to_hub=True to push, or drop them.')
 
 
 def _check_own_config(directory: Path) -> None:

@@ -59,13 +59,29 @@ def _pair_words(config: Dict[str, Any]) -> str:
             'each other: expect the accuracy measured for this pair, not their own.')
 
 
+def _licences(config: Dict[str, Any]) -> Dict[str, str]:
+    """Each part's licence: that of the pretrained weights it started from (timm's ``license``), else apache-2.0."""
+    return {role: config[role].get('pretrained_cfg', {}).get('license') or 'apache-2.0'
+            for role in ('extractor', 'head')}
+
+
+def _licence_words(licences: Dict[str, str]) -> List[str]:
+    if len(set(licences.values())) == 1:
+        return []
+    return ['## Licence', '', 'The parts are under different licences (`license: other`), each that of the '
+            'pretrained weights it started from: ' + ', '.join(f'the {role} `{name}`' for role, name in
+                                                              licences.items()) + '. Both apply to this model.', '']
+
+
 def model_card(config: Dict[str, Any], repo_id: str) -> str:
     """Card text: YAML front matter (library, tags), the two components, the one call that loads the model."""
     tags = ['timm-compat', 'timm-compat-recombined', 'image-classification']
     if config.get('interface_id'):
         tags.append(f'compat-interface-{config["interface_id"]}')
+    licences = _licences(config)
+    licence = licences['extractor'] if len(set(licences.values())) == 1 else 'other'
     data = ModelCardData(library_name='timm' if config['loads_with'] == 'timm' else 'timm-compat',
-                         license='apache-2.0', tags=tags, pipeline_tag='image-classification')
+                         license=licence, tags=tags, pipeline_tag='image-classification')
     rows = [(role, config[role].get(k)) for role in ('extractor', 'head') for k in ('backbone', 'split')]
     body = [
         '# timm-compat recombined model', '',
@@ -77,5 +93,6 @@ def model_card(config: Dict[str, Any], repo_id: str) -> str:
         f'| loads with | `{config["loads_with"]}` |', '',
         '## Loading', '', *_loading(config, repo_id), '',
         '## BatchNorm', '', _bn_words(config), '',
+        *_licence_words(licences),
     ]
     return str(ModelCard(f'---\n{data.to_yaml()}\n---\n\n' + '\n'.join(body) + '\n'))

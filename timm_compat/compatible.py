@@ -4,12 +4,14 @@
 ``python -m timm_compat.hub check``, :func:`~timm_compat.transfer` and :class:`~timm_compat.stitching.StitchedModel`
 all ask it, so a mismatch reads the same wherever it is refused.
 """
+import functools
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
 
+from ._folder import check_push_arguments
 from ._references import FRESH_INTERFACE, as_component, as_head, as_interface
 from ._split import default_num_classes
 from .batchnorm import eval_mode
@@ -51,11 +53,27 @@ class CompatibleModel(nn.Module):
         return self.head(self.extractor(x))
 
     # Saving lives in timm_compat.recombined, which imports this module: imported on call to avoid the cycle.
-    def save_pretrained(self, save_directory, *, repo_id: Optional[str] = None) -> str:
-        """Save as one folder timm loads (see :func:`timm_compat.recombined.save_recombined`); returns
-        ``"timm"`` or ``"timm_compat"``: what ``timm.create_model('local-dir:DIR', pretrained=True)`` needs."""
-        from .recombined import save_recombined
-        return save_recombined(self, save_directory, repo_id=repo_id)
+    def save_pretrained(self, save_directory, *, repo_id: Optional[str] = None, push_to_hub: bool = False,
+                        **push_to_hub_kwargs: Any):
+        """Save as one folder timm loads (see :func:`timm_compat.recombined.save_recombined`).
+
+        Args:
+            save_directory: Folder to write, created if missing.
+            repo_id: The Hub repo named in the model card; with ``push_to_hub``, the repo to push to (default: the
+                folder's name, as ``huggingface_hub.ModelHubMixin``).
+            push_to_hub: Also upload the folder with :meth:`push_to_hub`.
+            **push_to_hub_kwargs: :meth:`push_to_hub`'s other arguments (``private``, ``commit_message``, ...).
+
+        Returns:
+            With ``push_to_hub``, the upload's ``huggingface_hub.CommitInfo``; else ``"timm"`` or ``"timm_compat"``:
+            what ``timm.create_model('local-dir:DIR', pretrained=True)`` needs.
+        """
+        from .recombined import push_recombined, save_recombined
+        check_push_arguments(functools.partial(push_recombined, self), push_to_hub, push_to_hub_kwargs)
+        loads_with = save_recombined(self, save_directory, repo_id=repo_id)
+        if push_to_hub:
+            return self.push_to_hub(repo_id or Path(save_directory).name, **push_to_hub_kwargs)
+        return loads_with
 
     def push_to_hub(self, repo_id: str, **kwargs: Any):
         """Upload :meth:`save_pretrained`'s folder (see :func:`timm_compat.recombined.push_recombined`)."""

@@ -17,7 +17,6 @@ an interface, its id) agree (see :mod:`timm_compat._integrity`). Where files com
 one commit) is :mod:`timm_compat._files`; writing a folder, beside files it may already hold, is
 :mod:`timm_compat._folder`; searching the Hub lives in :mod:`timm_compat.hub`.
 """
-import inspect
 import json
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple, Union
@@ -28,7 +27,7 @@ from huggingface_hub import CommitInfo, ModelCard, ModelCardData, ModelHubMixin
 from safetensors import SafetensorError, safe_open
 
 from ._files import CONFIG_NAME, WEIGHTS_NAME, pinned, read_config, resolve_file
-from ._folder import CARD_NAME, push_folder, write_folder  # noqa: F401 (CARD_NAME: where hub and tests find it)
+from ._folder import CARD_NAME, check_push_arguments, push_folder, write_folder  # noqa: F401 (CARD_NAME: where hub and tests find it)
 from ._integrity import FORMAT_VERSION, ComponentError, recorded_config, weights_digest
 
 __all__ = ['Component', 'ComponentError', 'CONFIG_NAME', 'WEIGHTS_NAME', 'FORMAT_VERSION', 'load_component',
@@ -167,11 +166,7 @@ class Component(
                 plain JSON, or the folder holds a ``config.json`` that timm-compat did not write; nothing is written.
             TypeError: An argument ``push_to_hub`` does not take, or one given without ``push_to_hub=True``.
         """
-        if push_to_hub_kwargs:  # checked before writing: a typo must not leave a saved but unpushed folder
-            inspect.signature(self.push_to_hub).bind('repo', **push_to_hub_kwargs)
-            if not push_to_hub:
-                raise TypeError(f'{sorted(push_to_hub_kwargs)} are push_to_hub arguments: pass push_to_hub=True to '
-                                f'push, or drop them.')
+        check_push_arguments(self.push_to_hub, push_to_hub, push_to_hub_kwargs)
         config = self.full_config()
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
         config['weights_sha256'] = weights_digest(state)
