@@ -144,11 +144,15 @@ def test_class_vocabulary_is_one_module():
     assert not hasattr(dcc, 'canonical_class_name') and not hasattr(dcc, 'SYNONYMS')
 
 
-def test_dcc_counts_once_for_a_network_whose_classifier_is_the_dcc_head():
+@pytest.mark.parametrize('dcc_head', ['conv', {'type': 'timm', 'backbone': 'resnet8_cifar', 'split': 'layer2'}],
+                         ids=['conv', 'timm'])
+def test_dcc_counts_once_for_a_network_whose_classifier_is_the_dcc_head(dcc_head):
     # Sec. 5.2: with head=interface.dcc the task loss already is eq. 2's DCC term; DCC must not add it a second time
-    # (with dcc_weight 1 that doubled the shared head's gradient).
+    # (with dcc_weight 1 that doubled the shared head's gradient). A timm-built DCC head (the head-transfer configs')
+    # is a Head itself, not wrapped in one, and was counted twice.
     torch.manual_seed(0)
-    itf = tc.Interface(width=32, dcc_classes=['cat', 'dog', 'ship'])
+    itf = tc.Interface(width=32, dcc_classes=['cat', 'dog', 'ship'], dcc_head=dcc_head)
+    itf.dcc.__dict__['interface'] = itf  # as build_network binds the head of a head: dcc network
     model = tc.make_compatible('resnet20_cifar', split='layer2', interface=itf, head=itf.dcc,
                                num_classes=3, class_names=['cat', 'dog', 'ship'])
     images, labels = torch.randn(4, 3, 32, 32), torch.tensor([0, 2, 1, 2])

@@ -90,8 +90,9 @@ class CommonClassDiscrimination(CompatibilityMethod):
                              'Interface(..., dcc_classes=[...]).')
         if model.head.class_names is None:
             raise ValueError('DCC maps labels to common classes by name: build the model with class_names=[...].')
-        if getattr(model.head, 'tail', None) is interface.dcc:
-            # The classifier is the DCC head (head: dcc, Sec. 5.2): the task loss already is this term.
+        if interface.dcc in (model.head, getattr(model.head, 'tail', None)):
+            # The classifier is the DCC head (head: dcc, Sec. 5.2): the task loss already is this term. A conv DCC
+            # head is wrapped in a Head; a timm-built one is a Head itself.
             return features.new_zeros(())
         mapping = self._label_map(model.head.class_names, interface.dcc_classes, labels.device)
         return common_class_loss(interface.dcc(features[:labels.shape[0]]), mapping[labels], self.reduction)
