@@ -130,6 +130,11 @@ def adapt(model: CompatibleModel, unlabeled_target: torch.Tensor, steps: int = 1
     statistics move to the rotated target images. The steps run through :func:`~timm_compat.fit.fit` on the
     model's device.
 
+    The extractor normalises all four rotations of a batch as one, as training's RP did under ``rp_norm``
+    ``separate`` (the default) or ``shared`` with ``rp_rotations: all``. A source trained with ``per_rotation`` or
+    ``rp_rotations: one`` fitted its RP head to features normalised per chunk, so its adaptation objective differs
+    from the one it was trained on (not measured).
+
     Args:
         model: Source model whose extractor was trained against an interface with an RP head.
         unlabeled_target: Target-domain images, ``uint8`` ``(N, 3, S, S)``. Labelled :class:`ImageData` is refused
