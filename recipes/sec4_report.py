@@ -41,7 +41,9 @@ def own_accuracy_cost(results: dict, bn: str = 'batch') -> list:
     base = {r['seed']: r['own'][bn] for r in results['independent']}
     rows = []
     for method, runs in results.items():
-        pairs = [(r['own'][bn], base[r['seed']]) for r in runs if r['seed'] in base and method != 'independent']
+        # The control's network b learns another task (clean images, ten classes): no cost of compatibility to pair.
+        pairs = [(r['own'][bn], base[r['seed']]) for r in runs
+                 if r['seed'] in base and method not in ('independent', 'control')]
         if not pairs:
             continue
         own, independent = zip(*pairs)
@@ -49,6 +51,22 @@ def own_accuracy_cost(results: dict, bn: str = 'batch') -> list:
         rows.append([LABELS[method], statistics.mean(own), statistics.mean(independent),
                      mean_std([a - b for a, b in pairs], signed=True), '–' if p != p else f'{p:.2g}'])
     return rows
+
+
+def mixed_machines(results: dict, labels: dict = LABELS) -> str:
+    """Which seeds of each method trained where, for the methods whose seeds' machine lines differ (another CPU, or
+    the precision ``mixed_precision: auto`` chose there): their means pool them, so the table marks them with †."""
+    notes = []
+    for method, runs in results.items():
+        seeds = {}
+        for r in runs:
+            seeds.setdefault(r.get('machine', 'a machine not recorded'), []).append(str(r['seed']))
+        if len(seeds) > 1:
+            notes.append(f'{labels[method]}: ' + '; '.join(f'seed {", ".join(s)} on {m}' for m, s in seeds.items()))
+    if not notes:
+        return ''
+    return ('† Seeds trained on different machines (a line without a precision is from before records kept it), '
+            'pooled in the mean and in the training time: ' + ' | '.join(notes) + '. ')
 
 
 def comparable(method: str, record: dict) -> bool:
@@ -119,10 +137,11 @@ def write_report(out: Path, setting: str, init: str, setup: str, results: dict) 
     from timm_compat.plots import ReportFigure, ReportTable, plot_bars, write_report as write
     results = {m: results[m] for m in ALL_METHODS if m in results}
     paper, figure = (PAPER, 'Fig. 2') if init == 'random' else (PAPER_PRETRAINED, 'Fig. 2 right')
-    rows, figures = [], []
+    rows, figures, mixed = [], [], mixed_machines(results)
     for method, runs in results.items():
         cells = [[r[k][bn] for r in runs] for k in ('recombination', 'own') for bn in BN_MODES]
-        rows.append([LABELS[method], *map(mean_std, cells), paper.get(method, '–'), len(runs),
+        dagger = ' †' if len({r.get('machine') for r in runs}) > 1 else ''
+        rows.append([LABELS[method] + dagger, *map(mean_std, cells), paper.get(method, '–'), len(runs),
                      round(statistics.mean(r['train_seconds'] for r in runs) / 60, 1)])
         figures += method_figures(out, method, runs)
     bars = plot_bars({LABELS[m]: [r['recombination']['batch'] for r in runs] for m, runs in results.items()},
@@ -133,7 +152,7 @@ def write_report(out: Path, setting: str, init: str, setup: str, results: dict) 
         'Recombination accuracy (%)': [ReportTable(
             ['method', 'recombination, BN=batch', 'recombination, BN=running', 'own task, BN=batch',
              'own task, BN=running', f'paper ({figure})', 'seeds', 'training min / seed'], rows,
-            caption=UPPER_BOUND_NOTE + orderings(results, paper)),
+            caption=UPPER_BOUND_NOTE + mixed + orderings(results, paper)),
             ReportFigure(bars, f'{figure} style: mean over seeds, one std as the error bar, each seed a dot, the '
                                f'paper\'s value as a black tick (BN=batch).')],
         'Recombination matrices': figures,
@@ -142,7 +161,7 @@ def write_report(out: Path, setting: str, init: str, setup: str, results: dict) 
             own_accuracy_cost(results), digits=1,
             caption='Paper: 86.3 % (IIW+RP+DCC, on its own tasks) against 85.6 %, its upper bound (each network '
                     'trained alone, with its own RP head); here the baseline is the independent pair of the same '
-                    'seeds. A difference within the seeds\' spread and a large p say compatibility costs no own '
-                    'accuracy.'),
+                    'seeds (not for the control, whose network b learns another task). A difference within the '
+                    'seeds\' spread and a large p say compatibility costs no own accuracy.'),
         'Feature cross-correlation (Fig. 3)': correlation_section(out, results),
     })

@@ -165,9 +165,10 @@ def test_sec4_own_accuracy_cost_pairs_each_method_with_the_independent_run_of_it
 
     # Seeds listed out of order: pairing by position instead of by seed would give other differences.
     results = {'independent': runs({0: 80.0, 1: 82.0, 2: 84.0}), 'iiw_rp_dcc': runs({2: 84.5, 0: 81.0, 1: 82.0}),
-               'rp': runs({1: 80.0})}
+               'rp': runs({1: 80.0}), 'control': runs({0: 86.0, 1: 86.0})}
     rows = {row[0]: row for row in sec4_report.own_accuracy_cost(results)}
-    assert set(rows) == {'IIW+RP+DCC', 'RP'}  # independent is the baseline, not a row
+    # Independent is the baseline, not a row; the control's network b learns another task: nothing to pair.
+    assert set(rows) == {'IIW+RP+DCC', 'RP'}
     _, own, independent, diff, p = rows['IIW+RP+DCC']
     assert (own, independent) == (pytest.approx(82.5), pytest.approx(82.0))
     assert diff == '+0.5 ± 0.5' and p == f'{ttest_rel([81.0, 82.0, 84.5], [80.0, 82.0, 84.0]).pvalue:.2g}'
@@ -176,6 +177,18 @@ def test_sec4_own_accuracy_cost_pairs_each_method_with_the_independent_run_of_it
     # A small but steady cost (like the Sec. 4 records' IIW+RP+DCC, p = 0.004) printed as p = 0.00.
     steady = {'independent': runs({0: 83.79, 1: 83.5, 2: 83.5}), 'iiw_rp_dcc': runs({0: 83.39, 1: 83.18, 2: 83.12})}
     assert float(sec4_report.own_accuracy_cost(steady)[0][4]) == pytest.approx(0.0043, abs=5e-5)
+
+
+def test_sec4_report_marks_the_methods_whose_seeds_trained_on_different_machines(import_script):
+    """DCC's seed 3 trained in fp32 on a Xeon without AMX, seeds 0-2 in bf16 on an AMX Xeon, and the report pooled
+    them without a word: the table now marks such rows and says which seeds ran where."""
+    sec4_report = import_script('recipes', 'sec4_report')
+    amx, plain = 'Xeon (model 167, amx_bf16)', 'Xeon (model 207, avx512_bf16), in fp32'
+    results = {'dcc': [{'seed': s, 'machine': amx if s < 3 else plain} for s in range(4)],
+               'iiw': [{'seed': s, 'machine': amx} for s in range(3)]}
+    note = sec4_report.mixed_machines(results)
+    assert note.startswith('† ') and f'DCC: seed 0, 1, 2 on {amx}; seed 3 on {plain}' in note
+    assert 'IIW' not in note and sec4_report.mixed_machines({'iiw': results['iiw']}) == ''
 
 
 def test_reports_show_a_spread_only_where_there_are_seeds_to_spread(import_script):
