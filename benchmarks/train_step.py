@@ -2,7 +2,7 @@
 
     python benchmarks/train_step.py                                    # CPU, all three backbones
     python benchmarks/train_step.py --threads 1                        # a CPU shared with other jobs
-    python benchmarks/train_step.py --threads 1 --backbones resnet56_cifar --breakdown --profile
+    python benchmarks/train_step.py --threads 1 --backbones resnet56_cifar --rp-norm shared --breakdown --profile
     python benchmarks/train_step.py --device cuda --channels-last --bf16 --batch-size 128
     python benchmarks/train_step.py --threads 1 --rp-rotations all one                # also the cheap RP form
     python benchmarks/train_step.py --threads 1 --rp-norm shared                      # the step of the older figures
@@ -96,7 +96,12 @@ def parse_args(argv=None):
                              'where a ratio above the FLOP ideal comes from (four-rotation rows of --rp-norm '
                              'shared only)')
     parser.add_argument('--profile', action='store_true', help='also print a torch.profiler op table, plain vs compat')
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.breakdown and (args.rp_norm != 'shared' or 'all' not in args.rp_rotations):
+        parser.error(f'--breakdown times the parts of the four-rotation step under --rp-norm shared, which this run '
+                     f'(--rp-norm {args.rp_norm} --rp-rotations {" ".join(args.rp_rotations)}) does not take: add '
+                     f'--rp-norm shared --rp-rotations all, or drop --breakdown.')
+    return args
 
 
 class PlainPair(nn.Module):

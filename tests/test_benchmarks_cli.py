@@ -75,3 +75,15 @@ def test_split_sweep_family_time_limit_is_a_flag(import_script, monkeypatch, cap
     with pytest.raises(SystemExit) as exit_:
         bench.main(['--families', 'resnet', '--family-seconds', '0'])
     assert exit_.value.code == 2 and '--family-seconds' in capsys.readouterr().err
+
+
+def test_train_step_refuses_a_breakdown_it_would_not_run(import_script, capsys):
+    # --breakdown times the four-rotation step of rp_norm shared only; since the default became 'separate' the
+    # documented --breakdown commands printed no breakdown and no word about it.
+    bench = import_script('benchmarks', 'train_step')
+    with pytest.raises(SystemExit):
+        bench.parse_args(['--breakdown'])
+    assert '--rp-norm shared --rp-rotations all, or drop --breakdown' in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        bench.parse_args(['--breakdown', '--rp-norm', 'shared', '--rp-rotations', 'one'])
+    assert bench.parse_args(['--breakdown', '--rp-norm', 'shared']).breakdown
