@@ -152,7 +152,7 @@ def write_report(out: Path, setting: str, init: str, setup: str, results: dict) 
         'Recombination accuracy (%)': [ReportTable(
             ['method', 'recombination, BN=batch', 'recombination, BN=running', 'own task, BN=batch',
              'own task, BN=running', f'paper ({figure})', 'seeds', 'training min / seed'], rows,
-            caption=UPPER_BOUND_NOTE + mixed + orderings(results, paper)),
+            caption=UPPER_BOUND_NOTE * ('upper_bound' in results) + mixed + orderings(results, paper)),
             ReportFigure(bars, f'{figure} style: mean over seeds, one std as the error bar, each seed a dot, the '
                                f'paper\'s value as a black tick (BN=batch).')],
         'Recombination matrices': figures,

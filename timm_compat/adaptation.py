@@ -7,6 +7,11 @@ to the interface the head was trained on, so no target label is needed and the h
 
 The baselines of the paper's Tab. 2 are the source model as is (running BN statistics) and with test-time BN
 (batch statistics); :func:`evaluate_adaptation` measures all of them on one test set.
+
+The extractor normalises all four rotations of a batch as one, as training's RP did under ``rp_norm`` ``separate``
+(the default) or ``shared`` with ``rp_rotations: all``. A source trained with ``per_rotation`` or ``rp_rotations:
+one`` fitted its RP head to features normalised per chunk, so its adaptation objective differs from the one it was
+trained on (not measured).
 """
 import copy
 import time
@@ -129,11 +134,6 @@ def adapt(model: CompatibleModel, unlabeled_target: torch.Tensor, steps: int = 1
     interface does during incremental training. The extractor copy trains in train mode, so its BN running
     statistics move to the rotated target images. The steps run through :func:`~timm_compat.fit.fit` on the
     model's device.
-
-    The extractor normalises all four rotations of a batch as one, as training's RP did under ``rp_norm``
-    ``separate`` (the default) or ``shared`` with ``rp_rotations: all``. A source trained with ``per_rotation`` or
-    ``rp_rotations: one`` fitted its RP head to features normalised per chunk, so its adaptation objective differs
-    from the one it was trained on (not measured).
 
     Args:
         model: Source model whose extractor was trained against an interface with an RP head.
