@@ -133,6 +133,7 @@ def test_the_card_carries_the_licence_of_the_pretrained_weights(tmp_path):
         card = ModelCard.load(tmp_path / name / 'README.md')
         assert card.data.license == licence
         assert ('the extractor `mit`, the head `apache-2.0`' in card.text) == (licence == 'other')
+        assert card.data.get('license_name') == ('mit-and-apache-2.0' if licence == 'other' else None)
 
 
 def test_pretrained_cfg_records_the_training_resolution(tmp_path):

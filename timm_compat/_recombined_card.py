@@ -79,9 +79,11 @@ def model_card(config: Dict[str, Any], repo_id: str) -> str:
     if config.get('interface_id'):
         tags.append(f'compat-interface-{config["interface_id"]}')
     licences = _licences(config)
-    licence = licences['extractor'] if len(set(licences.values())) == 1 else 'other'
+    # The Hub asks a license_name of license: other; the section _licence_words writes says what it means.
+    licence = ({'license': licences['extractor']} if len(set(licences.values())) == 1 else
+               {'license': 'other', 'license_name': '-and-'.join(licences.values())})
     data = ModelCardData(library_name='timm' if config['loads_with'] == 'timm' else 'timm-compat',
-                         license=licence, tags=tags, pipeline_tag='image-classification')
+                         **licence, tags=tags, pipeline_tag='image-classification')
     rows = [(role, config[role].get(k)) for role in ('extractor', 'head') for k in ('backbone', 'split')]
     body = [
         '# timm-compat recombined model', '',
