@@ -62,7 +62,8 @@ def mixed_machines(results: dict, labels: dict = LABELS) -> str:
         for r in runs:
             seeds.setdefault(r.get('machine', 'a machine not recorded'), []).append(str(r['seed']))
         if len(seeds) > 1:
-            notes.append(f'{labels[method]}: ' + '; '.join(f'seed {", ".join(s)} on {m}' for m, s in seeds.items()))
+            notes.append(f'{labels[method]}: ' + '; '.join(f'seed{"s" * (len(s) > 1)} {", ".join(s)} on {m}'
+                                                             for m, s in seeds.items()))
     if not notes:
         return ''
     return ('† Seeds trained on different machines (a line without a precision is from before records kept it), '

@@ -34,7 +34,7 @@ def test_sec4_report_marks_the_methods_whose_seeds_trained_on_different_machines
     results = {'dcc': [{'seed': s, 'machine': amx if s < 3 else plain} for s in range(4)],
                'iiw': [{'seed': s, 'machine': amx} for s in range(3)]}
     note = sec4_report.mixed_machines(results)
-    assert note.startswith('† ') and f'DCC: seed 0, 1, 2 on {amx}; seed 3 on {plain}' in note
+    assert note.startswith('† ') and f'DCC: seeds 0, 1, 2 on {amx}; seed 3 on {plain}' in note
     assert 'IIW' not in note and sec4_report.mixed_machines({'iiw': results['iiw']}) == ''
 
 
