@@ -7,7 +7,8 @@ import time
 from pathlib import Path
 
 import pytest
-from huggingface_hub import constants
+from huggingface_hub import constants, file_download
+from huggingface_hub.utils import _http as hf_http
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -134,11 +135,18 @@ def online(hf_cache, monkeypatch):
     """Online mode against a chosen endpoint; returns a function that points the library at it."""
     monkeypatch.setattr(constants, 'HF_HUB_OFFLINE', False)
     monkeypatch.delenv('HF_HUB_OFFLINE')
+    # huggingface_hub 0.30 (the floor) keeps the requests session an earlier offline test made, which refuses
+    # every request; later versions have no such session.
+    reset = getattr(hf_http, 'reset_sessions', None)
+    if reset:
+        reset()
 
     def use(endpoint: str) -> None:
         monkeypatch.setattr(constants, 'ENDPOINT', endpoint)
-        monkeypatch.setattr(constants, 'HUGGINGFACE_CO_URL_TEMPLATE',
-                            endpoint + '/{repo_id}/resolve/{revision}/{filename}')
+        template = endpoint + '/{repo_id}/resolve/{revision}/{filename}'
+        monkeypatch.setattr(constants, 'HUGGINGFACE_CO_URL_TEMPLATE', template)
+        # huggingface_hub 0.30 (the floor) formats URLs with the copy file_download imported at load.
+        monkeypatch.setattr(file_download, 'HUGGINGFACE_CO_URL_TEMPLATE', template, raising=False)
     return use
 
 

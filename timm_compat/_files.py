@@ -23,6 +23,12 @@ WEIGHTS_NAME = 'model.safetensors'
 PICKLE_SUFFIXES = ('.bin', '.pt', '.pth', '.ckpt', '.pkl', '.pickle')
 
 
+def _offline() -> bool:
+    # huggingface_hub 0.30 (the floor) has only the constant that later versions' is_offline_mode() returns.
+    is_offline_mode = getattr(constants, 'is_offline_mode', None)
+    return is_offline_mode() if is_offline_mode else constants.HF_HUB_OFFLINE
+
+
 def resolve_file(model_id: str, filename: str, *, revision: Optional[str] = None, cache_dir=None,
                  force_download: bool = False, local_files_only: bool = False, token=None,
                  hub_only: bool = False) -> Path:
@@ -58,7 +64,7 @@ def resolve_file(model_id: str, filename: str, *, revision: Optional[str] = None
     except RevisionNotFoundError as e:
         raise ComponentError(f'Hub repo {model_id!r} has no revision {revision!r}.') from e
     except LocalEntryNotFoundError as e:  # before EntryNotFoundError, its base: a cache miss, not a missing file
-        if constants.is_offline_mode():
+        if _offline():
             why = ('HF_HUB_OFFLINE is set, so the Hub was not asked (offline, a repo id that does not exist looks '
                    'the same). Unset HF_HUB_OFFLINE to download it, or check the repo id')
         elif local_files_only:
