@@ -1,6 +1,7 @@
 """``_hardware.configure_cuda``: fast cuDNN and TF32 settings by default, bit-identical reruns with
 ``deterministic: true``; a CPU run leaves them alone. ``sync_batchnorm``: timm's ``--sync-bn``."""
 import os
+import warnings
 from pathlib import Path
 
 import pytest
@@ -73,6 +74,17 @@ def test_sync_batchnorm_is_a_no_op_for_one_process_and_refused_on_cpu():
     with pytest.raises(ValueError, match='sync_batchnorm=false'):
         sync_batchnorm(model, torch.device('cpu'), processes=2)
     assert not any(type(m).__name__.startswith('Sync') for m in model.modules())
+
+
+def test_compile_backend_warns_on_a_torch_where_the_chunked_pass_recompiles(monkeypatch):
+    # At the torch floor (2.4.1) a compiled extractor recompiled RP's chunked BN pass at every step.
+    monkeypatch.setattr(torch, '__version__', '2.4.1+cu121')
+    with pytest.warns(UserWarning, match='recompiled at every step on torch 2.4.1.*compile: false'):
+        assert compile_backend('eager') == 'eager'
+    monkeypatch.setattr(torch, '__version__', '2.14.1+cpu')
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        assert compile_backend('eager') == 'eager' and compile_backend(False) is None
 
 
 def test_compile_backend_names_the_backend_or_refuses_an_unknown_one():

@@ -10,6 +10,7 @@ from torch import nn
 import timm_compat as tc
 from timm_compat.batchnorm import set_batch_statistics
 from timm_compat.methods import chunked_batch_norm, methods_for, rotation_loss
+from timm_compat._hardware import COMPILE_TESTED_TORCH
 from timm_compat.config import InterfaceConfig
 
 CHANNELS_LAST = torch.channels_last
@@ -140,6 +141,8 @@ def test_two_expanding_methods_are_refused():
                               [tc.RotationPrediction(), tc.RotationPrediction()])
 
 
+@pytest.mark.xfail(torch.torch_version.TorchVersion(torch.__version__) < COMPILE_TESTED_TORCH, strict=True,
+                   reason='torch 2.4.1 recompiles the chunked pass at every step (compile_backend warns)')
 def test_a_compiled_extractor_compiles_the_chunked_pass_once_not_every_step():
     """The context puts a new ``forward`` on each BN layer at every step; torch.compile (as ``compile: true`` does,
     on each extractor) must not recompile for each of them: two graphs in all, the chunked pass and the plain one.

@@ -1,5 +1,6 @@
 """One line naming the machine a result was measured on, for recipe reports and benchmark output."""
 import os
+import warnings
 from typing import Optional, Union
 
 import timm
@@ -163,6 +164,10 @@ def check_launch(device: torch.device, processes: int) -> None:
                          f'--num_processes {launched} train.py ... (accelerate\'s --cpu flag launches one process).')
 
 
+# The torch on which tests/test_rp_norm.py shows a compiled extractor compiles RP's chunked pass once.
+COMPILE_TESTED_TORCH = '2.14'
+
+
 def compile_backend(compile: Union[bool, str]) -> Optional[str]:
     """The ``torch.compile`` backend the config key ``compile`` names: None for false, inductor for true.
 
@@ -172,6 +177,11 @@ def compile_backend(compile: Union[bool, str]) -> Optional[str]:
     """
     if compile is False:
         return None
+    if torch.torch_version.TorchVersion(torch.__version__) < COMPILE_TESTED_TORCH:
+        warnings.warn(f'compile with torch {torch.__version__}: RP\'s chunked BatchNorm pass (rp_norm separate or '
+                      f'per_rotation, rp_rotations one) compiles once on torch {COMPILE_TESTED_TORCH}, but was '
+                      f'recompiled at every step on torch 2.4.1 (versions between not measured), which makes the run '
+                      f'slower, not wrong. Upgrade torch, or set compile: false.', stacklevel=2)
     backend = 'inductor' if compile is True else compile
     from torch._dynamo import list_backends  # dynamo is slow to import: only for runs that compile
     if backend not in list_backends(exclude_tags=()):
