@@ -41,7 +41,7 @@ from common import (DATA_DIR_HELP, RECORDS_HELP, REPO, add_record, check_configs
 from sec4_methods import (BUDGETS, SETTINGS, control_overrides, correlation_record, method_fingerprint, method_machine,
                           run_method, run_networks, run_overrides, run_record, runs_of, setting_sources,
                           trained_method_fingerprint, training_seconds)
-from sec4_report import comparable, mixed_machines
+from sec4_report import comparable, machine_mark, mixed_machines
 
 ABLATIONS = ('common_classes', 'split', 'control', 'rp_head')
 # The classes CIFAR-10 shares with STL-10 (and with side b of the halves stand-ins), in CIFAR-10's label order.
@@ -215,8 +215,7 @@ def write_report(out: Path, args, variants: List[Variant], results: dict) -> Pat
         cells = [[r[k][bn] for r in runs] for k in ('recombination', 'own') for bn in BN_MODES]
         # Records before it lack it; upper-bound sides recorded before 2026-12-05 started from identical weights.
         measured = [r['correlation'] for r in runs if 'correlation' in r and comparable(v.method, r)]
-        dagger = ' †' if len({r.get('machine') for r in runs}) > 1 else ''
-        rows.append([v.label + dagger, *map(mean_std, cells), *(mean_std([c[k] for c in measured], digits=2)
+        rows.append([v.label + machine_mark(runs), *map(mean_std, cells), *(mean_std([c[k] for c in measured], digits=2)
                                                        for k in ('direct', 'permuted', 'cka')),
                      len(runs), statistics.mean(r['train_seconds'] for r in runs)])
         bars[v.label] = [r['recombination']['batch'] for r in runs]

@@ -53,6 +53,11 @@ def own_accuracy_cost(results: dict, bn: str = 'batch') -> list:
     return rows
 
 
+def machine_mark(runs: list) -> str:
+    """' †' for a row whose seeds trained on different machine lines (:func:`mixed_machines` says which), else ''."""
+    return ' †' if len({r.get('machine') for r in runs}) > 1 else ''
+
+
 def mixed_machines(results: dict, labels: dict = LABELS) -> str:
     """Which seeds of each method trained where, for the methods whose seeds' machine lines differ (another CPU, or
     the precision ``mixed_precision: auto`` chose there): their means pool them, so the table marks them with †."""
@@ -141,8 +146,7 @@ def write_report(out: Path, setting: str, init: str, setup: str, results: dict) 
     rows, figures, mixed = [], [], mixed_machines(results)
     for method, runs in results.items():
         cells = [[r[k][bn] for r in runs] for k in ('recombination', 'own') for bn in BN_MODES]
-        dagger = ' †' if len({r.get('machine') for r in runs}) > 1 else ''
-        rows.append([LABELS[method] + dagger, *map(mean_std, cells), paper.get(method, '–'), len(runs),
+        rows.append([LABELS[method] + machine_mark(runs), *map(mean_std, cells), paper.get(method, '–'), len(runs),
                      round(statistics.mean(r['train_seconds'] for r in runs) / 60, 1)])
         figures += method_figures(out, method, runs)
     bars = plot_bars({LABELS[m]: [r['recombination']['batch'] for r in runs] for m, runs in results.items()},
