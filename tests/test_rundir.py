@@ -235,3 +235,35 @@ def test_abandon_untrained_removes_only_a_run_that_took_no_step(tmp_path):
     kept = started(tmp_path / 'kept')
     (kept / 'notes.txt').write_text('mine')
     assert not RunDir(kept).abandon_untrained() and (kept / 'notes.txt').exists()
+
+
+@pytest.mark.parametrize('where', ['file', 'below_file'])
+def test_a_save_components_that_cannot_be_a_folder_is_refused_at_claim(tmp_path, where):
+    """A file as save_components was found only when the components were saved, after training, with a traceback;
+    the last steps' weights, never checkpointed, were lost. It is refused before anything is written."""
+    (tmp_path / 'notes').write_text('mine')
+    folder = tmp_path / 'notes' if where == 'file' else tmp_path / 'notes' / 'components'
+    run = RunDir(tmp_path / 'run').acquire()
+    with pytest.raises(RunDirError, match=rf'save_components: .*{tmp_path / "notes"} is not a folder'):
+        run.prepare({**CONFIG, 'save_components': str(folder)}, resume=False, overwrite=False, finished=[])
+    run.release()
+    assert not (tmp_path / 'run').exists() and (tmp_path / 'notes').read_text() == 'mine'
+    started(tmp_path / 'run')  # a resume that switches to it is refused too, and leaves the run as it was
+    record = {f: (tmp_path / 'run' / f).read_bytes() for f in ('config.yaml', 'run.json')}
+    run = RunDir(tmp_path / 'run').acquire()
+    with pytest.raises(RunDirError, match='is not a folder'):
+        run.prepare({**CONFIG, 'save_components': str(folder)}, resume=True, overwrite=False, finished=[])
+    run.release()
+    assert {f: (tmp_path / 'run' / f).read_bytes() for f in record} == record
+
+
+def test_a_save_components_that_is_not_writable_is_refused_at_claim(tmp_path, monkeypatch):
+    (tmp_path / 'locked').mkdir(mode=0o555)
+    if os.geteuid() == 0:  # root writes anywhere: access() answers as for the folder's owner without root
+        monkeypatch.setattr(os, 'access', lambda path, mode: not mode & os.W_OK or os.stat(path).st_mode & 0o200)
+    run = RunDir(tmp_path / 'run').acquire()
+    with pytest.raises(RunDirError, match='save_components: .*locked.* not writable'):
+        run.prepare({**CONFIG, 'save_components': str(tmp_path / 'locked' / 'c')}, resume=False, overwrite=False,
+                    finished=[])
+    run.release()
+    assert not (tmp_path / 'run').exists()

@@ -20,7 +20,7 @@ from .checkpoint import latest_checkpoint, load_train_state
 from .config import RESUME_MAY_CHANGE, config_changes, resume_conflicts
 from .data import DATA_VERSION, local_source
 
-__all__ = ['RunDir', 'RunDirError', 'MARKER']
+__all__ = ['RunDir', 'RunDirError', 'MARKER', 'check_writable_folder']
 
 MARKER = 'run.json'
 LOCK = '.lock'
@@ -31,7 +31,35 @@ class RunDirError(ValueError):
     """The output folder cannot be used as asked; the message says what to do instead."""
 
 
+def check_writable_folder(folder: Any, key: str) -> None:
+    """Refuse a folder that neither is nor can be created as a folder this process writes into.
+
+    Only looks: nothing is created. A run checks its folders with it before it trains, since a folder that cannot
+    be written is otherwise found when the run first writes there (its components: after the last step).
+
+    Args:
+        folder: The folder, which may not exist yet.
+        key: The config key that names it, for the message.
+
+    Raises:
+        RunDirError: ``folder`` or one of its parents is a file, or the folder (or, to create it, its first existing
+            parent) is not writable.
+    """
+    path = Path(folder)
+    # lexists: a dangling link is in the way too (mkdir would fail on it); ENOTDIR below a file reads as missing.
+    existing = next(p for p in [path, *path.parents] if os.path.lexists(p))
+    if not existing.is_dir():
+        where = f'{path} is' if existing == path else f'{path} cannot be created: {existing} is'
+        raise RunDirError(f'{key}: {where} not a folder. Choose another path.')
+    if not os.access(existing, os.W_OK | os.X_OK):
+        what = 'the folder' if existing == path else f'{path} would be created in'
+        raise RunDirError(f'{key}: {what} {existing} is not writable by this user. Choose another path, or make it '
+                          f'writable.')
+
+
 def _check_component_folder(folder: Any, claimed: bool) -> None:
+    if folder:  # checked now, or found when the run ends: the last steps' weights are never checkpointed
+        check_writable_folder(folder, 'save_components')
     # Components are saved when a run ends: a run started on another's folder would replace them hours later.
     if folder and not claimed and Path(folder).is_dir() and any(Path(folder).iterdir()):
         raise RunDirError(f'save_components: {folder} already holds components (of another run?), which this run '
