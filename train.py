@@ -28,6 +28,7 @@ from timm_compat.engine import (PUSHED_NAME, check_hub_credentials, claim_run_di
                                 make_accelerator, push_components, save_components, write_summary)
 from timm_compat.metrics_log import MetricsLog
 from timm_compat.plots import plot_phase
+from timm_compat.rundir import check_writable_folder
 
 
 def parse_args(argv=None):
@@ -56,6 +57,11 @@ def parse_args(argv=None):
 
 def main(argv=None) -> dict:
     args, cfg = parse_args(argv)
+    # Before the data is loaded and the run trains: a folder that cannot be written was found only when first
+    # written to (the output folder after the data was loaded, the components after the last step).
+    check_writable_folder(cfg.output_dir, 'output_dir')
+    if cfg.save_components:
+        check_writable_folder(cfg.save_components, 'save_components')
     start = time.time()
     accelerator = make_accelerator(cfg)
     # Everything is built, and so validated, before the output folder is touched.
@@ -119,7 +125,8 @@ def cli(argv=None) -> None:
     """``main`` for the command line: a refused run prints one clear message, not a traceback, and exits 2."""
     try:
         main(argv)
-    except (ValueError, FileNotFoundError, FileExistsError, FloatingPointError, ConnectionError) as e:
+    # OSError: a file or folder the run could not read or write (FileNotFoundError, PermissionError, a full disk).
+    except (ValueError, OSError, FloatingPointError) as e:
         print(f'error: {e}', file=sys.stderr)
         raise SystemExit(2) from None
 

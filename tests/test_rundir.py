@@ -267,3 +267,10 @@ def test_a_save_components_that_is_not_writable_is_refused_at_claim(tmp_path, mo
                     finished=[])
     run.release()
     assert not (tmp_path / 'run').exists()
+
+
+def test_an_output_folder_below_a_file_is_refused_by_name(tmp_path):
+    (tmp_path / 'notes').write_text('mine')
+    with pytest.raises(RunDirError, match=rf'output_dir: .* cannot be created: {tmp_path / "notes"} is not a folder'):
+        RunDir(tmp_path / 'notes' / 'run').acquire()
+    assert (tmp_path / 'notes').read_text() == 'mine'

@@ -162,6 +162,30 @@ def test_a_live_run_blocks_resume_and_overwrite(tmp_path):
     assert (tmp_path / 'run' / 'summary.json').is_file()
 
 
+@pytest.mark.parametrize('flag', ['--output-dir', '--save-components'])
+def test_a_folder_below_a_file_is_refused_before_the_data_is_loaded(tmp_path, monkeypatch, capsys, flag):
+    """--output-dir below a file failed with a traceback once the data was loaded (--save-components: after
+    training); both are refused with one message as soon as the config is read."""
+    (tmp_path / 'notes').write_text('mine')
+    monkeypatch.setattr(train, 'load_task_data', lambda *a: pytest.fail('the data was loaded first'))
+    with pytest.raises(SystemExit) as exit_:
+        train.cli(['-c', TINY, '--output-dir', str(tmp_path / 'run'), flag, str(tmp_path / 'notes' / 'run')])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.startswith('error: ') and 'Traceback' not in err
+    assert f'{tmp_path / "notes"} is not a folder' in err
+    assert (tmp_path / 'notes').read_text() == 'mine' and not (tmp_path / 'run').exists()
+
+
+def test_cli_reports_an_os_error_as_one_message(monkeypatch, capsys):
+    def main(argv):
+        raise PermissionError(13, 'Permission denied', '/runs/x')
+
+    monkeypatch.setattr(train, 'main', main)
+    with pytest.raises(SystemExit) as exit_:
+        train.cli([])
+    assert exit_.value.code == 2 and capsys.readouterr().err == "error: [Errno 13] Permission denied: '/runs/x'\n"
+
+
 @pytest.mark.slow  # end to end: a run, a kill, a resume, per planted file
 @pytest.mark.parametrize('planted', ['custom_checkpoint_0.pkl', 'optimizer.bin', 'random_states_0.pkl'])
 def test_resume_never_unpickles_from_the_run_folder(tmp_path, monkeypatch, planted):

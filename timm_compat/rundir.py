@@ -81,8 +81,9 @@ class RunDir:
         """Take the folder's lock, creating the folder if needed.
 
         Raises:
-            RunDirError: Another live process holds the lock.
+            RunDirError: Another live process holds the lock, or the folder cannot be created or written.
         """
+        check_writable_folder(self.path, 'output_dir')  # a RunDirError that names the key, not an OSError
         # The first missing ancestor: what release() removes again if the run never started.
         self._created = next((p for p in [*reversed(self.path.parents), self.path] if not p.exists()), None)
         self.path.mkdir(parents=True, exist_ok=True)
