@@ -274,3 +274,46 @@ def test_an_output_folder_below_a_file_is_refused_by_name(tmp_path):
     with pytest.raises(RunDirError, match=rf'output_dir: .* cannot be created: {tmp_path / "notes"} is not a folder'):
         RunDir(tmp_path / 'notes' / 'run').acquire()
     assert (tmp_path / 'notes').read_text() == 'mine'
+
+
+def test_a_resume_that_moves_its_components_to_another_runs_folder_is_refused(tmp_path):
+    """The check for another run's components was skipped on every resume, so a resume could switch
+    save_components to a folder holding them, and replace them when it ended."""
+    other = tmp_path / 'other' / 'main' / 'a' / 'extractor'
+    other.mkdir(parents=True)
+    (other / 'model.safetensors').write_text("another run's weights")
+    started(tmp_path / 'run')
+    record = {f: (tmp_path / 'run' / f).read_bytes() for f in ('config.yaml', 'run.json')}
+    run = RunDir(tmp_path / 'run').acquire()
+    with pytest.raises(RunDirError, match='save_components: .*other already holds .* or the one the run saved to'):
+        run.prepare({**CONFIG, 'save_components': str(tmp_path / 'other')}, resume=True, overwrite=False,
+                    finished=[])
+    assert {f: (tmp_path / 'run' / f).read_bytes() for f in record} == record
+    # Its own folder, which holds what it saved, it may resume with; and move to an empty one.
+    own = {**CONFIG, 'save_components': str(tmp_path / 'own')}
+    run.prepare(own, resume=True, overwrite=False, finished=[])
+    run.release()
+    (tmp_path / 'own' / 'main').mkdir(parents=True)  # what the run saved when it ended
+    run = RunDir(tmp_path / 'run').acquire()
+    run.prepare(own, resume=True, overwrite=False, finished=[])
+    run.release()
+    assert (other / 'model.safetensors').read_text() == "another run's weights"
+
+
+def test_two_live_runs_never_save_components_to_one_folder(tmp_path):
+    """Both found the folder empty when they started, and the one that ended last replaced the other's components."""
+    shared = {**CONFIG, 'save_components': str(tmp_path / 'shared')}
+    first = RunDir(tmp_path / 'first').acquire()
+    first.prepare(shared, resume=False, overwrite=False, finished=[])
+    second = RunDir(tmp_path / 'second').acquire()
+    try:
+        with pytest.raises(RunDirError, match=rf'save_components: .*shared is where a live run \(pid {os.getpid()}\)'):
+            second.prepare(shared, resume=False, overwrite=False, finished=[])
+    finally:
+        second.release()
+        first.release()
+    assert not (tmp_path / 'second').exists()
+    assert not (tmp_path / 'shared').exists()  # the first run saved nothing there: the folder it made is gone
+    (tmp_path / 'shared').mkdir()
+    (tmp_path / 'shared' / '.lock').write_text('123\n')  # a dead run's lock is no component
+    started(tmp_path / 'second', shared)

@@ -4,6 +4,8 @@ A run folder holds ``run.json`` (the marker, and the record of every resume), ``
 phase and ``.lock``. While a run lives it holds an exclusive ``flock`` on ``.lock`` (released by the kernel even
 after ``kill -9``), so a second run on the same folder, whether new, ``--resume`` or ``--overwrite``, refuses and
 names the holder's pid. ``--overwrite`` deletes only a folder that ``run.json`` marks as a timm-compat run.
+A ``save_components`` folder outside the run folder is locked the same way while the run lives (its ``.lock``
+stays beside the components), so two live runs never save components to one folder.
 """
 import fcntl
 import json
@@ -57,13 +59,13 @@ def check_writable_folder(folder: Any, key: str) -> None:
                           f'writable.')
 
 
-def _check_component_folder(folder: Any, claimed: bool) -> None:
-    if folder:  # checked now, or found when the run ends: the last steps' weights are never checkpointed
-        check_writable_folder(folder, 'save_components')
+def _check_component_folder(folder: Any, claimed: bool, resume: bool) -> None:
     # Components are saved when a run ends: a run started on another's folder would replace them hours later.
-    if folder and not claimed and Path(folder).is_dir() and any(Path(folder).iterdir()):
+    # A lone .lock is a dead run's, which saved nothing there.
+    if folder and not claimed and Path(folder).is_dir() and any(p.name != LOCK for p in Path(folder).iterdir()):
+        instead = 'the one the run saved to before' if resume else 'pass --overwrite to replace them'
         raise RunDirError(f'save_components: {folder} already holds components (of another run?), which this run '
-                          f'would replace when it ends. Choose another folder, or pass --overwrite to replace them.')
+                          f'would replace when it ends. Choose another folder, or {instead}.')
 
 
 class RunDir:
@@ -72,10 +74,12 @@ class RunDir:
     Args:
         path: The run's output folder.
     """
+    KEY = 'output_dir'  # the config key that names the folder, for messages
 
     def __init__(self, path: Path):
         self.path = Path(path)
         self._lock_file, self._created = None, None
+        self._components: Optional[_ComponentFolder] = None  # locked by prepare() when outside the run folder
 
     def acquire(self) -> 'RunDir':
         """Take the folder's lock, creating the folder if needed.
@@ -83,7 +87,7 @@ class RunDir:
         Raises:
             RunDirError: Another live process holds the lock, or the folder cannot be created or written.
         """
-        check_writable_folder(self.path, 'output_dir')  # a RunDirError that names the key, not an OSError
+        check_writable_folder(self.path, self.KEY)  # a RunDirError that names the key, not an OSError
         # The first missing ancestor: what release() removes again if the run never started.
         self._created = next((p for p in [*reversed(self.path.parents), self.path] if not p.exists()), None)
         self.path.mkdir(parents=True, exist_ok=True)
@@ -94,8 +98,7 @@ class RunDir:
             f.seek(0)
             holder = f.read().strip() or 'unknown'
             f.close()
-            raise RunDirError(f'{self.path} is in use by a live run (pid {holder}). Wait for it to finish, stop it, '
-                              f'or pass --output-dir for a new folder.') from None
+            raise RunDirError(self._busy(holder)) from None
         f.seek(0)
         f.truncate()
         f.write(f'{os.getpid()}\n')
@@ -103,9 +106,16 @@ class RunDir:
         self._lock_file = f
         return self
 
+    def _busy(self, holder: str) -> str:
+        return (f'{self.path} is in use by a live run (pid {holder}). Wait for it to finish, stop it, or pass '
+                f'--output-dir for a new folder.')
+
     def release(self) -> None:
-        """Drop the lock; a folder that :meth:`acquire` created and that holds nothing else is removed, so that a
-        run refused before it started leaves nothing behind."""
+        """Drop the lock (and the ``save_components`` folder's); a folder that :meth:`acquire` created and that
+        holds nothing else is removed, so that a run refused before it started leaves nothing behind."""
+        if self._components is not None:
+            self._components.release()
+            self._components = None
         if self._lock_file is not None:
             self._lock_file.close()  # closing drops the flock
             self._lock_file = None
@@ -164,8 +174,9 @@ class RunDir:
         Raises:
             RunDirError: Before anything is deleted or written, when the request does not fit the folder.
         """
-        entries, old = self._entries(), None
-        _check_component_folder(config.get('save_components'), resume or overwrite)
+        entries, old, folder = self._entries(), None, config.get('save_components')
+        if folder:  # checked now, or found when the run ends: the last steps' weights are never checkpointed
+            check_writable_folder(folder, 'save_components')
         if resume:
             if not self.is_run():
                 raise RunDirError(f'--resume: {self.path} holds no timm-compat run to resume. Drop --resume to start '
@@ -179,9 +190,32 @@ class RunDir:
             if not overwrite:
                 raise RunDirError(f'{self.path} already holds a run. Pass --resume to continue it, --overwrite to '
                                   f'delete it, or --output-dir for a new folder.')
+        # A resume finds its own components in the folder it saved to (--overwrite replaces the run's); one that
+        # moves them elsewhere must not replace another run's there, as a new run must not.
+        _check_component_folder(folder, overwrite or resume and self._saved_to(old) == _absolute(folder), resume)
+        self._lock_components(folder)
+        if entries and not resume:  # --overwrite, now that nothing is refused any more
             for entry in entries:
                 shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
         self._record(config, old)
+
+    def _saved_to(self, old: Optional[Dict[str, Any]]) -> Optional[str]:
+        """The absolute ``save_components`` folder of the run being resumed (its config's ``old``), or None."""
+        # run.json records it absolute (a relative one resumed from elsewhere names another folder); a run started
+        # before it did falls back to its config's, taken from here.
+        marker = self._read_marker()
+        return marker['save_components'] if 'save_components' in marker else _absolute((old or {}).get(
+            'save_components'))
+
+    def _lock_components(self, folder: Optional[str]) -> None:
+        """Hold ``folder`` while the run lives, so that no other live run saves components there."""
+        if self._components is not None:  # prepare() again on this claim: its own lock would refuse it
+            self._components.release()
+            self._components = None
+        # Inside the run folder it is the run's own; locking it would put a file in what --overwrite deletes and
+        # keep a run that failed before its first step from being given up.
+        if folder and self.path.resolve() not in [(p := Path(folder).resolve()), *p.parents]:
+            self._components = _ComponentFolder(Path(folder)).acquire()
 
     def _check_resume(self, config: Dict[str, Any], finished: List[str]) -> Dict[str, Any]:
         """The run's recorded config, once ``config`` is known to be a resume it may take."""
@@ -223,6 +257,7 @@ class RunDir:
         resume = old is not None
         marker = self._read_marker() if resume else {
             'timm_compat_run': 1, 'created': time.time(), 'resumes': [], 'data_version': DATA_VERSION}
+        marker['save_components'] = _absolute(config.get('save_components'))
         if resume:
             marker['resumes'].append({'time': time.time(),
                                       'changes': {k: [_at(old, k), _at(config, k)]
@@ -232,6 +267,20 @@ class RunDir:
 
     def _read_marker(self) -> Dict[str, Any]:
         return json.loads((self.path / MARKER).read_text())
+
+
+class _ComponentFolder(RunDir):
+    """The ``save_components`` folder of a live run: locked as a run folder is, with its own message."""
+    KEY = 'save_components'
+
+    def _busy(self, holder: str) -> str:
+        return (f'save_components: {self.path} is where a live run (pid {holder}) saves its components; the one of '
+                f'the two runs that ends last would replace the other\'s. Choose another folder, or wait for that run '
+                f'to end.')
+
+
+def _absolute(folder: Optional[str]) -> Optional[str]:
+    return os.path.abspath(folder) if folder else None
 
 
 def _moved_data(old: Dict[str, Any], new: Dict[str, Any], dotted: str) -> bool:
