@@ -317,3 +317,30 @@ def test_two_live_runs_never_save_components_to_one_folder(tmp_path):
     (tmp_path / 'shared').mkdir()
     (tmp_path / 'shared' / '.lock').write_text('123\n')  # a dead run's lock is no component
     started(tmp_path / 'second', shared)
+
+
+def test_a_resume_in_another_precision_is_refused_unless_the_config_says_auto(tmp_path):
+    """With mixed_precision null the launcher decides: a resume under another --mixed_precision was accepted
+    without a word, and summary.json reported bf16 for a run partly trained in fp32."""
+    first = RunDir(tmp_path / 'run').acquire()
+    first.prepare(CONFIG, resume=False, overwrite=False, finished=[], precision='no')
+    first.release()
+    record = {f: (tmp_path / 'run' / f).read_bytes() for f in ('config.yaml', 'run.json')}
+    assert json.loads(record['run.json'])['mixed_precision'] == 'no'
+    run = RunDir(tmp_path / 'run').acquire()
+    with pytest.raises(RunDirError, match=r"trained in 'no'.* asks for 'bf16'.*--mixed_precision no"):
+        run.prepare(CONFIG, resume=True, overwrite=False, finished=[], precision='bf16')
+    assert {f: (tmp_path / 'run' / f).read_bytes() for f in record} == record
+    run.prepare(CONFIG, resume=True, overwrite=False, finished=[], precision='no')
+    # A finished run's resume trains nothing, only reads its summary back: any launch may do that.
+    run.prepare(CONFIG, resume=True, overwrite=False, finished=['main'], lengths={'main': 4}, precision='bf16')
+    run.release()
+    assert json.loads((tmp_path / 'run' / 'run.json').read_text())['mixed_precision'] == 'no'
+
+    auto = {**CONFIG, 'mixed_precision': 'auto'}  # documented: resumed elsewhere, it takes that machine's choice
+    run = RunDir(tmp_path / 'auto').acquire()
+    run.prepare(auto, resume=False, overwrite=False, finished=[], precision='no')
+    run.prepare(auto, resume=True, overwrite=False, finished=[], precision='bf16')
+    run.release()
+    marker = json.loads((tmp_path / 'auto' / 'run.json').read_text())
+    assert marker['mixed_precision'] == 'bf16' and marker['resumes'][0]['mixed_precision'] == ['no', 'bf16']

@@ -186,6 +186,21 @@ def test_cli_reports_an_os_error_as_one_message(monkeypatch, capsys):
     assert exit_.value.code == 2 and capsys.readouterr().err == "error: [Errno 13] Permission denied: '/runs/x'\n"
 
 
+def test_a_resume_under_another_launch_precision_is_refused(tmp_path, monkeypatch):
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+    monkeypatch.delenv('ACCELERATE_MIXED_PRECISION', raising=False)
+    crash_at_checkpoint(monkeypatch, 2)
+    with pytest.raises(KeyboardInterrupt):  # in fp32: the config's mixed_precision is null, the launcher says none
+        run(tmp_path)
+    record = {f: (tmp_path / 'run' / f).read_bytes() for f in ('config.yaml', 'run.json', 'main/metrics.csv')}
+    for state in (AcceleratorState, GradientState, PartialState):  # a new launch: its own Accelerator
+        state._reset_state(*[True] * (state is AcceleratorState))
+    monkeypatch.setenv('ACCELERATE_MIXED_PRECISION', 'bf16')  # accelerate launch --mixed_precision bf16
+    with pytest.raises(ValueError, match=r"trained in 'no'.*--mixed_precision no"):
+        run(tmp_path, '--resume')
+    assert {f: (tmp_path / 'run' / f).read_bytes() for f in record} == record
+
+
 @pytest.mark.slow  # end to end: a run, a kill, a resume, per planted file
 @pytest.mark.parametrize('planted', ['custom_checkpoint_0.pkl', 'optimizer.bin', 'random_states_0.pkl'])
 def test_resume_never_unpickles_from_the_run_folder(tmp_path, monkeypatch, planted):

@@ -88,7 +88,7 @@ def claim_run_dir(accelerator: Accelerator, cfg: RunConfig, finished: List[str],
     run_dir, claimed = RunDir(Path(cfg.output_dir)), False
     try:
         _on_main_process(accelerator, lambda: run_dir.acquire().prepare(cfg.to_dict(), resume, overwrite, finished,
-                                                                        lengths))
+                                                                        lengths, accelerator.mixed_precision))
         claimed = True
         if accelerator.log_with:
             accelerator.init_trackers(TRACKERS_DIR, config=tracker_hparams(cfg.to_dict()))

@@ -161,7 +161,7 @@ class RunDir:
             return False
 
     def prepare(self, config: Dict[str, Any], resume: bool, overwrite: bool, finished: List[str],
-                lengths: Optional[Dict[str, int]] = None) -> None:
+                lengths: Optional[Dict[str, int]] = None, precision: Optional[str] = None) -> None:
         """Start, resume or overwrite the run in the (locked) folder, then record ``config``.
 
         Args:
@@ -170,11 +170,17 @@ class RunDir:
             overwrite: Delete the run in the folder first.
             finished: Phases whose summary already exists (a resume may not extend them).
             lengths: Each phase's steps under ``config``, by phase; a resume may not start from a later checkpoint.
+            precision: The precision the run trains in as resolved (``Accelerator.mixed_precision``), recorded in
+                ``run.json``; a resume in another is refused unless the config's ``mixed_precision`` is ``auto``,
+                or every phase of ``lengths`` finished (it trains nothing). None: not known, neither checked nor
+                recorded.
 
         Raises:
             RunDirError: Before anything is deleted or written, when the request does not fit the folder.
         """
         entries, old, folder = self._entries(), None, config.get('save_components')
+        if lengths and set(lengths) <= set(finished):
+            precision = None  # a resume of a finished run trains nothing: its precision is neither checked nor kept
         if folder:  # checked now, or found when the run ends: the last steps' weights are never checkpointed
             check_writable_folder(folder, 'save_components')
         if resume:
@@ -182,6 +188,7 @@ class RunDir:
                 raise RunDirError(f'--resume: {self.path} holds no timm-compat run to resume. Drop --resume to start '
                                   f'one (in an empty folder or with --output-dir).')
             old = self._check_resume(config, finished)
+            self._check_precision(config, precision)
             self._check_checkpoints(lengths or {}, finished)
         elif entries:
             if not self.is_run():
@@ -197,7 +204,21 @@ class RunDir:
         if entries and not resume:  # --overwrite, now that nothing is refused any more
             for entry in entries:
                 shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
-        self._record(config, old)
+        self._record(config, old, precision)
+
+    def _check_precision(self, config: Dict[str, Any], precision: Optional[str]) -> None:
+        """Refuse a resume in another precision than the run trained in, unless the config asks for ``auto``."""
+        # mixed_precision null takes the precision from `accelerate launch`, which config.yaml does not show; a
+        # run partly trained in each would be reported (summary.json) in the last one's. `auto` chooses by machine,
+        # and a run resumed on another machine may continue in its choice (docs/training.md); run.json records it.
+        trained = self._read_marker().get('mixed_precision')
+        if None in (trained, precision) or trained == precision or config.get('mixed_precision') == 'auto':
+            return  # a run from before run.json recorded it is taken to have trained in this one
+        raise RunDirError(f'--resume: {self.path} trained in {trained!r} precision, this launch asks for '
+                          f'{precision!r} (config mixed_precision: {config.get("mixed_precision")!r}, so `accelerate '
+                          f'launch --mixed_precision`, ACCELERATE_MIXED_PRECISION or `accelerate config` decides); '
+                          f'its results would be reported in {precision!r}. Resume with `accelerate launch '
+                          f'--mixed_precision {trained} train.py ...`, or start a new run (--output-dir).')
 
     def _saved_to(self, old: Optional[Dict[str, Any]]) -> Optional[str]:
         """The absolute ``save_components`` folder of the run being resumed (its config's ``old``), or None."""
@@ -252,16 +273,21 @@ class RunDir:
                                   f'{steps} steps the config now asks for: set steps (or epochs) to at least {step} '
                                   f'to resume it, or start a new run (--output-dir). Nothing in the folder changed.')
 
-    def _record(self, config: Dict[str, Any], old: Optional[Dict[str, Any]]) -> None:
-        """Write ``config`` and the marker; ``old`` is the config a resume continues (None for a new run)."""
+    def _record(self, config: Dict[str, Any], old: Optional[Dict[str, Any]], precision: Optional[str]) -> None:
+        """Write ``config`` and the marker; ``old`` is the config a resume continues (None for a new run), and
+        ``precision`` the one the run now trains in (kept as it was if None)."""
         resume = old is not None
         marker = self._read_marker() if resume else {
             'timm_compat_run': 1, 'created': time.time(), 'resumes': [], 'data_version': DATA_VERSION}
         marker['save_components'] = _absolute(config.get('save_components'))
         if resume:
-            marker['resumes'].append({'time': time.time(),
-                                      'changes': {k: [_at(old, k), _at(config, k)]
-                                                  for k in config_changes(old, config)}})
+            entry = {'time': time.time(),
+                     'changes': {k: [_at(old, k), _at(config, k)] for k in config_changes(old, config)}}
+            if precision is not None and marker.get('mixed_precision', precision) != precision:  # `auto` only
+                entry['mixed_precision'] = [marker['mixed_precision'], precision]
+            marker['resumes'].append(entry)
+        if precision is not None:
+            marker['mixed_precision'] = precision  # the precision it trains in from now on
         atomic_write_text(self.path / CONFIG, yaml.safe_dump(config, sort_keys=False))
         atomic_write_text(self.path / MARKER, json.dumps(marker, indent=2))
 
