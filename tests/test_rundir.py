@@ -344,3 +344,23 @@ def test_a_resume_in_another_precision_is_refused_unless_the_config_says_auto(tm
     run.release()
     marker = json.loads((tmp_path / 'auto' / 'run.json').read_text())
     assert marker['mixed_precision'] == 'bf16' and marker['resumes'][0]['mixed_precision'] == ['no', 'bf16']
+
+
+@pytest.mark.parametrize('before, after, same', [
+    (('old', 'imagefolder:old/x'), ('new', 'imagefolder:new/x'), True),  # 'old' is in 'imagefolder' too
+    (('/data', 'parquet:/data/x'), ('/new/', 'parquet:/new//x'), True),
+    (('/data', 'parquet:/database/x'), ('/new', 'parquet:/newbase/x'), False),  # other data: not below /data
+    (('/data', 'imagefolder:/data/x'), ('/new', 'parquet:/new/x'), False)], ids=['prefix', 'spelling', 'name', 'kind'])
+def test_a_moved_data_folder_is_its_leading_path(tmp_path, before, after, same):
+    """data_dir was replaced as the first substring anywhere in the source, not as the path's leading folder."""
+    def config(data_dir, source):
+        return {**CONFIG, 'data_dir': data_dir, 'networks': [{'name': 'a', 'dataset': {'source': source}}]}
+
+    started(tmp_path, config(*before))
+    run = RunDir(tmp_path).acquire()
+    if same:
+        run.prepare(config(*after), resume=True, overwrite=False, finished=[])
+    else:
+        with pytest.raises(RunDirError, match=r'networks\.0\.dataset\.source'):
+            run.prepare(config(*after), resume=True, overwrite=False, finished=[])
+    run.release()

@@ -12,7 +12,7 @@ import json
 import os
 import shutil
 import time
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any, Dict, List, Optional
 
 import yaml
@@ -322,8 +322,28 @@ def _moved_data(old: Dict[str, Any], new: Dict[str, Any], dotted: str) -> bool:
         return False
     # No splits to check: whether the copy is there is load_task_data's question, asked before the run starts.
     read = local_source(after, new['data_dir'], splits=())
-    return (before.replace(old['data_dir'], new['data_dir'], 1) == after
+    moved = _local_path(before, old['data_dir'], new['data_dir'])
+    return (moved is not None and moved == _local_path(after)
             or _parquet_folder(before) is not None and _parquet_folder(before) == _parquet_folder(read))
+
+
+def _local_path(source: str, old_dir: Optional[str] = None, new_dir: Optional[str] = None) -> Optional[str]:
+    """A ``parquet:`` or ``imagefolder:`` source with its path normalised, and its leading folder ``old_dir``, if
+    given, replaced by ``new_dir``; None for another source, or one whose path is not below ``old_dir``.
+
+    Only the leading folders of the path: ``data_dir`` filled in ``{data_dir}/...``, not any text that spells it
+    (``old`` in ``imagefolder:``, ``/data`` in ``/database``).
+    """
+    prefix = next((p for p in ('parquet:', 'imagefolder:') if source.startswith(p)), None)
+    if prefix is None:
+        return None
+    path = os.path.normpath(source[len(prefix):])
+    if old_dir is not None:
+        parts, old = PurePath(path).parts, PurePath(os.path.normpath(old_dir)).parts
+        if parts[:len(old)] != old:
+            return None
+        path = os.path.normpath(os.path.join(new_dir, *parts[len(old):]))
+    return prefix + path
 
 
 def _parquet_folder(source: str) -> Optional[str]:
