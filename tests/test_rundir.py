@@ -364,3 +364,17 @@ def test_a_moved_data_folder_is_its_leading_path(tmp_path, before, after, same):
         with pytest.raises(RunDirError, match=r'networks\.0\.dataset\.source'):
             run.prepare(config(*after), resume=True, overwrite=False, finished=[])
     run.release()
+
+
+def test_a_resume_may_switch_compile_and_channels_last_but_not_deterministic(tmp_path):
+    """compile and channels_last choose kernels, as cpu_threads does: a crashing compile could not be turned off.
+    deterministic also switches CUDA's TF32 matmuls, a precision change, and promises bit-identical reruns."""
+    started(tmp_path, {**CONFIG, 'compile': True, 'channels_last': True, 'deterministic': False})
+    run = RunDir(tmp_path).acquire()
+    off = {**CONFIG, 'compile': False, 'channels_last': False, 'deterministic': False}
+    run.prepare(off, resume=True, overwrite=False, finished=[])
+    with pytest.raises(RunDirError, match=r'deterministic: False -> True'):
+        run.prepare({**off, 'deterministic': True}, resume=True, overwrite=False, finished=[])
+    run.release()
+    changes = [r['changes'] for r in json.loads((tmp_path / 'run.json').read_text())['resumes']]
+    assert changes == [{'compile': [True, False], 'channels_last': [True, False]}]

@@ -201,6 +201,20 @@ def test_a_resume_under_another_launch_precision_is_refused(tmp_path, monkeypatc
     assert {f: (tmp_path / 'run' / f).read_bytes() for f in record} == record
 
 
+@pytest.mark.slow  # end to end: a run, a kill, a resume, per key
+@pytest.mark.parametrize('key', ['channels_last', 'compile'])
+def test_a_resume_may_turn_off_compile_or_channels_last(tmp_path, monkeypatch, key):
+    """Checkpoints of either kernel choice load into the other: a resume may turn off a crashing compile."""
+    crash_at_checkpoint(monkeypatch, 2)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path, '--set', f'{key}=' + ('true' if key == 'channels_last' else 'eager'))
+    monkeypatch.undo()
+    summary = run(tmp_path, '--resume')
+    assert summary['config'][key] is False and summary['phases']['main']['steps'] == 4
+    steps = [line.split(',')[0] for line in (tmp_path / 'run' / 'main' / 'metrics.csv').read_text().splitlines()]
+    assert steps == ['step', '2', '4']
+
+
 @pytest.mark.slow  # end to end: a run, a kill, a resume, per planted file
 @pytest.mark.parametrize('planted', ['custom_checkpoint_0.pkl', 'optimizer.bin', 'random_states_0.pkl'])
 def test_resume_never_unpickles_from_the_run_folder(tmp_path, monkeypatch, planted):

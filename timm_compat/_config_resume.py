@@ -8,12 +8,20 @@ from typing import Any, Dict, List, Tuple
 
 from ._config_errors import REMOVED_KEYS
 
-__all__ = ['RESUME_MAY_CHANGE', 'config_changes', 'resume_conflicts']
+__all__ = ['RESUME_MAY_CHANGE', 'RESUME_MAY_SWITCH_KERNELS', 'config_changes', 'resume_conflicts']
 
-# Keys a resumed run may change: none changes the trained weights or what the results mean.
+# Keys a resumed run may change: none changes what the results mean (the method, models, data, optimisation or
+# evaluation). Some change the trained weights all the same: steps/epochs how long the run trains (recorded in
+# run.json's resumes; a finished phase is never extended), cpu_threads how kernels round (as a resume on another
+# machine does). The rest say where files go, what is logged, and how the same images are read.
 RESUME_MAY_CHANGE = frozenset({'steps', 'epochs', 'log_every', 'checkpoint_every', 'keep_checkpoints',
                                'cpu_threads', 'save_components', 'push_to_hub', 'output_dir', 'data_dir',
                                'trackers', 'data_storage', 'data_memory_gb', 'loader_workers'})
+# Keys that only choose kernels for the same arithmetic, in fp32 or the run's recorded precision: like cpu_threads
+# they change rounding, not what is computed, and checkpoints of either choice load into the other (the state dict
+# keys are the same). A resume may turn off a compile that crashes. Not `deterministic`: on CUDA it also switches
+# TF32 matmuls, a precision change, and promises a rerun bit for bit, which a run trained partly without it is not.
+RESUME_MAY_SWITCH_KERNELS = frozenset({'compile', 'channels_last'})
 _ABSENT = object()
 
 
@@ -51,7 +59,8 @@ def _with_added_keys(old: Any, default: Any) -> Any:
 
 
 def resume_conflicts(old: Dict[str, Any], new: Dict[str, Any], defaults: Dict[str, Any]) -> List[str]:
-    """The changes of :func:`config_changes` that a resume may not make (not in :data:`RESUME_MAY_CHANGE`).
+    """The changes of :func:`config_changes` that a resume may not make (not in :data:`RESUME_MAY_CHANGE` or
+    :data:`RESUME_MAY_SWITCH_KERNELS`).
 
     A key that was removed from configs is no conflict: what it said lives on in keys that are compared.
 
@@ -65,5 +74,6 @@ def resume_conflicts(old: Dict[str, Any], new: Dict[str, Any], defaults: Dict[st
     # changes the training sets (the holdout).
     on = [isinstance(c.get('validation'), dict) and c['validation'].get('every') is not None for c in (old, new)]
     # A list key changes item by item (trackers.0): what may change is the top-level key it belongs to.
-    return [key for key in config_changes(old, new) if key.split('.')[0] not in RESUME_MAY_CHANGE
+    may = RESUME_MAY_CHANGE | RESUME_MAY_SWITCH_KERNELS
+    return [key for key in config_changes(old, new) if key.split('.')[0] not in may
             and key not in REMOVED_KEYS and not (key == 'validation.every' and on[0] == on[1])]

@@ -19,6 +19,7 @@ import yaml
 
 from ._integrity import atomic_write_text
 from .checkpoint import latest_checkpoint, load_train_state
+from ._config_resume import RESUME_MAY_SWITCH_KERNELS
 from .config import RESUME_MAY_CHANGE, config_changes, resume_conflicts
 from .data import DATA_VERSION, local_source
 
@@ -255,7 +256,8 @@ class RunDir:
         if refused:
             lines = '\n'.join(f'  {k}: {_at(old, k)!r} -> {_at(config, k)!r}' for k in refused)
             raise RunDirError(f'--resume with a config that differs from the run\'s in what was trained:\n{lines}\n'
-                              f'A resume may change only {", ".join(sorted(RESUME_MAY_CHANGE))}. Start a new run '
+                              f'A resume may change only '
+                              f'{", ".join(sorted(RESUME_MAY_CHANGE | RESUME_MAY_SWITCH_KERNELS))}. Start a new run '
                               f'(--output-dir) to change the rest.')
         extended = [k for k in changes if k in ('steps', 'epochs')]
         if extended and finished:
