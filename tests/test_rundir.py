@@ -378,3 +378,16 @@ def test_a_resume_may_switch_compile_and_channels_last_but_not_deterministic(tmp
     run.release()
     changes = [r['changes'] for r in json.loads((tmp_path / 'run.json').read_text())['resumes']]
     assert changes == [{'compile': [True, False], 'channels_last': [True, False]}]
+
+
+@pytest.mark.parametrize('text', ['', '- 1\n- 2\n', 'steps\n'], ids=['empty', 'list', 'word'])
+def test_a_recorded_config_that_is_not_a_mapping_is_refused_by_name(tmp_path, text):
+    """An emptied config.yaml (a full disk, a hand edit) crashed --resume with an AttributeError."""
+    started(tmp_path)
+    (tmp_path / 'config.yaml').write_text(text)
+    marker = (tmp_path / 'run.json').read_bytes()
+    run = RunDir(tmp_path).acquire()
+    with pytest.raises(RunDirError, match=rf'--resume: {tmp_path / "config.yaml"} holds no config'):
+        run.prepare(CONFIG, resume=True, overwrite=False, finished=[])
+    run.release()
+    assert (tmp_path / 'config.yaml').read_text() == text and (tmp_path / 'run.json').read_bytes() == marker

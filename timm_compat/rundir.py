@@ -245,6 +245,11 @@ class RunDir:
             old = yaml.safe_load((self.path / CONFIG).read_text())
         except (OSError, yaml.YAMLError) as e:
             raise RunDirError(f'--resume: cannot read {self.path / CONFIG} ({e}); the run cannot be checked.') from e
+        if not isinstance(old, dict):  # emptied (a full disk, a hand edit): the comparison below needs a mapping
+            found = 'is empty' if old is None else f'holds a {type(old).__name__}'
+            raise RunDirError(f'--resume: {self.path / CONFIG} holds no config (a YAML mapping): it {found}, so the '
+                              f'run cannot be checked. Restore it (a finished run\'s summary.json holds it under '
+                              f'"config"), or start a new run (--output-dir).')
         version = self._read_marker().get('data_version', 1)
         if version != DATA_VERSION:
             raise RunDirError(f'--resume: {self.path} was trained on data version {version}, this code makes '
