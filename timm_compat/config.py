@@ -59,7 +59,8 @@ class NetworkConfig(_Section):
     model_args: ModelArgs = Field(default_factory=dict)  # which keys are allowed: timm_compat.components
     pretrained: bool = False
     dataset: DatasetConfig = Field(default_factory=DatasetConfig, examples=[{'source': 'synthetic:A'}])
-    load: Optional[str] = Field(None, examples=['runs/x/main/components/a'])  # trained network: evaluated only
+    # A trained network: evaluated only. "" is refused, not taken for no load: the network would be trained anew.
+    load: Optional[str] = Field(None, min_length=1, examples=['runs/x/main/components/a'])
     # An extractor component (folder or Hub id) whose weights the extractor starts from, then trains: a pre-training
     init: Optional[str] = Field(None, min_length=1, examples=['runs/pretrain/main/components/a/extractor'])
 
@@ -78,7 +79,8 @@ class InterfaceConfig(_Section):
     aux_head: HeadSpec = 'conv'
     rp_head: Optional[HeadSpec] = Field(None, examples=['conv'])  # overrides aux_head for the RP head
     dcc_head: Optional[HeadSpec] = Field(None, examples=['conv'])  # overrides aux_head for the DCC head
-    load: Optional[str] = Field(None, examples=['runs/x/main/components/interface'])
+    # "" is refused, not taken for no load: `--interface ""` (an unset variable) would make the run joint.
+    load: Optional[str] = Field(None, min_length=1, examples=['runs/x/main/components/interface'])
     # How the extractor's BatchNorm sees the rotated batch under RP: 'separate' (default) an extra upright pass for
     # the task, as eq. (1)'s separate task term; 'per_rotation' each rotation chunk its own batch statistics;
     # 'shared' statistics over all four rotations (before issue 12; measured in docs/training.md).
