@@ -103,6 +103,10 @@ BAD = [
     ('networks.0.model_args={a: {b: 1}}', 'networks.0.model_args.a', "{'b': 1}"),
     ('interface.dcc_head={type: timm}', 'interface.dcc_head', "{'type': 'timm'}"),
     ('interface.aux_head=3', 'interface.aux_head', '3'), ('networks=[]', 'networks', '[]'),
+    # An empty class list was taken for all classes (or, in dcc_classes, all common classes).
+    ('networks.0.dataset.classes=[]', 'networks.0.dataset.classes', '[]'),
+    ('networks.1.dataset.class_names=[]', 'networks.1.dataset.class_names', '[]'),
+    ('interface.dcc_classes=[]', 'interface.dcc_classes', '[]'),
     ('optim=null', 'optim', 'None'), ('trackers=[tensorbord]', 'trackers.0', "'tensorbord'"), ('push_to_hub=/abs', 'push_to_hub', "'/abs'"),
 ]
 

@@ -40,6 +40,12 @@ def _must(text: str, item: Optional[str] = None) -> Dict[str, Any]:
     return {'must': text, 'must_item': item}
 
 
+def _class_list(null: str) -> Dict[str, Any]:
+    """Field metadata of an optional list of class names whose null means ``null`` (e.g. all of the dataset's
+    classes). The list must not be empty: the code that reads it takes [] for null, the opposite of what it says."""
+    return _must(f'a list of at least one class name (null: {null})')
+
+
 Float = Annotated[float, BeforeValidator(_number), Field(allow_inf_nan=False)]
 Seed = Annotated[int, Field(ge=0, le=2 ** 32 - 1)]  # numpy's seed range, which accelerate's set_seed uses
 Count = Annotated[int, Field(ge=1)]

@@ -19,8 +19,8 @@ from ._config_help import keys_help
 from ._config_resume import RESUME_MAY_CHANGE, config_changes
 from ._config_resume import resume_conflicts as _resume_conflicts
 from ._config_files import PRESET_DIR, read_config_file, set_dotted, split_preset
-from ._config_types import (Count, Float, HeadSpec, ModelArg, ModelArgs, Seed, Shift, Split, _exponents, _must,
-                            _Section, _shard)
+from ._config_types import (Count, Float, HeadSpec, ModelArg, ModelArgs, Seed, Shift, Split, _class_list, _exponents,
+                            _must, _Section, _shard)
 from .optim import SCHEDULES, check_config_optim, optimizer_names
 
 __all__ = ['ConfigError', 'DatasetConfig', 'NetworkConfig', 'InterfaceConfig', 'OptimConfig', 'ValidationConfig',
@@ -34,8 +34,10 @@ class DatasetConfig(_Section):
     test_split: str = 'test'
     image_column: Optional[str] = Field(None, examples=['img'])
     label_column: Optional[str] = Field(None, examples=['label'])
-    class_names: Optional[List[str]] = Field(None, examples=[['cat', 'dog']])
-    classes: Optional[List[str]] = Field(None, examples=[['cat', 'dog']])
+    class_names: Optional[List[str]] = Field(None, min_length=1, examples=[['cat', 'dog']],
+                                             json_schema_extra=_class_list("the dataset's own"))
+    classes: Optional[List[str]] = Field(None, min_length=1, examples=[['cat', 'dog']],
+                                         json_schema_extra=_class_list("all of the dataset's classes"))
     train_limit: Optional[Count] = Field(None, examples=[1000])
     test_limit: Optional[Count] = Field(None, examples=[1000])
     # [index, count]: a disjoint part of the training split
@@ -75,7 +77,8 @@ class InterfaceConfig(_Section):
     # 'common': DCC's loss is the mean over the batch's common-class examples; 'batch': eq. (2)'s sum over them per
     # batch example (the Sec. 4 configs; the same when every class is common). methods/dcc.py's card.
     dcc_reduction: Literal['common', 'batch'] = 'common'
-    dcc_classes: Optional[List[str]] = Field(None, examples=[['cat', 'dog']])  # None: classes common to all
+    dcc_classes: Optional[List[str]] = Field(None, min_length=1, examples=[['cat', 'dog']],
+                                             json_schema_extra=_class_list('the classes common to all tasks'))
     aux_head: HeadSpec = 'conv'
     rp_head: Optional[HeadSpec] = Field(None, examples=['conv'])  # overrides aux_head for the RP head
     dcc_head: Optional[HeadSpec] = Field(None, examples=['conv'])  # overrides aux_head for the DCC head
