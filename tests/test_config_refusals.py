@@ -28,3 +28,40 @@ def test_an_empty_class_list_is_refused_saying_what_null_means(key, null):
     with pytest.raises(ConfigError, match=rf'^{re.escape(key)} must be a list of at least one class name '
                                           rf'\(null: {null}\), got \[\] \(a list\); write {re.escape(key)}='):
         load_config(TINY, [f'{key}=[]'])
+
+# (overrides of tests/tiny.yaml, the key that would do nothing, the switch that turns it off)
+UNUSED = [
+    (['interface.dcc=false', 'interface.dcc_classes=[house]'], 'interface.dcc_classes', 'interface.dcc'),
+    (['interface.dcc=false', 'interface.dcc_head={type: conv, hidden: 7}'], 'interface.dcc_head', 'interface.dcc'),
+    (['interface.rp=false', 'interface.rp_head={type: conv, hidden: 7}'], 'interface.rp_head', 'interface.rp'),
+    (['interface.rp=false', 'interface.rp_rotations=one'], 'interface.rp_rotations', 'interface.rp'),
+    (['validation.metric=own'], 'validation.metric', 'validation.every'),
+    (['validation.examples=5'], 'validation.examples', 'validation.every'),
+    (['validation.data=test'], 'validation.data', 'validation.every'),
+    (['validation.every=2', 'validation.data=test', 'validation.examples=5'], 'validation.examples',
+     'validation.data'),
+]
+
+
+@pytest.mark.parametrize('overrides, key, switch', UNUSED, ids=[u[1] for u in UNUSED])
+def test_a_key_whose_method_is_off_is_refused(overrides, key, switch):
+    # They were accepted and ignored: a DCC head spec with DCC off, a validation metric with validation off.
+    with pytest.raises(ConfigError) as e:
+        load_config(TINY, overrides)
+    message = str(e.value)
+    assert len(message.splitlines()) == 1, message
+    assert re.match(rf'{re.escape(key)} is .*, but {re.escape(switch)} is .* so it would be ignored: drop '
+                    rf'{re.escape(key)}, or set {re.escape(switch)}=', message), message
+    fix = message.rsplit(' or set ', 1)[1].rstrip('.')
+    assert load_config(TINY, overrides + [fix]), fix  # the suggested fix is itself valid
+
+
+@pytest.mark.parametrize('overrides', [
+    ['interface.rp=false', 'interface.rp_rotations=all', 'interface.dcc=false', 'interface.dcc_classes=null'],
+    ['validation.metric=mean', 'validation.examples=1000', 'validation.data=holdout'],
+    ['interface.rp_rotations=one', 'interface.rp_head=conv', 'interface.dcc_head=conv', 'interface.dcc_classes=[house]',
+     'validation.every=2', 'validation.metric=own', 'validation.examples=5'],
+    ['validation.every=2', 'validation.data=test', 'validation.metric=own'],  # logged with each measurement
+])
+def test_keys_at_their_default_or_with_their_method_on_are_accepted(overrides):
+    assert load_config(TINY, overrides)

@@ -21,6 +21,7 @@ from ._config_resume import resume_conflicts as _resume_conflicts
 from ._config_files import PRESET_DIR, read_config_file, set_dotted, split_preset
 from ._config_types import (Count, Float, HeadSpec, ModelArg, ModelArgs, Seed, Shift, Split, _class_list, _exponents,
                             _must, _Section, _shard)
+from ._config_unused import unused_key_problems
 from .optim import SCHEDULES, check_config_optim, optimizer_names
 
 __all__ = ['ConfigError', 'DatasetConfig', 'NetworkConfig', 'InterfaceConfig', 'OptimConfig', 'ValidationConfig',
@@ -256,7 +257,8 @@ class RunConfig(_Section):
             if '{data_dir}' in n.dataset.source:
                 problems.append(f'Network {n.name!r} reads {n.dataset.source!r}: pass --data-dir.')
         problems += (self._init_problems() + self._baseline_problems() + self._accumulation_problems()
-                     + shard_problems(self.networks, self.data_dir) + shift_problems(self.networks, self.data_storage))
+                     + shard_problems(self.networks, self.data_dir) + shift_problems(self.networks, self.data_storage)
+                     + unused_key_problems(self))
         if self.augment and self.augment_pad_mode == 'reflect' and self.augment_translate >= self.image_size:
             problems.append(f'augment_translate={self.augment_translate} reflect-pads more than the image '
                             f'({self.image_size} px) has; set augment_translate below image_size.')
