@@ -65,3 +65,13 @@ def test_a_key_whose_method_is_off_is_refused(overrides, key, switch):
 ])
 def test_keys_at_their_default_or_with_their_method_on_are_accepted(overrides):
     assert load_config(TINY, overrides)
+
+
+@pytest.mark.parametrize('base', ['5', '[a.yaml, b.yaml]', '{x: 1}', 'true', '""'])
+def test_a_base_that_names_no_file_is_refused_naming_the_file(tmp_path, base):
+    # base: 5 crashed with Python's TypeError (PosixPath / int); base: "" was taken for no base.
+    path = tmp_path / 'run.yaml'
+    path.write_text(f'base: {base}\n')
+    with pytest.raises(ConfigError, match=rf'^{re.escape(str(path))}: base must be the path of a config file '
+                                          rf'\(relative to this one\), e.g\. base: base\.yaml; got '):
+        load_config(str(path))

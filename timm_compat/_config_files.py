@@ -129,7 +129,11 @@ def _read_chain(path: Path, seen: Sequence[Path] = ()) -> List[Tuple[Path, Dict[
     if not isinstance(data, dict):
         raise ConfigError(f'{path} must hold a YAML mapping of config keys, e.g. "batch_size: 64".')
     base = data.pop('base', None)
-    return (_read_chain(path.parent / base, [*seen, path]) if base else []) + [(path, data)]
+    # Anything but a file name crashed (PosixPath / 5), and "" read as no base: the file would run unrefined.
+    if base is not None and not (isinstance(base, str) and base):
+        raise ConfigError(f'{path}: base must be the path of a config file (relative to this one), e.g. base: '
+                          f'base.yaml; got {base!r}.')
+    return (_read_chain(path.parent / base, [*seen, path]) if base is not None else []) + [(path, data)]
 
 
 def _read_yaml(path: Path) -> Dict[str, Any]:
