@@ -75,3 +75,26 @@ def test_a_base_that_names_no_file_is_refused_naming_the_file(tmp_path, base):
     with pytest.raises(ConfigError, match=rf'^{re.escape(str(path))}: base must be the path of a config file '
                                           rf'\(relative to this one\), e.g\. base: base\.yaml; got '):
         load_config(str(path))
+
+
+@pytest.mark.parametrize('overrides, trained, measured', [
+    (['networks.0.dataset.train_split=test'], 'networks.0', "network 'a'"),
+    (['networks.1.dataset.source=synthetic:A', 'networks.1.dataset.train_split=test'], 'networks.1', "network 'a'"),
+    # one split named two ways: a Hub id read from data_dir is its Parquet copy there
+    (['data_dir=DATA', 'networks.0.dataset.source=org/x', 'networks.1.dataset.source=parquet:DATA/x',
+      'networks.1.dataset.train_split=test'], 'networks.1', "network 'a'"),
+])
+def test_training_on_a_split_that_a_network_is_measured_on_is_refused(overrides, trained, measured):
+    # Accepted before: every accuracy of the run was then measured on training images.
+    with pytest.raises(ConfigError, match=rf"^{trained}\.dataset\.train_split is 'test' of .*, the split {measured} "
+                                          rf"is measured on .*: every accuracy on it would be of training images"):
+        load_config(TINY, overrides)
+
+
+@pytest.mark.parametrize('overrides', [
+    # swapped: disjoint still; network b is measured on split test, but of another source
+    ['networks.0.dataset.train_split=test', 'networks.0.dataset.test_split=train'],
+    ['networks.0.load=runs/x/main/components/a', 'networks.0.dataset.train_split=test'],  # a loaded one trains not
+])
+def test_a_training_split_measured_by_no_network_is_accepted(overrides):
+    assert load_config(TINY, overrides)

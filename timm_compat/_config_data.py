@@ -1,5 +1,5 @@
 """Checks of the run config's datasets that no single key can make: which trained networks share training images,
-and which shifted splits would be streamed.
+which train on a split that some network is measured on, and which shifted splits would be streamed.
 
 ``train_shard: [index, count]`` keeps the examples ``index::count`` of a split (``data._shard``), so two shards
 ``[i1, c1]`` and ``[i2, c2]`` of one split share an example exactly when some ``n`` has ``n = i1 (mod c1)`` and
@@ -9,7 +9,7 @@ import math
 import os
 from typing import Any, List, Optional, Tuple
 
-__all__ = ['shard_problems', 'shift_problems']
+__all__ = ['shard_problems', 'split_problems', 'shift_problems']
 
 _LOCAL_PREFIXES = ('parquet:', 'imagefolder:', 'synthetic:')
 
@@ -56,6 +56,23 @@ def shard_problems(networks: List[Any], data_dir: Optional[str]) -> List[str]:
                     f'{math.lcm(ca, cb)} images of {da.source} (split {da.train_split}). Shards [i1, c1] and '
                     f'[i2, c2] are disjoint exactly when i1 and i2 differ modulo gcd(c1, c2): e.g. [0, 2] and '
                     f'[1, 2], or [0, 2] and [1, 10].')
+    return problems
+
+
+def split_problems(networks: List[Any], data_dir: Optional[str]) -> List[str]:
+    """One line per trained network whose training split is the test split of a network (itself or another) on
+    the same data: every accuracy measured there (own, or of a recombination with it) would be on training images.
+    A network with ``load`` trains nothing here, so its splits may be any."""
+    tests = {_split_key(n.dataset.source, n.dataset.test_split, data_dir): (j, n.name)
+             for j, n in reversed(list(enumerate(networks)))}  # the first network measured on a split names it
+    problems = []
+    for i, n in enumerate(networks):
+        measured = tests.get(_split_key(n.dataset.source, n.dataset.train_split, data_dir))
+        if not n.load and measured is not None:
+            problems.append(f'networks.{i}.dataset.train_split is {n.dataset.train_split!r} of {n.dataset.source}, '
+                            f'the split network {measured[1]!r} is measured on (networks.{measured[0]}.dataset.'
+                            f'test_split): every accuracy on it would be of training images. Give one of the two '
+                            f'another split.')
     return problems
 
 

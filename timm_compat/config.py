@@ -13,7 +13,7 @@ from pydantic import BeforeValidator, Field, ValidationError
 from pydantic_core import PydanticCustomError
 from typing_extensions import Annotated
 
-from ._config_data import shard_problems, shift_problems
+from ._config_data import shard_problems, shift_problems, split_problems
 from ._config_errors import REMOVED_PRESETS, ConfigError, describe
 from ._config_help import keys_help
 from ._config_resume import RESUME_MAY_CHANGE, config_changes
@@ -257,8 +257,8 @@ class RunConfig(_Section):
             if '{data_dir}' in n.dataset.source:
                 problems.append(f'Network {n.name!r} reads {n.dataset.source!r}: pass --data-dir.')
         problems += (self._init_problems() + self._baseline_problems() + self._accumulation_problems()
-                     + shard_problems(self.networks, self.data_dir) + shift_problems(self.networks, self.data_storage)
-                     + unused_key_problems(self))
+                     + shard_problems(self.networks, self.data_dir) + split_problems(self.networks, self.data_dir)
+                     + shift_problems(self.networks, self.data_storage) + unused_key_problems(self))
         if self.augment and self.augment_pad_mode == 'reflect' and self.augment_translate >= self.image_size:
             problems.append(f'augment_translate={self.augment_translate} reflect-pads more than the image '
                             f'({self.image_size} px) has; set augment_translate below image_size.')
