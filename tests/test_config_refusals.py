@@ -98,3 +98,12 @@ def test_training_on_a_split_that_a_network_is_measured_on_is_refused(overrides,
 ])
 def test_a_training_split_measured_by_no_network_is_accepted(overrides):
     assert load_config(TINY, overrides)
+
+
+@pytest.mark.parametrize('overrides', [['networks.-1.name=x'], ['networks.-2={name: c}'],
+                                       ['trackers=[csv]', 'trackers.-1=tensorboard']])
+def test_a_negative_index_in_an_override_is_refused(overrides):
+    # networks.-1 edited the last network (Python's indexing), where an index past the end is refused.
+    with pytest.raises(ConfigError, match=rf"^Override '{re.escape(overrides[-1])}': .*indices count from 0"):
+        load_config(TINY, overrides)
+    assert load_config(TINY, ['trackers=[csv]', 'trackers.0=tensorboard']).trackers == ['tensorboard']

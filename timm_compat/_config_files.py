@@ -40,11 +40,11 @@ def set_dotted(data: Dict[str, Any], dotted: str) -> None:
     keys, node = path.split('.'), data
     try:
         for depth, key in enumerate(keys[:-1]):
-            node = node[int(key)] if isinstance(node, list) else node.setdefault(key, {})
+            node = node[_index(key)] if isinstance(node, list) else node.setdefault(key, {})
             _must_be_section(node, '.'.join(keys[:depth + 1]), dotted)
         value = yaml.safe_load(raw)
         if isinstance(node, list):
-            node[int(keys[-1])] = value
+            node[_index(keys[-1])] = value
         else:
             node[keys[-1]] = value
     except ConfigError:
@@ -52,6 +52,14 @@ def set_dotted(data: Dict[str, Any], dotted: str) -> None:
     except (ValueError, IndexError, TypeError, AttributeError, yaml.YAMLError) as e:
         raise ConfigError(f'Override {dotted!r}: {path!r} names no config key that can be set to {raw!r} ({e}); '
                           f'e.g. networks.0.dataset.train_limit=1000.') from None
+
+
+def _index(key: str) -> int:
+    """A list position of an override, counted from the first item as a config file's ``{0: ...}`` patches are:
+    Python's negative positions (networks.-1, the last) are refused, as positions past the end are."""
+    if int(key) < 0:
+        raise IndexError(f'list index {key}: indices count from 0')
+    return int(key)
 
 
 def _must_be_section(node: Any, section: str, dotted: str) -> None:
