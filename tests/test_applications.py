@@ -14,7 +14,7 @@ from timm_compat.evaluation import average_class_accuracy, per_class_accuracy
 from timm_compat.data import ImageData
 from timm_compat.stitching import Stitch, fit_stitch
 from timm_compat.synthetic import SYNTHETIC_CLASSES, make_synthetic
-from timm_compat.transfer import TransferCurve, TransferResult, transfer
+from timm_compat.transfer import TransferCurve, TransferResult, curve_seed, transfer
 
 CLASSES = SYNTHETIC_CLASSES['B']
 
@@ -246,6 +246,18 @@ def test_transfer_step_zero_does_no_optimizer_step(target, sources, train, test,
     assert_unchanged(target.head, head_before)
 
 
+def test_transfer_curves_do_not_depend_on_the_sources_before_them(target, sources, train, test):
+    """Augmentation and a fresh head's initialisation drew from the global RNG, which the curves of the sources
+    before advanced: a source's curve changed with the sources listed before it."""
+    kw = dict(steps=(0, 2), reinit_head=True, batch_size=16, eval_batch_size=30, lr=0.05)
+    rng = torch.get_rng_state()
+    alone = transfer(target, {'s2': sources['s2']}, train, test, **kw)
+    after = transfer(target, {'s1': sources['s1'], 's2': sources['s2']}, train, test, **kw)
+    for mode in ('recombined', 'reinit_head'):
+        assert after.curve('s2', mode).accuracy_by_bn == alone.curve('s2', mode).accuracy_by_bn
+    assert torch.equal(torch.get_rng_state(), rng)  # each curve seeds its own draws; the caller's RNG is left as is
+
+
 def test_transfer_fine_tunes_components_the_caller_froze(target, sources, train, test):
     """The copies kept the caller's requires_grad=False: a frozen extractor was silently not fine-tuned, and with
     the head frozen too the optimiser had nothing to train."""
@@ -290,11 +302,10 @@ def test_transfer_refuses_another_interface_unless_stitched_or_forced(target, so
     with pytest.raises(ValueError, match='width'):
         transfer(target, {'narrow': narrow}, train, test, steps=(0,), on_mismatch='force')
     assert optimizer_steps == []
+    stitched = transfer(target, {'narrow': narrow}, train, test, steps=(0,), on_mismatch='stitch', stitch_steps=2,
+                        batch_size=16)
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(7)  # the stitch's initial weights and the augmentation, the same in both fits below
-        stitched = transfer(target, {'narrow': narrow}, train, test, steps=(0,), on_mismatch='stitch',
-                            stitch_steps=2, batch_size=16)
-        torch.manual_seed(7)
+        torch.manual_seed(curve_seed(0, 'narrow', 'stitched'))  # the stitch's initial weights and augmentation
         fitted = fit_stitch(narrow, target.head, train, 2, batch_size=16)
     # Step 0 of a stitched curve comes after fitting the stitch, and the fit trains the stitch alone.
     stitch_parameters = len(list(Stitch(narrow.width, target.head.width).parameters()))

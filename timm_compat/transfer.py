@@ -10,11 +10,14 @@ average class accuracy at the given steps (Fig. 5). Its baselines: a re-initiali
 (``reinit_head=True``), and components trained independently (a separate call with the independent target model and
 sources and ``on_mismatch="force"``). Sources of another interface are refused unless stitched or forced.
 """
+import contextlib
 import copy
+import hashlib
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Dict, List, Mapping, Sequence, Tuple
+from typing import Callable, Dict, Iterator, List, Mapping, Sequence, Tuple
 
+import torch
 from tqdm.auto import tqdm
 
 from .compatible import CompatibleModel, fit_problems, mismatch_message
@@ -28,7 +31,7 @@ from .stitching import StitchedModel, check_task_data, fit_stitch
 from .optim import make_optimizer
 from .streaming import materialize
 
-__all__ = ['TransferCurve', 'TransferResult', 'transfer', 'MISMATCH_POLICIES']
+__all__ = ['TransferCurve', 'TransferResult', 'transfer', 'curve_seed', 'MISMATCH_POLICIES']
 
 MISMATCH_POLICIES = ('error', 'stitch', 'force')
 _MISMATCH_REMEDY = ('Pass on_mismatch="stitch" to fit a 1x1-conv stitch for each first, or on_mismatch="force" to '
@@ -115,6 +118,28 @@ def _fresh_head(head: Head, width: int) -> Head:
         return fresh
 
 
+def curve_seed(seed: int, source: str, mode: str) -> int:
+    """The seed of the global RNG draws (augmentation, a fresh head's or a stitch's initial weights) of one curve.
+
+    A function of ``(seed, source, mode)`` alone, hashed with SHA-256 rather than ``hash()`` (salted per process
+    for strings), so that a curve is the same in every process whichever sources come before it.
+    """
+    digest = hashlib.sha256(f'{seed}\0{source}\0{mode}'.encode()).digest()
+    return int.from_bytes(digest[:8], 'little') >> 1  # 63 bits: any torch.manual_seed takes it
+
+
+@contextlib.contextmanager
+def _seeded(seed: int, device: torch.device) -> Iterator[None]:
+    """The global CPU RNG (and ``device``'s, on CUDA) seeded with ``seed`` inside, restored to the caller's after."""
+    cuda = [device] if device.type == 'cuda' else []
+    with torch.random.fork_rng(devices=cuda):
+        torch.random.default_generator.manual_seed(seed)
+        for d in cuda:  # only this device's generator: the caller's other GPUs keep their state
+            with torch.cuda.device(d):
+                torch.cuda.manual_seed(seed)
+        yield
+
+
 def _check_steps(steps: Sequence[int]) -> List[int]:
     steps = sorted(set(int(s) for s in steps))
     if not steps or steps[0] < 0:
@@ -138,6 +163,21 @@ def _check_sources(sources: Mapping[str, Extractor], head: Head, on_mismatch: st
             raise ValueError(mismatch_message(refused, 'Use on_mismatch="stitch": a stitch joins other widths.'
                                               if force else _MISMATCH_REMEDY))
     return shared
+
+
+def _check_call(head: Head, sources: Mapping[str, Extractor], train_data: ImageData, test_data: ImageData,
+                steps: Sequence[int], *, on_mismatch: str, bn: str,
+                mixed_precision: str) -> Tuple[Dict[str, bool], List[int]]:
+    """:func:`transfer`'s refusals, all before any curve's work: whether each source shares the head's interface
+    (:func:`_check_sources`), and the sorted steps."""
+    if bn not in BN_MODES:
+        raise ValueError(f'Unknown bn {bn!r}: use one of {list(BN_MODES)}.')
+    check_mixed_precision(mixed_precision)
+    shared = _check_sources(sources, head, on_mismatch)
+    steps = _check_steps(steps)
+    check_task_data(train_data, head, 'train_data')
+    check_task_data(test_data, head, 'test_data')
+    return shared, steps
 
 
 def _finetune_curve(model: CompatibleModel, train: ImageData, test: ImageData, steps: List[int], *,
@@ -188,7 +228,10 @@ def _source_curves(name: str, source: Extractor, head: Head, mode: str, compatib
 
     def curve(mode: str, build: Callable[[], CompatibleModel]) -> TransferCurve:
         start = time.time()  # building the model counts: it fits the stitch of a stitched curve
-        by_bn = _finetune_curve(build(), train, test, steps, desc=f'transfer {name} ({mode})', **options)
+        # Augmentation and initial weights draw from the global RNG: seeded per curve, so that a curve does not
+        # depend on the curves run before it.
+        with _seeded(curve_seed(options['seed'], name, mode), device):
+            by_bn = _finetune_curve(build(), train, test, steps, desc=f'transfer {name} ({mode})', **options)
         return TransferCurve(name, mode, compatible, steps, by_bn[bn], time.time() - start, by_bn)
 
     def reuse_head() -> CompatibleModel:
@@ -216,6 +259,8 @@ def transfer(target_model: CompatibleModel, sources: Mapping[str, Extractor], tr
 
     Every curve fine-tunes its own copies of the components (extractor, head and any stitch, all trained, frozen or
     not), so the caller's components (``requires_grad`` included) never change nor the curves influence each other.
+    Each curve's augmentation and new initial weights draw from the global RNG seeded by :func:`curve_seed`, so a
+    source's curve is the same whatever sources come before it; the caller's RNG state is restored after it.
 
     Args:
         target_model: The target task's model; only its head is used.
@@ -239,7 +284,8 @@ def transfer(target_model: CompatibleModel, sources: Mapping[str, Extractor], tr
         eval_batch_size: Evaluation batch size (it matters with ``bn="batch"``).
         bn: BN statistics of each curve's ``accuracy`` and of the ranking: ``"batch"`` (test-time, the paper's
             choice for recombined components) or ``"running"``. Both are measured (``accuracy_by_bn``).
-        seed: Seed of the order in which training images are drawn; augmentation uses the global RNG.
+        seed: Seed of the order in which training images are drawn and, per curve (:func:`curve_seed`), of the
+            augmentation and of the initial weights of a stitch or a fresh head.
         mixed_precision: ``"no"``, ``"bf16"`` or ``"fp16"``: autocast of fine-tuning and stitch fitting (weights and
             optimiser state stay fp32). Accuracy is measured in fp32.
 
@@ -250,14 +296,9 @@ def transfer(target_model: CompatibleModel, sources: Mapping[str, Extractor], tr
         ValueError: Sources of another interface with ``on_mismatch="error"``, widths that only a stitch can join,
             data of another task, bad ``steps`` or an unknown ``mixed_precision``.
     """
-    if bn not in BN_MODES:
-        raise ValueError(f'Unknown bn {bn!r}: use one of {list(BN_MODES)}.')
-    check_mixed_precision(mixed_precision)
     head = target_model.head
-    shared = _check_sources(sources, head, on_mismatch)
-    steps = _check_steps(steps)
-    check_task_data(train_data, head, 'train_data')
-    check_task_data(test_data, head, 'test_data')
+    shared, steps = _check_call(head, sources, train_data, test_data, steps, on_mismatch=on_mismatch, bn=bn,
+                                mixed_precision=mixed_precision)
     train = train_data.to(next(head.parameters()).device)
     options = dict(batch_size=batch_size, lr=lr, momentum=momentum, weight_decay=weight_decay, augment=augment,
                    eval_batch_size=eval_batch_size, seed=seed, mixed_precision=mixed_precision)
