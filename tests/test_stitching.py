@@ -1,6 +1,8 @@
 """Stitching, the applications' fallback for components of another interface: only the stitch trains, a stitched
 model saves as its parts, an unfitted stitch is direct recombination, a stitch fitted on independent components is
 bound to them, and streamed training data fits a stitch as data in memory does."""
+import sys
+
 import datasets
 import pytest
 import torch
@@ -155,3 +157,22 @@ def test_a_stitched_model_is_refused_by_the_recombination_matrix(interface, targ
         assert not torch.allclose(stitched(x), bare(x), atol=1e-3)
     with pytest.raises(ValueError, match=r'Models \[1\] pass features through a stitch.*accuracy\(\)'):
         tc.recombination_matrix([target, stitched], [test, test])
+
+
+def test_fit_stitch_and_fine_tuning_refuse_components_not_in_float32_before_any_work(interface, train, test,
+                                                                                      monkeypatch):
+    """bf16 components (from_pretrained keeps them so) crashed fit_stitch and transfer with a raw dtype error,
+    transfer only after the step-0 evaluation. Training bf16 weights with SGD loses the small updates, so both
+    refuse, naming .float(); ranking at step 0 alone trains nothing and still takes them."""
+    model = network(interface, seed=0).to(torch.bfloat16)
+    with pytest.raises(ValueError, match=r"extractor.*torch\.bfloat16.*\.float\(\)"):
+        fit_stitch(model.extractor, model.head, train, 1, batch_size=8)
+    # timm_compat.transfer names the function in the package: the module is looked up where it is loaded
+    module = sys.modules['timm_compat.transfer']
+    monkeypatch.setattr(module, 'bn_accuracy_report', lambda *a, **k: pytest.fail('evaluated before refusing'))
+    fp32 = network(interface, seed=1)
+    for to, source in ((model, model.extractor), (fp32, model.extractor), (model, fp32.extractor)):
+        with pytest.raises(ValueError, match=r"torch\.bfloat16.*\.float\(\)"):
+            transfer(to, {'s': source}, train, test, steps=(0, 1), batch_size=8)
+    monkeypatch.undo()
+    assert len(transfer(model, {'s': model.extractor}, train, test, steps=(0,)).curve('s').accuracy) == 1

@@ -11,7 +11,8 @@ the second are compatible with the pair it was fitted on, so it may serve them t
 (an independent component) fits no other, so the stitch records the digest of that component's parameters and
 serves it alone.
 """
-from typing import Any, Dict, Optional
+from itertools import chain
+from typing import Any, Dict, Mapping, Optional
 
 import torch
 import torch.nn.functional as F
@@ -29,7 +30,7 @@ from .fit import call_frozen, check_mixed_precision, fit
 from .optim import make_optimizer
 from .streaming import StreamedImages, materialize
 
-__all__ = ['Stitch', 'StitchTask', 'StitchedModel', 'fit_stitch', 'parameters_digest']
+__all__ = ['Stitch', 'StitchTask', 'StitchedModel', 'fit_stitch', 'parameters_digest', 'check_float32']
 
 
 def parameters_digest(module: nn.Module) -> str:
@@ -184,6 +185,34 @@ def check_task_data(data: ImageData, head: Head, what: str) -> None:
                          f'reorder the data with data.select_classes(head.class_names).')
 
 
+def check_float32(components: Mapping[str, nn.Module], what: str) -> None:
+    """Refuse components whose weights or buffers are not float32, before ``what`` does any work.
+
+    Training normalises its inputs in float32 and keeps float32 master weights (``mixed_precision`` autocasts the
+    steps): bf16 or fp16 components crashed on the first batch with a raw dtype error, and SGD updates of bf16
+    weights round away whatever is below their 8-bit precision.
+
+    Raises:
+        ValueError: Naming each component and its dtype, and ``.float()``.
+    """
+    other = {name: dtype for name, c in components.items()
+             if (dtype := next((t.dtype for t in chain(c.parameters(), c.buffers())
+                                if t.is_floating_point() and t.dtype != torch.float32), None))}
+    if other:
+        held = ', '.join(f'the {name} holds {dtype}' for name, dtype in other.items())
+        raise ValueError(f'{what} trains float32 components, but {held}: pass float32 copies (component.float()); '
+                         f'mixed_precision="bf16" autocasts the training steps.')
+
+
+def _check_fit(extractor: Extractor, head: Head, train_data: ImageData, steps: int, mixed_precision: str) -> None:
+    """:func:`fit_stitch`'s refusals, before any work."""
+    check_mixed_precision(mixed_precision)
+    check_task_data(train_data, head, 'The stitch\'s training data')
+    check_float32({'extractor': extractor, 'head': head}, 'fit_stitch')
+    if steps < 1:
+        raise ValueError(f'steps must be at least 1, got {steps}: an unfitted stitch is direct recombination.')
+
+
 def fit_stitch(extractor: Extractor, head: Head, train_data: ImageData, steps: int = 500, *,
                batchnorm: bool = False, batch_size: int = 64, optimizer: str = 'adamw', lr: float = 1e-3,
                weight_decay: float = 0.0, augment: bool = True, seed: int = 0,
@@ -212,11 +241,12 @@ def fit_stitch(extractor: Extractor, head: Head, train_data: ImageData, steps: i
 
     Returns:
         The :class:`StitchedModel` of the given components and the fitted stitch (in eval mode).
+
+    Raises:
+        ValueError: Data of another task, ``steps`` below 1, an unknown ``mixed_precision``, or components that are
+            not float32 (:func:`check_float32`).
     """
-    check_mixed_precision(mixed_precision)
-    check_task_data(train_data, head, 'The stitch\'s training data')
-    if steps < 1:
-        raise ValueError(f'steps must be at least 1, got {steps}: an unfitted stitch is direct recombination.')
+    _check_fit(extractor, head, train_data, steps, mixed_precision)
     device = next(extractor.parameters()).device
     fitted_on = {role: parameters_digest(c) for role, c in (('extractor', extractor), ('head', head))
                  if c.interface_id is None}
