@@ -3,6 +3,7 @@
 Every model is a ResNet-8 split after layer2 at interface width 16, on a few synthetic images.
 """
 import copy
+import sys
 
 import pytest
 import torch
@@ -330,6 +331,17 @@ def test_applications_check_mixed_precision_before_any_work(target, sources, tra
             transfer(target, sources, train, test, steps=steps, mixed_precision='fp8')
     with pytest.raises(ValueError, match="Unknown mixed_precision 'fp8'"):
         adapt(source, train.images, steps=1, batch_size=16, mixed_precision='fp8')
+
+
+def test_transfer_refuses_a_training_set_below_one_batch_before_any_work(target, sources, narrow, train, test,
+                                                                         monkeypatch):
+    """Fewer training images than one batch were refused only after the first curve's step-0 evaluation (or, for
+    a stitched source, after the curves before it)."""
+    monkeypatch.setattr(sys.modules['timm_compat.transfer'], 'bn_accuracy_report',
+                        lambda *a, **k: pytest.fail('evaluated before refusing'))
+    for steps, more in (((0, 5), {}), ((0,), {'narrow': narrow})):
+        with pytest.raises(ValueError, match=f'train_data: {len(train)} examples are fewer than one batch of 64'):
+            transfer(target, {**sources, **more}, train, test, steps=steps, batch_size=64, on_mismatch='stitch')
 
 
 def test_transfer_refuses_data_of_another_task(target, sources, train, test):

@@ -25,7 +25,7 @@ from .component import Component, ComponentError
 from .components import Extractor, Head
 from .deployment import BN_MODES, bn_accuracy_report
 from .evaluation import average_class_accuracy
-from .data import EpochSampler, ImageData, augment as augment_batch, normalize
+from .data import EpochSampler, ImageData, augment as augment_batch, normalize, steps_per_epoch
 from .fit import ClassificationTask, check_mixed_precision, fit
 from .stitching import StitchedModel, check_float32, check_task_data, fit_stitch
 from .optim import make_optimizer
@@ -166,7 +166,7 @@ def _check_sources(sources: Mapping[str, Extractor], head: Head, on_mismatch: st
 
 
 def _check_call(head: Head, sources: Mapping[str, Extractor], train_data: ImageData, test_data: ImageData,
-                steps: Sequence[int], *, reinit_head: bool, on_mismatch: str, bn: str,
+                steps: Sequence[int], *, reinit_head: bool, on_mismatch: str, batch_size: int, bn: str,
                 mixed_precision: str) -> Tuple[Dict[str, bool], List[int]]:
     """:func:`transfer`'s refusals, all before any curve's work: whether each source shares the head's interface
     (:func:`_check_sources`), and the sorted steps."""
@@ -176,6 +176,8 @@ def _check_call(head: Head, sources: Mapping[str, Extractor], train_data: ImageD
     shared = _check_sources(sources, head, on_mismatch)
     steps = _check_steps(steps)
     stitches = on_mismatch == 'stitch' and not all(shared.values())
+    if steps[-1] > 0 or stitches:  # what draws training batches, refused here rather than after a curve's work
+        steps_per_epoch(len(train_data), batch_size, what='train_data')
     # Step 0 alone only evaluates, which takes bf16 components; anything that trains or builds a head needs float32.
     if steps[-1] > 0 or reinit_head or stitches:
         check_float32({'target head': head, **{f'source {name!r}': e for name, e in sources.items()}},
@@ -299,13 +301,13 @@ def transfer(target_model: CompatibleModel, sources: Mapping[str, Extractor], tr
 
     Raises:
         ValueError: Sources of another interface with ``on_mismatch="error"``, widths that only a stitch can join,
-            data of another task, bad ``steps``, an unknown ``mixed_precision``, or components that are not float32
-            when a curve trains (steps above 0, a stitch or ``reinit_head``:
-            :func:`~timm_compat.stitching.check_float32`).
+            data of another task, bad ``steps`` or an unknown ``mixed_precision``; and, when a curve trains (steps
+            above 0, a stitch, or for float32 also ``reinit_head``), fewer training images than one batch or
+            components that are not float32 (:func:`~timm_compat.stitching.check_float32`).
     """
     head = target_model.head
     shared, steps = _check_call(head, sources, train_data, test_data, steps, reinit_head=reinit_head,
-                                on_mismatch=on_mismatch, bn=bn, mixed_precision=mixed_precision)
+                                on_mismatch=on_mismatch, batch_size=batch_size, bn=bn, mixed_precision=mixed_precision)
     train = train_data.to(next(head.parameters()).device)
     options = dict(batch_size=batch_size, lr=lr, momentum=momentum, weight_decay=weight_decay, augment=augment,
                    eval_batch_size=eval_batch_size, seed=seed, mixed_precision=mixed_precision)
