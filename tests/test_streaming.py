@@ -282,3 +282,18 @@ def test_features_of_a_streamed_split_are_those_of_its_in_memory_twin(tmp_path):
     model = tc.make_compatible('resnet8_cifar', split='layer2', interface=tc.Interface(width=16), num_classes=3,
                                class_names=CLASSES, init_seed=0)
     assert torch.equal(extract_features(model.extractor, stream, 7), extract_features(model.extractor, memory, 7))
+
+
+def six_streamed_images(tmp_path):
+    source = write_parquet_shards(tmp_path / 'data', n=(6, 3), shards=1, shape=(8, 8))
+    return load_image_data(source, 'train', image_size=8, storage='stream').images
+
+
+def test_decode_cached_decodes_the_whole_split_in_its_order_or_refuses(tmp_path):
+    """Any view as long as the split, reordered or duplicated, decoded as the whole split in its stored order."""
+    images = six_streamed_images(tmp_path)
+    assert torch.equal(images.decode_cached(), images.decode())
+    assert torch.equal(images[:].decode_cached(), images.decode())
+    for rows in ([5, 4, 3, 2, 1, 0], [0] * 6, [0, 1, 2]):
+        with pytest.raises(ValueError, match=r'whole split.*decode\(\)'):
+            images[torch.tensor(rows)].decode_cached()

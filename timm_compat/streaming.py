@@ -70,9 +70,15 @@ class StreamedImages:
         return self
 
     def decode_cached(self) -> torch.Tensor:
-        """The whole split decoded into memory once, through the decode cache: the in-memory path."""
-        if len(self.rows) != len(self.source):
-            raise ValueError('decode_cached decodes a whole split; decode() decodes the rows of a view.')
+        """The whole split decoded into memory once, through the decode cache: the in-memory path.
+
+        Raises:
+            ValueError: The view is not the whole split in its stored order (the cache holds that order only).
+        """
+        # The length alone let a reordered or duplicated full-length view through, decoded in the stored order.
+        if not np.array_equal(self.rows, np.arange(len(self.source))):
+            raise ValueError('decode_cached decodes a whole split in its stored order, and this view holds other '
+                             'rows or another order; decode() decodes the rows of a view.')
         return decode_cached(self.source, self.column, self.size)  # keyed by the split as loaded
 
     def decode(self) -> torch.Tensor:
