@@ -297,3 +297,12 @@ def test_decode_cached_decodes_the_whole_split_in_its_order_or_refuses(tmp_path)
     for rows in ([5, 4, 3, 2, 1, 0], [0] * 6, [0, 1, 2]):
         with pytest.raises(ValueError, match=r'whole split.*decode\(\)'):
             images[torch.tensor(rows)].decode_cached()
+
+
+def test_an_integer_index_is_refused_naming_the_one_row_view(tmp_path):
+    """streamed[2] gave a view whose rows were a scalar: len, shape and materialize then failed obscurely."""
+    images = six_streamed_images(tmp_path)
+    for key in (2, np.int64(2), torch.tensor(2)):
+        with pytest.raises(TypeError, match=r'images\[\[2\]\]'):
+            images[key]
+    assert torch.equal(materialize(images[[2]]), images.decode()[[2]])

@@ -57,10 +57,19 @@ class StreamedImages:
     def shape(self) -> torch.Size:
         return torch.Size((len(self), 3, self.size, self.size))
 
-    def __getitem__(self, key: Union[slice, torch.Tensor, np.ndarray]) -> 'StreamedImages':
-        """The rows ``key`` selects (a slice, a boolean mask or indices), as a view: nothing is decoded."""
+    def __getitem__(self, key: Union[slice, torch.Tensor, np.ndarray, list]) -> 'StreamedImages':
+        """The rows ``key`` selects (a slice, a boolean mask or indices), as a view: nothing is decoded.
+
+        Raises:
+            TypeError: An integer (or 0-d) key, which selects one image rather than rows: ``images[[i]]`` is the
+                view of that one row.
+        """
         if isinstance(key, torch.Tensor):
             key = key.cpu().numpy()
+        if not isinstance(key, slice) and np.ndim(key) == 0:  # its rows would be a scalar that no later use takes
+            raise TypeError(f'A streamed split is indexed by rows (a slice, mask or indices), not by one integer '
+                            f'{key}: images[[{key}]] is the view of that row, '
+                            f'materialize(images[[{key}]])[0] its image.')
         view = StreamedImages.__new__(StreamedImages)
         view.__dict__.update(self.__dict__, rows=self.rows[key])
         return view
