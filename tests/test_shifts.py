@@ -99,3 +99,17 @@ def test_a_shift_of_images_not_in_uint8_is_refused(images):
     """Float images in [0, 1] were divided by 255 again and came out as black and white noise."""
     with pytest.raises(ValueError, match=r'uint8 images.*got torch\.(float32|int64)'):
         apply_shift(images, ['contrast:1'])
+
+
+@pytest.mark.parametrize('images', [torch.zeros(2, 8, 8, 3, dtype=torch.uint8), torch.zeros(3, 8, 8, dtype=torch.uint8),
+                                    torch.zeros(2, 1, 8, 8, dtype=torch.uint8)])
+def test_images_not_laid_out_n_3_h_w_are_refused(images):
+    """Channels-last images (as PIL and numpy give them) were blurred and contrasted along the wrong axes."""
+    with pytest.raises(ValueError, match=r'\(N, 3, H, W\).*got \(' + ', '.join(map(str, images.shape))):
+        apply_shift(images, ['contrast:1'])
+
+
+def test_a_shift_given_as_one_string_is_refused_naming_the_list():
+    """A bare string was iterated character by character: "Unknown shift 'g'"."""
+    with pytest.raises(ValueError, match=r"list of shifts.*\['gaussian_noise:5'\]"):
+        apply_shift(torch.zeros(1, 3, 8, 8, dtype=torch.uint8), 'gaussian_noise:5')

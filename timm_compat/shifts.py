@@ -125,7 +125,16 @@ def apply_shift(images: torch.Tensor, shift: Sequence[str], seed: int = 0, batch
         shift: Corruption names with severities 1-5, e.g. ``["defocus_blur:2", "contrast:2"]``.
         seed: Seed of the noise corruptions.
         batch_size: Images processed at once, to bound memory.
+
+    Raises:
+        ValueError: A bare string for ``shift``, images not ``uint8`` or not laid out ``(N, 3, H, W)``, or an
+            unknown shift (:func:`parse_shift`).
     """
+    if isinstance(shift, str):  # a string is a sequence too: each character was read as a shift
+        raise ValueError(f'shift is a list of shifts: pass [{shift!r}], not {shift!r}.')
+    if images.dim() != 4 or images.shape[1] != 3:  # channels last would be blurred and contrasted along other axes
+        raise ValueError(f'apply_shift corrupts RGB images laid out (N, 3, H, W), got {tuple(images.shape)}: '
+                         f'permute channels-last images with images.permute(0, 3, 1, 2).')
     if images.dtype != torch.uint8:
         raise ValueError(f'apply_shift corrupts uint8 images (0-255), got {images.dtype}: pass the images as loaded, '
                          f'before normalisation (e.g. (x * 255).round().to(torch.uint8) for floats in [0, 1]).')
