@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from timm_compat.data import load_image_data
-from timm_compat.shifts import CORRUPTIONS, apply_shift, shift_seed
+from timm_compat.shifts import CORRUPTIONS, apply_shift, parse_shift, shift_seed
 
 from .datasets_util import write_parquet
 
@@ -113,3 +113,39 @@ def test_a_shift_given_as_one_string_is_refused_naming_the_list():
     """A bare string was iterated character by character: "Unknown shift 'g'"."""
     with pytest.raises(ValueError, match=r"list of shifts.*\['gaussian_noise:5'\]"):
         apply_shift(torch.zeros(1, 3, 8, 8, dtype=torch.uint8), 'gaussian_noise:5')
+
+
+def as_recorded(images, shift, seed):
+    """apply_shift as every record drew it: one generator through the batch, corruption by corruption (a record's
+    split, in chunks of 2048 images, drew its single noise corruption as one stream too)."""
+    g, x = torch.Generator().manual_seed(seed), images.float() / 255
+    for fn, severity in map(parse_shift, shift):
+        x = fn(x, severity, g).clamp(0, 1)
+    return (x * 255).round().to(torch.uint8)
+
+
+SEC4 = ['defocus_blur:2', 'gray_contrast:2', 'gaussian_noise:1']  # the Sec. 4 records' shift
+
+
+@pytest.mark.parametrize('size, shift', [(32, SEC4), (32, ['shot_noise:3']), (30, ['gaussian_noise:5']),
+                                         (32, ['gaussian_noise:1', 'shot_noise:1'])])
+def test_the_noise_does_not_depend_on_the_batch_size(size, shift):
+    """batch_size only bounds memory, but where 3*H*W is no multiple of 16 (torch draws normals 16 at a time), or
+    with two noise corruptions (drawn chunk by chunk), it changed the noise."""
+    images = torch.from_numpy(colourful(5, size)).permute(0, 3, 1, 2)
+    shifted = [apply_shift(images, shift, 3, batch_size=b) for b in (2048, 2, 1)]
+    assert all(torch.equal(shifted[0], other) for other in shifted[1:])
+    if size == 32 and len(shift) == 3 or shift == ['shot_noise:3']:  # one noise corruption at 32 px: the records'
+        assert torch.equal(shifted[0], as_recorded(images, shift, 3))
+
+
+def test_two_shards_of_a_split_draw_their_own_noise_and_shard_1_keeps_the_records():
+    """The shift is applied after sharding with the split's seed: image k of shard 0 and of shard 1 carried one
+    noise field. The records' shifted halves are shard 1 (train_shard [1, 2] and [1, 10]): theirs is unchanged."""
+    load = lambda shard, shift=None: load_image_data('synthetic:B', 'train', image_size=16, synthetic_per_class=4,
+                                                     shard=shard, shift=shift, seed=3).images
+    noise = {i: (load([i, 2], ['gaussian_noise:5']).float() - load([i, 2]).float()).flatten() for i in (0, 1)}
+    assert torch.corrcoef(torch.stack([noise[0], noise[1]]))[0, 1].abs() < 0.05
+    for shard in ([1, 2], [1, 10], None, [0, 1]):
+        assert torch.equal(load(shard, SEC4), as_recorded(load(shard), SEC4, 3))
+    assert len({shift_seed(3, 'train', shard) for shard in ([0, 2], [1, 2], [2, 3], [3, 4], None)}) == 4

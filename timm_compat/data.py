@@ -134,8 +134,8 @@ def load_image_data(source: str, split: str, *, image_size: int = 32, image_colu
     if shard is not None:
         data = _shard(data, *shard)
     if shift:
-        data = ImageData(apply_shift(data.images, shift, shift_seed(seed, split)), data.labels, data.class_names,
-                         data.name)
+        data = ImageData(apply_shift(data.images, shift, shift_seed(seed, split, shard)), data.labels,
+                         data.class_names, data.name)
     if len(data) == 0:
         raise ValueError(f'{name} is empty.')
     low, high = int(data.labels.min()), int(data.labels.max())

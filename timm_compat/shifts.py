@@ -13,7 +13,7 @@ the shifted images of the data-version-2 records (``data.DATA_VERSION``).
 """
 import io
 import zlib
-from typing import Callable, Dict, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -94,14 +94,26 @@ CORRUPTIONS: Dict[str, Callable[[torch.Tensor, int, torch.Generator], torch.Tens
 }
 
 
-def shift_seed(seed: int, split: str) -> int:
-    """The noise seed of one split of a run seeded with ``seed``.
+# The corruptions that draw from the generator: each gets its own, and draws image by image (apply_shift).
+_NOISE = (_gaussian_noise, _shot_noise)
+
+
+def shift_seed(seed: int, split: str, shard: Optional[Sequence[int]] = None) -> int:
+    """The noise seed of one split (or one ``[index, count]`` shard of it) of a run seeded with ``seed``.
 
     Each split draws its own noise: with one seed for all, test image ``i`` carried the very noise field of
     training image ``i`` (and an adaptation run saw the test split's noise on its unlabelled images). The training
     split keeps ``seed`` itself, so that training data is what the records made before 2026-12-04 trained on.
+
+    So does each shard of a split that is cut in several (a split is shifted after sharding, and with one seed
+    image ``k`` of every shard carried one noise field), except shard 1, which keeps the split's seed: the records'
+    shifted halves are shard 1 (``train_shard`` ``[1, 2]`` and ``[1, 10]``). Disjoint shards have distinct indices,
+    so the index alone tells them apart.
     """
-    return seed if split == 'train' else seed + zlib.crc32(split.encode())
+    split_seed = seed if split == 'train' else seed + zlib.crc32(split.encode())
+    if shard is None or shard[1] == 1 or shard[0] == 1:
+        return split_seed
+    return split_seed + zlib.crc32(f'shard {shard[0]}'.encode())
 
 
 def parse_shift(item: str) -> Tuple[Callable[[torch.Tensor, int, torch.Generator], torch.Tensor], int]:
@@ -123,8 +135,8 @@ def apply_shift(images: torch.Tensor, shift: Sequence[str], seed: int = 0, batch
     Args:
         images: Images to corrupt (CPU).
         shift: Corruption names with severities 1-5, e.g. ``["defocus_blur:2", "contrast:2"]``.
-        seed: Seed of the noise corruptions.
-        batch_size: Images processed at once, to bound memory.
+        seed: Seed of the noise corruptions (the first one's; a later one draws from a seed derived from it).
+        batch_size: Images processed at once, to bound memory; the result does not depend on it.
 
     Raises:
         ValueError: A bare string for ``shift``, images not ``uint8`` or not laid out ``(N, 3, H, W)``, or an
@@ -139,11 +151,26 @@ def apply_shift(images: torch.Tensor, shift: Sequence[str], seed: int = 0, batch
         raise ValueError(f'apply_shift corrupts uint8 images (0-255), got {images.dtype}: pass the images as loaded, '
                          f'before normalisation (e.g. (x * 255).round().to(torch.uint8) for floats in [0, 1]).')
     steps = [parse_shift(item) for item in shift]
-    g = torch.Generator().manual_seed(seed)
+    generators = _generators(steps, seed)
     out = torch.empty_like(images)
     for start in range(0, images.shape[0], batch_size):
         x = images[start:start + batch_size].float() / 255
-        for fn, severity in steps:
-            x = fn(x, severity, g).clamp(0, 1)
+        for (fn, severity), g in zip(steps, generators):
+            # Noise is drawn image by image from the corruption's own generator, so that it is one stream over
+            # the images, whatever batch_size cuts them into: torch draws normals 16 at a time and redraws the last
+            # 16 of a tensor whose size is no multiple of 16, and two noise corruptions took turns on one generator.
+            x = (torch.cat([fn(image[None], severity, g) for image in x]) if fn in _NOISE else fn(x, severity, g))
+            x = x.clamp(0, 1)
         out[start:start + batch_size] = (x * 255).round().to(torch.uint8)
     return out
+
+
+def _generators(steps: Sequence[Tuple[Callable, int]], seed: int) -> List[torch.Generator]:
+    """One generator per corruption: the first noise corruption's (and those before it, which draw nothing) seeded
+    with ``seed``, as the records' single noise corruption was; each later noise corruption its own seed."""
+    generators, noises = [], 0
+    for fn, _ in steps:
+        generators.append(torch.Generator().manual_seed(seed if noises == 0 else
+                                                        seed + zlib.crc32(f'noise {noises}'.encode())))
+        noises += fn in _NOISE
+    return generators
