@@ -180,3 +180,17 @@ def test_training_summaries_report_running_statistics_next_to_batch_statistics(r
     assert 'BN=batch' in batch_table and 'BN=running' in running_table
     flipped = evaluate_networks(models, tests, 256, 'running')
     assert flipped['own_accuracy'] == result['own_accuracy_running'] and 'own_accuracy_batch' in flipped
+
+
+def test_deploy_takes_a_loader_of_image_label_pairs_and_refuses_channels_last_images(pair):
+    """PyTorch's usual DataLoader of (images, labels) failed with "'list' object has no attribute 'to'", and
+    channels-last images (as PIL and numpy give them) with a shape error deep inside the first conv."""
+    x = torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    pairs = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, torch.zeros(16, dtype=torch.long)),
+                                        batch_size=8)
+    from_pairs, from_images = tc.deploy(pair, pairs), tc.deploy(pair, list(x.split(8)))
+    assert from_pairs.bn_calibration == {'method': 'adabn', 'images': 16}
+    assert all(torch.equal(a, b) for a, b in zip(from_pairs.state_dict().values(), from_images.state_dict().values()))
+    for images in (x.permute(0, 2, 3, 1), [x.permute(0, 2, 3, 1)], x[0], [(x.float()[:, :1], None)]):
+        with pytest.raises(ValueError, match=r'\(N, 3, H, W\).*got \(.*permute\(0, 3, 1, 2\)'):
+            tc.deploy(pair, images)

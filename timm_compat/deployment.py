@@ -41,7 +41,8 @@ def _batches(images: Images, model: nn.Module, batch_size: int, seed: int) -> It
     device, dtype = _device(model), input_dtype(model.extractor)
 
     def prepare(x: torch.Tensor) -> torch.Tensor:
-        x = x.to(device)
+        x = x[0] if isinstance(x, (tuple, list)) else x  # a loader of (images, labels): the labels go unused
+        x = _check_layout(x, model).to(device)
         return (normalize(x, cfg['mean'], cfg['std']) if x.dtype == torch.uint8 else x).to(dtype)
 
     if isinstance(images, ImageData) and not isinstance(images.images, torch.Tensor):  # streamed: decode batches
@@ -54,6 +55,15 @@ def _batches(images: Images, model: nn.Module, batch_size: int, seed: int) -> It
     else:
         for x in images:
             yield prepare(x)
+
+
+def _check_layout(images: torch.Tensor, model: nn.Module) -> torch.Tensor:
+    """``images`` if laid out ``(N, C, H, W)`` with the model's ``C``; refuses channels-last images by name."""
+    channels = len(model.extractor.pretrained_cfg['mean'])
+    if images.dim() != 4 or images.shape[1] != channels:
+        raise ValueError(f'deploy takes images laid out (N, {channels}, H, W), got {tuple(images.shape)}: permute '
+                         f'channels-last images (as PIL and numpy give them) with images.permute(0, 3, 1, 2).')
+    return images
 
 
 def _counted(batches: Iterator[torch.Tensor], seen: Dict[str, int]) -> Iterator[torch.Tensor]:
@@ -76,7 +86,8 @@ def deploy(model: nn.Module, unlabeled: Images, *, batch_size: int = 256, num_ba
         model: A :class:`~timm_compat.CompatibleModel` (anything with ``extractor.pretrained_cfg`` mean and std).
         unlabeled: Target-domain images without labels: an :class:`~timm_compat.data.ImageData`, a ``uint8``
             ``(N, 3, H, W)`` tensor (normalised with the model's mean/std), a float tensor of model inputs, or an
-            iterable of such batches; all are cast to the dtype of the model's weights (bf16 for a bf16 model).
+            iterable of such batches or of ``(images, labels)`` pairs (a ``DataLoader``'s; the labels go unused);
+            all are cast to the dtype of the model's weights (bf16 for a bf16 model).
         batch_size: Images per recalibration batch, when ``unlabeled`` is not already batches.
         num_batches: Stop after this many batches.
         seed: Seed of the order in which a tensor of images is batched.
@@ -85,8 +96,11 @@ def deploy(model: nn.Module, unlabeled: Images, *, batch_size: int = 256, num_ba
         The deployable copy, in eval mode.
 
     Raises:
-        ValueError: A BN layer keeps no running statistics, so there is nothing to recalibrate; or no images.
+        ValueError: A BN layer keeps no running statistics, so there is nothing to recalibrate; no images; or images
+            not laid out ``(N, 3, H, W)`` (channels-last ones, say).
     """
+    if isinstance(unlabeled, torch.Tensor):  # refused before the copy; batches of an iterable are checked one by one
+        _check_layout(unlabeled, model)
     deployed = copy.deepcopy(model, shared_interfaces(model))
     layers = [(name, bn) for name, bn in deployed.named_modules() if isinstance(bn, _BatchNorm)]
     for name, bn in layers:
