@@ -194,3 +194,11 @@ def test_deploy_takes_a_loader_of_image_label_pairs_and_refuses_channels_last_im
     for images in (x.permute(0, 2, 3, 1), [x.permute(0, 2, 3, 1)], x[0], [(x.float()[:, :1], None)]):
         with pytest.raises(ValueError, match=r'\(N, 3, H, W\).*got \(.*permute\(0, 3, 1, 2\)'):
             tc.deploy(pair, images)
+
+
+def test_deployment_reuses_batchnorms_modes_and_evaluations_input_preparation():
+    """BN_MODES, the model's device and the uint8 -> input conversion were written out again in deployment, where
+    they could drift from the ones evaluation and batchnorm use."""
+    from timm_compat import batchnorm, deployment, evaluation
+    assert deployment.BN_MODES is batchnorm.BN_MODES
+    assert deployment._device is evaluation._device and deployment._inputs is evaluation._inputs

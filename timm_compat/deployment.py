@@ -14,22 +14,17 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .batchnorm import recalibrate_bn
+from .batchnorm import BN_MODES, recalibrate_bn
 from .compatible import shared_interfaces
-from .data import ImageData, evaluation_batches, iterate_batches, normalize
-from .evaluation import accuracy, input_dtype
+from .data import ImageData, evaluation_batches, iterate_batches
+from .evaluation import _device, _inputs, accuracy, input_dtype
 
 __all__ = ['BN_MODES', 'deploy', 'bn_accuracy_report', 'format_bn_report']
 
 Images = Union[ImageData, torch.Tensor, Iterable[torch.Tensor]]
 Metric = Callable[[nn.Module, ImageData, int, str, int], float]
-# The paper's evaluation (test-time batch statistics) and what a deployed model uses (its running statistics).
-BN_MODES = ('batch', 'running')
-
-
-def _device(model: nn.Module) -> torch.device:
-    tensor = next(iter(model.parameters()), None)
-    return tensor.device if tensor is not None else torch.device('cpu')
+# BN_MODES (batchnorm's, exported here too): the paper's evaluation (test-time batch statistics) and what a
+# deployed model uses (its running statistics).
 
 
 def _batches(images: Images, model: nn.Module, batch_size: int, seed: int) -> Iterator[torch.Tensor]:
@@ -37,13 +32,12 @@ def _batches(images: Images, model: nn.Module, batch_size: int, seed: int) -> It
     tensors are taken as inputs already; both in the model's floating dtype (a bf16 model takes bf16 inputs). A
     tensor or :class:`ImageData` is cut into seeded shuffled batches (a class-sorted store would otherwise give
     batches of one class, whose variance is too small)."""
-    cfg = model.extractor.pretrained_cfg
     device, dtype = _device(model), input_dtype(model.extractor)
 
     def prepare(x: torch.Tensor) -> torch.Tensor:
         x = x[0] if isinstance(x, (tuple, list)) else x  # a loader of (images, labels): the labels go unused
-        x = _check_layout(x, model).to(device)
-        return (normalize(x, cfg['mean'], cfg['std']) if x.dtype == torch.uint8 else x).to(dtype)
+        x = _check_layout(x, model)
+        return _inputs(x, model.extractor, device) if x.dtype == torch.uint8 else x.to(device, dtype)
 
     if isinstance(images, ImageData) and not isinstance(images.images, torch.Tensor):  # streamed: decode batches
         images = (x for x, _ in iterate_batches(images, batch_size, seed))

@@ -23,7 +23,8 @@ from tqdm.auto import tqdm
 from .compatible import CompatibleModel, fit_problems, mismatch_message
 from .component import Component, ComponentError
 from .components import Extractor, Head
-from .deployment import BN_MODES, bn_accuracy_report
+from .batchnorm import BN_MODES
+from .deployment import bn_accuracy_report
 from .evaluation import average_class_accuracy
 from .data import EpochSampler, ImageData, augment as augment_batch, normalize, steps_per_epoch
 from .fit import ClassificationTask, check_mixed_precision, fit
