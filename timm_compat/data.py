@@ -111,7 +111,7 @@ def load_image_data(source: str, split: str, *, image_size: int = 32, image_colu
         shard: ``[index, count]``: keep examples ``index::count`` (disjoint parts of one split).
         shift: Corruptions applied once at load (see :func:`timm_compat.shifts.apply_shift`); in memory only.
         synthetic_per_class: Images per class for ``synthetic:`` sources.
-        seed: Seed of ``synthetic:`` sources, of the ``limit`` subset and, per split, of ``shift``
+        seed: Seed of ``synthetic:`` sources, of the ``limit`` subset and, per split and shard, of ``shift``
             (:func:`~timm_compat.shifts.shift_seed`).
         storage: ``'memory'``, ``'stream'`` or ``'auto'`` (:func:`~timm_compat.streaming.choose_storage`);
             ``synthetic:`` sources are generated in memory.
