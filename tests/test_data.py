@@ -204,6 +204,16 @@ def test_select_classes_refuses_a_class_named_twice(tmp_path, classes, twice):
         data.select_classes(classes)
 
 
+def test_an_empty_class_list_is_refused_rather_than_meaning_all_classes(tmp_path):
+    """``classes=[]`` (e.g. a list emptied by a filter) once silently loaded every class."""
+    source = write_parquet(tmp_path / 'c10', CIFAR10)
+    with pytest.raises(ValueError, match=r'classes=\[\] .*None'):
+        load_image_data(source, 'train', classes=[])
+    with pytest.raises(ValueError, match=r'classes=\[\] .*None'):
+        load_image_data(source, 'train').select_classes([])
+    assert load_image_data(source, 'train', classes=None).num_classes == 10
+
+
 def test_a_limit_on_one_of_two_shards_of_a_split_is_refused():
     """The limit draws a random subset before the shard is taken, so halves with other limits would overlap."""
     from timm_compat.config import ConfigError, load_config

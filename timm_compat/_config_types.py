@@ -42,7 +42,7 @@ def _must(text: str, item: Optional[str] = None) -> Dict[str, Any]:
 
 def _class_list(null: str) -> Dict[str, Any]:
     """Field metadata of an optional list of class names whose null means ``null`` (e.g. all of the dataset's
-    classes). The list must not be empty: the code that reads it takes [] for null, the opposite of what it says."""
+    classes). The list must not be empty: [] would keep no class, and the loader refuses it."""
     return _must(f'a list of at least one class name (null: {null})')
 
 

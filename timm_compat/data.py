@@ -56,6 +56,8 @@ class ImageData:
     def select_classes(self, classes: Sequence[str]) -> 'ImageData':
         """Keep only ``classes`` (by name, up to synonyms: 'car' finds 'automobile'), relabelled in the given
         order and named as given."""
+        if len(classes) == 0:
+            raise ValueError(f'{self.name}: classes=[] keeps no class; pass classes=None to keep them all.')
         index = {canonical_class_name(c): i for i, c in enumerate(self.class_names)}
         missing = [c for c in classes if canonical_class_name(c) not in index]
         if missing:
@@ -142,7 +144,7 @@ def load_image_data(source: str, split: str, *, image_size: int = 32, image_colu
     if low < 0 or high >= data.num_classes:
         raise ValueError(f'{name}: labels range over [{low}, {high}] but there are {data.num_classes} classes '
                          f'{data.class_names}. Fix the labels or the class names.')
-    return data.select_classes(classes) if classes else data
+    return data if classes is None else data.select_classes(classes)
 
 
 def _place(data: ImageData, storage: str, image_size: int, memory_budget_gb: Optional[float], workers: int,
