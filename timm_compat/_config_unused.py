@@ -12,8 +12,9 @@ __all__ = ['unused_key_problems']
 # (section, switch, its value that turns the method off, what that means, a value that turns it on, the keys that
 # only the method reads)
 _SWITCHED = (
-    ('interface', 'dcc', False, 'false (no DCC)', 'true', ('dcc_classes', 'dcc_head')),
-    ('interface', 'rp', False, 'false (no RP)', 'true', ('rp_head', 'rp_rotations')),
+    # Not interface.dcc_reduction: configs/sec4/base.yaml sets it for every Sec. 4 method, DCC on or off.
+    ('interface', 'dcc', False, 'false (no DCC)', 'true', ('dcc_weight', 'dcc_classes', 'dcc_head')),
+    ('interface', 'rp', False, 'false (no RP)', 'true', ('rp_weight', 'rp_head', 'rp_rotations', 'rp_norm')),
     ('validation', 'every', None, 'null (no validation)', '500', ('metric', 'examples', 'data')),
     # The test set is measured whole: nothing is held out (the metric is still logged with each measurement).
     ('validation', 'data', 'test', 'test (nothing is held out)', 'holdout', ('examples',)),
