@@ -175,3 +175,14 @@ def test_forward_intermediates_updates_the_final_norm_once():
     assert model.norm.num_batches_tracked.item() == 1
     assert torch.equal(final, reference.forward_features(x)) and torch.equal(intermediates[-1], final)
     assert torch.equal(model.norm.running_mean, reference.norm.running_mean)
+
+
+@pytest.mark.parametrize('output_stride, reductions', [(None, [1, 2, 4, 8]), (8, [1, 2, 4, 8]), (4, [1, 2, 4, 4])])
+def test_mobilenetv2_cifar_output_stride_counts_its_stride_1_stem(output_stride, reductions):
+    # timm places the dilation while it still counts the ImageNet stem's stride of 2: output_stride=8 dilated the
+    # last stage (total stride 4, four times its cost) and output_stride=4 gave stride 2.
+    kwargs = {} if output_stride is None else dict(output_stride=output_stride)
+    model = timm.create_model('mobilenetv2_100_cifar', features_only=True, **kwargs).eval()
+    with torch.no_grad():
+        maps = model(torch.randn(1, 3, 32, 32))
+    assert [32 // m.shape[-1] for m in maps] == model.feature_info.reduction() == reductions

@@ -36,6 +36,9 @@ def _cifar_efficientnet(**kwargs) -> EfficientNet:
     ``feature_info`` reduction halves. Patching here (the ``model_cls`` of ``build_model_with_cfg``) rather than
     after the build keeps the feature wrappers (``FeatureListNet``, ``FeatureGetterNet``, ...) consistent.
     """
+    if 'output_stride' in kwargs:
+        # timm dilates once its stride count, which includes the stem's 2 removed below, would pass output_stride.
+        kwargs['output_stride'] *= 2
     model = EfficientNet(**kwargs)
     model.conv_stem.stride = (1, 1)
     for info in model.feature_info:
