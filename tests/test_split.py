@@ -287,3 +287,19 @@ def test_rp_scores_the_extractors_features_when_the_head_starts_in_place():
     from timm_compat.methods import rotate_batch, rotation_loss
     expected = rotation_loss(itf.rp(model.extractor(rotate_batch(images))))
     assert torch.allclose(losses['rp'], expected)
+
+
+@pytest.mark.parametrize('name, at', [('resnet8_cifar', 'layer2'), ('airbench94_cifar', 'stages.1'),
+                                      ('resnet18', 'layer2'), ('convnext_atto', 'stages.1')])
+def test_a_model_with_gradient_checkpointing_is_refused_naming_the_switch(name, at):
+    # It failed as 'layer2 is not called in forward()' (checkpoint_seq calls the blocks, not the stage), or split
+    # with the checkpointing silently lost from both halves.
+    model = timm.create_model(name, num_classes=10)
+    model.set_grad_checkpointing(True)
+    with pytest.raises(ValueError, match=r'gradient checkpointing .*set_grad_checkpointing\(False\)'):
+        timm_compat.split_model(model, at)
+    model.set_grad_checkpointing(False)
+    trunk, tail = timm_compat.split_model(model.eval(), at)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(tail(trunk(x)), model(x))

@@ -322,6 +322,7 @@ def split_model(model_or_name: Union[nn.Module, str], at: Union[str, int], *,
             output is not one tensor, or a split that does not reproduce the model.
     """
     model = create_backbone(model_or_name, **create_kwargs) if isinstance(model_or_name, str) else model_or_name
+    _check_no_grad_checkpointing(model)
     at = resolve_split(model, at)
     with _preserved(model):
         x, features, output = probe(model, at, input_size)
@@ -347,6 +348,14 @@ def split_model(model_or_name: Union[nn.Module, str], at: Union[str, int], *,
     # Only the halves' own flags: their shared submodules keep whatever modes the model gave them.
     trunk.training = tail.training = model.training
     return trunk, tail
+
+
+def _check_no_grad_checkpointing(model: nn.Module) -> None:
+    """Refuse a model whose forward is checkpointed: timm's ``checkpoint_seq`` calls a stage's blocks rather than the
+    stage, so the split module may never run, and the traced halves would not keep the checkpointing anyway."""
+    if any(getattr(m, 'grad_checkpointing', False) is True for m in model.modules()):
+        raise ValueError(f'Cannot split {_model_name(model)} with gradient checkpointing on: the halves could not '
+                         f'keep it. Call model.set_grad_checkpointing(False) before splitting.')
 
 
 def create_backbone(name: str, **kwargs) -> nn.Module:
