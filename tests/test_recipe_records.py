@@ -174,6 +174,8 @@ def test_the_docs_add_no_seed_to_the_committed_fast_head_transfer_record(import_
     for doc in (head_transfer.__doc__, (REPO / 'docs' / 'results.md').read_text()):
         for advice in ('cp docs/results/head_transfer_fast/results_seed0.json', 'e.g. docs/results/head_transfer_fast'):
             assert advice not in doc
+    # Sec. 4's first fast table is data version 1 too (sec4_methods refuses it the same way): not to be extended.
+    assert 'cp docs/results/sec4_fast/results.json' not in (REPO / 'docs' / 'results.md').read_text()
 
 
 def test_a_record_names_the_machine_its_runs_recorded(import_script, tmp_path):
