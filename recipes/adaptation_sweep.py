@@ -31,8 +31,8 @@ import torch
 
 import adaptation
 from timm_compat.shifts import apply_shift
-from common import (DATA_DIR_HELP, check_configs, check_data_dir, claim_output, data_note, mean_std,
-                    planned_fingerprint, progress, read_record, trained_fingerprint, write_json)
+from common import (DATA_DIR_HELP, check_configs, check_data_dir, check_run_data, claim_output, data_note,
+                    mean_std, planned_fingerprint, progress, read_record, trained_fingerprint, write_json)
 
 # CIFAR-10-C corruptions of timm_compat.shifts at its top severity, one per family: noise, blur, weather-free
 # digital (contrast, pixelate, JPEG).
@@ -156,7 +156,7 @@ def run_source(args, out: Path, seed: int) -> list:
     run = out / f'source{seed}'
     config = adaptation.source_config(argparse.Namespace(seed=seed), adaptation.SETTINGS['cifar10_shift'])
     # Always through train.py --resume: it reads a finished source back only if it was trained with this config
-    # (another --budget or --data-dir is refused), and continues a killed one.
+    # (another --budget is refused by train.py, another --data-dir by common.launch), and continues a killed one.
     summary = adaptation.launch_train(config, run, adaptation.BUDGETS[args.budget]['train'], data_dir=args.data_dir,
                                       resume=True)
     check_source_trained(out, seed, summary.get('interface_id'))
@@ -249,6 +249,8 @@ def run_sweep(args, out: Path) -> None:
                    for seed in range(args.source_seeds)}
         check_sources_kept(out, pending)
         check_sweep_configs(args, out, pending)
+        for seed in (seed for seed, todo in pending.items() if todo):  # all before the first source trains
+            check_run_data(out / f'source{seed}', args.data_dir)
         for seed, todo in pending.items():
             # A source whose adaptations are all recorded is not needed, nor trained again if its folder is gone.
             # One with some recorded is trained only to be read back (check_sources_kept).

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from timm_compat.config import load_config
 from timm_compat.data import DATA_VERSION, local_source
 from timm_compat.deployment import BN_MODES
-from timm_compat.rundir import MARKER
+from timm_compat.rundir import CONFIG, MARKER
 
 REPO = Path(__file__).resolve().parents[1]
 CIFAR10 = 'uoft-cs/cifar10'
@@ -91,6 +91,8 @@ def launch(config: Path, out: Path, overrides: Sequence[str], data_dir: Optional
     ``bar``, the recipe's outer bar, shows the run's name while it trains and counts it when it is done.
     ``resume`` continues the run already in ``out`` (``--resume``) instead of overwriting it.
     """
+    if resume:
+        check_run_data(out, data_dir)
     cmd = launch_command(config, out, overrides, data_dir, resume)
     if bar is not None:
         bar.set_postfix_str(f'training {out.name} (log: {log})')
@@ -101,6 +103,22 @@ def launch(config: Path, out: Path, overrides: Sequence[str], data_dir: Optional
     if bar is not None:
         bar.update(1)
     return json.loads((out / 'summary.json').read_text())['phases']['main']
+
+
+def check_run_data(run: Path, data_dir: Optional[str]) -> None:
+    """Refuses, before it is resumed, a run folder trained on another ``--data-dir`` than ``data_dir`` (None: the Hub).
+
+    train.py lets ``data_dir`` change on ``--resume`` (a Hub id keeps its name wherever it is read from), and
+    fingerprints leave it out, so the network trained on other data would be read back and recorded as this data's.
+    """
+    if not ((run / MARKER).is_file() and (run / CONFIG).is_file()):
+        return  # a new run (train.py --overwrite), nothing to resume
+    saved = (yaml.safe_load((run / CONFIG).read_text()) or {}).get('data_dir')
+    if not same_argument('data_dir', saved or None, data_dir or None):
+        was, now = (d or '(none: the Hub)' for d in (saved, data_dir))
+        raise SystemExit(f'{run} was trained on --data-dir {was}, but this sitting reads --data-dir {now}: resuming '
+                         f'it would record that network as trained on this data. Give --data-dir {was} to continue '
+                         f'it, or another --output (or move {run} away) to train it on this data.')
 
 
 def config_fingerprint(configs: Sequence[dict], out: Path, seed: int) -> str:

@@ -42,8 +42,8 @@ from timm_compat.stitching import fit_stitch
 from timm_compat.transfer import transfer
 
 from adaptation import launch_train  # the sibling recipe: a script's own folder is on sys.path
-from common import (CIFAR10, DATA_DIR_HELP, RESUME_HELP, check_data_dir, data_note, fast_keys, fast_networks,
-                    finished_run, progress, write_json)
+from common import (CIFAR10, DATA_DIR_HELP, RESUME_HELP, check_data_dir, check_run_data, data_note, fast_keys,
+                    fast_networks, finished_run, progress, write_json)
 
 SETTINGS = {
     'cifar10_halves': dict(
@@ -120,6 +120,16 @@ def network_config(args, budget, name: str, data: dict, init_seed: int, interfac
     return config, overrides
 
 
+def check_kept_runs(args, out: Path) -> None:
+    """Refuses, before the first run trains, a run that ``--resume`` or ``--reuse`` would keep but that was trained
+    on another ``--data-dir`` (:func:`common.check_run_data`; each run is checked again as it is launched)."""
+    if not (args.resume or args.reuse) or not (out / 'runs').is_dir():
+        return
+    for run in sorted(p for p in (out / 'runs').iterdir() if p.is_dir()):
+        if args.resume or finished_run(run):
+            check_run_data(run, args.data_dir)
+
+
 def training_seconds(components: list) -> float:
     """The networks' training time, every phase of each run, from the runs' own summaries (``components`` are
     their ``main/components`` folders): a run that --resume or --reuse reads back took no training here, and a
@@ -190,6 +200,7 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     out = Path(args.output).resolve()
     out.mkdir(parents=True, exist_ok=True)
+    check_kept_runs(args, out)
     start = time.time()
 
     target_data = dataset(args, setting, 'target', setting['target'], budget)
