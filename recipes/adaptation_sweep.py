@@ -22,6 +22,7 @@ RP, as mean ± std over every source x adaptation seed (the source model's colum
 """
 import argparse
 import json
+import re
 import statistics
 import tempfile
 from pathlib import Path
@@ -92,18 +93,21 @@ def source_fingerprint(args, out: Path, seed: int, trained: bool = False) -> Opt
 
 def check_sweep_configs(args, out: Path, pending: dict) -> None:
     """Refuses, before anything trains, to pool the ``pending`` adaptations (``{source seed: [(shift, adaptation
-    seed)]}``) with recorded ones of a shift whose source or adaptation was configured otherwise. A record from
-    before fingerprints that gets its fingerprint from its source's run keeps it in its results.json."""
-    recorded, views = {shift: [] for shift in args.shifts}, []
-    for shift in args.shifts:
-        for s in range(args.source_seeds):
-            for a in range(args.adapt_seeds):
-                folder = adapt_folder(out, s, shift, a)
-                record = recorded_adaptation(args, folder)
-                if record is not None:
-                    recorded[shift].append({'seed': s, **({'config': record['config']} if 'config' in record else {})})
-                    views.append((folder, record, recorded[shift][-1]))
-    planned = {(shift, s): source_fingerprint(args, out, s) for s, todo in pending.items() for shift, _ in todo}
+    seed)]}``) with recorded ones of any shift in OUTPUT, this sitting's or not, whose source or adaptation was
+    configured otherwise: the fingerprint does not depend on the shift, and the report puts every corruption in one
+    table. A record from before fingerprints that gets its fingerprint from its source's run keeps it."""
+    names, recorded, views = {shift.replace(':', '_'): shift for shift in args.shifts}, {}, []
+    for path in sorted(out.glob('source*/*/adapt*/results.json')):
+        source = re.fullmatch(r'source(\d+)', path.parents[2].name)
+        record = recorded_adaptation(args, path.parent) if source else None
+        if record is not None:
+            folder = path.parents[1].name  # a record names its shift (the sweep's own tests' records do not)
+            shift = ' '.join(record.get('args', {}).get('shift') or []) or names.get(folder, folder)
+            view = {'seed': int(source[1]), **({'config': record['config']} if 'config' in record else {})}
+            recorded.setdefault(shift, []).append(view)
+            views.append((path.parent, record, view))
+    fingerprints = {s: source_fingerprint(args, out, s) for s, todo in pending.items() if todo}
+    planned = {(shift, s): f for shift in recorded for s, f in fingerprints.items()}
     if check_configs(out, recorded, planned, lambda shift, s: source_fingerprint(args, out, s, trained=True)):
         for folder, record, view in views:
             if 'config' not in record and 'config' in view:

@@ -91,3 +91,26 @@ def test_adaptation_refuses_to_resume_a_source_of_another_data_dir(import_script
     with pytest.raises(SystemExit, match='trained on --data-dir \\(none: the Hub\\)'):
         adaptation.main(['--budget', 'tiny', '--data-dir', data_folder(tmp_path / 'b'), '--resume',
                          '--output', str(out)])
+
+
+def test_the_sweep_adapts_a_new_corruption_only_under_the_config_of_the_recorded_ones(import_script, tmp_path,
+                                                                                       monkeypatch):
+    """The sweep compared only this sitting's --shifts with the records: after the budget's adaptation batch changed,
+    a new corruption was adapted under it from the same source, and reported in one table with the old one."""
+    from .test_recipe_arguments import sweep_record, trained_source
+    sweep = import_script('recipes', 'adaptation_sweep')
+    calls = []
+    monkeypatch.setattr(sweep, 'run_source', lambda args, out, seed: calls.append(('source', seed)) or [])
+    monkeypatch.setattr(sweep, 'run_adaptation', lambda *a: calls.append(('adapt', a[3])))
+    out = tmp_path / 'out'
+    argv = ['--budget', 'tiny', '--source-seeds', '1', '--adapt-seeds', '1', '--output', str(out)]
+    sweep_record(sweep, sweep.parse_args(argv + ['--shifts', 'contrast:5']), out, 0, 0, 'abc')
+    trained_source(out, 0, 'abc')
+    monkeypatch.setitem(sweep.adaptation.BUDGETS['tiny'], 'adapt_batch', 64)
+    with pytest.raises(SystemExit, match='contrast.5 seed 0 was trained under another config than seed 0 would be'):
+        sweep.main(argv + ['--shifts', 'pixelate:5'])
+    assert calls == []
+    monkeypatch.setitem(sweep.adaptation.BUDGETS['tiny'], 'adapt_batch', 32)
+    sweep.main(argv + ['--shifts', 'pixelate:5'])  # the recorded config: the new corruption joins the table
+    assert calls == [('source', 0), ('adapt', 'pixelate:5')]
+
