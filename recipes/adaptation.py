@@ -42,8 +42,8 @@ from timm_compat.plots import ReportFigure, ReportTable, plot_accuracy_curves, w
 from timm_compat.shifts import apply_shift
 from timm_compat.synthetic import SYNTHETIC_CLASSES
 
-from common import (CIFAR10, DATA_DIR_HELP, RESUME_HELP, as_overrides, check_data_dir, data_note, fast_keys,
-                    fast_networks, launch, progress, write_json)
+from common import (CIFAR10, DATA_DIR_HELP, RESUME_HELP, as_overrides, check_data_dir, check_positive, data_note,
+                    fast_keys, fast_networks, launch, progress, write_json)
 
 STL10 = 'tanganke/stl10'
 DEFAULT_SHIFT = ('gaussian_noise:5',)  # cifar10_shift's target corruption
@@ -183,6 +183,7 @@ def parse_args(argv) -> argparse.Namespace:
     parser.add_argument('--resume', action='store_true', help=RESUME_HELP)
     args = parser.parse_args(argv)
     check_adapt_steps(parser, args)
+    check_positive(parser, args, ['threads'])
     if args.report_only:
         if not (Path(args.output) / 'results.json').is_file():
             parser.error(f'--report-only: {Path(args.output) / "results.json"} does not exist; run without it first.')

@@ -316,6 +316,14 @@ def check_counts(parser, args) -> None:
         parser.error(f'--epochs {args.epochs}: give a positive number of epochs, or leave it out for the budget\'s.')
 
 
+def check_positive(parser, args, keys: Sequence[str]) -> None:
+    """Refuse, before anything runs, a ``keys`` argument (``threads``, ``lr``) given as 0 or less: ``--threads 0``
+    would be ignored and a negative one crash torch after the arguments were accepted."""
+    for key in keys:
+        if getattr(args, key, None) is not None and getattr(args, key) <= 0:
+            parser.error(f'--{key} {getattr(args, key)}: give a positive number, or leave it out for the default.')
+
+
 PRECISION_NAMES = {'no': 'fp32', 'bf16': 'bf16 mixed precision', 'fp16': 'fp16 mixed precision'}
 
 

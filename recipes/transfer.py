@@ -42,8 +42,8 @@ from timm_compat.stitching import fit_stitch
 from timm_compat.transfer import transfer
 
 from adaptation import launch_train  # the sibling recipe: a script's own folder is on sys.path
-from common import (CIFAR10, DATA_DIR_HELP, RESUME_HELP, check_data_dir, check_run_data, data_note, fast_keys,
-                    fast_networks, finished_run, progress, write_json)
+from common import (CIFAR10, DATA_DIR_HELP, RESUME_HELP, check_data_dir, check_positive, check_run_data, data_note,
+                    fast_keys, fast_networks, finished_run, progress, write_json)
 
 SETTINGS = {
     'cifar10_halves': dict(
@@ -159,6 +159,7 @@ def parse_args(argv) -> argparse.Namespace:
                         help='autocast of fine-tuning and stitch fitting (the training runs take their '
                              'budget\'s mixed_precision: no at tiny and cpu, bf16 at gpu, auto at fast)')
     args = parser.parse_args(argv)
+    check_positive(parser, args, ['threads', 'lr'])
     check_data_dir(parser, args.data_dir, [SETTINGS[args.setting]['data']])
     return args
 

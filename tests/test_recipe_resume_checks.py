@@ -114,3 +114,23 @@ def test_the_sweep_adapts_a_new_corruption_only_under_the_config_of_the_recorded
     sweep.main(argv + ['--shifts', 'pixelate:5'])  # the recorded config: the new corruption joins the table
     assert calls == [('source', 0), ('adapt', 'pixelate:5')]
 
+
+@pytest.mark.parametrize('script, argv', [
+    ('transfer', ['--threads', '0']),
+    ('transfer', ['--threads', '-1']),
+    ('transfer', ['--lr', '-0.5']),
+    ('transfer', ['--lr', '0']),
+    ('adaptation', ['--threads', '0']),
+    ('adaptation', ['--threads', '-1']),
+])
+def test_threads_and_learning_rates_that_are_not_positive_are_refused_before_anything_runs(
+        import_script, tmp_path, capsys, script, argv):
+    """`--threads 0` was ignored silently (every run took all threads), `--threads -1` crashed in torch after the
+    arguments were accepted, and `--lr -0.5` was fine-tuned with and recorded."""
+    module = import_script('recipes', script)
+    with pytest.raises(SystemExit) as exit_:
+        module.parse_args(argv + ['--output', str(tmp_path / 'out')])
+    assert exit_.value.code == 2
+    assert f'{argv[0]} {argv[1]}' in capsys.readouterr().err
+    assert not (tmp_path / 'out').exists()
+
