@@ -24,6 +24,7 @@ import argparse
 import json
 import re
 import statistics
+import sys
 import tempfile
 from pathlib import Path
 from typing import Optional
@@ -272,6 +273,11 @@ def main(argv=None) -> dict:
         with claim_output(out):  # one sitting at a time runs OUTPUT's adaptations
             run_sweep(args, out)
     found = collect(args, out)
+    if args.report_only and not any(found.values()):  # a mistyped --output: no folder is made, no report written
+        print(f'adaptation_sweep.py: error: --report-only: {out} holds no record of --shifts {" ".join(args.shifts)} '
+              f'(source<S>/<shift>/adapt<A>/results.json); give the --output and --shifts of a sweep, or run it '
+              f'without --report-only first.', file=sys.stderr)
+        raise SystemExit(2)
     report(args, out, found)
     return found
 

@@ -49,7 +49,8 @@ def test_a_run_of_the_same_data_dir_under_another_spelling_is_resumed(import_scr
     trained_run(tmp_path / 'run', str(tmp_path / 'data'))
     (tmp_path / 'run' / 'summary.json').write_text(json.dumps({'phases': {'main': {'acc': 1}}}))
     commands = []
-    monkeypatch.setattr(subprocess, 'run', lambda cmd, **kw: commands.append(cmd) or subprocess.CompletedProcess(cmd, 0))
+    monkeypatch.setattr(subprocess, 'run',
+                        lambda cmd, **kw: commands.append(cmd) or subprocess.CompletedProcess(cmd, 0))
     assert common.launch(tmp_path / 'run.yaml', tmp_path / 'run', [], '../data', tmp_path / 'run.log',
                          resume=True) == {'acc': 1}
     assert '--resume' in commands[0]
@@ -134,3 +135,12 @@ def test_threads_and_learning_rates_that_are_not_positive_are_refused_before_any
     assert f'{argv[0]} {argv[1]}' in capsys.readouterr().err
     assert not (tmp_path / 'out').exists()
 
+
+def test_the_sweeps_report_only_refuses_an_output_without_any_record(import_script, tmp_path, capsys):
+    """A mistyped --output was created and given a report of '–' rows, where the other recipes refuse."""
+    sweep = import_script('recipes', 'adaptation_sweep')
+    with pytest.raises(SystemExit) as exit_:
+        sweep.main(['--output', str(tmp_path / 'typo'), '--report-only', '--shifts', 'contrast:5'])
+    assert exit_.value.code == 2
+    assert 'no record' in capsys.readouterr().err
+    assert not (tmp_path / 'typo').exists()
