@@ -103,12 +103,11 @@ def test_adaptation_sweep_adapts_one_source_to_each_corruption_and_seed_and_skip
     proc = run_recipe('adaptation_sweep.py', *args)  # everything finished: read back, nothing rerun
     assert proc.returncode == 0 and [r.stat().st_mtime_ns for r in runs] == before
     # A new corruption under another budget needs the source: the tiny one is not adapted as if it were the cpu one.
-    # Its 40 training images are fewer than one cpu-budget batch, refused before the source's folder is touched
-    # (the config difference would be refused next).
+    # The records of OUTPUT are of the tiny budget: refused up front, before the source's folder is touched.
     other = ('--budget', 'cpu', '--shifts', 'pixelate:5', *args[5:])
     source_config = (out / 'source0' / 'config.yaml').read_text()
     proc = run_recipe('adaptation_sweep.py', *other)
-    assert proc.returncode != 0 and 'fewer than one batch of 128' in (out / 'source0.log').read_text()
+    assert proc.returncode != 0 and '--budget tiny (now cpu)' in proc.stderr, proc.stderr
     assert (out / 'source0' / 'config.yaml').read_text() == source_config
     assert not list(out.glob('source0/pixelate_5/*/results.json'))
     # A later sitting with only the adaptations' records: the source is not needed, so not trained again.
