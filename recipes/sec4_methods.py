@@ -44,6 +44,7 @@ METHODS = ['independent', 'iiw', 'rp', 'dcc', 'iiw_rp_dcc', 'incremental', 'cont
 # Methods whose networks start from identical initial weights: with --init rp_pretrained, one pre-training.
 IIW_METHODS = {'iiw', 'iiw_dcc', 'iiw_rp_dcc', 'incremental', 'control'}
 INITS = ('random', 'rp_pretrained')
+PRETRAINING_CONFIG = REPO / 'configs' / 'sec4' / 'rp_pretraining.yaml'
 # The arguments a record depends on: --resume adds to OUTPUT/results.json only under the same ones.
 RECORD_KEYS = ('setting', 'data_dir', 'budget', 'epochs', 'init')
 PRETRAINING_NOTE = ('Networks start from RP pre-trainings (stand-in for the paper\'s ILSVRC-12 rotation '
@@ -107,7 +108,7 @@ def pretraining_runs(methods, args, out: Path) -> list:
     if args.init != 'rp_pretrained':
         return []
     count = 1 if set(methods) <= IIW_METHODS else 2
-    return [(REPO / 'configs' / 'sec4' / 'rp_pretraining.yaml', out / f'rp_pretraining{k}',
+    return [(PRETRAINING_CONFIG, out / f'rp_pretraining{k}',
              [o for o in run_overrides(args, k) if not o.startswith('networks.1.')]
              + ['networks.0.dataset.train_shard=null']) for k in range(count)]
 
@@ -148,14 +149,22 @@ def method_runs(method: str, seed: int, args, out: Path, extra: Sequence[str] = 
     return [(configs / f'{method}.yaml', run_dir, budget)]
 
 
+def fingerprinted_runs(method: str, seed: int, args, out: Path, extra: Sequence[str] = ()) -> list:
+    """The runs one seed of ``method``'s fingerprint covers: its own, after the RP pre-trainings its networks start
+    from (their folder alone in its overrides would let seeds from another pre-training pool with it). Under
+    ``--init random`` there are none, so those fingerprints stay the ones of the committed records."""
+    return pretraining_runs([method], args, out) + method_runs(method, seed, args, out, extra)
+
+
 def method_fingerprint(method: str, seed: int, args, out: Path, extra: Sequence[str] = ()) -> str:
-    """The config fingerprint of one seed of ``method`` (every run of it), before it trains."""
-    return planned_fingerprint(method_runs(method, seed, args, out, extra), out, seed)
+    """The config fingerprint of one seed of ``method`` (every run of it and its pre-trainings), before it trains."""
+    return planned_fingerprint(fingerprinted_runs(method, seed, args, out, extra), out, seed)
 
 
 def trained_method_fingerprint(method: str, seed: int, args, out: Path, extra: Sequence[str] = ()) -> Optional[str]:
     """The config fingerprint one seed of ``method`` was trained under, from its run folders; None if they are gone."""
-    return trained_fingerprint([run_dir for _, run_dir, _ in method_runs(method, seed, args, out, extra)], out, seed)
+    return trained_fingerprint([run_dir for _, run_dir, _ in fingerprinted_runs(method, seed, args, out, extra)], out,
+                               seed)
 
 
 def run_method(method: str, seed: int, args, out: Path, bar, extra: Sequence[str] = ()) -> tuple:

@@ -1,0 +1,56 @@
+"""What the Sec. 4 recipes' records say they were made with: the RP pre-training a pre-trained method starts from is
+part of its fingerprint, while a random-init method's fingerprint stays the one of its committed records."""
+import argparse
+import json
+
+import pytest
+
+from .test_recipe_records import FAST
+
+REPO_RESULTS = __import__('pathlib').Path(__file__).resolve().parents[1] / 'docs' / 'results'
+
+
+def write_configs(runs):
+    """The config.yaml each of ``runs`` (``(config file, run folder, overrides)``) writes as train.py starts."""
+    import yaml
+    from timm_compat.config import load_config
+    for config, run_dir, overrides in runs:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        written = {**load_config(str(config), list(overrides)).to_dict(), 'output_dir': str(run_dir)}
+        (run_dir / 'config.yaml').write_text(yaml.safe_dump(written, sort_keys=False))
+
+
+def test_a_pretrained_methods_fingerprint_covers_the_rp_pretraining_it_starts_from(import_script, tmp_path,
+                                                                                   monkeypatch):
+    """A changed rp_pretraining.yaml changes what --init rp_pretrained networks start from, so seeds trained under it
+    must not pool with older ones (the fingerprint named only the pre-training's folder); random init is untouched.
+    The trained fingerprint, from the run folders, must match the planned one, or every new seed would be refused."""
+    sec4 = import_script('recipes', 'sec4_methods')
+    pretrained = argparse.Namespace(**{**FAST, 'init': 'rp_pretrained'})
+    random = argparse.Namespace(**FAST)
+    fingerprints = lambda: {(m, a.init): sec4.method_fingerprint(m, 1, a, tmp_path)  # noqa: E731
+                            for m in ('iiw', 'dcc', 'upper_bound') for a in (pretrained, random)}
+    before = fingerprints()
+    changed = tmp_path / 'rp_pretraining.yaml'
+    changed.write_text(f'base: {sec4.REPO / "configs" / "sec4" / "rp_pretraining.yaml"}\neval_batch_size: 100\n')
+    monkeypatch.setattr(sec4, 'PRETRAINING_CONFIG', changed, raising=False)
+    after = fingerprints()
+    assert [k for k in before if before[k] == after[k]] == [(m, 'random') for m in ('iiw', 'dcc', 'upper_bound')]
+    for method in ('iiw', 'dcc', 'incremental'):
+        write_configs(sec4.pretraining_runs([method], pretrained, tmp_path)
+                      + sec4.method_runs(method, 1, pretrained, tmp_path))
+        assert sec4.trained_method_fingerprint(method, 1, pretrained, tmp_path) == (
+            sec4.method_fingerprint(method, 1, pretrained, tmp_path)), method
+
+
+@pytest.mark.parametrize('name', ['sec4_fast_5k_xeon', 'sec4_fast_dv2_xeon_amx'])
+def test_committed_random_init_records_keep_their_fingerprints(import_script, tmp_path, name):
+    """Committed records of --init random would be refused by --resume if their fingerprint moved: one seed of each
+    method recomputed from the record's own arguments is the one recorded. A changed code default fails this too,
+    rightly: those records were not trained under it."""
+    sec4 = import_script('recipes', 'sec4_methods')
+    saved = json.loads((REPO_RESULTS / name / 'results.json').read_text())
+    args = argparse.Namespace(**saved['args'])
+    assert args.init == 'random'
+    for method, records in saved['results'].items():
+        assert sec4.method_fingerprint(method, 5, args, tmp_path) == records[0]['config'], method
