@@ -105,7 +105,7 @@ def first_network(setting: str) -> str:
 
 def pretraining_runs(methods, args, out: Path) -> list:
     """The RP pre-trainings that ``--init rp_pretrained`` needs: one, and a second for any non-IIW method."""
-    if args.init != 'rp_pretrained':
+    if args.init != 'rp_pretrained' or not methods:  # nothing left to train needs no pre-training
         return []
     count = 1 if set(methods) <= IIW_METHODS else 2
     return [(PRETRAINING_CONFIG, out / f'rp_pretraining{k}',

@@ -54,3 +54,17 @@ def test_committed_random_init_records_keep_their_fingerprints(import_script, tm
     assert args.init == 'random'
     for method, records in saved['results'].items():
         assert sec4.method_fingerprint(method, 5, args, tmp_path) == records[0]['config'], method
+
+
+def test_a_pretrained_resume_with_nothing_left_to_train_runs_no_pretraining(import_script, tmp_path, monkeypatch):
+    """Every (method, seed) asked is recorded: the sitting only rebuilds the report, so no RP pre-training runs (an
+    empty method list counted as 'all IIW' and launched rp_pretraining0, a full training at the budget)."""
+    from .test_recipe_records import fail_if_trained, record, write_results
+    sec4 = import_script('recipes', 'sec4_methods')
+    monkeypatch.setattr(sec4, 'launch', fail_if_trained)
+    out = tmp_path / 'out'
+    write_results(out, {'iiw': [record(0, 25.5)]}, methods=['iiw'], init='rp_pretrained')
+    sec4.main(['--budget', 'fast', '--init', 'rp_pretrained', '--methods', 'iiw', '--seeds', '1', '--output', str(out),
+               '--resume'])
+    assert sec4.pretraining_runs([], argparse.Namespace(**{**FAST, 'init': 'rp_pretrained'}), out) == []
+    assert (out / 'report.md').is_file()
