@@ -38,8 +38,8 @@ from timm_compat.deployment import BN_MODES
 
 from common import (DATA_DIR_HELP, RECORDS_HELP, REPO, add_record, check_configs, check_counts, check_data_dir,
                     claim_output, data_note, load_results, mean_std, progress, recorded, save_results)
-from sec4_methods import (BUDGETS, SETTINGS, control_overrides, correlation_record, method_fingerprint, method_machine,
-                          run_method, run_networks, run_overrides, run_record, runs_of, setting_sources,
+from sec4_methods import (BUDGETS, SETTINGS, check_recipe, control_overrides, correlation_record, method_fingerprint,
+                          method_machine, run_method, run_networks, run_overrides, run_record, runs_of, setting_sources,
                           trained_method_fingerprint, training_seconds)
 from sec4_report import comparable, machine_mark, mixed_machines
 
@@ -49,6 +49,7 @@ COMMON = ['airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'horse', 'ship
 PAPER_WIDTH = 32  # ResNet-56's channels after its second stage, the paper's split
 # The arguments a record depends on: --resume adds to OUTPUT/results.json only under the same ones.
 RECORD_KEYS = ('ablation', 'setting', 'data_dir', 'budget', 'epochs')
+RECIPE = 'sec4_ablations'
 
 
 class Variant(NamedTuple):
@@ -136,6 +137,7 @@ def parse_args(argv=None):
             parser.error(str(e))
     check_data_dir(parser, args.data_dir, setting_sources(args.setting))
     args.init = 'random'  # sec4_methods' run keys; the ablations start from random weights
+    args.recipe = RECIPE  # saved with the records, which sec4_methods would otherwise take for its own
     args.output = args.output or f'runs/sec4_ablations/{args.ablation}'
     names = [v.name for v in VARIANTS[args.ablation](args)]
     unknown = [v for v in args.variants or [] if v not in names]
@@ -182,6 +184,8 @@ def train_missing(args, out: Path, results: dict) -> None:
 def main(argv=None):
     args = parse_args(argv)
     out = Path(args.output).resolve()
+    if args.resume:
+        check_recipe(out / 'results.json', RECIPE)
     results = load_results(out, args, RECORD_KEYS)
     with claim_output(out):  # one sitting at a time writes OUTPUT's records
         train_missing(args, out, results)

@@ -44,6 +44,7 @@ METHODS = ['independent', 'iiw', 'rp', 'dcc', 'iiw_rp_dcc', 'incremental', 'cont
 # Methods whose networks start from identical initial weights: with --init rp_pretrained, one pre-training.
 IIW_METHODS = {'iiw', 'iiw_dcc', 'iiw_rp_dcc', 'incremental', 'control'}
 INITS = ('random', 'rp_pretrained')
+RECIPE = 'sec4_methods'  # the name its records keep (sec4_ablations' are 'sec4_ablations')
 PRETRAINING_CONFIG = REPO / 'configs' / 'sec4' / 'rp_pretraining.yaml'
 # The arguments a record depends on: --resume adds to OUTPUT/results.json only under the same ones.
 RECORD_KEYS = ('setting', 'data_dir', 'budget', 'epochs', 'init')
@@ -248,6 +249,20 @@ def train_missing(args, out: Path, results: dict) -> None:
                       f'trained in {record["train_seconds"]} s')
 
 
+def check_recipe(path: Path, recipe: str) -> None:
+    """Refuse, before anything runs, OUTPUT/results.json (``path``) of the other Sec. 4 recipe than ``recipe``: its
+    arguments match (the ablations run sec4_methods' keys), so its variants would be taken for methods, or the
+    converse, and its report replaced. Records from before they named their recipe are the ablations' if their
+    arguments have ``ablation``."""
+    if not path.is_file():
+        return
+    saved = json.loads(path.read_text()).get('args', {})
+    made = saved.get('recipe') or ('sec4_ablations' if 'ablation' in saved else 'sec4_methods')
+    if made != recipe:
+        raise SystemExit(f'{path} holds the records of recipes/{made}.py, not of recipes/{recipe}.py: give another '
+                         f'--output for this recipe\'s table (or run recipes/{made}.py on it).')
+
+
 def check_methods(parser, args) -> None:
     """``--seeds``, ``--epochs`` and ``--methods`` checked before anything runs; each method once, and the default
     methods without the control where the setting has no two parts of one dataset."""
@@ -283,6 +298,9 @@ def main(argv=None):
     out = Path(args.output).resolve()
     if args.report_only and not (out / 'results.json').is_file():
         parser.error(f'--report-only: {out / "results.json"} does not exist; run without it first.')
+    args.recipe = RECIPE  # saved with the records: the ablations' share every other key
+    if args.resume or args.report_only:
+        check_recipe(out / 'results.json', RECIPE)
     saved = (json.loads((out / 'results.json').read_text()) if args.report_only
              else {'args': vars(args), 'results': load_results(out, args, RECORD_KEYS)})
     results = saved['results']

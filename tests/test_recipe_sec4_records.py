@@ -68,3 +68,27 @@ def test_a_pretrained_resume_with_nothing_left_to_train_runs_no_pretraining(impo
                '--resume'])
     assert sec4.pretraining_runs([], argparse.Namespace(**{**FAST, 'init': 'rp_pretrained'}), out) == []
     assert (out / 'report.md').is_file()
+
+
+def test_each_sec4_recipe_refuses_the_others_records_and_keeps_its_own(import_script, tmp_path, monkeypatch):
+    """A control ablation's IIW+RP+DCC and upper bound (both tasks CIFAR-10) were taken for Fig. 2's methods, and its
+    report replaced; records name their recipe now, and committed ones without the name are told apart by the
+    ablation's --ablation argument."""
+    from .test_recipe_records import fail_if_trained, record, write_results
+    sec4 = import_script('recipes', 'sec4_methods')
+    ablations = import_script('recipes', 'sec4_ablations')
+    monkeypatch.setattr(sec4, 'launch', fail_if_trained)
+    ablation = tmp_path / 'control'
+    write_results(ablation, {'iiw_rp_dcc': [record(0, 81.0)]}, ablation='control')
+    for argv in (['--resume'], ['--report-only']):
+        with pytest.raises(SystemExit, match=r'records of recipes/sec4_ablations\.py, not of recipes/sec4_methods'):
+            sec4.main(['--budget', 'fast', '--methods', 'iiw_rp_dcc', '--seeds', '1', '--output', str(ablation)] + argv)
+    assert not (ablation / 'report.md').exists()
+    methods = tmp_path / 'methods'
+    monkeypatch.setattr(sec4, 'measure', lambda m, seed, args, out, bar: record(seed, 20.0))
+    sec4.main(['--budget', 'fast', '--methods', 'iiw', '--seeds', '1', '--output', str(methods)])
+    assert json.loads((methods / 'results.json').read_text())['args']['recipe'] == 'sec4_methods'
+    with pytest.raises(SystemExit, match=r'records of recipes/sec4_methods\.py, not of recipes/sec4_ablations'):
+        ablations.main(['--ablation', 'control', '--budget', 'fast', '--seeds', '1', '--output', str(methods),
+                        '--resume'])
+
