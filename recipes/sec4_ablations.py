@@ -38,9 +38,10 @@ from timm_compat.deployment import BN_MODES
 
 from common import (DATA_DIR_HELP, RECORDS_HELP, REPO, add_record, check_configs, check_counts, check_data_dir,
                     claim_output, data_note, load_results, mean_std, progress, recorded, save_results)
-from sec4_methods import (BUDGETS, SETTINGS, check_recipe, control_overrides, correlation_record, method_fingerprint,
-                          method_machine, run_method, run_networks, run_overrides, run_record, runs_of, setting_sources,
-                          trained_method_fingerprint, training_seconds)
+from sec4_methods import (BUDGETS, SETTINGS, check_recipe, check_run_folders, control_overrides, correlation_record,
+                          fingerprinted_runs, method_fingerprint, method_machine, run_method, run_networks,
+                          run_overrides, run_record, runs_of, setting_sources, trained_method_fingerprint,
+                          training_seconds)
 from sec4_report import comparable, machine_mark, mixed_machines
 
 ABLATIONS = ('common_classes', 'split', 'control', 'rp_head')
@@ -165,6 +166,8 @@ def train_missing(args, out: Path, results: dict) -> None:
     variants = VARIANTS[args.ablation](args)
     todo = [(v, seed) for v in variants if v.name in (args.variants or [v.name]) for seed in range(args.seeds)
             if not recorded(results, v.name, seed)]
+    for v, seed in todo if args.resume else ():
+        check_run_folders(fingerprinted_runs(v.method, seed, args, out / v.name, v.extra), out / v.name, seed)
     by_name = {v.name: v for v in variants}
     if check_configs(out / 'results.json', results,
                      {(v.name, s): method_fingerprint(v.method, s, args, out / v.name, v.extra) for v, s in todo},

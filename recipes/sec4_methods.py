@@ -34,6 +34,8 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
+from timm_compat.rundir import MARKER
+
 from common import (DATA_DIR_HELP, RECORDS_HELP, REPO, add_record, as_overrides, by_bn, check_configs, check_counts,
                     check_data_dir, claim_output, data_note, fast_keys, fast_networks, launch, load_results,
                     planned_fingerprint, progress, recorded, run_machine, save_results, trained_fingerprint)
@@ -157,6 +159,21 @@ def fingerprinted_runs(method: str, seed: int, args, out: Path, extra: Sequence[
     return pretraining_runs([method], args, out) + method_runs(method, seed, args, out, extra)
 
 
+def check_run_folders(runs: Sequence[tuple], out: Path, seed: int) -> None:
+    """Refuse, before anything trains, a run folder of ``runs`` (one seed's, as :func:`fingerprinted_runs` gives them)
+    that ``--resume`` would continue but that holds a run of another config: train.py would refuse it only when the
+    loop reached it, after the runs before it had trained."""
+    for run in runs:
+        run_dir = run[1]
+        if not (run_dir / MARKER).is_file():
+            continue  # launch overwrites a folder that holds no run
+        trained = trained_fingerprint([run_dir], out, seed)
+        if trained is not None and trained != planned_fingerprint([run], out, seed):
+            raise SystemExit(f'{run_dir} holds a run of another config than this sitting would resume (a budget key, '
+                             f'config file or code default changed since it was started): move it away to train it '
+                             f'afresh, give another --output, or restore that config.')
+
+
 def method_fingerprint(method: str, seed: int, args, out: Path, extra: Sequence[str] = ()) -> str:
     """The config fingerprint of one seed of ``method`` (every run of it and its pre-trainings), before it trains."""
     return planned_fingerprint(fingerprinted_runs(method, seed, args, out, extra), out, seed)
@@ -232,6 +249,8 @@ def measure(method: str, seed: int, args, out: Path, bar) -> dict:
 def train_missing(args, out: Path, results: dict) -> None:
     """Trains each (method, seed) of ``args`` that ``results`` lacks, adding its record as it finishes."""
     todo = [(m, seed) for m in args.methods for seed in range(args.seeds) if not recorded(results, m, seed)]
+    for m, seed in todo if args.resume else ():
+        check_run_folders(fingerprinted_runs(m, seed, args, out), out, seed)
     if check_configs(out / 'results.json', results, {(m, s): method_fingerprint(m, s, args, out) for m, s in todo},
                      lambda m, s: trained_method_fingerprint(m, s, args, out)):
         save_results(out, args, results)

@@ -92,3 +92,27 @@ def test_each_sec4_recipe_refuses_the_others_records_and_keeps_its_own(import_sc
         ablations.main(['--ablation', 'control', '--budget', 'fast', '--seeds', '1', '--output', str(methods),
                         '--resume'])
 
+
+def test_a_killed_run_folder_of_another_config_is_refused_before_anything_trains(import_script, tmp_path,
+                                                                                 monkeypatch):
+    """rp seed 0 was killed under --budget cpu; a --budget fast --resume sitting trained and recorded iiw first, and
+    only then did train.py refuse rp's folder. Both recipes now check the folders they would resume up front."""
+    from timm_compat.rundir import MARKER
+    from .test_recipe_records import record
+    sec4 = import_script('recipes', 'sec4_methods')
+    ablations = import_script('recipes', 'sec4_ablations')
+    trained = []
+    monkeypatch.setattr(sec4, 'measure', lambda m, seed, args, out, bar: trained.append(m) or record(seed, 20.0))
+    monkeypatch.setattr(ablations, 'measure', lambda v, seed, args, out, bar: trained.append(v.name) or record(seed, 20.0))
+    cpu = argparse.Namespace(**{**FAST, 'budget': 'cpu'})
+    out = tmp_path / 'out'
+    write_configs(sec4.method_runs('rp', 0, cpu, out))
+    (out / 'rp_seed0' / MARKER).touch()
+    with pytest.raises(SystemExit, match=r'rp_seed0 holds a run of another config .*move it away'):
+        sec4.main(['--budget', 'fast', '--methods', 'iiw', 'rp', '--seeds', '1', '--output', str(out), '--resume'])
+    write_configs(sec4.method_runs('rp', 0, cpu, out / 'abl' / 'rp_conv'))
+    (out / 'abl' / 'rp_conv' / 'rp_seed0' / MARKER).touch()
+    with pytest.raises(SystemExit, match=r'rp_conv/rp_seed0 holds a run of another config'):
+        ablations.main(['--ablation', 'rp_head', '--budget', 'fast', '--seeds', '1', '--output', str(out / 'abl'),
+                        '--variants', 'rp_tail', 'rp_conv', '--resume'])
+    assert trained == []
