@@ -41,7 +41,7 @@ from timm_compat.data import DATA_VERSION
 from timm_compat.deployment import BN_MODES
 from common import (CIFAR10 as CIFAR10_ID, DATA_DIR_HELP, RECORDS_HELP, REPO, by_bn, check_configs, check_counts,
                     check_data_dir, check_data_version, claim_output, data_note, launch, mean_std,
-                    planned_fingerprint, progress, write_json)
+                    planned_fingerprint, progress, same_argument, write_json)
 
 CIFAR10 = ['airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse', 'ship', 'truck']
 PAPER = {'resnet56': (91.7, 94.6), 'mobilenetv2': (91.6, 93.3)}  # (recombined, upper bound), Fig. 4
@@ -322,7 +322,9 @@ def saved_record(parser, args, path: Path) -> Optional[dict]:
     if 'data_dir' not in record or 'budget' not in record:
         parser.error(f'{path} predates the running-statistics columns or the budget in records: train the seed again '
                      f'(move the file away).')
-    if (record['budget'], record['epochs'], record['data_dir']) != (args.budget, args.epochs, args.data_dir):
+    # --data-dir is kept as typed: compared as the folder it names, as the other recipes do
+    if (record['budget'], record['epochs']) != (args.budget, args.epochs) or not same_argument(
+            'data_dir', record['data_dir'], args.data_dir):
         parser.error(f'{path} is a record of --budget {record["budget"]} --epochs {record["epochs"]} --data-dir '
                      f'{record["data_dir"]}: give the same arguments, or another --output.')
     return record

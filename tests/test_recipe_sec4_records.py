@@ -116,3 +116,20 @@ def test_a_killed_run_folder_of_another_config_is_refused_before_anything_trains
         ablations.main(['--ablation', 'rp_head', '--budget', 'fast', '--seeds', '1', '--output', str(out / 'abl'),
                         '--variants', 'rp_tail', 'rp_conv', '--resume'])
     assert trained == []
+
+
+def test_head_transfer_resumes_a_record_of_one_data_folder_under_another_spelling_of_it(import_script, tmp_path,
+                                                                                         monkeypatch):
+    """head_transfer compared --data-dir as typed: ``../data`` and its absolute path, one folder, were refused."""
+    head_transfer = import_script('recipes', 'head_transfer')
+    (tmp_path / 'data').mkdir()
+    (tmp_path / 'run').mkdir()
+    monkeypatch.chdir(tmp_path / 'run')
+    path = tmp_path / 'results.json'
+    path.write_text(json.dumps({'seed': 0, 'data_dir': '../data', 'budget': 'fast', 'epochs': None,
+                                'data_version': __import__('timm_compat.data').data.DATA_VERSION}))
+    args = argparse.Namespace(report_only=False, budget='fast', epochs=None, data_dir=str(tmp_path / 'data'))
+    parser = argparse.ArgumentParser()
+    assert head_transfer.saved_record(parser, args, path)['data_dir'] == '../data'
+    with pytest.raises(SystemExit):
+        head_transfer.saved_record(parser, argparse.Namespace(**{**vars(args), 'data_dir': str(tmp_path)}), path)
