@@ -41,7 +41,7 @@ from timm_compat.data import DATA_VERSION
 from timm_compat.deployment import BN_MODES
 from common import (CIFAR10 as CIFAR10_ID, DATA_DIR_HELP, RECORDS_HELP, REPO, by_bn, check_configs, check_counts,
                     check_data_dir, check_data_version, claim_output, data_note, launch, mean_std,
-                    planned_fingerprint, progress, same_argument, write_json)
+                    planned_fingerprint, progress, run_machine, same_argument, write_json)
 
 CIFAR10 = ['airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse', 'ship', 'truck']
 PAPER = {'resnet56': (91.7, 94.6), 'mobilenetv2': (91.6, 93.3)}  # (recombined, upper bound), Fig. 4
@@ -251,10 +251,17 @@ def run_seed(args, budget: dict, seed: int, out: Path, bar) -> dict:
         seconds[f'upper_{name}'] = summary['train_seconds']
     record = {'seed': seed, 'data_version': DATA_VERSION, 'results': results, 'head_losses': losses, 'seconds': seconds,
               'wall_seconds': round(sum(seconds.values()), 1), 'stage1_seconds': seconds['stage1'],
-              'hardware': hardware(), 'data_dir': args.data_dir, 'budget': args.budget, 'epochs': args.epochs,
+              'hardware': seed_machine([run_dir] + [r for _, r, _ in upper]), 'data_dir': args.data_dir, 'budget': args.budget, 'epochs': args.epochs,
               'config': seed_fingerprint(args, budget, seed, out)}
     write_json(out / 'results.json', record)
     return record
+
+
+def seed_machine(run_dirs) -> str:
+    """The machine line(s) the train.py runs of a seed recorded (a run read back by --resume may have trained on
+    another machine), and this process's, where the head was fine-tuned, if it differs."""
+    runs, here = run_machine(run_dirs), hardware()
+    return runs if here in runs else f'{runs}; head fine-tuned on {here}'
 
 
 def main(argv=None):

@@ -133,3 +133,30 @@ def test_head_transfer_resumes_a_record_of_one_data_folder_under_another_spellin
     assert head_transfer.saved_record(parser, args, path)['data_dir'] == '../data'
     with pytest.raises(SystemExit):
         head_transfer.saved_record(parser, argparse.Namespace(**{**vars(args), 'data_dir': str(tmp_path)}), path)
+
+
+def test_head_transfer_records_the_machine_its_runs_trained_on(import_script, tmp_path, monkeypatch):
+    """A stage 1 and upper bounds trained on a GPU and read back by --resume were recorded as trained on this
+    process's machine, without their precision. Everything but run_seed's record is stubbed."""
+    from unittest import mock
+    import timm_compat
+    import timm_compat.config
+    head_transfer = import_script('recipes', 'head_transfer')
+    summary = {'train_seconds': 3000.0, 'own_accuracy': {'net': 0.9}, 'own_accuracy_running': {'net': 0.88}}
+    gpu = 'device cuda: NVIDIA H200; AMD EPYC x 16 cores, 16 torch threads'
+
+    def launch(config, run_dir, *args, **kwargs):  # train.py --resume reading back a run made on the GPU machine
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / 'summary.json').write_text(json.dumps({'hardware': gpu, 'mixed_precision': 'bf16',
+                                                          'phases': {'main': summary}}))
+        return summary
+    monkeypatch.setattr(head_transfer, 'launch', launch)
+    for owner, name in ((timm_compat, 'Interface'), (timm_compat, 'Extractor'), (timm_compat, 'recombine'),
+                        (timm_compat.config, 'load_config')):
+        monkeypatch.setattr(owner, name, mock.MagicMock())
+    monkeypatch.setattr(head_transfer, 'load_cifar10', lambda *a: (None, None))
+    monkeypatch.setattr(head_transfer, 'finetune_head', lambda *a: [])
+    monkeypatch.setattr(head_transfer, 'evaluate', lambda *a: {bn: {'recombined': 50.0} for bn in ('batch', 'running')})
+    args = argparse.Namespace(data_dir=None, budget='fast', epochs=None, resume=True)
+    record = head_transfer.run_seed(args, head_transfer.BUDGETS['fast'], 0, tmp_path / 'seed0', None)
+    assert record['hardware'].startswith(f'{gpu}, in bf16 mixed precision'), record['hardware']
