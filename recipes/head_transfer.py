@@ -251,7 +251,8 @@ def run_seed(args, budget: dict, seed: int, out: Path, bar) -> dict:
         seconds[f'upper_{name}'] = summary['train_seconds']
     record = {'seed': seed, 'data_version': DATA_VERSION, 'results': results, 'head_losses': losses, 'seconds': seconds,
               'wall_seconds': round(sum(seconds.values()), 1), 'stage1_seconds': seconds['stage1'],
-              'hardware': seed_machine([run_dir] + [r for _, r, _ in upper]), 'data_dir': args.data_dir, 'budget': args.budget, 'epochs': args.epochs,
+              'hardware': seed_machine([run_dir] + [r for _, r, _ in upper]), 'data_dir': args.data_dir,
+              'budget': args.budget, 'epochs': args.epochs,
               'config': seed_fingerprint(args, budget, seed, out)}
     write_json(out / 'results.json', record)
     return record
