@@ -43,7 +43,7 @@ from timm_compat.shifts import apply_shift
 from timm_compat.synthetic import SYNTHETIC_CLASSES
 
 from common import (CIFAR10, DATA_DIR_HELP, RESUME_HELP, as_overrides, check_data_dir, check_positive, data_note,
-                    fast_keys, fast_networks, launch, progress, write_json)
+                    fast_keys, fast_networks, launch, progress, read_json, write_json)
 
 STL10 = 'tanganke/stl10'
 DEFAULT_SHIFT = ('gaussian_noise:5',)  # cifar10_shift's target corruption
@@ -202,7 +202,7 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     if args.report_only:
-        results = json.loads((Path(args.output) / 'results.json').read_text())
+        results = read_json(Path(args.output) / 'results.json', ('args', 'adapt_steps', 'argv'))
         report(Path(args.output).resolve(), argparse.Namespace(**results['args']), results, results['adapt_steps'],
                results['argv'])
         return

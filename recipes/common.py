@@ -234,12 +234,27 @@ def load_results(out: Path, args, keys: Sequence[str]) -> Dict[str, list]:
     return saved['results'] if saved else {}
 
 
+def read_json(path: Path, required: Sequence[str] = ()) -> dict:
+    """The JSON object at ``path`` with its ``required`` keys, or a refusal naming the file: an interrupted copy of a
+    committed record would otherwise end in a traceback that names neither the file nor the fix."""
+    try:
+        saved = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        saved = e
+    if not isinstance(saved, dict) or any(k not in saved for k in required):
+        what = f'not valid JSON ({saved})' if isinstance(saved, Exception) else \
+            f'not a record with {", ".join(required) or "an object"}'
+        raise SystemExit(f'{path} is {what}: restore it (the committed copy under docs/results/, or git), or move it '
+                         f'away to start the table afresh.')
+    return saved
+
+
 def read_record(path: Path, args=None, keys: Sequence[str] = ()) -> Optional[dict]:
     """The JSON record (or run summary) at ``path``, None if there is none; refused if it was made on another data
     version, or with other ``keys`` arguments than ``args``."""
     if not path.is_file():
         return None
-    saved = json.loads(path.read_text())
+    saved = read_json(path, ('args',) if keys else ())
     check_data_version(saved, path)
     changed = [f'--{k.replace("_", "-")} {saved["args"].get(k)} (now {getattr(args, k)})'
                for k in keys if not same_argument(k, saved['args'].get(k), getattr(args, k))]

@@ -41,7 +41,7 @@ from timm_compat.data import DATA_VERSION
 from timm_compat.deployment import BN_MODES
 from common import (CIFAR10 as CIFAR10_ID, DATA_DIR_HELP, RECORDS_HELP, REPO, by_bn, check_configs, check_counts,
                     check_data_dir, check_data_version, claim_output, data_note, launch, mean_std,
-                    planned_fingerprint, progress, run_machine, same_argument, write_json)
+                    planned_fingerprint, progress, read_json, run_machine, same_argument, write_json)
 
 CIFAR10 = ['airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse', 'ship', 'truck']
 PAPER = {'resnet56': (91.7, 94.6), 'mobilenetv2': (91.6, 93.3)}  # (recombined, upper bound), Fig. 4
@@ -324,7 +324,7 @@ def saved_record(parser, args, path: Path) -> Optional[dict]:
     reported (--report-only)."""
     if not path.is_file():
         return None
-    record = json.loads(path.read_text())
+    record = read_json(path)
     if not args.report_only:
         check_data_version(record, path)
     if 'data_dir' not in record or 'budget' not in record:

@@ -38,7 +38,7 @@ from timm_compat.rundir import MARKER
 
 from common import (DATA_DIR_HELP, RECORDS_HELP, REPO, add_record, as_overrides, by_bn, check_configs, check_counts,
                     check_data_dir, claim_output, data_note, fast_keys, fast_networks, launch, load_results,
-                    planned_fingerprint, progress, recorded, run_machine, save_results, trained_fingerprint)
+                    planned_fingerprint, progress, read_json, recorded, run_machine, save_results, trained_fingerprint)
 from sec4_report import ALL_METHODS, LABELS, write_report
 
 SETTINGS = sorted(p.stem for p in (REPO / 'configs' / 'sec4' / 'data').glob('*.yaml'))
@@ -275,7 +275,7 @@ def check_recipe(path: Path, recipe: str) -> None:
     arguments have ``ablation``."""
     if not path.is_file():
         return
-    saved = json.loads(path.read_text()).get('args', {})
+    saved = read_json(path, ('args',))['args']
     made = saved.get('recipe') or ('sec4_ablations' if 'ablation' in saved else 'sec4_methods')
     if made != recipe:
         raise SystemExit(f'{path} holds the records of recipes/{made}.py, not of recipes/{recipe}.py: give another '
@@ -320,7 +320,7 @@ def main(argv=None):
     args.recipe = RECIPE  # saved with the records: the ablations' share every other key
     if args.resume or args.report_only:
         check_recipe(out / 'results.json', RECIPE)
-    saved = (json.loads((out / 'results.json').read_text()) if args.report_only
+    saved = (read_json(out / 'results.json', ('args', 'results')) if args.report_only
              else {'args': vars(args), 'results': load_results(out, args, RECORD_KEYS)})
     results = saved['results']
     if any(not isinstance(r['recombination'], dict) or 'train_seconds' not in r for rs in results.values() for r in rs):

@@ -144,3 +144,21 @@ def test_the_sweeps_report_only_refuses_an_output_without_any_record(import_scri
     assert exit_.value.code == 2
     assert 'no record' in capsys.readouterr().err
     assert not (tmp_path / 'typo').exists()
+
+
+@pytest.mark.parametrize('content', ['', '{"args": {"budget": "fast"', '[]', '{}'],
+                         ids=['empty', 'truncated', 'list', 'no_args'])
+@pytest.mark.parametrize('recipe, argv', [
+    ('sec4_methods', ['--budget', 'fast', '--methods', 'iiw', '--seeds', '1', '--resume']),
+    ('sec4_methods', ['--report-only']),
+    ('adaptation', ['--report-only']),
+], ids=['sec4_resume', 'sec4_report', 'adaptation_report'])
+def test_a_broken_results_json_is_refused_naming_the_file(import_script, tmp_path, monkeypatch, recipe, argv, content):
+    """An interrupted copy of a committed record gave a raw JSONDecodeError or KeyError traceback naming no file."""
+    main = import_script('recipes', recipe).main
+    (tmp_path / 'results.json').write_text(content)
+    with pytest.raises(SystemExit) as refused:
+        main(argv + ['--output', str(tmp_path)])
+    message = str(refused.value.code)
+    assert str(tmp_path / 'results.json') in message and 'restore it' in message, message
+    assert (tmp_path / 'results.json').read_text() == content  # nothing written over it
